@@ -1,0 +1,224 @@
+//! Chunk frame: how one chunk is stored inside a pack.
+//!
+//! ```text
+//! offset size field
+//! 0      4    magic "DMCF"
+//! 4      1    version = 1
+//! 5      1    codec: 0 = raw, 1 = zstd
+//! 6      2    reserved, 0
+//! 8      4    plain_len  (bytes of the chunk)
+//! 12     4    stored_len (bytes of payload following the header)
+//! 16     32   chunk id = BLAKE3-256 of the plain bytes
+//! 48     4    CRC32 of bytes 0..48 followed by the stored payload
+//! 52     …    payload (stored_len bytes)
+//! ```
+//!
+//! The CRC catches damage to the stored bytes (and the header) before any
+//! decompression; the id is checked again after decompression, so a frame
+//! either decodes to exactly the bytes that were backed up or is an error.
+
+use crate::ids::ChunkId;
+
+/// Frame magic.
+pub const FRAME_MAGIC: [u8; 4] = *b"DMCF";
+/// Frame version written by this build.
+pub const FRAME_VERSION: u8 = 1;
+/// Header length.
+pub const FRAME_HEADER_LEN: usize = 52;
+/// The largest chunk (plain or stored) any frame may hold: 64 MiB. Lengths
+/// read from disk are checked against it before anything is allocated.
+pub const MAX_CHUNK_LEN: u32 = 64 << 20;
+
+const _: () = assert!(FRAME_HEADER_LEN == 4 + 1 + 1 + 2 + 4 + 4 + 32 + 4);
+
+/// How a frame's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// Payload is the plain chunk.
+    Raw = 0,
+    /// Payload is one zstd frame.
+    Zstd = 1,
+}
+
+/// A parsed, bounds-checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Payload codec.
+    pub codec: Codec,
+    /// Plain chunk length.
+    pub plain_len: u32,
+    /// Payload length.
+    pub stored_len: u32,
+    /// Chunk id.
+    pub id: ChunkId,
+    /// CRC32 recorded in the header.
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// Whole frame length (header + payload).
+    pub fn frame_len(&self) -> u64 {
+        FRAME_HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+
+    /// Serialize; the CRC field is computed over the header and `payload`.
+    pub fn encode(codec: Codec, plain_len: u32, id: ChunkId, payload: &[u8]) -> [u8; FRAME_HEADER_LEN] {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h[0..4].copy_from_slice(&FRAME_MAGIC);
+        h[4] = FRAME_VERSION;
+        h[5] = codec as u8;
+        h[8..12].copy_from_slice(&plain_len.to_le_bytes());
+        h[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[16..48].copy_from_slice(&id.0);
+        let crc = frame_crc(&h, payload);
+        h[48..52].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Parse and bounds-check a header; errors are details for a
+    /// corruption message.
+    pub fn parse(h: &[u8]) -> Result<FrameHeader, String> {
+        if h.len() < FRAME_HEADER_LEN {
+            return Err(format!("frame header truncated ({} of {FRAME_HEADER_LEN} bytes)", h.len()));
+        }
+        if h[0..4] != FRAME_MAGIC {
+            return Err("bad frame magic".into());
+        }
+        if h[4] != FRAME_VERSION {
+            return Err(format!("unsupported frame version {}", h[4]));
+        }
+        let codec = match h[5] {
+            0 => Codec::Raw,
+            1 => Codec::Zstd,
+            c => return Err(format!("unknown codec {c}")),
+        };
+        let plain_len = super::le32(h, 8);
+        let stored_len = super::le32(h, 12);
+        if plain_len > MAX_CHUNK_LEN || stored_len > MAX_CHUNK_LEN {
+            return Err(format!("frame lengths {plain_len}/{stored_len} exceed the {MAX_CHUNK_LEN} byte limit"));
+        }
+        if codec == Codec::Raw && plain_len != stored_len {
+            return Err("raw frame with different plain and stored lengths".into());
+        }
+        Ok(FrameHeader {
+            codec,
+            plain_len,
+            stored_len,
+            id: ChunkId(super::arr32(h, 16)),
+            crc: super::le32(h, 48),
+        })
+    }
+}
+
+/// CRC32 of the first 48 header bytes and the payload.
+fn frame_crc(h: &[u8], payload: &[u8]) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..48]);
+    c.update(payload);
+    c.finalize()
+}
+
+/// Encodes chunks into frames, reusing one zstd context and buffer.
+pub struct FrameEncoder {
+    level: Option<i32>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameEncoder").field("level", &self.level).finish()
+    }
+}
+
+impl FrameEncoder {
+    /// An encoder compressing at zstd `level`, or storing raw if `None`.
+    pub fn new(level: Option<i32>) -> std::io::Result<Self> {
+        let zstd = match level {
+            Some(l) => Some(zstd::bulk::Compressor::new(l)?),
+            None => None,
+        };
+        Ok(FrameEncoder { level, zstd, buf: Vec::new() })
+    }
+
+    /// Encode `plain` (already hashed to `id`) into a full frame appended to
+    /// `out`. Compressed only when that saves at least 1/32 of the size.
+    /// Returns the codec used.
+    pub fn encode_into(&mut self, id: ChunkId, plain: &[u8], out: &mut Vec<u8>) -> std::io::Result<Codec> {
+        let plain_len = u32::try_from(plain.len())
+            .ok()
+            .filter(|l| *l <= MAX_CHUNK_LEN)
+            .ok_or_else(|| std::io::Error::other("chunk larger than the frame limit"))?;
+        let mut codec = Codec::Raw;
+        if let Some(z) = self.zstd.as_mut() {
+            let bound = zstd::zstd_safe::compress_bound(plain.len());
+            self.buf.clear();
+            self.buf.reserve(bound);
+            let n = z.compress_to_buffer(plain, &mut self.buf)?;
+            if n < plain.len() - plain.len() / 32 {
+                codec = Codec::Zstd;
+            }
+        }
+        let payload: &[u8] = if codec == Codec::Zstd { &self.buf } else { plain };
+        out.extend_from_slice(&FrameHeader::encode(codec, plain_len, id, payload));
+        out.extend_from_slice(payload);
+        Ok(codec)
+    }
+}
+
+/// Decodes frames, reusing one zstd context.
+pub struct FrameDecoder {
+    zstd: zstd::bulk::Decompressor<'static>,
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameDecoder")
+    }
+}
+
+impl FrameDecoder {
+    /// A new decoder.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(FrameDecoder { zstd: zstd::bulk::Decompressor::new()? })
+    }
+
+    /// Check a complete frame (header + payload) and return its plain bytes.
+    /// Verifies the CRC, decompresses within the header's bounds, and checks
+    /// the BLAKE3 id (and that it is `expect`, when given). Errors are details
+    /// for a [`crate::Error::ChunkDamaged`].
+    pub fn decode(&mut self, frame: &[u8], expect: Option<ChunkId>) -> Result<Vec<u8>, String> {
+        let h = FrameHeader::parse(frame)?;
+        let end = FRAME_HEADER_LEN + h.stored_len as usize;
+        if frame.len() < end {
+            return Err(format!("frame truncated ({} of {end} bytes)", frame.len()));
+        }
+        let payload = &frame[FRAME_HEADER_LEN..end];
+        if frame_crc(frame, payload) != h.crc {
+            return Err("CRC mismatch (stored bytes damaged)".into());
+        }
+        if let Some(e) = expect {
+            if e != h.id {
+                return Err(format!("frame holds chunk {} instead", h.id.short()));
+            }
+        }
+        let plain = match h.codec {
+            Codec::Raw => payload.to_vec(),
+            Codec::Zstd => {
+                let mut out = Vec::with_capacity(h.plain_len as usize);
+                self.zstd
+                    .decompress_to_buffer(payload, &mut out)
+                    .map_err(|e| format!("zstd payload does not decompress: {e}"))?;
+                out
+            }
+        };
+        if plain.len() != h.plain_len as usize {
+            return Err(format!("decoded {} bytes, header says {}", plain.len(), h.plain_len));
+        }
+        if ChunkId::of(&plain) != h.id {
+            return Err("BLAKE3 mismatch (content differs from its id)".into());
+        }
+        Ok(plain)
+    }
+}

@@ -1,0 +1,379 @@
+//! Point manifest: one file per restore point, listing every extent of the
+//! disk in order, so each point restores on its own (no chains, no merges).
+//!
+//! ```text
+//! header   0 4 magic "DMPT" | 4 4 version = 1 | 8 8 reserved, 0
+//! records  0x01 chunk: u32 plain length, 32-byte chunk id   (37 bytes)
+//!          0x02 zero:  u64 length                           (9 bytes)
+//!          0x00 end of records
+//! meta     JSON object (PointMeta), meta_len bytes
+//! footer   0 8 extent count | 8 8 disk size (sum of extents) | 16 4 meta_len
+//!          20 4 CRC32 of meta | 24 4 CRC32 of header+records+end | 28 4 magic "DMPE"
+//! ```
+//!
+//! Invariants checked on decode: extents are in disk order, non-empty,
+//! adjacent zero runs are merged, their lengths sum to `disk_size`, chunks
+//! are at most [`super::frame::MAX_CHUNK_LEN`]. The records stream is written
+//! as the backup runs (memory stays bounded by the disk size, not the
+//! manifest), the metadata is appended at the end, and the fixed footer lets
+//! a lister read the metadata without parsing the records.
+//!
+//! A later point is derived from an earlier one plus changed ranges (CBT) by
+//! walking both extent lists by offset: unchanged extents are copied by id.
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::MAX_CHUNK_LEN;
+use crate::ids::ChunkId;
+
+/// Manifest magic.
+pub const MANIFEST_MAGIC: [u8; 4] = *b"DMPT";
+/// Footer magic.
+pub const FOOTER_MAGIC: [u8; 4] = *b"DMPE";
+/// Manifest version written by this build.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Header length.
+pub const HEADER_LEN: usize = 16;
+/// Footer length.
+pub const FOOTER_LEN: usize = 32;
+/// The largest manifest file read into memory (1 GiB: about 29 million
+/// chunks, a 28 TiB disk at 1 MiB chunks).
+pub const MAX_MANIFEST_LEN: u64 = 1 << 30;
+/// The largest metadata object.
+pub const MAX_META_LEN: u32 = 1 << 20;
+
+const TAG_END: u8 = 0;
+const TAG_CHUNK: u8 = 1;
+const TAG_ZERO: u8 = 2;
+
+/// One extent of a disk, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes stored as chunk `id`.
+    Chunk {
+        /// The chunk.
+        id: ChunkId,
+        /// Its plain length.
+        len: u32,
+    },
+    /// `len` bytes of zeros (holes and zero blocks alike); never stored.
+    Zero {
+        /// Run length.
+        len: u64,
+    },
+}
+
+impl Extent {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Extent::Chunk { len, .. } => u64::from(*len),
+            Extent::Zero { len } => *len,
+        }
+    }
+    /// Never true for a decoded extent.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where the data came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SourceInfo {
+    /// "file", "blockdev", later "nbd", "qmp", ...
+    pub kind: String,
+    /// Path or URI as given.
+    pub location: String,
+}
+
+/// How the point was chunked; an incremental must chunk the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkingInfo {
+    /// "cdc" or "fixed".
+    pub kind: ChunkingKind,
+    /// Average (cdc) or exact (fixed) chunk size.
+    pub block_size: u32,
+}
+
+/// Chunking algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkingKind {
+    /// FastCDC 2020, min = size/4, max = size*4, normalization level 1.
+    Cdc,
+    /// Fixed-size blocks aligned to disk offsets.
+    Fixed,
+}
+
+/// Figures of the run that made the point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PointStats {
+    /// Bytes read from the source (allocated data).
+    pub bytes_read: u64,
+    /// Bytes recorded as zero runs (holes and zero blocks).
+    pub bytes_zero: u64,
+    /// Bytes of chunks not already in the repository.
+    pub bytes_new: u64,
+    /// Bytes written to packs for those chunks (after compression).
+    pub bytes_stored: u64,
+    /// Chunks referenced by the point.
+    pub chunks: u64,
+    /// Chunks newly stored.
+    pub chunks_new: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// "source read", "CPU" or "target write".
+    pub bottleneck: String,
+}
+
+/// A point's metadata (the JSON part of the manifest). Unknown fields are
+/// ignored on read, so later versions may add fields without a new version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointMeta {
+    /// `<vm>/<disk>`.
+    pub name: String,
+    /// Point id.
+    pub point: String,
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Source of the data.
+    pub source: SourceInfo,
+    /// Transport mode used ("file", "blockdev"; later "san", "hotadd", "nbd").
+    pub transport: String,
+    /// Start time, RFC 3339 UTC.
+    pub started: String,
+    /// End time, RFC 3339 UTC.
+    pub finished: String,
+    /// Chunking used.
+    pub chunking: ChunkingInfo,
+    /// Compression level name.
+    pub compression: String,
+    /// The point this one was derived from (CBT), if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Figures of the run.
+    #[serde(default)]
+    pub stats: PointStats,
+}
+
+/// Streams a manifest out: records first, metadata and footer at the end.
+#[derive(Debug)]
+pub struct ManifestWriter<W: std::io::Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    extents: u64,
+    size: u64,
+    pending_zero: u64,
+}
+
+impl<W: std::io::Write> ManifestWriter<W> {
+    /// Start a manifest, writing its header.
+    pub fn new(mut out: W) -> std::io::Result<Self> {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&MANIFEST_MAGIC);
+        h[4..8].copy_from_slice(&MANIFEST_VERSION.to_le_bytes());
+        out.write_all(&h)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        Ok(ManifestWriter { out, crc, extents: 0, size: 0, pending_zero: 0 })
+    }
+
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.crc.update(b);
+        self.out.write_all(b)
+    }
+
+    fn flush_zero(&mut self) -> std::io::Result<()> {
+        if self.pending_zero > 0 {
+            let mut r = [0u8; 9];
+            r[0] = TAG_ZERO;
+            r[1..].copy_from_slice(&self.pending_zero.to_le_bytes());
+            self.put(&r)?;
+            self.extents += 1;
+            self.size += self.pending_zero;
+            self.pending_zero = 0;
+        }
+        Ok(())
+    }
+
+    /// Append an extent (adjacent zero runs are merged; empty ones dropped).
+    pub fn push(&mut self, e: Extent) -> std::io::Result<()> {
+        match e {
+            Extent::Zero { len } => self.pending_zero += len,
+            Extent::Chunk { id, len } if len > 0 => {
+                self.flush_zero()?;
+                let mut r = [0u8; 37];
+                r[0] = TAG_CHUNK;
+                r[1..5].copy_from_slice(&len.to_le_bytes());
+                r[5..].copy_from_slice(&id.0);
+                self.put(&r)?;
+                self.extents += 1;
+                self.size += u64::from(len);
+            }
+            Extent::Chunk { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes of disk described so far.
+    pub fn size(&self) -> u64 {
+        self.size + self.pending_zero
+    }
+
+    /// Write the end marker, metadata and footer; returns the sink.
+    pub fn finish(mut self, meta: &PointMeta) -> std::io::Result<W> {
+        self.flush_zero()?;
+        self.put(&[TAG_END])?;
+        let json = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
+        self.out.write_all(&json)?;
+        let mut f = [0u8; FOOTER_LEN];
+        f[0..8].copy_from_slice(&self.extents.to_le_bytes());
+        f[8..16].copy_from_slice(&self.size.to_le_bytes());
+        f[16..20].copy_from_slice(&(json.len() as u32).to_le_bytes());
+        f[20..24].copy_from_slice(&crc32fast::hash(&json).to_le_bytes());
+        f[24..28].copy_from_slice(&self.crc.clone().finalize().to_le_bytes());
+        f[28..32].copy_from_slice(&FOOTER_MAGIC);
+        self.out.write_all(&f)?;
+        Ok(self.out)
+    }
+}
+
+/// What is wrong with a manifest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Damaged; the detail says how.
+    Corrupt(String),
+    /// Written by another format version.
+    Version(u32),
+}
+
+fn bad(s: impl Into<String>) -> ManifestError {
+    ManifestError::Corrupt(s.into())
+}
+
+/// The parsed footer.
+#[derive(Debug, Clone, Copy)]
+pub struct Footer {
+    /// Number of extent records.
+    pub extents: u64,
+    /// Disk size.
+    pub disk_size: u64,
+    /// Metadata length.
+    pub meta_len: u32,
+    meta_crc: u32,
+    body_crc: u32,
+}
+
+/// Parse the fixed footer (the last [`FOOTER_LEN`] bytes of the file).
+pub fn parse_footer(f: &[u8]) -> Result<Footer, ManifestError> {
+    if f.len() != FOOTER_LEN || f[28..32] != FOOTER_MAGIC {
+        return Err(bad("footer missing or damaged (truncated file?)"));
+    }
+    let ft = Footer {
+        extents: super::le64(f, 0),
+        disk_size: super::le64(f, 8),
+        meta_len: super::le32(f, 16),
+        meta_crc: super::le32(f, 20),
+        body_crc: super::le32(f, 24),
+    };
+    if ft.meta_len > MAX_META_LEN {
+        return Err(bad("metadata length beyond limit"));
+    }
+    Ok(ft)
+}
+
+/// Parse and check the metadata JSON against the footer.
+pub fn parse_meta(footer: &Footer, meta: &[u8]) -> Result<PointMeta, ManifestError> {
+    if crc32fast::hash(meta) != footer.meta_crc {
+        return Err(bad("metadata CRC mismatch"));
+    }
+    let m: PointMeta = serde_json::from_slice(meta).map_err(|e| bad(format!("metadata is not valid: {e}")))?;
+    if m.disk_size != footer.disk_size {
+        return Err(bad("metadata and footer disagree on the disk size"));
+    }
+    Ok(m)
+}
+
+/// Check the header of a manifest file.
+pub fn check_header(b: &[u8]) -> Result<(), ManifestError> {
+    if b.len() < HEADER_LEN || b[..4] != MANIFEST_MAGIC {
+        return Err(bad("bad magic (not a datamover point manifest)"));
+    }
+    match super::le32(b, 4) {
+        MANIFEST_VERSION => Ok(()),
+        v => Err(ManifestError::Version(v)),
+    }
+}
+
+/// A decoded manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// Metadata.
+    pub meta: PointMeta,
+    /// Every extent of the disk, in order.
+    pub extents: Vec<Extent>,
+}
+
+/// Decode a whole manifest file, checking every invariant.
+pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
+    check_header(b)?;
+    if b.len() < HEADER_LEN + 1 + FOOTER_LEN {
+        return Err(bad("truncated"));
+    }
+    let footer = parse_footer(&b[b.len() - FOOTER_LEN..])?;
+    let meta_end = b.len() - FOOTER_LEN;
+    let meta_start = meta_end
+        .checked_sub(footer.meta_len as usize)
+        .filter(|s| *s > HEADER_LEN)
+        .ok_or_else(|| bad("metadata length beyond file"))?;
+    let meta = parse_meta(&footer, &b[meta_start..meta_end])?;
+    let body = &b[..meta_start];
+    if crc32fast::hash(body) != footer.body_crc {
+        return Err(bad("CRC mismatch in the extent list"));
+    }
+    // Each record is at least 9 bytes, so the count is bounded by the file.
+    if footer.extents > (body.len() / 9) as u64 {
+        return Err(bad("extent count beyond file size"));
+    }
+    let mut extents = Vec::with_capacity(footer.extents as usize);
+    let mut at = HEADER_LEN;
+    let mut size = 0u64;
+    let mut last_zero = false;
+    loop {
+        let tag = *body.get(at).ok_or_else(|| bad("extent list has no end marker"))?;
+        at += 1;
+        let e = match tag {
+            TAG_END => break,
+            TAG_CHUNK => {
+                let r = body.get(at..at + 36).ok_or_else(|| bad("truncated chunk record"))?;
+                at += 36;
+                let len = super::le32(r, 0);
+                if len == 0 || len > MAX_CHUNK_LEN {
+                    return Err(bad(format!("chunk record with length {len}")));
+                }
+                last_zero = false;
+                Extent::Chunk { id: ChunkId(super::arr32(r, 4)), len }
+            }
+            TAG_ZERO => {
+                let r = body.get(at..at + 8).ok_or_else(|| bad("truncated zero record"))?;
+                at += 8;
+                let len = super::le64(r, 0);
+                if len == 0 || last_zero {
+                    return Err(bad("empty or unmerged zero record"));
+                }
+                last_zero = true;
+                Extent::Zero { len }
+            }
+            t => return Err(bad(format!("unknown record tag {t}"))),
+        };
+        size = size.checked_add(e.len()).ok_or_else(|| bad("extent lengths overflow"))?;
+        extents.push(e);
+    }
+    if at != body.len() {
+        return Err(bad("bytes after the end marker"));
+    }
+    if extents.len() as u64 != footer.extents || size != footer.disk_size {
+        return Err(bad("extent list disagrees with the footer"));
+    }
+    Ok(Manifest { meta, extents })
+}

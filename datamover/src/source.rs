@@ -1,0 +1,90 @@
+//! Where backups read from: the [`BlockSource`] trait and the local sources
+//! (regular image files and block devices).
+//!
+//! Invariant: extents returned by [`BlockSource::extents`] are sorted,
+//! non-overlapping, non-empty and inside the asked window, which is inside
+//! the disk; gaps between them are holes. Sources are asked per window,
+//! never for the whole disk at once.
+
+mod blockdev;
+mod file;
+
+use std::path::Path;
+
+pub use blockdev::BlockDeviceSource;
+pub use file::FileSource;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::SourceInfo;
+
+/// What a byte range of a source holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated data: must be read.
+    Data,
+    /// Allocated but known to read as zeros: not read.
+    Zero,
+    /// Unallocated: reads as zeros, not read.
+    Hole,
+}
+
+/// A byte range of a source and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceExtent {
+    /// Disk offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What it holds.
+    pub kind: ExtentKind,
+}
+
+/// Optional features a source advertises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// `extents` reports holes/zeros (not just one data extent).
+    pub extents: bool,
+    /// `read_at` may be called from several threads at once.
+    pub concurrent_reads: bool,
+}
+
+/// A disk to back up. Implementations must be safe to share across threads.
+pub trait BlockSource: Send + Sync {
+    /// Disk size in bytes.
+    fn size(&self) -> u64;
+    /// The read size this source works best with (bytes, a power of two).
+    fn preferred_io_size(&self) -> usize;
+    /// Optional features.
+    fn capabilities(&self) -> Capabilities;
+    /// Where the data comes from, for the point's metadata.
+    fn info(&self) -> SourceInfo;
+    /// Transport mode used to read it ("file", "blockdev", ...).
+    fn transport(&self) -> &'static str;
+    /// Fill `buf` with the bytes at `offset` (the range is inside the disk).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Extents of the window `[offset, offset+len)`; by default all data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+        Ok(vec![SourceExtent { offset, len, kind: ExtentKind::Data }])
+    }
+}
+
+/// Open a local path as a source: a block device or a regular (raw) image
+/// file. Anything else is a clear error.
+pub fn open_local(path: &Path) -> Result<Box<dyn BlockSource>> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::SourceUnavailable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        Ok(Box::new(BlockDeviceSource::open(path)?))
+    } else if ft.is_file() {
+        Ok(Box::new(FileSource::open(path)?))
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "source {} is neither a disk image file nor a block device",
+            path.display()
+        )))
+    }
+}

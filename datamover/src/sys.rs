@@ -1,0 +1,102 @@
+//! The few Linux calls std does not wrap: SEEK_DATA/SEEK_HOLE, block device
+//! size and zero-out ioctls, flock, fadvise. Each wrapper is safe: it takes a
+//! borrowed file and checks the return value.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `lseek(SEEK_DATA)`: the first data offset at or after `off`, or `None`
+/// past the last data.
+pub fn seek_data(f: &File, off: u64) -> io::Result<Option<u64>> {
+    seek(f, off, libc::SEEK_DATA)
+}
+
+/// `lseek(SEEK_HOLE)`: the first hole at or after `off` (the end of file
+/// counts as a hole), or `None` if `off` is past the end.
+pub fn seek_hole(f: &File, off: u64) -> io::Result<Option<u64>> {
+    seek(f, off, libc::SEEK_HOLE)
+}
+
+fn seek(f: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a valid fd has no memory effects.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+// _IOR(0x12, 114, size_t) and _IO(0x12, 127) from <linux/fs.h>.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Size in bytes of a block device.
+pub fn block_device_size(f: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Zero a byte range of a block device (`BLKZEROOUT`); range must be
+/// 512-byte aligned.
+pub fn block_zero_out(f: &File, off: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [off, len];
+    // SAFETY: BLKZEROOUT reads two u64 through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Advise the kernel of sequential access (a hint; errors are ignored).
+pub fn advise_sequential(f: &File) {
+    // SAFETY: posix_fadvise has no memory effects.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+/// Lock modes for [`flock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Many holders.
+    Shared,
+    /// One holder.
+    Exclusive,
+}
+
+/// `flock`; with `wait == false` returns `Ok(false)` when the lock is held
+/// elsewhere. The lock is released when the file is closed, also on kill -9.
+pub fn flock(f: &File, mode: LockMode, wait: bool) -> io::Result<bool> {
+    let mut op = match mode {
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::Exclusive => libc::LOCK_EX,
+    };
+    if !wait {
+        op |= libc::LOCK_NB;
+    }
+    loop {
+        // SAFETY: flock on a valid fd has no memory effects.
+        let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! `dm`: the datamover command line. Glue only: parse arguments, show
+//! progress, print results; all logic lives in the `datamover` crate.
+//!
+//! Exit codes: 0 success, 1 failure (I/O, missing data), 2 bad usage or
+//! input, 3 repository damaged (verify found problems, corrupt data).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use datamover::{
+    BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy, PruneOptions,
+    Repository, RestoreOptions, RunStats,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "dm", version, about = "Back up and restore VM disks: dedupe, compression, verified restores")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new repository in an empty or new directory.
+    Init {
+        /// Repository directory.
+        repo: PathBuf,
+    },
+    /// Back up a disk image file or block device as a new restore point.
+    Backup {
+        /// Raw image file or block device.
+        source: PathBuf,
+        /// Repository directory.
+        #[arg(long, env = "DM_REPO")]
+        repo: PathBuf,
+        /// Name of the disk: <vm>/<disk>.
+        #[arg(long)]
+        name: String,
+        /// Chunking: cdc (content-defined, default) or fixed.
+        #[arg(long, default_value = "cdc", value_parser = ["cdc", "fixed"])]
+        chunking: String,
+        /// Chunk size: 256K, 512K, 1M (default) or 4M.
+        #[arg(long, default_value = "1M")]
+        block_size: String,
+        /// Compression: none, fast, optimal (default), high, extreme.
+        #[arg(long, default_value = "optimal")]
+        compression: String,
+        /// Worker threads for hashing and compression (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print one JSON object with the run's figures.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a point (the newest without @POINT) to a file or block device.
+    Restore {
+        /// <vm>/<disk>[@<point id or prefix>]
+        point: String,
+        /// Target: a new file (sparse) or an existing block device.
+        target: PathBuf,
+        /// Repository directory.
+        #[arg(long, env = "DM_REPO")]
+        repo: PathBuf,
+        /// Overwrite an existing target file.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object with the run's figures.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List restore points.
+    Points {
+        /// Only this disk (<vm>/<disk>).
+        name: Option<String>,
+        /// Repository directory.
+        #[arg(long, env = "DM_REPO")]
+        repo: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the repository; with --read-data, read and check every chunk.
+    Verify {
+        /// Repository directory.
+        #[arg(long, env = "DM_REPO")]
+        repo: PathBuf,
+        /// Read every chunk (CRC, decompression, BLAKE3).
+        #[arg(long)]
+        read_data: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget old points and free the space only they used.
+    Prune {
+        /// Repository directory.
+        #[arg(long, env = "DM_REPO")]
+        repo: PathBuf,
+        /// Keep the newest N points of each disk.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep the newest point of each of the last N days.
+        #[arg(long)]
+        keep_daily: Option<usize>,
+        /// Keep the newest point of each of the last N weeks.
+        #[arg(long)]
+        keep_weekly: Option<usize>,
+        /// Keep the newest point of each of the last N months.
+        #[arg(long)]
+        keep_monthly: Option<usize>,
+        /// Show what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Failure carrying its exit code.
+struct Failure(u8, String);
+
+impl From<datamover::Error> for Failure {
+    fn from(e: datamover::Error) -> Self {
+        let code = match e.kind() {
+            ErrorKind::InvalidInput => 2,
+            ErrorKind::Corrupt => 3,
+            _ => 1,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, msg)) => {
+            eprintln!("dm: error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.cmd {
+        Cmd::Init { repo } => {
+            let r = Repository::init(&repo)?;
+            println!("created repository {} (id {})", repo.display(), r.config().id);
+        }
+        Cmd::Backup { source, repo, name, chunking, block_size, compression, threads, json } => {
+            let disk: DiskName = name.parse()?;
+            let kind = if chunking == "fixed" { ChunkingKind::Fixed } else { ChunkingKind::Cdc };
+            let block_size = parse_size(&block_size)?;
+            let compression: Compression = compression.parse()?;
+            let r = Repository::open(&repo)?;
+            let src = datamover::open_source(&source)?;
+            let bar = progress_bar(src.size());
+            let opts = BackupOptions {
+                chunking: ChunkingInfo { kind, block_size },
+                compression,
+                threads,
+                progress: bar.as_ref().map(progress_fn),
+                ..BackupOptions::default()
+            };
+            let rep = datamover::backup(&r, src.as_ref(), &disk, &opts);
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let rep = rep?;
+            let s = &rep.stats;
+            if json {
+                let mut v = stats_json(s);
+                v["disk"] = json!(rep.disk.to_string());
+                v["point"] = json!(rep.point.to_string());
+                v["transport"] = json!(rep.meta.transport);
+                println!("{v}");
+            } else {
+                println!(
+                    "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {:.2}x, compression {:.2}x; bottleneck: {}",
+                    rep.disk,
+                    rep.point,
+                    human(s.bytes_total),
+                    s.seconds,
+                    s.mb_per_s(),
+                    human(s.bytes_read),
+                    human(s.bytes_new),
+                    human(s.bytes_stored),
+                    s.dedupe_ratio(),
+                    s.compression_ratio(),
+                    s.bottleneck()
+                );
+            }
+        }
+        Cmd::Restore { point, target, repo, force, json } => {
+            let (name, at) = match point.split_once('@') {
+                Some((n, p)) => (n, Some(p)),
+                None => (point.as_str(), None),
+            };
+            let disk: DiskName = name.parse()?;
+            let r = Repository::open(&repo)?;
+            let id = r.resolve_point(&disk, at)?;
+            let size = r.point_meta(&disk, &id)?.meta.disk_size;
+            let t = datamover::open_target(&target, size, force)?;
+            let bar = progress_bar(size);
+            let opts = RestoreOptions { progress: bar.as_ref().map(progress_fn), ..RestoreOptions::default() };
+            let rep = datamover::restore(&r, &disk, &id, t.as_ref(), &opts);
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let rep = rep?;
+            let s = &rep.stats;
+            if json {
+                let mut v = stats_json(s);
+                v["disk"] = json!(rep.disk.to_string());
+                v["point"] = json!(rep.point.to_string());
+                v["target"] = json!(target.display().to_string());
+                println!("{v}");
+            } else {
+                println!(
+                    "restored {}@{} to {}: {} in {:.1} s ({:.0} MB/s), every chunk checked",
+                    rep.disk,
+                    rep.point,
+                    target.display(),
+                    human(s.bytes_total),
+                    s.seconds,
+                    s.mb_per_s()
+                );
+            }
+        }
+        Cmd::Points { name, repo, json } => {
+            let disk = name.map(|n| n.parse::<DiskName>()).transpose()?;
+            let r = Repository::open(&repo)?;
+            let (points, bad) = r.list_points(disk.as_ref())?;
+            for e in &bad {
+                eprintln!("dm: warning: {e}");
+            }
+            if json {
+                let v: Vec<_> = points
+                    .iter()
+                    .map(|p| {
+                        json!({"disk": p.disk.to_string(), "point": p.id.to_string(), "meta": p.meta,
+                               "manifest_bytes": p.manifest_len})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else if points.is_empty() {
+                println!("no restore points");
+            } else {
+                println!("{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} SOURCE", "DISK", "POINT", "STARTED", "SIZE", "NEW", "TRANSPORT");
+                for p in &points {
+                    println!(
+                        "{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} {}",
+                        p.disk.to_string(),
+                        p.id.to_string(),
+                        p.meta.started.get(..19).unwrap_or(&p.meta.started).replace('T', " "),
+                        human(p.meta.disk_size),
+                        human(p.meta.stats.bytes_stored),
+                        p.meta.transport,
+                        p.meta.source.location
+                    );
+                }
+            }
+            if !bad.is_empty() {
+                return Ok(3);
+            }
+        }
+        Cmd::Verify { repo, read_data, json } => {
+            let r = Repository::open(&repo)?;
+            let rep = datamover::verify(&r, read_data)?;
+            if json {
+                println!("{}", json!(rep));
+            } else {
+                for p in &rep.problems {
+                    println!("problem: {p}");
+                }
+                for d in &rep.damaged_points {
+                    println!("damaged point {}:", d.point);
+                    for p in &d.problems {
+                        println!("  {p}");
+                    }
+                    if d.more > 0 {
+                        println!("  ... and {} more", d.more);
+                    }
+                }
+                if rep.unindexed_packs > 0 {
+                    println!("note: {} pack(s) left by interrupted backups; `dm prune` removes them", rep.unindexed_packs);
+                }
+                println!(
+                    "{}: {} points, {} packs, {} chunks{}",
+                    if rep.is_ok() { "ok" } else { "DAMAGED" },
+                    rep.points,
+                    rep.packs,
+                    rep.chunks,
+                    if read_data { format!(", {} chunks read and checked", rep.chunks_read) } else { String::new() }
+                );
+            }
+            if !rep.is_ok() {
+                return Ok(3);
+            }
+        }
+        Cmd::Prune { repo, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, json } => {
+            let r = Repository::open(&repo)?;
+            let opts = PruneOptions {
+                keep: KeepPolicy { last: keep_last, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly },
+                dry_run,
+                ..PruneOptions::default()
+            };
+            let rep = datamover::prune(&r, &opts)?;
+            if json {
+                println!("{}", json!(rep));
+            } else {
+                for p in &rep.points_removed {
+                    println!("{} {p}", if dry_run { "would forget" } else { "forgot" });
+                }
+                println!(
+                    "{}{} points kept, {} forgotten; {} packs deleted, {} repacked, {} orphan packs removed; {} freed",
+                    if dry_run { "dry run: " } else { "" },
+                    rep.points_kept,
+                    rep.points_removed.len(),
+                    rep.packs_deleted,
+                    rep.packs_repacked,
+                    rep.orphan_packs_deleted,
+                    human(rep.bytes_freed)
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn stats_json(s: &RunStats) -> serde_json::Value {
+    let finite = |x: f64| if x.is_finite() { json!(x) } else { serde_json::Value::Null };
+    json!({
+        "bytes_total": s.bytes_total,
+        "bytes_read": s.bytes_read,
+        "bytes_zero": s.bytes_zero,
+        "bytes_new": s.bytes_new,
+        "bytes_stored": s.bytes_stored,
+        "chunks": s.chunks,
+        "chunks_new": s.chunks_new,
+        "dedupe_ratio": finite(s.dedupe_ratio()),
+        "compression_ratio": finite(s.compression_ratio()),
+        "seconds": s.seconds,
+        "mb_per_s": s.mb_per_s(),
+        "bottleneck": s.bottleneck().to_string(),
+        "threads": s.threads,
+        "busy_seconds": s.busy,
+    })
+}
+
+fn progress_bar(total: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    b.set_style(style);
+    b.enable_steady_tick(Duration::from_millis(200));
+    Some(b)
+}
+
+fn progress_fn(b: &ProgressBar) -> datamover::ProgressFn {
+    let b = b.clone();
+    Arc::new(move |done, _total| {
+        b.set_position(done);
+        true
+    })
+}
+
+/// Parse "1M", "256K", "4MiB", "1048576".
+fn parse_size(s: &str) -> Result<u32, Failure> {
+    let t = s.trim().to_ascii_uppercase();
+    let t = t.trim_end_matches("IB").trim_end_matches('B');
+    let (num, mult) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| Failure(2, format!("bad size {s:?}: use 256K, 512K, 1M or 4M")))
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
