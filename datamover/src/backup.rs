@@ -29,7 +29,9 @@ use crate::chunker::{DEFAULT_BLOCK_SIZE, new_chunker};
 use crate::compression::Compression;
 use crate::error::{Error, IoContext, Result};
 use crate::format::frame::{FRAME_HEADER_LEN, FrameEncoder};
-use crate::format::manifest::{ChunkingInfo, ChunkingKind, Extent, ManifestWriter, PointMeta, PointStats};
+use crate::format::manifest::{
+    ChunkingInfo, ChunkingKind, Extent, ManifestWriter, PointMeta, PointStats,
+};
 use crate::ids::{ChunkId, DiskName, PointId};
 use crate::progress::{ProgressFn, report};
 use crate::repo::{Index, PackWriter, Repository};
@@ -70,7 +72,10 @@ impl std::fmt::Debug for BackupOptions {
 impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
-            chunking: ChunkingInfo { kind: ChunkingKind::Cdc, block_size: DEFAULT_BLOCK_SIZE },
+            chunking: ChunkingInfo {
+                kind: ChunkingKind::Cdc,
+                block_size: DEFAULT_BLOCK_SIZE,
+            },
             compression: Compression::default(),
             threads: 0,
             progress: None,
@@ -103,9 +108,21 @@ enum Work {
 }
 
 enum Done {
-    New { seq: u64, id: ChunkId, len: u32, frame: Vec<u8> },
-    Known { seq: u64, id: ChunkId, len: u32 },
-    Zero { seq: u64, len: u64 },
+    New {
+        seq: u64,
+        id: ChunkId,
+        len: u32,
+        frame: Vec<u8>,
+    },
+    Known {
+        seq: u64,
+        id: ChunkId,
+        len: u32,
+    },
+    Zero {
+        seq: u64,
+        len: u64,
+    },
 }
 
 #[derive(Default)]
@@ -134,7 +151,7 @@ pub fn backup(
     let _lock = repo.lock(LockMode::Shared, true)?;
     let started = chrono::Utc::now();
     let t0 = Instant::now();
-    let point = PointId::new(started)?;
+    let point = repo.new_point_id(disk, started)?;
     let mut chunker = new_chunker(opts.chunking)?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -143,7 +160,8 @@ pub fn backup(
     let index = repo.load_index()?;
     let (mtmp_file, mtmp) = repo.temp_file("point")?;
     let cleanup = TempGuard(Some(mtmp.clone()));
-    let mw = ManifestWriter::new(BufWriter::with_capacity(1 << 20, mtmp_file)).ctx("write", &mtmp)?;
+    let mw =
+        ManifestWriter::new(BufWriter::with_capacity(1 << 20, mtmp_file)).ctx("write", &mtmp)?;
     let size = source.size();
 
     let (read_tx, read_rx) = bounded::<ReadMsg>(8);
@@ -182,7 +200,10 @@ pub fn backup(
     let chunk_busy = cres?;
     let hash_busy = wres?;
     if mw.size() != size {
-        return Err(Error::Internal(format!("pipeline described {} of {size} bytes", mw.size())));
+        return Err(Error::Internal(format!(
+            "pipeline described {} of {size} bytes",
+            mw.size()
+        )));
     }
     packer.commit()?;
 
@@ -196,7 +217,12 @@ pub fn backup(
         chunks_new: ws.chunks_new,
         seconds: t0.elapsed().as_secs_f64(),
         threads,
-        busy: crate::stats::StageBusy { read: rs.busy, chunk: chunk_busy, hash_compress: hash_busy, write: ws.busy },
+        busy: crate::stats::StageBusy {
+            read: rs.busy,
+            chunk: chunk_busy,
+            hash_compress: hash_busy,
+            write: ws.busy,
+        },
     };
     let meta = PointMeta {
         name: disk.to_string(),
@@ -221,12 +247,19 @@ pub fn backup(
         },
     };
     let out = mw.finish(&meta).ctx("write", &mtmp)?;
-    let f = out.into_inner().map_err(|e| Error::io("write", &mtmp, e.into_error()))?;
+    let f = out
+        .into_inner()
+        .map_err(|e| Error::io("write", &mtmp, e.into_error()))?;
     f.sync_all().ctx("sync", &mtmp)?;
     drop(f);
     repo.publish(&mtmp, &repo.disk_dir(disk), &format!("{point}.point"))?;
     std::mem::forget(cleanup);
-    Ok(BackupReport { disk: disk.clone(), point, stats, meta })
+    Ok(BackupReport {
+        disk: disk.clone(),
+        point,
+        stats,
+        meta,
+    })
 }
 
 /// Removes a temp file unless forgotten.
@@ -240,12 +273,20 @@ impl Drop for TempGuard {
 }
 
 fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
-    h.join().unwrap_or_else(|_| Err(Error::Internal("a pipeline thread panicked".into())))
+    h.join()
+        .unwrap_or_else(|_| Err(Error::Internal("a pipeline thread panicked".into())))
 }
 
-fn read_stage(src: &dyn BlockSource, progress: &Option<ProgressFn>, tx: Sender<ReadMsg>) -> Result<ReadStats> {
+fn read_stage(
+    src: &dyn BlockSource,
+    progress: &Option<ProgressFn>,
+    tx: Sender<ReadMsg>,
+) -> Result<ReadStats> {
     let size = src.size();
-    let io = src.preferred_io_size().clamp(ZERO_BLOCK, 16 << 20).next_power_of_two() as u64;
+    let io = src
+        .preferred_io_size()
+        .clamp(ZERO_BLOCK, 16 << 20)
+        .next_power_of_two() as u64;
     let mut st = ReadStats::default();
     let mut win = 0u64;
     if !report(progress, 0, size) {
@@ -314,7 +355,11 @@ fn split_zero(offset: u64, buf: Bytes, tx: &Sender<ReadMsg>) -> bool {
         if to == from {
             return true;
         }
-        let m = if zero { ReadMsg::Zero((to - from) as u64) } else { ReadMsg::Data(offset + from as u64, buf.slice(from..to)) };
+        let m = if zero {
+            ReadMsg::Zero((to - from) as u64)
+        } else {
+            ReadMsg::Data(offset + from as u64, buf.slice(from..to))
+        };
         tx.send(m).is_ok()
     };
     while i < buf.len() {
@@ -354,8 +399,16 @@ impl Emitter {
     }
 }
 
-fn chunk_stage(chunker: &mut dyn crate::chunker::Chunker, rx: Receiver<ReadMsg>, tx: Sender<Work>) -> Result<f64> {
-    let mut em = Emitter { seq: 0, tx, broken: false };
+fn chunk_stage(
+    chunker: &mut dyn crate::chunker::Chunker,
+    rx: Receiver<ReadMsg>,
+    tx: Sender<Work>,
+) -> Result<f64> {
+    let mut em = Emitter {
+        seq: 0,
+        tx,
+        broken: false,
+    };
     let mut next_data: Option<u64> = None;
     let mut busy = 0f64;
     for m in rx {
@@ -390,7 +443,8 @@ fn hash_stage(
     rx: Receiver<Work>,
     tx: Sender<Done>,
 ) -> Result<f64> {
-    let mut enc = FrameEncoder::new(compression.zstd_level()).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut enc =
+        FrameEncoder::new(compression.zstd_level()).map_err(|e| Error::Internal(e.to_string()))?;
     let mut busy = 0f64;
     for w in rx {
         let t = Instant::now();
@@ -399,13 +453,24 @@ fn hash_stage(
             Work::Chunk(seq, b) => {
                 let id = ChunkId::of(&b);
                 let len = b.len() as u32;
-                let known = index.contains(&id) || !inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                let known = index.contains(&id)
+                    || !inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id);
                 if known {
                     Done::Known { seq, id, len }
                 } else {
-                    let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + b.len() + b.len() / 64 + 64);
-                    enc.encode_into(id, &b, &mut frame).map_err(|e| Error::Internal(format!("compress: {e}")))?;
-                    Done::New { seq, id, len, frame }
+                    let mut frame =
+                        Vec::with_capacity(FRAME_HEADER_LEN + b.len() + b.len() / 64 + 64);
+                    enc.encode_into(id, &b, &mut frame)
+                        .map_err(|e| Error::Internal(format!("compress: {e}")))?;
+                    Done::New {
+                        seq,
+                        id,
+                        len,
+                        frame,
+                    }
                 }
             }
         };
@@ -419,13 +484,22 @@ fn hash_stage(
 
 type ManifestOut = ManifestWriter<BufWriter<File>>;
 
-fn write_stage(packer: &mut PackWriter<'_>, mut mw: ManifestOut, rx: Receiver<Done>) -> Result<(ManifestOut, WriteStats)> {
+fn write_stage(
+    packer: &mut PackWriter<'_>,
+    mut mw: ManifestOut,
+    rx: Receiver<Done>,
+) -> Result<(ManifestOut, WriteStats)> {
     let mut st = WriteStats::default();
     let mut pending: BTreeMap<u64, Extent> = BTreeMap::new();
     let mut next = 0u64;
     for d in rx {
         let (seq, e) = match d {
-            Done::New { seq, id, len, frame } => {
+            Done::New {
+                seq,
+                id,
+                len,
+                frame,
+            } => {
                 let t = Instant::now();
                 packer.add(id, len, &frame)?;
                 st.busy += t.elapsed().as_secs_f64();
@@ -446,7 +520,8 @@ fn write_stage(packer: &mut PackWriter<'_>, mut mw: ManifestOut, rx: Receiver<Do
         };
         pending.insert(seq, e);
         while let Some(e) = pending.remove(&next) {
-            mw.push(e).map_err(|e| Error::io("write", PathBuf::from("point manifest"), e))?;
+            mw.push(e)
+                .map_err(|e| Error::io("write", PathBuf::from("point manifest"), e))?;
             next += 1;
         }
     }

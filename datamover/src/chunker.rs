@@ -143,6 +143,11 @@ mod tests {
             out
         };
         let (a, b) = (ids(&d), ids(&shifted));
-        assert!(a.intersection(&b).count() + 2 >= a.len(), "{} of {}", a.intersection(&b).count(), a.len());
+        assert!(
+            a.intersection(&b).count() + 2 >= a.len(),
+            "{} of {}",
+            a.intersection(&b).count(),
+            a.len()
+        );
     }
 }

@@ -165,15 +165,17 @@ impl Error {
     /// The coarse category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => ErrorKind::NotFound,
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                ErrorKind::NotFound
+            }
             Error::Io { .. } | Error::NoSpace { .. } | Error::Internal(_) => ErrorKind::Io,
             Error::SourceUnavailable { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 ErrorKind::NotFound
             }
             Error::SourceUnavailable { .. } => ErrorKind::Io,
-            Error::NotARepository { .. } | Error::PointNotFound { .. } | Error::ChunkMissing { .. } => {
-                ErrorKind::NotFound
-            }
+            Error::NotARepository { .. }
+            | Error::PointNotFound { .. }
+            | Error::ChunkMissing { .. } => ErrorKind::NotFound,
             Error::UnsupportedVersion { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Corrupt { .. } | Error::ChunkDamaged { .. } => ErrorKind::Corrupt,
             Error::AlreadyExists { .. }
@@ -188,7 +190,9 @@ impl Error {
     /// An I/O error on `path`; a full filesystem becomes [`Error::NoSpace`].
     pub fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
         let path = path.as_ref().to_path_buf();
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
             Error::NoSpace { path }
         } else {
             Error::Io { op, path, source }

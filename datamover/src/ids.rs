@@ -72,12 +72,14 @@ impl fmt::Display for PackId {
 /// 16 random bytes from the OS.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    getrandom::fill(&mut b).map_err(|e| Error::Internal(format!("no randomness from the OS: {e}")))?;
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::Internal(format!("no randomness from the OS: {e}")))?;
     Ok(b)
 }
 
-/// A restore point id: `YYYYMMDDTHHMMSSZ-xxxxxx` (UTC start time + 24 random
-/// bits), so that ids sort by time.
+/// A restore point id: `YYYYMMDDTHHMMSS.mmmZ-xxxxxx` (UTC start time to the
+/// millisecond + 24 random bits), so that ids sort by time. A repository
+/// never gives a disk a new id that sorts before its newest one.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PointId(String);
 
@@ -85,7 +87,17 @@ impl PointId {
     /// A new id for a point started at `time`.
     pub fn new(time: chrono::DateTime<chrono::Utc>) -> Result<Self> {
         let r: [u8; 3] = random_bytes()?;
-        Ok(PointId(format!("{}-{}", time.format("%Y%m%dT%H%M%SZ"), hex(&r))))
+        Ok(PointId(format!(
+            "{}-{}",
+            time.format("%Y%m%dT%H%M%S%.3fZ"),
+            hex(&r)
+        )))
+    }
+    /// The start time encoded in the id.
+    pub fn time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::NaiveDateTime::parse_from_str(&self.0[..19], "%Y%m%dT%H%M%S%.3f")
+            .ok()
+            .map(|t| t.and_utc())
     }
     /// The id as text.
     pub fn as_str(&self) -> &str {
@@ -96,19 +108,23 @@ impl FromStr for PointId {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let b = s.as_bytes();
-        let ok = b.len() == 23
+        let ok = b.len() == 27
             && b[8] == b'T'
-            && b[15] == b'Z'
-            && b[16] == b'-'
+            && b[15] == b'.'
+            && b[19] == b'Z'
+            && b[20] == b'-'
             && b[..8].iter().all(u8::is_ascii_digit)
             && b[9..15].iter().all(u8::is_ascii_digit)
-            && b[17..].iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+            && b[16..19].iter().all(u8::is_ascii_digit)
+            && b[21..]
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
         if ok {
             Ok(PointId(s.to_owned()))
         } else {
             Err(Error::InvalidName {
                 name: s.to_owned(),
-                reason: "a point id looks like 20261125T095235Z-1a2b3c (see `dm points`)",
+                reason: "a point id looks like 20261125T095235.120Z-1a2b3c (see `dm points`)",
             })
         }
     }
@@ -148,7 +164,8 @@ fn valid_part(p: &str) -> bool {
         && p.len() <= 64
         && !p.starts_with('.')
         && !p.starts_with('-')
-        && p.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && p.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 impl FromStr for DiskName {
@@ -217,18 +234,32 @@ mod tests {
     fn disk_names() {
         assert!("web01/vda".parse::<DiskName>().is_ok());
         assert!("a.b_c-d/disk-0.raw".parse::<DiskName>().is_ok());
-        for bad in ["", "vm", "/vda", "vm/", "vm/a/b", "../x", "vm/..", "vm/.hidden", "vm/-x", "vm/a b", "vm/ä"] {
+        for bad in [
+            "",
+            "vm",
+            "/vda",
+            "vm/",
+            "vm/a/b",
+            "../x",
+            "vm/..",
+            "vm/.hidden",
+            "vm/-x",
+            "vm/a b",
+            "vm/ä",
+        ] {
             assert!(bad.parse::<DiskName>().is_err(), "{bad} accepted");
         }
     }
 
     #[test]
     fn point_ids() {
-        let t = chrono::DateTime::from_timestamp(1_764_064_355, 0).unwrap_or_default();
+        let t = chrono::DateTime::from_timestamp_millis(1_764_064_355_120).unwrap_or_default();
         let p = PointId::new(t).unwrap_or_else(|e| panic!("{e}"));
-        assert!(p.as_str().starts_with("20251125T095235Z-"));
+        assert!(p.as_str().starts_with("20251125T095235.120Z-"), "{p}");
+        assert_eq!(p.time(), Some(t));
         assert_eq!(p.as_str().parse::<PointId>().ok(), Some(p.clone()));
-        assert!("20251125T095235Z-zzzzzz".parse::<PointId>().is_err());
+        assert!("20251125T095235.120Z-zzzzzz".parse::<PointId>().is_err());
+        assert!("20251125T095235Z-1a2b3c".parse::<PointId>().is_err());
         assert!("latest".parse::<PointId>().is_err());
     }
 

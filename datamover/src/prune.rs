@@ -45,7 +45,10 @@ pub struct KeepPolicy {
 
 impl KeepPolicy {
     fn is_empty(&self) -> bool {
-        self.last.is_none() && self.daily.is_none() && self.weekly.is_none() && self.monthly.is_none()
+        self.last.is_none()
+            && self.daily.is_none()
+            && self.weekly.is_none()
+            && self.monthly.is_none()
     }
 }
 
@@ -62,7 +65,11 @@ pub struct PruneOptions {
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { keep: KeepPolicy::default(), dry_run: false, repack_waste: 0.1 }
+        PruneOptions {
+            keep: KeepPolicy::default(),
+            dry_run: false,
+            repack_waste: 0.1,
+        }
     }
 }
 
@@ -94,7 +101,7 @@ pub fn select_forget(ids: &[PointId], keep: &KeepPolicy) -> Vec<PointId> {
             kept[i] = true;
         }
     }
-    let time = |id: &PointId| NaiveDateTime::parse_from_str(&id.as_str()[..16], "%Y%m%dT%H%M%SZ").ok();
+    let time = |id: &PointId| id.time().map(|t| t.naive_utc());
     let mut bucket = |n: Option<usize>, key: &dyn Fn(NaiveDateTime) -> (i32, u32)| {
         let Some(n) = n else { return };
         let mut seen = HashSet::new();
@@ -109,7 +116,11 @@ pub fn select_forget(ids: &[PointId], keep: &KeepPolicy) -> Vec<PointId> {
     bucket(keep.daily, &|t| (t.year(), t.ordinal()));
     bucket(keep.weekly, &|t| (t.iso_week().year(), t.iso_week().week()));
     bucket(keep.monthly, &|t| (t.year(), t.month()));
-    ids.iter().zip(kept).filter(|(_, k)| !k).map(|(i, _)| i.clone()).collect()
+    ids.iter()
+        .zip(kept)
+        .filter(|(_, k)| !k)
+        .map(|(i, _)| i.clone())
+        .collect()
 }
 
 /// Every pack file on disk with its size.
@@ -145,7 +156,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         Some(l) => l,
         None => {
             tracing::info!("waiting for running backups to finish before pruning");
-            repo.lock(LockMode::Exclusive, true)?.ok_or_else(|| Error::Internal("lock".into()))?
+            repo.lock(LockMode::Exclusive, true)?
+                .ok_or_else(|| Error::Internal("lock".into()))?
         }
     };
     let mut rep = PruneReport::default();
@@ -188,7 +200,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let sizes: HashMap<PackId, u64> = files.iter().copied().collect();
 
     // Live bytes per indexed pack.
-    let mut per_pack: HashMap<PackId, (u64, Vec<(ChunkId, crate::repo::Location)>)> = HashMap::new();
+    let mut per_pack: HashMap<PackId, (u64, Vec<(ChunkId, crate::repo::Location)>)> =
+        HashMap::new();
     for (id, loc) in index.iter() {
         let e = per_pack.entry(loc.pack).or_default();
         if live.contains(&id) {
@@ -204,16 +217,27 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         let size = sizes.get(pack).copied().unwrap_or(0);
         if chunks.is_empty() {
             delete.push(*pack);
-        } else if size > 0 && (size.saturating_sub(PACK_HEADER_LEN as u64 + live_bytes)) as f64 >= opts.repack_waste * size as f64 {
+        } else if size > 0
+            && (size.saturating_sub(PACK_HEADER_LEN as u64 + live_bytes)) as f64
+                >= opts.repack_waste * size as f64
+        {
             repack.push(*pack);
         }
     }
-    let orphans: Vec<PackId> = files.iter().map(|f| f.0).filter(|p| !per_pack.contains_key(p)).collect();
+    let orphans: Vec<PackId> = files
+        .iter()
+        .map(|f| f.0)
+        .filter(|p| !per_pack.contains_key(p))
+        .collect();
     rep.orphan_packs_deleted = orphans.len();
     rep.packs_deleted = delete.len();
     if opts.dry_run {
         rep.packs_repacked = repack.len();
-        rep.bytes_freed = delete.iter().chain(&orphans).filter_map(|p| sizes.get(p)).sum();
+        rep.bytes_freed = delete
+            .iter()
+            .chain(&orphans)
+            .filter_map(|p| sizes.get(p))
+            .sum();
         return Ok(rep);
     }
 
@@ -228,11 +252,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         let mut sound = true;
         for (id, loc) in chunks {
             match reader.read_frame(*id, loc).and_then(|f| {
-                dec.decode(&f, Some(*id)).map(|_| f).map_err(|d| Error::Internal(d))
+                dec.decode(&f, Some(*id))
+                    .map(|_| f)
+                    .map_err(|d| Error::Internal(d))
             }) {
                 Ok(f) => frames.push((*id, loc.plain_len, f)),
                 Err(e) => {
-                    tracing::warn!("pack {pack} not repacked: chunk {} is damaged ({e})", id.short());
+                    tracing::warn!(
+                        "pack {pack} not repacked: chunk {} is damaged ({e})",
+                        id.short()
+                    );
                     sound = false;
                     break;
                 }
@@ -250,7 +279,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
 
     // One index of every live chunk in a surviving pack. Reload so that the
     // new packs' entries are included; prefer locations outside dead packs.
-    let gone: HashSet<PackId> = delete.iter().chain(&repacked).chain(&orphans).copied().collect();
+    let gone: HashSet<PackId> = delete
+        .iter()
+        .chain(&repacked)
+        .chain(&orphans)
+        .copied()
+        .collect();
     let (mut all, old_files) = Index::load_raw(&repo.root().join("index"))?;
     all.retain(|(id, loc)| live.contains(id) && !gone.contains(&loc.pack));
     all.sort_by(|a, b| a.0.cmp(&b.0));

@@ -31,7 +31,9 @@ pub struct RestoreOptions {
 
 impl std::fmt::Debug for RestoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestoreOptions").field("threads", &self.threads).finish()
+        f.debug_struct("RestoreOptions")
+            .field("threads", &self.threads)
+            .finish()
     }
 }
 
@@ -74,12 +76,18 @@ fn run(
     let m = repo.read_point(disk, point)?;
     let size = m.meta.disk_size;
     if target.size() < size {
-        return Err(Error::TargetTooSmall { path: "restore target".into(), need: size, have: target.size() });
+        return Err(Error::TargetTooSmall {
+            path: "restore target".into(),
+            need: size,
+            have: target.size(),
+        });
     }
     let index = repo.load_index()?;
     let reader = PackReader::new(repo);
     let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+        0 => std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2),
         n => n,
     };
     let at = |off: u64| format!("{disk}@{point}, disk offset {off}");
@@ -88,7 +96,11 @@ fn run(
     let busy_read = AtomicU64::new(0);
     let busy_write = AtomicU64::new(0);
     let (tx, rx) = bounded::<(u64, ChunkId, u32)>(threads * 4);
-    let mut stats = RunStats { bytes_total: size, threads, ..RunStats::default() };
+    let mut stats = RunStats {
+        bytes_total: size,
+        threads,
+        ..RunStats::default()
+    };
 
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -97,25 +109,43 @@ fn run(
                 let (index, reader, stop, done, at) = (&index, &reader, &stop, &done, &at);
                 let (busy_read, busy_write) = (&busy_read, &busy_write);
                 s.spawn(move || -> Result<()> {
-                    let mut dec = FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
+                    let mut dec =
+                        FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
                     for (off, id, len) in rx {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let r = (|| {
                             let t = Instant::now();
-                            let loc = index.get(&id).ok_or(Error::ChunkMissing { chunk: id, at: Some(at(off)) })?;
-                            let data = reader.read_chunk(&mut dec, id, &loc).map_err(|e| match e {
-                                Error::ChunkDamaged { chunk, pack, pack_offset, detail, .. } => {
-                                    Error::ChunkDamaged { chunk, pack, pack_offset, at: Some(at(off)), detail }
-                                }
-                                e => e,
+                            let loc = index.get(&id).ok_or(Error::ChunkMissing {
+                                chunk: id,
+                                at: Some(at(off)),
                             })?;
+                            let data =
+                                reader.read_chunk(&mut dec, id, &loc).map_err(|e| match e {
+                                    Error::ChunkDamaged {
+                                        chunk,
+                                        pack,
+                                        pack_offset,
+                                        detail,
+                                        ..
+                                    } => Error::ChunkDamaged {
+                                        chunk,
+                                        pack,
+                                        pack_offset,
+                                        at: Some(at(off)),
+                                        detail,
+                                    },
+                                    e => e,
+                                })?;
                             if data.len() != len as usize {
                                 return Err(Error::corrupt(
                                     "point manifest",
                                     repo.point_path(disk, point),
-                                    format!("chunk at offset {off} has length {} not {len}", data.len()),
+                                    format!(
+                                        "chunk at offset {off} has length {} not {len}",
+                                        data.len()
+                                    ),
                                 ));
                             }
                             let t1 = Instant::now();
@@ -154,7 +184,11 @@ fn run(
                     }
                 }
                 off += e.len();
-                if !report(&opts.progress, done.load(Ordering::Relaxed) + zero_done, size) {
+                if !report(
+                    &opts.progress,
+                    done.load(Ordering::Relaxed) + zero_done,
+                    size,
+                ) {
                     return Err(Error::Cancelled);
                 }
             }
@@ -166,7 +200,10 @@ fn run(
         drop(tx);
         let mut rs: Vec<Result<()>> = workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(Error::Internal("restore worker panicked".into()))))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("restore worker panicked".into())))
+            })
             .collect();
         rs.insert(0, feed);
         rs
@@ -176,10 +213,19 @@ fn run(
     }
     target.flush()?;
     report(&opts.progress, size, size);
-    let zero: u64 = m.extents.iter().filter(|e| matches!(e, Extent::Zero { .. })).map(Extent::len).sum();
+    let zero: u64 = m
+        .extents
+        .iter()
+        .filter(|e| matches!(e, Extent::Zero { .. }))
+        .map(Extent::len)
+        .sum();
     stats.bytes_read = size - zero;
     stats.bytes_zero = zero;
-    stats.chunks = m.extents.len() as u64 - m.extents.iter().filter(|e| matches!(e, Extent::Zero { .. })).count() as u64;
+    stats.chunks = m.extents.len() as u64
+        - m.extents
+            .iter()
+            .filter(|e| matches!(e, Extent::Zero { .. }))
+            .count() as u64;
     stats.seconds = t0.elapsed().as_secs_f64();
     stats.busy = StageBusy {
         read: busy_read.load(Ordering::Relaxed) as f64 / 1e9,
@@ -187,5 +233,9 @@ fn run(
         chunk: 0.0,
         write: busy_write.load(Ordering::Relaxed) as f64 / 1e9,
     };
-    Ok(RestoreReport { disk: disk.clone(), point: point.clone(), stats })
+    Ok(RestoreReport {
+        disk: disk.clone(),
+        point: point.clone(),
+        stats,
+    })
 }

@@ -64,7 +64,11 @@ pub trait BlockSource: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Extents of the window `[offset, offset+len)`; by default all data.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        Ok(vec![SourceExtent { offset, len, kind: ExtentKind::Data }])
+        Ok(vec![SourceExtent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        }])
     }
 }
 

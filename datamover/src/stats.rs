@@ -80,13 +80,18 @@ impl RunStats {
     }
     /// Logical throughput in MB/s (10^6 bytes).
     pub fn mb_per_s(&self) -> f64 {
-        if self.seconds > 0.0 { self.bytes_total as f64 / self.seconds / 1e6 } else { 0.0 }
+        if self.seconds > 0.0 {
+            self.bytes_total as f64 / self.seconds / 1e6
+        } else {
+            0.0
+        }
     }
     /// The stage with the highest utilisation.
     pub fn bottleneck(&self) -> Bottleneck {
         let wall = self.seconds.max(1e-9);
         let read = self.busy.read / wall;
-        let cpu = (self.busy.chunk / wall).max(self.busy.hash_compress / (wall * self.threads.max(1) as f64));
+        let cpu = (self.busy.chunk / wall)
+            .max(self.busy.hash_compress / (wall * self.threads.max(1) as f64));
         let write = self.busy.write / wall;
         if read >= cpu && read >= write {
             Bottleneck::SourceRead
@@ -99,5 +104,9 @@ impl RunStats {
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
-    if b == 0 { if a == 0 { 1.0 } else { f64::INFINITY } } else { a as f64 / b as f64 }
+    if b == 0 {
+        if a == 0 { 1.0 } else { f64::INFINITY }
+    } else {
+        a as f64 / b as f64
+    }
 }

@@ -19,7 +19,8 @@ pub fn seek_hole(f: &File, off: u64) -> io::Result<Option<u64>> {
 }
 
 fn seek(f: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off =
+        libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek on a valid fd has no memory effects.
     let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
     if r < 0 {

@@ -47,13 +47,19 @@ impl FileTarget {
         }
         let file = o.open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::TargetExists { path: path.to_path_buf() }
+                Error::TargetExists {
+                    path: path.to_path_buf(),
+                }
             } else {
                 Error::io("create restore target", path, e)
             }
         })?;
         file.set_len(size).ctx("size restore target", path)?;
-        Ok(FileTarget { file, path: path.to_path_buf(), size })
+        Ok(FileTarget {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
     }
 }
 
@@ -62,7 +68,9 @@ impl BlockTarget for FileTarget {
         self.size
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, offset).ctx("write", &self.path)
+        self.file
+            .write_all_at(data, offset)
+            .ctx("write", &self.path)
     }
     fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
         // The file was created empty: every byte not written is a hole.
@@ -73,7 +81,10 @@ impl BlockTarget for FileTarget {
     }
     fn discard(&self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!("could not remove incomplete restore target {}: {e}", self.path.display());
+            tracing::warn!(
+                "could not remove incomplete restore target {}: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -95,9 +106,17 @@ impl BlockDeviceTarget {
             .ctx("open restore target", path)?;
         let size = sys::block_device_size(&file).ctx("get the size of block device", path)?;
         if size < need {
-            return Err(Error::TargetTooSmall { path: path.to_path_buf(), need, have: size });
+            return Err(Error::TargetTooSmall {
+                path: path.to_path_buf(),
+                need,
+                have: size,
+            });
         }
-        Ok(BlockDeviceTarget { file, path: path.to_path_buf(), size })
+        Ok(BlockDeviceTarget {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
     }
 }
 
@@ -106,7 +125,9 @@ impl BlockTarget for BlockDeviceTarget {
         self.size
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, offset).ctx("write", &self.path)
+        self.file
+            .write_all_at(data, offset)
+            .ctx("write", &self.path)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         // BLKZEROOUT needs 512-byte alignment; write the unaligned edges.
@@ -139,7 +160,9 @@ fn write_zero_bytes(t: &dyn BlockTarget, mut offset: u64, mut len: u64) -> Resul
 /// (an existing regular file only with `overwrite`).
 pub fn open_local(path: &Path, size: u64, overwrite: bool) -> Result<Box<dyn BlockTarget>> {
     match std::fs::metadata(path) {
-        Ok(m) if m.file_type().is_block_device() => Ok(Box::new(BlockDeviceTarget::open(path, size)?)),
+        Ok(m) if m.file_type().is_block_device() => {
+            Ok(Box::new(BlockDeviceTarget::open(path, size)?))
+        }
         Ok(m) if !m.is_file() => Err(Error::InvalidArgument(format!(
             "restore target {} is neither a block device nor a regular file",
             path.display()

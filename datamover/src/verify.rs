@@ -62,7 +62,8 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     let _lock = repo.lock(LockMode::Shared, true)?;
     let mut rep = VerifyReport::default();
     let (index, bad) = Index::load(&repo.root().join("index"))?;
-    rep.problems.extend(bad.into_iter().map(|b| b.error.to_string()));
+    rep.problems
+        .extend(bad.into_iter().map(|b| b.error.to_string()));
     rep.chunks = index.len();
 
     // Chunks by pack.
@@ -90,7 +91,11 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
             let m = match repo.read_point(&disk, &id) {
                 Ok(m) => m,
                 Err(e) => {
-                    rep.damaged_points.push(DamagedPoint { point: name, problems: vec![e.to_string()], more: 0 });
+                    rep.damaged_points.push(DamagedPoint {
+                        point: name,
+                        problems: vec![e.to_string()],
+                        more: 0,
+                    });
                     continue;
                 }
             };
@@ -101,7 +106,10 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
                     if let Some(why) = damaged.get(id) {
                         probs.push(format!("disk offset {off}: chunk {} {why}", id.short()));
                     } else if !index.contains(id) {
-                        probs.push(format!("disk offset {off}: chunk {} is missing from the index", id.short()));
+                        probs.push(format!(
+                            "disk offset {off}: chunk {} is missing from the index",
+                            id.short()
+                        ));
                     }
                 }
                 off += e.len();
@@ -109,7 +117,11 @@ pub fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
             if !probs.is_empty() {
                 let more = probs.len().saturating_sub(LIST);
                 probs.truncate(LIST);
-                rep.damaged_points.push(DamagedPoint { point: name, problems: probs, more });
+                rep.damaged_points.push(DamagedPoint {
+                    point: name,
+                    problems: probs,
+                    more,
+                });
             }
         }
     }
@@ -127,13 +139,17 @@ fn check_pack(
     let path = repo.pack_path(&pack);
     let mut mark = |chunks: &[(ChunkId, Location)], why: &str| {
         for (id, loc) in chunks {
-            damaged.insert(*id, format!("in pack {pack} at offset {}: {why}", loc.offset));
+            damaged.insert(
+                *id,
+                format!("in pack {pack} at offset {}: {why}", loc.offset),
+            );
         }
     };
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            rep.problems.push(format!("pack {pack} is missing ({} chunks)", chunks.len()));
+            rep.problems
+                .push(format!("pack {pack} is missing ({} chunks)", chunks.len()));
             mark(chunks, "is lost: pack file missing");
             return Ok(());
         }
@@ -143,11 +159,19 @@ fn check_pack(
     let mut head = [0u8; pack::PACK_HEADER_LEN];
     let head_ok = f.read_exact(&mut head).is_ok() && matches!(pack::check_header(&head), Ok(None));
     if !head_ok {
-        rep.problems.push(format!("pack {pack} has a damaged header"));
+        rep.problems
+            .push(format!("pack {pack} has a damaged header"));
     }
-    let short: Vec<_> = chunks.iter().filter(|(_, l)| l.offset + u64::from(l.frame_len) > len).copied().collect();
+    let short: Vec<_> = chunks
+        .iter()
+        .filter(|(_, l)| l.offset + u64::from(l.frame_len) > len)
+        .copied()
+        .collect();
     if !short.is_empty() {
-        rep.problems.push(format!("pack {pack} is truncated to {len} bytes ({} chunks lost)", short.len()));
+        rep.problems.push(format!(
+            "pack {pack} is truncated to {len} bytes ({} chunks lost)",
+            short.len()
+        ));
         mark(&short, "is lost: pack truncated");
     }
     if !read_data {
@@ -170,7 +194,8 @@ fn check_pack(
         }
     }
     if !bad.is_empty() {
-        rep.problems.push(format!("pack {pack}: {} damaged chunks", bad.len()));
+        rep.problems
+            .push(format!("pack {pack}: {} damaged chunks", bad.len()));
     }
     for (off, (id, why)) in bad {
         damaged.insert(id, format!("in pack {pack} at offset {off}: {why}"));

@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use datamover::{
-    BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy, PruneOptions,
-    Repository, RestoreOptions, RunStats,
+    BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
+    PruneOptions, Repository, RestoreOptions, RunStats,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "dm", version, about = "Back up and restore VM disks: dedupe, compression, verified restores")]
+#[command(
+    name = "dm",
+    version,
+    about = "Back up and restore VM disks: dedupe, compression, verified restores"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -146,7 +150,9 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .without_time()
         .init();
@@ -163,11 +169,28 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.cmd {
         Cmd::Init { repo } => {
             let r = Repository::init(&repo)?;
-            println!("created repository {} (id {})", repo.display(), r.config().id);
+            println!(
+                "created repository {} (id {})",
+                repo.display(),
+                r.config().id
+            );
         }
-        Cmd::Backup { source, repo, name, chunking, block_size, compression, threads, json } => {
+        Cmd::Backup {
+            source,
+            repo,
+            name,
+            chunking,
+            block_size,
+            compression,
+            threads,
+            json,
+        } => {
             let disk: DiskName = name.parse()?;
-            let kind = if chunking == "fixed" { ChunkingKind::Fixed } else { ChunkingKind::Cdc };
+            let kind = if chunking == "fixed" {
+                ChunkingKind::Fixed
+            } else {
+                ChunkingKind::Cdc
+            };
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
@@ -209,7 +232,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 );
             }
         }
-        Cmd::Restore { point, target, repo, force, json } => {
+        Cmd::Restore {
+            point,
+            target,
+            repo,
+            force,
+            json,
+        } => {
             let (name, at) = match point.split_once('@') {
                 Some((n, p)) => (n, Some(p)),
                 None => (point.as_str(), None),
@@ -220,7 +249,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let size = r.point_meta(&disk, &id)?.meta.disk_size;
             let t = datamover::open_target(&target, size, force)?;
             let bar = progress_bar(size);
-            let opts = RestoreOptions { progress: bar.as_ref().map(progress_fn), ..RestoreOptions::default() };
+            let opts = RestoreOptions {
+                progress: bar.as_ref().map(progress_fn),
+                ..RestoreOptions::default()
+            };
             let rep = datamover::restore(&r, &disk, &id, t.as_ref(), &opts);
             if let Some(b) = &bar {
                 b.finish_and_clear();
@@ -264,13 +296,20 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             } else if points.is_empty() {
                 println!("no restore points");
             } else {
-                println!("{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} SOURCE", "DISK", "POINT", "STARTED", "SIZE", "NEW", "TRANSPORT");
+                println!(
+                    "{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} SOURCE",
+                    "DISK", "POINT", "STARTED", "SIZE", "NEW", "TRANSPORT"
+                );
                 for p in &points {
                     println!(
                         "{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} {}",
                         p.disk.to_string(),
                         p.id.to_string(),
-                        p.meta.started.get(..19).unwrap_or(&p.meta.started).replace('T', " "),
+                        p.meta
+                            .started
+                            .get(..19)
+                            .unwrap_or(&p.meta.started)
+                            .replace('T', " "),
                         human(p.meta.disk_size),
                         human(p.meta.stats.bytes_stored),
                         p.meta.transport,
@@ -282,7 +321,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 return Ok(3);
             }
         }
-        Cmd::Verify { repo, read_data, json } => {
+        Cmd::Verify {
+            repo,
+            read_data,
+            json,
+        } => {
             let r = Repository::open(&repo)?;
             let rep = datamover::verify(&r, read_data)?;
             if json {
@@ -301,7 +344,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     }
                 }
                 if rep.unindexed_packs > 0 {
-                    println!("note: {} pack(s) left by interrupted backups; `dm prune` removes them", rep.unindexed_packs);
+                    println!(
+                        "note: {} pack(s) left by interrupted backups; `dm prune` removes them",
+                        rep.unindexed_packs
+                    );
                 }
                 println!(
                     "{}: {} points, {} packs, {} chunks{}",
@@ -309,17 +355,34 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     rep.points,
                     rep.packs,
                     rep.chunks,
-                    if read_data { format!(", {} chunks read and checked", rep.chunks_read) } else { String::new() }
+                    if read_data {
+                        format!(", {} chunks read and checked", rep.chunks_read)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if !rep.is_ok() {
                 return Ok(3);
             }
         }
-        Cmd::Prune { repo, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, json } => {
+        Cmd::Prune {
+            repo,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+            json,
+        } => {
             let r = Repository::open(&repo)?;
             let opts = PruneOptions {
-                keep: KeepPolicy { last: keep_last, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly },
+                keep: KeepPolicy {
+                    last: keep_last,
+                    daily: keep_daily,
+                    weekly: keep_weekly,
+                    monthly: keep_monthly,
+                },
                 dry_run,
                 ..PruneOptions::default()
             };
@@ -347,7 +410,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
 }
 
 fn stats_json(s: &RunStats) -> serde_json::Value {
-    let finite = |x: f64| if x.is_finite() { json!(x) } else { serde_json::Value::Null };
+    let finite = |x: f64| {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            serde_json::Value::Null
+        }
+    };
     json!({
         "bytes_total": s.bytes_total,
         "bytes_read": s.bytes_read,
@@ -413,6 +482,9 @@ fn human(b: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
-

@@ -17,7 +17,11 @@ pub struct FixedChunker {
 impl FixedChunker {
     /// A chunker of `size`-byte blocks.
     pub fn new(size: u32) -> Self {
-        FixedChunker { size: u64::from(size), pos: 0, pending: Pending::default() }
+        FixedChunker {
+            size: u64::from(size),
+            pos: 0,
+            pending: Pending::default(),
+        }
     }
 
     fn to_boundary(&self) -> usize {

@@ -63,7 +63,12 @@ impl FrameHeader {
     }
 
     /// Serialize; the CRC field is computed over the header and `payload`.
-    pub fn encode(codec: Codec, plain_len: u32, id: ChunkId, payload: &[u8]) -> [u8; FRAME_HEADER_LEN] {
+    pub fn encode(
+        codec: Codec,
+        plain_len: u32,
+        id: ChunkId,
+        payload: &[u8],
+    ) -> [u8; FRAME_HEADER_LEN] {
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0..4].copy_from_slice(&FRAME_MAGIC);
         h[4] = FRAME_VERSION;
@@ -80,7 +85,10 @@ impl FrameHeader {
     /// corruption message.
     pub fn parse(h: &[u8]) -> Result<FrameHeader, String> {
         if h.len() < FRAME_HEADER_LEN {
-            return Err(format!("frame header truncated ({} of {FRAME_HEADER_LEN} bytes)", h.len()));
+            return Err(format!(
+                "frame header truncated ({} of {FRAME_HEADER_LEN} bytes)",
+                h.len()
+            ));
         }
         if h[0..4] != FRAME_MAGIC {
             return Err("bad frame magic".into());
@@ -96,7 +104,9 @@ impl FrameHeader {
         let plain_len = super::le32(h, 8);
         let stored_len = super::le32(h, 12);
         if plain_len > MAX_CHUNK_LEN || stored_len > MAX_CHUNK_LEN {
-            return Err(format!("frame lengths {plain_len}/{stored_len} exceed the {MAX_CHUNK_LEN} byte limit"));
+            return Err(format!(
+                "frame lengths {plain_len}/{stored_len} exceed the {MAX_CHUNK_LEN} byte limit"
+            ));
         }
         if codec == Codec::Raw && plain_len != stored_len {
             return Err("raw frame with different plain and stored lengths".into());
@@ -128,7 +138,9 @@ pub struct FrameEncoder {
 
 impl std::fmt::Debug for FrameEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameEncoder").field("level", &self.level).finish()
+        f.debug_struct("FrameEncoder")
+            .field("level", &self.level)
+            .finish()
     }
 }
 
@@ -139,13 +151,22 @@ impl FrameEncoder {
             Some(l) => Some(zstd::bulk::Compressor::new(l)?),
             None => None,
         };
-        Ok(FrameEncoder { level, zstd, buf: Vec::new() })
+        Ok(FrameEncoder {
+            level,
+            zstd,
+            buf: Vec::new(),
+        })
     }
 
     /// Encode `plain` (already hashed to `id`) into a full frame appended to
     /// `out`. Compressed only when that saves at least 1/32 of the size.
     /// Returns the codec used.
-    pub fn encode_into(&mut self, id: ChunkId, plain: &[u8], out: &mut Vec<u8>) -> std::io::Result<Codec> {
+    pub fn encode_into(
+        &mut self,
+        id: ChunkId,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<Codec> {
         let plain_len = u32::try_from(plain.len())
             .ok()
             .filter(|l| *l <= MAX_CHUNK_LEN)
@@ -160,7 +181,11 @@ impl FrameEncoder {
                 codec = Codec::Zstd;
             }
         }
-        let payload: &[u8] = if codec == Codec::Zstd { &self.buf } else { plain };
+        let payload: &[u8] = if codec == Codec::Zstd {
+            &self.buf
+        } else {
+            plain
+        };
         out.extend_from_slice(&FrameHeader::encode(codec, plain_len, id, payload));
         out.extend_from_slice(payload);
         Ok(codec)
@@ -181,7 +206,9 @@ impl std::fmt::Debug for FrameDecoder {
 impl FrameDecoder {
     /// A new decoder.
     pub fn new() -> std::io::Result<Self> {
-        Ok(FrameDecoder { zstd: zstd::bulk::Decompressor::new()? })
+        Ok(FrameDecoder {
+            zstd: zstd::bulk::Decompressor::new()?,
+        })
     }
 
     /// Check a complete frame (header + payload) and return its plain bytes.
@@ -214,7 +241,11 @@ impl FrameDecoder {
             }
         };
         if plain.len() != h.plain_len as usize {
-            return Err(format!("decoded {} bytes, header says {}", plain.len(), h.plain_len));
+            return Err(format!(
+                "decoded {} bytes, header says {}",
+                plain.len(),
+                h.plain_len
+            ));
         }
         if ChunkId::of(&plain) != h.id {
             return Err("BLAKE3 mismatch (content differs from its id)".into());

@@ -92,7 +92,10 @@ pub fn decode(b: &[u8]) -> Result<(Vec<PackId>, Vec<IndexEntry>), IndexError> {
     let ec = super::le64(b, 16);
     let want = pc
         .checked_mul(16)
-        .and_then(|p| ec.checked_mul(ENTRY_LEN as u64).and_then(|e| e.checked_add(p)))
+        .and_then(|p| {
+            ec.checked_mul(ENTRY_LEN as u64)
+                .and_then(|e| e.checked_add(p))
+        })
         .and_then(|n| n.checked_add(HEADER as u64 + 4));
     if want != Some(b.len() as u64) {
         return Err(bad("length does not match its counts (truncated?)"));

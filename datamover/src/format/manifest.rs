@@ -175,7 +175,13 @@ impl<W: std::io::Write> ManifestWriter<W> {
         out.write_all(&h)?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&h);
-        Ok(ManifestWriter { out, crc, extents: 0, size: 0, pending_zero: 0 })
+        Ok(ManifestWriter {
+            out,
+            crc,
+            extents: 0,
+            size: 0,
+            pending_zero: 0,
+        })
     }
 
     fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
@@ -287,7 +293,8 @@ pub fn parse_meta(footer: &Footer, meta: &[u8]) -> Result<PointMeta, ManifestErr
     if crc32fast::hash(meta) != footer.meta_crc {
         return Err(bad("metadata CRC mismatch"));
     }
-    let m: PointMeta = serde_json::from_slice(meta).map_err(|e| bad(format!("metadata is not valid: {e}")))?;
+    let m: PointMeta =
+        serde_json::from_slice(meta).map_err(|e| bad(format!("metadata is not valid: {e}")))?;
     if m.disk_size != footer.disk_size {
         return Err(bad("metadata and footer disagree on the disk size"));
     }
@@ -340,22 +347,31 @@ pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
     let mut size = 0u64;
     let mut last_zero = false;
     loop {
-        let tag = *body.get(at).ok_or_else(|| bad("extent list has no end marker"))?;
+        let tag = *body
+            .get(at)
+            .ok_or_else(|| bad("extent list has no end marker"))?;
         at += 1;
         let e = match tag {
             TAG_END => break,
             TAG_CHUNK => {
-                let r = body.get(at..at + 36).ok_or_else(|| bad("truncated chunk record"))?;
+                let r = body
+                    .get(at..at + 36)
+                    .ok_or_else(|| bad("truncated chunk record"))?;
                 at += 36;
                 let len = super::le32(r, 0);
                 if len == 0 || len > MAX_CHUNK_LEN {
                     return Err(bad(format!("chunk record with length {len}")));
                 }
                 last_zero = false;
-                Extent::Chunk { id: ChunkId(super::arr32(r, 4)), len }
+                Extent::Chunk {
+                    id: ChunkId(super::arr32(r, 4)),
+                    len,
+                }
             }
             TAG_ZERO => {
-                let r = body.get(at..at + 8).ok_or_else(|| bad("truncated zero record"))?;
+                let r = body
+                    .get(at..at + 8)
+                    .ok_or_else(|| bad("truncated zero record"))?;
                 at += 8;
                 let len = super::le64(r, 0);
                 if len == 0 || last_zero {
@@ -366,7 +382,9 @@ pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
             }
             t => return Err(bad(format!("unknown record tag {t}"))),
         };
-        size = size.checked_add(e.len()).ok_or_else(|| bad("extent lengths overflow"))?;
+        size = size
+            .checked_add(e.len())
+            .ok_or_else(|| bad("extent lengths overflow"))?;
         extents.push(e);
     }
     if at != body.len() {

@@ -72,12 +72,18 @@ impl Index {
                             })
                         })
                         .collect();
-                    idx.entries
-                        .extend(entries.into_iter().map(|e| IndexEntry { pack: map[e.pack as usize], ..e }));
+                    idx.entries.extend(entries.into_iter().map(|e| IndexEntry {
+                        pack: map[e.pack as usize],
+                        ..e
+                    }));
                     idx.files.push(path);
                 }
                 Err(IndexError::Version(v)) => {
-                    return Err(Error::UnsupportedVersion { path, found: v, supported: fmt::INDEX_VERSION });
+                    return Err(Error::UnsupportedVersion {
+                        path,
+                        found: v,
+                        supported: fmt::INDEX_VERSION,
+                    });
                 }
                 Err(IndexError::Corrupt(d)) => bad.push(BadIndexFile {
                     error: Error::corrupt("index", &path, d),

@@ -49,7 +49,9 @@ impl Repository {
         match fs::read_dir(path) {
             Ok(mut d) => {
                 if d.next().is_some() {
-                    return Err(Error::AlreadyExists { path: path.to_path_buf() });
+                    return Err(Error::AlreadyExists {
+                        path: path.to_path_buf(),
+                    });
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -66,8 +68,12 @@ impl Repository {
             id: hex(&random_bytes::<16>()?),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         };
-        let repo = Repository { root: path.to_path_buf(), config };
-        let mut json = serde_json::to_vec_pretty(&repo.config).map_err(|e| Error::Internal(e.to_string()))?;
+        let repo = Repository {
+            root: path.to_path_buf(),
+            config,
+        };
+        let mut json =
+            serde_json::to_vec_pretty(&repo.config).map_err(|e| Error::Internal(e.to_string()))?;
         json.push(b'\n');
         File::create(repo.root.join("lock")).ctx("create", &repo.root.join("lock"))?;
         // The config goes last: a directory without it is not a repository.
@@ -80,15 +86,24 @@ impl Repository {
         let cfg_path = path.join("config");
         let bytes = match fs::read(&cfg_path) {
             Ok(b) => b,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
-                return Err(Error::NotARepository { path: path.to_path_buf() });
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(Error::NotARepository {
+                    path: path.to_path_buf(),
+                });
             }
             Err(e) => return Err(Error::io("read", &cfg_path, e)),
         };
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt("config", &cfg_path, format!("not valid JSON: {e}")))?;
         if v.get("format").and_then(|f| f.as_str()) != Some(CONFIG_FORMAT) {
-            return Err(Error::NotARepository { path: path.to_path_buf() });
+            return Err(Error::NotARepository {
+                path: path.to_path_buf(),
+            });
         }
         match v.get("version").and_then(|x| x.as_u64()) {
             Some(x) if x == u64::from(REPO_VERSION) => {}
@@ -101,14 +116,21 @@ impl Repository {
             }
             None => return Err(Error::corrupt("config", &cfg_path, "no version")),
         }
-        let config: RepoConfig =
-            serde_json::from_value(v).map_err(|e| Error::corrupt("config", &cfg_path, e.to_string()))?;
+        let config: RepoConfig = serde_json::from_value(v)
+            .map_err(|e| Error::corrupt("config", &cfg_path, e.to_string()))?;
         for d in ["packs", "index", "points", "tmp"] {
             if !path.join(d).is_dir() {
-                return Err(Error::corrupt("repository", path, format!("directory {d}/ is missing")));
+                return Err(Error::corrupt(
+                    "repository",
+                    path,
+                    format!("directory {d}/ is missing"),
+                ));
             }
         }
-        Ok(Repository { root: path.to_path_buf(), config })
+        Ok(Repository {
+            root: path.to_path_buf(),
+            config,
+        })
     }
 
     /// The repository's directory.
@@ -125,8 +147,16 @@ impl Repository {
     /// held in a conflicting mode.
     pub fn lock(&self, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
         let p = self.root.join("lock");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).ctx("open", &p)?;
-        Ok(sys::flock(&f, mode, wait).ctx("lock", &p)?.then_some(RepoLock { _file: f }))
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .ctx("open", &p)?;
+        Ok(sys::flock(&f, mode, wait)
+            .ctx("lock", &p)?
+            .then_some(RepoLock { _file: f }))
     }
 
     pub(crate) fn path(&self, rel: &str) -> PathBuf {
@@ -136,13 +166,24 @@ impl Repository {
     /// Path of a pack file.
     pub fn pack_path(&self, id: &PackId) -> PathBuf {
         let h = id.to_hex();
-        self.root.join("packs").join(&h[..2]).join(format!("{h}.pack"))
+        self.root
+            .join("packs")
+            .join(&h[..2])
+            .join(format!("{h}.pack"))
     }
 
     /// A new temp file under `tmp/`.
     pub(crate) fn temp_file(&self, what: &str) -> Result<(File, PathBuf)> {
-        let p = self.root.join("tmp").join(format!("{what}-{}", hex(&random_bytes::<12>()?)));
-        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).ctx("create", &p)?;
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{what}-{}", hex(&random_bytes::<12>()?)));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .ctx("create", &p)?;
         Ok((f, p))
     }
 
@@ -180,5 +221,7 @@ impl Repository {
 
 /// fsync a directory so that renames in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("sync directory", dir)
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("sync directory", dir)
 }

@@ -67,17 +67,31 @@ impl<'r> PackWriter<'r> {
             let mut file = BufWriter::with_capacity(1 << 20, f);
             file.write_all(&pack::header()).ctx("write", &tmp)?;
             self.bytes_written += pack::PACK_HEADER_LEN as u64;
-            self.cur = Some(OpenPack { id: pid, file, tmp, len: pack::PACK_HEADER_LEN as u64, entries: Vec::new() });
+            self.cur = Some(OpenPack {
+                id: pid,
+                file,
+                tmp,
+                len: pack::PACK_HEADER_LEN as u64,
+                entries: Vec::new(),
+            });
         }
         let Some(p) = self.cur.as_mut() else {
             return Err(Error::Internal("no open pack".into()));
         };
-        let offset = u32::try_from(p.len).map_err(|_| Error::Internal("pack offset beyond 4 GiB".into()))?;
-        let frame_len = u32::try_from(frame.len()).map_err(|_| Error::Internal("frame beyond 4 GiB".into()))?;
+        let offset =
+            u32::try_from(p.len).map_err(|_| Error::Internal("pack offset beyond 4 GiB".into()))?;
+        let frame_len =
+            u32::try_from(frame.len()).map_err(|_| Error::Internal("frame beyond 4 GiB".into()))?;
         p.file.write_all(frame).ctx("write", &p.tmp)?;
         p.len += frame.len() as u64;
         self.bytes_written += frame.len() as u64;
-        p.entries.push(IndexEntry { id, pack: 0, offset, frame_len, plain_len });
+        p.entries.push(IndexEntry {
+            id,
+            pack: 0,
+            offset,
+            frame_len,
+            plain_len,
+        });
         if p.len >= self.target_len {
             self.seal()?;
         }
@@ -85,9 +99,19 @@ impl<'r> PackWriter<'r> {
     }
 
     fn seal(&mut self) -> Result<()> {
-        let Some(p) = self.cur.take() else { return Ok(()) };
-        let OpenPack { id, file, tmp, mut entries, .. } = p;
-        let f = file.into_inner().map_err(|e| Error::io("write", &tmp, e.into_error()))?;
+        let Some(p) = self.cur.take() else {
+            return Ok(());
+        };
+        let OpenPack {
+            id,
+            file,
+            tmp,
+            mut entries,
+            ..
+        } = p;
+        let f = file
+            .into_inner()
+            .map_err(|e| Error::io("write", &tmp, e.into_error()))?;
         f.sync_all().ctx("sync", &tmp)?;
         drop(f);
         let dst = self.repo.pack_path(&id);
@@ -96,7 +120,11 @@ impl<'r> PackWriter<'r> {
         self.repo.publish(&tmp, &dir, &name)?;
         self.packs_sealed += 1;
         let bytes = fmt::encode(&[id], &mut entries);
-        let idx = self.repo.write_atomic(&self.repo.path("index"), &format!("{}.idx", id.to_hex()), &bytes)?;
+        let idx = self.repo.write_atomic(
+            &self.repo.path("index"),
+            &format!("{}.idx", id.to_hex()),
+            &bytes,
+        )?;
         self.group.push((id, entries));
         self.group_files.push(idx);
         if self.group.len() >= GROUP {
@@ -113,11 +141,17 @@ impl<'r> PackWriter<'r> {
                 .group
                 .iter()
                 .enumerate()
-                .flat_map(|(i, (_, es))| es.iter().map(move |e| IndexEntry { pack: i as u32, ..*e }))
+                .flat_map(|(i, (_, es))| {
+                    es.iter().map(move |e| IndexEntry {
+                        pack: i as u32,
+                        ..*e
+                    })
+                })
                 .collect();
             let bytes = fmt::encode(&packs, &mut all);
             let name = format!("{}.idx", hex(&random_bytes::<16>()?));
-            self.repo.write_atomic(&self.repo.path("index"), &name, &bytes)?;
+            self.repo
+                .write_atomic(&self.repo.path("index"), &name, &bytes)?;
             for f in &self.group_files {
                 fs::remove_file(f).ctx("remove", f)?;
             }

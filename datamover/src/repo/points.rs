@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
-use crate::format::manifest::{self, FOOTER_LEN, MANIFEST_VERSION, Manifest, ManifestError, PointMeta};
+use crate::format::manifest::{
+    self, FOOTER_LEN, MANIFEST_VERSION, Manifest, ManifestError, PointMeta,
+};
 use crate::ids::{DiskName, PointId};
 
 /// A point as listed: its name, id and metadata (extents not loaded).
@@ -58,7 +60,11 @@ impl Repository {
             }
             for d in fs::read_dir(vm.path()).ctx("list", &vm.path())? {
                 let d = d.ctx("list", &vm.path())?;
-                let name = format!("{}/{}", vm.file_name().to_string_lossy(), d.file_name().to_string_lossy());
+                let name = format!(
+                    "{}/{}",
+                    vm.file_name().to_string_lossy(),
+                    d.file_name().to_string_lossy()
+                );
                 if let Ok(n) = name.parse::<DiskName>() {
                     out.push(n);
                 }
@@ -81,12 +87,30 @@ impl Repository {
             let e = e.ctx("list", &dir)?;
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if let Some(id) = n.strip_suffix(".point").and_then(|s| s.parse::<PointId>().ok()) {
+            if let Some(id) = n
+                .strip_suffix(".point")
+                .and_then(|s| s.parse::<PointId>().ok())
+            {
                 ids.push(id);
             }
         }
         ids.sort();
         Ok(ids)
+    }
+
+    /// A fresh id for a point of `disk` started at `now`: later than every
+    /// existing point of the disk, even within the same millisecond.
+    pub(crate) fn new_point_id(
+        &self,
+        disk: &DiskName,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<PointId> {
+        let newest = self.point_ids(disk)?.last().and_then(PointId::time);
+        let t = match newest {
+            Some(n) if n >= now => n + chrono::Duration::milliseconds(1),
+            _ => now,
+        };
+        PointId::new(t)
     }
 
     /// Read only a point's metadata (footer + JSON).
@@ -95,23 +119,32 @@ impl Repository {
         let mut f = File::open(&path).ctx("open", &path)?;
         let len = f.metadata().ctx("stat", &path)?.len();
         let mut head = [0u8; manifest::HEADER_LEN];
-        f.read_exact(&mut head).map_err(|_| Error::corrupt("point manifest", &path, "truncated"))?;
+        f.read_exact(&mut head)
+            .map_err(|_| Error::corrupt("point manifest", &path, "truncated"))?;
         manifest::check_header(&head).map_err(|e| map_err(&path, e))?;
         if len < (manifest::HEADER_LEN + 1 + FOOTER_LEN) as u64 {
             return Err(Error::corrupt("point manifest", &path, "truncated"));
         }
         let mut foot = [0u8; FOOTER_LEN];
-        f.seek(SeekFrom::Start(len - FOOTER_LEN as u64)).ctx("seek", &path)?;
+        f.seek(SeekFrom::Start(len - FOOTER_LEN as u64))
+            .ctx("seek", &path)?;
         f.read_exact(&mut foot).ctx("read", &path)?;
         let footer = manifest::parse_footer(&foot).map_err(|e| map_err(&path, e))?;
         let start = (len - FOOTER_LEN as u64)
             .checked_sub(u64::from(footer.meta_len))
-            .ok_or_else(|| Error::corrupt("point manifest", &path, "metadata length beyond file"))?;
+            .ok_or_else(|| {
+                Error::corrupt("point manifest", &path, "metadata length beyond file")
+            })?;
         let mut meta = vec![0u8; footer.meta_len as usize];
         f.seek(SeekFrom::Start(start)).ctx("seek", &path)?;
         f.read_exact(&mut meta).ctx("read", &path)?;
         let meta = manifest::parse_meta(&footer, &meta).map_err(|e| map_err(&path, e))?;
-        Ok(PointSummary { disk: disk.clone(), id: id.clone(), meta, manifest_len: len })
+        Ok(PointSummary {
+            disk: disk.clone(),
+            id: id.clone(),
+            meta,
+            manifest_len: len,
+        })
     }
 
     /// List points (of one disk, or all), oldest first per disk. Manifests
@@ -139,13 +172,21 @@ impl Repository {
         let mut f = File::open(&path).ctx("open", &path)?;
         let len = f.metadata().ctx("stat", &path)?.len();
         if len > manifest::MAX_MANIFEST_LEN {
-            return Err(Error::corrupt("point manifest", &path, "larger than the 1 GiB limit"));
+            return Err(Error::corrupt(
+                "point manifest",
+                &path,
+                "larger than the 1 GiB limit",
+            ));
         }
         let mut b = Vec::with_capacity(len as usize);
         f.read_to_end(&mut b).ctx("read", &path)?;
         let m = manifest::decode(&b).map_err(|e| map_err(&path, e))?;
         if m.meta.name != disk.to_string() || m.meta.point != id.as_str() {
-            return Err(Error::corrupt("point manifest", &path, "names another disk or point"));
+            return Err(Error::corrupt(
+                "point manifest",
+                &path,
+                "names another disk or point",
+            ));
         }
         Ok(m)
     }
@@ -154,7 +195,10 @@ impl Repository {
     /// unique prefix of one.
     pub fn resolve_point(&self, disk: &DiskName, wanted: Option<&str>) -> Result<PointId> {
         let ids = self.point_ids(disk)?;
-        let not_found = || Error::PointNotFound { disk: disk.clone(), wanted: wanted.unwrap_or("latest").to_owned() };
+        let not_found = || Error::PointNotFound {
+            disk: disk.clone(),
+            wanted: wanted.unwrap_or("latest").to_owned(),
+        };
         match wanted {
             None | Some("latest") => ids.last().cloned().ok_or_else(not_found),
             Some(w) => {

@@ -22,7 +22,10 @@ pub struct PackReader<'r> {
 impl<'r> PackReader<'r> {
     /// A reader for `repo`.
     pub fn new(repo: &'r Repository) -> Self {
-        PackReader { repo, open: Mutex::new(HashMap::new()) }
+        PackReader {
+            repo,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     fn file(&self, pack: PackId) -> std::io::Result<Arc<File>> {
@@ -52,25 +55,35 @@ impl<'r> PackReader<'r> {
             _ => damaged(format!("cannot open its pack: {e}")),
         })?;
         if u64::from(loc.frame_len) > (FRAME_HEADER_LEN as u64 + u64::from(MAX_CHUNK_LEN)) {
-            return Err(damaged(format!("index gives an impossible frame length {}", loc.frame_len)));
+            return Err(damaged(format!(
+                "index gives an impossible frame length {}",
+                loc.frame_len
+            )));
         }
         let mut buf = vec![0u8; loc.frame_len as usize];
-        f.read_exact_at(&mut buf, loc.offset).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => damaged("pack is truncated".into()),
-            _ => damaged(format!("cannot read its pack: {e}")),
-        })?;
+        f.read_exact_at(&mut buf, loc.offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => damaged("pack is truncated".into()),
+                _ => damaged(format!("cannot read its pack: {e}")),
+            })?;
         Ok(buf)
     }
 
     /// Read, check (CRC, BLAKE3) and decode the chunk `id` at `loc`.
-    pub fn read_chunk(&self, dec: &mut FrameDecoder, id: ChunkId, loc: &Location) -> Result<Vec<u8>> {
+    pub fn read_chunk(
+        &self,
+        dec: &mut FrameDecoder,
+        id: ChunkId,
+        loc: &Location,
+    ) -> Result<Vec<u8>> {
         let frame = self.read_frame(id, loc)?;
-        dec.decode(&frame, Some(id)).map_err(|detail| Error::ChunkDamaged {
-            chunk: id,
-            pack: loc.pack,
-            pack_offset: loc.offset,
-            at: None,
-            detail,
-        })
+        dec.decode(&frame, Some(id))
+            .map_err(|detail| Error::ChunkDamaged {
+                chunk: id,
+                pack: loc.pack,
+                pack_offset: loc.offset,
+                at: None,
+                detail,
+            })
     }
 }

@@ -27,7 +27,11 @@ impl BlockDeviceSource {
         })?;
         let size = sys::block_device_size(&file).ctx("get the size of block device", path)?;
         sys::advise_sequential(&file);
-        Ok(BlockDeviceSource { file, path: path.to_path_buf(), size })
+        Ok(BlockDeviceSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
     }
 }
 
@@ -40,10 +44,16 @@ impl BlockSource for BlockDeviceSource {
         4 << 20
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities { extents: false, concurrent_reads: true }
+        Capabilities {
+            extents: false,
+            concurrent_reads: true,
+        }
     }
     fn info(&self) -> SourceInfo {
-        SourceInfo { kind: "blockdev".into(), location: self.path.display().to_string() }
+        SourceInfo {
+            kind: "blockdev".into(),
+            location: self.path.display().to_string(),
+        }
     }
     fn transport(&self) -> &'static str {
         "blockdev"

@@ -26,7 +26,11 @@ impl FileSource {
         })?;
         let size = file.metadata().ctx("stat", path)?.len();
         sys::advise_sequential(&file);
-        Ok(FileSource { file, path: path.to_path_buf(), size })
+        Ok(FileSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
     }
 }
 
@@ -38,10 +42,16 @@ impl BlockSource for FileSource {
         4 << 20
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities { extents: true, concurrent_reads: true }
+        Capabilities {
+            extents: true,
+            concurrent_reads: true,
+        }
     }
     fn info(&self) -> SourceInfo {
-        SourceInfo { kind: "file".into(), location: self.path.display().to_string() }
+        SourceInfo {
+            kind: "file".into(),
+            location: self.path.display().to_string(),
+        }
     }
     fn transport(&self) -> &'static str {
         "file"
@@ -64,10 +74,18 @@ impl BlockSource for FileSource {
                 .min(end);
             if hole <= data {
                 // The file changed under us (truncated); treat the rest as data.
-                out.push(SourceExtent { offset: data, len: end - data, kind: ExtentKind::Data });
+                out.push(SourceExtent {
+                    offset: data,
+                    len: end - data,
+                    kind: ExtentKind::Data,
+                });
                 break;
             }
-            out.push(SourceExtent { offset: data, len: hole - data, kind: ExtentKind::Data });
+            out.push(SourceExtent {
+                offset: data,
+                len: hole - data,
+                kind: ExtentKind::Data,
+            });
             pos = hole;
         }
         Ok(out)

@@ -1,0 +1,3 @@
+//! All integration tests of the core, compiled into one binary.
+mod common;
+mod it;

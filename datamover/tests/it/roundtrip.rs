@@ -1,0 +1,215 @@
+//! Byte-for-byte restores of generated sparse images, dedupe across points,
+//! concurrent backups, cancellation.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datamover::{BackupOptions, ChunkingInfo, ChunkingKind, Compression};
+use proptest::prelude::*;
+
+use super::helpers::{backup, new_repo, restore, small_packs};
+use crate::common::{Fill, allocated, hash_file, make_image};
+
+fn fill_strategy() -> impl Strategy<Value = Fill> {
+    prop_oneof![
+        any::<u64>().prop_map(Fill::Random),
+        Just(Fill::Text),
+        Just(Fill::Zeros)
+    ]
+}
+
+fn opts_strategy() -> impl Strategy<Value = BackupOptions> {
+    (
+        prop_oneof![Just(ChunkingKind::Cdc), Just(ChunkingKind::Fixed)],
+        prop_oneof![Just(256u32 << 10), Just(512 << 10), Just(1 << 20)],
+        prop_oneof![
+            Just(Compression::None),
+            Just(Compression::Fast),
+            Just(Compression::Optimal)
+        ],
+        1usize..4,
+    )
+        .prop_map(|(kind, block_size, compression, threads)| BackupOptions {
+            chunking: ChunkingInfo { kind, block_size },
+            compression,
+            threads,
+            ..small_packs()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+    #[test]
+    fn random_sparse_images_restore_byte_for_byte(
+        size in 1u64..(24 << 20),
+        regions in proptest::collection::vec((0u64..(24 << 20), 1u64..(3 << 20), fill_strategy()), 0..8),
+        opts in opts_strategy(),
+    ) {
+        let dir = tempfile::tempdir()?;
+        let img = dir.path().join("disk.raw");
+        let regions: Vec<_> = regions.into_iter()
+            .filter(|(o, _, _)| *o < size)
+            .map(|(o, l, f)| (o, l.min(size - o), f))
+            .collect();
+        make_image(&img, size, &regions);
+        let repo = new_repo(dir.path());
+        let rep = backup(&repo, &img, "vm/disk", &opts);
+        prop_assert_eq!(rep.stats.bytes_total, size);
+        let out = dir.path().join("out.raw");
+        restore(&repo, "vm/disk", None, &out).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(hash_file(&img), hash_file(&out));
+        // Holes and zeros stay holes: never more allocated than the source.
+        prop_assert!(allocated(&out) <= allocated(&img) + (1 << 20));
+        let v = datamover::verify(&repo, true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(v.is_ok(), "{:?}", v);
+    }
+}
+
+#[test]
+fn second_backup_stores_only_new_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        64 << 20,
+        &[
+            (0, 40 << 20, Fill::Random(1)),
+            (48 << 20, 8 << 20, Fill::Text),
+        ],
+    );
+    let repo = new_repo(dir.path());
+    let opts = small_packs();
+    let first = backup(&repo, &img, "vm/disk", &opts);
+    assert_eq!(first.stats.bytes_read, 48 << 20, "holes must not be read");
+    assert!(first.stats.bytes_new > 40 << 20);
+    let again = backup(&repo, &img, "vm/disk", &opts);
+    assert_eq!(again.stats.bytes_new, 0, "unchanged disk stores nothing");
+    assert_eq!(again.stats.chunks_new, 0);
+    // Change 2 MiB in the middle: only the chunks around it are new.
+    make_image(&img.with_extension("v2"), 0, &[]);
+    std::fs::copy(&img, img.with_extension("v2")).expect("copy");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img.with_extension("v2"))
+        .expect("open");
+    crate::common::write_region(&f, 20 << 20, 2 << 20, Fill::Random(99));
+    let third = backup(&repo, &img.with_extension("v2"), "vm/disk", &opts);
+    assert!(
+        third.stats.bytes_new >= 2 << 20 && third.stats.bytes_new <= 10 << 20,
+        "new {}",
+        third.stats.bytes_new
+    );
+    let out = dir.path().join("out.raw");
+    let (points, _) = repo.list_points(None).expect("points");
+    assert_eq!(points.len(), 3);
+    restore(&repo, "vm/disk", Some(points[0].id.as_str()), &out).expect("restore first");
+    assert_eq!(hash_file(&out), hash_file(&img));
+    restore(&repo, "vm/disk", None, &out).expect("restore newest");
+    assert_eq!(hash_file(&out), hash_file(&img.with_extension("v2")));
+}
+
+#[test]
+fn dedupe_across_disks_and_within_a_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.raw");
+    // b holds a's data twice, at other offsets (aligned to 1 MiB).
+    make_image(&a, 16 << 20, &[(0, 16 << 20, Fill::Random(5))]);
+    make_image(
+        &b,
+        40 << 20,
+        &[
+            (4 << 20, 16 << 20, Fill::Random(5)),
+            (22 << 20, 16 << 20, Fill::Random(5)),
+        ],
+    );
+    let repo = new_repo(dir.path());
+    let opts = BackupOptions {
+        chunking: ChunkingInfo {
+            kind: ChunkingKind::Fixed,
+            block_size: 1 << 20,
+        },
+        ..small_packs()
+    };
+    backup(&repo, &a, "vm1/disk", &opts);
+    let rb = backup(&repo, &b, "vm2/disk", &opts);
+    assert_eq!(rb.stats.bytes_new, 0, "all of b's chunks are a's");
+    let out = dir.path().join("out.raw");
+    restore(&repo, "vm2/disk", None, &out).expect("restore");
+    assert_eq!(hash_file(&out), hash_file(&b));
+}
+
+#[test]
+fn concurrent_backups_to_one_repository() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = new_repo(dir.path());
+    let imgs: Vec<_> = (0..4u64)
+        .map(|i| {
+            let p = dir.path().join(format!("d{i}.raw"));
+            // Half shared, half unique: both backups race to store the shared part.
+            make_image(
+                &p,
+                24 << 20,
+                &[
+                    (0, 8 << 20, Fill::Random(77)),
+                    (8 << 20, 8 << 20, Fill::Random(i)),
+                ],
+            );
+            p
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (i, p) in imgs.iter().enumerate() {
+            let repo = &repo;
+            s.spawn(move || backup(repo, p, &format!("vm{i}/vda"), &small_packs()));
+        }
+    });
+    for (i, p) in imgs.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}.raw"));
+        restore(&repo, &format!("vm{i}/vda"), None, &out).expect("restore");
+        assert_eq!(hash_file(&out), hash_file(p));
+    }
+    let v = datamover::verify(&repo, true).expect("verify");
+    assert!(v.is_ok(), "{v:?}");
+}
+
+#[test]
+fn cancel_from_progress_leaves_no_point_and_chunks_reusable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(&img, 48 << 20, &[(0, 48 << 20, Fill::Random(3))]);
+    let repo = new_repo(dir.path());
+    let calls = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(AtomicU64::new(0));
+    let (c, l) = (calls.clone(), last.clone());
+    let opts = BackupOptions {
+        progress: Some(Arc::new(move |done, total| {
+            assert!(
+                done >= l.swap(done, Ordering::SeqCst),
+                "progress went backwards"
+            );
+            assert_eq!(total, 48 << 20);
+            c.fetch_add(1, Ordering::SeqCst);
+            done < 30 << 20
+        })),
+        ..small_packs()
+    };
+    let s = datamover::open_source(&img).expect("open");
+    let err = datamover::backup(&repo, s.as_ref(), &"vm/disk".parse().expect("name"), &opts)
+        .expect_err("cancelled");
+    assert!(matches!(err, datamover::Error::Cancelled), "{err}");
+    assert!(calls.load(Ordering::SeqCst) > 2);
+    assert_eq!(
+        repo.list_points(None).expect("points").0.len(),
+        0,
+        "no partial point"
+    );
+    let again = backup(&repo, &img, "vm/disk", &small_packs());
+    assert!(
+        again.stats.bytes_new < 40 << 20,
+        "sealed packs reused: new {}",
+        again.stats.bytes_new
+    );
+    let out = dir.path().join("out.raw");
+    restore(&repo, "vm/disk", None, &out).expect("restore");
+    assert_eq!(hash_file(&out), hash_file(&img));
+}
