@@ -254,7 +254,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             match reader.read_frame(*id, loc).and_then(|f| {
                 dec.decode(&f, Some(*id))
                     .map(|_| f)
-                    .map_err(|d| Error::Internal(d))
+                    .map_err(Error::Internal)
             }) {
                 Ok(f) => frames.push((*id, loc.plain_len, f)),
                 Err(e) => {
@@ -287,7 +287,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         .collect();
     let (mut all, old_files) = Index::load_raw(&repo.root().join("index"))?;
     all.retain(|(id, loc)| live.contains(id) && !gone.contains(&loc.pack));
-    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.sort_by_key(|a| a.0);
     all.dedup_by(|a, b| a.0 == b.0);
     let mut packs: Vec<PackId> = all.iter().map(|(_, l)| l.pack).collect();
     packs.sort();

@@ -145,7 +145,7 @@ impl BlockTarget for BlockDeviceTarget {
 }
 
 fn write_zero_bytes(t: &dyn BlockTarget, mut offset: u64, mut len: u64) -> Result<()> {
-    const Z: [u8; 64 << 10] = [0; 64 << 10];
+    static Z: [u8; 64 << 10] = [0; 64 << 10];
     while len > 0 {
         let n = len.min(Z.len() as u64);
         t.write_at(offset, &Z[..n as usize])?;

@@ -44,7 +44,7 @@ pub struct IndexEntry {
 
 /// Serialize an index file. Entries are sorted by id here.
 pub fn encode(packs: &[PackId], entries: &mut [IndexEntry]) -> Vec<u8> {
-    entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    entries.sort_unstable_by_key(|e| e.id);
     let mut out = Vec::with_capacity(HEADER + packs.len() * 16 + entries.len() * ENTRY_LEN + 4);
     out.extend_from_slice(&INDEX_MAGIC);
     out.extend_from_slice(&INDEX_VERSION.to_le_bytes());

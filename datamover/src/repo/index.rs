@@ -32,6 +32,9 @@ pub struct Index {
     files: Vec<PathBuf>,
 }
 
+/// Every (chunk, location) of every index file, and the files read.
+pub type RawIndex = (Vec<(ChunkId, Location)>, Vec<PathBuf>);
+
 /// An index file that could not be read.
 #[derive(Debug)]
 pub struct BadIndexFile {
@@ -91,7 +94,7 @@ impl Index {
                 }),
             }
         }
-        idx.entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        idx.entries.sort_unstable_by_key(|e| e.id);
         Ok((idx, bad))
     }
 
@@ -104,7 +107,7 @@ impl Index {
 
     /// Every entry of every index file, duplicates included, with the files
     /// read; any damaged file is an error (garbage collection needs all).
-    pub fn load_raw(dir: &Path) -> Result<(Vec<(ChunkId, Location)>, Vec<PathBuf>)> {
+    pub fn load_raw(dir: &Path) -> Result<RawIndex> {
         let (idx, mut bad) = Self::load_unmerged(dir)?;
         if let Some(b) = bad.pop() {
             return Err(b.error);

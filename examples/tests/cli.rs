@@ -1,0 +1,414 @@
+//! The `dm` command line as a user meets it: exit codes, one-line errors,
+//! JSON figures, kill -9 in the middle of a backup, a full disk.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
+#[path = "../../datamover/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Fill, can_run, hash_file, make_image};
+
+fn dm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dm"))
+        .args(args)
+        .output()
+        .expect("run dm")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+/// Exit code, and the single stderr line (asserted to be one line).
+fn fails(out: &Output) -> (i32, String) {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one-line error expected: {err}");
+    assert!(err.starts_with("dm: error: "), "{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "dm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(ok(out).trim()).expect("one JSON object")
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    img: PathBuf,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = dir.path().join("repo");
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        32 << 20,
+        &[
+            (0, 12 << 20, Fill::Random(1)),
+            (16 << 20, 4 << 20, Fill::Text),
+        ],
+    );
+    ok(&dm(&["init", s(&repo)]));
+    Env { dir, repo, img }
+}
+
+#[test]
+fn backup_json_points_restore() {
+    let e = env();
+    let v = json(&dm(&[
+        "backup",
+        s(&e.img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm1/vda",
+        "--json",
+    ]));
+    for k in [
+        "bytes_read",
+        "bytes_new",
+        "bytes_stored",
+        "dedupe_ratio",
+        "compression_ratio",
+        "seconds",
+        "mb_per_s",
+        "bottleneck",
+        "point",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    assert_eq!(v["bytes_total"], 32 << 20);
+    assert_eq!(v["bytes_read"], 16 << 20, "holes are not read");
+    assert!(
+        v["compression_ratio"].as_f64().unwrap_or(0.0) > 1.2,
+        "text compresses: {v}"
+    );
+    let v2 = json(&dm(&[
+        "backup",
+        s(&e.img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm1/vda",
+        "--json",
+        "--chunking",
+        "cdc",
+    ]));
+    assert_eq!(v2["bytes_new"], 0);
+    let pts = json(&dm(&["points", "--repo", s(&e.repo), "vm1/vda", "--json"]));
+    assert_eq!(pts.as_array().map(Vec::len), Some(2));
+    assert_eq!(pts[0]["meta"]["transport"], "file");
+    let table = ok(&dm(&["points", "--repo", s(&e.repo)]));
+    assert!(
+        table.contains("vm1/vda") && table.contains("TRANSPORT"),
+        "{table}"
+    );
+    // Restore the first point by id prefix, and the newest without one.
+    let first = pts[0]["point"].as_str().expect("id");
+    let out = e.dir.path().join("out.raw");
+    ok(&dm(&[
+        "restore",
+        &format!("vm1/vda@{}", &first[..22]),
+        s(&out),
+        "--repo",
+        s(&e.repo),
+    ]));
+    assert_eq!(hash_file(&out), hash_file(&e.img));
+    let rj = json(&dm(&[
+        "restore",
+        "vm1/vda",
+        s(&out),
+        "--repo",
+        s(&e.repo),
+        "--force",
+        "--json",
+    ]));
+    assert_eq!(rj["point"], pts[1]["point"]);
+    assert_eq!(hash_file(&out), hash_file(&e.img));
+    assert!(ok(&dm(&["verify", "--repo", s(&e.repo), "--read-data"])).starts_with("ok"));
+    let pr = json(&dm(&[
+        "prune",
+        "--repo",
+        s(&e.repo),
+        "--keep-last",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(pr["points_removed"].as_array().map(Vec::len), Some(1));
+    // Fixed chunking and every block size and compression level are accepted.
+    for (c, b, z) in [
+        ("fixed", "256K", "none"),
+        ("fixed", "4M", "high"),
+        ("cdc", "512K", "fast"),
+    ] {
+        ok(&dm(&[
+            "backup",
+            s(&e.img),
+            "--repo",
+            s(&e.repo),
+            "--name",
+            "vm2/vda",
+            "--chunking",
+            c,
+            "--block-size",
+            b,
+            "--compression",
+            z,
+        ]));
+    }
+}
+
+#[test]
+fn errors_are_one_line_with_exit_codes() {
+    let e = env();
+    let r = s(&e.repo);
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec![
+                "backup",
+                "/nonexistent/disk.raw",
+                "--repo",
+                r,
+                "--name",
+                "vm/d",
+            ],
+            1,
+            "cannot open source",
+        ),
+        (
+            vec![
+                "backup",
+                s(&e.img),
+                "--repo",
+                s(e.dir.path()),
+                "--name",
+                "vm/d",
+            ],
+            1,
+            "not a datamover repository",
+        ),
+        (
+            vec!["backup", s(&e.img), "--repo", r, "--name", "no-slash"],
+            2,
+            "bad name",
+        ),
+        (
+            vec!["backup", s(&e.img), "--repo", r, "--name", "vm/../x"],
+            2,
+            "bad name",
+        ),
+        (
+            vec![
+                "backup",
+                s(&e.img),
+                "--repo",
+                r,
+                "--name",
+                "vm/d",
+                "--compression",
+                "max",
+            ],
+            2,
+            "unknown compression",
+        ),
+        (
+            vec![
+                "backup",
+                s(&e.img),
+                "--repo",
+                r,
+                "--name",
+                "vm/d",
+                "--block-size",
+                "3M",
+            ],
+            2,
+            "block size",
+        ),
+        (
+            vec!["backup", s(e.dir.path()), "--repo", r, "--name", "vm/d"],
+            2,
+            "neither a disk image file nor a block device",
+        ),
+        (
+            vec!["restore", "vm/none", "/tmp/x", "--repo", r],
+            1,
+            "no restore point",
+        ),
+        (vec!["init", s(e.dir.path())], 2, "already exists"),
+        (vec!["prune", "--repo", r], 2, "--keep-last"),
+    ];
+    for (args, code, msg) in cases {
+        let (c, err) = fails(&dm(&args));
+        assert_eq!(c, code, "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+    // Restore target handling.
+    ok(&dm(&["backup", s(&e.img), "--repo", r, "--name", "vm/d"]));
+    let (c, err) = fails(&dm(&["restore", "vm/d", s(&e.img), "--repo", r]));
+    assert!(c == 2 && err.contains("--force"), "{err}");
+    let (c, err) = fails(&dm(&["restore", "vm/d@2000", "/tmp/x", "--repo", r]));
+    assert!(c == 1 && err.contains("no restore point"), "{err}");
+    // Unknown format version.
+    let cfg = e.repo.join("config");
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    std::fs::write(&cfg, text.replace("\"version\": 1", "\"version\": 2")).expect("write");
+    let (c, err) = fails(&dm(&["points", "--repo", r]));
+    assert!(
+        c == 1 && err.contains("format version 2") && err.contains("upgrade"),
+        "{err}"
+    );
+    std::fs::write(&cfg, text).expect("write");
+    // A damaged manifest: restore exits 3, verify exits 3 and names it.
+    let dir = e.repo.join("points/vm/d");
+    let m = std::fs::read_dir(&dir)
+        .expect("ls")
+        .flatten()
+        .next()
+        .expect("a point")
+        .path();
+    let mut b = std::fs::read(&m).expect("read");
+    b[20] ^= 0xff;
+    std::fs::write(&m, b).expect("write");
+    let (c, err) = fails(&dm(&["restore", "vm/d", "/tmp/dm-never", "--repo", r]));
+    assert!(c == 3 && err.contains("corrupt point manifest"), "{err}");
+    let out = dm(&["verify", "--repo", r]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("damaged point vm/d@"));
+}
+
+#[test]
+fn kill_9_during_backup_leaves_no_point_and_next_backup_reuses_chunks() {
+    let e = env();
+    let img = e.dir.path().join("big.raw");
+    make_image(&img, 160 << 20, &[(0, 160 << 20, Fill::Random(4))]);
+    // Extreme compression makes the backup slow enough to kill mid-way.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dm"))
+        .args([
+            "backup",
+            s(&img),
+            "--repo",
+            s(&e.repo),
+            "--name",
+            "vm/big",
+            "--compression",
+            "extreme",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t = Instant::now();
+    let sealed = || {
+        std::fs::read_dir(e.repo.join("index"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            > 0
+    };
+    while !sealed() && t.elapsed() < Duration::from_secs(120) {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "backup finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(sealed(), "no pack sealed within 120 s");
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    let v = ok(&dm(&["verify", "--repo", s(&e.repo), "--read-data"]));
+    assert!(v.starts_with("ok: 0 points"), "{v}");
+    assert!(ok(&dm(&["points", "--repo", s(&e.repo)])).contains("no restore points"));
+    let j = json(&dm(&[
+        "backup",
+        s(&img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm/big",
+        "--json",
+        "--compression",
+        "fast",
+    ]));
+    assert!(
+        j["bytes_new"].as_u64().unwrap_or(u64::MAX) < 160 << 20,
+        "chunks of the killed run are reused: {j}"
+    );
+    let out = e.dir.path().join("out.raw");
+    ok(&dm(&["restore", "vm/big", s(&out), "--repo", s(&e.repo)]));
+    assert_eq!(hash_file(&out), hash_file(&img));
+    let pr = json(&dm(&[
+        "prune",
+        "--repo",
+        s(&e.repo),
+        "--keep-last",
+        "1",
+        "--json",
+    ]));
+    assert!(pr.is_object());
+    assert!(ok(&dm(&["verify", "--repo", s(&e.repo)])).starts_with("ok: 1 points"));
+}
+
+#[test]
+fn full_disk_is_a_clear_error_and_the_repository_stays_intact() {
+    if !can_run("full_disk", &["mount", "umount"]) {
+        return;
+    }
+    let e = env();
+    let mnt = e.dir.path().join("small");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mut c = Command::new("mount");
+    c.args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&mnt);
+    let _m = common::Mount::new(c, &mnt);
+    let repo = mnt.join("repo");
+    ok(&dm(&["init", s(&repo)]));
+    ok(&dm(&[
+        "backup",
+        s(&e.img),
+        "--repo",
+        s(&repo),
+        "--name",
+        "vm/small",
+        "--compression",
+        "none",
+    ]));
+    let img = e.dir.path().join("big.raw");
+    make_image(&img, 64 << 20, &[(0, 64 << 20, Fill::Random(5))]);
+    let (c, err) = fails(&dm(&[
+        "backup",
+        s(&img),
+        "--repo",
+        s(&repo),
+        "--name",
+        "vm/big",
+        "--compression",
+        "none",
+    ]));
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    let v = ok(&dm(&["verify", "--repo", s(&repo), "--read-data"]));
+    assert!(v.starts_with("ok: 1 points"), "{v}");
+    assert_eq!(
+        std::fs::read_dir(repo.join("tmp")).expect("ls").count(),
+        0,
+        "temp files removed"
+    );
+    let out = e.dir.path().join("out.raw");
+    ok(&dm(&["restore", "vm/small", s(&out), "--repo", s(&repo)]));
+    assert_eq!(hash_file(&out), hash_file(&e.img));
+}
