@@ -73,7 +73,7 @@ impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             chunking: ChunkingInfo {
-                kind: ChunkingKind::Cdc,
+                kind: ChunkingKind::Fixed,
                 block_size: DEFAULT_BLOCK_SIZE,
             },
             compression: Compression::default(),

@@ -11,8 +11,8 @@
 //!                                     │ holes and zero blocks become zero runs          └► manifest
 //! ```
 //!
-//! * **Chunks** are content-defined (FastCDC, ~1 MiB average; the default)
-//!   or fixed-size blocks aligned to disk offsets. A chunk's id is the
+//! * **Chunks** are fixed-size blocks aligned to disk offsets (1 MiB, the
+//!   default: measured best for disk images) or content-defined (FastCDC). A chunk's id is the
 //!   BLAKE3-256 of its plain bytes; identical chunks are stored once per
 //!   repository.
 //! * **Frames** wrap each stored chunk with a versioned header and a CRC32;
@@ -36,6 +36,7 @@
 //! [`restore::restore`], [`verify::verify`], [`prune::prune`].
 
 pub mod backup;
+pub mod buffer;
 pub mod chunker;
 pub mod compression;
 pub mod error;

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
+use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::format::frame::FrameDecoder;
 use crate::format::manifest::Extent;
@@ -96,6 +97,11 @@ fn run(
     let busy_read = AtomicU64::new(0);
     let busy_write = AtomicU64::new(0);
     let (tx, rx) = bounded::<(u64, ChunkId, u32)>(threads * 4);
+    // Decoded chunks go to one writer: parallel buffered writes into one
+    // file only contend on the inode lock.
+    let (wtx, wrx) = bounded::<(u64, AlignedBuf)>(threads * 2);
+    // Aligned buffers (direct I/O) circulate between workers and the writer.
+    let (pool_tx, pool_rx) = bounded::<AlignedBuf>(threads * 4 + 2);
     let mut stats = RunStats {
         bytes_total: size,
         threads,
@@ -105,9 +111,9 @@ fn run(
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
-                let rx = rx.clone();
-                let (index, reader, stop, done, at) = (&index, &reader, &stop, &done, &at);
-                let (busy_read, busy_write) = (&busy_read, &busy_write);
+                let (rx, wtx, pool_rx) = (rx.clone(), wtx.clone(), pool_rx.clone());
+                let (index, reader, stop, at, busy_read) =
+                    (&index, &reader, &stop, &at, &busy_read);
                 s.spawn(move || -> Result<()> {
                     let mut dec =
                         FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
@@ -115,14 +121,26 @@ fn run(
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
+                        let t = Instant::now();
                         let r = (|| {
-                            let t = Instant::now();
                             let loc = index.get(&id).ok_or(Error::ChunkMissing {
                                 chunk: id,
                                 at: Some(at(off)),
                             })?;
-                            let data =
-                                reader.read_chunk(&mut dec, id, &loc).map_err(|e| match e {
+                            if loc.plain_len != len {
+                                return Err(Error::corrupt(
+                                    "point manifest",
+                                    repo.point_path(disk, point),
+                                    format!(
+                                        "chunk at offset {off} has length {len}, the index says {}",
+                                        loc.plain_len
+                                    ),
+                                ));
+                            }
+                            let mut buf = pool_rx.try_recv().unwrap_or_default();
+                            let n = reader
+                                .read_chunk_into(&mut dec, id, &loc, buf.prepare(len as usize))
+                                .map_err(|e| match e {
                                     Error::ChunkDamaged {
                                         chunk,
                                         pack,
@@ -138,33 +156,41 @@ fn run(
                                     },
                                     e => e,
                                 })?;
-                            if data.len() != len as usize {
-                                return Err(Error::corrupt(
-                                    "point manifest",
-                                    repo.point_path(disk, point),
-                                    format!(
-                                        "chunk at offset {off} has length {} not {len}",
-                                        data.len()
-                                    ),
-                                ));
-                            }
-                            let t1 = Instant::now();
-                            busy_read.fetch_add((t1 - t).as_nanos() as u64, Ordering::Relaxed);
-                            target.write_at(off, &data)?;
-                            busy_write.fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                            done.fetch_add(u64::from(len), Ordering::Relaxed);
-                            Ok(())
+                            buf.set_len(n);
+                            Ok(buf)
                         })();
-                        if r.is_err() {
-                            stop.store(true, Ordering::Relaxed);
-                            return r;
+                        busy_read.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        match r {
+                            Ok(data) => {
+                                if wtx.send((off, data)).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
                         }
                     }
                     Ok(())
                 })
             })
             .collect();
-        drop(rx);
+        drop((rx, wtx, pool_rx));
+        let (stop_w, done_w, busy_w) = (&stop, &done, &busy_write);
+        let writer = s.spawn(move || -> Result<()> {
+            for (off, buf) in wrx {
+                let t = Instant::now();
+                if let Err(e) = target.write_at(off, buf.as_slice()) {
+                    stop_w.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                busy_w.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                done_w.fetch_add(buf.as_slice().len() as u64, Ordering::Relaxed);
+                let _ = pool_tx.try_send(buf);
+            }
+            Ok(())
+        });
         let feed = (|| -> Result<()> {
             let mut off = 0u64;
             let mut zero_done = 0u64;
@@ -205,6 +231,11 @@ fn run(
                     .unwrap_or_else(|_| Err(Error::Internal("restore worker panicked".into())))
             })
             .collect();
+        rs.push(
+            writer
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("restore writer panicked".into()))),
+        );
         rs.insert(0, feed);
         rs
     });

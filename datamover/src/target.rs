@@ -5,11 +5,70 @@
 //! zero extents are holes in a new file and explicitly zeroed on a device.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::buffer::DIRECT_ALIGN;
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
+
+/// Writes through O_DIRECT when offset, length and buffer are aligned (no
+/// page-cache copy, no writeback at fsync time), buffered otherwise. Falls
+/// back to buffered for good if the filesystem refuses direct I/O.
+#[derive(Debug)]
+struct DirectFile {
+    buffered: File,
+    direct: Option<File>,
+    direct_ok: AtomicBool,
+    path: PathBuf,
+}
+
+impl DirectFile {
+    fn new(buffered: File, path: &Path) -> Self {
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        let ok = direct.is_some();
+        DirectFile {
+            buffered,
+            direct,
+            direct_ok: AtomicBool::new(ok),
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let aligned = offset % DIRECT_ALIGN as u64 == 0
+            && data.len() % DIRECT_ALIGN == 0
+            && (data.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        if let (true, Some(d)) = (
+            aligned && self.direct_ok.load(Ordering::Relaxed),
+            &self.direct,
+        ) {
+            match d.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(
+                        "direct I/O refused on {}; writing buffered",
+                        self.path.display()
+                    );
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(Error::io("write", &self.path, e)),
+            }
+        }
+        self.buffered
+            .write_all_at(data, offset)
+            .ctx("write", &self.path)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.buffered.sync_all().ctx("sync", &self.path)
+    }
+}
 
 /// A disk to restore into. Writes may come from several threads at once.
 pub trait BlockTarget: Send + Sync {
@@ -29,8 +88,7 @@ pub trait BlockTarget: Send + Sync {
 /// A new sparse image file: zero runs stay holes.
 #[derive(Debug)]
 pub struct FileTarget {
-    file: File,
-    path: PathBuf,
+    file: DirectFile,
     size: u64,
 }
 
@@ -56,8 +114,7 @@ impl FileTarget {
         })?;
         file.set_len(size).ctx("size restore target", path)?;
         Ok(FileTarget {
-            file,
-            path: path.to_path_buf(),
+            file: DirectFile::new(file, path),
             size,
         })
     }
@@ -68,22 +125,20 @@ impl BlockTarget for FileTarget {
         self.size
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .ctx("write", &self.path)
+        self.file.write_at(offset, data)
     }
     fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
         // The file was created empty: every byte not written is a hole.
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        self.file.sync_all().ctx("sync", &self.path)
+        self.file.sync()
     }
     fn discard(&self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
+        if let Err(e) = std::fs::remove_file(&self.file.path) {
             tracing::warn!(
                 "could not remove incomplete restore target {}: {e}",
-                self.path.display()
+                self.file.path.display()
             );
         }
     }
@@ -92,8 +147,7 @@ impl BlockTarget for FileTarget {
 /// A block device; zero runs are written with BLKZEROOUT.
 #[derive(Debug)]
 pub struct BlockDeviceTarget {
-    file: File,
-    path: PathBuf,
+    file: DirectFile,
     size: u64,
 }
 
@@ -113,8 +167,7 @@ impl BlockDeviceTarget {
             });
         }
         Ok(BlockDeviceTarget {
-            file,
-            path: path.to_path_buf(),
+            file: DirectFile::new(file, path),
             size,
         })
     }
@@ -125,22 +178,20 @@ impl BlockTarget for BlockDeviceTarget {
         self.size
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .ctx("write", &self.path)
+        self.file.write_at(offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         // BLKZEROOUT needs 512-byte alignment; write the unaligned edges.
         let a = offset.next_multiple_of(512);
         let b = (offset + len) / 512 * 512;
-        if b > a && sys::block_zero_out(&self.file, a, b - a).is_ok() {
+        if b > a && sys::block_zero_out(&self.file.buffered, a, b - a).is_ok() {
             write_zero_bytes(self, offset, a - offset)?;
             return write_zero_bytes(self, b, offset + len - b);
         }
         write_zero_bytes(self, offset, len)
     }
     fn flush(&self) -> Result<()> {
-        self.file.sync_all().ctx("sync", &self.path)
+        self.file.sync()
     }
 }
 

@@ -46,8 +46,8 @@ enum Cmd {
         /// Name of the disk: <vm>/<disk>.
         #[arg(long)]
         name: String,
-        /// Chunking: cdc (content-defined, default) or fixed.
-        #[arg(long, default_value = "cdc", value_parser = ["cdc", "fixed"])]
+        /// Chunking: fixed (default: blocks aligned to disk offsets) or cdc (content-defined).
+        #[arg(long, default_value = "fixed", value_parser = ["fixed", "cdc"])]
         chunking: String,
         /// Chunk size: 256K, 512K, 1M (default) or 4M.
         #[arg(long, default_value = "1M")]
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 println!("{v}");
             } else {
                 println!(
-                    "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {:.2}x, compression {:.2}x; bottleneck: {}",
+                    "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {}, compression {:.2}x; bottleneck: {}",
                     rep.disk,
                     rep.point,
                     human(s.bytes_total),
@@ -226,7 +226,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     human(s.bytes_read),
                     human(s.bytes_new),
                     human(s.bytes_stored),
-                    s.dedupe_ratio(),
+                    if s.bytes_new == 0 {
+                        "all known".to_string()
+                    } else {
+                        format!("{:.2}x", s.dedupe_ratio())
+                    },
                     s.compression_ratio(),
                     s.bottleneck()
                 );
@@ -297,12 +301,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 println!("no restore points");
             } else {
                 println!(
-                    "{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} SOURCE",
-                    "DISK", "POINT", "STARTED", "SIZE", "NEW", "TRANSPORT"
+                    "{:<20} {:<28} {:<19} {:>10} {:>10} {:<9} SOURCE",
+                    "DISK", "POINT", "STARTED", "SIZE", "STORED", "TRANSPORT"
                 );
                 for p in &points {
                     println!(
-                        "{:<24} {:<24} {:<20} {:>10} {:>10} {:<9} {}",
+                        "{:<20} {:<28} {:<19} {:>10} {:>10} {:<9} {}",
                         p.disk.to_string(),
                         p.id.to_string(),
                         p.meta

@@ -108,9 +108,9 @@ fn backup_json_points_restore() {
         "vm1/vda",
         "--json",
         "--chunking",
-        "cdc",
+        "fixed",
     ]));
-    assert_eq!(v2["bytes_new"], 0);
+    assert_eq!(v2["bytes_new"], 0, "same settings as the default: nothing new");
     let pts = json(&dm(&["points", "--repo", s(&e.repo), "vm1/vda", "--json"]));
     assert_eq!(pts.as_array().map(Vec::len), Some(2));
     assert_eq!(pts[0]["meta"]["transport"], "file");

@@ -217,6 +217,20 @@ impl FrameDecoder {
     /// for a [`crate::Error::ChunkDamaged`].
     pub fn decode(&mut self, frame: &[u8], expect: Option<ChunkId>) -> Result<Vec<u8>, String> {
         let h = FrameHeader::parse(frame)?;
+        let mut out = vec![0u8; h.plain_len as usize];
+        self.decode_into(frame, expect, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`FrameDecoder::decode`], into `out` (at least the header's
+    /// plain length); returns the number of bytes written.
+    pub fn decode_into(
+        &mut self,
+        frame: &[u8],
+        expect: Option<ChunkId>,
+        out: &mut [u8],
+    ) -> Result<usize, String> {
+        let h = FrameHeader::parse(frame)?;
         let end = FRAME_HEADER_LEN + h.stored_len as usize;
         if frame.len() < end {
             return Err(format!("frame truncated ({} of {end} bytes)", frame.len()));
@@ -230,26 +244,26 @@ impl FrameDecoder {
                 return Err(format!("frame holds chunk {} instead", h.id.short()));
             }
         }
-        let plain = match h.codec {
-            Codec::Raw => payload.to_vec(),
-            Codec::Zstd => {
-                let mut out = Vec::with_capacity(h.plain_len as usize);
-                self.zstd
-                    .decompress_to_buffer(payload, &mut out)
-                    .map_err(|e| format!("zstd payload does not decompress: {e}"))?;
-                out
+        let plain_len = h.plain_len as usize;
+        let out = out
+            .get_mut(..plain_len)
+            .ok_or_else(|| format!("output buffer smaller than the chunk ({plain_len} bytes)"))?;
+        let n = match h.codec {
+            Codec::Raw => {
+                out.copy_from_slice(payload);
+                plain_len
             }
+            Codec::Zstd => self
+                .zstd
+                .decompress_to_buffer(payload, out)
+                .map_err(|e| format!("zstd payload does not decompress: {e}"))?,
         };
-        if plain.len() != h.plain_len as usize {
-            return Err(format!(
-                "decoded {} bytes, header says {}",
-                plain.len(),
-                h.plain_len
-            ));
+        if n != plain_len {
+            return Err(format!("decoded {n} bytes, header says {plain_len}"));
         }
-        if ChunkId::of(&plain) != h.id {
+        if ChunkId::of(out) != h.id {
             return Err("BLAKE3 mismatch (content differs from its id)".into());
         }
-        Ok(plain)
+        Ok(n)
     }
 }

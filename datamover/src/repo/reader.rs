@@ -76,8 +76,23 @@ impl<'r> PackReader<'r> {
         id: ChunkId,
         loc: &Location,
     ) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; loc.plain_len.min(MAX_CHUNK_LEN) as usize];
+        let n = self.read_chunk_into(dec, id, loc, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Like [`PackReader::read_chunk`], into `out` (at least `loc.plain_len`
+    /// bytes); returns the chunk's length.
+    pub fn read_chunk_into(
+        &self,
+        dec: &mut FrameDecoder,
+        id: ChunkId,
+        loc: &Location,
+        out: &mut [u8],
+    ) -> Result<usize> {
         let frame = self.read_frame(id, loc)?;
-        dec.decode(&frame, Some(id))
+        dec.decode_into(&frame, Some(id), out)
             .map_err(|detail| Error::ChunkDamaged {
                 chunk: id,
                 pack: loc.pack,

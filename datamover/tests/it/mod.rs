@@ -1,4 +1,5 @@
 mod corruption;
+mod fuzz;
 mod golden;
 mod helpers;
 mod local_devices;

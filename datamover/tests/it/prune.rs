@@ -176,3 +176,56 @@ fn prune_waits_for_a_running_backup() {
     }
     assert!(datamover::verify(&repo, true).expect("verify").is_ok());
 }
+
+#[test]
+fn half_dead_pack_is_repacked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = new_repo(dir.path());
+    let img = dir.path().join("d.raw");
+    // One pack per backup: v1 = [A | B], v2 = [A | C]. Forgetting v1 leaves
+    // its pack half dead (B), so it is rewritten with A only.
+    let opts = datamover::BackupOptions {
+        chunking: datamover::ChunkingInfo {
+            kind: datamover::ChunkingKind::Fixed,
+            block_size: 1 << 20,
+        },
+        compression: datamover::Compression::None,
+        pack_target: 64 << 20,
+        ..Default::default()
+    };
+    make_image(
+        &img,
+        16 << 20,
+        &[
+            (0, 8 << 20, Fill::Random(1)),
+            (8 << 20, 8 << 20, Fill::Random(2)),
+        ],
+    );
+    backup(&repo, &img, "vm/disk", &opts);
+    make_image(
+        &img,
+        16 << 20,
+        &[
+            (0, 8 << 20, Fill::Random(1)),
+            (8 << 20, 8 << 20, Fill::Random(3)),
+        ],
+    );
+    backup(&repo, &img, "vm/disk", &opts);
+    let before = repo_bytes(repo.root());
+    let rep = datamover::prune(&repo, &keep_last(1)).expect("prune");
+    assert_eq!(
+        (rep.packs_repacked, rep.packs_deleted, rep.chunks_removed),
+        (1, 0, 8),
+        "{rep:?}"
+    );
+    let after = repo_bytes(repo.root());
+    assert!(
+        before - after >= 8 << 20,
+        "B's 8 MiB freed: {before} -> {after}"
+    );
+    let out = dir.path().join("out.raw");
+    restore(&repo, "vm/disk", None, &out).expect("restore");
+    assert_eq!(hash_file(&out), hash_file(&img));
+    let v = datamover::verify(&repo, true).expect("verify");
+    assert!(v.is_ok() && v.packs == 2 && v.chunks == 16, "{v:?}");
+}

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Side-by-side comparison of dm with restic and borg (Debian's packages) on a
+# realistic VM disk image. Not part of the test run. Needs root (loop mount).
+#
+#   bash benches/compare.sh [WORKDIR]        (default /var/tmp/dm-compare)
+#
+# Builds a 4 GiB raw image holding an ext4 filesystem with an OS tree (/usr),
+# incompressible files, duplicated files, a text log and a file of zeros;
+# then a second version with about 5 % of the disk changed. For each tool:
+# back up v1, back up v2, restore v2 to a file, cmp it with v2. Prints a table
+# of wall seconds, MB/s of logical size, CPU seconds, peak RSS, repository
+# size, and dm's speed-up over each peer. Page cache is warm (images are read
+# once before each run) so that tools are compared on their own work; set
+# COLD=1 to drop caches before every timed step instead.
+#
+# Settings, all tools at their defaults except: restic needs a password
+# (it always encrypts; dm and borg here do not), borg uses -e none.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-/var/tmp/dm-compare}
+size=${SIZE:-4G}
+need() { command -v "$1" >/dev/null || { echo "missing $1: apt-get install $2" >&2; exit 1; }; }
+need restic restic; need borg borgbackup; need mkfs.ext4 e2fsprogs; need /usr/bin/time time
+[ "$(id -u)" = 0 ] || { echo "run as root (loop mounts)" >&2; exit 1; }
+
+cargo build --release --quiet -p datamover-cli --manifest-path "$here/Cargo.toml"
+dm=$here/target/release/dm
+mkdir -p "$work"; cd "$work"
+mnt=$work/mnt; mkdir -p "$mnt"
+
+cleanup() { mountpoint -q "$mnt" && umount "$mnt"; [ -n "${lo:-}" ] && losetup -d "$lo" 2>/dev/null; true; }
+trap cleanup EXIT
+
+fill_random() { head -c "$2" /dev/urandom > "$1"; }
+fill_log() {
+  python3 - "$1" "$2" <<'PY'
+import random, sys
+path, n = sys.argv[1], int(sys.argv[2])
+r = random.Random(int(n))
+hosts = ["web01", "web02", "db01", "cache03"]; svc = ["nginx", "sshd", "kernel", "postgres", "cron"]
+paths = ["/index.html", "/api/v1/items", "/login", "/static/app.js", "/health"]
+with open(path, "a") as f:
+    w = 0
+    while w < n:
+        line = "Nov 25 %02d:%02d:%02d %s %s[%d]: %s %s %d %dms user=%d\n" % (
+            r.randrange(24), r.randrange(60), r.randrange(60), r.choice(hosts), r.choice(svc),
+            r.randrange(1, 65535), r.choice(["GET", "POST", "PUT"]), r.choice(paths),
+            r.choice([200, 200, 200, 304, 404, 500]), r.randrange(1, 900), r.randrange(10000))
+        f.write(line); w += len(line)
+PY
+}
+
+if [ ! -f v2.raw ]; then
+  echo "== building v1.raw ($size, ext4)"
+  rm -f v1.raw; truncate -s "$size" v1.raw
+  mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 v1.raw
+  lo=$(losetup -f --show v1.raw); mount "$lo" "$mnt"
+  mkdir -p "$mnt/usr" "$mnt/data" "$mnt/var/log"
+  cp -a /usr/share /usr/bin /usr/include /usr/libexec "$mnt/usr/" 2>/dev/null || true
+  fill_random "$mnt/data/random1.bin" 300M
+  fill_random "$mnt/data/random2.bin" 300M
+  fill_random "$mnt/data/dup.bin" 200M
+  cp "$mnt/data/dup.bin" "$mnt/data/dup-copy1.bin"; cp "$mnt/data/dup.bin" "$mnt/data/dup-copy2.bin"
+  fill_log "$mnt/var/log/syslog" $((300 << 20))
+  head -c 300M /dev/zero > "$mnt/data/zeros.bin"
+  sync; umount "$mnt"; losetup -d "$lo"; lo=
+  echo "== building v2.raw (~5 % changed)"
+  cp --sparse=always v1.raw v2.raw
+  lo=$(losetup -f --show v2.raw); mount "$lo" "$mnt"
+  head -c 100M /dev/urandom | dd of="$mnt/data/random1.bin" bs=1M seek=100 conv=notrunc iflag=fullblock status=none
+  fill_log "$mnt/var/log/syslog" $((50 << 20))
+  fill_random "$mnt/data/new.bin" 50M
+  sync; umount "$mnt"; losetup -d "$lo"; lo=
+fi
+logical=$(stat -c %s v1.raw)
+echo "v1: $(du -h v1.raw | cut -f1) allocated of $((logical >> 20)) MiB"
+
+warm() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; else cat "$@" > /dev/null; fi; }
+results=$work/results.tsv; : > "$results"
+# run TOOL PHASE REPO CMD...: time CMD, record secs, cpu, rss, repo size.
+run() {
+  local tool=$1 phase=$2 repo=$3; shift 3
+  /usr/bin/time -f "%e %U %S %M" -o time.out "$@" > "$tool-$phase.log" 2>&1 || { echo "$tool $phase failed:"; tail -5 "$tool-$phase.log"; exit 1; }
+  read -r secs user sys rss < <(tail -1 time.out)
+  printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$tool" "$phase" "$secs" "$(echo "$user + $sys" | bc)" "$((rss / 1024))" "$(du -sb "$repo" | cut -f1)" >> "$results"
+}
+
+mkdir -p cur
+rm -rf dm-repo dmf-repo restic-repo borg-repo restore-*
+export RESTIC_PASSWORD=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+
+echo "== dm"
+$dm init dm-repo > /dev/null
+warm v1.raw; run dm backup-v1 dm-repo $dm backup v1.raw --repo dm-repo --name vm/disk
+warm v2.raw; run dm backup-v2 dm-repo $dm backup v2.raw --repo dm-repo --name vm/disk
+run dm restore-v2 dm-repo $dm restore vm/disk restore-dm.raw --repo dm-repo
+cmp v2.raw restore-dm.raw && echo "dm restore == v2"
+
+echo "== dm --chunking cdc (for the choice of the default chunker)"
+$dm init dmf-repo > /dev/null
+warm v1.raw; run dm-cdc backup-v1 dmf-repo $dm backup v1.raw --repo dmf-repo --name vm/disk --chunking cdc
+warm v2.raw; run dm-cdc backup-v2 dmf-repo $dm backup v2.raw --repo dmf-repo --name vm/disk --chunking cdc
+run dm-cdc restore-v2 dmf-repo $dm restore vm/disk restore-dmf.raw --repo dmf-repo
+cmp v2.raw restore-dmf.raw && echo "dm-cdc restore == v2"
+rm -f restore-dmf.raw
+
+echo "== restic $(restic version | cut -d' ' -f2)"
+restic init -q --repo restic-repo
+ln -f v1.raw cur/disk.raw; warm cur/disk.raw; run restic backup-v1 restic-repo restic -q --repo restic-repo backup cur/disk.raw
+ln -f v2.raw cur/disk.raw; warm cur/disk.raw; run restic backup-v2 restic-repo restic -q --repo restic-repo backup cur/disk.raw
+run restic restore-v2 restic-repo restic -q --repo restic-repo restore latest --target restore-restic
+cmp v2.raw restore-restic/cur/disk.raw && echo "restic restore == v2"
+
+echo "== borg $(borg --version | cut -d' ' -f2)"
+borg init -e none borg-repo
+ln -f v1.raw cur/disk.raw; warm cur/disk.raw; run borg backup-v1 borg-repo borg create borg-repo::v1 cur/disk.raw
+ln -f v2.raw cur/disk.raw; warm cur/disk.raw; run borg backup-v2 borg-repo borg create borg-repo::v2 cur/disk.raw
+mkdir -p restore-borg
+run borg restore-v2 borg-repo sh -c "cd restore-borg && borg extract --sparse ../borg-repo::v2"
+cmp v2.raw restore-borg/cur/disk.raw && echo "borg restore == v2"
+
+echo
+echo "logical size $((logical >> 20)) MiB; MB/s = logical bytes / wall seconds / 10^6"
+awk -F'\t' -v L="$logical" '
+  { k=$1" "$2; secs[k]=$3; cpu[k]=$4; rss[k]=$5; repo[k]=$6; tools[$1]=1; phases[$2]=1 }
+  END {
+    printf "| %-8s | %-10s | %8s | %8s | %8s | %9s | %10s | %9s | %9s |\n", "tool", "phase", "seconds", "MB/s", "CPU s", "peak RSS", "repo MiB", "dm / restic", "dm / borg"
+    printf "|----------|------------|----------|----------|----------|-----------|------------|-----------|-----------|\n"
+    n = split("dm dm-cdc restic borg", T, " "); m = split("backup-v1 backup-v2 restore-v2", P, " ")
+    for (i = 1; i <= n; i++) for (j = 1; j <= m; j++) {
+      k = T[i]" "P[j]; if (!(k in secs)) continue
+      r1 = (T[i] ~ /^dm/) ? sprintf("%.2fx", secs["restic "P[j]] / secs[k]) : ""
+      r2 = (T[i] ~ /^dm/) ? sprintf("%.2fx", secs["borg "P[j]] / secs[k]) : ""
+      printf "| %-8s | %-10s | %8.2f | %8.0f | %8.2f | %6d MiB | %10.0f | %9s | %9s |\n", T[i], P[j], secs[k], L / secs[k] / 1e6, cpu[k], rss[k], repo[k] / 1048576, r1, r2
+    }
+  }' "$results"
+echo "(repo MiB: repository size after that step; dm / peer: the peer's seconds over dm's, >1 means dm is faster.)"
