@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
-use crate::buffer::AlignedBuf;
+use crate::buffer::{AlignedBuf, DIRECT_ALIGN};
 use crate::error::{Error, Result};
 use crate::format::frame::FrameDecoder;
 use crate::format::manifest::Extent;
@@ -139,7 +139,15 @@ fn run(
                             }
                             let mut buf = pool_rx.try_recv().unwrap_or_default();
                             let n = reader
-                                .read_chunk_into(&mut dec, id, &loc, buf.prepare(len as usize))
+                                .read_chunk_into(
+                                    &mut dec,
+                                    id,
+                                    &loc,
+                                    buf.prepare_phased(
+                                        len as usize,
+                                        (off % DIRECT_ALIGN as u64) as usize,
+                                    ),
+                                )
                                 .map_err(|e| match e {
                                     Error::ChunkDamaged {
                                         chunk,

@@ -72,6 +72,48 @@ pub trait BlockSource: Send + Sync {
     }
 }
 
+/// An open local file or device: what both local sources share.
+#[derive(Debug)]
+pub(crate) struct LocalFile {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    size: u64,
+}
+
+impl LocalFile {
+    /// Open `path` read-only; `size_of` tells its size.
+    fn open(
+        path: &Path,
+        size_of: impl FnOnce(&std::fs::File) -> std::io::Result<u64>,
+    ) -> Result<Self> {
+        use crate::error::IoContext;
+        let file = std::fs::File::open(path).map_err(|source| Error::SourceUnavailable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let size = size_of(&file).ctx("get the size of", path)?;
+        crate::sys::advise_sequential(&file);
+        Ok(LocalFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use crate::error::IoContext;
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset).ctx("read", &self.path)
+    }
+
+    fn info(&self, kind: &str) -> SourceInfo {
+        SourceInfo {
+            kind: kind.into(),
+            location: self.path.display().to_string(),
+        }
+    }
+}
+
 /// Open a local path as a source: a block device or a regular (raw) image
 /// file. Anything else is a clear error.
 pub fn open_local(path: &Path) -> Result<Box<dyn BlockSource>> {

@@ -40,16 +40,23 @@ impl DirectFile {
         }
     }
 
+    /// Write `data` at `offset`: the page-aligned middle (when the buffer's
+    /// memory alignment agrees with the disk offset) with O_DIRECT, the
+    /// unaligned head and tail through the page cache.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let aligned = offset % DIRECT_ALIGN as u64 == 0
-            && data.len() % DIRECT_ALIGN == 0
-            && (data.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        let a = DIRECT_ALIGN as u64;
+        let head = (((a - offset % a) % a) as usize).min(data.len());
+        let body = (data.len() - head) / DIRECT_ALIGN * DIRECT_ALIGN;
+        let mem_ok = (data.as_ptr() as usize + head) % DIRECT_ALIGN == 0;
         if let (true, Some(d)) = (
-            aligned && self.direct_ok.load(Ordering::Relaxed),
+            body > 0 && mem_ok && self.direct_ok.load(Ordering::Relaxed),
             &self.direct,
         ) {
-            match d.write_all_at(data, offset) {
-                Ok(()) => return Ok(()),
+            match d.write_all_at(&data[head..head + body], offset + head as u64) {
+                Ok(()) => {
+                    self.buffered_at(offset, &data[..head])?;
+                    return self.buffered_at(offset + (head + body) as u64, &data[head + body..]);
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!(
                         "direct I/O refused on {}; writing buffered",
@@ -59,6 +66,13 @@ impl DirectFile {
                 }
                 Err(e) => return Err(Error::io("write", &self.path, e)),
             }
+        }
+        self.buffered_at(offset, data)
+    }
+
+    fn buffered_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
         }
         self.buffered
             .write_all_at(data, offset)

@@ -110,7 +110,10 @@ fn backup_json_points_restore() {
         "--chunking",
         "fixed",
     ]));
-    assert_eq!(v2["bytes_new"], 0, "same settings as the default: nothing new");
+    assert_eq!(
+        v2["bytes_new"], 0,
+        "same settings as the default: nothing new"
+    );
     let pts = json(&dm(&["points", "--repo", s(&e.repo), "vm1/vda", "--json"]));
     assert_eq!(pts.as_array().map(Vec::len), Some(2));
     assert_eq!(pts[0]["meta"]["transport"], "file");

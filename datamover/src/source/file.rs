@@ -1,42 +1,26 @@
 //! A raw disk image in a regular file; holes found with SEEK_DATA/SEEK_HOLE.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{BlockSource, Capabilities, ExtentKind, SourceExtent};
-use crate::error::{Error, IoContext, Result};
+use super::{BlockSource, Capabilities, ExtentKind, LocalFile, SourceExtent};
+use crate::error::{IoContext, Result};
 use crate::format::manifest::SourceInfo;
 use crate::sys;
 
 /// A raw image file.
 #[derive(Debug)]
-pub struct FileSource {
-    file: File,
-    path: PathBuf,
-    size: u64,
-}
+pub struct FileSource(LocalFile);
 
 impl FileSource {
     /// Open `path` read-only.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| Error::SourceUnavailable {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let size = file.metadata().ctx("stat", path)?.len();
-        sys::advise_sequential(&file);
-        Ok(FileSource {
-            file,
-            path: path.to_path_buf(),
-            size,
-        })
+        LocalFile::open(path, |f| f.metadata().map(|m| m.len())).map(FileSource)
     }
 }
 
 impl BlockSource for FileSource {
     fn size(&self) -> u64 {
-        self.size
+        self.0.size
     }
     fn preferred_io_size(&self) -> usize {
         4 << 20
@@ -48,28 +32,26 @@ impl BlockSource for FileSource {
         }
     }
     fn info(&self) -> SourceInfo {
-        SourceInfo {
-            kind: "file".into(),
-            location: self.path.display().to_string(),
-        }
+        self.0.info("file")
     }
     fn transport(&self) -> &'static str {
         "file"
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, offset).ctx("read", &self.path)
+        self.0.read_at(offset, buf)
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        let end = offset.saturating_add(len).min(self.size);
+        let (file, path) = (&self.0.file, &self.0.path);
+        let end = offset.saturating_add(len).min(self.0.size);
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let data = match sys::seek_data(&self.file, pos).ctx("seek data in", &self.path)? {
+            let data = match sys::seek_data(file, pos).ctx("seek data in", path)? {
                 Some(d) if d < end => d,
                 _ => break,
             };
-            let hole = sys::seek_hole(&self.file, data)
-                .ctx("seek hole in", &self.path)?
+            let hole = sys::seek_hole(file, data)
+                .ctx("seek hole in", path)?
                 .unwrap_or(end)
                 .min(end);
             if hole <= data {

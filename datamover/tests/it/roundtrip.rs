@@ -213,3 +213,36 @@ fn cancel_from_progress_leaves_no_point_and_chunks_reusable() {
     restore(&repo, "vm/disk", None, &out).expect("restore");
     assert_eq!(hash_file(&out), hash_file(&img));
 }
+
+#[test]
+fn restore_where_direct_io_is_refused_falls_back_to_buffered() {
+    // tmpfs refuses O_DIRECT; the restore must still be exact.
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        assert!(!crate::common::in_ci(), "/dev/shm missing in CI");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        20 << 20,
+        &[
+            (12_345, 9 << 20, Fill::Random(4)),
+            (11 << 20, 3 << 20, Fill::Text),
+        ],
+    );
+    let repo = new_repo(dir.path());
+    let opts = BackupOptions {
+        chunking: ChunkingInfo {
+            kind: ChunkingKind::Cdc,
+            block_size: 256 << 10,
+        },
+        ..small_packs()
+    };
+    backup(&repo, &img, "vm/disk", &opts);
+    let out_dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
+    let out = out_dir.path().join("out.raw");
+    restore(&repo, "vm/disk", None, &out).expect("restore to tmpfs");
+    assert_eq!(hash_file(&out), hash_file(&img));
+}
