@@ -151,7 +151,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// An operation is not supported by this source/target/build.
-    #[error("{0} is not supported")]
+    #[error("not supported: {0}")]
     Unsupported(String),
     /// The caller cancelled the run; nothing partial was left visible.
     #[error("cancelled; no restore point was written")]
@@ -173,11 +173,11 @@ impl Error {
                 ErrorKind::NotFound
             }
             Error::SourceUnavailable { .. } => ErrorKind::Io,
-            Error::NotARepository { .. }
-            | Error::PointNotFound { .. }
-            | Error::ChunkMissing { .. } => ErrorKind::NotFound,
+            Error::NotARepository { .. } | Error::PointNotFound { .. } => ErrorKind::NotFound,
             Error::UnsupportedVersion { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
-            Error::Corrupt { .. } | Error::ChunkDamaged { .. } => ErrorKind::Corrupt,
+            Error::Corrupt { .. } | Error::ChunkDamaged { .. } | Error::ChunkMissing { .. } => {
+                ErrorKind::Corrupt
+            }
             Error::AlreadyExists { .. }
             | Error::InvalidName { .. }
             | Error::TargetTooSmall { .. }

@@ -114,6 +114,35 @@ impl LocalFile {
     }
 }
 
+/// Open a source named by a path or a URI: `/path/to/disk.raw`, `/dev/sdb`,
+/// `file:///path`. This is the one place that knows source addresses, so
+/// every front door (CLI, Python) accepts the same ones. Network and VM
+/// addresses (`nbd://`, `nbds://`, `nbd+unix://`, `qmp://`, `qmp+unix://`)
+/// are recognised and refused until their transports exist.
+pub fn open(spec: &str) -> Result<Box<dyn BlockSource>> {
+    match spec.split_once("://") {
+        None => open_local(Path::new(spec)),
+        Some(("file", rest)) => {
+            // file:///abs/path (empty host) or file://localhost/abs/path.
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            if !path.starts_with('/') {
+                return Err(Error::InvalidArgument(format!(
+                    "{spec}: a file URI needs an absolute path (file:///...)"
+                )));
+            }
+            open_local(Path::new(path))
+        }
+        Some((scheme @ ("nbd" | "nbds" | "nbd+unix" | "nbds+unix" | "qmp" | "qmp+unix"), _)) => {
+            Err(Error::Unsupported(format!(
+                "{scheme}:// sources need a transport that is not built yet; use a path"
+            )))
+        }
+        Some((scheme, _)) => Err(Error::InvalidArgument(format!(
+            "unknown source scheme {scheme}://: give a path, file://, or (soon) nbd:// or qmp+unix://"
+        ))),
+    }
+}
+
 /// Open a local path as a source: a block device or a regular (raw) image
 /// file. Anything else is a clear error.
 pub fn open_local(path: &Path) -> Result<Box<dyn BlockSource>> {

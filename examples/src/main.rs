@@ -38,8 +38,8 @@ enum Cmd {
     },
     /// Back up a disk image file or block device as a new restore point.
     Backup {
-        /// Raw image file or block device.
-        source: PathBuf,
+        /// Raw image file or block device (a path or a file:// URI).
+        source: String,
         /// Repository directory.
         #[arg(long, env = "DM_REPO")]
         repo: PathBuf,
@@ -194,7 +194,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
-            let src = datamover::open_source(&source)?;
+            let src = datamover::source::open(&source)?;
             let bar = progress_bar(src.size());
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },

@@ -197,6 +197,23 @@ fn errors_are_one_line_with_exit_codes() {
         (
             vec![
                 "backup",
+                "nbd://localhost/disk",
+                "--repo",
+                r,
+                "--name",
+                "vm/d",
+            ],
+            1,
+            "not supported: nbd:// sources",
+        ),
+        (
+            vec!["backup", "ftp://host/disk", "--repo", r, "--name", "vm/d"],
+            2,
+            "unknown source scheme",
+        ),
+        (
+            vec![
+                "backup",
                 s(&e.img),
                 "--repo",
                 s(e.dir.path()),

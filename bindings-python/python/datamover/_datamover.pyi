@@ -1,0 +1,127 @@
+"""Type stubs for the compiled part of datamover."""
+
+import datetime
+import os
+import pathlib
+from typing import Callable, Literal, Optional, Union
+
+__version__: str
+
+ProgressCallback = Callable[[int, int], object]
+"""Called with (bytes done, bytes total) from a worker thread; raising an
+exception in it cancels the run and re-raises that exception."""
+
+class Stats:
+    """Figures of one backup or restore (the keys of ``dm backup --json``)."""
+
+    disk: str
+    point: str
+    transport: str
+    bytes_total: int
+    bytes_read: int
+    bytes_zero: int
+    bytes_new: int
+    bytes_stored: int
+    chunks: int
+    chunks_new: int
+    dedupe_ratio: float
+    compression_ratio: float
+    seconds: float
+    mb_per_s: float
+    bottleneck: Literal["source read", "CPU", "target write"]
+    threads: int
+    def to_dict(self) -> dict[str, object]:
+        """All figures as a dict."""
+
+class Point:
+    """One restore point of a disk. ``str(point)`` is ``"vm/disk@id"``."""
+
+    id: str
+    disk: str
+    time: datetime.datetime
+    size: int
+    stored_size: int
+    source: str
+    source_kind: str
+    transport: str
+    chunking: Literal["fixed", "cdc"]
+    block_size: int
+    compression: str
+
+class VerifyReport:
+    """What ``Repository.verify`` found; truthy when nothing is wrong."""
+
+    ok: bool
+    points: int
+    packs: int
+    chunks: int
+    chunks_read: int
+    problems: list[str]
+    damaged_points: list[str]
+    details: list[tuple[str, list[str]]]
+    unindexed_packs: int
+    def __bool__(self) -> bool: ...
+
+class PruneReport:
+    """What ``Repository.prune`` did (or would do with ``dry_run``)."""
+
+    points_kept: int
+    points_removed: list[str]
+    packs_deleted: int
+    packs_repacked: int
+    orphan_packs_deleted: int
+    chunks_removed: int
+    bytes_freed: int
+
+class Repository:
+    """A datamover repository (a local directory)."""
+
+    @staticmethod
+    def init(path: Union[str, os.PathLike[str]]) -> "Repository":
+        """Create a new repository in an empty or new directory."""
+    @staticmethod
+    def open(path: Union[str, os.PathLike[str]]) -> "Repository":
+        """Open an existing repository."""
+    @property
+    def path(self) -> pathlib.Path:
+        """The repository's directory."""
+    @property
+    def id(self) -> str:
+        """The repository's id."""
+    def backup(
+        self,
+        source: Union[str, os.PathLike[str]],
+        name: str,
+        *,
+        chunking: Literal["fixed", "cdc"] = "fixed",
+        block_size: int = 1048576,
+        compression: Literal["none", "fast", "optimal", "high", "extreme"] = "optimal",
+        threads: int = 0,
+        progress: Optional[ProgressCallback] = None,
+    ) -> Stats:
+        """Back up ``source`` (a path, block device or ``file://`` URI) as a
+        new point of ``name`` ("vm/disk")."""
+    def restore(
+        self,
+        point: Union[str, Point],
+        target: Union[str, os.PathLike[str]],
+        *,
+        force: bool = False,
+        progress: Optional[ProgressCallback] = None,
+    ) -> Stats:
+        """Restore a point ("vm/disk" = newest, "vm/disk@id-prefix", or a
+        Point) to a new sparse file or an existing block device."""
+    def points(self, name: Optional[str] = None) -> list[Point]:
+        """Restore points, oldest first per disk."""
+    def verify(self, read_data: bool = False) -> VerifyReport:
+        """Check structure; with ``read_data`` every chunk too."""
+    def prune(
+        self,
+        *,
+        keep_last: Optional[int] = None,
+        keep_daily: Optional[int] = None,
+        keep_weekly: Optional[int] = None,
+        keep_monthly: Optional[int] = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Forget points outside the keep rules and free their space."""

@@ -1,0 +1,514 @@
+//! `datamover._datamover`: the Python face of the `datamover` crate. Glue
+//! only: argument conversion, GIL handling, progress/cancel plumbing and
+//! error mapping. Every capability lives in the core library.
+//!
+//! Long calls run on a worker thread while the calling thread waits with the
+//! GIL released, waking every 50 ms to run Python's signal handlers: Ctrl-C
+//! (KeyboardInterrupt) cancels the run through the same path as a progress
+//! callback that raises, and the core then leaves no partial point.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datamover::{
+    BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
+    PruneOptions, RestoreOptions, RunStats,
+};
+use pyo3::exceptions::PyFileNotFoundError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyType};
+
+/// Map a core error to the Python exception hierarchy of `datamover._errors`.
+fn to_py(e: datamover::Error) -> PyErr {
+    let msg = e.to_string();
+    let missing_file = match &e {
+        datamover::Error::Io { source, .. }
+        | datamover::Error::SourceUnavailable { source, .. } => {
+            source.kind() == std::io::ErrorKind::NotFound
+        }
+        _ => false,
+    };
+    if missing_file {
+        return PyFileNotFoundError::new_err(msg);
+    }
+    let class = match e.kind() {
+        ErrorKind::Corrupt => "CorruptRepositoryError",
+        ErrorKind::Unsupported => "UnsupportedError",
+        ErrorKind::InvalidInput | ErrorKind::NotFound => "InvalidInputError",
+        ErrorKind::Io => "TransportError",
+        ErrorKind::Cancelled => "CancelledError",
+    };
+    Python::attach(|py| {
+        let ty = py
+            .import("datamover._errors")
+            .and_then(|m| m.getattr(class))
+            .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+        match ty {
+            Ok(ty) => PyErr::from_type(ty, msg),
+            Err(err) => err,
+        }
+    })
+}
+
+/// Run `work` on a worker thread with the GIL released; Ctrl-C and
+/// exceptions from `progress` cancel it and are re-raised.
+fn run_cancellable<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    work: impl FnOnce(datamover::ProgressFn) -> datamover::Result<T> + Send,
+) -> PyResult<T> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let raised: Arc<Mutex<Option<PyErr>>> = Arc::default();
+    let pfn: datamover::ProgressFn = {
+        let (cancel, raised) = (cancel.clone(), raised.clone());
+        Arc::new(move |done, total| {
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            if let Some(cb) = &progress {
+                if let Err(e) = Python::attach(|py| cb.call1(py, (done, total)).map(drop)) {
+                    *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    cancel.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+            true
+        })
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let mut interrupt: Option<PyErr> = None;
+    let result = std::thread::scope(|s| {
+        s.spawn(move || {
+            let _ = tx.send(work(pfn));
+        });
+        loop {
+            match py.detach(|| rx.recv_timeout(Duration::from_millis(50))) {
+                Ok(r) => break r,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if interrupt.is_none() {
+                        if let Err(e) = py.check_signals() {
+                            interrupt = Some(e);
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    break Err(datamover::Error::Internal(
+                        "worker thread ended without a result".into(),
+                    ));
+                }
+            }
+        }
+    });
+    if let Some(e) = interrupt {
+        return Err(e);
+    }
+    if let Some(e) = raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    result.map_err(to_py)
+}
+
+/// Figures of one backup or restore: the same as `dm backup --json`.
+#[pyclass(frozen, get_all, module = "datamover")]
+struct Stats {
+    disk: String,
+    point: String,
+    transport: String,
+    bytes_total: u64,
+    bytes_read: u64,
+    bytes_zero: u64,
+    bytes_new: u64,
+    bytes_stored: u64,
+    chunks: u64,
+    chunks_new: u64,
+    dedupe_ratio: f64,
+    compression_ratio: f64,
+    seconds: f64,
+    mb_per_s: f64,
+    bottleneck: String,
+    threads: usize,
+}
+
+impl Stats {
+    fn new(disk: &DiskName, point: &datamover::PointId, transport: &str, s: &RunStats) -> Self {
+        Stats {
+            disk: disk.to_string(),
+            point: point.to_string(),
+            transport: transport.to_owned(),
+            bytes_total: s.bytes_total,
+            bytes_read: s.bytes_read,
+            bytes_zero: s.bytes_zero,
+            bytes_new: s.bytes_new,
+            bytes_stored: s.bytes_stored,
+            chunks: s.chunks,
+            chunks_new: s.chunks_new,
+            dedupe_ratio: s.dedupe_ratio(),
+            compression_ratio: s.compression_ratio(),
+            seconds: s.seconds,
+            mb_per_s: s.mb_per_s(),
+            bottleneck: s.bottleneck().to_string(),
+            threads: s.threads,
+        }
+    }
+}
+
+#[pymethods]
+impl Stats {
+    /// All figures as a dict (the keys of `dm backup --json`).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("disk", &self.disk)?;
+        d.set_item("point", &self.point)?;
+        d.set_item("transport", &self.transport)?;
+        for (k, v) in [
+            ("bytes_total", self.bytes_total),
+            ("bytes_read", self.bytes_read),
+            ("bytes_zero", self.bytes_zero),
+            ("bytes_new", self.bytes_new),
+            ("bytes_stored", self.bytes_stored),
+            ("chunks", self.chunks),
+            ("chunks_new", self.chunks_new),
+        ] {
+            d.set_item(k, v)?;
+        }
+        d.set_item("dedupe_ratio", self.dedupe_ratio)?;
+        d.set_item("compression_ratio", self.compression_ratio)?;
+        d.set_item("seconds", self.seconds)?;
+        d.set_item("mb_per_s", self.mb_per_s)?;
+        d.set_item("bottleneck", &self.bottleneck)?;
+        d.set_item("threads", self.threads)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Stats({}@{}: {} bytes in {:.2} s, new {}, stored {}, bottleneck {})",
+            self.disk,
+            self.point,
+            self.bytes_total,
+            self.seconds,
+            self.bytes_new,
+            self.bytes_stored,
+            self.bottleneck
+        )
+    }
+}
+
+/// One restore point.
+#[pyclass(frozen, get_all, module = "datamover")]
+struct Point {
+    id: String,
+    disk: String,
+    time: Py<PyAny>,
+    size: u64,
+    stored_size: u64,
+    source: String,
+    source_kind: String,
+    transport: String,
+    chunking: String,
+    block_size: u32,
+    compression: String,
+}
+
+#[pymethods]
+impl Point {
+    fn __str__(&self) -> String {
+        format!("{}@{}", self.disk, self.id)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Point({}@{}, size={}, transport={})",
+            self.disk, self.id, self.size, self.transport
+        )
+    }
+}
+
+/// What `Repository.verify` found.
+#[pyclass(frozen, get_all, module = "datamover")]
+struct VerifyReport {
+    ok: bool,
+    points: usize,
+    packs: usize,
+    chunks: usize,
+    chunks_read: usize,
+    problems: Vec<String>,
+    damaged_points: Vec<String>,
+    details: Vec<(String, Vec<String>)>,
+    unindexed_packs: usize,
+}
+
+#[pymethods]
+impl VerifyReport {
+    fn __bool__(&self) -> bool {
+        self.ok
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "VerifyReport(ok={}, points={}, damaged_points={:?})",
+            if self.ok { "True" } else { "False" },
+            self.points,
+            self.damaged_points
+        )
+    }
+}
+
+/// What `Repository.prune` did (or would do with `dry_run`).
+#[pyclass(frozen, get_all, module = "datamover")]
+struct PruneReport {
+    points_kept: usize,
+    points_removed: Vec<String>,
+    packs_deleted: usize,
+    packs_repacked: usize,
+    orphan_packs_deleted: usize,
+    chunks_removed: usize,
+    bytes_freed: u64,
+}
+
+#[pymethods]
+impl PruneReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "PruneReport(kept={}, removed={}, bytes_freed={})",
+            self.points_kept,
+            self.points_removed.len(),
+            self.bytes_freed
+        )
+    }
+}
+
+/// A datamover repository (a local directory).
+#[pyclass(frozen, module = "datamover")]
+struct Repository {
+    inner: datamover::Repository,
+}
+
+fn parse_point(s: &str) -> PyResult<(DiskName, Option<String>)> {
+    let (name, at) = match s.split_once('@') {
+        Some((n, p)) => (n, Some(p.to_owned())),
+        None => (s, None),
+    };
+    Ok((name.parse().map_err(to_py)?, at))
+}
+
+#[pymethods]
+impl Repository {
+    /// Create a new repository in an empty or new directory.
+    #[staticmethod]
+    fn init(path: PathBuf) -> PyResult<Self> {
+        Ok(Repository {
+            inner: datamover::Repository::init(&path).map_err(to_py)?,
+        })
+    }
+
+    /// Open an existing repository.
+    #[staticmethod]
+    fn open(path: PathBuf) -> PyResult<Self> {
+        Ok(Repository {
+            inner: datamover::Repository::open(&path).map_err(to_py)?,
+        })
+    }
+
+    /// The repository's directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// The repository's id.
+    #[getter]
+    fn id(&self) -> String {
+        self.inner.config().id.clone()
+    }
+
+    /// Back up `source` (path or URI) as a new point of `name` ("vm/disk").
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn backup(
+        &self,
+        py: Python<'_>,
+        source: PathBuf,
+        name: &str,
+        chunking: &str,
+        block_size: u32,
+        compression: &str,
+        threads: usize,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Stats> {
+        let disk: DiskName = name.parse().map_err(to_py)?;
+        let kind = match chunking {
+            "fixed" => ChunkingKind::Fixed,
+            "cdc" => ChunkingKind::Cdc,
+            other => {
+                return Err(to_py(datamover::Error::InvalidArgument(format!(
+                    "unknown chunking {other:?}: use fixed or cdc"
+                ))));
+            }
+        };
+        let compression: Compression = compression.parse().map_err(to_py)?;
+        let spec = source.to_string_lossy().into_owned();
+        let repo = &self.inner;
+        let rep = run_cancellable(py, progress, move |pfn| {
+            let src = datamover::source::open(&spec)?;
+            let opts = BackupOptions {
+                chunking: ChunkingInfo { kind, block_size },
+                compression,
+                threads,
+                progress: Some(pfn),
+                ..BackupOptions::default()
+            };
+            datamover::backup(repo, src.as_ref(), &disk, &opts)
+        })?;
+        Ok(Stats::new(
+            &rep.disk,
+            &rep.point,
+            &rep.meta.transport,
+            &rep.stats,
+        ))
+    }
+
+    /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
+    /// a Point) to a new file (sparse) or an existing block device.
+    #[pyo3(signature = (point, target, *, force=false, progress=None))]
+    fn restore(
+        &self,
+        py: Python<'_>,
+        point: &Bound<'_, PyAny>,
+        target: PathBuf,
+        force: bool,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Stats> {
+        let spec: String = match point.cast::<Point>() {
+            Ok(p) => p.get().__str__(),
+            Err(_) => point.extract()?,
+        };
+        let (disk, at) = parse_point(&spec)?;
+        let repo = &self.inner;
+        let (d2, id, stats) = run_cancellable(py, progress, move |pfn| {
+            let id = repo.resolve_point(&disk, at.as_deref())?;
+            let size = repo.point_meta(&disk, &id)?.meta.disk_size;
+            let t = datamover::open_target(&target, size, force)?;
+            let opts = RestoreOptions {
+                progress: Some(pfn),
+                ..RestoreOptions::default()
+            };
+            let r = datamover::restore(repo, &disk, &id, t.as_ref(), &opts)?;
+            Ok((disk, id, r.stats))
+        })?;
+        Ok(Stats::new(&d2, &id, "", &stats))
+    }
+
+    /// Restore points, oldest first per disk (of one disk if `name` is given).
+    #[pyo3(signature = (name=None))]
+    fn points(&self, py: Python<'_>, name: Option<&str>) -> PyResult<Vec<Point>> {
+        let disk = name
+            .map(|n| n.parse::<DiskName>())
+            .transpose()
+            .map_err(to_py)?;
+        let (points, bad) = py
+            .detach(|| self.inner.list_points(disk.as_ref()))
+            .map_err(to_py)?;
+        if let Some(e) = bad.into_iter().next() {
+            return Err(to_py(e));
+        }
+        let fromiso = py
+            .import("datetime")?
+            .getattr("datetime")?
+            .getattr("fromisoformat")?;
+        points
+            .into_iter()
+            .map(|p| {
+                let m = p.meta;
+                Ok(Point {
+                    id: p.id.to_string(),
+                    disk: p.disk.to_string(),
+                    time: fromiso.call1((m.started.replace('Z', "+00:00"),))?.unbind(),
+                    size: m.disk_size,
+                    stored_size: m.stats.bytes_stored,
+                    source: m.source.location,
+                    source_kind: m.source.kind,
+                    transport: m.transport,
+                    chunking: match m.chunking.kind {
+                        ChunkingKind::Fixed => "fixed".into(),
+                        ChunkingKind::Cdc => "cdc".into(),
+                    },
+                    block_size: m.chunking.block_size,
+                    compression: m.compression,
+                })
+            })
+            .collect()
+    }
+
+    /// Check the repository; with `read_data`, read and check every chunk.
+    #[pyo3(signature = (read_data=false))]
+    fn verify(&self, py: Python<'_>, read_data: bool) -> PyResult<VerifyReport> {
+        let repo = &self.inner;
+        let r = run_cancellable(py, None, move |_| datamover::verify(repo, read_data))?;
+        Ok(VerifyReport {
+            ok: r.is_ok(),
+            points: r.points,
+            packs: r.packs,
+            chunks: r.chunks,
+            chunks_read: r.chunks_read,
+            problems: r.problems,
+            damaged_points: r.damaged_points.iter().map(|d| d.point.clone()).collect(),
+            details: r
+                .damaged_points
+                .into_iter()
+                .map(|d| (d.point, d.problems))
+                .collect(),
+            unindexed_packs: r.unindexed_packs,
+        })
+    }
+
+    /// Forget points outside the keep rules (per disk) and free their space.
+    #[pyo3(signature = (*, keep_last=None, keep_daily=None, keep_weekly=None, keep_monthly=None, dry_run=false))]
+    fn prune(
+        &self,
+        py: Python<'_>,
+        keep_last: Option<usize>,
+        keep_daily: Option<usize>,
+        keep_weekly: Option<usize>,
+        keep_monthly: Option<usize>,
+        dry_run: bool,
+    ) -> PyResult<PruneReport> {
+        let opts = PruneOptions {
+            keep: KeepPolicy {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+            },
+            dry_run,
+            ..PruneOptions::default()
+        };
+        let repo = &self.inner;
+        let r = run_cancellable(py, None, move |_| datamover::prune(repo, &opts))?;
+        Ok(PruneReport {
+            points_kept: r.points_kept,
+            points_removed: r.points_removed,
+            packs_deleted: r.packs_deleted,
+            packs_repacked: r.packs_repacked,
+            orphan_packs_deleted: r.orphan_packs_deleted,
+            chunks_removed: r.chunks_removed,
+            bytes_freed: r.bytes_freed,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Repository({:?})", self.inner.root())
+    }
+}
+
+#[pymodule]
+fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Repository>()?;
+    m.add_class::<Stats>()?;
+    m.add_class::<Point>()?;
+    m.add_class::<VerifyReport>()?;
+    m.add_class::<PruneReport>()?;
+    Ok(())
+}
