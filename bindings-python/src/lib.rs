@@ -351,7 +351,7 @@ impl Repository {
         let spec = source.to_string_lossy().into_owned();
         let repo = &self.inner;
         let rep = run_cancellable(py, progress, move |pfn| {
-            let src = datamover::source::open(&spec)?;
+            let src = transports::open_source(&spec)?;
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
                 compression,

@@ -180,8 +180,10 @@ def test_error_classes(env):
         datamover.Repository.open(tmp)
     with pytest.raises(datamover.InvalidInputError, match="no restore point"):
         repo.restore("vm/none", tmp / "x.raw")
-    with pytest.raises(datamover.UnsupportedError, match="not supported: nbd://"):
-        repo.backup("nbd://localhost/disk", "vm/d")
+    with pytest.raises(datamover.UnsupportedError, match="not supported: qmp\\+unix://"):
+        repo.backup("qmp+unix:///vm?socket=/run/none.sock", "vm/d")
+    with pytest.raises(datamover.UnsupportedError, match="TLS"):
+        repo.backup("nbds://127.0.0.1/disk", "vm/d")
     repo.backup(img, "vm/d")
     with pytest.raises(datamover.InvalidInputError, match="--force"):
         repo.restore("vm/d", img)
@@ -240,3 +242,29 @@ def test_full_disk_is_a_transport_error(env):
         assert repo.verify().ok
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_nbd_source_against_real_qemu_nbd(env):
+    if subprocess.run(["which", "qemu-nbd"], capture_output=True).returncode != 0:
+        if IN_CI:
+            pytest.fail("qemu-nbd missing in CI")
+        pytest.skip("qemu-nbd not installed")
+    tmp, img, repo = env
+    qcow = tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
+    sock, pid = tmp / "nbd.sock", tmp / "nbd.pid"
+    subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-r", "-f", "qcow2",
+                    "-k", str(sock), "-x", "disk", str(qcow)], check=True)
+    try:
+        uri = f"nbd+unix:///disk?socket={sock}"
+        stats = repo.backup(uri, "vm/nbd")
+        assert stats.transport == "nbd"
+        assert stats.bytes_read == 16 << 20, "only allocated extents are read over NBD"
+        assert repo.points("vm/nbd")[0].source == uri
+        out = tmp / "from-nbd.raw"
+        repo.restore("vm/nbd", out)
+        assert digest(out) == digest(img)
+        with pytest.raises(datamover.TransportError, match='no export named "nope".*offers: disk'):
+            repo.backup(f"nbd+unix:///nope?socket={sock}", "vm/nbd")
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)

@@ -147,6 +147,14 @@ pub enum Error {
         /// The target.
         path: PathBuf,
     },
+    /// A transport (NBD, later QMP) failed: connection, protocol or server error.
+    #[error("{address}: {detail}")]
+    Transport {
+        /// The address as given (URI).
+        address: String,
+        /// What went wrong and, where possible, what to do.
+        detail: String,
+    },
     /// An option or argument is out of range.
     #[error("{0}")]
     InvalidArgument(String),
@@ -168,7 +176,10 @@ impl Error {
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 ErrorKind::NotFound
             }
-            Error::Io { .. } | Error::NoSpace { .. } | Error::Internal(_) => ErrorKind::Io,
+            Error::Io { .. }
+            | Error::NoSpace { .. }
+            | Error::Internal(_)
+            | Error::Transport { .. } => ErrorKind::Io,
             Error::SourceUnavailable { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 ErrorKind::NotFound
             }

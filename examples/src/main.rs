@@ -38,7 +38,7 @@ enum Cmd {
     },
     /// Back up a disk image file or block device as a new restore point.
     Backup {
-        /// Raw image file or block device (a path or a file:// URI).
+        /// Raw image file, block device, file:// URI, or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH).
         source: String,
         /// Repository directory.
         #[arg(long, env = "DM_REPO")]
@@ -194,7 +194,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
-            let src = datamover::source::open(&source)?;
+            let src = transports::open_source(&source)?;
             let bar = progress_bar(src.size());
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },

@@ -197,14 +197,14 @@ fn errors_are_one_line_with_exit_codes() {
         (
             vec![
                 "backup",
-                "nbd://localhost/disk",
+                "qmp+unix:///vm?socket=/run/none.sock",
                 "--repo",
                 r,
                 "--name",
                 "vm/d",
             ],
             1,
-            "not supported: nbd:// sources",
+            "not supported: qmp+unix:// sources",
         ),
         (
             vec!["backup", "ftp://host/disk", "--repo", r, "--name", "vm/d"],

@@ -1,0 +1,442 @@
+//! The NBD client against real servers (qemu-nbd, nbdkit) started by the
+//! tests and stopped by PID, plus a scripted hostile server for replies no
+//! real server sends.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
+
+#[path = "../../datamover/tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Fill, hash_file, make_image};
+use datamover::{BackupOptions, DiskName, ErrorKind, Repository, RestoreOptions};
+use datamover_transports::nbd::{ConnectOptions, NbdSource};
+use datamover_transports::open_source;
+
+/// A daemon started with a pid file; killed on drop.
+struct Daemon {
+    pid_file: PathBuf,
+}
+impl Daemon {
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+    fn kill(&self, sig: &str) {
+        if let Some(p) = self.pid() {
+            let _ = Command::new("kill").arg(sig).arg(p.to_string()).status();
+        }
+    }
+}
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill("-TERM");
+    }
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(path.exists(), "{} did not appear", path.display());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn qemu_nbd(dir: &Path, args: &[&str]) -> Daemon {
+    let pid_file = dir.join(format!("qemu-nbd-{}.pid", free_port()));
+    let st = Command::new("qemu-nbd")
+        .arg("--fork")
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .args(args)
+        .status()
+        .expect("qemu-nbd");
+    assert!(st.success(), "qemu-nbd {args:?} failed");
+    wait_for(&pid_file);
+    Daemon { pid_file }
+}
+
+fn open_err(uri: &str) -> datamover::Error {
+    match open_source(uri) {
+        Ok(_) => panic!("{uri} opened, expected an error"),
+        Err(e) => e,
+    }
+}
+
+fn tools(test: &str, t: &[&str]) -> bool {
+    common::can_run(test, t)
+}
+
+fn backup_restore(repo: &Repository, uri: &str, name: &str, out: &Path) -> datamover::BackupReport {
+    let src = open_source(uri).unwrap_or_else(|e| panic!("open {uri}: {e}"));
+    let disk: DiskName = name.parse().unwrap();
+    let rep = datamover::backup(repo, src.as_ref(), &disk, &BackupOptions::default())
+        .unwrap_or_else(|e| panic!("backup: {e}"));
+    let id = repo.resolve_point(&disk, None).unwrap();
+    let t = datamover::open_target(out, rep.stats.bytes_total, true).unwrap();
+    datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).unwrap();
+    rep
+}
+
+#[test]
+fn qemu_nbd_raw_over_tcp_and_qcow2_over_unix() {
+    if !tools("qemu_nbd", &["qemu-nbd", "qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        64 << 20,
+        &[
+            (3 << 20, 10 << 20, Fill::Random(1)),
+            (40 << 20, 5 << 20, Fill::Text),
+            (50 << 20, 2 << 20, Fill::Zeros),
+        ],
+    );
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+
+    let port = free_port();
+    let _raw = qemu_nbd(
+        dir.path(),
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+            "-t",
+            img.to_str().unwrap(),
+        ],
+    );
+    let out = dir.path().join("out-raw.raw");
+    let rep = backup_restore(
+        &repo,
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        "vm/raw",
+        &out,
+    );
+    assert_eq!(hash_file(&out), hash_file(&img));
+    assert_eq!(rep.meta.transport, "nbd");
+    assert!(
+        rep.stats.bytes_read <= 18 << 20,
+        "holes are not read: {}",
+        rep.stats.bytes_read
+    );
+
+    let qcow = dir.path().join("disk.qcow2");
+    common::sh(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&img)
+            .arg(&qcow),
+    );
+    let sock = dir.path().join("q.sock");
+    let _q = qemu_nbd(
+        dir.path(),
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-t",
+            qcow.to_str().unwrap(),
+        ],
+    );
+    let out = dir.path().join("out-qcow.raw");
+    let rep = backup_restore(
+        &repo,
+        &format!("nbd+unix:///disk?socket={}", sock.display()),
+        "vm/qcow",
+        &out,
+    );
+    assert_eq!(hash_file(&out), hash_file(&img));
+    // qcow2 reports the written zeros as zero/holes: they are not read either.
+    assert!(
+        rep.stats.bytes_read <= 16 << 20,
+        "read {}",
+        rep.stats.bytes_read
+    );
+    // Same data as the raw export: nothing new.
+    assert_eq!(rep.stats.bytes_new, 0);
+}
+
+#[test]
+fn nbdkit_pattern_is_an_independent_second_server() {
+    if !tools("nbdkit", &["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("k.sock");
+    let pid_file = dir.path().join("nbdkit.pid");
+    let st = Command::new("nbdkit")
+        .arg("-U")
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pid_file)
+        .args(["pattern", "24M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_for(&pid_file);
+    let _d = Daemon { pid_file };
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+    let out = dir.path().join("out.raw");
+    backup_restore(
+        &repo,
+        &format!("nbd+unix:///?socket={}", sock.display()),
+        "vm/pattern",
+        &out,
+    );
+    // nbdkit-pattern-plugin: every 8 bytes hold their own offset, big-endian.
+    let mut expect = blake3::Hasher::new();
+    for o in (0..24u64 << 20).step_by(8) {
+        expect.update(&o.to_be_bytes());
+    }
+    assert_eq!(hash_file(&out), expect.finalize().to_hex().to_string());
+}
+
+#[test]
+fn errors_unknown_export_refused_tls_server_killed() {
+    if !tools("nbd_errors", &["qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    make_image(&img, 256 << 20, &[(0, 256 << 20, Fill::Random(3))]);
+    let sock = dir.path().join("s.sock");
+    let d = qemu_nbd(
+        dir.path(),
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-t",
+            img.to_str().unwrap(),
+        ],
+    );
+
+    let e = open_err(&format!("nbd+unix:///nope?socket={}", sock.display()));
+    assert!(
+        e.to_string().contains("no export named \"nope\"")
+            && e.to_string().contains("offers: disk"),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Io);
+
+    let e = open_err(&format!("nbds+unix:///disk?socket={}", sock.display()));
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(
+        e.to_string()
+            .contains("refusing rather than connecting without encryption"),
+        "{e}"
+    );
+
+    let e = open_err(&format!("nbd://127.0.0.1:{}/disk", free_port()));
+    assert!(e.to_string().contains("nbd://127.0.0.1"), "{e}");
+
+    // Kill the server during a backup: a clear error, no point left.
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+    let src = NbdSource::connect(
+        &format!("nbd+unix:///disk?socket={}", sock.display()),
+        &ConnectOptions::default(),
+    )
+    .unwrap();
+    // Killed from the progress callback once 32 MiB are read: deterministic.
+    let pid = d.pid().expect("qemu-nbd pid");
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let killed = std::sync::Arc::new(killed);
+    let k = killed.clone();
+    let opts = BackupOptions {
+        progress: Some(std::sync::Arc::new(move |done, _| {
+            if done >= 32 << 20 && !k.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            true
+        })),
+        ..BackupOptions::default()
+    };
+    let r = datamover::backup(&repo, &src, &"vm/killed".parse().unwrap(), &opts);
+    assert!(
+        killed.load(std::sync::atomic::Ordering::SeqCst),
+        "server was never killed"
+    );
+    drop(d);
+    let e = r.expect_err("backup must fail");
+    assert!(
+        e.to_string().contains("the server closed the connection"),
+        "{e}"
+    );
+    assert!(
+        repo.list_points(None).unwrap().0.is_empty(),
+        "no partial point"
+    );
+}
+
+/// A scripted server: correct handshake, then the given reply bytes for
+/// the first request. Returns its address.
+fn hostile(reply: impl Fn(u64) -> Vec<u8> + Send + 'static) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let mut w = Vec::new();
+        w.extend_from_slice(&0x4e42_444d_4147_4943u64.to_be_bytes());
+        w.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+        w.extend_from_slice(&3u16.to_be_bytes());
+        let _ = s.write_all(&w);
+        let mut cflags = [0u8; 4];
+        let _ = s.read_exact(&mut cflags);
+        let opt_reply = |opt: u32, typ: u32, data: &[u8]| {
+            let mut r = Vec::new();
+            r.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+            r.extend_from_slice(&opt.to_be_bytes());
+            r.extend_from_slice(&typ.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            r.extend_from_slice(data);
+            r
+        };
+        loop {
+            let mut h = [0u8; 16];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            let _ = s.read_exact(&mut d);
+            match opt {
+                8 => drop(s.write_all(&opt_reply(8, 1, &[]))),
+                10 => {
+                    let mut m = 1u32.to_be_bytes().to_vec();
+                    m.extend_from_slice(b"base:allocation");
+                    let _ = s.write_all(&opt_reply(10, 4, &m));
+                    let _ = s.write_all(&opt_reply(10, 1, &[]));
+                }
+                7 => {
+                    let mut info = 0u16.to_be_bytes().to_vec();
+                    info.extend_from_slice(&(16u64 << 20).to_be_bytes());
+                    info.extend_from_slice(&3u16.to_be_bytes());
+                    let _ = s.write_all(&opt_reply(7, 3, &info));
+                    let _ = s.write_all(&opt_reply(7, 1, &[]));
+                    break;
+                }
+                _ => drop(s.write_all(&opt_reply(opt, (1 << 31) + 1, &[]))),
+            }
+        }
+        let mut req = [0u8; 28];
+        if s.read_exact(&mut req).is_ok() {
+            let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap());
+            let _ = s.write_all(&reply(cookie));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    format!("nbd://127.0.0.1:{port}/x")
+}
+
+/// Builds the hostile reply for a request cookie.
+type Reply = Box<dyn Fn(u64) -> Vec<u8> + Send>;
+
+fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8], claimed_len: Option<u32>) -> Vec<u8> {
+    let mut r = 0x668e_33efu32.to_be_bytes().to_vec();
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&claimed_len.unwrap_or(payload.len() as u32).to_be_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+#[test]
+fn hostile_replies_are_protocol_errors_not_panics_or_hangs() {
+    let opts = ConnectOptions {
+        timeout: Duration::from_secs(5),
+        bitmap: None,
+    };
+    let cases: Vec<(&str, Reply)> = vec![
+        (
+            "bad magic",
+            Box::new(|_| vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]),
+        ),
+        (
+            "huge data chunk",
+            Box::new(|c| chunk(1, 1, c, &[], Some(u32::MAX))),
+        ),
+        (
+            "data outside the request",
+            Box::new(|c| {
+                let mut p = (1u64 << 40).to_be_bytes().to_vec();
+                p.extend_from_slice(&[1; 16]);
+                chunk(1, 1, c, &p, None)
+            }),
+        ),
+        (
+            "unknown cookie",
+            Box::new(|c| chunk(1, 0, c + 77, &[], None)),
+        ),
+        (
+            "hole of length 0",
+            Box::new(|c| {
+                let mut p = 0u64.to_be_bytes().to_vec();
+                p.extend_from_slice(&0u32.to_be_bytes());
+                chunk(1, 2, c, &p, None)
+            }),
+        ),
+        (
+            "server error",
+            Box::new(|c| {
+                let mut p = 5u32.to_be_bytes().to_vec();
+                p.extend_from_slice(&4u16.to_be_bytes());
+                p.extend_from_slice(b"oops");
+                chunk(1, 32769, c, &p, None)
+            }),
+        ),
+    ];
+    for (what, reply) in cases {
+        let uri = hostile(reply);
+        let src =
+            NbdSource::connect(&uri, &opts).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+        let t = Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let e = datamover::source::BlockSource::read_at(&src, 0, &mut buf).expect_err(what);
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
+        let msg = e.to_string();
+        let ok = if what == "server error" {
+            msg.contains("EIO") && msg.contains("oops")
+        } else {
+            msg.contains("protocol error") || msg.contains("closed")
+        };
+        assert!(ok, "{what}: {msg}");
+    }
+}
