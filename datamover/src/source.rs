@@ -116,9 +116,10 @@ impl LocalFile {
 
 /// Open a source named by a path or a URI: `/path/to/disk.raw`, `/dev/sdb`,
 /// `file:///path`. This is the one place that knows source addresses, so
-/// every front door (CLI, Python) accepts the same ones. Network and VM
-/// addresses (`nbd://`, `nbds://`, `nbd+unix://`, `qmp://`, `qmp+unix://`)
-/// are recognised and refused until their transports exist.
+/// every front door (CLI, Python) accepts the same ones. NBD addresses are
+/// opened by `datamover_transports::open_source` (which delegates the rest
+/// here); VM addresses (`qmp://`, `qmp+unix://`) are refused until their
+/// transport exists.
 pub fn open(spec: &str) -> Result<Box<dyn BlockSource>> {
     match spec.split_once("://") {
         None => open_local(Path::new(spec)),
@@ -132,11 +133,14 @@ pub fn open(spec: &str) -> Result<Box<dyn BlockSource>> {
             }
             open_local(Path::new(path))
         }
-        Some((scheme @ ("nbd" | "nbds" | "nbd+unix" | "nbds+unix" | "qmp" | "qmp+unix"), _)) => {
+        Some((scheme @ ("nbd" | "nbds" | "nbd+unix" | "nbds+unix"), _)) => {
             Err(Error::Unsupported(format!(
-                "{scheme}:// sources need a transport that is not built yet; use a path"
+                "{scheme}:// sources in the core library: open them with datamover_transports::open_source"
             )))
         }
+        Some((scheme @ ("qmp" | "qmp+unix"), _)) => Err(Error::Unsupported(format!(
+            "{scheme}:// sources need a transport that is not built yet; use a path"
+        ))),
         Some((scheme, _)) => Err(Error::InvalidArgument(format!(
             "unknown source scheme {scheme}://: give a path, file://, or (soon) nbd:// or qmp+unix://"
         ))),

@@ -76,6 +76,15 @@ fn open_err(uri: &str) -> datamover::Error {
     }
 }
 
+/// A read-only, persistent qemu-nbd serving `image` as export "disk" on a unix socket.
+fn qemu_nbd_unix(dir: &Path, format: &str, image: &Path, sock: &Path) -> Daemon {
+    let (image, sock) = (image.to_str().unwrap(), sock.to_str().unwrap());
+    qemu_nbd(
+        dir,
+        &["-r", "-f", format, "-k", sock, "-x", "disk", "-t", image],
+    )
+}
+
 fn tools(test: &str, t: &[&str]) -> bool {
     common::can_run(test, t)
 }
@@ -149,20 +158,7 @@ fn qemu_nbd_raw_over_tcp_and_qcow2_over_unix() {
             .arg(&qcow),
     );
     let sock = dir.path().join("q.sock");
-    let _q = qemu_nbd(
-        dir.path(),
-        &[
-            "-r",
-            "-f",
-            "qcow2",
-            "-k",
-            sock.to_str().unwrap(),
-            "-x",
-            "disk",
-            "-t",
-            qcow.to_str().unwrap(),
-        ],
-    );
+    let _q = qemu_nbd_unix(dir.path(), "qcow2", &qcow, &sock);
     let out = dir.path().join("out-qcow.raw");
     let rep = backup_restore(
         &repo,
@@ -225,20 +221,7 @@ fn errors_unknown_export_refused_tls_server_killed() {
     let img = dir.path().join("disk.raw");
     make_image(&img, 256 << 20, &[(0, 256 << 20, Fill::Random(3))]);
     let sock = dir.path().join("s.sock");
-    let d = qemu_nbd(
-        dir.path(),
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-k",
-            sock.to_str().unwrap(),
-            "-x",
-            "disk",
-            "-t",
-            img.to_str().unwrap(),
-        ],
-    );
+    let d = qemu_nbd_unix(dir.path(), "raw", &img, &sock);
 
     let e = open_err(&format!("nbd+unix:///nope?socket={}", sock.display()));
     assert!(
