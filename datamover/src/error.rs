@@ -155,6 +155,16 @@ pub enum Error {
         /// What went wrong and, where possible, what to do.
         detail: String,
     },
+    /// A changed-block-tracking backup was asked for but cannot be built.
+    #[error(
+        "cannot back up {disk} incrementally: {reason}; pass --full-if-needed (Python: full_if_needed=True) to read the whole disk instead"
+    )]
+    IncrementalImpossible {
+        /// The disk.
+        disk: DiskName,
+        /// Why (no previous point, size changed, bitmap missing, ...).
+        reason: String,
+    },
     /// An option or argument is out of range.
     #[error("{0}")]
     InvalidArgument(String),
@@ -193,6 +203,7 @@ impl Error {
             | Error::InvalidName { .. }
             | Error::TargetTooSmall { .. }
             | Error::TargetExists { .. }
+            | Error::IncrementalImpossible { .. }
             | Error::InvalidArgument(_) => ErrorKind::InvalidInput,
             Error::Cancelled => ErrorKind::Cancelled,
         }

@@ -37,6 +37,7 @@
 
 pub mod backup;
 pub mod buffer;
+pub mod cbt;
 pub mod chunker;
 pub mod compression;
 pub mod error;
@@ -53,6 +54,7 @@ pub mod target;
 pub mod verify;
 
 pub use backup::{BackupOptions, BackupReport, backup};
+pub use cbt::{ChangeTracker, ChangedRanges, WithChanges};
 pub use compression::Compression;
 pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{ChunkingInfo, ChunkingKind, PointMeta};

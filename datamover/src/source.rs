@@ -70,6 +70,11 @@ pub trait BlockSource: Send + Sync {
             kind: ExtentKind::Data,
         }])
     }
+    /// Changed-block tracking, when the source knows what changed since the
+    /// disk's previous point; a backup is then incremental.
+    fn change_tracker(&self) -> Option<&dyn crate::cbt::ChangeTracker> {
+        None
+    }
 }
 
 /// An open local file or device: what both local sources share.

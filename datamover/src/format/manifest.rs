@@ -154,6 +154,19 @@ pub struct PointMeta {
     /// Figures of the run.
     #[serde(default)]
     pub stats: PointStats,
+    /// Set when the point was built from `parent` plus tracked changes.
+    /// Absent (not `null`) in full points, so their bytes are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt: Option<CbtMeta>,
+}
+
+/// How an incremental point was built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CbtMeta {
+    /// What tracked the changes (e.g. `qemu:dirty-bitmap:b0`).
+    pub tracker: String,
+    /// Bytes the tracker marked changed.
+    pub bytes_changed: u64,
 }
 
 /// Streams a manifest out: records first, metadata and footer at the end.

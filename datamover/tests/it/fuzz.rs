@@ -47,6 +47,7 @@ fn valid_manifest(n: usize) -> Vec<u8> {
         compression: "none".into(),
         parent: None,
         stats: manifest::PointStats::default(),
+        cbt: None,
     };
     w.finish(&meta).expect("finish")
 }

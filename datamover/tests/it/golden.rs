@@ -4,7 +4,8 @@ use datamover::ChunkId;
 use datamover::format::frame::{Codec, FrameDecoder, FrameEncoder, FrameHeader};
 use datamover::format::index::{self, IndexEntry};
 use datamover::format::manifest::{
-    self, ChunkingInfo, ChunkingKind, Extent, ManifestWriter, PointMeta, PointStats, SourceInfo,
+    self, CbtMeta, ChunkingInfo, ChunkingKind, Extent, ManifestWriter, PointMeta, PointStats,
+    SourceInfo,
 };
 use datamover::ids::PackId;
 
@@ -113,7 +114,27 @@ fn sample_meta() -> PointMeta {
             seconds: 1.5,
             bottleneck: "CPU".into(),
         },
+        cbt: None,
     }
+}
+
+/// The metadata of an incremental point: `parent` and `cbt` filled in.
+/// Full points never write a `cbt` key (their bytes are pinned above).
+#[test]
+fn incremental_meta_golden() {
+    let mut m = sample_meta();
+    m.parent = Some("20261124T095235.000Z-0a0b0c".into());
+    m.cbt = Some(CbtMeta {
+        tracker: "qemu:dirty-bitmap:b0".into(),
+        bytes_changed: 65536,
+    });
+    let json = serde_json::to_string(&m).expect("json");
+    assert_eq!(json, GOLDEN_INCREMENTAL_META);
+    let back: PointMeta = serde_json::from_str(GOLDEN_INCREMENTAL_META).expect("parse");
+    assert_eq!(back, m);
+    // A reader of this version still reads metas written before `cbt` existed.
+    let old: PointMeta = serde_json::from_str(GOLDEN_META).expect("parse");
+    assert_eq!(old.cbt, None);
 }
 
 #[test]
@@ -160,6 +181,7 @@ fn manifest_golden() {
 }
 
 const GOLDEN_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":null,"stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"}}"#;
+const GOLDEN_INCREMENTAL_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:b0","bytes_changed":65536}}"#;
 const GOLDEN_FOOTER_CRCS: &str = "a16d107f0a360f89";
 
 #[test]
