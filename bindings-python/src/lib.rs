@@ -130,9 +130,30 @@ struct Stats {
     mb_per_s: f64,
     bottleneck: String,
     threads: usize,
+    /// Backups: built from the previous point plus tracked changes.
+    incremental: bool,
+    /// Backups: the point an incremental was built from.
+    parent: Option<String>,
+    /// Backups: bytes the change tracker marked changed.
+    bytes_changed: Option<u64>,
+    /// Backups: what tracked the changes (e.g. `qemu:dirty-bitmap:b0`).
+    change_tracker: Option<String>,
+    /// Backups: why the whole disk was read although a bitmap was given.
+    full_reason: Option<String>,
 }
 
 impl Stats {
+    fn of_backup(rep: &datamover::BackupReport) -> Self {
+        Stats {
+            incremental: rep.parent().is_some(),
+            parent: rep.parent().map(str::to_owned),
+            bytes_changed: rep.bytes_changed(),
+            change_tracker: rep.meta.cbt.as_ref().map(|c| c.tracker.clone()),
+            full_reason: rep.full_reason.clone(),
+            ..Stats::new(&rep.disk, &rep.point, &rep.meta.transport, &rep.stats)
+        }
+    }
+
     fn new(disk: &DiskName, point: &datamover::PointId, transport: &str, s: &RunStats) -> Self {
         Stats {
             disk: disk.to_string(),
@@ -151,6 +172,11 @@ impl Stats {
             mb_per_s: s.mb_per_s(),
             bottleneck: s.bottleneck().to_string(),
             threads: s.threads,
+            incremental: false,
+            parent: None,
+            bytes_changed: None,
+            change_tracker: None,
+            full_reason: None,
         }
     }
 }
@@ -180,6 +206,11 @@ impl Stats {
         d.set_item("mb_per_s", self.mb_per_s)?;
         d.set_item("bottleneck", &self.bottleneck)?;
         d.set_item("threads", self.threads)?;
+        d.set_item("incremental", self.incremental)?;
+        d.set_item("parent", &self.parent)?;
+        d.set_item("bytes_changed", self.bytes_changed)?;
+        d.set_item("change_tracker", &self.change_tracker)?;
+        d.set_item("full_reason", &self.full_reason)?;
         Ok(d)
     }
 
@@ -324,7 +355,12 @@ impl Repository {
     }
 
     /// Back up `source` (path or URI) as a new point of `name` ("vm/disk").
-    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None))]
+    ///
+    /// With `bitmap`, the backup is incremental (CBT): only what the QEMU
+    /// dirty bitmap marks changed is read (NBD sources). `full_if_needed`
+    /// reads the whole disk when no incremental is possible instead of
+    /// raising. `timeout` is the network timeout in seconds.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0))]
     #[allow(clippy::too_many_arguments)]
     fn backup(
         &self,
@@ -336,8 +372,19 @@ impl Repository {
         compression: &str,
         threads: usize,
         progress: Option<Py<PyAny>>,
+        bitmap: Option<String>,
+        full_if_needed: bool,
+        timeout: f64,
     ) -> PyResult<Stats> {
         let disk: DiskName = name.parse().map_err(to_py)?;
+        let timeout = std::time::Duration::try_from_secs_f64(timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                to_py(datamover::Error::InvalidArgument(format!(
+                    "timeout {timeout} s: give a positive number of seconds"
+                )))
+            })?;
         let kind = match chunking {
             "fixed" => ChunkingKind::Fixed,
             "cdc" => ChunkingKind::Cdc,
@@ -351,22 +398,24 @@ impl Repository {
         let spec = source.to_string_lossy().into_owned();
         let repo = &self.inner;
         let rep = run_cancellable(py, progress, move |pfn| {
-            let src = transports::open_source(&spec)?;
+            let src = transports::open_source_with(
+                &spec,
+                &transports::SourceOptions {
+                    bitmap,
+                    timeout: Some(timeout),
+                },
+            )?;
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
                 compression,
                 threads,
                 progress: Some(pfn),
+                full_if_needed,
                 ..BackupOptions::default()
             };
             datamover::backup(repo, src.as_ref(), &disk, &opts)
         })?;
-        Ok(Stats::new(
-            &rep.disk,
-            &rep.point,
-            &rep.meta.transport,
-            &rep.stats,
-        ))
+        Ok(Stats::of_backup(&rep))
     }
 
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or

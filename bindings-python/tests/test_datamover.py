@@ -268,3 +268,51 @@ def test_nbd_source_against_real_qemu_nbd(env):
             repo.backup(f"nbd+unix:///nope?socket={sock}", "vm/nbd")
     finally:
         os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+def test_cbt_incremental_from_a_dirty_bitmap(env):
+    if subprocess.run(["which", "qemu-nbd"], capture_output=True).returncode != 0:
+        if IN_CI:
+            pytest.fail("qemu-nbd missing in CI")
+        pytest.skip("qemu-nbd not installed")
+    tmp, img, repo = env
+    qcow = tmp / "cbt.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "--enable", str(qcow), "b0"], check=True)
+    sock, pid = tmp / "cbt.sock", tmp / "cbt.pid"
+    uri = f"nbd+unix:///disk?socket={sock}"
+
+    def serve():
+        subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-r", "-f", "qcow2",
+                        "-B", "b0", "-k", str(sock), "-x", "disk", str(qcow)], check=True)
+
+    def stop():
+        p = int(pid.read_text())
+        os.kill(p, signal.SIGTERM)
+        for _ in range(500):
+            if not os.path.exists(f"/proc/{p}"):
+                break
+            time.sleep(0.02)
+
+    serve()
+    try:
+        with pytest.raises(datamover.InvalidInputError, match="no previous point"):
+            repo.backup(uri, "vm/cbt", bitmap="b0")
+        full = repo.backup(uri, "vm/cbt", bitmap="b0", full_if_needed=True, timeout=20)
+        assert not full.incremental and "no previous point" in full.full_reason
+    finally:
+        stop()
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 3M 64k", str(qcow)],
+                   check=True, capture_output=True)
+    serve()
+    try:
+        inc = repo.backup(uri, "vm/cbt", bitmap="b0")
+    finally:
+        stop()
+    assert inc.incremental and inc.parent == full.point
+    assert inc.bytes_changed == 64 << 10 and inc.bytes_read == 1 << 20
+    assert inc.to_dict()["change_tracker"] == "qemu:dirty-bitmap:b0"
+    out = tmp / "cbt.raw"
+    repo.restore("vm/cbt", out)
+    subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(out)],
+                   check=True)

@@ -25,7 +25,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::cbt::{ChangeTracker, DirtyRanges};
+use crate::cbt::{ChangeTracker, DirtyRanges, Tracking};
 use crate::chunker::{DEFAULT_BLOCK_SIZE, new_chunker};
 use crate::compression::Compression;
 use crate::error::{Error, IoContext, Result};
@@ -201,13 +201,16 @@ fn plan<'s>(
     opts: &BackupOptions,
     index: &Index,
 ) -> Result<(Plan<'s>, ChunkingInfo, Option<String>)> {
-    let Some(tracker) = source.change_tracker() else {
-        return Ok((Plan::Full, opts.chunking, None));
+    let tracker = match source.change_tracking() {
+        Tracking::Off => return Ok((Plan::Full, opts.chunking, None)),
+        Tracking::On(t) => Ok(t),
+        Tracking::Unavailable(why) => Err(why),
     };
     let size = source.size();
-    let why = match repo.point_ids(disk)?.last() {
-        None => format!("{disk} has no previous point to build on"),
-        Some(parent) => {
+    let why = match (tracker, repo.point_ids(disk)?.last()) {
+        (Err(why), _) => why,
+        (Ok(_), None) => format!("{disk} has no previous point to build on"),
+        (Ok(tracker), Some(parent)) => {
             let m = repo.read_point(disk, parent)?;
             if m.meta.disk_size != size {
                 format!(
@@ -248,7 +251,7 @@ fn plan<'s>(
 
 /// Back up `source` as a new point of `disk`.
 ///
-/// When the source tracks changes ([`BlockSource::change_tracker`]) the run
+/// When the source tracks changes ([`BlockSource::change_tracking`]) the run
 /// is incremental: only changed ranges are read, and the new point takes
 /// every other extent from the disk's newest point (whose chunking it
 /// keeps). With CDC, chunks are re-cut from the parent extent where a

@@ -3,7 +3,7 @@
 //!
 //! A source that knows (an NBD export with a QEMU dirty bitmap; later a VM
 //! host asked over QMP) offers a [`ChangeTracker`] through
-//! [`BlockSource::change_tracker`]. The backup then reads only the changed
+//! [`BlockSource::change_tracking`]. The backup then reads only the changed
 //! ranges and takes everything else from the previous point's manifest (see
 //! [`crate::backup`]); the new point is complete on its own, like every
 //! point.
@@ -28,6 +28,28 @@ pub trait ChangeTracker: Send + Sync {
     /// What tracks the changes, for the point's metadata
     /// (e.g. `qemu:dirty-bitmap:b0`).
     fn describe(&self) -> String;
+}
+
+/// Whether a source tracks changes.
+pub enum Tracking<'a> {
+    /// Not asked for: a full backup.
+    Off,
+    /// Changes are tracked: an incremental backup.
+    On(&'a dyn ChangeTracker),
+    /// Asked for but not available (the reason says why, e.g. the export
+    /// has no such bitmap): an error, or a full backup when the caller
+    /// allows one.
+    Unavailable(String),
+}
+
+impl std::fmt::Debug for Tracking<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tracking::Off => f.write_str("Off"),
+            Tracking::On(t) => write!(f, "On({})", t.describe()),
+            Tracking::Unavailable(why) => write!(f, "Unavailable({why:?})"),
+        }
+    }
 }
 
 /// A fixed list of changed ranges, given by the caller (a host's
@@ -116,8 +138,8 @@ impl<S: BlockSource> BlockSource for WithChanges<S> {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
         self.source.extents(offset, len)
     }
-    fn change_tracker(&self) -> Option<&dyn ChangeTracker> {
-        Some(self.tracker.as_ref())
+    fn change_tracking(&self) -> Tracking<'_> {
+        Tracking::On(self.tracker.as_ref())
     }
 }
 

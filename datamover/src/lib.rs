@@ -54,7 +54,7 @@ pub mod target;
 pub mod verify;
 
 pub use backup::{BackupOptions, BackupReport, backup};
-pub use cbt::{ChangeTracker, ChangedRanges, WithChanges};
+pub use cbt::{ChangeTracker, ChangedRanges, Tracking, WithChanges};
 pub use compression::Compression;
 pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{ChunkingInfo, ChunkingKind, PointMeta};

@@ -70,10 +70,10 @@ pub trait BlockSource: Send + Sync {
             kind: ExtentKind::Data,
         }])
     }
-    /// Changed-block tracking, when the source knows what changed since the
-    /// disk's previous point; a backup is then incremental.
-    fn change_tracker(&self) -> Option<&dyn crate::cbt::ChangeTracker> {
-        None
+    /// Changed-block tracking: whether the source knows what changed since
+    /// the disk's previous point (a backup is then incremental).
+    fn change_tracking(&self) -> crate::cbt::Tracking<'_> {
+        crate::cbt::Tracking::Off
     }
 }
 

@@ -58,6 +58,18 @@ enum Cmd {
         /// Worker threads for hashing and compression (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Incremental (CBT): read only what this QEMU dirty bitmap marks
+        /// changed since the disk's previous point (NBD sources).
+        #[arg(long, value_name = "NAME")]
+        bitmap: Option<String>,
+        /// With --bitmap: when no incremental is possible (no previous point,
+        /// no such bitmap, the disk was resized), read the whole disk instead of failing.
+        #[arg(long)]
+        full_if_needed: bool,
+        /// Network timeout in seconds (NBD handshake and each request).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
         /// Print one JSON object with the run's figures.
         #[arg(long)]
         json: bool,
@@ -183,6 +195,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             block_size,
             compression,
             threads,
+            bitmap,
+            full_if_needed,
+            timeout,
             json,
         } => {
             let disk: DiskName = name.parse()?;
@@ -194,13 +209,20 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
-            let src = transports::open_source(&source)?;
+            let src = transports::open_source_with(
+                &source,
+                &transports::SourceOptions {
+                    bitmap,
+                    timeout: Some(Duration::from_secs(timeout)),
+                },
+            )?;
             let bar = progress_bar(src.size());
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
                 compression,
                 threads,
                 progress: bar.as_ref().map(progress_fn),
+                full_if_needed,
                 ..BackupOptions::default()
             };
             let rep = datamover::backup(&r, src.as_ref(), &disk, &opts);
@@ -214,8 +236,24 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 v["disk"] = json!(rep.disk.to_string());
                 v["point"] = json!(rep.point.to_string());
                 v["transport"] = json!(rep.meta.transport);
+                v["incremental"] = json!(rep.parent().is_some());
+                v["parent"] = json!(rep.parent());
+                v["bytes_changed"] = json!(rep.bytes_changed());
+                v["change_tracker"] = json!(rep.meta.cbt.as_ref().map(|c| &c.tracker));
+                v["full_reason"] = json!(rep.full_reason);
                 println!("{v}");
             } else {
+                if let Some(why) = &rep.full_reason {
+                    eprintln!("note: full backup: {why}");
+                }
+                if let (Some(p), Some(c)) = (rep.parent(), rep.bytes_changed()) {
+                    println!(
+                        "incremental from {p}: {} changed, {} read of {}",
+                        human(c),
+                        human(s.bytes_read),
+                        human(s.bytes_total)
+                    );
+                }
                 println!(
                     "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {}, compression {:.2}x; bottleneck: {}",
                     rep.disk,

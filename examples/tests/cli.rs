@@ -432,3 +432,122 @@ fn full_disk_is_a_clear_error_and_the_repository_stays_intact() {
     ok(&dm(&["restore", "vm/small", s(&out), "--repo", s(&repo)]));
     assert_eq!(hash_file(&out), hash_file(&e.img));
 }
+
+/// `dm backup nbd://… --bitmap`: an incremental from a QEMU dirty bitmap,
+/// with `--full-if-needed` and the JSON figures a scheduler reads.
+#[test]
+fn cbt_backup_with_bitmap_over_nbd() {
+    if !can_run("cli_cbt", &["qemu-nbd", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let e = env();
+    let q = e.dir.path().join("disk.qcow2");
+    let sock = e.dir.path().join("nbd.sock");
+    let pid = e.dir.path().join("nbd.pid");
+    let sh = |cmd: &str, args: &[&str]| {
+        let st = Command::new(cmd).args(args).status().expect(cmd);
+        assert!(st.success(), "{cmd} {args:?}");
+    };
+    sh("qemu-img", &["convert", "-O", "qcow2", s(&e.img), s(&q)]);
+    sh("qemu-img", &["bitmap", "--add", "--enable", s(&q), "b0"]);
+    let serve = || {
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&pid);
+        sh(
+            "qemu-nbd",
+            &[
+                "--fork",
+                &format!("--pid-file={}", s(&pid)),
+                "-r",
+                "-f",
+                "qcow2",
+                "-B",
+                "b0",
+                "-k",
+                s(&sock),
+                "-x",
+                "disk",
+                "-t",
+                s(&q),
+            ],
+        );
+    };
+    let stop = || {
+        let p = std::fs::read_to_string(&pid)
+            .expect("pid")
+            .trim()
+            .to_string();
+        sh("kill", &[&p]);
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{p}")).exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let uri = format!("nbd+unix:///disk?socket={}", s(&sock));
+    let backup = |extra: &[&str]| {
+        let mut a = vec![
+            "backup",
+            &uri,
+            "--repo",
+            s(&e.repo),
+            "--name",
+            "vm/vda",
+            "--json",
+            "--timeout",
+            "20",
+        ];
+        a.extend_from_slice(extra);
+        dm(&a)
+    };
+
+    serve();
+    let (code, err) = fails(&backup(&["--bitmap", "b0"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no previous point") && err.contains("--full-if-needed"),
+        "{err}"
+    );
+    let full = json(&backup(&["--bitmap", "b0", "--full-if-needed"]));
+    assert_eq!(full["incremental"], false);
+    assert!(
+        full["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no previous point")
+    );
+    stop();
+
+    sh(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x33 2M 64k", s(&q)],
+    );
+    serve();
+    let inc = json(&backup(&["--bitmap", "b0"]));
+    stop();
+    assert_eq!(inc["incremental"], true);
+    assert_eq!(inc["parent"], full["point"]);
+    assert_eq!(inc["bytes_changed"], 64 << 10);
+    assert_eq!(inc["bytes_read"], 1 << 20);
+    assert_eq!(inc["bytes_total"], 32 << 20);
+    assert_eq!(inc["change_tracker"], "qemu:dirty-bitmap:b0");
+    let out = e.dir.path().join("out.raw");
+    ok(&dm(&["restore", "vm/vda", s(&out), "--repo", s(&e.repo)]));
+    sh(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&q), s(&out)],
+    );
+
+    // A bitmap needs an NBD source.
+    let (code, err) = fails(&dm(&[
+        "backup",
+        s(&e.img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm/vda",
+        "--bitmap",
+        "b0",
+    ]));
+    assert_eq!(code, 2);
+    assert!(err.contains("needs an NBD source"), "{err}");
+}

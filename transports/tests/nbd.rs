@@ -283,6 +283,199 @@ fn errors_unknown_export_refused_tls_server_killed() {
     );
 }
 
+impl Daemon {
+    /// Stop the daemon and wait until it is gone (it holds image locks).
+    fn stop(self) {
+        let pid = self.pid();
+        self.kill("-TERM");
+        let t = Instant::now();
+        while let Some(p) = pid {
+            if !Path::new(&format!("/proc/{p}")).exists() || t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// qemu-nbd exporting `qcow2` read-only with its dirty bitmap `bitmap`.
+fn qemu_nbd_bitmap(dir: &Path, qcow2: &Path, bitmap: &str, sock: &Path) -> Daemon {
+    let _ = std::fs::remove_file(sock);
+    qemu_nbd(
+        dir,
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            bitmap,
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-t",
+            qcow2.to_str().unwrap(),
+        ],
+    )
+}
+
+fn tracked_backup(
+    repo: &Repository,
+    uri: &str,
+    bitmap: &str,
+    full_if_needed: bool,
+) -> datamover::Result<datamover::BackupReport> {
+    let src = datamover_transports::open_source_with(
+        uri,
+        &datamover_transports::SourceOptions {
+            bitmap: Some(bitmap.into()),
+            timeout: Some(Duration::from_secs(20)),
+        },
+    )?;
+    let opts = BackupOptions {
+        full_if_needed,
+        ..BackupOptions::default()
+    };
+    datamover::backup(repo, src.as_ref(), &"vm/disk".parse().unwrap(), &opts)
+}
+
+fn restore_latest(repo: &Repository, out: &Path) {
+    let disk: DiskName = "vm/disk".parse().unwrap();
+    let id = repo.resolve_point(&disk, None).unwrap();
+    let size = repo.point_meta(&disk, &id).unwrap().meta.disk_size;
+    let t = datamover::open_target(out, size, true).unwrap();
+    datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).unwrap();
+}
+
+/// `qemu-img compare` of the qcow2 (shared, it may be exported) with a raw restore.
+fn assert_same(qcow2: &Path, raw: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            qcow2.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn cbt_incrementals_from_a_qemu_dirty_bitmap() {
+    if !tools("nbd_cbt", &["qemu-nbd", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("seed.raw");
+    let qcow2 = dir.path().join("disk.qcow2");
+    let sock = dir.path().join("cbt.sock");
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    make_image(
+        &raw,
+        96 << 20,
+        &[
+            (0, 20 << 20, Fill::Random(11)),
+            (40 << 20, 30 << 20, Fill::Text),
+            (80 << 20, 4 << 20, Fill::Random(12)),
+        ],
+    );
+    let (q, b0) = (qcow2.to_str().unwrap(), "b0");
+    run(
+        "qemu-img",
+        &["convert", "-O", "qcow2", raw.to_str().unwrap(), q],
+    );
+    run("qemu-img", &["bitmap", "--add", "--enable", q, b0]);
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+
+    // No previous point: an error unless a full read is allowed.
+    let d = qemu_nbd_bitmap(dir.path(), &qcow2, b0, &sock);
+    let e = tracked_backup(&repo, &uri, b0, false).expect_err("no parent");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("no previous point"), "{e}");
+    // A bitmap the export does not have: the same, named.
+    let e = tracked_backup(&repo, &uri, "nope", false).expect_err("no bitmap");
+    assert!(
+        e.to_string().contains("no dirty bitmap \"nope\"")
+            && e.to_string().contains("--full-if-needed"),
+        "{e}"
+    );
+    let full = tracked_backup(&repo, &uri, b0, true).expect("full");
+    assert!(full.full_reason.is_some() && full.parent().is_none());
+    assert_eq!(full.stats.bytes_read, 54 << 20);
+    d.stop();
+
+    // The "guest" writes: 64 KiB, 1 MiB of data, 2 MiB of zeros, all aligned.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 5M 64k",
+            "-c",
+            "write -P 0x11 30M 1M",
+            "-c",
+            "write -z 44M 2M",
+            q,
+        ],
+    );
+    let d = qemu_nbd_bitmap(dir.path(), &qcow2, b0, &sock);
+    let inc = tracked_backup(&repo, &uri, b0, false).expect("incremental");
+    assert_eq!(inc.parent(), Some(full.point.as_str()));
+    assert_eq!(inc.bytes_changed(), Some((64 << 10) + (3 << 20)));
+    assert_eq!(
+        inc.meta.cbt.as_ref().unwrap().tracker,
+        "qemu:dirty-bitmap:b0"
+    );
+    // Whole 1 MiB blocks around the data writes; the zeroed range is not read.
+    assert_eq!(inc.stats.bytes_read, 2 << 20);
+    let out = dir.path().join("inc1.raw");
+    restore_latest(&repo, &out);
+    assert_same(&qcow2, &out);
+    d.stop();
+
+    // The bitmap is rotated (cleared) with the point; the next incremental
+    // holds exactly the later writes.
+    run("qemu-img", &["bitmap", "--clear", q, b0]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 90M 4k", q]);
+    let d = qemu_nbd_bitmap(dir.path(), &qcow2, b0, &sock);
+    let inc2 = tracked_backup(&repo, &uri, b0, false).expect("incremental 2");
+    assert_eq!(inc2.parent(), Some(inc.point.as_str()));
+    assert_eq!(inc2.bytes_changed(), Some(64 << 10));
+    // In a stretch of zeros a chunk starts at the written cluster, as a full
+    // read would cut it: one 64 KiB cluster is read.
+    assert_eq!(inc2.stats.bytes_read, 64 << 10);
+    let out2 = dir.path().join("inc2.raw");
+    restore_latest(&repo, &out2);
+    assert_same(&qcow2, &out2);
+    // And the older incremental still restores as it was.
+    let disk: DiskName = "vm/disk".parse().unwrap();
+    let t = datamover::open_target(&dir.path().join("again.raw"), 96 << 20, true).unwrap();
+    datamover::restore(
+        &repo,
+        &disk,
+        &inc.point,
+        t.as_ref(),
+        &RestoreOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(hash_file(&dir.path().join("again.raw")), hash_file(&out));
+    d.stop();
+}
+
 /// A scripted server: correct handshake, then the given reply bytes for
 /// the first request. Returns its address.
 fn hostile(reply: impl Fn(u64) -> Vec<u8> + Send + 'static) -> String {

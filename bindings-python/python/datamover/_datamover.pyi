@@ -30,6 +30,11 @@ class Stats:
     mb_per_s: float
     bottleneck: Literal["source read", "CPU", "target write"]
     threads: int
+    incremental: bool
+    parent: Optional[str]
+    bytes_changed: Optional[int]
+    change_tracker: Optional[str]
+    full_reason: Optional[str]
     def to_dict(self) -> dict[str, object]:
         """All figures as a dict."""
 
@@ -98,9 +103,15 @@ class Repository:
         compression: Literal["none", "fast", "optimal", "high", "extreme"] = "optimal",
         threads: int = 0,
         progress: Optional[ProgressCallback] = None,
+        bitmap: Optional[str] = None,
+        full_if_needed: bool = False,
+        timeout: float = 60.0,
     ) -> Stats:
-        """Back up ``source`` (a path, block device or ``file://`` URI) as a
-        new point of ``name`` ("vm/disk")."""
+        """Back up ``source`` (a path, block device, ``file://`` or NBD URI)
+        as a new point of ``name`` ("vm/disk"). With ``bitmap`` the backup is
+        incremental: only what that QEMU dirty bitmap marks changed since the
+        previous point is read; ``full_if_needed`` reads the whole disk when
+        no incremental is possible instead of raising."""
     def restore(
         self,
         point: Union[str, Point],

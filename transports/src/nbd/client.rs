@@ -58,7 +58,8 @@ fn io(e: std::io::Error) -> NbdError {
 pub struct ConnectOptions {
     /// Per-request (and handshake) timeout.
     pub timeout: Duration,
-    /// Also ask for `qemu:dirty-bitmap:<name>`.
+    /// Also ask for `qemu:dirty-bitmap:<name>` (whether the server granted
+    /// it is in [`ExportInfo::contexts`]).
     pub bitmap: Option<String>,
 }
 
@@ -284,13 +285,6 @@ impl NbdClient {
                         return Err(option_error("meta context selection", r, &d));
                     }
                     _ => {} // unknown reply types are skipped
-                }
-            }
-            if let Some(b) = &opts.bitmap {
-                if info.context(&format!("qemu:dirty-bitmap:{b}")).is_none() {
-                    return Err(NbdError::Server(format!(
-                        "the export has no dirty bitmap {b:?} (export it with qemu-nbd -B {b}, or check the name)"
-                    )));
                 }
             }
         }

@@ -98,6 +98,8 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 pub const STATE_HOLE: u32 = 1;
 /// Reads as zeros.
 pub const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:` flag: the range changed since the bitmap was cleared.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Largest option reply payload accepted (bytes).
 pub const MAX_OPTION_REPLY: u32 = 64 << 10;

@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
+use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
 use datamover::source::{BlockSource, Capabilities, ExtentKind, SourceExtent};
 use datamover::{Error, Result};
 
 use super::client::{ConnectOptions, NbdClient, NbdError};
-use super::proto::{STATE_HOLE, STATE_ZERO};
+use super::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use super::uri::NbdUri;
 
 /// Bytes per read request; a pipeline read is split into several in flight.
@@ -21,6 +22,8 @@ pub struct NbdSource {
     client: Arc<NbdClient>,
     uri: NbdUri,
     alloc: Option<u32>,
+    /// The dirty bitmap's context id and name, or why it is not there.
+    bitmap: Option<Result<(u32, String), String>>,
 }
 
 impl std::fmt::Debug for NbdSource {
@@ -57,11 +60,24 @@ impl NbdSource {
             .block_on(NbdClient::connect(&parsed, opts))
             .map_err(|e| err(&parsed, e))?;
         let alloc = client.info().context("base:allocation");
+        let bitmap = opts.bitmap.as_ref().map(|b| {
+            let name = format!("qemu:dirty-bitmap:{b}");
+            match client.info().context(&name) {
+                Some(id) => Ok((id, name)),
+                None if !client.info().structured => Err(format!(
+                    "the NBD server does not do structured replies, so it cannot report dirty bitmap {b:?}"
+                )),
+                None => Err(format!(
+                    "the export has no dirty bitmap {b:?} (qemu-nbd exports one with -B {b}; check the name with `qemu-img info`)"
+                )),
+            }
+        });
         Ok(NbdSource {
             rt,
             client: Arc::new(client),
             uri: parsed,
             alloc,
+            bitmap,
         })
     }
 
@@ -128,8 +144,51 @@ impl BlockSource for NbdSource {
                 kind: ExtentKind::Data,
             }]);
         };
-        let end = offset + len;
         let mut out: Vec<SourceExtent> = Vec::new();
+        self.walk_status(ctx, offset, len, |pos, l, flags| {
+            let kind = if flags & STATE_HOLE != 0 {
+                ExtentKind::Hole
+            } else if flags & STATE_ZERO != 0 {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            };
+            match out.last_mut() {
+                Some(e) if e.kind == kind && e.offset + e.len == pos => e.len += l,
+                _ => out.push(SourceExtent {
+                    offset: pos,
+                    len: l,
+                    kind,
+                }),
+            }
+        })?;
+        // The pipeline treats gaps as holes; keep only what is not a hole.
+        Ok(out
+            .into_iter()
+            .filter(|e| e.kind != ExtentKind::Hole)
+            .collect())
+    }
+
+    fn change_tracking(&self) -> Tracking<'_> {
+        match &self.bitmap {
+            None => Tracking::Off,
+            Some(Ok(_)) => Tracking::On(self),
+            Some(Err(why)) => Tracking::Unavailable(why.clone()),
+        }
+    }
+}
+
+impl NbdSource {
+    /// Walk block status of `[offset, offset+len)` in meta context `ctx`,
+    /// calling `f(offset, len, flags)` for each descriptor, in order.
+    fn walk_status(
+        &self,
+        ctx: u32,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, u32),
+    ) -> Result<()> {
+        let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let ask = u32::try_from(end - pos).unwrap_or(!0xfff);
@@ -151,32 +210,40 @@ impl BlockSource for NbdSource {
                     ));
                 }
                 let l = u64::from(l).min(end - pos);
-                let kind = if flags & STATE_HOLE != 0 {
-                    ExtentKind::Hole
-                } else if flags & STATE_ZERO != 0 {
-                    ExtentKind::Zero
-                } else {
-                    ExtentKind::Data
-                };
-                match out.last_mut() {
-                    Some(e) if e.kind == kind && e.offset + e.len == pos => e.len += l,
-                    _ => out.push(SourceExtent {
-                        offset: pos,
-                        len: l,
-                        kind,
-                    }),
-                }
+                f(pos, l, flags);
                 pos += l;
                 if pos >= end {
                     break;
                 }
             }
         }
-        // The pipeline treats gaps as holes; keep only what is not a hole.
-        Ok(out
-            .into_iter()
-            .filter(|e| e.kind != ExtentKind::Hole)
-            .collect())
+        Ok(())
+    }
+}
+
+/// The export's dirty bitmap (`qemu:dirty-bitmap:NAME`) as the tracker of
+/// an incremental backup: its dirty extents are the changed ranges.
+impl ChangeTracker for NbdSource {
+    fn changed(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let Some(Ok((ctx, _))) = &self.bitmap else {
+            return Err(Error::Internal("no dirty bitmap negotiated".into()));
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        self.walk_status(*ctx, offset, len, |pos, l, flags| {
+            if flags & STATE_DIRTY != 0 {
+                match out.last_mut() {
+                    Some(r) if r.0 + r.1 == pos => r.1 += l,
+                    _ => out.push((pos, l)),
+                }
+            }
+        })?;
+        Ok(out)
+    }
+    fn describe(&self) -> String {
+        match &self.bitmap {
+            Some(Ok((_, name))) => name.clone(),
+            _ => "no dirty bitmap".into(),
+        }
     }
 }
 
