@@ -228,6 +228,18 @@ impl Stats {
     }
 }
 
+/// A positive number of seconds.
+fn secs(timeout: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            to_py(datamover::Error::InvalidArgument(format!(
+                "timeout {timeout} s: give a positive number of seconds"
+            )))
+        })
+}
+
 /// One restore point.
 #[pyclass(frozen, get_all, module = "datamover")]
 struct Point {
@@ -377,14 +389,7 @@ impl Repository {
         timeout: f64,
     ) -> PyResult<Stats> {
         let disk: DiskName = name.parse().map_err(to_py)?;
-        let timeout = std::time::Duration::try_from_secs_f64(timeout)
-            .ok()
-            .filter(|t| !t.is_zero())
-            .ok_or_else(|| {
-                to_py(datamover::Error::InvalidArgument(format!(
-                    "timeout {timeout} s: give a positive number of seconds"
-                )))
-            })?;
+        let timeout = secs(timeout)?;
         let kind = match chunking {
             "fixed" => ChunkingKind::Fixed,
             "cdc" => ChunkingKind::Cdc,
@@ -419,8 +424,9 @@ impl Repository {
     }
 
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
-    /// a Point) to a new file (sparse) or an existing block device.
-    #[pyo3(signature = (point, target, *, force=false, progress=None))]
+    /// a Point) to a new file (sparse), an existing block device, or a
+    /// writable NBD export (`nbd://…`, `nbd+unix://…`).
+    #[pyo3(signature = (point, target, *, force=false, progress=None, timeout=60.0))]
     fn restore(
         &self,
         py: Python<'_>,
@@ -428,7 +434,10 @@ impl Repository {
         target: PathBuf,
         force: bool,
         progress: Option<Py<PyAny>>,
+        timeout: f64,
     ) -> PyResult<Stats> {
+        let timeout = secs(timeout)?;
+        let target = target.to_string_lossy().into_owned();
         let spec: String = match point.cast::<Point>() {
             Ok(p) => p.get().__str__(),
             Err(_) => point.extract()?,
@@ -438,7 +447,15 @@ impl Repository {
         let (d2, id, stats) = run_cancellable(py, progress, move |pfn| {
             let id = repo.resolve_point(&disk, at.as_deref())?;
             let size = repo.point_meta(&disk, &id)?.meta.disk_size;
-            let t = datamover::open_target(&target, size, force)?;
+            let t = transports::open_target(
+                &target,
+                size,
+                force,
+                &transports::SourceOptions {
+                    timeout: Some(timeout),
+                    ..Default::default()
+                },
+            )?;
             let opts = RestoreOptions {
                 progress: Some(pfn),
                 ..RestoreOptions::default()

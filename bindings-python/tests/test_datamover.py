@@ -316,3 +316,15 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
     repo.restore("vm/cbt", out)
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(out)],
                    check=True)
+
+    # Back into a writable NBD export.
+    target = tmp / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(32 << 20)], check=True)
+    subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-f", "qcow2",
+                    "-k", str(sock), "-x", "disk", str(target)], check=True)
+    try:
+        repo.restore("vm/cbt", uri, timeout=20)
+    finally:
+        stop()
+    subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(qcow), str(target)],
+                   check=True)

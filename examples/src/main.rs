@@ -78,14 +78,19 @@ enum Cmd {
     Restore {
         /// <vm>/<disk>[@<point id or prefix>]
         point: String,
-        /// Target: a new file (sparse) or an existing block device.
-        target: PathBuf,
+        /// Target: a new file (sparse), an existing block device, or a writable
+        /// NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH).
+        target: String,
         /// Repository directory.
         #[arg(long, env = "DM_REPO")]
         repo: PathBuf,
         /// Overwrite an existing target file.
         #[arg(long)]
         force: bool,
+        /// Network timeout in seconds (NBD targets).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
         /// Print one JSON object with the run's figures.
         #[arg(long)]
         json: bool,
@@ -279,6 +284,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             target,
             repo,
             force,
+            timeout,
             json,
         } => {
             let (name, at) = match point.split_once('@') {
@@ -289,7 +295,15 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let r = Repository::open(&repo)?;
             let id = r.resolve_point(&disk, at)?;
             let size = r.point_meta(&disk, &id)?.meta.disk_size;
-            let t = datamover::open_target(&target, size, force)?;
+            let t = transports::open_target(
+                &target,
+                size,
+                force,
+                &transports::SourceOptions {
+                    timeout: Some(Duration::from_secs(timeout)),
+                    ..Default::default()
+                },
+            )?;
             let bar = progress_bar(size);
             let opts = RestoreOptions {
                 progress: bar.as_ref().map(progress_fn),
@@ -305,14 +319,14 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 let mut v = stats_json(s);
                 v["disk"] = json!(rep.disk.to_string());
                 v["point"] = json!(rep.point.to_string());
-                v["target"] = json!(target.display().to_string());
+                v["target"] = json!(target);
                 println!("{v}");
             } else {
                 println!(
                     "restored {}@{} to {}: {} in {:.1} s ({:.0} MB/s), every chunk checked",
                     rep.disk,
                     rep.point,
-                    target.display(),
+                    target,
                     human(s.bytes_total),
                     s.seconds,
                     s.mb_per_s()

@@ -537,6 +537,48 @@ fn cbt_backup_with_bitmap_over_nbd() {
         &["compare", "-f", "qcow2", "-F", "raw", s(&q), s(&out)],
     );
 
+    // Restore into a writable NBD export.
+    let t = e.dir.path().join("target.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&t), "32M"]);
+    let tsock = e.dir.path().join("t.sock");
+    let tpid = e.dir.path().join("t.pid");
+    sh(
+        "qemu-nbd",
+        &[
+            "--fork",
+            &format!("--pid-file={}", s(&tpid)),
+            "-f",
+            "qcow2",
+            "-k",
+            s(&tsock),
+            "-x",
+            "disk",
+            s(&t),
+        ],
+    );
+    let turi = format!("nbd+unix:///disk?socket={}", s(&tsock));
+    let v = json(&dm(&[
+        "restore",
+        "vm/vda",
+        &turi,
+        "--repo",
+        s(&e.repo),
+        "--json",
+    ]));
+    assert_eq!(v["target"], turi.as_str());
+    // qemu-nbd without -t exits when the client leaves.
+    let p = std::fs::read_to_string(&tpid).unwrap_or_default();
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{}", p.trim())).exists()
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sh(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", s(&q), s(&t)],
+    );
+
     // A bitmap needs an NBD source.
     let (code, err) = fails(&dm(&[
         "backup",

@@ -22,7 +22,43 @@ pub use datamover::target::{
     BlockDeviceTarget, BlockTarget, FileTarget, open_local as open_local_target,
 };
 
-/// How to open a source.
+fn is_nbd(spec: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+        .iter()
+        .any(|s| spec.starts_with(s))
+}
+
+/// Open a restore target by address: an NBD export (written through
+/// WRITE / WRITE_ZEROES / FLUSH; it must be writable and at least `size`
+/// bytes), or a path (a new sparse file, or a block device) through the
+/// core. `overwrite` allows replacing an existing file.
+pub fn open_target(
+    spec: &str,
+    size: u64,
+    overwrite: bool,
+    opts: &SourceOptions,
+) -> datamover::Result<Box<dyn BlockTarget>> {
+    if is_nbd(spec) {
+        let mut c = nbd::ConnectOptions::default();
+        if let Some(t) = opts.timeout {
+            c.timeout = t;
+        }
+        Ok(Box::new(nbd::NbdTarget::connect(spec, size, &c)?))
+    } else {
+        let path = match spec.split_once("://") {
+            None => spec,
+            Some(("file", rest)) => rest.strip_prefix("localhost").unwrap_or(rest),
+            Some((scheme, _)) => {
+                return Err(datamover::Error::InvalidArgument(format!(
+                    "unknown target scheme {scheme}://: give a path, file:// or an NBD URI"
+                )));
+            }
+        };
+        datamover::target::open_local(std::path::Path::new(path), size, overwrite)
+    }
+}
+
+/// How to open a source (or target).
 #[derive(Debug, Clone, Default)]
 pub struct SourceOptions {
     /// Changed-block tracking: the QEMU dirty bitmap to read changes from
@@ -44,10 +80,7 @@ pub fn open_source_with(
     spec: &str,
     opts: &SourceOptions,
 ) -> datamover::Result<Box<dyn BlockSource>> {
-    if ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
-        .iter()
-        .any(|s| spec.starts_with(s))
-    {
+    if is_nbd(spec) {
         let mut c = nbd::ConnectOptions {
             bitmap: opts.bitmap.clone(),
             ..nbd::ConnectOptions::default()

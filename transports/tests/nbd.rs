@@ -476,6 +476,201 @@ fn cbt_incrementals_from_a_qemu_dirty_bitmap() {
     d.stop();
 }
 
+fn restore_to(repo: &Repository, name: &str, uri: &str) -> datamover::Result<()> {
+    let disk: DiskName = name.parse().unwrap();
+    let id = repo.resolve_point(&disk, None).unwrap();
+    let size = repo.point_meta(&disk, &id).unwrap().meta.disk_size;
+    let t = datamover_transports::open_target(
+        uri,
+        size,
+        false,
+        &datamover_transports::SourceOptions::default(),
+    )?;
+    datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).map(drop)
+}
+
+fn nbdkit(dir: &Path, sock: &Path, args: &[&str]) -> Daemon {
+    let pid_file = dir.join(format!("nbdkit-{}.pid", free_port()));
+    let _ = std::fs::remove_file(sock);
+    let st = Command::new("nbdkit")
+        .arg("-U")
+        .arg(sock)
+        .arg("-P")
+        .arg(&pid_file)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "nbdkit {args:?}");
+    wait_for(&pid_file);
+    Daemon { pid_file }
+}
+
+#[test]
+fn restore_into_writable_exports() {
+    if !tools(
+        "nbd_restore",
+        &["qemu-nbd", "qemu-img", "qemu-io", "nbdkit", "nbdcopy"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let size = 48u64 << 20;
+    make_image(
+        &img,
+        size,
+        &[
+            (1 << 20, 9 << 20, Fill::Random(5)),
+            (20 << 20, 3 << 20, Fill::Zeros),
+            (30 << 20, 6 << 20, Fill::Text),
+        ],
+    );
+    let noise = dir.path().join("noise.raw");
+    make_image(&noise, size, &[(0, size, Fill::Random(6))]);
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+    for (p, n) in [(&noise, "vm/noise"), (&img, "vm/disk")] {
+        let src = open_source(p.to_str().unwrap()).unwrap();
+        datamover::backup(
+            &repo,
+            src.as_ref(),
+            &n.parse().unwrap(),
+            &BackupOptions::default(),
+        )
+        .unwrap();
+    }
+
+    // qemu-nbd, writable qcow2 full of 0xff: the restore equals the image.
+    let q = dir.path().join("target.qcow2");
+    let qs = q.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", qs, &size.to_string()],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", &format!("write -P 0xff 0 {size}"), qs],
+    );
+    let sock = dir.path().join("w.sock");
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let d = qemu_nbd(
+        dir.path(),
+        &[
+            "-f",
+            "qcow2",
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-t",
+            qs,
+        ],
+    );
+    restore_to(&repo, "vm/disk", &uri).expect("restore into qemu-nbd");
+    // TRIM and FLUSH on the same export, through the client.
+    let c = NbdSource::connect(&uri, &ConnectOptions::default()).unwrap();
+    let flags = c.client().info().flags;
+    assert!(flags & datamover_transports::nbd::proto::TFLAG_SEND_TRIM != 0);
+    d.stop();
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            img.to_str().unwrap(),
+            qs,
+        ],
+    );
+
+    // A read-only export and a too small one are refused up front.
+    let small = dir.path().join("small.raw");
+    make_image(&small, 1 << 20, &[]);
+    let ro_sock = dir.path().join("ro.sock");
+    let _ro = qemu_nbd_unix(dir.path(), "raw", &img, &ro_sock);
+    let e = restore_to(
+        &repo,
+        "vm/disk",
+        &format!("nbd+unix:///disk?socket={}", ro_sock.display()),
+    )
+    .expect_err("read-only");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    let small_sock = dir.path().join("small.sock");
+    let _small = qemu_nbd(
+        dir.path(),
+        &[
+            "-f",
+            "raw",
+            "-k",
+            small_sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-t",
+            small.to_str().unwrap(),
+        ],
+    );
+    let e = restore_to(
+        &repo,
+        "vm/disk",
+        &format!("nbd+unix:///disk?socket={}", small_sock.display()),
+    )
+    .expect_err("too small");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("1048576 bytes"), "{e}");
+
+    // nbdkit memory, three ways of zeroing: WRITE_ZEROES with FAST_ZERO,
+    // FAST_ZERO refused (ENOTSUP, then a plain WRITE_ZEROES), and no
+    // WRITE_ZEROES at all (zero buffers). Noise first, then the disk: its
+    // zero runs must overwrite the noise. nbdcopy reads it back.
+    let ks = dir.path().join("k.sock");
+    let kuri = format!("nbd+unix:///?socket={}", ks.display());
+    for filter in [
+        &[][..],
+        &["zeromode=emulate", "fastzeromode=slow"],
+        &["zeromode=none"],
+    ] {
+        let mut all = if filter.is_empty() {
+            vec![]
+        } else {
+            vec!["--filter=nozero"]
+        };
+        all.extend(["memory", "48M"]);
+        all.extend(filter);
+        let k = nbdkit(dir.path(), &ks, &all);
+        if filter.contains(&"fastzeromode=slow") {
+            // The fallback is really taken: FAST_ZERO is offered, then refused.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let uri = datamover_transports::nbd::NbdUri::parse(&kuri).unwrap();
+            let c = rt
+                .block_on(datamover_transports::nbd::NbdClient::connect(
+                    &uri,
+                    &ConnectOptions::default(),
+                ))
+                .unwrap();
+            let r = rt.block_on(c.write_zeroes(0, 4096, true));
+            assert!(
+                matches!(
+                    r,
+                    Err(datamover_transports::nbd::NbdError::Request { errno: 95, .. })
+                ),
+                "{r:?}"
+            );
+            rt.block_on(c.disconnect());
+        }
+        restore_to(&repo, "vm/noise", &kuri).expect("noise");
+        restore_to(&repo, "vm/disk", &kuri).expect("disk");
+        let back = dir.path().join("back.raw");
+        let _ = std::fs::remove_file(&back);
+        run("nbdcopy", &[&kuri, back.to_str().unwrap()]);
+        assert_eq!(hash_file(&back), hash_file(&img), "nbdkit {filter:?}");
+        k.stop();
+    }
+}
+
 /// A scripted server: correct handshake, then the given reply bytes for
 /// the first request. Returns its address.
 fn hostile(reply: impl Fn(u64) -> Vec<u8> + Send + 'static) -> String {

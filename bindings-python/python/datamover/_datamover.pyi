@@ -119,9 +119,11 @@ class Repository:
         *,
         force: bool = False,
         progress: Optional[ProgressCallback] = None,
+        timeout: float = 60.0,
     ) -> Stats:
         """Restore a point ("vm/disk" = newest, "vm/disk@id-prefix", or a
-        Point) to a new sparse file or an existing block device."""
+        Point) to a new sparse file, an existing block device, or a writable
+        NBD export (``nbd://…``, ``nbd+unix://…``)."""
     def points(self, name: Optional[str] = None) -> list[Point]:
         """Restore points, oldest first per disk."""
     def verify(self, read_data: bool = False) -> VerifyReport:

@@ -25,9 +25,17 @@ pub enum NbdError {
     /// The server broke the protocol; the connection was closed.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The server refused a request or option.
+    /// The server refused an option.
     #[error("{0}")]
     Server(String),
+    /// The server failed a request with an error number.
+    #[error("server error {} ({errno}){}", p::errno_name(*errno), if msg.is_empty() { String::new() } else { format!(": {msg}") })]
+    Request {
+        /// NBD error number (errno values).
+        errno: u32,
+        /// The server's message, if it sent one.
+        msg: String,
+    },
     /// Something we do not do (yet), refused rather than worked around.
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -106,11 +114,13 @@ enum Pending {
         context: u32,
         descs: Vec<(u32, u32)>,
     },
+    /// Writes, zeroes, trims, flushes: only success or an error.
+    Ack,
 }
 
 struct InFlight {
     what: Pending,
-    error: Option<String>,
+    error: Option<(u32, String)>,
     tx: oneshot::Sender<Result<Pending, NbdError>>,
 }
 
@@ -367,6 +377,7 @@ impl NbdClient {
         flags: u16,
         offset: u64,
         len: u32,
+        payload: &[u8],
         what: Pending,
     ) -> Result<Pending, NbdError> {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
@@ -389,6 +400,9 @@ impl NbdClient {
         let sent = async {
             let mut w = self.writer.lock().await;
             w.write_all(&req).await?;
+            if !payload.is_empty() {
+                w.write_all(payload).await?;
+            }
             w.flush().await
         };
         if let Err(e) = sent.await {
@@ -418,7 +432,14 @@ impl NbdClient {
         }
         let buf = vec![0u8; len as usize];
         match self
-            .submit(p::CMD_READ, 0, offset, len, Pending::Read { offset, buf })
+            .submit(
+                p::CMD_READ,
+                0,
+                offset,
+                len,
+                &[],
+                Pending::Read { offset, buf },
+            )
             .await?
         {
             Pending::Read { buf, .. } => Ok(buf),
@@ -440,6 +461,7 @@ impl NbdClient {
                 0,
                 offset,
                 len,
+                &[],
                 Pending::Status {
                     context,
                     descs: Vec::new(),
@@ -450,6 +472,77 @@ impl NbdClient {
             Pending::Status { descs, .. } => Ok(descs),
             _ => Err(NbdError::Protocol("reply of the wrong kind".into())),
         }
+    }
+
+    fn require(&self, flag: u16, what: &str) -> Result<(), NbdError> {
+        if self.info.flags & p::TFLAG_READ_ONLY != 0 {
+            return Err(NbdError::Unsupported(format!(
+                "{what} on a read-only export (serve it writable, e.g. qemu-nbd without -r)"
+            )));
+        }
+        if flag != 0 && self.info.flags & flag == 0 {
+            return Err(NbdError::Unsupported(format!(
+                "{what}: the server does not offer it"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn ack(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<(), NbdError> {
+        self.submit(cmd, flags, offset, len, payload, Pending::Ack)
+            .await
+            .map(drop)
+    }
+
+    /// Write `data` at `offset` (at most the server's maximum payload).
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.require(0, "writing")?;
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|l| *l <= self.info.block.2)
+            .ok_or_else(|| {
+                NbdError::Unsupported(format!(
+                    "writes over the server's maximum of {} bytes",
+                    self.info.block.2
+                ))
+            })?;
+        self.ack(p::CMD_WRITE, 0, offset, len, data).await
+    }
+
+    /// Make `[offset, offset+len)` read as zeros. With `fast`, the server
+    /// must refuse (ENOTSUP) rather than zero slowly; only asked when it
+    /// offers FAST_ZERO.
+    pub async fn write_zeroes(&self, offset: u64, len: u32, fast: bool) -> Result<(), NbdError> {
+        self.require(p::TFLAG_SEND_WRITE_ZEROES, "WRITE_ZEROES")?;
+        let flags = if fast {
+            self.require(p::TFLAG_SEND_FAST_ZERO, "FAST_ZERO")?;
+            p::CMD_FLAG_FAST_ZERO
+        } else {
+            0
+        };
+        self.ack(p::CMD_WRITE_ZEROES, flags, offset, len, &[]).await
+    }
+
+    /// Tell the server `[offset, offset+len)` is no longer needed.
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), NbdError> {
+        self.require(p::TFLAG_SEND_TRIM, "TRIM")?;
+        self.ack(p::CMD_TRIM, 0, offset, len, &[]).await
+    }
+
+    /// Make completed writes durable (a no-op success when the server
+    /// does not take FLUSH: it then writes through).
+    pub async fn flush(&self) -> Result<(), NbdError> {
+        if self.info.flags & p::TFLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.ack(p::CMD_FLUSH, 0, 0, 0, &[]).await
     }
 
     /// Tell the server we are leaving (best effort; no reply).
@@ -494,7 +587,7 @@ fn put_back(shared: &Mutex<Shared>, cookie: u64, f: InFlight) {
 
 fn finish(f: InFlight) {
     let r = match f.error {
-        Some(e) => Err(NbdError::Server(e)),
+        Some((errno, msg)) => Err(NbdError::Request { errno, msg }),
         None => Ok(f.what),
     };
     let _ = f.tx.send(r);
@@ -520,7 +613,7 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                 let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap_or_default());
                 let mut f = take(shared, cookie)?;
                 if errno != 0 {
-                    f.error = Some(format!("server error {} ({errno})", p::errno_name(errno)));
+                    f.error = Some((errno, String::new()));
                 } else if let Pending::Read { buf, .. } = &mut f.what {
                     read_exact(r, buf).await?;
                 }
@@ -633,19 +726,11 @@ async fn chunk<R: AsyncRead + Unpin>(
         p::REPLY_TYPE_ERROR | p::REPLY_TYPE_ERROR_OFFSET => {
             let d = payload(r, h.len, p::MAX_META_CHUNK).await?;
             let (errno, msg) = p::parse_error_chunk(&d)?;
-            f.error = Some(format!(
-                "server error {} ({errno}){}",
-                p::errno_name(errno),
-                if msg.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {msg}")
-                }
-            ));
+            f.error = Some((errno, msg));
         }
         t if t & (1 << 15) != 0 => {
             let _ = payload(r, h.len, p::MAX_META_CHUNK).await?;
-            f.error = Some(format!("server error (unknown error chunk type {t})"));
+            f.error = Some((0, format!("unknown error chunk type {t}")));
         }
         _ => {
             // Unknown non-error chunk: skip it, in bounded pieces.

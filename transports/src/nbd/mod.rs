@@ -12,8 +12,10 @@
 pub mod client;
 pub mod proto;
 pub mod source;
+pub mod target;
 pub mod uri;
 
 pub use client::{ConnectOptions, ExportInfo, NbdClient, NbdError};
 pub use source::NbdSource;
+pub use target::NbdTarget;
 pub use uri::NbdUri;

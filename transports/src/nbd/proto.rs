@@ -69,15 +69,35 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 /// Server accepts FLUSH.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Server accepts TRIM.
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// Server accepts WRITE_ZEROES.
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Several connections see the same data.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Server honours the FAST_ZERO command flag.
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Commands.
 pub const CMD_READ: u16 = 0;
+/// Write.
+pub const CMD_WRITE: u16 = 1;
 /// Disconnect.
 pub const CMD_DISC: u16 = 2;
+/// Flush.
+pub const CMD_FLUSH: u16 = 3;
+/// Trim (discard).
+pub const CMD_TRIM: u16 = 4;
+/// Write zeroes.
+pub const CMD_WRITE_ZEROES: u16 = 6;
 /// Block status.
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Command flag: fail fast (ENOTSUP) rather than zero slowly.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+/// Error numbers with a meaning for the client.
+pub const ENOTSUP: u32 = 95;
 
 /// Structured reply flag: last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1;

@@ -34,7 +34,7 @@ impl std::fmt::Debug for NbdSource {
     }
 }
 
-fn err(uri: &NbdUri, e: NbdError) -> Error {
+pub(crate) fn err(uri: &NbdUri, e: NbdError) -> Error {
     match e {
         NbdError::Unsupported(what) => Error::Unsupported(what),
         e => Error::Transport {
@@ -44,18 +44,23 @@ fn err(uri: &NbdUri, e: NbdError) -> Error {
     }
 }
 
+/// The runtime an NBD source or target runs its connection on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("nbd")
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))
+}
+
 impl NbdSource {
     /// Connect to `uri` (an NBD URI) and negotiate.
     pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<NbdSource> {
         let parsed =
             NbdUri::parse(uri).map_err(|e| Error::InvalidArgument(format!("{uri}: {e}")))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("nbd")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+        let rt = runtime()?;
         let client = rt
             .block_on(NbdClient::connect(&parsed, opts))
             .map_err(|e| err(&parsed, e))?;
