@@ -371,8 +371,9 @@ impl Repository {
     /// With `bitmap`, the backup is incremental (CBT): only what the QEMU
     /// dirty bitmap marks changed is read (NBD sources). `full_if_needed`
     /// reads the whole disk when no incremental is possible instead of
-    /// raising. `timeout` is the network timeout in seconds.
-    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0))]
+    /// raising. `timeout` is the network timeout in seconds;
+    /// `tls_certificates` the directory with `ca-cert.pem` for `nbds://`.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None))]
     #[allow(clippy::too_many_arguments)]
     fn backup(
         &self,
@@ -387,6 +388,7 @@ impl Repository {
         bitmap: Option<String>,
         full_if_needed: bool,
         timeout: f64,
+        tls_certificates: Option<PathBuf>,
     ) -> PyResult<Stats> {
         let disk: DiskName = name.parse().map_err(to_py)?;
         let timeout = secs(timeout)?;
@@ -408,6 +410,7 @@ impl Repository {
                 &transports::SourceOptions {
                     bitmap,
                     timeout: Some(timeout),
+                    tls_certificates,
                 },
             )?;
             let opts = BackupOptions {
@@ -426,7 +429,7 @@ impl Repository {
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
     /// a Point) to a new file (sparse), an existing block device, or a
     /// writable NBD export (`nbd://…`, `nbd+unix://…`).
-    #[pyo3(signature = (point, target, *, force=false, progress=None, timeout=60.0))]
+    #[pyo3(signature = (point, target, *, force=false, progress=None, timeout=60.0, tls_certificates=None))]
     fn restore(
         &self,
         py: Python<'_>,
@@ -435,6 +438,7 @@ impl Repository {
         force: bool,
         progress: Option<Py<PyAny>>,
         timeout: f64,
+        tls_certificates: Option<PathBuf>,
     ) -> PyResult<Stats> {
         let timeout = secs(timeout)?;
         let target = target.to_string_lossy().into_owned();
@@ -453,6 +457,7 @@ impl Repository {
                 force,
                 &transports::SourceOptions {
                     timeout: Some(timeout),
+                    tls_certificates,
                     ..Default::default()
                 },
             )?;

@@ -38,7 +38,7 @@ enum Cmd {
     },
     /// Back up a disk image file or block device as a new restore point.
     Backup {
-        /// Raw image file, block device, file:// URI, or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH).
+        /// Raw image file, block device, file:// URI, or NBD export (nbd://host[:port]/export, nbds://… with TLS, nbd+unix:///export?socket=PATH).
         source: String,
         /// Repository directory.
         #[arg(long, env = "DM_REPO")]
@@ -70,6 +70,10 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS", default_value_t = 60,
               value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
+        /// TLS certificates for nbds:// addresses: a directory with ca-cert.pem
+        /// (and client-cert.pem + client-key.pem if the server checks clients).
+        #[arg(long, value_name = "DIR")]
+        tls_certificates: Option<PathBuf>,
         /// Print one JSON object with the run's figures.
         #[arg(long)]
         json: bool,
@@ -91,6 +95,9 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS", default_value_t = 60,
               value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
+        /// TLS certificates for nbds:// targets (a directory with ca-cert.pem).
+        #[arg(long, value_name = "DIR")]
+        tls_certificates: Option<PathBuf>,
         /// Print one JSON object with the run's figures.
         #[arg(long)]
         json: bool,
@@ -203,6 +210,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             bitmap,
             full_if_needed,
             timeout,
+            tls_certificates,
             json,
         } => {
             let disk: DiskName = name.parse()?;
@@ -219,6 +227,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 &transports::SourceOptions {
                     bitmap,
                     timeout: Some(Duration::from_secs(timeout)),
+                    tls_certificates,
                 },
             )?;
             let bar = progress_bar(src.size());
@@ -285,6 +294,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             repo,
             force,
             timeout,
+            tls_certificates,
             json,
         } => {
             let (name, at) = match point.split_once('@') {
@@ -301,6 +311,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 force,
                 &transports::SourceOptions {
                     timeout: Some(Duration::from_secs(timeout)),
+                    tls_certificates,
                     ..Default::default()
                 },
             )?;

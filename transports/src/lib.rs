@@ -6,7 +6,7 @@
 //!   holes via SEEK_DATA/SEEK_HOLE), [`BlockDeviceSource`], and targets.
 //! * [`nbd`]: *Network mode*, an NBD client as a source.
 //!
-//! Not here yet, tracked by their issues: NBD TLS and writes (#3); the
+//! Not here yet, tracked by their issues: the
 //! QMP platform with HotAdd, SAN and storage-snapshot modes and automatic
 //! mode selection (#4).
 //!
@@ -39,10 +39,10 @@ pub fn open_target(
     opts: &SourceOptions,
 ) -> datamover::Result<Box<dyn BlockTarget>> {
     if is_nbd(spec) {
-        let mut c = nbd::ConnectOptions::default();
-        if let Some(t) = opts.timeout {
-            c.timeout = t;
-        }
+        let c = nbd::ConnectOptions {
+            bitmap: None,
+            ..opts.nbd()
+        };
         Ok(Box::new(nbd::NbdTarget::connect(spec, size, &c)?))
     } else {
         let path = match spec.split_once("://") {
@@ -66,6 +66,24 @@ pub struct SourceOptions {
     pub bitmap: Option<String>,
     /// Network timeout per request and for the handshake (NBD); default 60 s.
     pub timeout: Option<std::time::Duration>,
+    /// TLS certificates directory for `nbds://` addresses (`ca-cert.pem`,
+    /// optionally `client-cert.pem` + `client-key.pem`); an address's own
+    /// `tls-certificates=` wins.
+    pub tls_certificates: Option<std::path::PathBuf>,
+}
+
+impl SourceOptions {
+    fn nbd(&self) -> nbd::ConnectOptions {
+        let mut c = nbd::ConnectOptions {
+            bitmap: self.bitmap.clone(),
+            tls_certificates: self.tls_certificates.clone(),
+            ..nbd::ConnectOptions::default()
+        };
+        if let Some(t) = self.timeout {
+            c.timeout = t;
+        }
+        c
+    }
 }
 
 /// Open a source by address: `nbd://`, `nbds://`, `nbd+unix://`,
@@ -81,14 +99,7 @@ pub fn open_source_with(
     opts: &SourceOptions,
 ) -> datamover::Result<Box<dyn BlockSource>> {
     if is_nbd(spec) {
-        let mut c = nbd::ConnectOptions {
-            bitmap: opts.bitmap.clone(),
-            ..nbd::ConnectOptions::default()
-        };
-        if let Some(t) = opts.timeout {
-            c.timeout = t;
-        }
-        Ok(Box::new(nbd::NbdSource::connect(spec, &c)?))
+        Ok(Box::new(nbd::NbdSource::connect(spec, &opts.nbd())?))
     } else if let Some(b) = &opts.bitmap {
         Err(datamover::Error::InvalidArgument(format!(
             "dirty bitmap {b:?} asked for {spec}: changed-block tracking needs an NBD source (nbd://, nbd+unix://) exporting the bitmap"

@@ -214,7 +214,7 @@ fn nbdkit_pattern_is_an_independent_second_server() {
 
 #[test]
 fn errors_unknown_export_refused_tls_server_killed() {
-    if !tools("nbd_errors", &["qemu-nbd"]) {
+    if !tools("nbd_errors", &["qemu-nbd", "openssl"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -231,11 +231,17 @@ fn errors_unknown_export_refused_tls_server_killed() {
     );
     assert_eq!(e.kind(), ErrorKind::Io);
 
-    let e = open_err(&format!("nbds+unix:///disk?socket={}", sock.display()));
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    // TLS asked of a server without it: refused, never downgraded.
+    let ca = make_ca(dir.path(), "plain");
+    let e = open_err(&format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        ca.display()
+    ));
+    assert_eq!(e.kind(), ErrorKind::Io);
     assert!(
-        e.to_string()
-            .contains("refusing rather than connecting without encryption"),
+        e.to_string().contains("the server refused TLS")
+            && e.to_string().contains("not continuing without encryption"),
         "{e}"
     );
 
@@ -339,6 +345,7 @@ fn tracked_backup(
         &datamover_transports::SourceOptions {
             bitmap: Some(bitmap.into()),
             timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
         },
     )?;
     let opts = BackupOptions {
@@ -671,6 +678,206 @@ fn restore_into_writable_exports() {
     }
 }
 
+/// A CA (in `dir/name-ca`) and certificates it signs, made with openssl.
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let ca = dir.join(format!("{name}-ca"));
+    std::fs::create_dir_all(&ca).unwrap();
+    let p = |f: &str| ca.join(f).to_str().unwrap().to_string();
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p("ca-key.pem"),
+            "-out",
+            &p("ca-cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    ca
+}
+
+/// `out/{role}-cert.pem` + `-key.pem` signed by `ca`, and `ca-cert.pem`.
+fn issue(ca: &Path, out: &Path, role: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    let c = |f: &str| ca.join(f).to_str().unwrap().to_string();
+    let o = |f: &str| out.join(f).to_str().unwrap().to_string();
+    let ext = out.join(format!("{role}.ext"));
+    std::fs::write(
+        &ext,
+        if role == "server" {
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        } else {
+            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        },
+    )
+    .unwrap();
+    let (key, csr, cert) = (
+        o(&format!("{role}-key.pem")),
+        o(&format!("{role}.csr")),
+        o(&format!("{role}-cert.pem")),
+    );
+    run(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={role}"),
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &c("ca-cert.pem"),
+            "-CAkey",
+            &c("ca-key.pem"),
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+        ],
+    );
+    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+}
+
+fn qemu_nbd_tls(dir: &Path, creds: &Path, verify_peer: bool, port: u16, img: &Path) -> Daemon {
+    qemu_nbd(
+        dir,
+        &[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
+                creds.display(),
+                if verify_peer { "on" } else { "off" }
+            ),
+            "--tls-creds",
+            "tls0",
+            "-r",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+            "-t",
+            img.to_str().unwrap(),
+        ],
+    )
+}
+
+#[test]
+fn tls_with_qemu_nbd_x509() {
+    if !tools("nbd_tls", &["qemu-nbd", "openssl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    make_image(&img, 24 << 20, &[(2 << 20, 6 << 20, Fill::Random(21))]);
+    let ca = make_ca(dir.path(), "good");
+    let (server, client, anon) = (
+        dir.path().join("server"),
+        dir.path().join("client"),
+        dir.path().join("anon"),
+    );
+    issue(&ca, &server, "server");
+    issue(&ca, &client, "client");
+    std::fs::create_dir_all(&anon).unwrap();
+    std::fs::copy(ca.join("ca-cert.pem"), anon.join("ca-cert.pem")).unwrap();
+    let wrong = make_ca(dir.path(), "wrong");
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+
+    let port = free_port();
+    let _d = qemu_nbd_tls(dir.path(), &server, false, port, &img);
+    let uri = |certs: &Path| {
+        format!(
+            "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+            certs.display()
+        )
+    };
+    // Encrypted backup, restored byte for byte.
+    let out = dir.path().join("out.raw");
+    let rep = backup_restore(&repo, &uri(&anon), "vm/tls", &out);
+    assert_eq!(rep.stats.bytes_read, 6 << 20);
+    assert_eq!(hash_file(&out), hash_file(&img));
+    // By host name too, with the directory given as an option.
+    let src = datamover_transports::open_source_with(
+        &format!("nbds://localhost:{port}/disk"),
+        &datamover_transports::SourceOptions {
+            tls_certificates: Some(anon.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(src.size(), 24 << 20);
+    drop(src);
+
+    // A CA that did not sign the server's certificate.
+    let e = open_err(&uri(&wrong));
+    assert!(
+        e.to_string().contains("handshake failed") && e.to_string().contains("UnknownIssuer"),
+        "{e}"
+    );
+    // The name must match.
+    let e = open_err(&format!(
+        "nbds://127.0.0.1:{port}/disk?tls-certificates={}&tls-hostname=other.example",
+        anon.display()
+    ));
+    assert!(e.to_string().contains("handshake failed"), "{e}");
+    // No certificates directory at all.
+    let e = open_err(&format!("nbds://127.0.0.1:{port}/disk"));
+    assert!(e.to_string().contains("certificates directory"), "{e}");
+    // Plain text to a TLS server.
+    let e = open_err(&format!("nbd://127.0.0.1:{port}/disk"));
+    assert!(e.to_string().contains("requires TLS"), "{e}");
+
+    // A server that checks clients: no client certificate fails, one works.
+    let port2 = free_port();
+    let _v = qemu_nbd_tls(dir.path(), &server, true, port2, &img);
+    let e = open_err(&format!(
+        "nbds://127.0.0.1:{port2}/disk?tls-certificates={}",
+        anon.display()
+    ));
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    let src = open_source(&format!(
+        "nbds://127.0.0.1:{port2}/disk?tls-certificates={}",
+        client.display()
+    ))
+    .unwrap();
+    assert_eq!(src.size(), 24 << 20);
+}
+
 /// A scripted server: correct handshake, then the given reply bytes for
 /// the first request. Returns its address.
 fn hostile(reply: impl Fn(u64) -> Vec<u8> + Send + 'static) -> String {
@@ -749,7 +956,7 @@ fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8], claimed_len: Option
 fn hostile_replies_are_protocol_errors_not_panics_or_hangs() {
     let opts = ConnectOptions {
         timeout: Duration::from_secs(5),
-        bitmap: None,
+        ..ConnectOptions::default()
     };
     let cases: Vec<(&str, Reply)> = vec![
         (

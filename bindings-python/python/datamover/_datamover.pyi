@@ -106,6 +106,7 @@ class Repository:
         bitmap: Optional[str] = None,
         full_if_needed: bool = False,
         timeout: float = 60.0,
+        tls_certificates: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> Stats:
         """Back up ``source`` (a path, block device, ``file://`` or NBD URI)
         as a new point of ``name`` ("vm/disk"). With ``bitmap`` the backup is
@@ -120,6 +121,7 @@ class Repository:
         force: bool = False,
         progress: Optional[ProgressCallback] = None,
         timeout: float = 60.0,
+        tls_certificates: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> Stats:
         """Restore a point ("vm/disk" = newest, "vm/disk@id-prefix", or a
         Point) to a new sparse file, an existing block device, or a writable

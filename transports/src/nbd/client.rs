@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::sync::oneshot;
 
 use super::proto::{self as p, Violation};
+use super::tls;
 use super::uri::{Endpoint, NbdUri};
 
 /// What went wrong talking to a server.
@@ -39,6 +40,9 @@ pub enum NbdError {
     /// Something we do not do (yet), refused rather than worked around.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// TLS could not be set up, or the server refused it.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// No reply in time.
     #[error("no reply within {0:?}; the server may be hung (raise the timeout if it is just slow)")]
     Timeout(Duration),
@@ -69,6 +73,9 @@ pub struct ConnectOptions {
     /// Also ask for `qemu:dirty-bitmap:<name>` (whether the server granted
     /// it is in [`ExportInfo::contexts`]).
     pub bitmap: Option<String>,
+    /// TLS certificates directory for `nbds` addresses that do not name
+    /// one (`tls-certificates=` in the address wins).
+    pub tls_certificates: Option<std::path::PathBuf>,
 }
 
 impl Default for ConnectOptions {
@@ -76,6 +83,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             timeout: Duration::from_secs(60),
             bitmap: None,
+            tls_certificates: None,
         }
     }
 }
@@ -191,11 +199,6 @@ fn option_error(what: &str, reply: u32, data: &[u8]) -> NbdError {
 impl NbdClient {
     /// Connect to `uri` and negotiate.
     pub async fn connect(uri: &NbdUri, opts: &ConnectOptions) -> Result<NbdClient, NbdError> {
-        if uri.tls {
-            return Err(NbdError::Unsupported(
-                "TLS (nbds://) is not built yet; refusing rather than connecting without encryption".into(),
-            ));
-        }
         let connect = async {
             let s: Box<dyn Stream> = match &uri.endpoint {
                 Endpoint::Tcp { host, port } => {
@@ -260,6 +263,9 @@ impl NbdClient {
             cflags |= p::FLAG_C_NO_ZEROES;
         }
         s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
+        if uri.tls {
+            s = Self::starttls(s, uri, opts).await?;
+        }
         let mut info = ExportInfo::default();
 
         // Structured replies (needed for holes and block status).
@@ -349,6 +355,57 @@ impl NbdClient {
             ));
         }
         Ok((s, info))
+    }
+
+    /// Upgrade to TLS before any other option; a refusal is an error,
+    /// never a fall back to plain text.
+    async fn starttls(
+        mut s: Box<dyn Stream>,
+        uri: &NbdUri,
+        opts: &ConnectOptions,
+    ) -> Result<Box<dyn Stream>, NbdError> {
+        let dir = uri
+            .tls_certificates
+            .clone()
+            .or_else(|| opts.tls_certificates.clone())
+            .ok_or_else(|| {
+                NbdError::Tls(format!(
+                    "an nbds address needs a certificates directory holding {}: add ?tls-certificates=DIR to the address or pass --tls-certificates DIR",
+                    tls::CA_CERT
+                ))
+            })?;
+        let config = tls::client_config(&dir)?;
+        s.write_all(&p::option_request(p::OPT_STARTTLS, &[]))
+            .await
+            .map_err(io)?;
+        let (h, d) = option_reply(&mut s, p::OPT_STARTTLS).await?;
+        if h.reply != p::REP_ACK {
+            let msg = String::from_utf8_lossy(&d);
+            return Err(NbdError::Tls(format!(
+                "the server refused TLS (reply {:#x}{}); not continuing without encryption",
+                h.reply,
+                if msg.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {msg}")
+                }
+            )));
+        }
+        let name = match (&uri.tls_hostname, &uri.endpoint) {
+            (Some(n), _) => n.clone(),
+            (None, Endpoint::Tcp { host, .. }) => host.clone(),
+            (None, Endpoint::Unix(_)) => "localhost".into(),
+        };
+        let conn = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::server_name(&name)?, s)
+            .await
+            .map_err(|e| {
+                NbdError::Tls(format!(
+                    "handshake failed: {e} (the server's certificate must be signed by {} and name {name:?})",
+                    dir.join(tls::CA_CERT).display()
+                ))
+            })?;
+        Ok(Box::new(conn))
     }
 
     async fn list(s: &mut Box<dyn Stream>) -> Result<Vec<String>, NbdError> {

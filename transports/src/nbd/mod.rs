@@ -13,6 +13,7 @@ pub mod client;
 pub mod proto;
 pub mod source;
 pub mod target;
+pub mod tls;
 pub mod uri;
 
 pub use client::{ConnectOptions, ExportInfo, NbdClient, NbdError};

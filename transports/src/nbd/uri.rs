@@ -1,6 +1,7 @@
 //! NBD addresses as URIs, the libnbd way:
 //! `nbd://host[:port]/export`, `nbds://…` (TLS), `nbd+unix:///export?socket=PATH`,
-//! `nbds+unix:///export?socket=PATH`; `tls-certificates=DIR` in the query.
+//! `nbds+unix:///export?socket=PATH`; `tls-certificates=DIR` and
+//! `tls-hostname=NAME` in the query.
 //! Invariant: a parsed address is complete (a TCP host and port, or a
 //! socket path) and says whether TLS is required.
 
@@ -34,6 +35,9 @@ pub struct NbdUri {
     pub tls: bool,
     /// Directory with `ca-cert.pem` (and optional client cert/key).
     pub tls_certificates: Option<PathBuf>,
+    /// The name the server's certificate must carry, when not the host
+    /// (default for unix sockets: `localhost`).
+    pub tls_hostname: Option<String>,
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
@@ -71,15 +75,17 @@ impl NbdUri {
         let export = percent_decode(path)?;
         let mut socket = None;
         let mut tls_certificates = None;
+        let mut tls_hostname = None;
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, val) = kv.split_once('=').unwrap_or((kv, ""));
             let val = percent_decode(val)?;
             match k {
                 "socket" => socket = Some(PathBuf::from(val)),
                 "tls-certificates" => tls_certificates = Some(PathBuf::from(val)),
+                "tls-hostname" => tls_hostname = Some(val),
                 _ => {
                     return Err(format!(
-                        "unknown NBD URI parameter {k:?} (known: socket, tls-certificates)"
+                        "unknown NBD URI parameter {k:?} (known: socket, tls-certificates, tls-hostname)"
                     ));
                 }
             }
@@ -116,6 +122,7 @@ impl NbdUri {
             export,
             tls,
             tls_certificates,
+            tls_hostname,
         })
     }
 }
