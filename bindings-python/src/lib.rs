@@ -430,6 +430,7 @@ impl Repository {
     /// a Point) to a new file (sparse), an existing block device, or a
     /// writable NBD export (`nbd://…`, `nbd+unix://…`).
     #[pyo3(signature = (point, target, *, force=false, progress=None, timeout=60.0, tls_certificates=None))]
+    #[allow(clippy::too_many_arguments)]
     fn restore(
         &self,
         py: Python<'_>,
