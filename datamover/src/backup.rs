@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::cbt::{ChangeTracker, DirtyRanges, Tracking};
@@ -434,6 +434,8 @@ struct Scanner<'a> {
     exts: Vec<SourceExtent>,
     win: (u64, u64),
     reported: u64,
+    /// Reads announced with `will_read` end here.
+    hinted: u64,
     st: ReadStats,
 }
 
@@ -451,6 +453,7 @@ impl<'a> Scanner<'a> {
             exts: Vec::new(),
             win: (0, 0),
             reported: 0,
+            hinted: 0,
             st: ReadStats::default(),
         }
     }
@@ -463,6 +466,37 @@ impl<'a> Scanner<'a> {
         } else {
             Err(Error::Cancelled)
         }
+    }
+
+    /// Announce the reads that follow `[.., end)` inside this window's
+    /// data extents and before `limit`, up to the source's read-ahead.
+    fn hint(&mut self, end: u64, limit: u64) {
+        let n = self.src.read_ahead();
+        if n == 0 {
+            return;
+        }
+        let mut p = self.hinted.max(end);
+        let horizon = limit.min(end + n as u64 * self.io);
+        let mut i = self.exts.partition_point(|e| e.offset + e.len <= p);
+        while p < horizon {
+            let Some(e) = self.exts.get(i).copied() else {
+                break;
+            };
+            if e.kind != ExtentKind::Data || e.offset + e.len <= p {
+                i += 1;
+                continue;
+            }
+            p = p.max(e.offset);
+            if p >= horizon {
+                break;
+            }
+            let to = (e.offset + e.len)
+                .min((p / self.io + 1) * self.io)
+                .min(limit);
+            self.src.will_read(p, (to - p) as usize);
+            p = to;
+        }
+        self.hinted = p.max(self.hinted);
     }
 
     /// Describe the disk from `pos` on (at most to the next preferred-size
@@ -502,13 +536,20 @@ impl<'a> Scanner<'a> {
                 // From the zero block's start, so a read that starts inside
                 // one (an incremental region) judges it as a full read does.
                 let from = e.offset.max(pos - pos % ZERO_BLOCK as u64);
-                let mut buf = BytesMut::zeroed((end - from) as usize);
+                self.hint(end, limit);
                 let t = Instant::now();
-                self.src.read_at(from, &mut buf)?;
+                let buf = self.src.read_bytes(from, (end - from) as usize)?;
                 self.st.busy += t.elapsed().as_secs_f64();
+                if buf.len() as u64 != end - from {
+                    return Err(Error::Internal(format!(
+                        "source returned {} bytes for a read of {}",
+                        buf.len(),
+                        end - from
+                    )));
+                }
                 self.st.bytes_read += end - from;
                 let first = out.len();
-                split_zero(from, buf.freeze(), out);
+                split_zero(from, buf, out);
                 if from < pos {
                     let mut q: VecDeque<ReadMsg> = out.drain(first..).collect();
                     while let Some(m) = q.pop_front() {

@@ -135,6 +135,15 @@ impl<S: BlockSource> BlockSource for WithChanges<S> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.source.read_at(offset, buf)
     }
+    fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
+        self.source.read_bytes(offset, len)
+    }
+    fn will_read(&self, offset: u64, len: usize) {
+        self.source.will_read(offset, len)
+    }
+    fn read_ahead(&self) -> usize {
+        self.source.read_ahead()
+    }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
         self.source.extents(offset, len)
     }

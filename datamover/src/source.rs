@@ -70,6 +70,24 @@ pub trait BlockSource: Send + Sync {
             kind: ExtentKind::Data,
         }])
     }
+    /// The bytes at `[offset, offset+len)` as an owned buffer. Sources that
+    /// receive data into buffers of their own (network) return those
+    /// without a copy; the default reads into a new buffer.
+    fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
+        let mut buf = bytes::BytesMut::zeroed(len);
+        self.read_at(offset, &mut buf)?;
+        Ok(buf.freeze())
+    }
+    /// A hint: `read_at(offset, len)` will be called soon (sequential
+    /// read-ahead). Network sources start fetching; the default ignores it.
+    fn will_read(&self, offset: u64, len: usize) {
+        let _ = (offset, len);
+    }
+    /// How many reads ahead of the current one the reader announces with
+    /// [`BlockSource::will_read`] (0: none).
+    fn read_ahead(&self) -> usize {
+        0
+    }
     /// Changed-block tracking: whether the source knows what changed since
     /// the disk's previous point (a backup is then incremental).
     fn change_tracking(&self) -> crate::cbt::Tracking<'_> {

@@ -878,6 +878,63 @@ fn tls_with_qemu_nbd_x509() {
     assert_eq!(src.size(), 24 << 20);
 }
 
+#[test]
+fn multi_conn_with_qemu_nbd_e4() {
+    if !tools("nbd_multi_conn", &["qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        64 << 20,
+        &[
+            (0, 40 << 20, Fill::Random(31)),
+            (50 << 20, 8 << 20, Fill::Text),
+        ],
+    );
+    let sock = dir.path().join("m.sock");
+    let (i, k) = (img.to_str().unwrap(), sock.to_str().unwrap());
+    let _d = qemu_nbd(
+        dir.path(),
+        &["-r", "-f", "raw", "-e", "4", "-k", k, "-x", "disk", "-t", i],
+    );
+    let uri = format!("nbd+unix:///disk?socket={k}");
+    let src = NbdSource::connect(&uri, &ConnectOptions::default()).unwrap();
+    let t = Instant::now();
+    while src.connections() < 4 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(src.connections(), 4, "CAN_MULTI_CONN with -e 4");
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+    let disk: DiskName = "vm/mc".parse().unwrap();
+    let rep = datamover::backup(&repo, &src, &disk, &BackupOptions::default()).unwrap();
+    assert_eq!(rep.stats.bytes_read, 48 << 20);
+    drop(src);
+    let out = dir.path().join("out.raw");
+    let t = datamover::open_target(&out, 64 << 20, true).unwrap();
+    datamover::restore(
+        &repo,
+        &disk,
+        &rep.point,
+        t.as_ref(),
+        &RestoreOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(hash_file(&out), hash_file(&img));
+
+    // Without -e the server allows one client and says so: one connection.
+    let sock1 = dir.path().join("one.sock");
+    let _one = qemu_nbd_unix(dir.path(), "raw", &img, &sock1);
+    let src = NbdSource::connect(
+        &format!("nbd+unix:///disk?socket={}", sock1.display()),
+        &ConnectOptions::default(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(src.connections(), 1);
+}
+
 /// A scripted server: correct handshake, then the given reply bytes for
 /// the first request. Returns its address.
 fn hostile(reply: impl Fn(u64) -> Vec<u8> + Send + 'static) -> String {

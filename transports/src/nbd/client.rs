@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
@@ -76,6 +77,9 @@ pub struct ConnectOptions {
     /// TLS certificates directory for `nbds` addresses that do not name
     /// one (`tls-certificates=` in the address wins).
     pub tls_certificates: Option<std::path::PathBuf>,
+    /// Connections a reader opens when the server allows several
+    /// (CAN_MULTI_CONN); 1 turns multi-conn off.
+    pub connections: usize,
 }
 
 impl Default for ConnectOptions {
@@ -84,6 +88,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(60),
             bitmap: None,
             tls_certificates: None,
+            connections: crate::nbd::source::MULTI_CONN,
         }
     }
 }
@@ -116,7 +121,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 enum Pending {
     Read {
         offset: u64,
-        buf: Vec<u8>,
+        buf: ReadBuf,
     },
     Status {
         context: u32,
@@ -158,6 +163,85 @@ impl std::fmt::Debug for NbdClient {
 
 async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), NbdError> {
     r.read_exact(buf).await.map(drop).map_err(io)
+}
+
+/// The buffer of a read in flight. Data and hole chunks may come in any
+/// order; bytes are appended straight from the socket when they arrive in
+/// order (no zero-filling first), and the reply must cover every byte.
+pub(crate) struct ReadBuf {
+    buf: BytesMut,
+    want: usize,
+    /// Covered ranges, sorted and merged.
+    covered: Vec<(usize, usize)>,
+}
+
+impl ReadBuf {
+    fn new(mut buf: BytesMut, want: usize) -> Self {
+        buf.clear();
+        ReadBuf {
+            buf,
+            want,
+            covered: Vec::new(),
+        }
+    }
+
+    fn cover(&mut self, s: usize, e: usize) {
+        let i = self.covered.partition_point(|c| c.1 < s);
+        let mut j = i;
+        let (mut ns, mut ne) = (s, e);
+        while j < self.covered.len() && self.covered[j].0 <= e {
+            ns = ns.min(self.covered[j].0);
+            ne = ne.max(self.covered[j].1);
+            j += 1;
+        }
+        self.covered.splice(i..j, [(ns, ne)]);
+    }
+
+    fn complete(&self) -> bool {
+        self.want == 0 || self.covered.as_slice() == [(0, self.want)]
+    }
+
+    /// `n` bytes of data for `[s, s+n)` from `r`.
+    async fn data<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        s: usize,
+        n: usize,
+    ) -> Result<(), NbdError> {
+        use bytes::BufMut;
+        let e = s + n;
+        if self.buf.len() < s {
+            self.buf.resize(s, 0);
+        }
+        let m = e.min(self.buf.len());
+        if s < m {
+            read_exact(r, &mut self.buf[s..m]).await?;
+        }
+        while self.buf.len() < e {
+            let k = e - self.buf.len();
+            let got = r
+                .read_buf(&mut (&mut self.buf).limit(k))
+                .await
+                .map_err(io)?;
+            if got == 0 {
+                return Err(NbdError::Io("the server closed the connection".into()));
+            }
+        }
+        self.cover(s, e);
+        Ok(())
+    }
+
+    /// Zeros for `[s, s+n)`.
+    fn hole(&mut self, s: usize, n: usize) {
+        let (e, old) = (s + n, self.buf.len());
+        if old < e {
+            self.buf.resize(e, 0);
+        }
+        if s < old.min(e) {
+            self.buf[s..old.min(e)].fill(0);
+        }
+        self.cover(s, e);
+    }
 }
 
 async fn option_reply(
@@ -480,14 +564,26 @@ impl NbdClient {
     }
 
     /// Read `len` bytes at `offset` (len at most the server's maximum).
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, NbdError> {
+    pub async fn read(&self, offset: u64, len: u32) -> Result<BytesMut, NbdError> {
+        self.read_into(offset, len, BytesMut::with_capacity(len as usize))
+            .await
+    }
+
+    /// Read `len` bytes at `offset` into `buf` (its contents are replaced;
+    /// give it `len` bytes of capacity to avoid a reallocation).
+    pub async fn read_into(
+        &self,
+        offset: u64,
+        len: u32,
+        buf: BytesMut,
+    ) -> Result<BytesMut, NbdError> {
         if len > self.info.block.2 {
             return Err(NbdError::Unsupported(format!(
                 "reads over the server's maximum of {} bytes",
                 self.info.block.2
             )));
         }
-        let buf = vec![0u8; len as usize];
+        let buf = ReadBuf::new(buf, len as usize);
         match self
             .submit(
                 p::CMD_READ,
@@ -499,7 +595,7 @@ impl NbdClient {
             )
             .await?
         {
-            Pending::Read { buf, .. } => Ok(buf),
+            Pending::Read { buf, .. } => Ok(buf.buf),
             _ => Err(NbdError::Protocol("reply of the wrong kind".into())),
         }
     }
@@ -645,7 +741,13 @@ fn put_back(shared: &Mutex<Shared>, cookie: u64, f: InFlight) {
 fn finish(f: InFlight) {
     let r = match f.error {
         Some((errno, msg)) => Err(NbdError::Request { errno, msg }),
-        None => Ok(f.what),
+        None => match f.what {
+            Pending::Read { buf, .. } if !buf.complete() => Err(NbdError::Protocol(format!(
+                "the reply to a read of {} bytes covered only {:?}",
+                buf.want, buf.covered
+            ))),
+            w => Ok(w),
+        },
     };
     let _ = f.tx.send(r);
 }
@@ -672,7 +774,8 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                 if errno != 0 {
                     f.error = Some((errno, String::new()));
                 } else if let Pending::Read { buf, .. } = &mut f.what {
-                    read_exact(r, buf).await?;
+                    let n = buf.want;
+                    buf.data(r, 0, n).await?;
                 }
                 finish(f);
             }
@@ -736,8 +839,8 @@ async fn chunk<R: AsyncRead + Unpin>(
             let at = u64::from_be_bytes(o);
             let n = (h.len - 8) as usize;
             let start = at.checked_sub(*offset).map(|s| s as usize);
-            match start.filter(|s| s.checked_add(n).is_some_and(|e| e <= buf.len())) {
-                Some(s) => read_exact(r, &mut buf[s..s + n]).await?,
+            match start.filter(|s| s.checked_add(n).is_some_and(|e| e <= buf.want)) {
+                Some(s) => buf.data(r, s, n).await?,
                 None => {
                     return Err(NbdError::Protocol(format!(
                         "data chunk at {at}+{n} outside the request"
@@ -758,8 +861,8 @@ async fn chunk<R: AsyncRead + Unpin>(
             let at = p::payload_offset(&d)?;
             let n = u32::from_be_bytes([d[8], d[9], d[10], d[11]]) as usize;
             let start = at.checked_sub(*offset).map(|s| s as usize);
-            match start.filter(|s| n > 0 && s.checked_add(n).is_some_and(|e| e <= buf.len())) {
-                Some(s) => buf[s..s + n].fill(0),
+            match start.filter(|s| n > 0 && s.checked_add(n).is_some_and(|e| e <= buf.want)) {
+                Some(s) => buf.hole(s, n),
                 None => {
                     return Err(NbdError::Protocol(format!(
                         "hole at {at}+{n} outside the request"
@@ -819,7 +922,7 @@ mod fuzz {
             let what = if cookie % 2 == 0 {
                 Pending::Read {
                     offset: 4096 * cookie,
-                    buf: vec![0; 8192],
+                    buf: ReadBuf::new(BytesMut::new(), 8192),
                 }
             } else {
                 Pending::Status {
@@ -897,28 +1000,47 @@ mod fuzz {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("rt");
-        let shared = Mutex::new(Shared::default());
-        let mut rxs = with_requests(&shared);
-        // Cookie 0 reads [0, 8192): data at 100..104, a hole at 4096..8192, done.
+        let hole = |at: u64, n: u32| {
+            let mut h = at.to_be_bytes().to_vec();
+            h.extend_from_slice(&n.to_be_bytes());
+            h
+        };
         let mut data = 100u64.to_be_bytes().to_vec();
         data.extend_from_slice(b"abcd");
-        let mut hole = 4096u64.to_be_bytes().to_vec();
-        hole.extend_from_slice(&4096u32.to_be_bytes());
-        let mut s = structured(0, p::REPLY_TYPE_OFFSET_DATA, 0, &data);
-        s.extend(structured(
+        // Cookie 0 reads [0, 8192), out of order: a hole at the end, data
+        // at 100..104, then holes around it.
+        let mut s = structured(0, p::REPLY_TYPE_OFFSET_HOLE, 0, &hole(4096, 4096));
+        s.extend(structured(0, p::REPLY_TYPE_OFFSET_DATA, 0, &data));
+        s.extend(structured(0, p::REPLY_TYPE_OFFSET_HOLE, 0, &hole(0, 100)));
+        let done = structured(
             p::REPLY_FLAG_DONE,
             p::REPLY_TYPE_OFFSET_HOLE,
             0,
-            &hole,
-        ));
-        let mut r: &[u8] = &s;
+            &hole(104, 3992),
+        );
+        let shared = Mutex::new(Shared::default());
+        let mut rxs = with_requests(&shared);
+        let mut r: &[u8] = &[s.clone(), done].concat();
         assert!(rt.block_on(reply_loop(&mut r, &shared, 1 << 20)).is_ok());
         match rxs.remove(0).try_recv() {
             Ok(Ok(Pending::Read { buf, .. })) => {
+                let buf = buf.buf;
+                assert_eq!(buf.len(), 8192);
                 assert_eq!(&buf[100..104], b"abcd");
                 assert!(buf[..100].iter().chain(&buf[104..]).all(|b| *b == 0));
             }
             _ => panic!("read not completed"),
+        }
+
+        // The same without the last hole: bytes 104..4096 were never sent.
+        let shared = Mutex::new(Shared::default());
+        let mut rxs = with_requests(&shared);
+        s.extend(structured(p::REPLY_FLAG_DONE, p::REPLY_TYPE_NONE, 0, &[]));
+        let mut r: &[u8] = &s;
+        assert!(rt.block_on(reply_loop(&mut r, &shared, 1 << 20)).is_ok());
+        match rxs.remove(0).try_recv() {
+            Ok(Err(NbdError::Protocol(m))) => assert!(m.contains("covered only"), "{m}"),
+            _ => panic!("an incomplete read must fail"),
         }
     }
 }

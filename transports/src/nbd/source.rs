@@ -1,8 +1,16 @@
 //! [`NbdSource`]: an NBD export as a [`BlockSource`]. Reads are split into
-//! pieces sent concurrently on one connection; extents come from the
-//! `base:allocation` meta context, asked one window at a time.
+//! pieces sent concurrently; the reads the pipeline announces
+//! ([`BlockSource::will_read`]) are fetched ahead; when the server sets
+//! CAN_MULTI_CONN, pieces are spread over several connections. Extents
+//! come from the `base:allocation` meta context, asked one window at a
+//! time.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::task::JoinHandle;
 
 use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
@@ -15,10 +23,22 @@ use super::uri::NbdUri;
 
 /// Bytes per read request; a pipeline read is split into several in flight.
 const PIECE: u32 = 1 << 20;
+/// Pipeline reads fetched ahead of the one being served.
+pub const READ_AHEAD: usize = 8;
+/// Connections opened when the server allows several (CAN_MULTI_CONN).
+pub const MULTI_CONN: usize = 4;
+
+type Fetch = JoinHandle<Result<BytesMut, NbdError>>;
 
 /// An NBD export opened for reading.
 pub struct NbdSource {
     rt: tokio::runtime::Runtime,
+    /// The first connection (negotiation, block status) and, with
+    /// multi-conn, the others; read pieces go round-robin.
+    clients: Arc<std::sync::RwLock<Vec<Arc<NbdClient>>>>,
+    next: AtomicUsize,
+    /// Reads fetched ahead, by offset: (length, task).
+    ahead: Mutex<HashMap<u64, (usize, Fetch)>>,
     client: Arc<NbdClient>,
     uri: NbdUri,
     alloc: Option<u32>,
@@ -47,7 +67,7 @@ pub(crate) fn err(uri: &NbdUri, e: NbdError) -> Error {
 /// The runtime an NBD source or target runs its connection on.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .thread_name("nbd")
         .enable_io()
         .enable_time()
@@ -64,6 +84,30 @@ impl NbdSource {
         let client = rt
             .block_on(NbdClient::connect(&parsed, opts))
             .map_err(|e| err(&parsed, e))?;
+        let client = Arc::new(client);
+        let clients = Arc::new(std::sync::RwLock::new(vec![client.clone()]));
+        let want = opts.connections.clamp(1, 16);
+        if want > 1 && client.info().flags & super::proto::TFLAG_CAN_MULTI_CONN != 0 {
+            // Extra connections join in the background as they come up: a
+            // server at its client limit may never answer them, and that
+            // must not hold up the backup.
+            let extra = ConnectOptions {
+                bitmap: None,
+                ..opts.clone()
+            };
+            for _ in 1..want {
+                let (u, o, pool) = (parsed.clone(), extra.clone(), clients.clone());
+                rt.spawn(async move {
+                    match NbdClient::connect(&u, &o).await {
+                        Ok(c) => pool
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Arc::new(c)),
+                        Err(e) => tracing::debug!("extra NBD connection not opened: {e}"),
+                    }
+                });
+            }
+        }
         let alloc = client.info().context("base:allocation");
         let bitmap = opts.bitmap.as_ref().map(|b| {
             let name = format!("qemu:dirty-bitmap:{b}");
@@ -79,7 +123,10 @@ impl NbdSource {
         });
         Ok(NbdSource {
             rt,
-            client: Arc::new(client),
+            clients,
+            next: AtomicUsize::new(0),
+            ahead: Mutex::new(HashMap::new()),
+            client,
             uri: parsed,
             alloc,
             bitmap,
@@ -89,6 +136,52 @@ impl NbdSource {
     /// The negotiated export information.
     pub fn client(&self) -> &NbdClient {
         &self.client
+    }
+
+    /// Connections in use (more than one with multi-conn).
+    pub fn connections(&self) -> usize {
+        self.pool().len()
+    }
+
+    fn pool(&self) -> Vec<Arc<NbdClient>> {
+        self.clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Fetch `[offset, offset+len)`: pieces in flight at once, spread over
+    /// the connections, each received straight into its part of one buffer.
+    fn fetch(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl std::future::Future<Output = Result<BytesMut, NbdError>> + Send + 'static {
+        let piece = PIECE.min(self.client.info().block.2).max(1) as usize;
+        let first = self.next.fetch_add(len.div_ceil(piece), Ordering::Relaxed);
+        let clients = self.pool();
+        async move {
+            let mut whole = BytesMut::with_capacity(len);
+            let mut set = tokio::task::JoinSet::new();
+            for (i, s) in (0..len).step_by(piece).enumerate() {
+                let c = clients[(first + i) % clients.len()].clone();
+                let n = piece.min(len - s);
+                // This part is [s, s+n) of the one allocation; the rest follows.
+                let rest = whole.split_off(n.min(whole.capacity()));
+                let part = std::mem::replace(&mut whole, rest);
+                set.spawn(async move { (i, c.read_into(offset + s as u64, n as u32, part).await) });
+            }
+            let mut parts: Vec<Option<BytesMut>> = vec![None; len.div_ceil(piece)];
+            while let Some(r) = set.join_next().await {
+                let (i, data) = r.map_err(|e| NbdError::Io(format!("read task failed: {e}")))?;
+                parts[i] = Some(data?);
+            }
+            let mut out = BytesMut::new();
+            for p in parts.into_iter().flatten() {
+                out.unsplit(p);
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -116,29 +209,58 @@ impl BlockSource for NbdSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let piece = PIECE.min(self.client.info().block.2).max(1) as usize;
-        let pieces: Vec<(u64, usize)> = (0..buf.len())
-            .step_by(piece)
-            .map(|s| (offset + s as u64, piece.min(buf.len() - s)))
-            .collect();
-        let results = self.rt.block_on(async {
-            let mut set = tokio::task::JoinSet::new();
-            for (i, (off, len)) in pieces.iter().copied().enumerate() {
-                let c = self.client.clone();
-                set.spawn(async move { (i, c.read(off, len as u32).await) });
-            }
-            let mut out = Vec::with_capacity(pieces.len());
-            while let Some(r) = set.join_next().await {
-                out.push(r.map_err(|e| NbdError::Io(format!("read task failed: {e}")))?);
-            }
-            Ok::<_, NbdError>(out)
-        });
-        for (i, data) in results.map_err(|e| err(&self.uri, e))? {
-            let data = data.map_err(|e| err(&self.uri, e))?;
-            let start = i * piece;
-            buf[start..start + data.len()].copy_from_slice(&data);
-        }
+        let data = self.read_bytes(offset, buf.len())?;
+        buf.copy_from_slice(&data);
         Ok(())
+    }
+
+    fn read_bytes(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let pre = {
+            let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let hit = ahead.remove(&offset);
+            // Anything announced before this offset will not be asked for.
+            ahead.retain(|o, (_, h)| {
+                let keep = *o > offset;
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            hit
+        };
+        let data = match pre {
+            Some((l, h)) if l == len => self
+                .rt
+                .block_on(h)
+                .map_err(|e| NbdError::Io(format!("read task failed: {e}")))
+                .and_then(|r| r),
+            other => {
+                if let Some((_, h)) = other {
+                    h.abort();
+                }
+                self.rt.block_on(self.fetch(offset, len))
+            }
+        };
+        let data = data.map_err(|e| err(&self.uri, e))?;
+        if data.len() != len {
+            return Err(err(
+                &self.uri,
+                NbdError::Protocol(format!("read {} bytes of {len}", data.len())),
+            ));
+        }
+        Ok(data.freeze())
+    }
+
+    fn will_read(&self, offset: u64, len: usize) {
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead.len() < READ_AHEAD * 2 && !ahead.contains_key(&offset) {
+            let h = self.rt.spawn(self.fetch(offset, len));
+            ahead.insert(offset, (len, h));
+        }
+    }
+
+    fn read_ahead(&self) -> usize {
+        READ_AHEAD
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
@@ -254,6 +376,11 @@ impl ChangeTracker for NbdSource {
 
 impl Drop for NbdSource {
     fn drop(&mut self) {
-        self.rt.block_on(self.client.disconnect());
+        for (_, (_, h)) in self.ahead.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            h.abort();
+        }
+        for c in self.pool() {
+            self.rt.block_on(c.disconnect());
+        }
     }
 }

@@ -1,0 +1,112 @@
+//! Helpers for `benches/nbd.sh` (not part of the test run):
+//!
+//! * `nbd-tool read URI` reads every allocated byte of an NBD export to a
+//!   null sink the way a backup does (extents per window, 8 MiB reads with
+//!   read-ahead) and prints seconds and bytes: the "plain NBD read" that the
+//!   script compares with `nbdcopy URI null:`.
+//! * `nbd-tool apply-diff OLD NEW URI` writes every 64 KiB block where NEW
+//!   differs from OLD into the writable export URI (so a dirty bitmap on it
+//!   records exactly the change between two disk versions).
+#![allow(clippy::print_stdout)]
+
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use datamover::source::ExtentKind;
+use transports::{SourceOptions, open_source, open_target};
+
+fn fail(msg: String) -> ! {
+    eprintln!("nbd-tool: {msg}");
+    std::process::exit(1)
+}
+
+fn read(uri: &str) {
+    let src = open_source(uri).unwrap_or_else(|e| fail(e.to_string()));
+    let t = Instant::now();
+    let (size, io, window) = (src.size(), 8u64 << 20, 64u64 << 20);
+    let mut total = 0u64;
+    let mut win = 0u64;
+    while win < size {
+        let wend = size.min(win + window);
+        let exts = src
+            .extents(win, wend - win)
+            .unwrap_or_else(|e| fail(e.to_string()));
+        let pieces: Vec<(u64, usize)> = exts
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .flat_map(|e| {
+                let end = e.offset + e.len;
+                let mut v = Vec::new();
+                let mut p = e.offset;
+                while p < end {
+                    let to = end.min((p / io + 1) * io);
+                    v.push((p, (to - p) as usize));
+                    p = to;
+                }
+                v
+            })
+            .collect();
+        for (i, &(off, len)) in pieces.iter().enumerate() {
+            for &(o, l) in pieces.iter().skip(i + 1).take(src.read_ahead()) {
+                src.will_read(o, l);
+            }
+            let b = src
+                .read_bytes(off, len)
+                .unwrap_or_else(|e| fail(e.to_string()));
+            total += b.len() as u64;
+        }
+        win = wend;
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"seconds\": {s:.3}, \"bytes_read\": {total}, \"mb_per_s\": {:.0}}}",
+        total as f64 / s / 1e6
+    );
+}
+
+fn apply_diff(old: &str, new: &str, uri: &str) {
+    let open = |p: &str| std::fs::File::open(p).unwrap_or_else(|e| fail(format!("{p}: {e}")));
+    let (a, b) = (open(old), open(new));
+    let size = b
+        .metadata()
+        .map(|m| m.len())
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let t = open_target(uri, size, false, &SourceOptions::default())
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let blk = 64usize << 10;
+    let (mut x, mut y) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut changed = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(x.len() as u64) as usize;
+        a.read_exact_at(&mut x[..n], off)
+            .unwrap_or_else(|e| fail(e.to_string()));
+        b.read_exact_at(&mut y[..n], off)
+            .unwrap_or_else(|e| fail(e.to_string()));
+        for s in (0..n).step_by(blk) {
+            let e = (s + blk).min(n);
+            if x[s..e] != y[s..e] {
+                t.write_at(off + s as u64, &y[s..e])
+                    .unwrap_or_else(|e| fail(e.to_string()));
+                changed += (e - s) as u64;
+            }
+        }
+        off += n as u64;
+    }
+    t.flush().unwrap_or_else(|e| fail(e.to_string()));
+    println!("{{\"bytes_changed\": {changed}}}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["read", uri] => read(uri),
+        ["apply-diff", old, new, uri] => apply_diff(old, new, uri),
+        _ => fail("usage: nbd-tool read URI | nbd-tool apply-diff OLD NEW URI".into()),
+    }
+}
