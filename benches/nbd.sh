@@ -5,7 +5,8 @@
 #
 #   bash benches/nbd.sh [WORKDIR]        (default /var/tmp/dm-compare)
 #
-# One table, warm page cache, single runs:
+# One table, warm page cache, each time the median of REPS runs (default 3;
+# this VM's timings spread by +-20 %):
 #   1. plain NBD read of v1 to a null sink: dm's client vs `nbdcopy URI null:`
 #      (qemu-nbd over a unix socket; also with -e 4, i.e. multi-conn);
 #   2. full backup of v1 over NBD vs from the file;
@@ -41,24 +42,36 @@ uri() { echo "nbd+unix:///disk?socket=$b/$1.sock"; }
 secs() { python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["seconds"])'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
 now() { date +%s.%N; }
+reps=${REPS:-3}
+median() { python3 -c 'import sys,statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+# med CMD...: median wall seconds of CMD, run $reps times (CMD prints nothing useful).
+med() { local t v=(); for _ in $(seq "$reps"); do t=$(now); "$@" >/dev/null; v+=("$(python3 -c "print($(now) - $t)")"); done; median "${v[@]}"; }
+# medjson CMD...: median of the "seconds" field CMD prints.
+medjson() { local v=(); for _ in $(seq "$reps"); do v+=("$("$@" | secs)"); done; median "${v[@]}"; }
+fresh_backup() { rm -rf "$1"; "$dm" init "$1" >/dev/null; "$dm" backup "$2" --repo "$1" --name vm/d --json; }
 since() { python3 -c "import sys; print('%.2f' % ($(now) - $1))"; }
 cat "$v1" "$v2" > /dev/null   # warm cache
 
 declare -A r
 echo "== 1. plain NBD read to null"
 serve one -r -f raw "$v1"
-r[dm_read]=$("$tool" read "$(uri one)" | secs)
-t=$(now); nbdcopy "$(uri one)" null: ; r[nbdcopy]=$(since "$t")
+r[dm_read]=$(medjson "$tool" read "$(uri one)")
+r[nbdcopy]=$(med nbdcopy "$(uri one)" null:)
 stop one
-serve four -r -f raw -e 4 "$v1"
-r[dm_read4]=$("$tool" read "$(uri four)" | secs)
-t=$(now); nbdcopy "$(uri four)" null: ; r[nbdcopy4]=$(since "$t")
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rm -f "$b/tcp.pid"
+qemu-nbd --fork --pid-file="$b/tcp.pid" -b 127.0.0.1 -p "$port" -x disk -t -r -f raw -e 4 "$v1"
+pids+=("$(cat "$b/tcp.pid")")
+tcp="nbd://127.0.0.1:$port/disk"
+r[dm_read4]=$(medjson "$tool" read "$tcp")
+r[nbdcopy4]=$(med nbdcopy "$tcp" null:)
+stop tcp
 
 echo "== 2. full backup over NBD vs file"
-"$dm" init file-repo >/dev/null; "$dm" init nbd-repo >/dev/null
-r[full_file]=$("$dm" backup "$v1" --repo file-repo --name vm/d --json | secs)
-r[full_nbd]=$("$dm" backup "$(uri four)" --repo nbd-repo --name vm/d --json | secs)
-stop four
+serve one -r -f raw "$v1"
+r[full_file]=$(medjson fresh_backup file-repo "$v1")
+r[full_nbd]=$(medjson fresh_backup nbd-repo "$(uri one)")
+stop one
 
 echo "== 3. CBT incremental vs restic"
 qemu-img convert -O qcow2 "$v1" cbt.qcow2
@@ -91,8 +104,8 @@ cat <<EOF
 
 | measure | dm | peer | dm vs peer |
 |---|---|---|---|
-| NBD read to null, qemu-nbd (1 conn) | ${r[dm_read]} s | nbdcopy ${r[nbdcopy]} s | $(ratio "${r[nbdcopy]}" "${r[dm_read]}")x |
-| NBD read to null, qemu-nbd -e 4 (multi-conn) | ${r[dm_read4]} s | nbdcopy ${r[nbdcopy4]} s | $(ratio "${r[nbdcopy4]}" "${r[dm_read4]}")x |
+| NBD read to null, qemu-nbd on a unix socket (1 conn) | ${r[dm_read]} s | nbdcopy ${r[nbdcopy]} s | $(ratio "${r[nbdcopy]}" "${r[dm_read]}")x |
+| NBD read to null, qemu-nbd -e 4 over TCP loopback (4 conns) | ${r[dm_read4]} s | nbdcopy ${r[nbdcopy4]} s | $(ratio "${r[nbdcopy4]}" "${r[dm_read4]}")x |
 | full backup v1 | NBD ${r[full_nbd]} s | file ${r[full_file]} s | NBD/file $(ratio "${r[full_nbd]}" "${r[full_file]}") |
 | full backup v1 over NBD with --bitmap | ${r[cbt_full]} s | | |
 | incremental v2 | CBT ${r[cbt_inc]} s | restic ${r[restic_inc]} s | $(ratio "${r[restic_inc]}" "${r[cbt_inc]}")x |

@@ -213,6 +213,35 @@ fn nbdkit_pattern_is_an_independent_second_server() {
 }
 
 #[test]
+fn nbdkit_sparse_random_holes_are_not_read() {
+    if !tools("nbdkit_sparse", &["nbdkit", "nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sr.sock");
+    // Deterministic for a seed: ~25 % of 64 MiB is random data, the rest holes.
+    let _d = nbdkit(
+        dir.path(),
+        &sock,
+        &["sparse-random", "64M", "seed=7", "percent=25"],
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let repo = Repository::init(&dir.path().join("repo")).unwrap();
+    let out = dir.path().join("out.raw");
+    let rep = backup_restore(&repo, &uri, "vm/sparse", &out);
+    // nbdcopy, the reference client, reads the same export.
+    let reference = dir.path().join("ref.raw");
+    run("nbdcopy", &[&uri, reference.to_str().unwrap()]);
+    assert_eq!(hash_file(&out), hash_file(&reference));
+    assert!(
+        rep.stats.bytes_read < 40 << 20,
+        "holes must not be read: read {}",
+        rep.stats.bytes_read
+    );
+    assert!(rep.stats.bytes_zero > 24 << 20, "{}", rep.stats.bytes_zero);
+}
+
+#[test]
 fn errors_unknown_export_refused_tls_server_killed() {
     if !tools("nbd_errors", &["qemu-nbd", "openssl"]) {
         return;
@@ -900,7 +929,16 @@ fn multi_conn_with_qemu_nbd_e4() {
         &["-r", "-f", "raw", "-e", "4", "-k", k, "-x", "disk", "-t", i],
     );
     let uri = format!("nbd+unix:///disk?socket={k}");
-    let src = NbdSource::connect(&uri, &ConnectOptions::default()).unwrap();
+    // A unix socket means a local server: one connection unless asked.
+    let one = NbdSource::connect(&uri, &ConnectOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(one.connections(), 1);
+    drop(one);
+    let four = ConnectOptions {
+        connections: Some(4),
+        ..ConnectOptions::default()
+    };
+    let src = NbdSource::connect(&uri, &four).unwrap();
     let t = Instant::now();
     while src.connections() < 4 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
@@ -928,7 +966,7 @@ fn multi_conn_with_qemu_nbd_e4() {
     let _one = qemu_nbd_unix(dir.path(), "raw", &img, &sock1);
     let src = NbdSource::connect(
         &format!("nbd+unix:///disk?socket={}", sock1.display()),
-        &ConnectOptions::default(),
+        &four,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));

@@ -25,7 +25,7 @@ use super::uri::NbdUri;
 const PIECE: u32 = 1 << 20;
 /// Pipeline reads fetched ahead of the one being served.
 pub const READ_AHEAD: usize = 8;
-/// Connections opened when the server allows several (CAN_MULTI_CONN).
+/// Connections opened over TCP when the server allows several (CAN_MULTI_CONN).
 pub const MULTI_CONN: usize = 4;
 
 type Fetch = JoinHandle<Result<BytesMut, NbdError>>;
@@ -86,7 +86,13 @@ impl NbdSource {
             .map_err(|e| err(&parsed, e))?;
         let client = Arc::new(client);
         let clients = Arc::new(std::sync::RwLock::new(vec![client.clone()]));
-        let want = opts.connections.clamp(1, 16);
+        let want = opts
+            .connections
+            .unwrap_or(match parsed.endpoint {
+                super::uri::Endpoint::Tcp { .. } => MULTI_CONN,
+                super::uri::Endpoint::Unix(_) => 1,
+            })
+            .clamp(1, 16);
         if want > 1 && client.info().flags & super::proto::TFLAG_CAN_MULTI_CONN != 0 {
             // Extra connections join in the background as they come up: a
             // server at its client limit may never answer them, and that
