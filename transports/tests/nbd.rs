@@ -703,6 +703,26 @@ fn restore_into_writable_exports() {
         let _ = std::fs::remove_file(&back);
         run("nbdcopy", &[&kuri, back.to_str().unwrap()]);
         assert_eq!(hash_file(&back), hash_file(&img), "nbdkit {filter:?}");
+        if filter.is_empty() {
+            // TRIM and FLUSH through the client: nbdkit memory reads a
+            // trimmed range back as zeros.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let u = datamover_transports::nbd::NbdUri::parse(&kuri).unwrap();
+            let c = rt
+                .block_on(datamover_transports::nbd::NbdClient::connect(
+                    &u,
+                    &ConnectOptions::default(),
+                ))
+                .unwrap();
+            rt.block_on(c.trim(1 << 20, 1 << 20)).expect("trim");
+            rt.block_on(c.flush()).expect("flush");
+            let data = rt.block_on(c.read(1 << 20, 1 << 20)).expect("read");
+            assert!(data.iter().all(|b| *b == 0), "trimmed range reads as zeros");
+            rt.block_on(c.disconnect());
+        }
         k.stop();
     }
 }
