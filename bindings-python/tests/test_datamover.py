@@ -182,8 +182,10 @@ def test_error_classes(env):
         repo.restore("vm/none", tmp / "x.raw")
     with pytest.raises(datamover.UnsupportedError, match="not supported: qmp\\+unix://"):
         repo.backup("qmp+unix:///vm?socket=/run/none.sock", "vm/d")
-    with pytest.raises(datamover.UnsupportedError, match="TLS"):
+    with pytest.raises(datamover.TransportError, match="needs a certificates directory"):
         repo.backup("nbds://127.0.0.1/disk", "vm/d")
+    with pytest.raises(datamover.TransportError, match="cannot read .*ca-cert.pem"):
+        repo.backup("nbds://127.0.0.1/disk", "vm/d", tls_certificates=tmp / "no-certs")
     repo.backup(img, "vm/d")
     with pytest.raises(datamover.InvalidInputError, match="--force"):
         repo.restore("vm/d", img)

@@ -285,6 +285,13 @@ fn option_error(what: &str, reply: u32, data: &[u8]) -> NbdError {
 impl NbdClient {
     /// Connect to `uri` and negotiate.
     pub async fn connect(uri: &NbdUri, opts: &ConnectOptions) -> Result<NbdClient, NbdError> {
+        // TLS settings are checked before connecting: a missing certificates
+        // directory is a configuration error, whatever the server does.
+        let tls = if uri.tls {
+            Some(Self::tls_config(uri, opts)?)
+        } else {
+            None
+        };
         let connect = async {
             let s: Box<dyn Stream> = match &uri.endpoint {
                 Endpoint::Tcp { host, port } => {
@@ -300,7 +307,7 @@ impl NbdClient {
                     })?)
                 }
             };
-            Self::negotiate(s, uri, opts).await
+            Self::negotiate(s, uri, opts, tls).await
         };
         let (s, info) = tokio::time::timeout(opts.timeout, connect)
             .await
@@ -321,6 +328,7 @@ impl NbdClient {
         mut s: Box<dyn Stream>,
         uri: &NbdUri,
         opts: &ConnectOptions,
+        tls: Option<(std::sync::Arc<rustls::ClientConfig>, std::path::PathBuf)>,
     ) -> Result<(Box<dyn Stream>, ExportInfo), NbdError> {
         let mut hello = [0u8; 18];
         read_exact(&mut s, &mut hello[..16]).await?;
@@ -350,7 +358,11 @@ impl NbdClient {
         }
         s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
         if uri.tls {
-            s = Self::starttls(s, uri, opts).await?;
+            let (config, dir) = match tls {
+                Some(t) => t,
+                None => Self::tls_config(uri, opts)?,
+            };
+            s = Self::starttls(s, uri, config, &dir).await?;
         }
         let mut info = ExportInfo::default();
 
@@ -445,11 +457,11 @@ impl NbdClient {
 
     /// Upgrade to TLS before any other option; a refusal is an error,
     /// never a fall back to plain text.
-    async fn starttls(
-        mut s: Box<dyn Stream>,
+    /// The TLS client configuration and the directory it came from.
+    fn tls_config(
         uri: &NbdUri,
         opts: &ConnectOptions,
-    ) -> Result<Box<dyn Stream>, NbdError> {
+    ) -> Result<(std::sync::Arc<rustls::ClientConfig>, std::path::PathBuf), NbdError> {
         let dir = uri
             .tls_certificates
             .clone()
@@ -460,7 +472,15 @@ impl NbdClient {
                     tls::CA_CERT
                 ))
             })?;
-        let config = tls::client_config(&dir)?;
+        Ok((tls::client_config(&dir)?, dir))
+    }
+
+    async fn starttls(
+        mut s: Box<dyn Stream>,
+        uri: &NbdUri,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        dir: &std::path::Path,
+    ) -> Result<Box<dyn Stream>, NbdError> {
         s.write_all(&p::option_request(p::OPT_STARTTLS, &[]))
             .await
             .map_err(io)?;
@@ -1027,7 +1047,7 @@ mod fuzz {
                 let s: Box<dyn Stream> = Box::new(client);
                 tokio::time::timeout(
                     Duration::from_secs(5),
-                    NbdClient::negotiate(s, &uri, &ConnectOptions::default()),
+                    NbdClient::negotiate(s, &uri, &ConnectOptions::default(), None),
                 ).await
             });
             prop_assert!(r.is_ok(), "negotiation hung");
