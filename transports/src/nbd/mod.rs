@@ -1,13 +1,19 @@
 //! Network mode: a hand-written NBD client (no crate does structured
-//! replies and block status), as a [`datamover::source::BlockSource`].
+//! replies, block status and TLS): [`NbdSource`] for backups (with CBT from
+//! QEMU dirty bitmaps) and [`NbdTarget`] for restores.
 //!
-//! Done: URIs, fixed newstyle handshake (oldstyle refused), NBD_OPT_GO with
-//! block sizes, NBD_OPT_LIST for unknown exports, structured replies
-//! (OFFSET_DATA, OFFSET_HOLE, ERROR, ERROR_OFFSET; unknown chunks skipped),
-//! base:allocation and dirty-bitmap meta contexts, BLOCK_STATUS, many reads
-//! in flight matched by cookie, timeouts.
-//! Not yet (issue #3 goes on): TLS (refused, never downgraded), writes and
-//! the restore target, multi-conn, CBT incrementals from dirty bitmaps.
+//! * [`uri`]: libnbd-style addresses (`nbd://`, `nbds://`, `nbd+unix://`,
+//!   `nbds+unix://`, `tls-certificates=`, `tls-hostname=`).
+//! * [`proto`]: wire constants and bounds-checked parsers.
+//! * [`client`]: fixed newstyle negotiation (oldstyle refused), STARTTLS
+//!   ([`tls`]), NBD_OPT_GO with block sizes, NBD_OPT_LIST for unknown
+//!   exports, meta contexts (`base:allocation`, `qemu:dirty-bitmap:NAME`),
+//!   structured replies, many requests in flight matched by cookie, READ,
+//!   WRITE, WRITE_ZEROES (FAST_ZERO), TRIM, FLUSH, BLOCK_STATUS, DISC,
+//!   timeouts.
+//! * [`source`]: reads split into pieces, fetched ahead, spread over
+//!   several connections when the server allows (CAN_MULTI_CONN).
+//! * [`target`]: pipelined writes for restores.
 
 pub mod client;
 pub mod proto;
