@@ -246,17 +246,35 @@ def test_full_disk_is_a_transport_error(env):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_nbd_source_against_real_qemu_nbd(env):
+def need_qemu_nbd():
     if subprocess.run(["which", "qemu-nbd"], capture_output=True).returncode != 0:
         if IN_CI:
             pytest.fail("qemu-nbd missing in CI")
         pytest.skip("qemu-nbd not installed")
+
+
+def qemu_nbd(pid, *args):
+    """qemu-nbd --fork with a pid file; stop it with stop(pid)."""
+    subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", *args], check=True)
+
+
+def stop(pid):
+    """Stop a daemon by its pid file and wait until it is gone (image locks)."""
+    p = int(pid.read_text())
+    os.kill(p, signal.SIGTERM)
+    for _ in range(500):
+        if not os.path.exists(f"/proc/{p}"):
+            break
+        time.sleep(0.02)
+
+
+def test_nbd_source_against_real_qemu_nbd(env):
+    need_qemu_nbd()
     tmp, img, repo = env
     qcow = tmp / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
     sock, pid = tmp / "nbd.sock", tmp / "nbd.pid"
-    subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-r", "-f", "qcow2",
-                    "-k", str(sock), "-x", "disk", str(qcow)], check=True)
+    qemu_nbd(pid, "-t", "-r", "-f", "qcow2", "-k", str(sock), "-x", "disk", str(qcow))
     try:
         uri = f"nbd+unix:///disk?socket={sock}"
         stats = repo.backup(uri, "vm/nbd")
@@ -269,14 +287,11 @@ def test_nbd_source_against_real_qemu_nbd(env):
         with pytest.raises(datamover.TransportError, match='no export named "nope".*offers: disk'):
             repo.backup(f"nbd+unix:///nope?socket={sock}", "vm/nbd")
     finally:
-        os.kill(int(pid.read_text()), signal.SIGTERM)
+        stop(pid)
 
 
 def test_cbt_incremental_from_a_dirty_bitmap(env):
-    if subprocess.run(["which", "qemu-nbd"], capture_output=True).returncode != 0:
-        if IN_CI:
-            pytest.fail("qemu-nbd missing in CI")
-        pytest.skip("qemu-nbd not installed")
+    need_qemu_nbd()
     tmp, img, repo = env
     qcow = tmp / "cbt.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
@@ -285,16 +300,7 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
     uri = f"nbd+unix:///disk?socket={sock}"
 
     def serve():
-        subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-r", "-f", "qcow2",
-                        "-B", "b0", "-k", str(sock), "-x", "disk", str(qcow)], check=True)
-
-    def stop():
-        p = int(pid.read_text())
-        os.kill(p, signal.SIGTERM)
-        for _ in range(500):
-            if not os.path.exists(f"/proc/{p}"):
-                break
-            time.sleep(0.02)
+        qemu_nbd(pid, "-t", "-r", "-f", "qcow2", "-B", "b0", "-k", str(sock), "-x", "disk", str(qcow))
 
     serve()
     try:
@@ -303,14 +309,14 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
         full = repo.backup(uri, "vm/cbt", bitmap="b0", full_if_needed=True, timeout=20)
         assert not full.incremental and "no previous point" in full.full_reason
     finally:
-        stop()
+        stop(pid)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 3M 64k", str(qcow)],
                    check=True, capture_output=True)
     serve()
     try:
         inc = repo.backup(uri, "vm/cbt", bitmap="b0")
     finally:
-        stop()
+        stop(pid)
     assert inc.incremental and inc.parent == full.point
     assert inc.bytes_changed == 64 << 10 and inc.bytes_read == 1 << 20
     assert inc.to_dict()["change_tracker"] == "qemu:dirty-bitmap:b0"
@@ -322,11 +328,10 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
     # Back into a writable NBD export.
     target = tmp / "target.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(32 << 20)], check=True)
-    subprocess.run(["qemu-nbd", "--fork", f"--pid-file={pid}", "-t", "-f", "qcow2",
-                    "-k", str(sock), "-x", "disk", str(target)], check=True)
+    qemu_nbd(pid, "-t", "-f", "qcow2", "-k", str(sock), "-x", "disk", str(target))
     try:
         repo.restore("vm/cbt", uri, timeout=20)
     finally:
-        stop()
+        stop(pid)
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(qcow), str(target)],
                    check=True)

@@ -551,8 +551,8 @@ impl<'a> Scanner<'a> {
                 let first = out.len();
                 split_zero(from, buf, out);
                 if from < pos {
-                    let mut q: VecDeque<ReadMsg> = out.drain(first..).collect();
-                    while let Some(m) = q.pop_front() {
+                    let read: Vec<ReadMsg> = out.drain(first..).collect();
+                    for m in read {
                         let (o, l) = m.span();
                         if o + l <= pos {
                             continue;
@@ -686,8 +686,11 @@ fn read_incremental(
     loop {
         let next = dirty.next_range()?;
         let ds = next.map_or(size, |r| r.0);
-        while pos < size && parent.starts[parent.extent_at(pos) + 1] <= ds {
+        while pos < size {
             let (e, end) = parent.from(pos);
+            if end > ds {
+                break;
+            }
             if tx.send(ReadMsg::Reuse(e)).is_err() {
                 return Ok(());
             }

@@ -144,29 +144,39 @@ impl LocalFile {
 /// here); VM addresses (`qmp://`, `qmp+unix://`) are refused until their
 /// transport exists.
 pub fn open(spec: &str) -> Result<Box<dyn BlockSource>> {
-    match spec.split_once("://") {
-        None => open_local(Path::new(spec)),
-        Some(("file", rest)) => {
-            // file:///abs/path (empty host) or file://localhost/abs/path.
-            let path = rest.strip_prefix("localhost").unwrap_or(rest);
-            if !path.starts_with('/') {
-                return Err(Error::InvalidArgument(format!(
-                    "{spec}: a file URI needs an absolute path (file:///...)"
-                )));
-            }
-            open_local(Path::new(path))
-        }
-        Some((scheme @ ("nbd" | "nbds" | "nbd+unix" | "nbds+unix"), _)) => {
-            Err(Error::Unsupported(format!(
-                "{scheme}:// sources in the core library: open them with datamover_transports::open_source"
-            )))
-        }
-        Some((scheme @ ("qmp" | "qmp+unix"), _)) => Err(Error::Unsupported(format!(
+    if let Some(path) = local_path(spec)? {
+        return open_local(path);
+    }
+    match spec.split_once("://").map_or("", |s| s.0) {
+        scheme @ ("nbd" | "nbds" | "nbd+unix" | "nbds+unix") => Err(Error::Unsupported(format!(
+            "{scheme}:// sources in the core library: open them with datamover_transports::open_source"
+        ))),
+        scheme @ ("qmp" | "qmp+unix") => Err(Error::Unsupported(format!(
             "{scheme}:// sources need a transport that is not built yet; use a path"
         ))),
-        Some((scheme, _)) => Err(Error::InvalidArgument(format!(
+        scheme => Err(Error::InvalidArgument(format!(
             "unknown source scheme {scheme}://: give a path, file://, or (soon) nbd:// or qmp+unix://"
         ))),
+    }
+}
+
+/// The local path an address names: a plain path, or a `file://` URI
+/// (`file:///abs/path` or `file://localhost/abs/path`); `None` for any
+/// other scheme. Sources and targets alike accept these.
+pub fn local_path(spec: &str) -> Result<Option<&Path>> {
+    match spec.split_once("://") {
+        None => Ok(Some(Path::new(spec))),
+        Some(("file", rest)) => {
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            if path.starts_with('/') {
+                Ok(Some(Path::new(path)))
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{spec}: a file URI needs an absolute path (file:///...)"
+                )))
+            }
+        }
+        Some(_) => Ok(None),
     }
 }
 

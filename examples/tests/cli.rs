@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fill, can_run, hash_file, make_image};
+use common::{Fill, can_run, hash_file, make_image, qemu_nbd, run};
 
 fn dm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dm"))
@@ -443,45 +443,24 @@ fn cbt_backup_with_bitmap_over_nbd() {
     let e = env();
     let q = e.dir.path().join("disk.qcow2");
     let sock = e.dir.path().join("nbd.sock");
-    let pid = e.dir.path().join("nbd.pid");
-    let sh = |cmd: &str, args: &[&str]| {
-        let st = Command::new(cmd).args(args).status().expect(cmd);
-        assert!(st.success(), "{cmd} {args:?}");
-    };
-    sh("qemu-img", &["convert", "-O", "qcow2", s(&e.img), s(&q)]);
-    sh("qemu-img", &["bitmap", "--add", "--enable", s(&q), "b0"]);
+    run("qemu-img", &["convert", "-O", "qcow2", s(&e.img), s(&q)]);
+    run("qemu-img", &["bitmap", "--add", "--enable", s(&q), "b0"]);
     let serve = || {
         let _ = std::fs::remove_file(&sock);
-        let _ = std::fs::remove_file(&pid);
-        sh(
-            "qemu-nbd",
-            &[
-                "--fork",
-                &format!("--pid-file={}", s(&pid)),
-                "-r",
-                "-f",
-                "qcow2",
-                "-B",
-                "b0",
-                "-k",
-                s(&sock),
-                "-x",
-                "disk",
-                "-t",
-                s(&q),
-            ],
-        );
-    };
-    let stop = || {
-        let p = std::fs::read_to_string(&pid)
-            .expect("pid")
-            .trim()
-            .to_string();
-        sh("kill", &[&p]);
-        let t = Instant::now();
-        while Path::new(&format!("/proc/{p}")).exists() && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let args = [
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            "b0",
+            "-k",
+            s(&sock),
+            "-x",
+            "disk",
+            "-t",
+            s(&q),
+        ];
+        qemu_nbd(e.dir.path(), &args)
     };
     let uri = format!("nbd+unix:///disk?socket={}", s(&sock));
     let backup = |extra: &[&str]| {
@@ -500,7 +479,7 @@ fn cbt_backup_with_bitmap_over_nbd() {
         dm(&a)
     };
 
-    serve();
+    let d = serve();
     let (code, err) = fails(&backup(&["--bitmap", "b0"]));
     assert_eq!(code, 2);
     assert!(
@@ -515,15 +494,15 @@ fn cbt_backup_with_bitmap_over_nbd() {
             .unwrap()
             .contains("no previous point")
     );
-    stop();
+    d.stop();
 
-    sh(
+    run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x33 2M 64k", s(&q)],
     );
-    serve();
+    let d = serve();
     let inc = json(&backup(&["--bitmap", "b0"]));
-    stop();
+    d.stop();
     assert_eq!(inc["incremental"], true);
     assert_eq!(inc["parent"], full["point"]);
     assert_eq!(inc["bytes_changed"], 64 << 10);
@@ -532,29 +511,19 @@ fn cbt_backup_with_bitmap_over_nbd() {
     assert_eq!(inc["change_tracker"], "qemu:dirty-bitmap:b0");
     let out = e.dir.path().join("out.raw");
     ok(&dm(&["restore", "vm/vda", s(&out), "--repo", s(&e.repo)]));
-    sh(
+    run(
         "qemu-img",
         &["compare", "-f", "qcow2", "-F", "raw", s(&q), s(&out)],
     );
 
     // Restore into a writable NBD export.
     let t = e.dir.path().join("target.qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&t), "32M"]);
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&t), "32M"]);
     let tsock = e.dir.path().join("t.sock");
-    let tpid = e.dir.path().join("t.pid");
-    sh(
-        "qemu-nbd",
-        &[
-            "--fork",
-            &format!("--pid-file={}", s(&tpid)),
-            "-f",
-            "qcow2",
-            "-k",
-            s(&tsock),
-            "-x",
-            "disk",
-            s(&t),
-        ],
+    // Without -t: qemu-nbd exits when the restore disconnects.
+    let target = qemu_nbd(
+        e.dir.path(),
+        &["-f", "qcow2", "-k", s(&tsock), "-x", "disk", s(&t)],
     );
     let turi = format!("nbd+unix:///disk?socket={}", s(&tsock));
     let v = json(&dm(&[
@@ -566,15 +535,8 @@ fn cbt_backup_with_bitmap_over_nbd() {
         "--json",
     ]));
     assert_eq!(v["target"], turi.as_str());
-    // qemu-nbd without -t exits when the client leaves.
-    let p = std::fs::read_to_string(&tpid).unwrap_or_default();
-    let t0 = Instant::now();
-    while Path::new(&format!("/proc/{}", p.trim())).exists()
-        && t0.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    sh(
+    target.stop();
+    run(
         "qemu-img",
         &["compare", "-f", "qcow2", "-F", "qcow2", s(&q), s(&t)],
     );

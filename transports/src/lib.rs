@@ -45,16 +45,12 @@ pub fn open_target(
         };
         Ok(Box::new(nbd::NbdTarget::connect(spec, size, &c)?))
     } else {
-        let path = match spec.split_once("://") {
-            None => spec,
-            Some(("file", rest)) => rest.strip_prefix("localhost").unwrap_or(rest),
-            Some((scheme, _)) => {
-                return Err(datamover::Error::InvalidArgument(format!(
-                    "unknown target scheme {scheme}://: give a path, file:// or an NBD URI"
-                )));
-            }
-        };
-        datamover::target::open_local(std::path::Path::new(path), size, overwrite)
+        match datamover::source::local_path(spec)? {
+            Some(path) => datamover::target::open_local(path, size, overwrite),
+            None => Err(datamover::Error::InvalidArgument(format!(
+                "unknown target scheme in {spec}: give a path, file:// or an NBD URI"
+            ))),
+        }
     }
 }
 

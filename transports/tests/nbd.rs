@@ -11,63 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Fill, hash_file, make_image};
+use common::{Daemon, Fill, free_port, hash_file, make_image, qemu_nbd, run, wait_for};
 use datamover::{BackupOptions, DiskName, ErrorKind, Repository, RestoreOptions};
 use datamover_transports::nbd::{ConnectOptions, NbdSource};
 use datamover_transports::open_source;
-
-/// A daemon started with a pid file; killed on drop.
-struct Daemon {
-    pid_file: PathBuf,
-}
-impl Daemon {
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-    fn kill(&self, sig: &str) {
-        if let Some(p) = self.pid() {
-            let _ = Command::new("kill").arg(sig).arg(p.to_string()).status();
-        }
-    }
-}
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill("-TERM");
-    }
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(path.exists(), "{} did not appear", path.display());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn qemu_nbd(dir: &Path, args: &[&str]) -> Daemon {
-    let pid_file = dir.join(format!("qemu-nbd-{}.pid", free_port()));
-    let st = Command::new("qemu-nbd")
-        .arg("--fork")
-        .arg(format!("--pid-file={}", pid_file.display()))
-        .args(args)
-        .status()
-        .expect("qemu-nbd");
-    assert!(st.success(), "qemu-nbd {args:?} failed");
-    wait_for(&pid_file);
-    Daemon { pid_file }
-}
 
 fn open_err(uri: &str) -> datamover::Error {
     match open_source(uri) {
@@ -184,18 +131,7 @@ fn nbdkit_pattern_is_an_independent_second_server() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("k.sock");
-    let pid_file = dir.path().join("nbdkit.pid");
-    let st = Command::new("nbdkit")
-        .arg("-U")
-        .arg(&sock)
-        .arg("-P")
-        .arg(&pid_file)
-        .args(["pattern", "24M"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    wait_for(&pid_file);
-    let _d = Daemon { pid_file };
+    let _d = nbdkit(dir.path(), &sock, &["pattern", "24M"]);
     let repo = Repository::init(&dir.path().join("repo")).unwrap();
     let out = dir.path().join("out.raw");
     backup_restore(
@@ -318,30 +254,6 @@ fn errors_unknown_export_refused_tls_server_killed() {
     );
 }
 
-impl Daemon {
-    /// Stop the daemon and wait until it is gone (it holds image locks).
-    fn stop(self) {
-        let pid = self.pid();
-        self.kill("-TERM");
-        let t = Instant::now();
-        while let Some(p) = pid {
-            if !Path::new(&format!("/proc/{p}")).exists() || t.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// qemu-nbd exporting `qcow2` read-only with its dirty bitmap `bitmap`.
 fn qemu_nbd_bitmap(dir: &Path, qcow2: &Path, bitmap: &str, sock: &Path) -> Daemon {
     let _ = std::fs::remove_file(sock);
@@ -382,14 +294,6 @@ fn tracked_backup(
         ..BackupOptions::default()
     };
     datamover::backup(repo, src.as_ref(), &"vm/disk".parse().unwrap(), &opts)
-}
-
-fn restore_latest(repo: &Repository, out: &Path) {
-    let disk: DiskName = "vm/disk".parse().unwrap();
-    let id = repo.resolve_point(&disk, None).unwrap();
-    let size = repo.point_meta(&disk, &id).unwrap().meta.disk_size;
-    let t = datamover::open_target(out, size, true).unwrap();
-    datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).unwrap();
 }
 
 /// `qemu-img compare` of the qcow2 (shared, it may be exported) with a raw restore.
@@ -479,7 +383,7 @@ fn cbt_incrementals_from_a_qemu_dirty_bitmap() {
     // Whole 1 MiB blocks around the data writes; the zeroed range is not read.
     assert_eq!(inc.stats.bytes_read, 2 << 20);
     let out = dir.path().join("inc1.raw");
-    restore_latest(&repo, &out);
+    restore_to(&repo, "vm/disk", out.to_str().unwrap()).unwrap();
     assert_same(&qcow2, &out);
     d.stop();
 
@@ -495,7 +399,7 @@ fn cbt_incrementals_from_a_qemu_dirty_bitmap() {
     // read would cut it: one 64 KiB cluster is read.
     assert_eq!(inc2.stats.bytes_read, 64 << 10);
     let out2 = dir.path().join("inc2.raw");
-    restore_latest(&repo, &out2);
+    restore_to(&repo, "vm/disk", out2.to_str().unwrap()).unwrap();
     assert_same(&qcow2, &out2);
     // And the older incremental still restores as it was.
     let disk: DiskName = "vm/disk".parse().unwrap();
@@ -525,18 +429,38 @@ fn restore_to(repo: &Repository, name: &str, uri: &str) -> datamover::Result<()>
     datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).map(drop)
 }
 
+/// The client itself, for requests the pipeline does not make.
+fn raw_client(
+    uri: &str,
+) -> (
+    tokio::runtime::Runtime,
+    datamover_transports::nbd::NbdClient,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let u = datamover_transports::nbd::NbdUri::parse(uri).unwrap();
+    let c = rt
+        .block_on(datamover_transports::nbd::NbdClient::connect(
+            &u,
+            &ConnectOptions::default(),
+        ))
+        .unwrap();
+    (rt, c)
+}
+
 fn nbdkit(dir: &Path, sock: &Path, args: &[&str]) -> Daemon {
     let pid_file = dir.join(format!("nbdkit-{}.pid", free_port()));
     let _ = std::fs::remove_file(sock);
-    let st = Command::new("nbdkit")
-        .arg("-U")
-        .arg(sock)
-        .arg("-P")
-        .arg(&pid_file)
-        .args(args)
-        .status()
-        .unwrap();
-    assert!(st.success(), "nbdkit {args:?}");
+    common::sh(
+        Command::new("nbdkit")
+            .arg("-U")
+            .arg(sock)
+            .arg("-P")
+            .arg(&pid_file)
+            .args(args),
+    );
     wait_for(&pid_file);
     Daemon { pid_file }
 }
@@ -676,17 +600,7 @@ fn restore_into_writable_exports() {
         let k = nbdkit(dir.path(), &ks, &all);
         if filter.contains(&"fastzeromode=slow") {
             // The fallback is really taken: FAST_ZERO is offered, then refused.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let uri = datamover_transports::nbd::NbdUri::parse(&kuri).unwrap();
-            let c = rt
-                .block_on(datamover_transports::nbd::NbdClient::connect(
-                    &uri,
-                    &ConnectOptions::default(),
-                ))
-                .unwrap();
+            let (rt, c) = raw_client(&kuri);
             let r = rt.block_on(c.write_zeroes(0, 4096, true));
             assert!(
                 matches!(
@@ -706,17 +620,7 @@ fn restore_into_writable_exports() {
         if filter.is_empty() {
             // TRIM and FLUSH through the client: nbdkit memory reads a
             // trimmed range back as zeros.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let u = datamover_transports::nbd::NbdUri::parse(&kuri).unwrap();
-            let c = rt
-                .block_on(datamover_transports::nbd::NbdClient::connect(
-                    &u,
-                    &ConnectOptions::default(),
-                ))
-                .unwrap();
+            let (rt, c) = raw_client(&kuri);
             rt.block_on(c.trim(1 << 20, 1 << 20)).expect("trim");
             rt.block_on(c.flush()).expect("flush");
             let data = rt.block_on(c.read(1 << 20, 1 << 20)).expect("read");

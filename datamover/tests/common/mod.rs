@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// xorshift64*: fast, seeded, reproducible.
 pub struct Rng(u64);
@@ -149,6 +150,76 @@ pub fn sh(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Run `cmd args…`, asserting success; returns its stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    sh(Command::new(cmd).args(args))
+}
+
+/// A daemon started with a pid file; stopped on drop.
+pub struct Daemon {
+    pub pid_file: PathBuf,
+}
+impl Daemon {
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+    pub fn kill(&self, sig: &str) {
+        if let Some(p) = self.pid() {
+            let _ = Command::new("kill").arg(sig).arg(p.to_string()).status();
+        }
+    }
+    /// Stop the daemon (if it still runs) and wait until it is gone: it may
+    /// hold image locks.
+    pub fn stop(self) {
+        let pid = self.pid();
+        self.kill("-TERM");
+        let t = Instant::now();
+        while let Some(p) = pid {
+            if !Path::new(&format!("/proc/{p}")).exists() || t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill("-TERM");
+    }
+}
+
+pub fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(path.exists(), "{} did not appear", path.display());
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `qemu-nbd --fork` with `args`; stopped by PID on drop.
+pub fn qemu_nbd(dir: &Path, args: &[&str]) -> Daemon {
+    let pid_file = dir.join(format!("qemu-nbd-{}.pid", free_port()));
+    let _ = std::fs::remove_file(&pid_file);
+    let mut c = Command::new("qemu-nbd");
+    c.arg("--fork")
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .args(args);
+    sh(&mut c);
+    wait_for(&pid_file);
+    Daemon { pid_file }
 }
 
 /// A loop device, detached on drop (also when the test panics).

@@ -328,6 +328,7 @@ impl NbdClient {
         mut s: Box<dyn Stream>,
         uri: &NbdUri,
         opts: &ConnectOptions,
+        // Present exactly when the address asks for TLS (see `connect`).
         tls: Option<(std::sync::Arc<rustls::ClientConfig>, std::path::PathBuf)>,
     ) -> Result<(Box<dyn Stream>, ExportInfo), NbdError> {
         let mut hello = [0u8; 18];
@@ -357,11 +358,7 @@ impl NbdClient {
             cflags |= p::FLAG_C_NO_ZEROES;
         }
         s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
-        if uri.tls {
-            let (config, dir) = match tls {
-                Some(t) => t,
-                None => Self::tls_config(uri, opts)?,
-            };
+        if let Some((config, dir)) = tls {
             s = Self::starttls(s, uri, config, &dir).await?;
         }
         let mut info = ExportInfo::default();
@@ -1029,10 +1026,22 @@ mod fuzz {
             }
             bytes.extend_from_slice(&tail);
             let uri = NbdUri::parse(if tls {
-                "nbds+unix:///disk?socket=/nonexistent&tls-certificates=/nonexistent"
+                "nbds+unix:///disk?socket=/nonexistent"
             } else {
                 "nbd+unix:///disk?socket=/nonexistent"
             }).expect("uri");
+            // TLS: STARTTLS and the handshake run against the same bytes
+            // (a configuration that trusts nothing: the handshake must fail).
+            let config = tls.then(|| {
+                let c = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                (std::sync::Arc::new(c), std::path::PathBuf::from("/nonexistent"))
+            });
             let r = rt.block_on(async {
                 let (client, mut server) = tokio::io::duplex(1 << 16);
                 tokio::spawn(async move {
@@ -1047,7 +1056,7 @@ mod fuzz {
                 let s: Box<dyn Stream> = Box::new(client);
                 tokio::time::timeout(
                     Duration::from_secs(5),
-                    NbdClient::negotiate(s, &uri, &ConnectOptions::default(), None),
+                    NbdClient::negotiate(s, &uri, &ConnectOptions::default(), config),
                 ).await
             });
             prop_assert!(r.is_ok(), "negotiation hung");

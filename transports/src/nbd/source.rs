@@ -64,26 +64,30 @@ pub(crate) fn err(uri: &NbdUri, e: NbdError) -> Error {
     }
 }
 
-/// The runtime an NBD source or target runs its connection on.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Parse `uri`, start the runtime an NBD source or target runs on, and
+/// connect and negotiate on it.
+pub(crate) fn connect(
+    uri: &str,
+    opts: &ConnectOptions,
+) -> Result<(tokio::runtime::Runtime, NbdUri, NbdClient)> {
+    let parsed = NbdUri::parse(uri).map_err(|e| Error::InvalidArgument(format!("{uri}: {e}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("nbd")
         .enable_io()
         .enable_time()
         .build()
-        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    let client = rt
+        .block_on(NbdClient::connect(&parsed, opts))
+        .map_err(|e| err(&parsed, e))?;
+    Ok((rt, parsed, client))
 }
 
 impl NbdSource {
     /// Connect to `uri` (an NBD URI) and negotiate.
     pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<NbdSource> {
-        let parsed =
-            NbdUri::parse(uri).map_err(|e| Error::InvalidArgument(format!("{uri}: {e}")))?;
-        let rt = runtime()?;
-        let client = rt
-            .block_on(NbdClient::connect(&parsed, opts))
-            .map_err(|e| err(&parsed, e))?;
+        let (rt, parsed, client) = connect(uri, opts)?;
         let client = Arc::new(client);
         let clients = Arc::new(std::sync::RwLock::new(vec![client.clone()]));
         let want = opts

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::client::{ConnectOptions, NbdClient, NbdError};
 use super::proto as p;
-use super::source::{err, runtime};
+use super::source::{connect, err};
 use super::uri::NbdUri;
 
 /// Requests left unanswered before a call waits for the oldest.
@@ -51,12 +51,7 @@ impl NbdTarget {
     /// Connect to `uri` and check that the export takes writes and holds
     /// at least `size` bytes.
     pub fn connect(uri: &str, size: u64, opts: &ConnectOptions) -> Result<NbdTarget> {
-        let parsed =
-            NbdUri::parse(uri).map_err(|e| Error::InvalidArgument(format!("{uri}: {e}")))?;
-        let rt = runtime()?;
-        let client = rt
-            .block_on(NbdClient::connect(&parsed, opts))
-            .map_err(|e| err(&parsed, e))?;
+        let (rt, parsed, client) = connect(uri, opts)?;
         let info = client.info();
         if info.flags & p::TFLAG_READ_ONLY != 0 {
             return Err(Error::InvalidArgument(format!(
