@@ -32,6 +32,16 @@ fn qemu_nbd_unix(dir: &Path, format: &str, image: &Path, sock: &Path) -> Daemon 
     )
 }
 
+/// A read-only, persistent qemu-nbd serving raw `image` as export "disk"
+/// on 127.0.0.1:`port`, with `extra` options first.
+fn qemu_nbd_tcp(dir: &Path, extra: &[&str], port: u16, image: &Path) -> Daemon {
+    let port = port.to_string();
+    let mut args = extra.to_vec();
+    args.extend(["-r", "-f", "raw", "-b", "127.0.0.1", "-p", &port]);
+    args.extend(["-x", "disk", "-t", image.to_str().unwrap()]);
+    qemu_nbd(dir, &args)
+}
+
 fn tools(test: &str, t: &[&str]) -> bool {
     common::can_run(test, t)
 }
@@ -66,22 +76,7 @@ fn qemu_nbd_raw_over_tcp_and_qcow2_over_unix() {
     let repo = Repository::init(&dir.path().join("repo")).unwrap();
 
     let port = free_port();
-    let _raw = qemu_nbd(
-        dir.path(),
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-x",
-            "disk",
-            "-t",
-            img.to_str().unwrap(),
-        ],
-    );
+    let _raw = qemu_nbd_tcp(dir.path(), &[], port, &img);
     let out = dir.path().join("out-raw.raw");
     let rep = backup_restore(
         &repo,
@@ -724,30 +719,12 @@ fn issue(ca: &Path, out: &Path, role: &str) {
 }
 
 fn qemu_nbd_tls(dir: &Path, creds: &Path, verify_peer: bool, port: u16, img: &Path) -> Daemon {
-    qemu_nbd(
-        dir,
-        &[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
-                creds.display(),
-                if verify_peer { "on" } else { "off" }
-            ),
-            "--tls-creds",
-            "tls0",
-            "-r",
-            "-f",
-            "raw",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-x",
-            "disk",
-            "-t",
-            img.to_str().unwrap(),
-        ],
-    )
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
+        creds.display(),
+        if verify_peer { "on" } else { "off" }
+    );
+    qemu_nbd_tcp(dir, &["--object", &creds, "--tls-creds", "tls0"], port, img)
 }
 
 #[test]
