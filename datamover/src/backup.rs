@@ -212,7 +212,17 @@ fn plan<'s>(
         (Ok(_), None) => format!("{disk} has no previous point to build on"),
         (Ok(tracker), Some(parent)) => {
             let m = repo.read_point(disk, parent)?;
-            if m.meta.disk_size != size {
+            let since = tracker.since_checkpoint();
+            if since.is_some() && m.meta.checkpoint != since {
+                format!(
+                    "the changes are tracked since checkpoint {}, but the previous point {parent} {}",
+                    since.as_deref().unwrap_or_default(),
+                    match &m.meta.checkpoint {
+                        Some(c) => format!("started checkpoint {c}"),
+                        None => "started no checkpoint (it was not taken from this VM)".into(),
+                    }
+                )
+            } else if m.meta.disk_size != size {
                 format!(
                     "the disk is {size} bytes but its previous point {parent} is {} bytes",
                     m.meta.disk_size
@@ -390,6 +400,7 @@ pub fn backup(
             bottleneck: stats.bottleneck().to_string(),
         },
         cbt,
+        checkpoint: source.checkpoint(),
     };
     let out = mw.finish(&meta).ctx("write", &mtmp)?;
     let f = out

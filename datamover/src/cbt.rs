@@ -28,6 +28,14 @@ pub trait ChangeTracker: Send + Sync {
     /// What tracks the changes, for the point's metadata
     /// (e.g. `qemu:dirty-bitmap:b0`).
     fn describe(&self) -> String;
+    /// The checkpoint these changes start at, when the tracker knows it
+    /// (a VM's bitmaps, named per point). The backup then builds on the
+    /// point that started this checkpoint ([`crate::PointMeta::checkpoint`])
+    /// and on no other; `None` (a bitmap the user manages) trusts the
+    /// caller that the changes start at the disk's newest point.
+    fn since_checkpoint(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Whether a source tracks changes.
@@ -149,6 +157,9 @@ impl<S: BlockSource> BlockSource for WithChanges<S> {
     }
     fn change_tracking(&self) -> Tracking<'_> {
         Tracking::On(self.tracker.as_ref())
+    }
+    fn checkpoint(&self) -> Option<String> {
+        self.source.checkpoint()
     }
 }
 

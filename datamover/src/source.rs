@@ -93,6 +93,12 @@ pub trait BlockSource: Send + Sync {
     fn change_tracking(&self) -> crate::cbt::Tracking<'_> {
         crate::cbt::Tracking::Off
     }
+    /// The checkpoint this source started when it froze the disk (the
+    /// bitmap that records the writes after this read's instant), stored
+    /// in the point so the next incremental can build on it.
+    fn checkpoint(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An open local file or device: what both local sources share.

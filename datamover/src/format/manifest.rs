@@ -138,7 +138,8 @@ pub struct PointMeta {
     pub disk_size: u64,
     /// Source of the data.
     pub source: SourceInfo,
-    /// Transport mode used ("file", "blockdev"; later "san", "hotadd", "nbd").
+    /// Transport mode used: "file", "blockdev", "nbd", "san", "hotadd",
+    /// "storage-snapshot".
     pub transport: String,
     /// Start time, RFC 3339 UTC.
     pub started: String,
@@ -158,6 +159,12 @@ pub struct PointMeta {
     /// Absent (not `null`) in full points, so their bytes are unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cbt: Option<CbtMeta>,
+    /// The checkpoint started when this point's data was frozen: the name
+    /// of the dirty bitmap that records every write after that instant
+    /// (VM sources). The next incremental must read its changes from this
+    /// checkpoint and no other. Absent when no checkpoint was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 /// How an incremental point was built.

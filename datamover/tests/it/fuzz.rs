@@ -48,6 +48,7 @@ fn valid_manifest(n: usize) -> Vec<u8> {
         parent: None,
         stats: manifest::PointStats::default(),
         cbt: None,
+        checkpoint: None,
     };
     w.finish(&meta).expect("finish")
 }

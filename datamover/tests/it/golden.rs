@@ -115,6 +115,7 @@ fn sample_meta() -> PointMeta {
             bottleneck: "CPU".into(),
         },
         cbt: None,
+        checkpoint: None,
     }
 }
 
@@ -135,6 +136,31 @@ fn incremental_meta_golden() {
     // A reader of this version still reads metas written before `cbt` existed.
     let old: PointMeta = serde_json::from_str(GOLDEN_META).expect("parse");
     assert_eq!(old.cbt, None);
+}
+
+/// A point read from a running VM: the transport mode used, and the
+/// checkpoint (dirty bitmap) started when its data was frozen.
+#[test]
+fn vm_checkpoint_meta_golden() {
+    let mut m = sample_meta();
+    m.source = datamover::format::manifest::SourceInfo {
+        kind: "vm".into(),
+        location: "qmp+unix:///run/web01.qmp#vda".into(),
+    };
+    m.transport = "hotadd".into();
+    m.parent = Some("20261124T095235.000Z-0a0b0c".into());
+    m.cbt = Some(CbtMeta {
+        tracker: "qemu:dirty-bitmap:dm-cp-20261124T095235000Z-0a0b0c".into(),
+        bytes_changed: 65536,
+    });
+    m.checkpoint = Some("dm-cp-20261125T095235000Z-1a2b3c".into());
+    let json = serde_json::to_string(&m).expect("json");
+    assert_eq!(json, GOLDEN_VM_META);
+    let back: PointMeta = serde_json::from_str(GOLDEN_VM_META).expect("parse");
+    assert_eq!(back, m);
+    // Points written before checkpoints existed read as having none.
+    let old: PointMeta = serde_json::from_str(GOLDEN_INCREMENTAL_META).expect("parse");
+    assert_eq!(old.checkpoint, None);
 }
 
 #[test]
@@ -182,6 +208,7 @@ fn manifest_golden() {
 
 const GOLDEN_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":null,"stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"}}"#;
 const GOLDEN_INCREMENTAL_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:b0","bytes_changed":65536}}"#;
+const GOLDEN_VM_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-20261124T095235000Z-0a0b0c","bytes_changed":65536},"checkpoint":"dm-cp-20261125T095235000Z-1a2b3c"}"#;
 const GOLDEN_FOOTER_CRCS: &str = "a16d107f0a360f89";
 
 #[test]
