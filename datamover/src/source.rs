@@ -158,10 +158,10 @@ pub fn open(spec: &str) -> Result<Box<dyn BlockSource>> {
             "{scheme}:// sources in the core library: open them with datamover_transports::open_source"
         ))),
         scheme @ ("qmp" | "qmp+unix") => Err(Error::Unsupported(format!(
-            "{scheme}:// sources need a transport that is not built yet; use a path"
+            "{scheme}:// sources in the core library: back VMs up with datamover_transports::backup"
         ))),
         scheme => Err(Error::InvalidArgument(format!(
-            "unknown source scheme {scheme}://: give a path, file://, or (soon) nbd:// or qmp+unix://"
+            "unknown source scheme {scheme}://: give a path, file://, nbd://, nbd+unix:// or qmp+unix://"
         ))),
     }
 }

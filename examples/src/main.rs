@@ -36,9 +36,10 @@ enum Cmd {
         /// Repository directory.
         repo: PathBuf,
     },
-    /// Back up a disk image file or block device as a new restore point.
+    /// Back up a disk (image file, block device, NBD export, or a running
+    /// VM's disk) as a new restore point.
     Backup {
-        /// Raw image file, block device, file:// URI, or NBD export (nbd://host[:port]/export, nbds://… with TLS, nbd+unix:///export?socket=PATH).
+        /// Raw image file, block device, file:// URI, NBD export (nbd://host[:port]/export, nbds://… with TLS, nbd+unix:///export?socket=PATH), or a running VM (qmp+unix:///path/to/qmp.sock or qmp://host:port, with --disk).
         source: String,
         /// Repository directory.
         #[arg(long, env = "DM_REPO")]
@@ -74,7 +75,37 @@ enum Cmd {
         /// (and client-cert.pem + client-key.pem if the server checks clients).
         #[arg(long, value_name = "DIR")]
         tls_certificates: Option<PathBuf>,
+        /// VM sources: the disk to back up (node name, device or export id;
+        /// `dm vm-disks` lists them).
+        #[arg(long, value_name = "NODE")]
+        disk: Option<String>,
+        /// VM sources: transport mode: auto (san > hotadd > nbd), san (direct
+        /// storage access), hotadd (attach to this proxy), nbd (network), or
+        /// storage-snapshot.
+        #[arg(long, default_value = "auto",
+              value_parser = ["auto", "san", "hotadd", "nbd", "storage-snapshot"])]
+        transport: String,
+        /// VM sources: when the chosen mode cannot read the disk, read it over NBD.
+        #[arg(long)]
+        failover_to_network: bool,
+        /// VM sources, --transport storage-snapshot: auto, reflink (XFS/btrfs)
+        /// or qcow2-internal.
+        #[arg(long, default_value = "auto",
+              value_parser = ["auto", "reflink", "qcow2-internal"])]
+        snapshot_provider: String,
         /// Print one JSON object with the run's figures.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a running VM's disks (qmp+unix:///path/to/qmp.sock or qmp://host:port).
+    VmDisks {
+        /// The VM's QMP address.
+        address: String,
+        /// Timeout in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -211,6 +242,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             full_if_needed,
             timeout,
             tls_certificates,
+            disk: vm_disk,
+            transport,
+            failover_to_network,
+            snapshot_provider,
             json,
         } => {
             let disk: DiskName = name.parse()?;
@@ -222,15 +257,16 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
-            let src = transports::open_source_with(
-                &source,
-                &transports::SourceOptions {
-                    bitmap,
-                    timeout: Some(Duration::from_secs(timeout)),
-                    tls_certificates,
-                },
-            )?;
-            let bar = progress_bar(src.size());
+            let sopts = transports::SourceOptions {
+                bitmap,
+                timeout: Some(Duration::from_secs(timeout)),
+                tls_certificates,
+                disk: vm_disk,
+                transport: transport.parse()?,
+                failover_to_network,
+                snapshot_provider: Some(snapshot_provider),
+            };
+            let bar = progress_bar(0);
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
                 compression,
@@ -239,11 +275,17 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 full_if_needed,
                 ..BackupOptions::default()
             };
-            let rep = datamover::backup(&r, src.as_ref(), &disk, &opts);
+            let run = transports::backup(&r, &source, &disk, &sopts, &opts);
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            let rep = rep?;
+            let run = run?;
+            for n in &run.notes {
+                if !json {
+                    eprintln!("note: {n}");
+                }
+            }
+            let rep = run.report;
             let s = &rep.stats;
             if json {
                 let mut v = stats_json(s);
@@ -255,6 +297,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 v["bytes_changed"] = json!(rep.bytes_changed());
                 v["change_tracker"] = json!(rep.meta.cbt.as_ref().map(|c| &c.tracker));
                 v["full_reason"] = json!(rep.full_reason);
+                v["checkpoint"] = json!(rep.meta.checkpoint);
+                v["failover"] = json!(run.failover.as_ref().map(|f| json!({
+                    "from": f.from, "to": "nbd", "reason": f.reason})));
+                v["notes"] = json!(run.notes);
                 println!("{v}");
             } else {
                 if let Some(why) = &rep.full_reason {
@@ -286,6 +332,37 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     s.compression_ratio(),
                     s.bottleneck()
                 );
+            }
+        }
+        Cmd::VmDisks {
+            address,
+            timeout,
+            json,
+        } => {
+            let disks = transports::qemu::disks(&address, Duration::from_secs(timeout))?;
+            if json {
+                let v: Vec<_> = disks
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "node": d.node, "device": d.device, "format": d.driver,
+                            "file": d.file, "size": d.size, "backing": d.backing,
+                            "checkpoints": d.checkpoints().map(|b| &b.name).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for d in &disks {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        d.device.as_deref().unwrap_or("-"),
+                        d.node,
+                        d.driver,
+                        human(d.size),
+                        d.file.as_ref().map_or("-".into(), |f| f.display().to_string())
+                    );
+                }
             }
         }
         Cmd::Restore {
@@ -518,7 +595,10 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
 
 fn progress_fn(b: &ProgressBar) -> datamover::ProgressFn {
     let b = b.clone();
-    Arc::new(move |done, _total| {
+    Arc::new(move |done, total| {
+        if b.length() != Some(total) {
+            b.set_length(total);
+        }
         b.set_position(done);
         true
     })

@@ -5,14 +5,17 @@
 //!   when the proxy sees the image file or LUN: [`FileSource`] (raw image,
 //!   holes via SEEK_DATA/SEEK_HOLE), [`BlockDeviceSource`], and targets.
 //! * [`nbd`]: *Network mode*, an NBD client as a source.
+//! * [`qemu`]: running VMs over QMP: VM snapshots, checkpoints (CBT), and
+//!   the transport modes SAN, HotAdd, NBD and storage snapshots, chosen
+//!   per disk.
 //!
-//! Not here yet, tracked by their issues: the
-//! QMP platform with HotAdd, SAN and storage-snapshot modes and automatic
-//! mode selection (#4).
-//!
-//! [`open_source`] is the address parser every front door uses.
+//! [`backup`] is the one entry every front door uses to back up any
+//! address; [`open_source`] and [`open_target`] parse addresses.
 
 pub mod nbd;
+pub mod qemu;
+
+pub use qemu::{BackupRun, Failover, Mode, TransportChoice};
 
 pub use datamover::source::{
     BlockDeviceSource, BlockSource, Capabilities, ExtentKind, FileSource, SourceExtent,
@@ -66,6 +69,16 @@ pub struct SourceOptions {
     /// optionally `client-cert.pem` + `client-key.pem`); an address's own
     /// `tls-certificates=` wins.
     pub tls_certificates: Option<std::path::PathBuf>,
+    /// VM sources: the disk (node name, device name or export id).
+    pub disk: Option<String>,
+    /// VM sources: the transport mode, or automatic choice.
+    pub transport: TransportChoice,
+    /// VM sources: when the chosen mode cannot read the disk, read it over
+    /// NBD instead of failing.
+    pub failover_to_network: bool,
+    /// VM sources with the storage-snapshot mode: `auto`, `reflink` or
+    /// `qcow2-internal` (default `auto`).
+    pub snapshot_provider: Option<String>,
 }
 
 impl SourceOptions {
@@ -82,6 +95,54 @@ impl SourceOptions {
     }
 }
 
+/// Back up the disk at `spec` as a new point of `disk`: a path, an NBD
+/// export, or a running VM's disk (`qmp+unix://…` / `qmp://…` with
+/// [`SourceOptions::disk`]; see [`qemu`]).
+pub fn backup(
+    repo: &datamover::Repository,
+    spec: &str,
+    disk: &datamover::DiskName,
+    opts: &SourceOptions,
+    backup: &datamover::BackupOptions,
+) -> datamover::Result<BackupRun> {
+    if qemu::is_vm(spec) {
+        if let Some(b) = &opts.bitmap {
+            return Err(datamover::Error::InvalidArgument(format!(
+                "--bitmap {b}: a VM's changes are tracked by its own checkpoints; --bitmap is for NBD exports"
+            )));
+        }
+        let vm_disk = opts.disk.as_deref().ok_or_else(|| {
+            datamover::Error::InvalidArgument(format!(
+                "{spec} is a VM: name its disk with --disk (Python: disk=); `dm vm-disks {spec}` lists them"
+            ))
+        })?;
+        let job = qemu::VmJob {
+            disk: vm_disk,
+            choice: opts.transport,
+            failover: opts.failover_to_network,
+            provider: opts.snapshot_provider.as_deref().unwrap_or("auto"),
+            nbd: nbd::ConnectOptions {
+                bitmap: None,
+                ..opts.nbd()
+            },
+        };
+        return qemu::backup(repo, spec, disk, &job, backup);
+    }
+    if opts.disk.is_some() || opts.transport != TransportChoice::Auto || opts.failover_to_network
+    {
+        return Err(datamover::Error::InvalidArgument(format!(
+            "--disk, --transport and --failover-to-network are for VM addresses (qmp+unix://, qmp://), not {spec}"
+        )));
+    }
+    let src = open_source_with(spec, opts)?;
+    let report = datamover::backup(repo, src.as_ref(), disk, backup)?;
+    Ok(BackupRun {
+        report,
+        failover: None,
+        notes: Vec::new(),
+    })
+}
+
 /// Open a source by address: `nbd://`, `nbds://`, `nbd+unix://`,
 /// `nbds+unix://` through the NBD client; paths and `file://` through the
 /// core (which refuses the schemes whose transports are not built yet).
@@ -96,6 +157,10 @@ pub fn open_source_with(
 ) -> datamover::Result<Box<dyn BlockSource>> {
     if is_nbd(spec) {
         Ok(Box::new(nbd::NbdSource::connect(spec, &opts.nbd())?))
+    } else if qemu::is_vm(spec) {
+        Err(datamover::Error::InvalidArgument(format!(
+            "{spec} is a VM: back it up with transports::backup (`dm backup {spec} --disk NODE`), which snapshots the disk and keeps its checkpoints"
+        )))
     } else if let Some(b) = &opts.bitmap {
         Err(datamover::Error::InvalidArgument(format!(
             "dirty bitmap {b:?} asked for {spec}: changed-block tracking needs an NBD source (nbd://, nbd+unix://) exporting the bitmap"

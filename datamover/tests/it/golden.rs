@@ -150,10 +150,10 @@ fn vm_checkpoint_meta_golden() {
     m.transport = "hotadd".into();
     m.parent = Some("20261124T095235.000Z-0a0b0c".into());
     m.cbt = Some(CbtMeta {
-        tracker: "qemu:dirty-bitmap:dm-cp-20261124T095235000Z-0a0b0c".into(),
+        tracker: "qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e".into(),
         bytes_changed: 65536,
     });
-    m.checkpoint = Some("dm-cp-20261125T095235000Z-1a2b3c".into());
+    m.checkpoint = Some("dm-cp-19abc7fe158-3c4d".into());
     let json = serde_json::to_string(&m).expect("json");
     assert_eq!(json, GOLDEN_VM_META);
     let back: PointMeta = serde_json::from_str(GOLDEN_VM_META).expect("parse");
@@ -208,7 +208,7 @@ fn manifest_golden() {
 
 const GOLDEN_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":null,"stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"}}"#;
 const GOLDEN_INCREMENTAL_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:b0","bytes_changed":65536}}"#;
-const GOLDEN_VM_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-20261124T095235000Z-0a0b0c","bytes_changed":65536},"checkpoint":"dm-cp-20261125T095235000Z-1a2b3c"}"#;
+const GOLDEN_VM_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d"}"#;
 const GOLDEN_FOOTER_CRCS: &str = "a16d107f0a360f89";
 
 #[test]

@@ -1,0 +1,471 @@
+//! The QEMU platform: back up a running VM's disk the way the big
+//! products do. Freeze it (a VM snapshot: an external overlay, or a
+//! storage snapshot), rotate its changed-block-tracking checkpoint in the
+//! same QMP transaction, read the frozen data through the best transport
+//! mode, and undo the freeze on every path.
+//!
+//! Transport modes, most efficient first (see [`Mode`]):
+//! * **Direct storage access** (`san`): the proxy reads the raw image file
+//!   or LUN itself, as the VM host names it.
+//! * **Virtual appliance** (`hotadd`): on the VM's host, the frozen disk is
+//!   attached to the proxy: a read-only loop device (raw), or a local
+//!   qemu-nbd export (qcow2).
+//! * **Network** (`nbd`): the VM exports the frozen disk over NBD.
+//! * **Storage snapshot** (`storage-snapshot`, only when asked for): a
+//!   [`snapshot::StorageSnapshot`] provider snapshots the image; the VM is
+//!   held only for that moment.
+//!
+//! Changed blocks always come from the VM's checkpoint bitmap over the
+//! control channel (NBD block status on the VM's export of the disk), not
+//! from the data path, as VMware's QueryChangedDiskAreas is separate from
+//! its transports.
+
+pub mod local;
+pub mod qmp;
+pub mod snapshot;
+pub mod vm;
+
+use std::time::Duration;
+
+use datamover::cbt::{ChangeTracker, Tracking};
+use datamover::format::manifest::SourceInfo;
+use datamover::source::{BlockSource, Capabilities, SourceExtent};
+use datamover::{BackupOptions, BackupReport, DiskName, Error, Repository, Result};
+
+use crate::nbd::{ConnectOptions, NbdSource};
+use local::{LocalExport, LoopDevice};
+use snapshot::{SnapshotImage, StorageSnapshot};
+pub use vm::{DiskInfo, Vm, VmAddress, is_vm};
+
+/// A transport mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Direct storage access: read the raw image or LUN.
+    San,
+    /// Virtual appliance: attach the frozen disk locally.
+    HotAdd,
+    /// Network: NBD from the VM.
+    Nbd,
+    /// Read a storage snapshot.
+    StorageSnapshot,
+}
+
+impl Mode {
+    /// The mode's name as the CLI, JSON and points show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::San => "san",
+            Mode::HotAdd => "hotadd",
+            Mode::Nbd => "nbd",
+            Mode::StorageSnapshot => "storage-snapshot",
+        }
+    }
+}
+
+/// Which transport a job uses: chosen per disk, or pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// The most efficient mode that can serve the disk: san > hotadd > nbd.
+    #[default]
+    Auto,
+    /// Only this mode (with failover to network, if the job allows it).
+    Pinned(Mode),
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => TransportChoice::Auto,
+            "san" | "direct" => TransportChoice::Pinned(Mode::San),
+            "hotadd" => TransportChoice::Pinned(Mode::HotAdd),
+            "nbd" | "network" => TransportChoice::Pinned(Mode::Nbd),
+            "storage-snapshot" => TransportChoice::Pinned(Mode::StorageSnapshot),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown transport {other:?}: use auto, san, hotadd, nbd or storage-snapshot"
+                )));
+            }
+        })
+    }
+}
+
+/// A fall back to network mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    /// The mode that failed.
+    pub from: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The outcome of [`crate::backup`].
+#[derive(Debug, Clone)]
+pub struct BackupRun {
+    /// The backup's report (its point's meta names the mode used).
+    pub report: BackupReport,
+    /// Set when the run fell back to network mode.
+    pub failover: Option<Failover>,
+    /// What the run decided and why (modes skipped, ...), for the log.
+    pub notes: Vec<String>,
+}
+
+/// Why `mode` cannot read `disk` from this proxy, or `None`.
+fn unusable(
+    mode: Mode,
+    addr: &VmAddress,
+    disk: &DiskInfo,
+    providers: &[Box<dyn StorageSnapshot>],
+) -> Option<String> {
+    match mode {
+        Mode::San => {
+            if disk.driver != "raw" {
+                Some(format!(
+                    "disk {} is {}: direct access reads raw images and LUNs",
+                    disk.node, disk.driver
+                ))
+            } else if disk.backing {
+                Some(format!("disk {} has a backing file", disk.node))
+            } else {
+                disk.visible_here().err()
+            }
+        }
+        Mode::HotAdd => {
+            if !addr.is_local() {
+                Some("the proxy is not on the VM's host".into())
+            } else {
+                disk.visible_here().err()
+            }
+        }
+        Mode::Nbd => None,
+        Mode::StorageSnapshot => {
+            let why: Vec<String> = providers
+                .iter()
+                .filter_map(|p| p.unusable(disk).map(|w| format!("{}: {w}", p.name())))
+                .collect();
+            (why.len() == providers.len()).then(|| why.join("; "))
+        }
+    }
+}
+
+/// What opening a mode attached; dropped after the reader.
+#[derive(Debug)]
+enum Attachment {
+    Loop(#[allow(dead_code)] LoopDevice),
+    Local(#[allow(dead_code)] LocalExport),
+}
+
+/// A frozen VM disk read through one transport mode, with its changes
+/// from the VM's checkpoint.
+pub struct VmSource {
+    inner: Box<dyn BlockSource>,
+    _attached: Vec<Attachment>,
+    tracker: Option<VmTracker>,
+    unavailable: Option<String>,
+    mode: Mode,
+    location: String,
+    checkpoint: String,
+}
+
+impl std::fmt::Debug for VmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSource")
+            .field("mode", &self.mode)
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+struct VmTracker {
+    nbd: NbdSource,
+    since: String,
+}
+
+impl ChangeTracker for VmTracker {
+    fn changed(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.nbd.changed(offset, len)
+    }
+    fn describe(&self) -> String {
+        format!("qemu:dirty-bitmap:{}", self.since)
+    }
+    fn since_checkpoint(&self) -> Option<String> {
+        Some(self.since.clone())
+    }
+}
+
+impl BlockSource for VmSource {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn preferred_io_size(&self) -> usize {
+        self.inner.preferred_io_size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            kind: "vm".into(),
+            location: self.location.clone(),
+        }
+    }
+    fn transport(&self) -> &'static str {
+        self.mode.name()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
+        self.inner.read_bytes(offset, len)
+    }
+    fn will_read(&self, offset: u64, len: usize) {
+        self.inner.will_read(offset, len)
+    }
+    fn read_ahead(&self) -> usize {
+        self.inner.read_ahead()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+        self.inner.extents(offset, len)
+    }
+    fn change_tracking(&self) -> Tracking<'_> {
+        match (&self.tracker, &self.unavailable) {
+            (Some(t), _) => Tracking::On(t),
+            (None, Some(why)) => Tracking::Unavailable(why.clone()),
+            (None, None) => Tracking::Off,
+        }
+    }
+    fn checkpoint(&self) -> Option<String> {
+        Some(self.checkpoint.clone())
+    }
+}
+
+/// How to back up a VM disk (from [`crate::SourceOptions`]).
+#[derive(Debug, Clone)]
+pub(crate) struct VmJob<'a> {
+    pub disk: &'a str,
+    pub choice: TransportChoice,
+    pub failover: bool,
+    pub provider: &'a str,
+    pub nbd: ConnectOptions,
+}
+
+/// Whether the changes since the parent point can be read, and from
+/// which checkpoint.
+enum Since {
+    First,
+    Checkpoint(String),
+    Missing(String),
+}
+
+fn nbd_source(uri: &str, opts: &ConnectOptions) -> Result<Box<dyn BlockSource>> {
+    Ok(Box::new(NbdSource::connect(uri, opts)?))
+}
+
+/// Open the frozen disk through `mode`.
+fn open_mode(
+    mode: Mode,
+    frozen: &mut vm::Frozen,
+    image: Option<&SnapshotImage>,
+    job: &VmJob<'_>,
+) -> Result<(Box<dyn BlockSource>, Vec<Attachment>)> {
+    let disk = frozen.disk().clone();
+    let path = || disk.visible_here().map_err(Error::InvalidArgument);
+    let local = |p: &std::path::Path, driver: &str, snap: Option<&str>| {
+        let ex = LocalExport::start(p, driver, snap)?;
+        let src = nbd_source(ex.uri(), &job.nbd)?;
+        Ok::<_, Error>((src, vec![Attachment::Local(ex)]))
+    };
+    match mode {
+        Mode::San => Ok((datamover::source::open_local(path()?)?, vec![])),
+        Mode::HotAdd if disk.driver == "raw" => {
+            let dev = LoopDevice::attach(path()?)?;
+            let src = datamover::source::open_local(dev.path())?;
+            Ok((src, vec![Attachment::Loop(dev)]))
+        }
+        Mode::HotAdd => local(path()?, &disk.driver, None),
+        Mode::Nbd => Ok((nbd_source(&frozen.export_uri()?, &job.nbd)?, vec![])),
+        Mode::StorageSnapshot => {
+            let img = image.ok_or_else(|| Error::Internal("no storage snapshot taken".into()))?;
+            if img.format == "raw" && img.internal.is_none() {
+                Ok((datamover::source::open_local(&img.path)?, vec![]))
+            } else {
+                local(&img.path, &img.format, img.internal.as_deref())
+            }
+        }
+    }
+}
+
+/// Back up one disk of a running VM (see the module docs).
+pub(crate) fn backup(
+    repo: &Repository,
+    spec: &str,
+    name: &DiskName,
+    job: &VmJob<'_>,
+    opts: &BackupOptions,
+) -> Result<BackupRun> {
+    let addr = VmAddress::parse(spec)?;
+    let mut vm = Vm::connect(addr.clone(), job.nbd.timeout)?;
+    let disk = vm.disk(job.disk)?;
+    let mut notes = Vec::new();
+
+    let since = match repo.point_ids(name)?.last() {
+        None => Since::First,
+        Some(p) => match repo.point_meta(name, p)?.meta.checkpoint {
+            None => Since::Missing(format!(
+                "the previous point {p} started no checkpoint (it was not taken from a VM)"
+            )),
+            Some(c) if disk.bitmaps.iter().any(|b| b.name == c) => Since::Checkpoint(c),
+            Some(c) => Since::Missing(format!(
+                "checkpoint {c} of the previous point {p} is not on disk {} (the bitmap was removed, or the VM restarted with a raw disk, whose checkpoints are not persistent)",
+                disk.node
+            )),
+        },
+    };
+
+    let providers = snapshot::providers(job.provider)?;
+    let mut failover: Option<Failover> = None;
+    let mut mode = match job.choice {
+        TransportChoice::Auto => {
+            let mut chosen = Mode::Nbd;
+            for m in [Mode::San, Mode::HotAdd] {
+                match unusable(m, &addr, &disk, &providers) {
+                    None => {
+                        chosen = m;
+                        break;
+                    }
+                    Some(why) => notes.push(format!("{} not used: {why}", m.name())),
+                }
+            }
+            chosen
+        }
+        TransportChoice::Pinned(m) => match unusable(m, &addr, &disk, &providers) {
+            None => m,
+            Some(why) if job.failover => {
+                failover = Some(Failover {
+                    from: m.name().into(),
+                    reason: why,
+                });
+                Mode::Nbd
+            }
+            Some(why) => {
+                return Err(Error::Unsupported(format!(
+                    "transport {} cannot read disk {} of {spec}: {why}; pass --failover-to-network (Python: failover_to_network=True) to fall back to NBD",
+                    m.name(),
+                    disk.node
+                )));
+            }
+        },
+    };
+    let provider = providers.iter().find(|p| p.unusable(&disk).is_none());
+    let hold = match (mode, provider) {
+        (Mode::StorageSnapshot, Some(p)) => p.hold(),
+        _ => vm::Hold::Overlay,
+    };
+
+    let since_name = match &since {
+        Since::Checkpoint(c) => Some(c.as_str()),
+        _ => None,
+    };
+    let mut frozen = vm.freeze(&disk, hold, since_name, false)?;
+    let mut image = None;
+    if let (Mode::StorageSnapshot, Some(p)) = (mode, provider) {
+        match p.take(&frozen) {
+            Ok(img) => {
+                notes.push(format!("storage snapshot by {}: {}", p.name(), img.path.display()));
+                image = Some(img);
+                frozen.release_overlay()?;
+            }
+            Err(e) if job.failover && hold == vm::Hold::Overlay => {
+                failover = Some(Failover {
+                    from: mode.name().into(),
+                    reason: e.to_string(),
+                });
+                mode = Mode::Nbd;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    let tracker = match (&since, frozen.exported_bitmap().map(str::to_string)) {
+        (Since::Checkpoint(c), Some(tmp)) => {
+            let uri = frozen.export_uri()?;
+            let nbd = NbdSource::connect(
+                &uri,
+                &ConnectOptions {
+                    bitmap: Some(tmp),
+                    connections: Some(1),
+                    ..job.nbd.clone()
+                },
+            )?;
+            Some((c.clone(), nbd))
+        }
+        _ => None,
+    };
+    let mut tracker = tracker.map(|(since, nbd)| VmTracker { nbd, since });
+    let unavailable = match &since {
+        Since::Missing(why) => Some(why.clone()),
+        _ => None,
+    };
+    let location = format!("{spec}#{}", disk.node);
+    let result = loop {
+        let attempt = open_mode(mode, &mut frozen, image.as_ref(), job).and_then(|(inner, att)| {
+            let src = VmSource {
+                inner,
+                _attached: att,
+                tracker: tracker.take(),
+                unavailable: unavailable.clone(),
+                mode,
+                location: location.clone(),
+                checkpoint: frozen.checkpoint().to_string(),
+            };
+            let r = datamover::backup(repo, &src, name, opts);
+            tracker = src.tracker;
+            r
+        });
+        match attempt {
+            Err(e)
+                if mode != Mode::Nbd
+                    && image.is_none()
+                    && job.failover
+                    && !matches!(
+                        e.kind(),
+                        datamover::ErrorKind::Cancelled | datamover::ErrorKind::InvalidInput
+                    ) =>
+            {
+                tracing::warn!(mode = mode.name(), error = %e, "failing over to network mode");
+                failover = Some(Failover {
+                    from: mode.name().into(),
+                    reason: e.to_string(),
+                });
+                mode = Mode::Nbd;
+            }
+            r => break r,
+        }
+    };
+    drop(tracker);
+    drop(image);
+    let cleanup = frozen.finish(result.is_ok());
+    let report = result?;
+    if let Err(e) = cleanup {
+        return Err(Error::Transport {
+            address: spec.to_string(),
+            detail: format!(
+                "point {} was written, but undoing the VM snapshot failed: {e}",
+                report.point
+            ),
+        });
+    }
+    if let Some(f) = &failover {
+        notes.push(format!("{} failed, used nbd: {}", f.from, f.reason));
+    }
+    Ok(BackupRun {
+        report,
+        failover,
+        notes,
+    })
+}
+
+/// List a VM's disks.
+pub fn disks(spec: &str, timeout: Duration) -> Result<Vec<DiskInfo>> {
+    Vm::connect(VmAddress::parse(spec)?, timeout)?.disks()
+}
