@@ -140,9 +140,27 @@ struct Stats {
     change_tracker: Option<String>,
     /// Backups: why the whole disk was read although a bitmap was given.
     full_reason: Option<String>,
+    /// VM backups: the checkpoint (dirty bitmap) this point started.
+    checkpoint: Option<String>,
+    /// VM backups: the mode that failed when the run fell back to NBD.
+    failover_from: Option<String>,
+    /// VM backups: why it failed.
+    failover_reason: Option<String>,
+    /// VM backups: what the run decided and why (modes not used, ...).
+    notes: Vec<String>,
 }
 
 impl Stats {
+    fn of_run(run: &transports::BackupRun) -> Self {
+        Stats {
+            checkpoint: run.report.meta.checkpoint.clone(),
+            failover_from: run.failover.as_ref().map(|f| f.from.clone()),
+            failover_reason: run.failover.as_ref().map(|f| f.reason.clone()),
+            notes: run.notes.clone(),
+            ..Stats::of_backup(&run.report)
+        }
+    }
+
     fn of_backup(rep: &datamover::BackupReport) -> Self {
         Stats {
             incremental: rep.parent().is_some(),
@@ -177,6 +195,10 @@ impl Stats {
             bytes_changed: None,
             change_tracker: None,
             full_reason: None,
+            checkpoint: None,
+            failover_from: None,
+            failover_reason: None,
+            notes: Vec::new(),
         }
     }
 }
@@ -211,6 +233,10 @@ impl Stats {
         d.set_item("bytes_changed", self.bytes_changed)?;
         d.set_item("change_tracker", &self.change_tracker)?;
         d.set_item("full_reason", &self.full_reason)?;
+        d.set_item("checkpoint", &self.checkpoint)?;
+        d.set_item("failover_from", &self.failover_from)?;
+        d.set_item("failover_reason", &self.failover_reason)?;
+        d.set_item("notes", &self.notes)?;
         Ok(d)
     }
 
@@ -373,7 +399,15 @@ impl Repository {
     /// reads the whole disk when no incremental is possible instead of
     /// raising. `timeout` is the network timeout in seconds;
     /// `tls_certificates` the directory with `ca-cert.pem` for `nbds://`.
-    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None))]
+    ///
+    /// A running VM is backed up with `source="qmp+unix:///path/qmp.sock"`
+    /// (or `qmp://host:port`) and `disk=` its node or device: the disk is
+    /// snapshotted, read through `transport` ("auto": san > hotadd > nbd;
+    /// or "san", "hotadd", "nbd", "storage-snapshot" with
+    /// `snapshot_provider` "auto", "reflink" or "qcow2-internal"), and
+    /// incremental after the first point. `failover_to_network=True`
+    /// falls back to NBD when the mode cannot read the disk.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn backup(
         &self,
@@ -389,8 +423,15 @@ impl Repository {
         full_if_needed: bool,
         timeout: f64,
         tls_certificates: Option<PathBuf>,
+        disk: Option<String>,
+        transport: &str,
+        failover_to_network: bool,
+        snapshot_provider: &str,
     ) -> PyResult<Stats> {
+        let vm_disk = disk;
         let disk: DiskName = name.parse().map_err(to_py)?;
+        let transport: transports::TransportChoice = transport.parse().map_err(to_py)?;
+        let snapshot_provider = snapshot_provider.to_string();
         let timeout = secs(timeout)?;
         let kind = match chunking {
             "fixed" => ChunkingKind::Fixed,
@@ -404,15 +445,16 @@ impl Repository {
         let compression: Compression = compression.parse().map_err(to_py)?;
         let spec = source.to_string_lossy().into_owned();
         let repo = &self.inner;
-        let rep = run_cancellable(py, progress, move |pfn| {
-            let src = transports::open_source_with(
-                &spec,
-                &transports::SourceOptions {
-                    bitmap,
-                    timeout: Some(timeout),
-                    tls_certificates,
-                },
-            )?;
+        let run = run_cancellable(py, progress, move |pfn| {
+            let sopts = transports::SourceOptions {
+                bitmap,
+                timeout: Some(timeout),
+                tls_certificates,
+                disk: vm_disk,
+                transport,
+                failover_to_network,
+                snapshot_provider: Some(snapshot_provider),
+            };
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
                 compression,
@@ -421,9 +463,9 @@ impl Repository {
                 full_if_needed,
                 ..BackupOptions::default()
             };
-            datamover::backup(repo, src.as_ref(), &disk, &opts)
+            transports::backup(repo, &spec, &disk, &sopts, &opts)
         })?;
-        Ok(Stats::of_backup(&rep))
+        Ok(Stats::of_run(&run))
     }
 
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
@@ -574,6 +616,40 @@ impl Repository {
     }
 }
 
+/// A running VM's disks (`qmp+unix:///path/qmp.sock` or `qmp://host:port`):
+/// a list of dicts with node, device, format, file, size, backing and
+/// checkpoints.
+#[pyfunction]
+#[pyo3(signature = (address, *, timeout=60.0))]
+fn vm_disks<'py>(
+    py: Python<'py>,
+    address: &str,
+    timeout: f64,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let timeout = secs(timeout)?;
+    let address = address.to_string();
+    let disks = py
+        .detach(move || transports::qemu::disks(&address, timeout))
+        .map_err(to_py)?;
+    disks
+        .iter()
+        .map(|d| {
+            let o = PyDict::new(py);
+            o.set_item("node", &d.node)?;
+            o.set_item("device", &d.device)?;
+            o.set_item("format", &d.driver)?;
+            o.set_item("file", d.file.as_ref().map(|f| f.display().to_string()))?;
+            o.set_item("size", d.size)?;
+            o.set_item("backing", d.backing)?;
+            o.set_item(
+                "checkpoints",
+                d.checkpoints().map(|b| b.name.clone()).collect::<Vec<_>>(),
+            )?;
+            Ok(o)
+        })
+        .collect()
+}
+
 #[pymodule]
 fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -582,5 +658,6 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Point>()?;
     m.add_class::<VerifyReport>()?;
     m.add_class::<PruneReport>()?;
+    m.add_function(wrap_pyfunction!(vm_disks, m)?)?;
     Ok(())
 }

@@ -335,3 +335,62 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
         stop(pid)
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(qcow), str(target)],
                    check=True)
+
+
+def test_running_vm_backup_through_modes(env):
+    """qemu-storage-daemon as the VM: list its disks, back up the qcow2
+    disk automatically (HotAdd here), write as the guest, then an NBD
+    incremental that reads only that write; restores match byte for byte."""
+    need_qemu_nbd()
+    tmp, img, repo = env
+    qcow = tmp / "vm.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
+    qmp, live, pid = tmp / "qmp.sock", tmp / "live.sock", tmp / "qsd.pid"
+    subprocess.run(
+        [
+            "qemu-storage-daemon",
+            "--chardev", f"socket,path={qmp},server=on,wait=off,id=m0",
+            "--monitor", "chardev=m0",
+            "--blockdev", f"driver=file,filename={qcow},node-name=f0",
+            "--blockdev", "driver=qcow2,file=f0,node-name=vda",
+            "--nbd-server", f"addr.type=unix,addr.path={live}",
+            "--export", "type=nbd,id=guest,node-name=vda,name=vda,writable=on",
+            "--pidfile", str(pid), "--daemonize",
+        ],
+        check=True,
+    )
+    try:
+        address = f"qmp+unix://{qmp}?nbd-server={live}"
+        disks = datamover.vm_disks(address)
+        assert [(d["node"], d["device"], d["format"]) for d in disks] == [("vda", "guest", "qcow2")]
+
+        s1 = repo.backup(address, "vm/vda", disk="vda")
+        assert (s1.transport, s1.incremental) == ("hotadd", False)
+        assert s1.checkpoint and s1.checkpoint.startswith("dm-cp-")
+        assert any(n.startswith("san not used") for n in s1.notes)
+        # As the guest: 64 KiB after the first point.
+        guest = f"nbd+unix:///vda?socket={live}"
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", guest],
+                       check=True, capture_output=True)
+        now = tmp / "now.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", guest, str(now)], check=True)
+
+        s2 = repo.backup(address, "vm/vda", disk="vda", transport="nbd")
+        assert (s2.transport, s2.incremental, s2.bytes_changed) == ("nbd", True, 65536)
+        assert s2.change_tracker == f"qemu:dirty-bitmap:{s1.checkpoint}"
+        assert s2.to_dict()["checkpoint"] == s2.checkpoint
+        out = tmp / "out.raw"
+        repo.restore("vm/vda", out)
+        assert digest(out) == digest(now)
+        assert datamover.vm_disks(address)[0]["checkpoints"] == [s2.checkpoint]
+        assert [p.transport for p in repo.points("vm/vda")] == ["hotadd", "nbd"]
+
+        with pytest.raises(datamover.UnsupportedError, match="direct access reads raw"):
+            repo.backup(address, "vm/vda", disk="vda", transport="san")
+        s3 = repo.backup(address, "vm/vda", disk="vda", transport="san", failover_to_network=True)
+        assert (s3.transport, s3.failover_from) == ("nbd", "san")
+        assert "direct access reads raw" in s3.failover_reason
+        with pytest.raises(datamover.InvalidInputError, match="--disk"):
+            repo.backup(address, "vm/vda")
+    finally:
+        stop(pid)

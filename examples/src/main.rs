@@ -360,7 +360,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                         d.node,
                         d.driver,
                         human(d.size),
-                        d.file.as_ref().map_or("-".into(), |f| f.display().to_string())
+                        d.file
+                            .as_ref()
+                            .map_or("-".into(), |f| f.display().to_string())
                     );
                 }
             }

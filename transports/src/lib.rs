@@ -128,8 +128,7 @@ pub fn backup(
         };
         return qemu::backup(repo, spec, disk, &job, backup);
     }
-    if opts.disk.is_some() || opts.transport != TransportChoice::Auto || opts.failover_to_network
-    {
+    if opts.disk.is_some() || opts.transport != TransportChoice::Auto || opts.failover_to_network {
         return Err(datamover::Error::InvalidArgument(format!(
             "--disk, --transport and --failover-to-network are for VM addresses (qmp+unix://, qmp://), not {spec}"
         )));

@@ -24,6 +24,7 @@ from ._datamover import (
     Stats,
     VerifyReport,
     __version__,
+    vm_disks,
 )
 from ._errors import (
     CancelledError,
@@ -40,6 +41,7 @@ __all__ = [
     "Point",
     "VerifyReport",
     "PruneReport",
+    "vm_disks",
     "DataMoverError",
     "CorruptRepositoryError",
     "TransportError",

@@ -35,8 +35,18 @@ class Stats:
     bytes_changed: Optional[int]
     change_tracker: Optional[str]
     full_reason: Optional[str]
+    checkpoint: Optional[str]
+    """VM backups: the checkpoint (dirty bitmap) this point started."""
+    failover_from: Optional[str]
+    """VM backups: the mode that failed when the run fell back to NBD."""
+    failover_reason: Optional[str]
+    notes: list[str]
+    """VM backups: what the run decided and why (modes not used, ...)."""
     def to_dict(self) -> dict[str, object]:
         """All figures as a dict."""
+
+def vm_disks(address: str, *, timeout: float = 60.0) -> list[dict[str, object]]:
+    """A running VM's disks: node, device, format, file, size, backing, checkpoints."""
 
 class Point:
     """One restore point of a disk. ``str(point)`` is ``"vm/disk@id"``."""
@@ -107,12 +117,23 @@ class Repository:
         full_if_needed: bool = False,
         timeout: float = 60.0,
         tls_certificates: Optional[Union[str, os.PathLike[str]]] = None,
+        disk: Optional[str] = None,
+        transport: Literal["auto", "san", "hotadd", "nbd", "storage-snapshot"] = "auto",
+        failover_to_network: bool = False,
+        snapshot_provider: Literal["auto", "reflink", "qcow2-internal"] = "auto",
     ) -> Stats:
         """Back up ``source`` (a path, block device, ``file://`` or NBD URI)
         as a new point of ``name`` ("vm/disk"). With ``bitmap`` the backup is
         incremental: only what that QEMU dirty bitmap marks changed since the
         previous point is read; ``full_if_needed`` reads the whole disk when
-        no incremental is possible instead of raising."""
+        no incremental is possible instead of raising.
+
+        A running VM (``qmp+unix:///path/qmp.sock`` or ``qmp://host:port``)
+        is backed up with ``disk`` naming its node or device: the disk is
+        snapshotted, read through ``transport`` ("auto": san > hotadd >
+        nbd), and incremental from its checkpoint after the first point;
+        ``failover_to_network`` falls back to NBD when the mode cannot read
+        the disk (``Stats.failover_from`` says so)."""
     def restore(
         self,
         point: Union[str, Point],

@@ -39,7 +39,11 @@ impl LoopDevice {
     /// `losetup -r -f --show PATH`.
     pub fn attach(path: &Path) -> Result<LoopDevice> {
         let dev = run(
-            Command::new("losetup").arg("-r").arg("-f").arg("--show").arg(path),
+            Command::new("losetup")
+                .arg("-r")
+                .arg("-f")
+                .arg("--show")
+                .arg(path),
             &format!("attach {} as a loop device", path.display()),
         )?;
         if !dev.starts_with("/dev/") {
@@ -85,11 +89,8 @@ impl LocalExport {
     /// it) read-only. Image locking is off: the VM holds the image, and
     /// the data read is frozen (a backing file or an internal snapshot).
     pub fn start(path: &Path, driver: &str, snapshot: Option<&str>) -> Result<LocalExport> {
-        let dir = std::env::temp_dir().join(format!(
-            "dm-local-{}-{:x}",
-            std::process::id(),
-            rand_u32()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("dm-local-{}-{:x}", std::process::id(), rand_u32()));
         std::fs::create_dir(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let mut me = LocalExport {
             uri: format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display()),

@@ -371,7 +371,11 @@ pub(crate) fn backup(
     if let (Mode::StorageSnapshot, Some(p)) = (mode, provider) {
         match p.take(&frozen) {
             Ok(img) => {
-                notes.push(format!("storage snapshot by {}: {}", p.name(), img.path.display()));
+                notes.push(format!(
+                    "storage snapshot by {}: {}",
+                    p.name(),
+                    img.path.display()
+                ));
                 image = Some(img);
                 frozen.release_overlay()?;
             }

@@ -73,7 +73,9 @@ impl Qmp {
     pub fn connect(addr: &QmpAddr, timeout: Duration) -> Result<Qmp> {
         let fail = |what: &str, e: std::io::Error| Error::Transport {
             address: addr.to_string(),
-            detail: format!("{what}: {e}; check that the VM runs and its QMP monitor listens there"),
+            detail: format!(
+                "{what}: {e}; check that the VM runs and its QMP monitor listens there"
+            ),
         };
         let stream: Box<dyn Stream> = match addr {
             QmpAddr::Unix(p) => {
@@ -105,7 +107,10 @@ impl Qmp {
         };
         let greeting = q.read_msg()?;
         let Some(v) = greeting.get("QMP") else {
-            return Err(q.protocol(format!("expected the QMP greeting, got {}", short(&greeting))));
+            return Err(q.protocol(format!(
+                "expected the QMP greeting, got {}",
+                short(&greeting)
+            )));
         };
         let ver = &v["version"]["qemu"];
         q.version = format!("{}.{}.{}", ver["major"], ver["minor"], ver["micro"]);
@@ -281,8 +286,16 @@ mod tests {
         for script in [
             vec!["not json\n".to_string()],
             vec!["{\"hello\":1}\n".into()],
-            vec![GREETING.into(), "<read>".into(), "{\"return\":{},\"id\":\"other\"}\n".into()],
-            vec![GREETING.into(), "<read>".into(), "{\"id\":\"dm-1\"}\n".into()],
+            vec![
+                GREETING.into(),
+                "<read>".into(),
+                "{\"return\":{},\"id\":\"other\"}\n".into(),
+            ],
+            vec![
+                GREETING.into(),
+                "<read>".into(),
+                "{\"id\":\"dm-1\"}\n".into(),
+            ],
             vec![GREETING.into(), "<read>".into(), "{\"return\":".into()],
         ] {
             let (_d, addr, h) = peer(script);

@@ -96,7 +96,9 @@ impl VmAddress {
             match kv.split_once('=') {
                 Some(("nbd-server", v)) if !v.is_empty() => a.nbd_server = Some(v.to_string()),
                 Some(("nbd-port", v)) => {
-                    a.nbd_port = v.parse().map_err(|_| bad("nbd-port must be a port number"))?
+                    a.nbd_port = v
+                        .parse()
+                        .map_err(|_| bad("nbd-port must be a port number"))?
                 }
                 Some(("overlay-dir", v)) if v.starts_with('/') => {
                     a.overlay_dir = Some(PathBuf::from(v))
@@ -180,7 +182,10 @@ impl DiskInfo {
             node,
             device,
             driver: n["drv"].as_str().unwrap_or("?").to_string(),
-            file: n["file"].as_str().filter(|f| !f.is_empty()).map(PathBuf::from),
+            file: n["file"]
+                .as_str()
+                .filter(|f| !f.is_empty())
+                .map(PathBuf::from),
             size: image["virtual-size"].as_u64().unwrap_or(0),
             backing: image.get("backing-image").is_some()
                 || image.get("backing-filename").is_some(),
@@ -204,7 +209,9 @@ impl DiskInfo {
 
     /// The checkpoints on this disk, oldest first.
     pub fn checkpoints(&self) -> impl Iterator<Item = &Bitmap> {
-        self.bitmaps.iter().filter(|b| b.name.starts_with(CHECKPOINT))
+        self.bitmaps
+            .iter()
+            .filter(|b| b.name.starts_with(CHECKPOINT))
     }
 
     /// Whether the VM host's image path is visible here, readable, and
@@ -215,7 +222,10 @@ impl DiskInfo {
         };
         match std::fs::File::open(f) {
             Ok(_) => Ok(f.as_path()),
-            Err(e) => Err(format!("{} is not visible from this proxy: {e}", f.display())),
+            Err(e) => Err(format!(
+                "{} is not visible from this proxy: {e}",
+                f.display()
+            )),
         }
     }
 }
@@ -321,9 +331,7 @@ impl Vm {
                 let Some(rn) = nodes.iter().find(|n| n["node-name"] == root.as_str()) else {
                     continue;
                 };
-                if root.starts_with(OVERLAY)
-                    && DiskInfo::backing_file(rn) == Some(file.as_str())
-                {
+                if root.starts_with(OVERLAY) && DiskInfo::backing_file(rn) == Some(file.as_str()) {
                     tracing::warn!(overlay = %root, "committing the overlay a killed run left");
                     self.commit(root)?;
                     if let (Some(f), true) = (rn["file"].as_str(), self.addr.is_local()) {
@@ -337,6 +345,15 @@ impl Vm {
             if d.node == name || d.device.as_deref() == Some(name) {
                 found = Some(d);
             }
+        }
+        if found.is_none() {
+            // A format node named directly (a VM whose disks are neither
+            // devices nor exports).
+            let nodes = self.nodes()?;
+            found = nodes
+                .iter()
+                .find(|n| n["node-name"] == name && !is_protocol(n["drv"].as_str()))
+                .and_then(|n| DiskInfo::from_node(n, None));
         }
         let disk = match found {
             Some(d) => d,
@@ -368,7 +385,11 @@ impl Vm {
                 }
             }
         }
-        for b in disk.bitmaps.iter().filter(|b| b.name.starts_with(EXPORT_COPY)) {
+        for b in disk
+            .bitmaps
+            .iter()
+            .filter(|b| b.name.starts_with(EXPORT_COPY))
+        {
             self.qmp.execute(
                 "block-dirty-bitmap-remove",
                 json!({"node": disk.node, "name": b.name}),
@@ -514,12 +535,27 @@ impl Vm {
             let _ = std::fs::remove_file(path);
         }
         frozen.map_err(|e| match e {
-                Error::Transport { address, detail } => Error::Transport {
-                    address,
-                    detail: format!("freezing disk {}: {detail}", disk.node),
-                },
-                e => e,
-            })?;
+            Error::Transport { address, detail } => Error::Transport {
+                address,
+                detail: format!("freezing disk {}: {detail}", disk.node),
+            },
+            e => e,
+        })?;
+        if let Some((node, path)) = &overlay {
+            // A disk nothing uses (no device, no export) drops the overlay
+            // at once: there is then nothing to commit.
+            if !self
+                .nodes()?
+                .iter()
+                .any(|n| n["node-name"] == node.as_str())
+            {
+                tracing::info!(disk = %disk.node, "the disk has no users; no overlay kept");
+                if self.addr.is_local() {
+                    let _ = std::fs::remove_file(path);
+                }
+                overlay = None;
+            }
+        }
         let mut f = Frozen {
             vm: self,
             disk: disk.clone(),
@@ -536,6 +572,24 @@ impl Vm {
         }
         Ok(f)
     }
+}
+
+/// Protocol drivers: nodes that hold bytes of an image, not a disk.
+fn is_protocol(drv: Option<&str>) -> bool {
+    matches!(
+        drv,
+        None | Some(
+            "file"
+                | "host_device"
+                | "host_cdrom"
+                | "nbd"
+                | "iscsi"
+                | "rbd"
+                | "ssh"
+                | "http"
+                | "https"
+        )
+    )
 }
 
 /// How a disk is held still while it is read.
@@ -773,7 +827,11 @@ mod tests {
         assert_eq!(t.qmp, QmpAddr::Tcp("10.0.0.5:4444".into()));
         assert_eq!(t.nbd_port, 10900);
         assert!(!t.is_local());
-        assert!(VmAddress::parse("qmp://127.0.0.1:4444").expect("p").is_local());
+        assert!(
+            VmAddress::parse("qmp://127.0.0.1:4444")
+                .expect("p")
+                .is_local()
+        );
         for bad in [
             "qmp+unix://rel.sock",
             "qmp://host",
