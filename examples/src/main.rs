@@ -443,12 +443,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 println!("no restore points");
             } else {
                 println!(
-                    "{:<20} {:<28} {:<19} {:>10} {:>10} {:<9} SOURCE",
+                    "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} SOURCE",
                     "DISK", "POINT", "STARTED", "SIZE", "STORED", "TRANSPORT"
                 );
                 for p in &points {
                     println!(
-                        "{:<20} {:<28} {:<19} {:>10} {:>10} {:<9} {}",
+                        "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} {}",
                         p.disk.to_string(),
                         p.id.to_string(),
                         p.meta

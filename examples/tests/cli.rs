@@ -555,3 +555,94 @@ fn cbt_backup_with_bitmap_over_nbd() {
     assert_eq!(code, 2);
     assert!(err.contains("needs an NBD source"), "{err}");
 }
+
+/// `dm vm-disks` and `dm backup qmp+unix://… --disk`: the mode used per
+/// point in the JSON and in `dm points`, a pinned mode that cannot work
+/// (fails with its reason, or falls back to NBD with --failover-to-network).
+#[test]
+fn vm_backup_modes_and_failover() {
+    if !can_run("cli_vm", &["qemu-storage-daemon", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let e = env();
+    let d = e.dir.path();
+    let (qmp, live, pid) = (d.join("qmp.sock"), d.join("live.sock"), d.join("qsd.pid"));
+    run(
+        "qemu-storage-daemon",
+        &[
+            "--chardev",
+            &format!("socket,path={},server=on,wait=off,id=m0", s(&qmp)),
+            "--monitor",
+            "chardev=m0",
+            "--blockdev",
+            &format!("driver=file,filename={},node-name=f0", s(&e.img)),
+            "--blockdev",
+            "driver=raw,file=f0,node-name=vdb",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", s(&live)),
+            "--export",
+            "type=nbd,id=guest,node-name=vdb,name=vdb,writable=on",
+            "--pidfile",
+            s(&pid),
+            "--daemonize",
+        ],
+    );
+    let qsd = common::Daemon { pid_file: pid };
+    let vm = format!("qmp+unix://{}?nbd-server={}", s(&qmp), s(&live));
+
+    let disks = json(&dm(&["vm-disks", "--json", &vm]));
+    assert_eq!(disks[0]["node"], "vdb");
+    assert_eq!(disks[0]["format"], "raw");
+    assert_eq!(disks[0]["file"], s(&e.img));
+
+    let backup = |extra: &[&str]| {
+        let mut a = vec![
+            "backup",
+            &vm,
+            "--repo",
+            s(&e.repo),
+            "--name",
+            "vm/vdb",
+            "--disk",
+            "vdb",
+        ];
+        a.extend_from_slice(extra);
+        dm(&a)
+    };
+    let first = json(&backup(&["--json"]));
+    assert_eq!(first["transport"], "san");
+    assert_eq!(first["failover"], serde_json::Value::Null);
+    assert!(first["checkpoint"].as_str().unwrap().starts_with("dm-cp-"));
+
+    // Storage snapshots of a raw image on ext4: neither provider can.
+    let (code, err) = fails(&backup(&["--transport", "storage-snapshot"]));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("reflink") && err.contains("--failover-to-network"),
+        "{err}"
+    );
+    let fo = json(&backup(&[
+        "--transport",
+        "storage-snapshot",
+        "--failover-to-network",
+        "--json",
+    ]));
+    assert_eq!(fo["transport"], "nbd");
+    assert_eq!(fo["failover"]["from"], "storage-snapshot");
+    assert_eq!(fo["failover"]["to"], "nbd");
+    assert_eq!(fo["incremental"], true);
+    assert_eq!(fo["bytes_changed"], 0);
+
+    let points = json(&dm(&["points", "--repo", s(&e.repo), "--json", "vm/vdb"]));
+    let modes: Vec<&str> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["meta"]["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["san", "nbd"]);
+    let out = d.join("out.raw");
+    ok(&dm(&["restore", "vm/vdb", s(&out), "--repo", s(&e.repo)]));
+    assert_eq!(hash_file(&out), hash_file(&e.img));
+    qsd.stop();
+}
