@@ -220,3 +220,82 @@ fn no_parent_or_a_resized_disk_needs_full_if_needed() {
     restore(&repo, "vm/disk", None, &out).expect("restore");
     assert_eq!(hash_file(&img), hash_file(&out));
 }
+
+/// A source that starts checkpoints and a tracker that knows the one its
+/// changes start at: the backup builds only on the point that started it.
+#[test]
+fn a_checkpointed_tracker_builds_only_on_the_point_that_started_it() {
+    struct Since(ChangedRanges, &'static str);
+    impl ChangeTracker for Since {
+        fn changed(&self, o: u64, l: u64) -> datamover::Result<Vec<(u64, u64)>> {
+            self.0.changed(o, l)
+        }
+        fn describe(&self) -> String {
+            format!("bitmap {}", self.1)
+        }
+        fn since_checkpoint(&self) -> Option<String> {
+            Some(self.1.into())
+        }
+    }
+    struct Starts<S>(S, &'static str);
+    impl<S: datamover::BlockSource> datamover::BlockSource for Starts<S> {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn preferred_io_size(&self) -> usize {
+            self.0.preferred_io_size()
+        }
+        fn capabilities(&self) -> datamover::source::Capabilities {
+            self.0.capabilities()
+        }
+        fn info(&self) -> datamover::format::manifest::SourceInfo {
+            self.0.info()
+        }
+        fn transport(&self) -> &'static str {
+            "test"
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> datamover::Result<()> {
+            self.0.read_at(o, b)
+        }
+        fn change_tracking(&self) -> datamover::Tracking<'_> {
+            self.0.change_tracking()
+        }
+        fn checkpoint(&self) -> Option<String> {
+            Some(self.1.into())
+        }
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = new_repo(tmp.path());
+    let img = tmp.path().join("d.raw");
+    make_image(&img, 4 << 20, &[(0, 3 << 20, Fill::Random(5))]);
+    let disk: DiskName = "vm/disk".parse().expect("name");
+    let tracked = |since: &'static str, starts: &'static str| {
+        let s = Starts(
+            WithChanges {
+                source: FileSource::open(&img).expect("open"),
+                tracker: Arc::new(Since(ChangedRanges::new("r", vec![(0, 4096)]), since)),
+            },
+            starts,
+        );
+        datamover::backup(&repo, &s, &disk, &BackupOptions::default())
+    };
+    // A parent that started no checkpoint.
+    let plain = FileSource::open(&img).expect("open");
+    datamover::backup(&repo, &plain, &disk, &BackupOptions::default()).expect("full");
+    let e = tracked("cp1", "cp2").expect_err("no checkpoint in the parent");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("started no checkpoint"), "{e}");
+    // A full point that starts cp1, then incrementals chained on it.
+    let full = BackupOptions {
+        full_if_needed: true,
+        ..BackupOptions::default()
+    };
+    let s = Starts(FileSource::open(&img).expect("open"), "cp1");
+    let p1 = datamover::backup(&repo, &s, &disk, &full).expect("full");
+    assert_eq!(p1.meta.checkpoint.as_deref(), Some("cp1"));
+    let p2 = tracked("cp1", "cp2").expect("incremental on cp1");
+    assert_eq!(p2.parent(), Some(p1.point.to_string().as_str()));
+    assert_eq!(p2.meta.checkpoint.as_deref(), Some("cp2"));
+    let e = tracked("cp1", "cp3").expect_err("cp1 is not the newest point's");
+    assert!(e.to_string().contains("started checkpoint cp2"), "{e}");
+}
