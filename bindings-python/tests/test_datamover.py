@@ -180,8 +180,10 @@ def test_error_classes(env):
         datamover.Repository.open(tmp)
     with pytest.raises(datamover.InvalidInputError, match="no restore point"):
         repo.restore("vm/none", tmp / "x.raw")
-    with pytest.raises(datamover.UnsupportedError, match="not supported: qmp\\+unix://"):
+    with pytest.raises(datamover.InvalidInputError, match="name its disk with --disk"):
         repo.backup("qmp+unix:///vm?socket=/run/none.sock", "vm/d")
+    with pytest.raises(datamover.TransportError, match="QMP monitor listens there"):
+        repo.backup("qmp+unix:///run/none.qmp", "vm/d", disk="vda")
     with pytest.raises(datamover.TransportError, match="needs a certificates directory"):
         repo.backup("nbds://127.0.0.1/disk", "vm/d")
     with pytest.raises(datamover.TransportError, match="cannot read .*ca-cert.pem"):
