@@ -621,32 +621,17 @@ impl Repository {
 /// checkpoints.
 #[pyfunction]
 #[pyo3(signature = (address, *, timeout=60.0))]
-fn vm_disks<'py>(
-    py: Python<'py>,
-    address: &str,
-    timeout: f64,
-) -> PyResult<Vec<Bound<'py, PyDict>>> {
+fn vm_disks<'py>(py: Python<'py>, address: &str, timeout: f64) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let timeout = secs(timeout)?;
     let address = address.to_string();
     let disks = py
         .detach(move || transports::qemu::disks(&address, timeout))
         .map_err(to_py)?;
+    // The same fields as `dm vm-disks --json`, from the one definition.
+    let loads = py.import("json")?.getattr("loads")?;
     disks
         .iter()
-        .map(|d| {
-            let o = PyDict::new(py);
-            o.set_item("node", &d.node)?;
-            o.set_item("device", &d.device)?;
-            o.set_item("format", &d.driver)?;
-            o.set_item("file", d.file.as_ref().map(|f| f.display().to_string()))?;
-            o.set_item("size", d.size)?;
-            o.set_item("backing", d.backing)?;
-            o.set_item(
-                "checkpoints",
-                d.checkpoints().map(|b| b.name.clone()).collect::<Vec<_>>(),
-            )?;
-            Ok(o)
-        })
+        .map(|d| loads.call1((d.summary().to_string(),)))
         .collect()
 }
 

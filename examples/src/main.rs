@@ -341,16 +341,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let disks = transports::qemu::disks(&address, Duration::from_secs(timeout))?;
             if json {
-                let v: Vec<_> = disks
-                    .iter()
-                    .map(|d| {
-                        json!({
-                            "node": d.node, "device": d.device, "format": d.driver,
-                            "file": d.file, "size": d.size, "backing": d.backing,
-                            "checkpoints": d.checkpoints().map(|b| &b.name).collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
+                let v: Vec<_> = disks.iter().map(|d| d.summary()).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for d in &disks {

@@ -561,7 +561,7 @@ fn freeze_and_die() {
     use datamover_transports::qemu::{Vm as QVm, VmAddress, vm::Hold};
     let mut v = QVm::connect(VmAddress::parse(&spec).unwrap(), Duration::from_secs(10)).unwrap();
     let d = v.disk("q").unwrap();
-    let mut frozen = v.freeze(&d, Hold::Overlay, Some(&since), false).unwrap();
+    let mut frozen = v.freeze(&d, Hold::Overlay, Some(&since)).unwrap();
     frozen.export_uri().unwrap();
     // Die here: no destructor runs, as with kill -9.
     std::process::exit(7);
@@ -681,14 +681,16 @@ fn the_vm_nbd_server_is_started_and_stopped_when_the_vm_has_none() {
     vm.qmp("nbd-server-stop", json!({}));
     let spec = format!("qmp+unix://{}", vm.qmp.display());
     let o = opts("q", "nbd");
-    let r = datamover_transports::backup(
-        &repo,
-        &spec,
-        &"vm/q".parse().unwrap(),
-        &o,
-        &BackupOptions::default(),
-    )
-    .unwrap();
+    let go = || {
+        datamover_transports::backup(
+            &repo,
+            &spec,
+            &"vm/q".parse().unwrap(),
+            &o,
+            &BackupOptions::default(),
+        )
+    };
+    let r = go().unwrap();
     assert_eq!(r.report.meta.transport, "nbd");
     // Stopped: a new server can start.
     let sock = tmp.path().join("again.sock");
@@ -702,14 +704,7 @@ fn the_vm_nbd_server_is_started_and_stopped_when_the_vm_has_none() {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": sock}}}),
     );
-    let e = datamover_transports::backup(
-        &repo,
-        &spec,
-        &"vm/q".parse().unwrap(),
-        &o,
-        &BackupOptions::default(),
-    )
-    .unwrap_err();
+    let e = go().unwrap_err();
     assert!(e.to_string().contains("?nbd-server="), "{e}");
     for (_, p) in &vm.images {
         assert!(p.exists());

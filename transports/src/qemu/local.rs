@@ -89,8 +89,7 @@ impl LocalExport {
     /// it) read-only. Image locking is off: the VM holds the image, and
     /// the data read is frozen (a backing file or an internal snapshot).
     pub fn start(path: &Path, driver: &str, snapshot: Option<&str>) -> Result<LocalExport> {
-        let dir =
-            std::env::temp_dir().join(format!("dm-local-{}-{:x}", std::process::id(), rand_u32()));
+        let dir = std::env::temp_dir().join(format!("dm-local-{}", super::vm::stamp()));
         std::fs::create_dir(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let mut me = LocalExport {
             uri: format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display()),
@@ -129,12 +128,6 @@ impl LocalExport {
     pub fn uri(&self) -> &str {
         &self.uri
     }
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
-    u32::from_le_bytes(b)
 }
 
 impl Drop for LocalExport {

@@ -111,11 +111,13 @@ pub struct BackupRun {
 }
 
 /// Why `mode` cannot read `disk` from this proxy, or `None`.
+/// `provider` is the storage snapshot provider that can snapshot the disk,
+/// or why none can.
 fn unusable(
     mode: Mode,
     addr: &VmAddress,
     disk: &DiskInfo,
-    providers: &[Box<dyn StorageSnapshot>],
+    provider: &std::result::Result<&dyn StorageSnapshot, String>,
 ) -> Option<String> {
     match mode {
         Mode::San => {
@@ -138,14 +140,23 @@ fn unusable(
             }
         }
         Mode::Nbd => None,
-        Mode::StorageSnapshot => {
-            let why: Vec<String> = providers
-                .iter()
-                .filter_map(|p| p.unusable(disk).map(|w| format!("{}: {w}", p.name())))
-                .collect();
-            (why.len() == providers.len()).then(|| why.join("; "))
+        Mode::StorageSnapshot => provider.as_ref().err().cloned(),
+    }
+}
+
+/// The first provider that can snapshot `disk`, or why none can.
+fn pick_provider<'p>(
+    providers: &'p [Box<dyn StorageSnapshot>],
+    disk: &DiskInfo,
+) -> std::result::Result<&'p dyn StorageSnapshot, String> {
+    let mut why = Vec::new();
+    for p in providers {
+        match p.unusable(disk) {
+            None => return Ok(p.as_ref()),
+            Some(w) => why.push(format!("{}: {w}", p.name())),
         }
     }
+    Err(why.join("; "))
 }
 
 /// What opening a mode attached; dropped after the reader.
@@ -323,12 +334,18 @@ pub(crate) fn backup(
     };
 
     let providers = snapshot::providers(job.provider)?;
+    // Storage snapshots are only used when asked for: only then look.
+    let provider = if job.choice == TransportChoice::Pinned(Mode::StorageSnapshot) {
+        pick_provider(&providers, &disk)
+    } else {
+        Err("not asked for".into())
+    };
     let mut failover: Option<Failover> = None;
     let mut mode = match job.choice {
         TransportChoice::Auto => {
             let mut chosen = Mode::Nbd;
             for m in [Mode::San, Mode::HotAdd] {
-                match unusable(m, &addr, &disk, &providers) {
+                match unusable(m, &addr, &disk, &provider) {
                     None => {
                         chosen = m;
                         break;
@@ -338,7 +355,7 @@ pub(crate) fn backup(
             }
             chosen
         }
-        TransportChoice::Pinned(m) => match unusable(m, &addr, &disk, &providers) {
+        TransportChoice::Pinned(m) => match unusable(m, &addr, &disk, &provider) {
             None => m,
             Some(why) if job.failover => {
                 failover = Some(Failover {
@@ -356,9 +373,8 @@ pub(crate) fn backup(
             }
         },
     };
-    let provider = providers.iter().find(|p| p.unusable(&disk).is_none());
-    let hold = match (mode, provider) {
-        (Mode::StorageSnapshot, Some(p)) => p.hold(),
+    let hold = match (mode, &provider) {
+        (Mode::StorageSnapshot, Ok(p)) => p.hold(),
         _ => vm::Hold::Overlay,
     };
 
@@ -366,9 +382,9 @@ pub(crate) fn backup(
         Since::Checkpoint(c) => Some(c.as_str()),
         _ => None,
     };
-    let mut frozen = vm.freeze(&disk, hold, since_name, false)?;
+    let mut frozen = vm.freeze(&disk, hold, since_name)?;
     let mut image = None;
-    if let (Mode::StorageSnapshot, Some(p)) = (mode, provider) {
+    if let (Mode::StorageSnapshot, Ok(p)) = (mode, &provider) {
         match p.take(&frozen) {
             Ok(img) => {
                 notes.push(format!(

@@ -207,6 +207,15 @@ impl DiskInfo {
             .or_else(|| n["image"]["backing-filename"].as_str())
     }
 
+    /// What `dm vm-disks --json` and Python's `vm_disks()` show of a disk.
+    pub fn summary(&self) -> Value {
+        json!({
+            "node": self.node, "device": self.device, "format": self.driver,
+            "file": self.file, "size": self.size, "backing": self.backing,
+            "checkpoints": self.checkpoints().map(|b| &b.name).collect::<Vec<_>>(),
+        })
+    }
+
     /// The checkpoints on this disk, oldest first.
     pub fn checkpoints(&self) -> impl Iterator<Item = &Bitmap> {
         self.bitmaps
@@ -228,6 +237,17 @@ impl DiskInfo {
             )),
         }
     }
+}
+
+/// The disks among `nodes` whose top nodes are `roots`.
+fn disks_of(nodes: &[Value], roots: Vec<(String, Option<String>)>) -> Vec<DiskInfo> {
+    roots
+        .into_iter()
+        .filter_map(|(node, dev)| {
+            let n = nodes.iter().find(|n| n["node-name"] == node.as_str())?;
+            DiskInfo::from_node(n, dev)
+        })
+        .collect()
 }
 
 /// A VM, connected over QMP.
@@ -293,13 +313,7 @@ impl Vm {
     pub fn disks(&mut self) -> Result<Vec<DiskInfo>> {
         let nodes = self.nodes()?;
         let roots = self.roots()?;
-        Ok(roots
-            .into_iter()
-            .filter_map(|(node, dev)| {
-                let n = nodes.iter().find(|n| n["node-name"] == node.as_str())?;
-                DiskInfo::from_node(n, dev)
-            })
-            .collect())
+        Ok(disks_of(&nodes, roots))
     }
 
     fn node_info(&mut self, node: &str) -> Result<DiskInfo> {
@@ -322,44 +336,47 @@ impl Vm {
     /// what a killed run may have left on it (an overlay still active, our
     /// exports, export copies of bitmaps, internal snapshots).
     pub fn disk(&mut self, name: &str) -> Result<DiskInfo> {
-        let nodes = self.nodes()?;
-        let roots = self.roots()?;
+        let mut nodes = self.nodes()?;
+        let mut roots = self.roots()?;
         // A killed run's overlay on top of the named node: commit it first.
+        let mut committed = false;
         if let Some(n) = nodes.iter().find(|n| n["node-name"] == name) {
-            let file = n["file"].as_str().unwrap_or_default().to_string();
+            let file = n["file"].as_str().unwrap_or_default();
             for (root, _) in &roots {
                 let Some(rn) = nodes.iter().find(|n| n["node-name"] == root.as_str()) else {
                     continue;
                 };
-                if root.starts_with(OVERLAY) && DiskInfo::backing_file(rn) == Some(file.as_str()) {
+                if root.starts_with(OVERLAY) && DiskInfo::backing_file(rn) == Some(file) {
                     tracing::warn!(overlay = %root, "committing the overlay a killed run left");
                     self.commit(root)?;
+                    committed = true;
                     if let (Some(f), true) = (rn["file"].as_str(), self.addr.is_local()) {
                         let _ = std::fs::remove_file(f);
                     }
                 }
             }
         }
-        let mut found = None;
-        for d in self.disks()? {
-            if d.node == name || d.device.as_deref() == Some(name) {
-                found = Some(d);
-            }
+        if committed {
+            nodes = self.nodes()?;
+            roots = self.roots()?;
         }
-        if found.is_none() {
-            // A format node named directly (a VM whose disks are neither
-            // devices nor exports).
-            let nodes = self.nodes()?;
-            found = nodes
-                .iter()
-                .find(|n| n["node-name"] == name && !is_protocol(n["drv"].as_str()))
-                .and_then(|n| DiskInfo::from_node(n, None));
-        }
+        let disks = disks_of(&nodes, roots);
+        let found = disks
+            .iter()
+            .find(|d| d.node == name || d.device.as_deref() == Some(name))
+            .cloned()
+            .or_else(|| {
+                // A format node named directly (a VM whose disks are neither
+                // devices nor exports).
+                nodes
+                    .iter()
+                    .find(|n| n["node-name"] == name && !is_protocol(n["drv"].as_str()))
+                    .and_then(|n| DiskInfo::from_node(n, None))
+            });
         let disk = match found {
             Some(d) => d,
             None => {
-                let known: Vec<String> = self
-                    .disks()?
+                let known: Vec<String> = disks
                     .iter()
                     .map(|d| match &d.device {
                         Some(dev) if dev != &d.node => format!("{} (node {})", dev, d.node),
@@ -472,15 +489,9 @@ impl Vm {
 
     /// Freeze `disk`: in one transaction, copy the checkpoint `since` (if
     /// the disk has it) for export, start a new checkpoint, and take the
-    /// snapshot `how` asks for. With `export`, the frozen disk is then
-    /// exported read-only over NBD (with the copied checkpoint).
-    pub fn freeze(
-        mut self,
-        disk: &DiskInfo,
-        how: Hold,
-        since: Option<&str>,
-        export: bool,
-    ) -> Result<Frozen> {
+    /// snapshot `how` asks for. [`Frozen::export_uri`] then exports the
+    /// frozen disk read-only over NBD (with the copied checkpoint).
+    pub fn freeze(mut self, disk: &DiskInfo, how: Hold, since: Option<&str>) -> Result<Frozen> {
         let st = stamp();
         let checkpoint = format!("{CHECKPOINT}{st}");
         let have_since = since.filter(|s| disk.bitmaps.iter().any(|b| b.name == *s));
@@ -556,7 +567,7 @@ impl Vm {
                 overlay = None;
             }
         }
-        let mut f = Frozen {
+        Ok(Frozen {
             vm: self,
             disk: disk.clone(),
             checkpoint,
@@ -566,11 +577,7 @@ impl Vm {
             export: None,
             server: None,
             finished: false,
-        };
-        if export {
-            f.export()?;
-        }
-        Ok(f)
+        })
     }
 }
 
@@ -601,10 +608,10 @@ pub enum Hold {
     Internal,
 }
 
-/// A unique stamp for names, sortable by time: milliseconds since the
+/// A unique stamp for names (also of local files), sortable by time: milliseconds since the
 /// epoch in hex (11 digits until the year 2527) and a random suffix. QEMU
 /// node names are at most 31 characters.
-fn stamp() -> String {
+pub(crate) fn stamp() -> String {
     let mut r = [0u8; 2];
     let _ = getrandom::fill(&mut r);
     let ms = std::time::SystemTime::now()
@@ -659,10 +666,6 @@ impl Frozen {
     }
     /// The NBD address of the frozen disk, exporting it on first use.
     pub fn export_uri(&mut self) -> Result<String> {
-        self.export()
-    }
-
-    fn export(&mut self) -> Result<String> {
         if let Some((_, uri)) = &self.export {
             return Ok(uri.clone());
         }
@@ -700,27 +703,21 @@ impl Frozen {
     }
 
     fn start_server(&mut self, addr: Value) -> Result<()> {
-        match self
+        let Err(f) = self
             .vm
             .qmp
             .try_execute("nbd-server-start", json!({"addr": addr}))?
-        {
-            Ok(_) => Ok(()),
-            Err(f) if f.desc.contains("already running") => {
-                if let Some(Server { dir: Some(d) }) = self.server.take() {
-                    let _ = std::fs::remove_dir_all(d);
-                }
-                Err(self.vm.err(
-                    "the VM already runs an NBD server (QEMU allows one); give its address with ?nbd-server=PATH or ?nbd-server=HOST:PORT in the VM address".into(),
-                ))
-            }
-            Err(f) => {
-                if let Some(Server { dir: Some(d) }) = self.server.take() {
-                    let _ = std::fs::remove_dir_all(d);
-                }
-                Err(self.vm.err(format!("starting an NBD server: {}", f.desc)))
-            }
+        else {
+            return Ok(());
+        };
+        if let Some(Server { dir: Some(d) }) = self.server.take() {
+            let _ = std::fs::remove_dir_all(d);
         }
+        Err(self.vm.err(if f.desc.contains("already running") {
+            "the VM already runs an NBD server (QEMU allows one); give its address with ?nbd-server=PATH or ?nbd-server=HOST:PORT in the VM address".into()
+        } else {
+            format!("starting an NBD server: {}", f.desc)
+        }))
     }
 
     /// Let the VM go on the disk now (the data is held elsewhere, e.g. in a
