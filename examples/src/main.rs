@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod remote;
+
 use clap::{Parser, Subcommand};
 use datamover::{
     BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
@@ -25,6 +27,8 @@ use serde_json::json;
     about = "Back up and restore VM disks: dedupe, compression, verified restores"
 )]
 struct Cli {
+    #[command(flatten)]
+    server: remote::ServerArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -156,6 +160,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Managed hosts of a server (--server): add (prints the enrollment token), list, remove.
+    #[command(subcommand)]
+    Host(remote::HostCmd),
+    /// Proxies of a server (--server): list, set slots/modes/site, disable.
+    #[command(subcommand)]
+    Proxy(remote::ProxyCmd),
+    /// Repositories of a server (--server).
+    #[command(subcommand)]
+    Repo(remote::RepoCmd),
+    /// Jobs of a server (--server): create, list, run, delete.
+    #[command(subcommand)]
+    Job(remote::JobCmd),
+    /// Sessions (job runs) of a server (--server): list, show, watch.
+    #[command(subcommand)]
+    Session(remote::SessionCmd),
     /// Forget old points and free the space only they used.
     Prune {
         /// Repository directory.
@@ -503,6 +522,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 return Ok(3);
             }
         }
+        Cmd::Host(c) => return remote::host(&cli.server, c),
+        Cmd::Proxy(c) => return remote::proxy(&cli.server, c),
+        Cmd::Repo(c) => return remote::repo(&cli.server, c),
+        Cmd::Job(c) => return remote::job(&cli.server, c),
+        Cmd::Session(c) => return remote::session(&cli.server, c),
         Cmd::Prune {
             repo,
             keep_last,

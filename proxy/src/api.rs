@@ -1,0 +1,433 @@
+//! What goes over the wire between `dm`, the server and proxies: JSON
+//! bodies of the REST API (`/api/v1/…`, bearer token) and of the agent API
+//! (`/agent/v1/…`, mutual TLS). One place, so client and server cannot
+//! drift apart; the OpenAPI document (`server/openapi.json`) describes the
+//! same shapes.
+
+use serde::{Deserialize, Serialize};
+
+/// API version prefix of the REST API.
+pub const API: &str = "/api/v1";
+/// Prefix of the agent API (proxies and installers, mutual TLS).
+pub const AGENT: &str = "/agent/v1";
+
+/// An error body: every 4xx/5xx answer carries one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+/// A managed host to add; the answer carries its enrollment token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHost {
+    /// Unique name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// Addresses the host is reached at (names or IPs), put in its
+    /// certificate so its repository service can be verified.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// A managed host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    /// Name.
+    pub name: String,
+    /// Addresses.
+    pub addresses: Vec<String>,
+    /// Whether it has enrolled (holds a certificate).
+    pub enrolled: bool,
+    /// When it was added (RFC 3339).
+    pub created: String,
+}
+
+/// Answer to adding a host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostAdded {
+    /// The host.
+    pub host: Host,
+    /// One-time enrollment token (`dmj1.<secret>.<ca sha256>`).
+    pub enrollment_token: String,
+    /// When the token expires (RFC 3339).
+    pub expires: String,
+}
+
+/// A host's enrollment request (the only unauthenticated call besides
+/// fetching the CA certificate, and it needs the one-time secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The secret part of the enrollment token.
+    pub secret: String,
+    /// A PEM certificate request for the host's own key.
+    pub csr: String,
+}
+
+/// Answer to enrollment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The host's name in the inventory.
+    pub host: String,
+    /// Its certificate, PEM.
+    pub cert: String,
+    /// The CA, PEM.
+    pub ca: String,
+}
+
+/// The state of a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyState {
+    /// Heartbeating.
+    Online,
+    /// Missed its heartbeats; its tasks were re-queued.
+    Dead,
+    /// Taken out of service by an operator.
+    Disabled,
+}
+
+impl ProxyState {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProxyState::Online => "online",
+            ProxyState::Dead => "dead",
+            ProxyState::Disabled => "disabled",
+        }
+    }
+}
+
+/// A proxy as the server sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proxy {
+    /// Name (its host's name; `builtin` for the server's own).
+    pub name: String,
+    /// Task slots.
+    pub slots: u32,
+    /// Transport modes it may use (empty: all).
+    pub modes: Vec<String>,
+    /// Site (jobs may prefer proxies of a site).
+    pub site: Option<String>,
+    /// State.
+    pub state: ProxyState,
+    /// Tasks it runs now.
+    pub running: u32,
+    /// Datastores (directories) it reports it can see.
+    pub datastores: Vec<String>,
+    /// Its version.
+    pub version: String,
+    /// Last heartbeat (RFC 3339).
+    pub last_seen: Option<String>,
+}
+
+/// Changes to a proxy's settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyPatch {
+    /// Task slots (1–1024).
+    pub slots: Option<u32>,
+    /// Allowed transport modes.
+    pub modes: Option<Vec<String>>,
+    /// Site.
+    pub site: Option<String>,
+    /// Take out of service (true) or back in (false).
+    pub disabled: Option<bool>,
+}
+
+/// A repository the server writes to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// Name.
+    pub name: String,
+    /// Its directory, at the same path on every proxy that writes to it
+    /// (shared storage). Created (`dm init`) if missing.
+    pub path: String,
+}
+
+/// Kinds of job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Full, then CBT incrementals, into a repository.
+    Backup,
+}
+
+impl JobKind {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+        }
+    }
+}
+
+/// One disk of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDisk {
+    /// Name in the repository, `vm/disk`.
+    pub name: String,
+    /// What `dm backup` reads: an image or device path, `nbd://…`,
+    /// `nbd+unix://…`, or a VM `qmp+unix://…` / `qmp://…`.
+    pub source: String,
+    /// The VM disk's node name when `source` is a VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The VM host the disk lives on (for HotAdd placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_host: Option<String>,
+}
+
+/// A job to create.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique name.
+    pub name: String,
+    /// Kind.
+    pub kind: JobKind,
+    /// Target repository (by name).
+    pub repository: String,
+    /// Its disks; each becomes one task per run.
+    pub disks: Vec<JobDisk>,
+    /// Proxies it may use (empty: any).
+    #[serde(default)]
+    pub proxies: Vec<String>,
+    /// Transport mode: `auto` (default) or one to pin.
+    #[serde(default = "auto")]
+    pub transport: String,
+    /// Fall back to network mode when the pinned/best mode fails.
+    #[serde(default)]
+    pub failover_to_network: bool,
+    /// Retries of a failed task (each with its reason), default 2.
+    #[serde(default = "two")]
+    pub retries: u32,
+    /// Run every this many minutes (none: on demand only).
+    #[serde(default)]
+    pub every_minutes: Option<u32>,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+fn two() -> u32 {
+    2
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    /// Its spec.
+    #[serde(flatten)]
+    pub spec: JobSpec,
+    /// When it last ran (RFC 3339).
+    pub last_run: Option<String>,
+    /// Its newest session.
+    pub last_session: Option<u64>,
+}
+
+/// State of a session or a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Waiting for a slot.
+    Queued,
+    /// Placed on a proxy, not yet confirmed running.
+    Assigned,
+    /// Moving data.
+    Running,
+    /// Done.
+    Success,
+    /// Done with an error (after its retries).
+    Failed,
+}
+
+impl State {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Assigned => "assigned",
+            State::Running => "running",
+            State::Success => "success",
+            State::Failed => "failed",
+        }
+    }
+    /// Whether nothing more will happen.
+    pub fn is_final(&self) -> bool {
+        matches!(self, State::Success | State::Failed)
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "queued" => State::Queued,
+            "assigned" => State::Assigned,
+            "running" => State::Running,
+            "success" => State::Success,
+            "failed" => State::Failed,
+            _ => return Err(format!("unknown state {s:?}")),
+        })
+    }
+}
+
+/// One attempt of a task that did not succeed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1-based.
+    pub attempt: u32,
+    /// Where it ran.
+    pub proxy: Option<String>,
+    /// Why it ended.
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// One task: one disk of one session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Task {
+    /// Id.
+    pub id: u64,
+    /// The disk (`vm/disk`).
+    pub disk: String,
+    /// State.
+    pub state: State,
+    /// The proxy running (or that ran) it.
+    pub proxy: Option<String>,
+    /// Current attempt, 1-based.
+    pub attempt: u32,
+    /// Transport mode used.
+    pub mode: Option<String>,
+    /// Bytes of the disk covered so far.
+    pub done: u64,
+    /// Disk size, once known.
+    pub total: u64,
+    /// The run's bottleneck (source, proxy CPU, target).
+    pub bottleneck: Option<String>,
+    /// The point written.
+    pub point: Option<String>,
+    /// Bytes read from the source.
+    pub bytes_read: Option<u64>,
+    /// Bytes newly stored.
+    pub bytes_stored: Option<u64>,
+    /// Error of the last attempt.
+    pub error: Option<String>,
+    /// Earlier attempts and why they ended.
+    pub attempts: Vec<Attempt>,
+    /// Started (RFC 3339), of the current attempt.
+    pub started: Option<String>,
+    /// Finished (RFC 3339).
+    pub finished: Option<String>,
+}
+
+/// A run of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// Id.
+    pub id: u64,
+    /// The job.
+    pub job: String,
+    /// Kind.
+    pub kind: JobKind,
+    /// Running until every task is final; then success or failed.
+    pub state: State,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Finished (RFC 3339).
+    pub finished: Option<String>,
+    /// Its tasks.
+    pub tasks: Vec<Task>,
+}
+
+// ---- agent API ----
+
+/// A proxy's heartbeat: who it is, what it can do, how its tasks go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Version of the proxy component.
+    pub version: String,
+    /// CPU cores (the default slot count).
+    pub cores: u32,
+    /// Datastores (directories) it can see.
+    pub datastores: Vec<String>,
+    /// Tasks it runs now, with progress.
+    pub running: Vec<TaskProgress>,
+}
+
+/// Progress of a running task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// Task id.
+    pub task: u64,
+    /// Its attempt.
+    pub attempt: u32,
+    /// Bytes covered.
+    pub done: u64,
+    /// Disk size.
+    pub total: u64,
+}
+
+/// The server's answer to a heartbeat or a task result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Orders {
+    /// New tasks for this proxy.
+    pub assign: Vec<TaskOrder>,
+    /// Tasks to stop (no longer this proxy's).
+    pub cancel: Vec<u64>,
+    /// When to send the next heartbeat.
+    pub interval_ms: u64,
+}
+
+/// A task for a proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskOrder {
+    /// Task id.
+    pub task: u64,
+    /// Attempt (results of an older attempt are refused).
+    pub attempt: u32,
+    /// Kind.
+    pub kind: JobKind,
+    /// Disk name in the repository.
+    pub disk: String,
+    /// Source spec.
+    pub source: String,
+    /// VM disk node, for VM sources.
+    pub vm_disk: Option<String>,
+    /// Repository directory.
+    pub repository: String,
+    /// Transport: `auto` or a pinned mode.
+    pub transport: String,
+    /// Failover to network mode.
+    pub failover_to_network: bool,
+}
+
+/// How a task ended on the proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// Task id.
+    pub task: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// The point, when it succeeded.
+    pub point: Option<String>,
+    /// Mode used.
+    pub mode: Option<String>,
+    /// Bottleneck.
+    pub bottleneck: Option<String>,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes stored.
+    pub bytes_stored: u64,
+    /// Disk size.
+    pub total: u64,
+    /// The error, when it failed.
+    pub error: Option<String>,
+    /// Whether retrying cannot help (bad input).
+    pub permanent: bool,
+}

@@ -1,0 +1,244 @@
+//! A blocking HTTPS client for the server's REST and agent APIs: `dm
+//! --server`, the proxies and installers use it. It trusts only the
+//! installation's CA and authenticates with a bearer token (users) or a
+//! client certificate (hosts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+
+use crate::api::ErrorBody;
+use crate::pki::{self, Identity};
+
+/// What a call to the server can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status.
+    #[error("server refused ({status}): {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// No answer: connection, TLS or timeout.
+    #[error("cannot reach {url}: {detail}")]
+    Unreachable {
+        /// What was called.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// A bad setting (certificate files, URL).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// How the client proves who it is.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// `Authorization: Bearer …` (users, `dm`).
+    Token(String),
+    /// A client certificate (hosts).
+    Certificate,
+    /// Nothing (fetching the CA, enrolling).
+    None,
+}
+
+/// A connection to one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+    auth: Auth,
+}
+
+fn config_err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Config(e.to_string())
+}
+
+impl Client {
+    /// A client of `base` (`https://host:port`) trusting `ca_pem`,
+    /// presenting `identity` when given.
+    pub fn new(
+        base: &str,
+        ca_pem: &str,
+        identity: Option<&Identity>,
+        auth: Auth,
+        timeout: Duration,
+    ) -> Result<Client> {
+        pki::install_crypto();
+        let roots: Vec<Certificate<'static>> = pki::certs_from_pem(ca_pem)
+            .map_err(config_err)?
+            .into_iter()
+            .map(|c| Certificate::from_der(&c).to_owned())
+            .collect();
+        if roots.is_empty() {
+            return Err(ClientError::Config("no CA certificate given".into()));
+        }
+        let mut tls = TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(roots)));
+        if let Some(id) = identity {
+            let chain: Vec<Certificate<'static>> = pki::certs_from_pem(&id.cert_pem)
+                .map_err(config_err)?
+                .into_iter()
+                .map(|c| Certificate::from_der(&c).to_owned())
+                .collect();
+            let key = PrivateKey::from_pem(id.key_pem.as_bytes()).map_err(config_err)?;
+            tls = tls.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+        Ok(Self::with_tls(base, tls.build(), auth, timeout))
+    }
+
+    fn with_tls(base: &str, tls: TlsConfig, auth: Auth, timeout: Duration) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .https_only(true)
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+            auth,
+        }
+    }
+
+    /// Fetch the server's CA certificate without trusting anything yet,
+    /// and accept it only if its SHA-256 is `fingerprint` (from the
+    /// enrollment token).
+    pub fn fetch_ca(base: &str, fingerprint: &str, timeout: Duration) -> Result<String> {
+        pki::install_crypto();
+        let tls = TlsConfig::builder().disable_verification(true).build();
+        let c = Self::with_tls(base, tls, Auth::None, timeout);
+        let pem: String = c.call_text("GET", &format!("{}/ca", crate::api::API))?;
+        let der = pki::cert_der_from_pem(&pem).map_err(config_err)?;
+        let got = pki::fingerprint(&der);
+        if got != fingerprint {
+            return Err(ClientError::Config(format!(
+                "the server at {base} shows CA {got}, but the enrollment token names CA {fingerprint}: not enrolling"
+            )));
+        }
+        Ok(pem)
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>)> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |e: ureq::Error| ClientError::Unreachable {
+            url: url.clone(),
+            detail: e.to_string(),
+        };
+        let mut b = ureq::http::Request::builder().method(method).uri(&url);
+        if let Auth::Token(t) = &self.auth {
+            b = b.header("Authorization", format!("Bearer {t}"));
+        }
+        let resp = match body {
+            Some(body) => {
+                let req = b
+                    .header("Content-Type", "application/json")
+                    .body(body)
+                    .map_err(config_err)?;
+                self.agent.run(req)
+            }
+            None => self.agent.run(b.body(()).map_err(config_err)?),
+        };
+        let mut resp = resp.map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .map_err(unreachable)?;
+        Ok((status, bytes))
+    }
+
+    fn check(status: u16, bytes: &[u8]) -> Result<()> {
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let message = serde_json::from_slice::<ErrorBody>(bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(bytes).chars().take(500).collect());
+        Err(ClientError::Status { status, message })
+    }
+
+    fn call_text(&self, method: &str, path: &str) -> Result<String> {
+        let (status, bytes) = self.request(method, path, None)?;
+        Self::check(status, &bytes)?;
+        String::from_utf8(bytes).map_err(config_err)
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
+        let (status, bytes) = self.request(method, path, body)?;
+        Self::check(status, &bytes)?;
+        let bytes = if bytes.is_empty() {
+            b"null".to_vec()
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Status {
+            status,
+            message: format!("unexpected answer from {path}: {e}"),
+        })
+    }
+
+    /// GET `path` (e.g. `/api/v1/jobs`).
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call("GET", path, None)
+    }
+
+    /// GET `path` as text.
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        self.call_text("GET", path)
+    }
+
+    /// POST a JSON body.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let b = serde_json::to_vec(body).map_err(config_err)?;
+        self.call("POST", path, Some(b))
+    }
+
+    /// PATCH a JSON body.
+    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let b = serde_json::to_vec(body).map_err(config_err)?;
+        self.call("PATCH", path, Some(b))
+    }
+
+    /// DELETE.
+    pub fn delete(&self, path: &str) -> Result<()> {
+        let (status, bytes) = self.request("DELETE", path, None)?;
+        Self::check(status, &bytes)
+    }
+
+    /// Send raw bytes (tests of bad input).
+    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
+        self.call("POST", path, Some(body))
+    }
+}

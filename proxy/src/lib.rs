@@ -1,0 +1,59 @@
+//! # datamover-proxy — the proxy side of a datamover installation
+//!
+//! * [`agent`]: the transport service. It heartbeats to the server, takes
+//!   the per-disk tasks the server assigns to its slots and runs each as a
+//!   data mover ([`transports::backup`]), streaming progress.
+//! * [`pki`]: the installation's small CA, host identities, enrollment
+//!   tokens and TLS settings (mutual TLS everywhere).
+//! * [`client`]: the blocking HTTPS client of the server's APIs (also used
+//!   by `dm --server`).
+//! * [`api`]: the JSON shapes of both APIs.
+//!
+//! A host joins once with [`enroll`] (one-time token) and from then on
+//! authenticates with its certificate.
+
+pub mod agent;
+pub mod api;
+pub mod client;
+pub mod pki;
+
+use std::path::Path;
+use std::time::Duration;
+
+use api::{API, EnrollRequest, Enrolled};
+use client::{Auth, Client, ClientError};
+use pki::{EnrollmentToken, Identity};
+
+/// File in a host's state directory holding the server's URL.
+pub const SERVER_FILE: &str = "server.url";
+
+/// Join the installation: check the server's CA against the token,
+/// send a CSR for a key made here, and save the issued identity (and the
+/// server's URL) in `dir`.
+pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identity), ClientError> {
+    let token: EnrollmentToken = token
+        .parse()
+        .map_err(|e: pki::PkiError| ClientError::Config(e.to_string()))?;
+    let timeout = Duration::from_secs(30);
+    let ca = Client::fetch_ca(server, &token.ca_fingerprint, timeout)?;
+    let (key_pem, csr) =
+        Identity::new_request("datamover-host").map_err(|e| ClientError::Config(e.to_string()))?;
+    let c = Client::new(server, &ca, None, Auth::None, timeout)?;
+    let enrolled: Enrolled = c.post(
+        &format!("{API}/enroll"),
+        &EnrollRequest {
+            secret: token.secret,
+            csr,
+        },
+    )?;
+    let id = Identity {
+        cert_pem: enrolled.cert.clone(),
+        key_pem,
+        ca_pem: enrolled.ca.clone(),
+    };
+    id.save(dir)
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    std::fs::write(dir.join(SERVER_FILE), format!("{server}\n"))
+        .map_err(|e| ClientError::Config(format!("{}: {e}", dir.display())))?;
+    Ok((enrolled, id))
+}

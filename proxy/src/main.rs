@@ -1,0 +1,124 @@
+//! `dm-proxy`: a datamover proxy (transport service).
+//!
+//! ```text
+//! dm-proxy enroll --server https://backup:8443 --token dmj1.… [--dir /var/lib/dm-proxy]
+//! dm-proxy run [--dir /var/lib/dm-proxy] [--datastore /var/lib/libvirt/images]…
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use datamover_proxy::agent::{self, AgentConfig};
+use datamover_proxy::pki::Identity;
+
+#[derive(Parser)]
+#[command(
+    name = "dm-proxy",
+    version,
+    about = "datamover proxy: runs backup tasks for a dm-server"
+)]
+struct Cli {
+    /// State directory: the host's key, certificate, CA and server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DM_PROXY_DIR",
+        default_value = "/var/lib/dm-proxy"
+    )]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join a server with a one-time enrollment token (`dm host add` prints it).
+    Enroll {
+        /// The server, https://host:port.
+        #[arg(long, env = "DM_SERVER")]
+        server: String,
+        /// The enrollment token.
+        #[arg(long, env = "DM_ENROLL_TOKEN")]
+        token: String,
+    },
+    /// Run the transport service until stopped.
+    Run {
+        /// A directory of VM disks this proxy can open directly (SAN mode); repeat.
+        #[arg(long)]
+        datastore: Vec<PathBuf>,
+        /// Heartbeat interval in milliseconds (the server may change it).
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Enroll first with this token if not enrolled yet (needs --server).
+        #[arg(long, env = "DM_ENROLL_TOKEN")]
+        token: Option<String>,
+        /// The server (default: the one enrolled with).
+        #[arg(long, env = "DM_SERVER")]
+        server: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dm-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Enroll { server, token } => {
+            let (e, _) = datamover_proxy::enroll(&server, &token, &cli.dir)?;
+            println!("enrolled as {} (identity in {})", e.host, cli.dir.display());
+            Ok(())
+        }
+        Cmd::Run {
+            datastore,
+            interval_ms,
+            token,
+            server,
+        } => {
+            if !Identity::exists(&cli.dir) {
+                match (&token, &server) {
+                    (Some(t), Some(s)) => {
+                        let (e, _) = datamover_proxy::enroll(s, t, &cli.dir)?;
+                        tracing::info!("enrolled as {}", e.host);
+                    }
+                    _ => anyhow::bail!(
+                        "not enrolled: no identity in {} (run `dm-proxy enroll --server URL --token TOKEN`)",
+                        cli.dir.display()
+                    ),
+                }
+            }
+            let identity = Identity::load(&cli.dir)?;
+            let server = match server {
+                Some(s) => s,
+                None => std::fs::read_to_string(cli.dir.join(datamover_proxy::SERVER_FILE))?
+                    .trim()
+                    .to_string(),
+            };
+            let cfg = AgentConfig {
+                server,
+                identity,
+                datastores: datastore,
+                interval: Duration::from_millis(interval_ms),
+            };
+            let stop = AtomicBool::new(false);
+            agent::run(&cfg, &stop)
+        }
+    }
+}

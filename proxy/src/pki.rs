@@ -1,0 +1,421 @@
+//! The small certificate authority of a datamover installation, and the
+//! TLS settings every connection uses.
+//!
+//! * The server holds the CA (ECDSA P-256, ten years). It issues itself a
+//!   server certificate and issues each enrolled host a certificate from
+//!   the host's own CSR, so private keys never leave the machine that
+//!   generated them.
+//! * Every connection between server, proxies, installers and repository
+//!   services is mutual TLS under this CA. The server also checks that a
+//!   client's certificate is one it issued to a host still in its
+//!   inventory (by SHA-256 fingerprint), so removing a host revokes it.
+//! * A host joins with an enrollment token `dmj1.<secret>.<ca-sha256>`: the
+//!   CA fingerprint in it lets the host trust the server before it has any
+//!   certificate (as kubeadm's discovery hash does).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A PKI error: what failed, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PkiError(pub String);
+
+fn err(what: &str, e: impl std::fmt::Display) -> PkiError {
+    PkiError(format!("{what}: {e}"))
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, PkiError>;
+
+/// Install the ring crypto provider as the process default (idempotent).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// SHA-256 of DER bytes, lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+/// SHA-256 of any bytes, lower-case hex (tokens are stored this way).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    fingerprint(bytes)
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `n` random bytes as hex: tokens and secrets.
+pub fn random_hex(n: usize) -> Result<String> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).map_err(|e| err("random", e))?;
+    Ok(hex(&b))
+}
+
+/// Parse the first certificate of a PEM text.
+pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
+    certs_from_pem(pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| PkiError("no certificate in PEM".into()))
+}
+
+/// Every certificate of a PEM text.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| err("bad certificate PEM", e))
+}
+
+/// The private key of a PEM text.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| err("bad private key PEM", e))
+}
+
+/// The installation's certificate authority (held by the server).
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+
+impl Ca {
+    /// Load the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path, name: &str) -> Result<Ca> {
+        let (cp, kp) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        if cp.exists() || kp.exists() {
+            let cert_pem =
+                std::fs::read_to_string(&cp).map_err(|e| err(&cp.display().to_string(), e))?;
+            let key_pem =
+                std::fs::read_to_string(&kp).map_err(|e| err(&kp.display().to_string(), e))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| err("CA key", e))?;
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| err("CA certificate", e))?;
+            let cert_der = cert_der_from_pem(&cert_pem)?;
+            return Ok(Ca {
+                cert_pem,
+                cert_der,
+                issuer,
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), e))?;
+        let key = KeyPair::generate().map_err(|e| err("generate CA key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("datamover CA {name}"));
+        dn.push(DnType::OrganizationName, "datamover");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+        let cert = params.self_signed(&key).map_err(|e| err("sign CA", e))?;
+        let cert_pem = cert.pem();
+        write_private(&kp, key.serialize_pem().as_bytes())?;
+        write_file(&cp, cert_pem.as_bytes())?;
+        Ok(Ca {
+            cert_der: cert.der().clone(),
+            cert_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// SHA-256 fingerprint of the CA certificate.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert_der)
+    }
+
+    fn leaf_params(cn: &str, names: &[String]) -> Result<CertificateParams> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn.push(DnType::OrganizationName, "datamover");
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => n
+                    .clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e| err(&format!("name {n:?}"), e)),
+            })
+            .collect::<Result<_>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        // Fixed validity (certificates are revoked by removing the host
+        // from the inventory; rotation is a later issue).
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| err("random", e))?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        Ok(params)
+    }
+
+    /// Issue a certificate and a new key for `cn`, valid for `names`
+    /// (host names or IP addresses): the server's own certificate.
+    pub fn issue(&self, cn: &str, names: &[String]) -> Result<Identity> {
+        let key = KeyPair::generate().map_err(|e| err("generate key", e))?;
+        let cert = Self::leaf_params(cn, names)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err("sign certificate", e))?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+
+    /// Sign a host's CSR. The subject and names come from the server's
+    /// inventory, never from the request.
+    pub fn sign_csr(&self, csr_pem: &str, cn: &str, names: &[String]) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| err("certificate request", e))?;
+        let req = CertificateSigningRequestParams {
+            params: Self::leaf_params(cn, names)?,
+            public_key: csr.public_key,
+        };
+        Ok(req
+            .signed_by(&self.issuer)
+            .map_err(|e| err("sign certificate", e))?
+            .pem())
+    }
+}
+
+/// A certificate with its key and the CA that issued it (PEM).
+#[derive(Clone)]
+pub struct Identity {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+    /// The issuing CA, PEM.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("cert_fingerprint", &self.fingerprint().unwrap_or_default())
+            .finish()
+    }
+}
+
+const ID_CERT: &str = "cert.pem";
+const ID_KEY: &str = "key.pem";
+
+impl Identity {
+    /// A new key and a CSR for it: (key PEM, CSR PEM).
+    pub fn new_request(cn: &str) -> Result<(String, String)> {
+        let key = KeyPair::generate().map_err(|e| err("generate key", e))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| err("certificate request", e))?;
+        Ok((
+            key.serialize_pem(),
+            csr.pem().map_err(|e| err("CSR PEM", e))?,
+        ))
+    }
+
+    /// Load from `dir` (cert.pem, key.pem, ca.pem).
+    pub fn load(dir: &Path) -> Result<Identity> {
+        let read = |n: &str| {
+            let p = dir.join(n);
+            std::fs::read_to_string(&p).map_err(|e| err(&p.display().to_string(), e))
+        };
+        Ok(Identity {
+            cert_pem: read(ID_CERT)?,
+            key_pem: read(ID_KEY)?,
+            ca_pem: read(CA_CERT)?,
+        })
+    }
+
+    /// Whether `dir` holds an identity.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(ID_CERT).is_file() && dir.join(ID_KEY).is_file()
+    }
+
+    /// Save to `dir`; the key is readable by its owner only.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), e))?;
+        write_private(&dir.join(ID_KEY), self.key_pem.as_bytes())?;
+        write_file(&dir.join(ID_CERT), self.cert_pem.as_bytes())?;
+        write_file(&dir.join(CA_CERT), self.ca_pem.as_bytes())
+    }
+
+    /// Fingerprint of the certificate.
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(fingerprint(&cert_der_from_pem(&self.cert_pem)?))
+    }
+
+    /// A TLS server config presenting this identity; `clients` says
+    /// whether client certificates under the CA are required or optional.
+    pub fn server_config(&self, clients: ClientAuth) -> Result<Arc<rustls::ServerConfig>> {
+        install_crypto();
+        let roots = Arc::new(root_store(&self.ca_pem)?);
+        let verifier = rustls::server::WebPkiClientVerifier::builder(roots);
+        let verifier = match clients {
+            ClientAuth::Required => verifier,
+            ClientAuth::Optional => verifier.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| err("client verifier", e))?;
+        let mut cfg = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                certs_from_pem(&self.cert_pem)?,
+                key_from_pem(&self.key_pem)?,
+            )
+            .map_err(|e| err("server certificate", e))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Whether a TLS server asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a certificate under the CA.
+    Required,
+    /// Clients may present one (the REST API: users come with a token).
+    Optional,
+}
+
+/// A root store holding the CA(s) of a PEM text.
+pub fn root_store(ca_pem: &str) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs_from_pem(ca_pem)? {
+        roots.add(c).map_err(|e| err("CA certificate", e))?;
+    }
+    Ok(roots)
+}
+
+/// An enrollment token: a one-time secret and the CA's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentToken {
+    /// The secret the server checks (it stores only its hash).
+    pub secret: String,
+    /// SHA-256 of the CA certificate the host must see.
+    pub ca_fingerprint: String,
+}
+
+impl std::fmt::Display for EnrollmentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dmj1.{}.{}", self.secret, self.ca_fingerprint)
+    }
+}
+
+impl std::str::FromStr for EnrollmentToken {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut it = s.trim().split('.');
+        match (it.next(), it.next(), it.next(), it.next()) {
+            (Some("dmj1"), Some(secret), Some(fp), None)
+                if !secret.is_empty()
+                    && fp.len() == 64
+                    && fp.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Ok(EnrollmentToken {
+                    secret: secret.into(),
+                    ca_fingerprint: fp.to_ascii_lowercase(),
+                })
+            }
+            _ => Err(PkiError(
+                "not an enrollment token (expected dmj1.<secret>.<ca sha256>)".into(),
+            )),
+        }
+    }
+}
+
+fn write_file(p: &Path, b: &[u8]) -> Result<()> {
+    std::fs::write(p, b).map_err(|e| err(&p.display().to_string(), e))
+}
+
+/// Write a file readable by its owner only.
+pub fn write_private(p: &Path, b: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(p);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .and_then(|mut f| f.write_all(b).and_then(|_| f.sync_all()))
+        .map_err(|e| err(&p.display().to_string(), e))
+}
+
+/// PKCS#8 key DER from PEM, for clients that want the concrete type.
+pub fn pkcs8_from_pem(pem: &str) -> Result<PrivatePkcs8KeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| err("bad private key PEM", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_signs_a_csr_and_rustls_accepts_the_chain() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(d.path(), "t").unwrap();
+        let again = Ca::load_or_create(d.path(), "t").unwrap();
+        assert_eq!(ca.fingerprint(), again.fingerprint());
+        let (key, csr) = Identity::new_request("ignored").unwrap();
+        let cert = again
+            .sign_csr(&csr, "host-a", &["127.0.0.1".into(), "host-a".into()])
+            .unwrap();
+        let id = Identity {
+            cert_pem: cert,
+            key_pem: key,
+            ca_pem: ca.cert_pem().into(),
+        };
+        id.server_config(ClientAuth::Required).unwrap();
+        let tok = EnrollmentToken {
+            secret: "abc".into(),
+            ca_fingerprint: ca.fingerprint(),
+        };
+        assert_eq!(tok.to_string().parse::<EnrollmentToken>().unwrap(), tok);
+        assert!("dmj1.x.zz".parse::<EnrollmentToken>().is_err());
+    }
+}

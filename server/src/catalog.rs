@@ -1,0 +1,186 @@
+//! The catalog: one SQLite file holding the inventory (hosts, proxies,
+//! repositories), jobs, sessions and tasks, and the hashes of API and
+//! enrollment tokens.
+//!
+//! Migrations are numbered SQL scripts applied in order inside one
+//! transaction each; `PRAGMA user_version` records the last one applied.
+//! A catalog newer than this build is refused, never downgraded.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+/// Migrations, in order; index + 1 is the schema version after it.
+/// Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+CREATE TABLE api_tokens (
+    id       INTEGER PRIMARY KEY,
+    name     TEXT NOT NULL UNIQUE,
+    hash     TEXT NOT NULL UNIQUE,
+    created  TEXT NOT NULL
+);
+CREATE TABLE hosts (
+    id               INTEGER PRIMARY KEY,
+    name             TEXT NOT NULL UNIQUE,
+    addresses        TEXT NOT NULL DEFAULT '[]',
+    cert_fingerprint TEXT UNIQUE,
+    enroll_hash      TEXT UNIQUE,
+    enroll_expires   TEXT,
+    builtin          INTEGER NOT NULL DEFAULT 0,
+    created          TEXT NOT NULL
+);
+CREATE TABLE proxies (
+    id         INTEGER PRIMARY KEY,
+    host_id    INTEGER NOT NULL UNIQUE REFERENCES hosts(id) ON DELETE CASCADE,
+    slots      INTEGER,
+    cores      INTEGER NOT NULL DEFAULT 1,
+    modes      TEXT NOT NULL DEFAULT '[]',
+    site       TEXT,
+    disabled   INTEGER NOT NULL DEFAULT 0,
+    state      TEXT NOT NULL DEFAULT 'online',
+    datastores TEXT NOT NULL DEFAULT '[]',
+    version    TEXT NOT NULL DEFAULT '',
+    last_seen  TEXT
+);
+CREATE TABLE repositories (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT NOT NULL UNIQUE,
+    path  TEXT NOT NULL
+);
+CREATE TABLE jobs (
+    id        INTEGER PRIMARY KEY,
+    name      TEXT NOT NULL UNIQUE,
+    spec      TEXT NOT NULL,
+    last_run  TEXT,
+    next_run  TEXT
+);
+CREATE TABLE sessions (
+    id       INTEGER PRIMARY KEY,
+    job_id   INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    kind     TEXT NOT NULL,
+    state    TEXT NOT NULL,
+    created  TEXT NOT NULL,
+    finished TEXT
+);
+CREATE TABLE tasks (
+    id           INTEGER PRIMARY KEY,
+    session_id   INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    disk         TEXT NOT NULL,
+    spec         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    proxy_id     INTEGER REFERENCES proxies(id) ON DELETE SET NULL,
+    proxy_name   TEXT,
+    attempt      INTEGER NOT NULL DEFAULT 1,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    mode         TEXT,
+    done         INTEGER NOT NULL DEFAULT 0,
+    total        INTEGER NOT NULL DEFAULT 0,
+    bottleneck   TEXT,
+    point        TEXT,
+    bytes_read   INTEGER,
+    bytes_stored INTEGER,
+    error        TEXT,
+    attempts     TEXT NOT NULL DEFAULT '[]',
+    started      TEXT,
+    finished     TEXT,
+    not_before   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX tasks_state ON tasks(state);
+CREATE INDEX tasks_session ON tasks(session_id);
+CREATE TABLE task_log (
+    task_id  INTEGER NOT NULL,
+    proxy    TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    started  REAL NOT NULL,
+    ended    REAL
+);
+"#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// A catalog error.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// SQLite said no.
+    #[error("catalog {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer server.
+    #[error(
+        "catalog {path} has schema version {found}; this server knows up to {SCHEMA_VERSION} (upgrade dm-server)"
+    )]
+    TooNew {
+        /// The file.
+        path: String,
+        /// Its version.
+        found: u32,
+    },
+}
+
+/// Open (creating and migrating) the catalog at `path`.
+pub fn open(path: &Path) -> Result<Connection, CatalogError> {
+    let p = path.display().to_string();
+    let e = |source| CatalogError::Sqlite {
+        path: p.clone(),
+        source,
+    };
+    let mut c = Connection::open(path).map_err(e)?;
+    c.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(e)?;
+    let v: u32 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(e)?;
+    if v > SCHEMA_VERSION {
+        return Err(CatalogError::TooNew { path: p, found: v });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(v as usize) {
+        let tx = c.transaction().map_err(e)?;
+        tx.execute_batch(sql).map_err(e)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(e)?;
+        tx.commit().map_err(e)?;
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_a_newer_catalog() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.sqlite");
+        let c = open(&p).unwrap();
+        let v: u32 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        c.execute(
+            "INSERT INTO repositories(name, path) VALUES ('r', '/x')",
+            [],
+        )
+        .unwrap();
+        drop(c);
+        let c = open(&p).unwrap();
+        let n: u32 = c
+            .query_row("SELECT count(*) FROM repositories", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1, "reopening keeps data and applies nothing twice");
+        c.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
+        drop(c);
+        let e = open(&p).unwrap_err().to_string();
+        assert!(e.contains("upgrade dm-server"), "{e}");
+    }
+}

@@ -1,0 +1,322 @@
+//! The HTTPS front of the server: one TLS port for the REST API (bearer
+//! token) and the agent API (client certificate of an enrolled host).
+//!
+//! TLS is accepted here by hand (tokio-rustls + hyper) rather than by a
+//! wrapper crate, because each connection's client certificate must reach
+//! the handlers: its fingerprint is put in the request's extensions.
+//! Client certificates are optional at the TLS layer (users come with a
+//! token), and required by every `/agent/v1` handler. Only two calls need
+//! neither: fetching the CA certificate (public, and checked by the host
+//! against its token) and enrolling (which needs the one-time secret).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use datamover_proxy::api::{
+    self, EnrollRequest, ErrorBody, Heartbeat, JobSpec, NewHost, ProxyPatch, TaskResult,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::engine::{ApiError, Engine};
+
+/// The OpenAPI document of the REST API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!("{}", self.message);
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The TLS peer of a connection: its client certificate's fingerprint.
+#[derive(Debug, Clone)]
+struct Peer {
+    fingerprint: Option<String>,
+}
+
+type AppState = Arc<Engine>;
+
+/// A caller with a valid API token.
+struct User;
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let h = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::unauthorized("an API token is needed: Authorization: Bearer <token>")
+            })?;
+        let t = h.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be: Bearer <token>")
+        })?;
+        st.check_token(t.trim())?;
+        Ok(User)
+    }
+}
+
+/// An enrolled host, by its client certificate.
+struct HostPeer {
+    id: i64,
+}
+
+impl FromRequestParts<AppState> for HostPeer {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let fp = parts
+            .extensions
+            .get::<Peer>()
+            .and_then(|p| p.fingerprint.clone())
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "the agent API needs the client certificate of an enrolled host",
+                )
+            })?;
+        let (id, _name) = st.host_of_cert(&fp)?;
+        Ok(HostPeer { id })
+    }
+}
+
+/// A JSON body whose rejections are JSON errors with a 4xx status.
+struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, st).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError {
+                status: e.status().as_u16(),
+                message: e.body_text(),
+            }),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("handler: {e}")))?
+}
+
+#[derive(serde::Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+/// The router.
+pub fn router(engine: AppState) -> Router {
+    let a = api::API;
+    let g = api::AGENT;
+    Router::new()
+        .route(
+            &format!("{a}/ca"),
+            get(|State(e): State<AppState>| async move { e.ca().cert_pem().to_string() }),
+        )
+        .route(
+            &format!("{a}/enroll"),
+            post(|State(e): State<AppState>, Body(r): Body<EnrollRequest>| {
+                blocking(move || e.enroll(&r).map(Json))
+            }),
+        )
+        .route(
+            &format!("{a}/openapi.json"),
+            get(|_: User| async { ([("content-type", "application/json")], OPENAPI) }),
+        )
+        .route(
+            &format!("{a}/hosts"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.hosts().map(Json))).post(
+                |_: User, State(e): State<AppState>, Body(h): Body<NewHost>| {
+                    blocking(move || e.add_host(&h).map(|r| (StatusCode::CREATED, Json(r))))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/hosts/{{name}}"),
+            axum::routing::delete(
+                |_: User, State(e): State<AppState>, Path(n): Path<String>| {
+                    blocking(move || e.remove_host(&n).map(|()| StatusCode::NO_CONTENT))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/proxies"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.proxies().map(Json))),
+        )
+        .route(
+            &format!("{a}/proxies/{{name}}"),
+            axum::routing::patch(
+                |_: User,
+                 State(e): State<AppState>,
+                 Path(n): Path<String>,
+                 Body(p): Body<ProxyPatch>| {
+                    blocking(move || e.patch_proxy(&n, &p).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/repositories"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.repositories().map(Json)))
+                .post(
+                    |_: User, State(e): State<AppState>, Body(r): Body<api::Repository>| {
+                        blocking(move || {
+                            e.add_repository(&r).map(|r| (StatusCode::CREATED, Json(r)))
+                        })
+                    },
+                ),
+        )
+        .route(
+            &format!("{a}/jobs"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.jobs().map(Json))).post(
+                |_: User, State(e): State<AppState>, Body(j): Body<JobSpec>| {
+                    blocking(move || e.create_job(&j).map(|r| (StatusCode::CREATED, Json(r))))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/jobs/{{name}}"),
+            get(
+                |_: User, State(e): State<AppState>, Path(n): Path<String>| {
+                    blocking(move || e.job(&n).map(Json))
+                },
+            )
+            .delete(
+                |_: User, State(e): State<AppState>, Path(n): Path<String>| {
+                    blocking(move || e.delete_job(&n).map(|()| StatusCode::NO_CONTENT))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/jobs/{{name}}/run"),
+            post(
+                |_: User, State(e): State<AppState>, Path(n): Path<String>| {
+                    blocking(move || e.run_job(&n).map(|s| (StatusCode::CREATED, Json(s))))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/sessions"),
+            get(
+                |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {
+                    blocking(move || e.sessions(l.limit.unwrap_or(50).min(1000)).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/sessions/{{id}}"),
+            get(|_: User, State(e): State<AppState>, Path(id): Path<u64>| {
+                blocking(move || e.session(id).map(Json))
+            }),
+        )
+        .route(
+            &format!("{a}/sessions/{{id}}/timeline"),
+            get(|_: User, State(e): State<AppState>, Path(id): Path<u64>| {
+                blocking(move || e.timeline(id).map(Json))
+            }),
+        )
+        .route(
+            &format!("{g}/heartbeat"),
+            post(
+                |h: HostPeer, State(e): State<AppState>, Body(hb): Body<Heartbeat>| {
+                    blocking(move || e.heartbeat(h.id, &hb).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{g}/tasks/{{id}}/result"),
+            post(
+                |h: HostPeer,
+                 State(e): State<AppState>,
+                 Path(id): Path<u64>,
+                 Body(r): Body<TaskResult>| {
+                    blocking(move || {
+                        if r.task != id {
+                            return Err(ApiError::bad(format!(
+                                "result of task {} posted to task {id}",
+                                r.task
+                            )));
+                        }
+                        e.task_result(h.id, &r).map(Json)
+                    })
+                },
+            ),
+        )
+        .fallback(|| async {
+            ApiError {
+                status: 404,
+                message: "no such API path".into(),
+            }
+        })
+        .with_state(engine)
+}
+
+/// Serve `router` over TLS on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move { connection(acceptor, app, tcp, peer).await });
+    }
+}
+
+async fn connection(
+    acceptor: TlsAcceptor,
+    app: Router,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer} failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let fingerprint = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| datamover_proxy::pki::fingerprint(c));
+    let app = app.layer(Extension(Peer { fingerprint }));
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(tls), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!("connection with {peer}: {e}");
+    }
+}

@@ -1,0 +1,141 @@
+//! # datamover-server — the point of control
+//!
+//! One process: the catalog in SQLite ([`catalog`]), the inventory, jobs
+//! and task life cycle ([`engine`]), placement of per-disk tasks on proxy
+//! slots ([`scheduler`]), and the HTTPS REST and agent APIs ([`http`]),
+//! under the installation's own CA. With no proxy added, its built-in
+//! proxy (the same agent code as `dm-proxy`) moves the data itself.
+//!
+//! Files in the data directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `catalog.sqlite` | the catalog (WAL mode) |
+//! | `ca/ca.pem`, `ca/ca.key` | the CA (key mode 0600) |
+//! | `admin.token` | the first API token, written once (0600) |
+//! | `server.url` | the URL the server listens at, written at each start |
+
+pub mod catalog;
+pub mod engine;
+pub mod http;
+pub mod scheduler;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use datamover_proxy::agent::{self, AgentConfig};
+use datamover_proxy::pki::{self, Ca, ClientAuth};
+
+pub use engine::{Engine, Timing};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory (catalog, CA, tokens).
+    pub data: PathBuf,
+    /// Address to listen at (port 0: any free port; see `server.url`).
+    pub listen: SocketAddr,
+    /// Extra names or addresses for the server's certificate.
+    pub names: Vec<String>,
+    /// Run the built-in proxy (it works while no other proxy exists).
+    pub builtin_proxy: bool,
+    /// Datastores the built-in proxy sees.
+    pub builtin_datastores: Vec<PathBuf>,
+    /// Task life cycle timing.
+    pub timing: Timing,
+}
+
+/// Run the server until the process ends.
+pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    pki::install_crypto();
+    std::fs::create_dir_all(&cfg.data)
+        .with_context(|| format!("create data directory {}", cfg.data.display()))?;
+    let ca = Ca::load_or_create(&cfg.data.join("ca"), &host_name())?;
+    let db = catalog::open(&cfg.data.join("catalog.sqlite"))?;
+    let engine = Arc::new(Engine::new(db, ca, cfg.timing.clone()));
+    if let Some(t) = engine
+        .bootstrap_token()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        let p = cfg.data.join("admin.token");
+        pki::write_private(&p, format!("{t}\n").as_bytes())?;
+        tracing::info!("first API token written to {}", p.display());
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen at {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        host_name(),
+    ];
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    names.extend(cfg.names.iter().cloned());
+    names.sort();
+    names.dedup();
+    let identity = engine.ca().issue("dm-server", &names)?;
+    let tls = identity.server_config(ClientAuth::Optional)?;
+    let url = match addr {
+        SocketAddr::V4(a) => format!("https://{}:{}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("https://[{}]:{}", a.ip(), a.port()),
+    };
+    let local = if addr.ip().is_unspecified() {
+        format!("https://127.0.0.1:{}", addr.port())
+    } else {
+        url.clone()
+    };
+    let _builtin = if cfg.builtin_proxy {
+        let id = engine
+            .builtin_identity(&["localhost".into()])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Some(agent::spawn(AgentConfig {
+            server: local,
+            identity: id,
+            // The server's own proxy sees this machine's whole file tree
+            // unless told otherwise.
+            datastores: if cfg.builtin_datastores.is_empty() {
+                vec![PathBuf::from("/")]
+            } else {
+                cfg.builtin_datastores.clone()
+            },
+            interval: cfg.timing.heartbeat,
+        }))
+    } else {
+        None
+    };
+    let e = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let e = e.clone();
+            match tokio::task::spawn_blocking(move || e.tick()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!("scheduler tick: {err}"),
+                Err(err) => tracing::error!("scheduler tick: {err}"),
+            }
+        }
+    });
+    std::fs::write(cfg.data.join("server.url"), format!("{url}\n"))?;
+    tracing::info!(
+        "dm-server listening at {url} (CA {})",
+        engine.ca().fingerprint()
+    );
+    http::serve(listener, tls, http::router(engine)).await;
+    Ok(())
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -1,0 +1,78 @@
+//! `dm-server`: the datamover backup server.
+//!
+//! ```text
+//! dm-server [--data /var/lib/dm-server] [--listen 0.0.0.0:8443] [--name backup.example.com]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use datamover_server::{ServerConfig, Timing};
+
+#[derive(Parser)]
+#[command(
+    name = "dm-server",
+    version,
+    about = "datamover backup server: inventory, jobs, scheduler, REST API"
+)]
+struct Cli {
+    /// Data directory: catalog.sqlite, the CA, admin.token, server.url.
+    #[arg(long, env = "DM_SERVER_DATA", default_value = "/var/lib/dm-server")]
+    data: PathBuf,
+    /// Address to listen at (HTTPS); port 0 picks a free port (see server.url).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Another name or address for the server's certificate; repeat.
+    #[arg(long)]
+    name: Vec<String>,
+    /// Do not run the built-in proxy.
+    #[arg(long)]
+    no_builtin_proxy: bool,
+    /// A datastore directory the built-in proxy sees (SAN mode); repeat.
+    #[arg(long)]
+    datastore: Vec<PathBuf>,
+    /// Heartbeat interval proxies are told to use, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// A proxy silent this long is declared dead and its tasks re-queued (ms).
+    #[arg(long, default_value_t = 20000)]
+    dead_after_ms: u64,
+    /// Delay before a failed task is retried (ms).
+    #[arg(long, default_value_t = 30000)]
+    retry_delay_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let c = Cli::parse();
+    let cfg = ServerConfig {
+        data: c.data,
+        listen: c.listen,
+        names: c.name,
+        builtin_proxy: !c.no_builtin_proxy,
+        builtin_datastores: c.datastore,
+        timing: Timing {
+            heartbeat: Duration::from_millis(c.heartbeat_ms.max(50)),
+            dead_after: Duration::from_millis(c.dead_after_ms.max(200)),
+            retry_delay: Duration::from_millis(c.retry_delay_ms),
+            ..Timing::default()
+        },
+    };
+    match datamover_server::run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dm-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Task placement: which queued task runs on which proxy, in which
+//! transport mode. Pure and in memory, so it is tested and benchmarked
+//! alone (10,000 disks on 500 proxies: `cargo bench -p datamover-server`).
+//!
+//! Rules, in order:
+//! 1. A task may only go to a proxy the job allows (its proxy list, or
+//!    any), that allows the mode, and that can serve the disk in it:
+//!    * **san**: the disk's file is under a datastore the proxy sees;
+//!    * **hotadd** (and storage snapshots): the proxy runs on the VM's host;
+//!    * **nbd**: any proxy reaches a network export or a VM.
+//!
+//!    A pinned mode allows only that mode (plus nbd with failover).
+//! 2. Only proxies with a free slot; tasks queue while none has one.
+//! 3. Among those: best mode first (san > hotadd > nbd), then least
+//!    loaded (running / slots), then fewest running, then name.
+//!
+//! Tasks are considered in queue order, so an early task is never
+//! overtaken by a later one for the same proxy.
+
+/// Transport modes in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Direct storage access.
+    San,
+    /// Virtual appliance (the proxy on the VM's host).
+    HotAdd,
+    /// Storage snapshot (on the VM's host's storage).
+    StorageSnapshot,
+    /// Network.
+    Nbd,
+}
+
+impl Mode {
+    /// The name `dm` uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::San => "san",
+            Mode::HotAdd => "hotadd",
+            Mode::StorageSnapshot => "storage-snapshot",
+            Mode::Nbd => "nbd",
+        }
+    }
+    /// Parse a mode name.
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "san" => Mode::San,
+            "hotadd" => Mode::HotAdd,
+            "storage-snapshot" => Mode::StorageSnapshot,
+            "nbd" => Mode::Nbd,
+            _ => return None,
+        })
+    }
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Every mode, as a bit set.
+pub const ALL_MODES: u8 = 0b1111;
+
+/// Bit set of mode names; unknown names are an error.
+pub fn mode_set(names: &[String]) -> Result<u8, String> {
+    if names.is_empty() {
+        return Ok(ALL_MODES);
+    }
+    names.iter().try_fold(0u8, |acc, n| {
+        Mode::parse(n).map(|m| acc | m.bit()).ok_or_else(|| {
+            format!("unknown transport mode {n:?} (san, hotadd, storage-snapshot, nbd)")
+        })
+    })
+}
+
+/// Where a disk lives, as far as placement cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An image file or device, read directly.
+    Path(String),
+    /// An NBD export.
+    Network,
+    /// A VM's disk, on this host when known.
+    Vm {
+        /// The VM host's name.
+        host: Option<String>,
+    },
+}
+
+/// A proxy as placement sees it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Catalog id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// Its host's name.
+    pub host: String,
+    /// Task slots.
+    pub slots: u32,
+    /// Tasks placed on it (running or assigned).
+    pub running: u32,
+    /// Allowed modes (bit set).
+    pub modes: u8,
+    /// Datastore directories it sees.
+    pub datastores: Vec<String>,
+}
+
+/// A queued task as placement sees it.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Catalog id.
+    pub id: i64,
+    /// Where its disk lives.
+    pub location: Location,
+    /// Proxy ids the job allows (empty: any).
+    pub proxies: Vec<i64>,
+    /// A pinned mode.
+    pub pinned: Option<Mode>,
+    /// Failover to network mode.
+    pub failover: bool,
+}
+
+/// One placement decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Task id.
+    pub task: i64,
+    /// Proxy id.
+    pub proxy: i64,
+    /// The mode expected on that proxy.
+    pub mode: Mode,
+}
+
+fn under(path: &str, dir: &str) -> bool {
+    std::path::Path::new(path).starts_with(dir)
+}
+
+/// The best mode `p` can serve `t` in, if any.
+pub fn best_mode(t: &Pending, p: &Slot) -> Option<Mode> {
+    let possible: &[Mode] = match &t.location {
+        Location::Path(path) => {
+            if p.datastores.iter().any(|d| under(path, d)) {
+                &[Mode::San]
+            } else {
+                &[]
+            }
+        }
+        Location::Network => &[Mode::Nbd],
+        Location::Vm { host } => {
+            if host.as_deref() == Some(p.host.as_str()) {
+                &[Mode::HotAdd, Mode::StorageSnapshot, Mode::Nbd]
+            } else {
+                &[Mode::Nbd]
+            }
+        }
+    };
+    possible.iter().copied().find(|m| {
+        p.modes & m.bit() != 0
+            && match t.pinned {
+                None => *m != Mode::StorageSnapshot,
+                Some(pin) => *m == pin || (t.failover && *m == Mode::Nbd),
+            }
+    })
+}
+
+/// Place as many of `tasks` (in queue order) as free slots allow;
+/// `proxies[i].running` is updated for each placement.
+pub fn place(tasks: &[Pending], proxies: &mut [Slot]) -> Vec<Placement> {
+    let mut out = Vec::new();
+    let mut free: u64 = proxies
+        .iter()
+        .map(|p| u64::from(p.slots.saturating_sub(p.running)))
+        .sum();
+    for t in tasks {
+        if free == 0 {
+            break;
+        }
+        let mut best: Option<(usize, Mode)> = None;
+        for (i, p) in proxies.iter().enumerate() {
+            if p.running >= p.slots || (!t.proxies.is_empty() && !t.proxies.contains(&p.id)) {
+                continue;
+            }
+            let Some(m) = best_mode(t, p) else { continue };
+            let better = match best {
+                None => true,
+                Some((j, bm)) => {
+                    let q = &proxies[j];
+                    // Load compared as fractions without division.
+                    let (a, b) = (
+                        u64::from(p.running) * u64::from(q.slots),
+                        u64::from(q.running) * u64::from(p.slots),
+                    );
+                    (m, a, p.running, &p.name) < (bm, b, q.running, &q.name)
+                }
+            };
+            if better {
+                best = Some((i, m));
+            }
+        }
+        if let Some((i, mode)) = best {
+            proxies[i].running += 1;
+            free -= 1;
+            out.push(Placement {
+                task: t.id,
+                proxy: proxies[i].id,
+                mode,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: i64, slots: u32, ds: &[&str]) -> Slot {
+        Slot {
+            id,
+            name: format!("p{id}"),
+            host: format!("h{id}"),
+            slots,
+            running: 0,
+            modes: ALL_MODES,
+            datastores: ds.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+    fn task(id: i64, location: Location) -> Pending {
+        Pending {
+            id,
+            location,
+            proxies: vec![],
+            pinned: None,
+            failover: false,
+        }
+    }
+
+    #[test]
+    fn fills_every_slot_least_loaded_first_and_queues_the_rest() {
+        let mut ps = vec![slot(1, 2, &[]), slot(2, 2, &[]), slot(3, 2, &[])];
+        let ts: Vec<_> = (0..12).map(|i| task(i, Location::Network)).collect();
+        let out = place(&ts, &mut ps);
+        assert_eq!(out.len(), 6);
+        // Round robin by load: p1, p2, p3, p1, p2, p3.
+        let order: Vec<i64> = out.iter().map(|p| p.proxy).collect();
+        assert_eq!(order, vec![1, 2, 3, 1, 2, 3]);
+        assert!(ps.iter().all(|p| p.running == 2));
+        assert!(place(&ts[6..], &mut ps).is_empty());
+    }
+
+    #[test]
+    fn best_mode_beats_load_and_visibility_is_required() {
+        let mut ps = vec![slot(1, 4, &[]), slot(2, 1, &["/data"])];
+        ps[1].running = 0;
+        let ts = vec![
+            task(1, Location::Path("/data/a.raw".into())),
+            task(2, Location::Path("/data/b.raw".into())),
+            task(3, Location::Path("/other/c.raw".into())),
+            task(
+                4,
+                Location::Vm {
+                    host: Some("h1".into()),
+                },
+            ),
+            task(
+                5,
+                Location::Vm {
+                    host: Some("h9".into()),
+                },
+            ),
+        ];
+        let out = place(&ts, &mut ps);
+        assert_eq!(
+            out,
+            vec![
+                Placement {
+                    task: 1,
+                    proxy: 2,
+                    mode: Mode::San
+                },
+                Placement {
+                    task: 4,
+                    proxy: 1,
+                    mode: Mode::HotAdd
+                },
+                Placement {
+                    task: 5,
+                    proxy: 1,
+                    mode: Mode::Nbd
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn job_proxy_list_pins_and_failover_are_honoured() {
+        let mut ps = vec![slot(1, 2, &[]), slot(2, 2, &[])];
+        let mut t = task(
+            1,
+            Location::Vm {
+                host: Some("h1".into()),
+            },
+        );
+        t.proxies = vec![2];
+        assert_eq!(place(&[t.clone()], &mut ps)[0].proxy, 2);
+        t.proxies.clear();
+        t.pinned = Some(Mode::San);
+        assert!(place(&[t.clone()], &mut ps).is_empty());
+        t.failover = true;
+        assert_eq!(place(&[t.clone()], &mut ps)[0].mode, Mode::Nbd);
+        ps[0].modes = mode_set(&["san".into()]).unwrap();
+        ps[1].modes = mode_set(&["san".into()]).unwrap();
+        assert!(place(&[t], &mut ps).is_empty());
+        assert!(mode_set(&["warp".into()]).is_err());
+    }
+}

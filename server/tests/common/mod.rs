@@ -1,0 +1,282 @@
+//! A cluster of real processes for tests: one `dm-server`, `dm-proxy`
+//! processes enrolled with one-time tokens, nbdkit disks. Everything is
+//! stopped by PID when the cluster is dropped, also when a test fails.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datamover_proxy::api::{self, API, HostAdded, NewHost, Proxy, ProxyPatch, Session};
+use datamover_proxy::client::{Auth, Client};
+
+/// A binary of the workspace, next to `dm-server`.
+pub fn bin(name: &str) -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_dm-server"));
+    let p = server.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds every binary)",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub server: Proc,
+    pub url: String,
+    pub token: String,
+    pub ca_pem: String,
+    pub proxies: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Start a server with `args` added to its command line.
+    pub fn start(args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(bin("dm-server"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("DM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let server = Proc {
+            child,
+            name: "dm-server".into(),
+        };
+        wait_for("server.url", Duration::from_secs(20), || {
+            data.join("server.url").exists()
+        });
+        let url = std::fs::read_to_string(data.join("server.url"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let ca_pem = std::fs::read_to_string(data.join("ca/ca.pem")).unwrap();
+        Cluster {
+            dir,
+            server,
+            url,
+            token,
+            ca_pem,
+            proxies: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// The admin's API client.
+    pub fn api(&self) -> Client {
+        Client::new(
+            &self.url,
+            &self.ca_pem,
+            None,
+            Auth::Token(self.token.clone()),
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    }
+
+    /// Add host `name`, start `dm-proxy run` enrolled with its token and
+    /// seeing `datastores`; wait until it heartbeats, set its slots.
+    pub fn add_proxy(&mut self, name: &str, datastores: &[&Path], slots: u32) {
+        let api = self.api();
+        let added: HostAdded = api
+            .post(
+                &format!("{API}/hosts"),
+                &NewHost {
+                    name: name.into(),
+                    addresses: vec!["127.0.0.1".into()],
+                },
+            )
+            .unwrap();
+        let state = self.dir.path().join(format!("proxy-{name}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(bin("dm-proxy"));
+        cmd.arg("--dir")
+            .arg(&state)
+            .arg("run")
+            .args(["--server", &self.url, "--token", &added.enrollment_token])
+            .args(["--interval-ms", "200"]);
+        for d in datastores {
+            cmd.arg("--datastore").arg(d);
+        }
+        let child = cmd
+            .env("DM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proxies.push(Proc {
+            child,
+            name: name.into(),
+        });
+        wait_for(
+            &format!("proxy {name} online"),
+            Duration::from_secs(20),
+            || {
+                let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
+                ps.iter()
+                    .any(|p| p.name == name && p.state == api::ProxyState::Online)
+            },
+        );
+        let _: Proxy = api
+            .patch(
+                &format!("{API}/proxies/{name}"),
+                &ProxyPatch {
+                    slots: Some(slots),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+
+    pub fn proxy(&mut self, name: &str) -> &mut Proc {
+        self.proxies.iter_mut().find(|p| p.name == name).unwrap()
+    }
+
+    /// Poll a session until it ends.
+    pub fn wait_session(&self, id: u64, timeout: Duration) -> Session {
+        let api = self.api();
+        let t = Instant::now();
+        loop {
+            let s: Session = api.get(&format!("{API}/sessions/{id}")).unwrap();
+            if s.state.is_final() {
+                return s;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "session {id} still {:?} after {timeout:?}: {s:#?}\n{}",
+                s.state,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tails of every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let s = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = s.lines().rev().take(15).collect();
+                out += &format!("--- {}\n", e.path().display());
+                for l in tail.into_iter().rev() {
+                    out += l;
+                    out += "\n";
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A disk image of `len` bytes of seeded pseudo-random data (a few
+/// all-zero MiB in the middle, so zero runs are exercised too).
+pub fn make_disk(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf = vec![0u8; len];
+    for (i, c) in buf.chunks_mut(8).enumerate() {
+        if (i * 8) / (1 << 20) % 5 == 2 {
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(path, buf).unwrap();
+}
+
+/// An nbdkit serving `file` on a unix socket, reads limited to `rate`
+/// (bits per second, e.g. "48M") so tasks last long enough to watch;
+/// returns the process
+/// and the NBD URI.
+pub fn nbdkit_slow(file: &Path, sock: &Path, rate: &str) -> (Proc, String) {
+    let child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(sock)
+        .args(["--filter=rate", "file"])
+        .arg(format!("file={}", file.display()))
+        .arg(format!("rate={rate}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (apt install nbdkit)");
+    wait_for("nbdkit socket", Duration::from_secs(10), || sock.exists());
+    (
+        Proc {
+            child,
+            name: "nbdkit".into(),
+        },
+        format!("nbd+unix:///?socket={}", sock.display()),
+    )
+}
+
+/// Restore the newest point of `disk` from the repository at `repo` and
+/// compare it byte for byte with `original`.
+pub fn assert_restores(repo: &Path, disk: &str, original: &Path) {
+    let r = datamover::Repository::open(repo).unwrap();
+    let d: datamover::DiskName = disk.parse().unwrap();
+    let point = r.resolve_point(&d, None).unwrap();
+    let size = std::fs::metadata(original).unwrap().len();
+    let out = repo.with_file_name(format!("restore-{}", disk.replace('/', "_")));
+    let _ = std::fs::remove_file(&out);
+    let t = datamover::open_target(&out, size, false).unwrap();
+    datamover::restore(&r, &d, &point, &*t, &datamover::RestoreOptions::default()).unwrap();
+    drop(t);
+    let a = std::fs::read(original).unwrap();
+    let b = std::fs::read(&out).unwrap();
+    assert!(
+        a == b,
+        "restore of {disk} differs from {}",
+        original.display()
+    );
+    std::fs::remove_file(&out).unwrap();
+}
