@@ -122,6 +122,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("handler: {e}")))?
 }
 
+/// An id from the path; not a number is a 400 with a message.
+fn number(what: &str, s: &str) -> Result<u64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad(format!("{what} id {s:?} is not a number")))
+}
+
 #[derive(serde::Deserialize)]
 struct Limit {
     limit: Option<u32>,
@@ -227,14 +233,14 @@ pub fn router(engine: AppState) -> Router {
         )
         .route(
             &format!("{a}/sessions/{{id}}"),
-            get(|_: User, State(e): State<AppState>, Path(id): Path<u64>| {
-                blocking(move || e.session(id).map(Json))
+            get(|_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                blocking(move || e.session(number("session", &id)?).map(Json))
             }),
         )
         .route(
             &format!("{a}/sessions/{{id}}/timeline"),
-            get(|_: User, State(e): State<AppState>, Path(id): Path<u64>| {
-                blocking(move || e.timeline(id).map(Json))
+            get(|_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                blocking(move || e.timeline(number("session", &id)?).map(Json))
             }),
         )
         .route(
@@ -250,9 +256,10 @@ pub fn router(engine: AppState) -> Router {
             post(
                 |h: HostPeer,
                  State(e): State<AppState>,
-                 Path(id): Path<u64>,
+                 Path(id): Path<String>,
                  Body(r): Body<TaskResult>| {
                     blocking(move || {
+                        let id = number("task", &id)?;
                         if r.task != id {
                             return Err(ApiError::bad(format!(
                                 "result of task {} posted to task {id}",
@@ -318,5 +325,43 @@ async fn connection(
         .serve_connection(TokioIo::new(tls), svc);
     if let Err(e) = conn.await {
         tracing::debug!("connection with {peer}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Every operation of the OpenAPI document is routed (with that
+    /// method), and every one but the two open calls wants a token.
+    #[tokio::test]
+    async fn openapi_document_matches_the_router() {
+        let d = tempfile::tempdir().unwrap();
+        let db = crate::catalog::open(&d.path().join("c.sqlite")).unwrap();
+        let ca = datamover_proxy::pki::Ca::load_or_create(&d.path().join("ca"), "t").unwrap();
+        let app = router(Arc::new(Engine::new(db, ca, crate::Timing::default())));
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() >= 14);
+        for (path, ops) in paths {
+            for (method, op) in ops.as_object().unwrap() {
+                let uri = path.replace("{name}", "x").replace("{id}", "1");
+                let req = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from("{}"))
+                    .unwrap();
+                let resp = app.clone().oneshot(req).await.unwrap();
+                let s = resp.status().as_u16();
+                let open = op.get("security").is_some();
+                assert!(s != 404 && s != 405, "{method} {path}: {s}, not routed");
+                if !open {
+                    assert_eq!(s, 401, "{method} {path} must want a token");
+                }
+            }
+        }
     }
 }
