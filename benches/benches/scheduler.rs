@@ -23,7 +23,10 @@ fn proxies(n: usize, slots: u32) -> Vec<Slot> {
             running: 0,
             modes: ALL_MODES,
             datastores: if i % 5 == 0 {
-                vec![format!("/ds/{:02}", i % 50), format!("/ds/{:02}", (i + 1) % 50)]
+                vec![
+                    format!("/ds/{:02}", i % 50),
+                    format!("/ds/{:02}", (i + 1) % 50),
+                ]
             } else {
                 vec![]
             },

@@ -16,7 +16,7 @@ use datamover::{
     BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
     PruneOptions, RestoreOptions, RunStats,
 };
-use pyo3::exceptions::PyFileNotFoundError;
+use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
 
@@ -635,6 +635,208 @@ fn vm_disks<'py>(py: Python<'py>, address: &str, timeout: f64) -> PyResult<Vec<B
         .collect()
 }
 
+/// Map a server client error: refusals and bad input are
+/// `InvalidInputError`, no answer is `TransportError`.
+fn client_err(e: datamover_proxy::client::ClientError) -> PyErr {
+    let class = match e.status() {
+        Some(s) if (400..500).contains(&s) => "InvalidInputError",
+        _ => "TransportError",
+    };
+    let msg = e.to_string();
+    Python::attach(|py| {
+        let ty = py
+            .import("datamover._errors")
+            .and_then(|m| m.getattr(class))
+            .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+        match ty {
+            Ok(ty) => PyErr::from_type(ty, msg),
+            Err(err) => err,
+        }
+    })
+}
+
+/// A dm-server, through its REST API (the same calls as `dm --server`).
+/// Answers are the API's JSON as dicts and lists.
+#[pyclass(module = "datamover", frozen)]
+struct Server {
+    client: datamover_proxy::client::Client,
+}
+
+impl Server {
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.client.clone();
+        let (method, path) = (
+            method.to_string(),
+            format!("{}{path}", datamover_proxy::api::API),
+        );
+        let v: serde_json::Value = py
+            .detach(move || match (method.as_str(), body) {
+                ("GET", _) => c.get(&path),
+                ("POST", b) => c.post(&path, &b.unwrap_or(serde_json::json!({}))),
+                ("PATCH", b) => c.patch(&path, &b.unwrap_or(serde_json::json!({}))),
+                _ => c.delete(&path).map(|()| serde_json::Value::Null),
+            })
+            .map_err(client_err)?;
+        py.import("json")?.getattr("loads")?.call1((v.to_string(),))
+    }
+
+    fn json_of(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+        let s: String = py
+            .import("json")?
+            .getattr("dumps")?
+            .call1((obj,))?
+            .extract()?;
+        serde_json::from_str(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+#[pymethods]
+impl Server {
+    /// Connect to `url` (https://host:port), trusting the CA certificate at
+    /// `ca`, with an API token (or a file holding it).
+    #[new]
+    #[pyo3(signature = (url, *, ca, token=None, token_file=None, timeout=60.0))]
+    fn new(
+        url: &str,
+        ca: PathBuf,
+        token: Option<String>,
+        token_file: Option<PathBuf>,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        let ca_pem = std::fs::read_to_string(&ca)
+            .map_err(|e| PyFileNotFoundError::new_err(format!("{}: {e}", ca.display())))?;
+        let token = match (token, token_file) {
+            (Some(t), _) => t,
+            (None, Some(f)) => std::fs::read_to_string(&f)
+                .map_err(|e| PyFileNotFoundError::new_err(format!("{}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+            (None, None) => return Err(PyValueError::new_err("give token= or token_file=")),
+        };
+        let client = datamover_proxy::client::Client::new(
+            url,
+            &ca_pem,
+            None,
+            datamover_proxy::client::Auth::Token(token),
+            secs(timeout)?,
+        )
+        .map_err(client_err)?;
+        Ok(Server { client })
+    }
+
+    /// Proxies: slots, state, running tasks, datastores.
+    fn proxies<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", "/proxies", None)
+    }
+
+    /// Change a proxy's settings: slots, modes, site, disabled.
+    #[pyo3(signature = (name, **settings))]
+    fn set_proxy<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        settings: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = match settings {
+            Some(d) => Self::json_of(py, d.as_any())?,
+            None => serde_json::json!({}),
+        };
+        self.call(py, "PATCH", &format!("/proxies/{name}"), Some(body))
+    }
+
+    /// Managed hosts.
+    fn hosts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", "/hosts", None)
+    }
+
+    /// Add a host; the answer's ``enrollment_token`` is for ``dm-proxy``.
+    #[pyo3(signature = (name, addresses=Vec::new()))]
+    fn add_host<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        addresses: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({"name": name, "addresses": addresses});
+        self.call(py, "POST", "/hosts", Some(body))
+    }
+
+    /// Remove a host (revokes its certificate).
+    fn remove_host(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.call(py, "DELETE", &format!("/hosts/{name}"), None)
+            .map(|_| ())
+    }
+
+    /// Repositories.
+    fn repositories<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", "/repositories", None)
+    }
+
+    /// Add a repository (a directory at the same path on its proxies).
+    fn add_repository<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        path: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({"name": name, "path": path});
+        self.call(py, "POST", "/repositories", Some(body))
+    }
+
+    /// Jobs.
+    fn jobs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", "/jobs", None)
+    }
+
+    /// Create a job from a dict of the API's JobSpec (name, kind,
+    /// repository, disks, proxies, transport, failover_to_network,
+    /// retries, every_minutes).
+    fn create_job<'py>(
+        &self,
+        py: Python<'py>,
+        spec: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = Self::json_of(py, spec)?;
+        self.call(py, "POST", "/jobs", Some(body))
+    }
+
+    /// Run a job; with ``wait=True`` return its session once it ended.
+    #[pyo3(signature = (name, *, wait=false))]
+    fn run_job<'py>(&self, py: Python<'py>, name: &str, wait: bool) -> PyResult<Bound<'py, PyAny>> {
+        let s = self.call(py, "POST", &format!("/jobs/{name}/run"), None)?;
+        if !wait {
+            return Ok(s);
+        }
+        let id: u64 = s.get_item("id")?.extract()?;
+        loop {
+            let s = self.session(py, id)?;
+            let state: String = s.get_item("state")?.extract()?;
+            if state == "success" || state == "failed" {
+                return Ok(s);
+            }
+            py.detach(|| std::thread::sleep(std::time::Duration::from_millis(250)));
+            py.check_signals()?;
+        }
+    }
+
+    /// One session: its tasks with state, proxy, mode, progress, attempts.
+    fn session<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &format!("/sessions/{id}"), None)
+    }
+
+    /// Recent sessions, newest first.
+    #[pyo3(signature = (limit=20))]
+    fn sessions<'py>(&self, py: Python<'py>, limit: u32) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &format!("/sessions?limit={limit}"), None)
+    }
+}
+
 #[pymodule]
 fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -643,6 +845,7 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Point>()?;
     m.add_class::<VerifyReport>()?;
     m.add_class::<PruneReport>()?;
+    m.add_class::<Server>()?;
     m.add_function(wrap_pyfunction!(vm_disks, m)?)?;
     Ok(())
 }

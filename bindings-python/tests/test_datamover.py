@@ -396,3 +396,47 @@ def test_running_vm_backup_through_modes(env):
             repo.backup(address, "vm/vda")
     finally:
         stop(pid)
+
+
+def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
+    """dm-server (built by `cargo test --workspace`) driven from Python."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    exe = os.path.join(root, "target", "debug", "dm-server")
+    if not os.path.exists(exe):
+        pytest.skip("target/debug/dm-server not built (run cargo test --workspace first)")
+    data = tmp_path / "server"
+    srv = subprocess.Popen(
+        [exe, "--data", str(data), "--listen", "127.0.0.1:0", "--heartbeat-ms", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if (data / "server.url").exists():
+                break
+            time.sleep(0.05)
+        url = (data / "server.url").read_text().strip()
+        s = datamover.Server(url, ca=data / "ca" / "ca.pem", token_file=data / "admin.token")
+        img = tmp_path / "disk.raw"
+        make_image(img, 8 << 20, [(1 << 20, 2 << 20, "random:5")])
+        s.add_repository("main", str(tmp_path / "repo"))
+        job = s.create_job(
+            {"name": "j1", "kind": "backup", "repository": "main",
+             "disks": [{"name": "web/vda", "source": str(img)}]}
+        )
+        assert job["retries"] == 2 and job["transport"] == "auto"
+        sess = s.run_job("j1", wait=True)
+        assert sess["state"] == "success", sess
+        assert sess["tasks"][0]["proxy"] == "builtin"
+        assert s.sessions()[0]["id"] == sess["id"]
+        repo = datamover.Repository.open(tmp_path / "repo")
+        out = tmp_path / "restored.raw"
+        repo.restore("web/vda", out)
+        assert digest(out) == digest(img)
+        with pytest.raises(datamover.InvalidInputError, match="no job named nope"):
+            s.run_job("nope")
+        with pytest.raises(datamover.InvalidInputError, match="not valid"):
+            datamover.Server(url, ca=data / "ca" / "ca.pem", token="wrong").jobs()
+    finally:
+        srv.kill()
+        srv.wait()

@@ -233,15 +233,19 @@ pub fn router(engine: AppState) -> Router {
         )
         .route(
             &format!("{a}/sessions/{{id}}"),
-            get(|_: User, State(e): State<AppState>, Path(id): Path<String>| {
-                blocking(move || e.session(number("session", &id)?).map(Json))
-            }),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || e.session(number("session", &id)?).map(Json))
+                },
+            ),
         )
         .route(
             &format!("{a}/sessions/{{id}}/timeline"),
-            get(|_: User, State(e): State<AppState>, Path(id): Path<String>| {
-                blocking(move || e.timeline(number("session", &id)?).map(Json))
-            }),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || e.timeline(number("session", &id)?).map(Json))
+                },
+            ),
         )
         .route(
             &format!("{g}/heartbeat"),

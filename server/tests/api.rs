@@ -10,9 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Cluster, assert_restores, bin, make_disk};
-use datamover_proxy::api::{
-    AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State,
-};
+use datamover_proxy::api::{AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State};
 use datamover_proxy::client::{Auth, Client, ClientError};
 use datamover_proxy::pki::{Ca, Identity};
 
@@ -57,18 +55,31 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
         .arg(&repo)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = dm(&c)
         .args(["job", "create", "j1", "--repo", "main", "--disk"])
         .arg(format!("web/vda={}", img.display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = dm(&c)
         .args(["job", "run", "j1", "--wait", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.logs());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
     let s: Session = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s.state, State::Success);
     assert_eq!(s.tasks[0].proxy.as_deref(), Some("builtin"));
@@ -83,13 +94,27 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
                 "disks": [{"name": "web/vdb", "source": c.path("missing.raw")}]}),
         )
         .unwrap();
-    let out = dm(&c).args(["job", "run", "j2", "--wait"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = dm(&c)
+        .args(["job", "run", "j2", "--wait"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("failed") && text.contains("attempt 1 on builtin"), "{text}");
+    assert!(
+        text.contains("failed") && text.contains("attempt 1 on builtin"),
+        "{text}"
+    );
     let s: Session = api.get(&format!("{API}/sessions/2")).unwrap();
     assert_eq!(s.tasks[0].attempts.len(), 2, "{s:#?}");
-    assert!(s.tasks[0].error.as_deref().unwrap().contains("missing.raw"), "{s:#?}");
+    assert!(
+        s.tasks[0].error.as_deref().unwrap().contains("missing.raw"),
+        "{s:#?}"
+    );
 
     // REST API without a token, with a bad one, with a malformed header.
     let anon = Client::new(&c.url, &c.ca_pem, None, Auth::None, T).unwrap();
@@ -98,27 +123,54 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
     assert!(m.contains("API token"), "{m}");
     let bad = Client::new(&c.url, &c.ca_pem, None, Auth::Token("dmt1.nope".into()), T).unwrap();
     assert_eq!(status(bad.get::<Vec<Job>>(&format!("{API}/jobs"))).0, 401);
-    let out = dm(&c).env("DM_TOKEN", "wrong").args(["job", "list"]).output().unwrap();
+    let out = dm(&c)
+        .env("DM_TOKEN", "wrong")
+        .args(["job", "list"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid"));
 
     // A client that does not trust the server's CA cannot even talk.
     let other = Ca::load_or_create(&c.path("other-ca"), "other").unwrap();
-    let mitm = Client::new(&c.url, other.cert_pem(), None, Auth::Token(c.token.clone()), T).unwrap();
-    assert!(matches!(mitm.get::<Vec<Job>>(&format!("{API}/jobs")), Err(ClientError::Unreachable { .. })));
+    let mitm = Client::new(
+        &c.url,
+        other.cert_pem(),
+        None,
+        Auth::Token(c.token.clone()),
+        T,
+    )
+    .unwrap();
+    assert!(matches!(
+        mitm.get::<Vec<Job>>(&format!("{API}/jobs")),
+        Err(ClientError::Unreachable { .. })
+    ));
 
     // The agent API: no certificate, a token instead, a foreign certificate.
-    let (st, m) = status(anon.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()));
+    let (st, m) =
+        status(anon.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()));
     assert_eq!(st, 401);
     assert!(m.contains("client certificate"), "{m}");
-    assert_eq!(status(api.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat())).0, 401);
+    assert_eq!(
+        status(api.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat())).0,
+        401
+    );
     let foreign = other.issue("evil", &["127.0.0.1".into()]).unwrap();
     let fc = Client::new(&c.url, &c.ca_pem, Some(&foreign), Auth::Certificate, T).unwrap();
-    assert!(fc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()).is_err());
+    assert!(
+        fc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat())
+            .is_err()
+    );
 
     // Enrollment: a good token works once; a reused or invented one does not.
     let added: HostAdded = api
-        .post(&format!("{API}/hosts"), &NewHost { name: "h1".into(), addresses: vec!["127.0.0.1".into()] })
+        .post(
+            &format!("{API}/hosts"),
+            &NewHost {
+                name: "h1".into(),
+                addresses: vec!["127.0.0.1".into()],
+            },
+        )
         .unwrap();
     let hdir = c.path("h1");
     let (_, id) = datamover_proxy::enroll(&c.url, &added.enrollment_token, &hdir).unwrap();
@@ -126,20 +178,35 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
     assert_eq!(e.status(), Some(401), "{e}");
     assert!(e.to_string().contains("already used"), "{e}");
     let fake = added.enrollment_token.replacen("dmj1.", "dmj1.00", 1);
-    assert_eq!(datamover_proxy::enroll(&c.url, &fake, &c.path("h1c")).unwrap_err().status(), Some(401));
+    assert_eq!(
+        datamover_proxy::enroll(&c.url, &fake, &c.path("h1c"))
+            .unwrap_err()
+            .status(),
+        Some(401)
+    );
     // A token naming another CA is refused by the host before it sends anything.
     let wrong_ca = format!("dmj1.abc.{}", other.fingerprint());
     let e = datamover_proxy::enroll(&c.url, &wrong_ca, &c.path("h1d")).unwrap_err();
     assert!(e.to_string().contains("not enrolling"), "{e}");
     // The enrolled host's certificate works on the agent API, and a second
     // proxy now exists, so the built-in one stops taking tasks.
-    let hc = Client::new(&c.url, &id.ca_pem, Some(&Identity::load(&hdir).unwrap()), Auth::Certificate, T).unwrap();
-    let _: serde_json::Value = hc.post(&format!("{AGENT}/heartbeat"), &heartbeat()).unwrap();
+    let hc = Client::new(
+        &c.url,
+        &id.ca_pem,
+        Some(&Identity::load(&hdir).unwrap()),
+        Auth::Certificate,
+        T,
+    )
+    .unwrap();
+    let _: serde_json::Value = hc
+        .post(&format!("{AGENT}/heartbeat"), &heartbeat())
+        .unwrap();
     let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
     assert!(ps.iter().any(|p| p.name == "h1"), "{ps:?}");
     // Removing the host revokes its certificate at once.
     api.delete(&format!("{API}/hosts/h1")).unwrap();
-    let (st, m) = status(hc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()));
+    let (st, m) =
+        status(hc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()));
     assert_eq!(st, 401);
     assert!(m.contains("belongs to no host"), "{m}");
 
@@ -167,10 +234,24 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
     ];
     for (method, path, body, want, msg) in cases {
         let out = Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, "--cacert"])
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                method,
+                "--cacert",
+            ])
             .arg(c.path("server/ca/ca.pem"))
             .args(["-H", &format!("Authorization: Bearer {}", c.token)])
-            .args(["-H", "content-type: application/json", "--data-binary", "@-"])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                "@-",
+            ])
             .arg(format!("{}{API}{path}", c.url))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -21,6 +21,7 @@ from ._datamover import (
     Point,
     PruneReport,
     Repository,
+    Server,
     Stats,
     VerifyReport,
     __version__,
@@ -37,6 +38,7 @@ from ._errors import (
 
 __all__ = [
     "Repository",
+    "Server",
     "Stats",
     "Point",
     "VerifyReport",
