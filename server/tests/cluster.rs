@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, make_disk, nbdkit_slow, wait_for};
+use common::{Cluster, assert_restores, make_disk, nbdkit_slow};
 use datamover_proxy::api::{
     API, Job, JobDisk, JobKind, JobSpec, Proxy, ProxyState, Repository, Session, State,
 };
@@ -47,14 +47,14 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
     ]);
     let images = c.path("images");
     std::fs::create_dir_all(&images).unwrap();
-    // Twelve 24 MiB disks, each behind an nbdkit limited to 48 Mbit/s, so a
-    // task lasts about two seconds and slots are seen full.
+    // Twelve 8 MiB disks, each behind an nbdkit limited to 16 Mbit/s, so a
+    // task lasts a few seconds and slots are seen full.
     let mut servers = Vec::new();
     let mut disks = Vec::new();
     for i in 0..DISKS {
         let img = images.join(format!("d{i}.raw"));
-        make_disk(&img, 24 * MIB, i as u64 + 1);
-        let (p, uri) = nbdkit_slow(&img, &images.join(format!("d{i}.sock")), "48M");
+        make_disk(&img, 8 * MIB, i as u64 + 1);
+        let (p, uri) = nbdkit_slow(&img, &images.join(format!("d{i}.sock")), "16M");
         servers.push(p);
         disks.push(JobDisk {
             name: format!("vm{}/disk{}", i / 2, i % 2),
@@ -142,7 +142,7 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
     for t in &s.tasks {
         assert_eq!(t.mode.as_deref(), Some("nbd"), "{t:#?}");
         assert!(t.point.is_some() && t.attempts.is_empty(), "{t:#?}");
-        assert_eq!(t.total, 24 * MIB as u64);
+        assert_eq!(t.total, 8 * MIB as u64);
     }
     for (i, d) in disks.iter().enumerate() {
         assert_restores(&repo, &d.name, &images.join(format!("d{i}.raw")));
@@ -150,20 +150,24 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
 
     // Run 2: kill -9 p1 while it moves data; its tasks finish elsewhere.
     let s: Session = api.post(&format!("{API}/jobs/nightly/run"), &()).unwrap();
-    wait_for("p1 to move data", Duration::from_secs(30), || {
+    // Wait until p1 holds tasks.
+    let mut on_p1: Vec<u64> = Vec::new();
+    let t = std::time::Instant::now();
+    while on_p1.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "p1 got no task\n{}",
+            c.logs()
+        );
         let s: Session = api.get(&format!("{API}/sessions/{}", s.id)).unwrap();
-        s.tasks
+        on_p1 = s
+            .tasks
             .iter()
-            .any(|t| t.proxy.as_deref() == Some("p1") && t.state == State::Running && t.done > 0)
-    });
-    let on_p1: Vec<u64> = {
-        let s: Session = api.get(&format!("{API}/sessions/{}", s.id)).unwrap();
-        s.tasks
-            .iter()
-            .filter(|t| t.proxy.as_deref() == Some("p1") && !t.state.is_final())
+            .filter(|t| t.proxy.as_deref() == Some("p1") && t.state == State::Running)
             .map(|t| t.id)
-            .collect()
-    };
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.proxy("p1").kill9();
     let s = c.wait_session(s.id, Duration::from_secs(120));
     assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());

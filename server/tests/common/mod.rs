@@ -235,7 +235,7 @@ pub fn make_disk(path: &Path, len: usize, seed: u64) {
 }
 
 /// An nbdkit serving `file` on a unix socket, reads limited to `rate`
-/// (bits per second, e.g. "48M") so tasks last long enough to watch;
+/// (bits per second, e.g. "16M") so tasks last long enough to watch;
 /// returns the process
 /// and the NBD URI.
 pub fn nbdkit_slow(file: &Path, sock: &Path, rate: &str) -> (Proc, String) {
