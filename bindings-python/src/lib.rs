@@ -40,6 +40,11 @@ fn to_py(e: datamover::Error) -> PyErr {
         ErrorKind::Io => "TransportError",
         ErrorKind::Cancelled => "CancelledError",
     };
+    py_error(class, msg)
+}
+
+/// An exception of class `class` of `datamover._errors`.
+fn py_error(class: &str, msg: String) -> PyErr {
     Python::attach(|py| {
         let ty = py
             .import("datamover._errors")
@@ -642,17 +647,7 @@ fn client_err(e: datamover_proxy::client::ClientError) -> PyErr {
         Some(s) if (400..500).contains(&s) => "InvalidInputError",
         _ => "TransportError",
     };
-    let msg = e.to_string();
-    Python::attach(|py| {
-        let ty = py
-            .import("datamover._errors")
-            .and_then(|m| m.getattr(class))
-            .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
-        match ty {
-            Ok(ty) => PyErr::from_type(ty, msg),
-            Err(err) => err,
-        }
-    })
+    py_error(class, e.to_string())
 }
 
 /// A dm-server, through its REST API (the same calls as `dm --server`).

@@ -305,25 +305,20 @@ pub fn spawn(cfg: AgentConfig) -> AgentHandle {
             }
         })
         .ok();
-    AgentHandle {
-        stop,
-        join: Mutex::new(join),
-    }
+    AgentHandle { stop, join }
 }
 
 /// A running in-process agent.
 #[derive(Debug)]
 pub struct AgentHandle {
     stop: Arc<AtomicBool>,
-    join: Mutex<Option<std::thread::JoinHandle<()>>>,
+    join: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Ok(mut j) = self.join.lock()
-            && let Some(j) = j.take()
-        {
+        if let Some(j) = self.join.take() {
             let _ = j.join();
         }
     }

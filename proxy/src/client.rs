@@ -236,9 +236,4 @@ impl Client {
         let (status, bytes) = self.request("DELETE", path, None)?;
         Self::check(status, &bytes)
     }
-
-    /// Send raw bytes (tests of bad input).
-    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
-        self.call("POST", path, Some(body))
-    }
 }

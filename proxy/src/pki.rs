@@ -20,7 +20,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A PKI error: what failed, in words.
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +39,10 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// SHA-256 of DER bytes, lower-case hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
-}
-
-/// SHA-256 of any bytes, lower-case hex (tokens are stored this way).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    fingerprint(bytes)
+/// SHA-256, lower-case hex: certificate fingerprints (of the DER) and
+/// the stored form of tokens.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// Lower-case hex.
@@ -383,12 +379,6 @@ pub fn write_private(p: &Path, b: &[u8]) -> Result<()> {
         .open(p)
         .and_then(|mut f| f.write_all(b).and_then(|_| f.sync_all()))
         .map_err(|e| err(&p.display().to_string(), e))
-}
-
-/// PKCS#8 key DER from PEM, for clients that want the concrete type.
-pub fn pkcs8_from_pem(pem: &str) -> Result<PrivatePkcs8KeyDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| err("bad private key PEM", e))
 }
 
 #[cfg(test)]

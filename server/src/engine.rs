@@ -224,7 +224,7 @@ impl Engine {
         let t = format!("dmt1.{}", pki::random_hex(24).map_err(ApiError::internal)?);
         db.execute(
             "INSERT INTO api_tokens(name, hash, created) VALUES ('admin', ?1, ?2)",
-            params![pki::sha256_hex(t.as_bytes()), now()],
+            params![pki::fingerprint(t.as_bytes()), now()],
         )?;
         Ok(Some(t))
     }
@@ -235,7 +235,7 @@ impl Engine {
             .db()
             .query_row(
                 "SELECT id FROM api_tokens WHERE hash = ?1",
-                [pki::sha256_hex(token.as_bytes())],
+                [pki::fingerprint(token.as_bytes())],
                 |r| r.get(0),
             )
             .optional()?;
@@ -291,7 +291,7 @@ impl Engine {
                 params![
                     h.name,
                     serde_json::to_string(&h.addresses)?,
-                    pki::sha256_hex(secret.as_bytes()),
+                    pki::fingerprint(secret.as_bytes()),
                     expires,
                     created
                 ],
@@ -375,7 +375,7 @@ impl Engine {
         let row: Option<(i64, String, String, String)> = tx
             .query_row(
                 "SELECT id, name, addresses, enroll_expires FROM hosts WHERE enroll_hash = ?1",
-                [pki::sha256_hex(req.secret.as_bytes())],
+                [pki::fingerprint(req.secret.as_bytes())],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
@@ -457,7 +457,7 @@ impl Engine {
             let (id, name, slots, cores, modes, site, disabled, state, ds, version, last_seen) = r?;
             Ok(Proxy {
                 name,
-                slots: slots.unwrap_or(cores).max(1),
+                slots: effective_slots(slots, cores),
                 modes: serde_json::from_str(&modes)?,
                 site,
                 state: if disabled {
@@ -682,18 +682,8 @@ impl Engine {
     /// Delete a job (and its sessions' records); refused while it runs.
     pub fn delete_job(&self, name: &str) -> R<()> {
         let db = self.db();
-        let id: i64 = db
-            .query_row("SELECT id FROM jobs WHERE name = ?1", [name], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| ApiError::not_found("job", name))?;
-        let active: Option<i64> = db
-            .query_row(
-                "SELECT id FROM sessions WHERE job_id = ?1 AND state = 'running'",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(s) = active {
+        let (id, _) = job_row(&db, name)?;
+        if let Some(s) = running_session(&db, id)? {
             return Err(ApiError::conflict(format!(
                 "job {name} is running (session {s}); wait for it to end"
             )));
@@ -708,21 +698,8 @@ impl Engine {
         let sid = {
             let mut db = self.db();
             let tx = db.transaction()?;
-            let (id, spec): (i64, String) = tx
-                .query_row("SELECT id, spec FROM jobs WHERE name = ?1", [name], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?
-                .ok_or_else(|| ApiError::not_found("job", name))?;
-            let spec: JobSpec = serde_json::from_str(&spec)?;
-            let active: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM sessions WHERE job_id = ?1 AND state = 'running'",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(s) = active {
+            let (id, spec) = job_row(&tx, name)?;
+            if let Some(s) = running_session(&tx, id)? {
                 return Err(ApiError::conflict(format!(
                     "job {name} is already running (session {s})"
                 )));
@@ -916,24 +893,21 @@ impl Engine {
         let tx = db.transaction()?;
         let pid = Self::proxy_id(&tx, host)?
             .ok_or_else(|| ApiError::conflict("this host is not a registered proxy"))?;
-        let row: Option<(i64, String, u32, String, String)> = tx
+        let row: Option<(i64, u32, String, String)> = tx
             .query_row(
-                "SELECT t.session_id, t.state, t.failures, j.spec, t.attempts FROM tasks t
+                "SELECT t.session_id, t.failures, j.spec, t.attempts FROM tasks t
                  JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
-                 WHERE t.id = ?1 AND t.proxy_id = ?2 AND t.attempt = ?3",
+                 WHERE t.id = ?1 AND t.proxy_id = ?2 AND t.attempt = ?3 AND t.state IN ('assigned', 'running')",
                 params![r.task, pid, r.attempt],
-                |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?, x.get(4)?)),
+                |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)),
             )
             .optional()?;
-        let Some((sid, state, failures, spec, attempts)) =
-            row.filter(|x| x.1 == "assigned" || x.1 == "running")
-        else {
+        let Some((sid, failures, spec, attempts)) = row else {
             return Err(ApiError::conflict(format!(
                 "task {} attempt {} is not this proxy's any more (it was re-queued or is finished)",
                 r.task, r.attempt
             )));
         };
-        let _ = state;
         let spec: JobSpec = serde_json::from_str(&spec)?;
         close_log(&tx, r.task)?;
         match &r.error {
@@ -1069,7 +1043,7 @@ impl Engine {
                 id,
                 host: name.clone(),
                 name,
-                slots: s.unwrap_or(cores).max(1),
+                slots: effective_slots(s, cores),
                 running: running.get(&id).copied().unwrap_or(0),
                 modes: scheduler::mode_set(&modes).unwrap_or(scheduler::ALL_MODES),
                 datastores: serde_json::from_str(&ds)?,
@@ -1200,6 +1174,33 @@ impl Engine {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// A proxy's slots: the operator's setting, else its cores.
+fn effective_slots(set: Option<u32>, cores: u32) -> u32 {
+    set.unwrap_or(cores).max(1)
+}
+
+/// A job's id and spec by name.
+fn job_row(db: &Connection, name: &str) -> R<(i64, JobSpec)> {
+    let (id, spec): (i64, String) = db
+        .query_row("SELECT id, spec FROM jobs WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+        .ok_or_else(|| ApiError::not_found("job", name))?;
+    Ok((id, serde_json::from_str(&spec)?))
+}
+
+/// The session of a job that is still running, if any.
+fn running_session(db: &Connection, job: i64) -> R<Option<i64>> {
+    Ok(db
+        .query_row(
+            "SELECT id FROM sessions WHERE job_id = ?1 AND state = 'running'",
+            [job],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 fn kind_of(s: &str) -> R<JobKind> {
