@@ -35,10 +35,10 @@ use crate::format::manifest::{
 };
 use crate::ids::{ChunkId, DiskName, PointId};
 use crate::progress::{ProgressFn, report};
-use crate::repo::{Index, PackWriter, Repository};
+use crate::repo::Repository;
 use crate::source::{BlockSource, ExtentKind, SourceExtent};
 use crate::stats::RunStats;
-use crate::sys::LockMode;
+use crate::store::{FrameSink, Store, StoreSession};
 
 /// Granularity of zero detection inside data (aligned to disk offsets).
 pub const ZERO_BLOCK: usize = 64 << 10;
@@ -62,6 +62,9 @@ pub struct BackupOptions {
     /// (no previous point, the disk's size changed, ...), read the whole
     /// disk instead of failing.
     pub full_if_needed: bool,
+    /// Read the whole disk even when the source tracks changes (a one-off
+    /// full copy); the point still records the source's checkpoint.
+    pub full: bool,
 }
 
 impl std::fmt::Debug for BackupOptions {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for BackupOptions {
             .field("compression", &self.compression)
             .field("threads", &self.threads)
             .field("full_if_needed", &self.full_if_needed)
+            .field("full", &self.full)
             .finish()
     }
 }
@@ -87,6 +91,7 @@ impl Default for BackupOptions {
             progress: None,
             pack_target: crate::format::pack::PACK_TARGET_LEN,
             full_if_needed: false,
+            full: false,
         }
     }
 }
@@ -195,59 +200,57 @@ enum Plan<'s> {
 /// Decide between a full and an incremental run: (plan, chunking to use,
 /// why a tracked source is read in full).
 fn plan<'s>(
-    repo: &Repository,
+    session: &dyn StoreSession,
     source: &'s dyn BlockSource,
     disk: &DiskName,
     opts: &BackupOptions,
-    index: &Index,
 ) -> Result<(Plan<'s>, ChunkingInfo, Option<String>)> {
     let tracker = match source.change_tracking() {
+        _ if opts.full => return Ok((Plan::Full, opts.chunking, None)),
         Tracking::Off => return Ok((Plan::Full, opts.chunking, None)),
         Tracking::On(t) => Ok(t),
         Tracking::Unavailable(why) => Err(why),
     };
     let size = source.size();
-    let why = match (tracker, repo.point_ids(disk)?.last()) {
-        (Err(why), _) => why,
-        (Ok(_), None) => format!("{disk} has no previous point to build on"),
-        (Ok(tracker), Some(parent)) => {
-            let m = repo.read_point(disk, parent)?;
-            let since = tracker.since_checkpoint();
-            if since.is_some() && m.meta.checkpoint != since {
-                format!(
-                    "the changes are tracked since checkpoint {}, but the previous point {parent} {}",
-                    since.as_deref().unwrap_or_default(),
-                    match &m.meta.checkpoint {
-                        Some(c) => format!("started checkpoint {c}"),
-                        None => "started no checkpoint (it was not taken from this VM)".into(),
-                    }
-                )
-            } else if m.meta.disk_size != size {
-                format!(
-                    "the disk is {size} bytes but its previous point {parent} is {} bytes",
-                    m.meta.disk_size
-                )
-            } else if let Some(id) = m.extents.iter().find_map(|e| match e {
-                Extent::Chunk { id, .. } if !index.contains(id) => Some(*id),
-                _ => None,
-            }) {
-                format!(
-                    "chunk {} of the previous point {parent} is missing from the repository (run `dm verify`)",
-                    id.short()
-                )
-            } else {
-                let chunking = m.meta.chunking;
-                return Ok((
-                    Plan::Incremental {
-                        parent: parent.clone(),
-                        extents: m.extents,
-                        tracker,
-                    },
-                    chunking,
-                    None,
-                ));
+    let why = match tracker {
+        Err(why) => why,
+        Ok(tracker) => match session.parent()? {
+            None => format!("{disk} has no previous point to build on"),
+            Some((parent, m)) => {
+                let since = tracker.since_checkpoint();
+                if since.is_some() && m.meta.checkpoint != since {
+                    format!(
+                        "the changes are tracked since checkpoint {}, but the previous point {parent} {}",
+                        since.as_deref().unwrap_or_default(),
+                        match &m.meta.checkpoint {
+                            Some(c) => format!("started checkpoint {c}"),
+                            None => "started no checkpoint (it was not taken from this VM)".into(),
+                        }
+                    )
+                } else if m.meta.disk_size != size {
+                    format!(
+                        "the disk is {size} bytes but its previous point {parent} is {} bytes",
+                        m.meta.disk_size
+                    )
+                } else if let Some(id) = session.missing_of(&m) {
+                    format!(
+                        "chunk {} of the previous point {parent} is missing from the repository (run `dm verify`)",
+                        id.short()
+                    )
+                } else {
+                    let chunking = m.meta.chunking;
+                    return Ok((
+                        Plan::Incremental {
+                            parent,
+                            extents: m.extents,
+                            tracker,
+                        },
+                        chunking,
+                        None,
+                    ));
+                }
             }
-        }
+        },
     };
     if opts.full_if_needed {
         Ok((Plan::Full, opts.chunking, Some(why)))
@@ -274,18 +277,29 @@ pub fn backup(
     disk: &DiskName,
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
-    let _lock = repo.lock(LockMode::Shared, true)?;
+    backup_to(repo, source, disk, opts)
+}
+
+/// [`backup`] into any [`Store`]: a local repository or a repository
+/// service. New chunks go to the store's sink; the manifest is committed
+/// last, so a run that fails or is killed leaves no point behind.
+pub fn backup_to(
+    store: &dyn Store,
+    source: &dyn BlockSource,
+    disk: &DiskName,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
     let started = chrono::Utc::now();
     let t0 = Instant::now();
-    let point = repo.new_point_id(disk, started)?;
-    let index = repo.load_index()?;
-    let (plan, chunking, full_reason) = plan(repo, source, disk, opts, &index)?;
+    let session = store.begin(disk, started)?;
+    let point = session.point().clone();
+    let (plan, chunking, full_reason) = plan(session.as_ref(), source, disk, opts)?;
     let mut chunker = new_chunker(chunking)?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let (mtmp_file, mtmp) = repo.temp_file("point")?;
+    let (mtmp_file, mtmp) = session.manifest_temp()?;
     let cleanup = TempGuard(Some(mtmp.clone()));
     let mw =
         ManifestWriter::new(BufWriter::with_capacity(1 << 20, mtmp_file)).ctx("write", &mtmp)?;
@@ -321,15 +335,15 @@ pub fn backup(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let (rx, tx) = (work_rx.clone(), done_tx.clone());
-                let (index, inflight) = (&index, &inflight);
-                s.spawn(move || hash_stage(index, inflight, opts.compression, rx, tx))
+                let (session, inflight) = (session.as_ref(), &inflight);
+                s.spawn(move || hash_stage(session, inflight, opts.compression, rx, tx))
             })
             .collect();
         drop((work_rx, done_tx));
-        let mut packer = PackWriter::with_target(repo, opts.pack_target);
-        let writer = s.spawn(move || {
-            let r = write_stage(&mut packer, mw, done_rx);
-            r.map(|(mw, ws)| (packer, mw, ws))
+        let writer = s.spawn(|| {
+            let mut sink = session.sink(opts.pack_target)?;
+            let r = write_stage(sink.as_mut(), mw, done_rx);
+            r.map(|(mw, ws)| (sink, mw, ws))
         });
         let rres = join(reader);
         let cres = join(chunk);
@@ -337,7 +351,7 @@ pub fn backup(
         (rres, cres, wres, join(writer))
     });
     // The writer's error is the root cause when it stopped first.
-    let (packer, mw, ws) = outres?;
+    let (sink, mw, ws) = outres?;
     let (rs, bytes_changed) = rres?;
     let chunk_busy = cres?;
     let hash_busy = wres?;
@@ -347,7 +361,7 @@ pub fn backup(
             mw.size()
         )));
     }
-    packer.commit()?;
+    sink.finish()?;
 
     let stats = RunStats {
         bytes_total: size,
@@ -408,8 +422,10 @@ pub fn backup(
         .map_err(|e| Error::io("write", &mtmp, e.into_error()))?;
     f.sync_all().ctx("sync", &mtmp)?;
     drop(f);
-    repo.publish(&mtmp, &repo.disk_dir(disk), &format!("{point}.point"))?;
-    std::mem::forget(cleanup);
+    session.commit(&mtmp)?;
+    // The temp file was renamed into place (local) or sent and may be
+    // removed (service): the guard removes whatever is left.
+    drop(cleanup);
     Ok(BackupReport {
         disk: disk.clone(),
         point,
@@ -997,7 +1013,7 @@ fn chunk_stage(
 }
 
 fn hash_stage(
-    index: &Index,
+    store: &dyn StoreSession,
     inflight: &Mutex<HashSet<ChunkId>>,
     compression: Compression,
     rx: Receiver<Work>,
@@ -1014,7 +1030,7 @@ fn hash_stage(
             Work::Chunk(seq, b) => {
                 let id = ChunkId::of(&b);
                 let len = b.len() as u32;
-                let known = index.contains(&id)
+                let known = store.has(&id)
                     || !inflight
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -1046,7 +1062,7 @@ fn hash_stage(
 type ManifestOut = ManifestWriter<BufWriter<File>>;
 
 fn write_stage(
-    packer: &mut PackWriter<'_>,
+    sink: &mut dyn FrameSink,
     mut mw: ManifestOut,
     rx: Receiver<Done>,
 ) -> Result<(ManifestOut, WriteStats)> {
@@ -1062,10 +1078,10 @@ fn write_stage(
                 frame,
             } => {
                 let t = Instant::now();
-                packer.add(id, len, &frame)?;
+                st.bytes_stored += frame.len() as u64;
+                sink.add(id, len, frame)?;
                 st.busy += t.elapsed().as_secs_f64();
                 st.bytes_new += u64::from(len);
-                st.bytes_stored += frame.len() as u64;
                 st.chunks_new += 1;
                 st.chunks += 1;
                 (seq, Extent::Chunk { id, len })

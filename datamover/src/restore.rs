@@ -28,13 +28,62 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Progress callback (and cancellation).
     pub progress: Option<ProgressFn>,
+    /// The target holds this point of the same disk already: write only
+    /// the extents that differ from it (a replica brought up to date).
+    pub base: Option<PointId>,
 }
 
 impl std::fmt::Debug for RestoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RestoreOptions")
             .field("threads", &self.threads)
+            .field("base", &self.base)
             .finish()
+    }
+}
+
+/// Where a base point (already on the target) holds the same extent.
+#[derive(Default)]
+struct Unchanged {
+    /// (offset, extent) of the base, in disk order.
+    at: Vec<(u64, Extent)>,
+}
+
+impl Unchanged {
+    fn of(extents: &[Extent]) -> Self {
+        let mut off = 0;
+        let at = extents
+            .iter()
+            .map(|e| {
+                let r = (off, *e);
+                off += e.len();
+                r
+            })
+            .collect();
+        Unchanged { at }
+    }
+
+    /// Whether the base reads the same as extent `e` at `off`: the same
+    /// chunk at the same offset, or zeros over the whole range.
+    fn holds(&self, off: u64, e: &Extent) -> bool {
+        let i = self.at.partition_point(|(o, x)| o + x.len() <= off);
+        match e {
+            Extent::Chunk { .. } => self.at.get(i).is_some_and(|(o, x)| *o == off && x == e),
+            Extent::Zero { len } => {
+                let end = off + len;
+                let mut covered = off;
+                for (o, x) in self.at.get(i..).unwrap_or_default() {
+                    if *o >= end {
+                        break;
+                    }
+                    if !matches!(x, Extent::Zero { .. }) {
+                        return false;
+                    }
+                    covered = o + x.len();
+                }
+                covered >= end
+            }
+        }
     }
 }
 
@@ -83,6 +132,10 @@ fn run(
             have: target.size(),
         });
     }
+    let same = match &opts.base {
+        Some(b) => Unchanged::of(&repo.read_point(disk, b)?.extents),
+        None => Unchanged::default(),
+    };
     let index = repo.load_index()?;
     let reader = PackReader::new(repo);
     let threads = match opts.threads {
@@ -108,6 +161,7 @@ fn run(
         ..RunStats::default()
     };
 
+    let mut skipped = 0u64;
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -202,9 +256,15 @@ fn run(
         let feed = (|| -> Result<()> {
             let mut off = 0u64;
             let mut zero_done = 0u64;
+            let skipped = &mut skipped;
             for e in &m.extents {
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                if same.holds(off, e) {
+                    *skipped += e.len();
+                    off += e.len();
+                    continue;
                 }
                 match *e {
                     Extent::Chunk { id, len } => {
@@ -220,7 +280,7 @@ fn run(
                 off += e.len();
                 if !report(
                     &opts.progress,
-                    done.load(Ordering::Relaxed) + zero_done,
+                    done.load(Ordering::Relaxed) + zero_done + *skipped,
                     size,
                 ) {
                     return Err(Error::Cancelled);
@@ -260,6 +320,7 @@ fn run(
         .sum();
     stats.bytes_read = size - zero;
     stats.bytes_zero = zero;
+    stats.bytes_new = size - skipped;
     stats.chunks = m.extents.len() as u64
         - m.extents
             .iter()

@@ -60,6 +60,27 @@ pub fn block_zero_out(f: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Deallocate a byte range of a file, keeping its size: it reads as zeros.
+pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (
+        libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    );
+    // SAFETY: fallocate takes a file descriptor and integers only.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Advise the kernel of sequential access (a hint; errors are ignored).
 pub fn advise_sequential(f: &File) {
     // SAFETY: posix_fadvise has no memory effects.

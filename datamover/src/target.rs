@@ -99,11 +99,15 @@ pub trait BlockTarget: Send + Sync {
     fn discard(&self) {}
 }
 
-/// A new sparse image file: zero runs stay holes.
+/// A new sparse image file: zero runs stay holes. Or an existing image
+/// being brought up to date ([`FileTarget::update`]).
 #[derive(Debug)]
 pub struct FileTarget {
     file: DirectFile,
     size: u64,
+    /// Created by this run: unwritten bytes are holes, and a failed run
+    /// removes it.
+    fresh: bool,
 }
 
 impl FileTarget {
@@ -130,6 +134,26 @@ impl FileTarget {
         Ok(FileTarget {
             file: DirectFile::new(file, path),
             size,
+            fresh: true,
+        })
+    }
+
+    /// Open the existing image `path` to update it in place (a replica):
+    /// it is resized to `size`, zero runs are punched as holes, and a
+    /// failed run leaves the file (its owner knows it is incomplete).
+    pub fn update(path: &Path, size: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx("open replica", path)?;
+        if file.metadata().ctx("stat", path)?.len() != size {
+            file.set_len(size).ctx("size replica", path)?;
+        }
+        Ok(FileTarget {
+            file: DirectFile::new(file, path),
+            size,
+            fresh: false,
         })
     }
 }
@@ -141,14 +165,23 @@ impl BlockTarget for FileTarget {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.file.write_at(offset, data)
     }
-    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
-        // The file was created empty: every byte not written is a hole.
-        Ok(())
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.fresh {
+            // The file was created empty: every byte not written is a hole.
+            return Ok(());
+        }
+        if sys::punch_hole(&self.file.buffered, offset, len).is_ok() {
+            return Ok(());
+        }
+        write_zero_bytes(self, offset, len)
     }
     fn flush(&self) -> Result<()> {
         self.file.sync()
     }
     fn discard(&self) {
+        if !self.fresh {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.file.path) {
             tracing::warn!(
                 "could not remove incomplete restore target {}: {e}",

@@ -139,12 +139,17 @@ pub enum ProxyCmd {
 
 #[derive(Subcommand)]
 pub enum RepoCmd {
-    /// Add a repository: a directory at the same path on the proxies that write to it.
+    /// Add a repository: a directory at the same path on the proxies that
+    /// write to it, or (with --proxy) a directory on one proxy, which serves
+    /// it to the others over its repository service.
     Add {
         /// Name.
         name: String,
         /// Directory (created on first use).
         path: String,
+        /// The proxy that holds the repository (the target of replication jobs).
+        #[arg(long)]
+        proxy: Option<String>,
     },
     /// List repositories.
     List {
@@ -155,17 +160,27 @@ pub enum RepoCmd {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum JobCmd {
-    /// Create a backup job.
+    /// Create a job: backup (default), copy, replication, migration or restore.
     Create {
         /// Job name.
         name: String,
-        /// Target repository.
+        /// Kind: backup, copy (one-off full), replication (replica images
+        /// on the repository's proxy), migration (replicate, pause the VM,
+        /// final sync), restore.
+        #[arg(long, default_value = "backup")]
+        kind: String,
+        /// Repository (the target; for restore jobs, the source).
         #[arg(long)]
         repo: String,
-        /// A disk: NAME=SOURCE (vm/disk=/path/img.raw, =nbd://…, =qmp+unix:///…); repeat.
+        /// A disk: NAME=SOURCE (vm/disk=/path/img.raw, =nbd://…, =qmp+unix:///…);
+        /// for restore jobs NAME=DESTINATION (a path or nbd:// export); repeat.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
+        /// Restore jobs: NAME=POINT, the point to restore (default the newest); repeat.
+        #[arg(long = "point")]
+        points: Vec<String>,
         /// For VM sources: NAME=NODE, the VM's disk node for disk NAME; repeat.
         #[arg(long = "node")]
         nodes: Vec<String>,
@@ -365,10 +380,15 @@ pub fn proxy(s: &ServerArgs, c: ProxyCmd) -> Result<u8, Failure> {
 pub fn repo(s: &ServerArgs, c: RepoCmd) -> Result<u8, Failure> {
     let cl = s.client()?;
     match c {
-        RepoCmd::Add { name, path } => {
-            let r: Repository =
-                cl.post(&format!("{API}/repositories"), &Repository { name, path })?;
-            println!("added repository {} at {}", r.name, r.path);
+        RepoCmd::Add { name, path, proxy } => {
+            let r: Repository = cl.post(
+                &format!("{API}/repositories"),
+                &Repository { name, path, proxy },
+            )?;
+            match &r.proxy {
+                Some(p) => println!("added repository {} at {} on proxy {p}", r.name, r.path),
+                None => println!("added repository {} at {}", r.name, r.path),
+            }
         }
         RepoCmd::List { json } => {
             let rs: Vec<Repository> = cl.get(&format!("{API}/repositories"))?;
@@ -376,7 +396,12 @@ pub fn repo(s: &ServerArgs, c: RepoCmd) -> Result<u8, Failure> {
                 return print_json(&rs);
             }
             for r in rs {
-                println!("{:<24} {}", r.name, r.path);
+                println!(
+                    "{:<24} {:<12} {}",
+                    r.name,
+                    r.proxy.as_deref().unwrap_or("(shared)"),
+                    r.path
+                );
             }
         }
     }
@@ -388,8 +413,10 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
     match c {
         JobCmd::Create {
             name,
+            kind,
             repo,
             disks,
+            points,
             nodes,
             vm_hosts,
             proxies,
@@ -401,6 +428,16 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
         } => {
             let nodes = pairs("node", &nodes)?;
             let hosts = pairs("vm-host", &vm_hosts)?;
+            let points = pairs("point", &points)?;
+            let kind: JobKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
+                .map_err(|_| {
+                    Failure(
+                        2,
+                        format!(
+                            "--kind {kind:?}: use backup, copy, replication, migration or restore"
+                        ),
+                    )
+                })?;
             let disks = disks
                 .iter()
                 .map(|d| {
@@ -412,6 +449,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                         source: src.into(),
                         disk: nodes.get(n).cloned(),
                         vm_host: hosts.get(n).cloned(),
+                        point: points.get(n).cloned(),
                     })
                 })
                 .collect::<Result<Vec<_>, Failure>>()?;
@@ -419,7 +457,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                 &format!("{API}/jobs"),
                 &JobSpec {
                     name,
-                    kind: JobKind::Backup,
+                    kind,
                     repository: repo,
                     disks,
                     proxies,
@@ -433,7 +471,8 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                 return print_json(&j);
             }
             println!(
-                "created job {} ({} disk(s) into {})",
+                "created {} job {} ({} disk(s), repository {})",
+                j.spec.kind.as_str(),
                 j.spec.name,
                 j.spec.disks.len(),
                 j.spec.repository
@@ -547,6 +586,17 @@ fn show_session(s: &Session) {
             t.bottleneck.as_deref().unwrap_or("-"),
             t.point.as_deref().or(t.error.as_deref()).unwrap_or("")
         );
+        if let Some(r) = &t.replica {
+            println!("{:>6}   replica {r}", "");
+        }
+        if let Some(w) = t.wire_bytes {
+            println!(
+                "{:>6}   {} stored, {} on the wire to the repository service",
+                "",
+                human(t.bytes_stored.unwrap_or(0)),
+                human(w)
+            );
+        }
         for a in &t.attempts {
             println!(
                 "{:>6}   attempt {} on {}: {}",
@@ -557,6 +607,10 @@ fn show_session(s: &Session) {
             );
         }
     }
+}
+
+fn human(b: u64) -> String {
+    indicatif::HumanBytes(b).to_string()
 }
 
 fn finish(s: &Session, json: bool) -> Result<u8, Failure> {

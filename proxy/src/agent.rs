@@ -10,16 +10,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use datamover::{BackupOptions, DiskName, ErrorKind, Repository};
+use datamover::{BackupOptions, DiskName, ErrorKind, Repository, Store};
 
-use crate::api::{AGENT, Heartbeat, Orders, TaskOrder, TaskProgress, TaskResult};
+use crate::api::{AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult};
 use crate::client::{Auth, Client};
 use crate::pki::Identity;
+use crate::repo_service::{RemoteStore, Served, ServedMap};
 
 /// The version of the proxy component.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,6 +36,11 @@ pub struct AgentConfig {
     pub datastores: Vec<PathBuf>,
     /// Heartbeat interval until the server says otherwise.
     pub interval: Duration,
+    /// The repositories this proxy's repository service offers, kept as
+    /// the server's orders say (unused without a service).
+    pub served: ServedMap,
+    /// The port of this proxy's repository service, if it runs one.
+    pub service_port: Option<u16>,
 }
 
 /// One running task as the agent tracks it.
@@ -63,6 +69,8 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         ran: HashSet::new(),
         tx,
         interval: cfg.interval,
+        identity: Arc::new(cfg.identity.clone()),
+        served: cfg.served.clone(),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
     let mut next_beat = Instant::now();
@@ -104,6 +112,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     .map(|d| d.display().to_string())
                     .collect(),
                 running: w.progress(),
+                service_port: cfg.service_port,
             };
             match client.post::<_, Orders>(&format!("{AGENT}/heartbeat"), &hb) {
                 Ok(o) => {
@@ -147,6 +156,8 @@ struct Tasks {
     ran: HashSet<(u64, u32)>,
     tx: Sender<TaskResult>,
     interval: Duration,
+    identity: Arc<Identity>,
+    served: ServedMap,
 }
 
 impl Tasks {
@@ -167,6 +178,27 @@ impl Tasks {
         if o.interval_ms > 0 {
             self.interval = Duration::from_millis(o.interval_ms.clamp(50, 60_000));
         }
+        let serve: HashMap<String, Served> = o
+            .serve
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    Served {
+                        path: PathBuf::from(&r.path),
+                    },
+                )
+            })
+            .collect();
+        let mut m = self.served.write().unwrap_or_else(|p| p.into_inner());
+        if *m != serve {
+            tracing::info!(
+                "repository service offers: {}",
+                serve.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            *m = serve;
+        }
+        drop(m);
         for id in o.cancel {
             if let Some(r) = self.running.get(&id) {
                 tracing::info!("task {id}: cancelled by the server");
@@ -186,11 +218,12 @@ impl Tasks {
                 total: Arc::new(AtomicU64::new(0)),
                 cancel: Arc::new(AtomicBool::new(false)),
             };
-            let (done, total, cancel, tx) = (
+            let (done, total, cancel, tx, id) = (
                 r.done.clone(),
                 r.total.clone(),
                 r.cancel.clone(),
                 self.tx.clone(),
+                self.identity.clone(),
             );
             self.running.insert(t.task, r);
             tracing::info!(
@@ -200,34 +233,9 @@ impl Tasks {
                 t.attempt
             );
             std::thread::spawn(move || {
-                let res = run_task(&t, done, total, cancel);
+                let res = run_task(&t, &id, done, total, cancel);
                 let _ = tx.send(res);
             });
-        }
-    }
-}
-
-/// Open the repository at `path`, creating it when the directory is new
-/// or empty. Several tasks (on this proxy or others) may do this at the
-/// same moment: the loser of the race waits for the winner's config.
-fn open_or_init(path: &Path) -> datamover::Result<Repository> {
-    static INIT: Mutex<()> = Mutex::new(());
-    let _g = INIT.lock().unwrap_or_else(|p| p.into_inner());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut tried_init = false;
-    loop {
-        match Repository::open(path) {
-            Err(datamover::Error::NotARepository { .. }) if !tried_init => {
-                tried_init = true;
-                if let Ok(r) = Repository::init(path) {
-                    tracing::info!("created repository {}", path.display());
-                    return Ok(r);
-                }
-            }
-            Err(datamover::Error::NotARepository { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => return r,
         }
     }
 }
@@ -235,6 +243,7 @@ fn open_or_init(path: &Path) -> datamover::Result<Repository> {
 /// Run one task to its end; never panics, always yields a result.
 pub fn run_task(
     t: &TaskOrder,
+    identity: &Identity,
     done: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
     cancel: Arc<AtomicBool>,
@@ -248,40 +257,33 @@ pub fn run_task(
         bytes_read: 0,
         bytes_stored: 0,
         total: 0,
+        wire_bytes: 0,
+        replica: None,
         error: None,
         permanent: false,
     };
-    let out = (|| -> datamover::Result<transports::BackupRun> {
-        let disk: DiskName = t.disk.parse()?;
-        let repo = open_or_init(Path::new(&t.repository))?;
-        let src = transports::SourceOptions {
-            disk: t.vm_disk.clone(),
-            transport: t.transport.parse()?,
-            failover_to_network: t.failover_to_network,
-            ..Default::default()
-        };
-        let progress: datamover::ProgressFn = Arc::new(move |d, n| {
-            done.store(d, Ordering::Relaxed);
-            total.store(n, Ordering::Relaxed);
-            !cancel.load(Ordering::Relaxed)
-        });
-        let opts = BackupOptions {
-            progress: Some(progress),
-            full_if_needed: true,
-            ..Default::default()
-        };
-        transports::backup(&repo, &t.source, &disk, &src, &opts)
-    })();
-    match out {
-        Ok(run) => {
-            let r = &run.report;
-            tracing::info!("task {}: point {} ({})", t.task, r.point, r.meta.transport);
-            res.point = Some(r.point.to_string());
-            res.mode = Some(r.meta.transport.clone());
-            res.bottleneck = Some(r.stats.bottleneck().to_string());
-            res.bytes_read = r.stats.bytes_read;
-            res.bytes_stored = r.stats.bytes_stored;
-            res.total = r.stats.bytes_total;
+    let progress: datamover::ProgressFn = Arc::new(move |d, n| {
+        done.store(d, Ordering::Relaxed);
+        total.store(n, Ordering::Relaxed);
+        !cancel.load(Ordering::Relaxed)
+    });
+    match run_kind(t, identity, progress) {
+        Ok(o) => {
+            tracing::info!(
+                "task {}: {} {} ({})",
+                t.task,
+                t.kind.as_str(),
+                o.point,
+                o.mode
+            );
+            res.point = Some(o.point);
+            res.mode = Some(o.mode);
+            res.bottleneck = Some(o.bottleneck);
+            res.bytes_read = o.bytes_read;
+            res.bytes_stored = o.bytes_stored;
+            res.total = o.total;
+            res.wire_bytes = o.wire_bytes;
+            res.replica = o.replica;
         }
         Err(e) => {
             tracing::warn!("task {}: {e}", t.task);
@@ -290,6 +292,164 @@ pub fn run_task(
         }
     }
     res
+}
+
+/// What a task did.
+struct Outcome {
+    point: String,
+    mode: String,
+    bottleneck: String,
+    bytes_read: u64,
+    bytes_stored: u64,
+    total: u64,
+    wire_bytes: u64,
+    replica: Option<String>,
+}
+
+impl Outcome {
+    fn of(run: &transports::BackupRun) -> Outcome {
+        let r = &run.report;
+        Outcome {
+            point: r.point.to_string(),
+            mode: r.meta.transport.clone(),
+            bottleneck: r.stats.bottleneck().to_string(),
+            bytes_read: r.stats.bytes_read,
+            bytes_stored: r.stats.bytes_stored,
+            total: r.stats.bytes_total,
+            wire_bytes: 0,
+            replica: None,
+        }
+    }
+}
+
+/// Where a task's points go: the repository's directory, or its
+/// repository service.
+enum Dest {
+    Local(Repository),
+    Remote(RemoteStore),
+}
+
+impl Dest {
+    fn store(&self) -> &dyn Store {
+        match self {
+            Dest::Local(r) => r,
+            Dest::Remote(r) => r,
+        }
+    }
+}
+
+fn store_for(t: &TaskOrder, identity: &Identity) -> datamover::Result<Dest> {
+    if let Some(e) = &t.service_error {
+        return Err(datamover::Error::Transport {
+            address: t.repository.clone(),
+            detail: e.clone(),
+        });
+    }
+    match &t.service {
+        Some(at) => Ok(Dest::Remote(
+            RemoteStore::new(at.clone(), identity).map_err(|e| {
+                datamover::Error::InvalidArgument(format!(
+                    "repository service {}: {e:#}",
+                    at.address
+                ))
+            })?,
+        )),
+        None => Ok(Dest::Local(crate::open_or_init(Path::new(&t.repository))?)),
+    }
+}
+
+fn run_kind(
+    t: &TaskOrder,
+    identity: &Identity,
+    progress: datamover::ProgressFn,
+) -> datamover::Result<Outcome> {
+    let disk: DiskName = t.disk.parse()?;
+    if t.kind == JobKind::Restore {
+        return restore_task(t, &disk, progress);
+    }
+    let dest = store_for(t, identity)?;
+    let store = dest.store();
+    let src = transports::SourceOptions {
+        disk: t.vm_disk.clone(),
+        transport: t.transport.parse()?,
+        failover_to_network: t.failover_to_network,
+        ..Default::default()
+    };
+    let opts = BackupOptions {
+        progress: Some(progress),
+        full_if_needed: true,
+        full: t.kind == JobKind::Copy,
+        ..Default::default()
+    };
+    let mut run = transports::backup(store, &t.source, &disk, &src, &opts)?;
+    if t.kind == JobKind::Migration {
+        // The first pass copied the disk while it ran; now stop the
+        // writer and send what changed since.
+        if transports::qemu::is_vm(&t.source) {
+            transports::qemu::pause(&t.source)?;
+            tracing::info!("task {}: source VM paused for the final sync", t.task);
+        }
+        let first = run.report.stats.bytes_read;
+        run = transports::backup(store, &t.source, &disk, &src, &opts)?;
+        tracing::info!(
+            "task {}: final sync read {} bytes (first pass {first})",
+            t.task,
+            run.report.stats.bytes_read
+        );
+    }
+    let mut o = Outcome::of(&run);
+    if let Dest::Remote(r) = &dest {
+        let w = &r.wire;
+        o.wire_bytes = w.sent.load(Ordering::Relaxed) + w.received.load(Ordering::Relaxed);
+        let last = r.last.lock().unwrap_or_else(|p| p.into_inner()).take();
+        o.replica = last.and_then(|c| c.replica).map(|x| x.path);
+        if let (Some(c), false) = (&o.replica, t.kind.replicates()) {
+            tracing::warn!("task {}: unexpected replica {c}", t.task);
+        }
+    }
+    if t.kind.replicates() && o.replica.is_none() {
+        return Err(datamover::Error::Internal(
+            "the target proxy did not update the replica".into(),
+        ));
+    }
+    Ok(o)
+}
+
+/// A restore task: the point from the repository's directory (this
+/// proxy holds it, or sees the shared path) to the location in `source`.
+fn restore_task(
+    t: &TaskOrder,
+    disk: &DiskName,
+    progress: datamover::ProgressFn,
+) -> datamover::Result<Outcome> {
+    let repo = Repository::open(Path::new(&t.repository))?;
+    let point = repo.resolve_point(disk, t.point.as_deref())?;
+    let size = repo.point_meta(disk, &point)?.meta.disk_size;
+    let target = transports::open_target(&t.source, size, true, &Default::default())?;
+    let r = datamover::restore(
+        &repo,
+        disk,
+        &point,
+        target.as_ref(),
+        &datamover::RestoreOptions {
+            progress: Some(progress),
+            ..Default::default()
+        },
+    )?;
+    Ok(Outcome {
+        point: point.to_string(),
+        mode: if t.source.starts_with("nbd") {
+            "nbd".into()
+        } else {
+            "san".into()
+        },
+        bottleneck: r.stats.bottleneck().to_string(),
+        bytes_read: r.stats.bytes_read,
+        bytes_stored: 0,
+        total: size,
+        wire_bytes: 0,
+        replica: None,
+    })
 }
 
 /// Run the agent in a thread (the server's built-in proxy); returns a

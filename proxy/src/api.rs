@@ -142,9 +142,14 @@ pub struct ProxyPatch {
 pub struct Repository {
     /// Name.
     pub name: String,
-    /// Its directory, at the same path on every proxy that writes to it
-    /// (shared storage). Created (`dm init`) if missing.
+    /// Its directory: on the proxy named by `proxy`, or else at the same
+    /// path on every proxy that writes to it (shared storage). Created
+    /// (`dm init`) if missing.
     pub path: String,
+    /// The proxy that holds it and serves it to the others (its
+    /// repository service); none: shared storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 /// Kinds of job.
@@ -153,6 +158,19 @@ pub struct Repository {
 pub enum JobKind {
     /// Full, then CBT incrementals, into a repository.
     Backup,
+    /// A one-off full copy into a repository: the whole disk is read even
+    /// when changes are tracked.
+    Copy,
+    /// Into a repository on a target proxy, which keeps each disk's
+    /// replica image (`<path>/replicas/<vm>/<disk>.img`) up to date;
+    /// incremental after the first run.
+    Replication,
+    /// Quick migration: replicate, pause the source VM, replicate the
+    /// last changes, hand the replica image over as the disk.
+    Migration,
+    /// Write a point (`JobDisk::point`, default the newest) to the
+    /// location in `JobDisk::source`, through a proxy.
+    Restore,
 }
 
 impl JobKind {
@@ -160,7 +178,16 @@ impl JobKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             JobKind::Backup => "backup",
+            JobKind::Copy => "copy",
+            JobKind::Replication => "replication",
+            JobKind::Migration => "migration",
+            JobKind::Restore => "restore",
         }
+    }
+
+    /// Whether the job keeps replica images on its target proxy.
+    pub fn replicates(&self) -> bool {
+        matches!(self, JobKind::Replication | JobKind::Migration)
     }
 }
 
@@ -171,8 +198,13 @@ pub struct JobDisk {
     /// Name in the repository, `vm/disk`.
     pub name: String,
     /// What `dm backup` reads: an image or device path, `nbd://…`,
-    /// `nbd+unix://…`, or a VM `qmp+unix://…` / `qmp://…`.
+    /// `nbd+unix://…`, or a VM `qmp+unix://…` / `qmp://…`. For a restore
+    /// job: where to write (a path or an NBD export).
     pub source: String,
+    /// Restore jobs: the point to restore (an id or a unique prefix;
+    /// default the newest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
     /// The VM disk's node name when `source` is a VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
@@ -316,6 +348,11 @@ pub struct Task {
     pub bytes_read: Option<u64>,
     /// Bytes newly stored.
     pub bytes_stored: Option<u64>,
+    /// Bytes sent to a repository service (both ways, TLS included).
+    pub wire_bytes: Option<u64>,
+    /// Replication and migration: the replica image the point was
+    /// applied to (on the target proxy).
+    pub replica: Option<String>,
     /// Error of the last attempt.
     pub error: Option<String>,
     /// Earlier attempts and why they ended.
@@ -358,6 +395,9 @@ pub struct Heartbeat {
     pub datastores: Vec<String>,
     /// Tasks it runs now, with progress.
     pub running: Vec<TaskProgress>,
+    /// The port its repository service listens at, if it runs one.
+    #[serde(default)]
+    pub service_port: Option<u16>,
 }
 
 /// Progress of a running task.
@@ -382,6 +422,18 @@ pub struct Orders {
     pub cancel: Vec<u64>,
     /// When to send the next heartbeat.
     pub interval_ms: u64,
+    /// Repositories this proxy's repository service offers: name → path.
+    #[serde(default)]
+    pub serve: Vec<ServedRepository>,
+}
+
+/// A repository a proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRepository {
+    /// Name.
+    pub name: String,
+    /// Directory on the proxy.
+    pub path: String,
 }
 
 /// A task for a proxy.
@@ -399,12 +451,21 @@ pub struct TaskOrder {
     pub source: String,
     /// VM disk node, for VM sources.
     pub vm_disk: Option<String>,
-    /// Repository directory.
+    /// Repository directory (when written locally).
     pub repository: String,
     /// Transport: `auto` or a pinned mode.
     pub transport: String,
     /// Failover to network mode.
     pub failover_to_network: bool,
+    /// Write through this repository service instead of the directory.
+    #[serde(default)]
+    pub service: Option<crate::repo_service::ServiceAddress>,
+    /// Why the repository service cannot be reached (its proxy runs none).
+    #[serde(default)]
+    pub service_error: Option<String>,
+    /// Restore: the point.
+    #[serde(default)]
+    pub point: Option<String>,
 }
 
 /// How a task ended on the proxy.
@@ -424,6 +485,12 @@ pub struct TaskResult {
     pub bytes_read: u64,
     /// Bytes stored.
     pub bytes_stored: u64,
+    /// Bytes on the wire to a repository service.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    /// The replica image updated (replication, migration).
+    #[serde(default)]
+    pub replica: Option<String>,
     /// Disk size.
     pub total: u64,
     /// The error, when it failed.

@@ -8,6 +8,9 @@
 //! * [`client`]: the blocking HTTPS client of the server's APIs (also used
 //!   by `dm --server`).
 //! * [`api`]: the JSON shapes of both APIs.
+//! * [`repo_service`]: the target data mover: a repository service other
+//!   proxies write to (sending only the chunks it lacks), which also keeps
+//!   replica images, and its client.
 //!
 //! A host joins once with [`enroll`] (one-time token) and from then on
 //! authenticates with its certificate.
@@ -16,9 +19,13 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod pki;
+pub mod repo_service;
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use datamover::Repository;
 
 use api::{API, EnrollRequest, Enrolled};
 use client::{Auth, Client, ClientError};
@@ -56,4 +63,29 @@ pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identi
     std::fs::write(dir.join(SERVER_FILE), format!("{server}\n"))
         .map_err(|e| ClientError::Config(format!("{}: {e}", dir.display())))?;
     Ok((enrolled, id))
+}
+
+/// Open the repository at `path`, creating it when the directory is new
+/// or empty. Several tasks (on this proxy or others) may do this at the
+/// same moment: the loser of the race waits for the winner's config.
+pub fn open_or_init(path: &Path) -> datamover::Result<Repository> {
+    static INIT: Mutex<()> = Mutex::new(());
+    let _g = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tried_init = false;
+    loop {
+        match Repository::open(path) {
+            Err(datamover::Error::NotARepository { .. }) if !tried_init => {
+                tried_init = true;
+                if let Ok(r) = Repository::init(path) {
+                    tracing::info!("created repository {}", path.display());
+                    return Ok(r);
+                }
+            }
+            Err(datamover::Error::NotARepository { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }

@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use datamover_proxy::agent::{self, AgentConfig};
 use datamover_proxy::pki::Identity;
+use datamover_proxy::repo_service::{self, ServedMap};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +60,11 @@ enum Cmd {
         /// The server (default: the one enrolled with).
         #[arg(long, env = "DM_SERVER")]
         server: Option<String>,
+        /// Where the repository service listens (the target data mover:
+        /// other proxies write to the repositories the server assigns to
+        /// this one); `off` runs none.
+        #[arg(long, default_value = "0.0.0.0:8444")]
+        repo_listen: String,
     },
 }
 
@@ -91,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
             token,
             server,
+            repo_listen,
         } => {
             if !Identity::exists(&cli.dir) {
                 match (&token, &server) {
@@ -111,13 +119,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .trim()
                     .to_string(),
             };
+            let served: ServedMap = Default::default();
+            let stop = Arc::new(AtomicBool::new(false));
+            let service_port = if repo_listen == "off" {
+                None
+            } else {
+                match std::net::TcpListener::bind(&repo_listen) {
+                    Ok(l) => {
+                        let port = l.local_addr()?.port();
+                        let (id, m, st) = (identity.clone(), served.clone(), stop.clone());
+                        std::thread::Builder::new()
+                            .name("repo-service".into())
+                            .spawn(move || {
+                                if let Err(e) = repo_service::serve(l, &id, m, st) {
+                                    tracing::error!("repository service stopped: {e:#}");
+                                }
+                            })?;
+                        tracing::info!(
+                            "repository service listening at {repo_listen} (port {port})"
+                        );
+                        Some(port)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "repository service not started: cannot listen at {repo_listen}: {e}"
+                        );
+                        None
+                    }
+                }
+            };
             let cfg = AgentConfig {
                 server,
                 identity,
                 datastores: datastore,
                 interval: Duration::from_millis(interval_ms),
+                served,
+                service_port,
             };
-            let stop = AtomicBool::new(false);
             agent::run(&cfg, &stop)
         }
     }

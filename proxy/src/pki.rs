@@ -308,6 +308,23 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// A TLS client config that trusts only the CA and presents this
+    /// identity (host-to-host connections: the repository service).
+    pub fn client_config(&self, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
+        install_crypto();
+        let mut cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(root_store(&self.ca_pem)?)
+            .with_client_auth_cert(
+                certs_from_pem(&self.cert_pem)?,
+                key_from_pem(&self.key_pem)?,
+            )
+            .map_err(|e| err("client certificate", e))?;
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
 /// Whether a TLS server asks for client certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAuth {

@@ -97,6 +97,14 @@ CREATE TABLE task_log (
     ended    REAL
 );
 "#,
+    // 2: repositories held and served by a proxy; proxies' repository
+    // service port; per-task wire bytes and replica image.
+    r#"
+ALTER TABLE repositories ADD COLUMN proxy TEXT;
+ALTER TABLE proxies ADD COLUMN service_port INTEGER;
+ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER;
+ALTER TABLE tasks ADD COLUMN replica TEXT;
+"#,
 ];
 
 /// The schema version this build writes.

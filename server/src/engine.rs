@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use datamover_proxy::api::{
     self, Attempt, EnrollRequest, Enrolled, Heartbeat, Host, HostAdded, Job, JobDisk, JobKind,
-    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, Session, State, Task, TaskOrder,
-    TaskResult,
+    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, ServedRepository, Session, State,
+    Task, TaskOrder, TaskResult,
 };
 use datamover_proxy::pki::{self, Ca, EnrollmentToken, Identity};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -527,32 +527,49 @@ impl Engine {
         check_name("repository", &r.name)?;
         if !r.path.starts_with('/') {
             return Err(ApiError::bad(format!(
-                "repository path {:?} must be absolute (the same path on every proxy)",
+                "repository path {:?} must be absolute",
                 r.path
             )));
         }
-        self.db()
-            .execute(
-                "INSERT INTO repositories(name, path) VALUES (?1, ?2)",
-                params![r.name, r.path],
-            )
-            .map_err(|e| match ApiError::from(e) {
-                e if e.status == 409 => {
-                    ApiError::conflict(format!("a repository named {} exists", r.name))
+        let db = self.db();
+        if let Some(p) = &r.proxy {
+            let builtin: Option<bool> = db
+                .query_row("SELECT builtin FROM hosts WHERE name = ?1", [p], |x| {
+                    x.get(0)
+                })
+                .optional()?;
+            match builtin {
+                None => return Err(ApiError::bad(format!("no host or proxy named {p}"))),
+                Some(true) => {
+                    return Err(ApiError::bad(
+                        "the built-in proxy runs no repository service; add the repository without a proxy (a path the server sees)",
+                    ));
                 }
-                e => e,
-            })?;
+                Some(false) => {}
+            }
+        }
+        db.execute(
+            "INSERT INTO repositories(name, path, proxy) VALUES (?1, ?2, ?3)",
+            params![r.name, r.path, r.proxy],
+        )
+        .map_err(|e| match ApiError::from(e) {
+            e if e.status == 409 => {
+                ApiError::conflict(format!("a repository named {} exists", r.name))
+            }
+            e => e,
+        })?;
         Ok(r.clone())
     }
 
     /// Every repository.
     pub fn repositories(&self) -> R<Vec<api::Repository>> {
         let db = self.db();
-        let mut st = db.prepare("SELECT name, path FROM repositories ORDER BY name")?;
+        let mut st = db.prepare("SELECT name, path, proxy FROM repositories ORDER BY name")?;
         let rows = st.query_map([], |r| {
             Ok(api::Repository {
                 name: r.get(0)?,
                 path: r.get(1)?,
+                proxy: r.get(2)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -576,6 +593,21 @@ impl Engine {
             }
             if d.source.trim().is_empty() {
                 return Err(ApiError::bad(format!("disk {} has no source", d.name)));
+            }
+            if j.kind == JobKind::Restore {
+                if is_vm(&d.source) || !(d.source.starts_with("nbd") || d.source.starts_with('/')) {
+                    return Err(ApiError::bad(format!(
+                        "disk {}: a restore writes to an absolute path or an nbd:// export, not {:?}",
+                        d.name, d.source
+                    )));
+                }
+                continue;
+            }
+            if d.point.is_some() {
+                return Err(ApiError::bad(format!(
+                    "disk {}: \"point\" is for restore jobs",
+                    d.name
+                )));
             }
             let vm = is_vm(&d.source);
             if vm && d.disk.is_none() {
@@ -606,18 +638,28 @@ impl Engine {
             return Err(ApiError::bad("every_minutes must be at least 1"));
         }
         let db = self.db();
-        let repo: Option<i64> = db
+        let repo: Option<Option<String>> = db
             .query_row(
-                "SELECT id FROM repositories WHERE name = ?1",
+                "SELECT proxy FROM repositories WHERE name = ?1",
                 [&j.repository],
                 |r| r.get(0),
             )
             .optional()?;
-        if repo.is_none() {
-            return Err(ApiError::bad(format!(
-                "no repository named {}",
-                j.repository
-            )));
+        match repo {
+            None => {
+                return Err(ApiError::bad(format!(
+                    "no repository named {}",
+                    j.repository
+                )));
+            }
+            Some(None) if j.kind.replicates() => {
+                return Err(ApiError::bad(format!(
+                    "a {} job needs a repository held by its target proxy (dm repo add NAME --path DIR --proxy TARGET); {} is shared storage",
+                    j.kind.as_str(),
+                    j.repository
+                )));
+            }
+            Some(_) => {}
         }
         for p in &j.proxies {
             let found: Option<i64> = db
@@ -755,8 +797,8 @@ impl Engine {
             .optional()?
             .ok_or_else(|| ApiError::not_found("session", id))?;
         let mut st = db.prepare(
-            "SELECT id, disk, state, proxy_name, attempt, mode, done, total, bottleneck, point, bytes_read, bytes_stored, error, attempts, started, finished
-             FROM tasks WHERE session_id = ?1 ORDER BY id",
+            "SELECT id, disk, state, proxy_name, attempt, mode, done, total, bottleneck, point, bytes_read, bytes_stored, error, attempts, started, finished,
+             wire_bytes, replica FROM tasks WHERE session_id = ?1 ORDER BY id",
         )?;
         let rows = st.query_map([id], |r| {
             Ok((
@@ -773,6 +815,8 @@ impl Engine {
                     point: r.get(9)?,
                     bytes_read: r.get(10)?,
                     bytes_stored: r.get(11)?,
+                    wire_bytes: r.get(16)?,
+                    replica: r.get(17)?,
                     error: r.get(12)?,
                     attempts: Vec::new(),
                     started: r.get(14)?,
@@ -844,8 +888,8 @@ impl Engine {
             r.get(0)
         })?;
         tx.execute(
-            "UPDATE proxies SET cores = ?1, datastores = ?2, version = ?3, last_seen = ?4, state = 'online' WHERE id = ?5",
-            params![hb.cores.max(1), serde_json::to_string(&hb.datastores)?, hb.version, now(), pid],
+            "UPDATE proxies SET cores = ?1, datastores = ?2, version = ?3, last_seen = ?4, state = 'online', service_port = ?6 WHERE id = ?5",
+            params![hb.cores.max(1), serde_json::to_string(&hb.datastores)?, hb.version, now(), pid, hb.service_port],
         )?;
         if was == "dead" {
             tracing::info!("proxy {pid} is back");
@@ -914,8 +958,9 @@ impl Engine {
             None => {
                 tx.execute(
                     "UPDATE tasks SET state = 'success', point = ?1, mode = ?2, bottleneck = ?3, bytes_read = ?4,
-                     bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7 WHERE id = ?8",
-                    params![r.point, r.mode, r.bottleneck, r.bytes_read, r.bytes_stored, r.total, now(), r.task],
+                     bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7, wire_bytes = ?9, replica = ?10 WHERE id = ?8",
+                    params![r.point, r.mode, r.bottleneck, r.bytes_read, r.bytes_stored, r.total, now(), r.task,
+                            (r.wire_bytes > 0).then_some(r.wire_bytes), r.replica],
                 )?;
             }
             Some(err) => {
@@ -956,27 +1001,78 @@ impl Engine {
 
     fn orders(&self, db: &Connection, pid: i64, cancel: Vec<u64>) -> R<Orders> {
         let mut st = db.prepare(
-            "SELECT t.id, t.attempt, t.disk, t.spec, j.spec, r.path FROM tasks t
+            "SELECT t.id, t.attempt, t.disk, t.spec, j.spec, r.path, r.proxy, ph.addresses, pp.service_port, t.proxy_name
+             FROM tasks t
              JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
              LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
+             LEFT JOIN hosts ph ON ph.name = r.proxy
+             LEFT JOIN proxies pp ON pp.host_id = ph.id
              WHERE t.proxy_id = ?1 AND t.state = 'assigned' ORDER BY t.id",
         )?;
         let rows = st.query_map([pid], |r| {
             Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
+                (
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ),
+                (
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<u16>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                ),
             ))
         })?;
         let mut assign = Vec::new();
         for row in rows {
-            let (task, attempt, disk, dspec, jspec, repo) = row?;
+            let ((task, attempt, disk, dspec, jspec, repo), (holder, addrs, port, me)) = row?;
             let d: JobDisk = serde_json::from_str(&dspec)?;
             let j: JobSpec = serde_json::from_str(&jspec)?;
+            // A repository held by a proxy is written through its
+            // repository service, except by that proxy itself (a backup
+            // or copy, or a restore, which always runs there); replicas
+            // are always updated by the service.
+            let remote = holder.is_some()
+                && (j.kind.replicates() || (j.kind != JobKind::Restore && holder != me));
+            let (mut service, mut service_error) = (None, None);
+            if let (true, Some(h)) = (remote, &holder) {
+                let addrs: Vec<String> = serde_json::from_str(addrs.as_deref().unwrap_or("[]"))?;
+                match (addrs.first(), port) {
+                    (Some(a), Some(port)) => {
+                        let host = if a.contains(':') {
+                            format!("[{a}]")
+                        } else {
+                            a.clone()
+                        };
+                        service = Some(datamover_proxy::repo_service::ServiceAddress {
+                            address: format!("{host}:{port}"),
+                            server_name: a.clone(),
+                            repository: j.repository.clone(),
+                            replica: j.kind.replicates(),
+                        });
+                    }
+                    (None, _) => {
+                        service_error = Some(format!(
+                            "repository {} is held by {h}, which has no address to reach it at (dm host add {h} --address …)",
+                            j.repository
+                        ));
+                    }
+                    (_, None) => {
+                        service_error = Some(format!(
+                            "repository {} is held by {h}, whose repository service is not running (dm-proxy run --repo-listen ADDR)",
+                            j.repository
+                        ));
+                    }
+                }
+            }
             assign.push(TaskOrder {
+                service,
+                service_error,
+                point: d.point.clone(),
                 task,
                 attempt,
                 kind: j.kind,
@@ -996,10 +1092,24 @@ impl Engine {
             "UPDATE tasks SET state = 'running' WHERE proxy_id = ?1 AND state = 'assigned'",
             [pid],
         )?;
+        let serve = {
+            let mut st = db.prepare(
+                "SELECT r.name, r.path FROM repositories r JOIN hosts h ON h.name = r.proxy
+                 JOIN proxies p ON p.host_id = h.id WHERE p.id = ?1 ORDER BY r.name",
+            )?;
+            let rows = st.query_map([pid], |r| {
+                Ok(ServedRepository {
+                    name: r.get(0)?,
+                    path: r.get(1)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
         Ok(Orders {
             assign,
             cancel,
             interval_ms: self.timing.heartbeat.as_millis() as u64,
+            serve,
         })
     }
 
@@ -1055,7 +1165,8 @@ impl Engine {
         }
         let names: HashMap<String, i64> = slots.iter().map(|s| (s.name.clone(), s.id)).collect();
         let mut st = db.prepare(
-            "SELECT t.id, t.spec, j.spec FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+            "SELECT t.id, t.spec, j.spec, r.proxy FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+             LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
              WHERE t.state = 'queued' AND t.not_before <= ?1 ORDER BY t.id",
         )?;
         let rows = st.query_map([now_ms()], |r| {
@@ -1063,24 +1174,29 @@ impl Engine {
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?;
         let mut pending = Vec::new();
         let mut jobs: HashMap<String, JobSpec> = HashMap::new();
         for row in rows {
-            let (id, dspec, jspec) = row?;
+            let (id, dspec, jspec, holder) = row?;
             let d: JobDisk = serde_json::from_str(&dspec)?;
             if !jobs.contains_key(&jspec) {
                 jobs.insert(jspec.clone(), serde_json::from_str(&jspec)?);
             }
             let Some(j) = jobs.get(&jspec) else { continue };
+            // A restore from a repository a proxy holds runs on that proxy.
+            let only: Vec<String> = match (&holder, j.kind) {
+                (Some(h), JobKind::Restore) => vec![h.clone()],
+                _ => j.proxies.clone(),
+            };
             pending.push(Pending {
                 id,
                 location: location_of(&d),
                 // A job's proxy list names proxies that may not be online:
                 // an unknown id keeps the task queued rather than anywhere.
-                proxies: j
-                    .proxies
+                proxies: only
                     .iter()
                     .map(|n| names.get(n).copied().unwrap_or(-1))
                     .collect(),

@@ -106,6 +106,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                 cfg.builtin_datastores.clone()
             },
             interval: cfg.timing.heartbeat,
+            served: Default::default(),
+            service_port: None,
         }))
     } else {
         None

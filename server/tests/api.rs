@@ -37,6 +37,7 @@ fn heartbeat() -> Heartbeat {
         cores: 1,
         datastores: vec![],
         running: vec![],
+        service_port: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
             source: uri,
             disk: None,
             vm_host: None,
+            point: None,
         });
     }
     for p in ["p1", "p2", "p3"] {
@@ -74,6 +75,7 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
             &Repository {
                 name: "main".into(),
                 path: repo.display().to_string(),
+                proxy: None,
             },
         )
         .unwrap();

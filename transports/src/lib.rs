@@ -99,7 +99,7 @@ impl SourceOptions {
 /// export, or a running VM's disk (`qmp+unix://…` / `qmp://…` with
 /// [`SourceOptions::disk`]; see [`qemu`]).
 pub fn backup(
-    repo: &datamover::Repository,
+    repo: &dyn datamover::Store,
     spec: &str,
     disk: &datamover::DiskName,
     opts: &SourceOptions,
@@ -134,7 +134,7 @@ pub fn backup(
         )));
     }
     let src = open_source_with(spec, opts)?;
-    let report = datamover::backup(repo, src.as_ref(), disk, backup)?;
+    let report = datamover::backup_to(repo, src.as_ref(), disk, backup)?;
     Ok(BackupRun {
         report,
         failover: None,

@@ -13,7 +13,7 @@
 
 mod index;
 mod packer;
-mod points;
+pub(crate) mod points;
 mod reader;
 
 use std::fs::{self, File, OpenOptions};

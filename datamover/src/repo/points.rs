@@ -27,7 +27,7 @@ pub struct PointSummary {
     pub manifest_len: u64,
 }
 
-fn map_err(path: &Path, e: ManifestError) -> Error {
+pub(crate) fn map_err(path: &Path, e: ManifestError) -> Error {
     match e {
         ManifestError::Corrupt(d) => Error::corrupt("point manifest", path, d),
         ManifestError::Version(v) => Error::UnsupportedVersion {

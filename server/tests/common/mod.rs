@@ -142,7 +142,8 @@ impl Cluster {
             .arg(&state)
             .arg("run")
             .args(["--server", &self.url, "--token", &added.enrollment_token])
-            .args(["--interval-ms", "200"]);
+            .args(["--interval-ms", "200"])
+            .args(["--repo-listen", "127.0.0.1:0"]);
         for d in datastores {
             cmd.arg("--datastore").arg(d);
         }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
 use datamover::source::{BlockSource, Capabilities, SourceExtent};
-use datamover::{BackupOptions, BackupReport, DiskName, Error, Repository, Result};
+use datamover::{BackupOptions, BackupReport, DiskName, Error, Result, Store};
 
 use crate::nbd::{ConnectOptions, NbdSource};
 use local::{LocalExport, LoopDevice};
@@ -308,7 +308,7 @@ fn open_mode(
 
 /// Back up one disk of a running VM (see the module docs).
 pub(crate) fn backup(
-    repo: &Repository,
+    repo: &dyn Store,
     spec: &str,
     name: &DiskName,
     job: &VmJob<'_>,
@@ -319,9 +319,9 @@ pub(crate) fn backup(
     let disk = vm.disk(job.disk)?;
     let mut notes = Vec::new();
 
-    let since = match repo.point_ids(name)?.last() {
+    let since = match repo.latest_meta(name)? {
         None => Since::First,
-        Some(p) => match repo.point_meta(name, p)?.meta.checkpoint {
+        Some((p, meta)) => match meta.checkpoint {
             None => Since::Missing(format!(
                 "the previous point {p} started no checkpoint (it was not taken from a VM)"
             )),
@@ -438,7 +438,7 @@ pub(crate) fn backup(
                 location: location.clone(),
                 checkpoint: frozen.checkpoint().to_string(),
             };
-            let r = datamover::backup(repo, &src, name, opts);
+            let r = datamover::backup_to(repo, &src, name, opts);
             tracker = src.tracker;
             r
         });
@@ -488,4 +488,16 @@ pub(crate) fn backup(
 /// List a VM's disks.
 pub fn disks(spec: &str, timeout: Duration) -> Result<Vec<DiskInfo>> {
     Vm::connect(VmAddress::parse(spec)?, timeout)?.disks()
+}
+
+/// Pause a VM's guest (QMP `stop`) so its disks stop changing: the last
+/// step of a quick migration before the final sync. A qemu-storage-daemon
+/// has no guest to pause; that is not an error (nothing writes through it
+/// but its exports' clients).
+pub fn pause(spec: &str) -> Result<()> {
+    let mut vm = Vm::connect(VmAddress::parse(spec)?, Duration::from_secs(30))?;
+    if let Err(e) = vm.qmp().try_execute("stop", serde_json::json!({}))? {
+        tracing::info!("{spec}: no guest to pause ({e:?})");
+    }
+    Ok(())
 }

@@ -270,6 +270,11 @@ impl Vm {
         &self.addr
     }
 
+    /// Its monitor.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
     fn nodes(&mut self) -> Result<Vec<Value>> {
         let v = self
             .qmp

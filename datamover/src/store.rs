@@ -1,0 +1,343 @@
+//! Where a backup writes: the seam between the pipeline and storage.
+//!
+//! [`backup_to`](crate::backup::backup_to) talks to a [`Store`] and the
+//! [`StoreSession`] it opens per new point. A local [`Repository`] is one;
+//! a repository service reached over the network (the proxy crate's
+//! client) is another. The pipeline asks the session whether a chunk is
+//! stored already ([`StoreSession::has`]), hands new frames to its
+//! [`FrameSink`] and finally commits the manifest, which the store publishes
+//! only after every frame the manifest names is durable.
+//!
+//! The receiving side of a repository service runs [`Ingest`]: it takes
+//! frames from the wire, checks each one (header, CRC, BLAKE3 of the
+//! decompressed bytes), stores the new ones and refuses a manifest that
+//! names a chunk the repository does not hold.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::frame::{FrameDecoder, FrameHeader};
+use crate::format::manifest::{self, Extent, Manifest, PointMeta};
+use crate::ids::{ChunkId, DiskName, PointId};
+use crate::repo::{Index, PackWriter, RepoLock, Repository};
+use crate::sys::LockMode;
+
+/// Somewhere points can be written.
+pub trait Store: Sync {
+    /// Where it is, for messages: a path or a service address.
+    fn describe(&self) -> String;
+    /// The metadata of the newest point of `disk`, if any.
+    fn latest_meta(&self, disk: &DiskName) -> Result<Option<(PointId, PointMeta)>>;
+    /// Start a new point of `disk`; nothing is visible until
+    /// [`StoreSession::commit`].
+    fn begin<'s>(
+        &'s self,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Box<dyn StoreSession + 's>>;
+}
+
+/// One point being written.
+pub trait StoreSession: Sync {
+    /// The new point's id.
+    fn point(&self) -> &PointId;
+    /// The disk's newest point (its manifest), to build on and dedupe
+    /// against.
+    fn parent(&self) -> Result<Option<(PointId, Manifest)>>;
+    /// Whether the store holds chunk `id` already (`false` when unsure: the
+    /// sink may still find it there and skip sending it).
+    fn has(&self, id: &ChunkId) -> bool;
+    /// A chunk of `m` the store is known to lack (a parent that cannot be
+    /// built on), or `None`.
+    fn missing_of(&self, m: &Manifest) -> Option<ChunkId>;
+    /// Where new frames go (one sink per session).
+    fn sink(&self, pack_target: u64) -> Result<Box<dyn FrameSink + '_>>;
+    /// A temp file for the new manifest.
+    fn manifest_temp(&self) -> Result<(File, PathBuf)>;
+    /// Publish the manifest written (and fsynced) at `path`, after every
+    /// frame was finished by the sink.
+    fn commit(self: Box<Self>, path: &Path) -> Result<()>;
+}
+
+/// Takes the frames of new chunks.
+pub trait FrameSink: Send {
+    /// One encoded frame of chunk `id` (`plain_len` bytes).
+    fn add(&mut self, id: ChunkId, plain_len: u32, frame: Vec<u8>) -> Result<()>;
+    /// Make every frame added durable and findable.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+impl FrameSink for PackWriter<'_> {
+    fn add(&mut self, id: ChunkId, plain_len: u32, frame: Vec<u8>) -> Result<()> {
+        PackWriter::add(self, id, plain_len, &frame)
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.commit()
+    }
+}
+
+/// A new point of a local repository: holds the shared lock (so garbage
+/// collection cannot remove a chunk counted as stored) and the index.
+pub struct LocalSession<'r> {
+    repo: &'r Repository,
+    _lock: Option<RepoLock>,
+    disk: DiskName,
+    point: PointId,
+    index: Index,
+}
+
+impl std::fmt::Debug for LocalSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSession")
+            .field("repo", &self.repo.root())
+            .field("disk", &self.disk)
+            .field("point", &self.point)
+            .finish()
+    }
+}
+
+impl<'r> LocalSession<'r> {
+    /// Lock `repo`, load its index and pick the new point's id.
+    pub fn begin(
+        repo: &'r Repository,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self> {
+        let lock = repo.lock(LockMode::Shared, true)?;
+        let point = repo.new_point_id(disk, started)?;
+        let index = repo.load_index()?;
+        Ok(LocalSession {
+            repo,
+            _lock: lock,
+            disk: disk.clone(),
+            point,
+            index,
+        })
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &'r Repository {
+        self.repo
+    }
+}
+
+impl StoreSession for LocalSession<'_> {
+    fn point(&self) -> &PointId {
+        &self.point
+    }
+    fn parent(&self) -> Result<Option<(PointId, Manifest)>> {
+        match self.repo.point_ids(&self.disk)?.pop() {
+            None => Ok(None),
+            Some(p) => {
+                let m = self.repo.read_point(&self.disk, &p)?;
+                Ok(Some((p, m)))
+            }
+        }
+    }
+    fn has(&self, id: &ChunkId) -> bool {
+        self.index.contains(id)
+    }
+    fn missing_of(&self, m: &Manifest) -> Option<ChunkId> {
+        m.extents.iter().find_map(|e| match e {
+            Extent::Chunk { id, .. } if !self.index.contains(id) => Some(*id),
+            _ => None,
+        })
+    }
+    fn sink(&self, pack_target: u64) -> Result<Box<dyn FrameSink + '_>> {
+        Ok(Box::new(PackWriter::with_target(self.repo, pack_target)))
+    }
+    fn manifest_temp(&self) -> Result<(File, PathBuf)> {
+        self.repo.temp_file("point")
+    }
+    fn commit(self: Box<Self>, path: &Path) -> Result<()> {
+        self.repo.publish(
+            path,
+            &self.repo.disk_dir(&self.disk),
+            &format!("{}.point", self.point),
+        )?;
+        Ok(())
+    }
+}
+
+impl Store for Repository {
+    fn describe(&self) -> String {
+        self.root().display().to_string()
+    }
+    fn latest_meta(&self, disk: &DiskName) -> Result<Option<(PointId, PointMeta)>> {
+        match self.point_ids(disk)?.pop() {
+            None => Ok(None),
+            Some(p) => {
+                let s = self.point_meta(disk, &p)?;
+                Ok(Some((p, s.meta)))
+            }
+        }
+    }
+    fn begin<'s>(
+        &'s self,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Box<dyn StoreSession + 's>> {
+        Ok(Box::new(LocalSession::begin(self, disk, started)?))
+    }
+}
+
+/// The receiving end of a repository service: one new point of one disk,
+/// written from frames that arrive over the wire. Frames are checked
+/// before they are stored; chunks the repository (or this session) holds
+/// already are dropped.
+pub struct Ingest<'r> {
+    session: LocalSession<'r>,
+    sink: PackWriter<'r>,
+    added: HashSet<ChunkId>,
+    dec: FrameDecoder,
+    /// Frames received and checked.
+    pub frames: u64,
+    /// Frames stored (the rest were held already).
+    pub frames_new: u64,
+    /// Frame bytes stored.
+    pub bytes_new: u64,
+}
+
+impl std::fmt::Debug for Ingest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("session", &self.session)
+            .field("frames", &self.frames)
+            .field("frames_new", &self.frames_new)
+            .finish()
+    }
+}
+
+impl<'r> Ingest<'r> {
+    /// Begin a new point of `disk` in `repo`.
+    pub fn begin(
+        repo: &'r Repository,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self> {
+        let session = LocalSession::begin(repo, disk, started)?;
+        Ok(Ingest {
+            sink: PackWriter::new(repo),
+            session,
+            added: HashSet::new(),
+            dec: FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?,
+            frames: 0,
+            frames_new: 0,
+            bytes_new: 0,
+        })
+    }
+
+    /// The new point's id.
+    pub fn point(&self) -> &PointId {
+        &self.session.point
+    }
+
+    /// The disk's newest point.
+    pub fn parent(&self) -> Result<Option<(PointId, Manifest)>> {
+        self.session.parent()
+    }
+
+    /// Whether the repository or this session holds chunk `id`.
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.session.index.contains(id) || self.added.contains(id)
+    }
+
+    /// Take a run of whole frames (as they are stored in packs), checking
+    /// each; a damaged or truncated frame is an error naming its place.
+    pub fn add_frames(&mut self, mut b: &[u8]) -> Result<()> {
+        let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
+        while !b.is_empty() {
+            let h =
+                FrameHeader::parse(b).map_err(|d| bad(format!("frame {}: {d}", self.frames)))?;
+            let n = usize::try_from(h.frame_len()).map_err(|_| bad("frame too long".into()))?;
+            let frame = b.get(..n).ok_or_else(|| {
+                bad(format!(
+                    "frame {} truncated ({} of {n} bytes)",
+                    self.frames,
+                    b.len()
+                ))
+            })?;
+            self.dec.decode(frame, Some(h.id)).map_err(|d| {
+                bad(format!(
+                    "frame {} (chunk {}): {d}",
+                    self.frames,
+                    h.id.short()
+                ))
+            })?;
+            self.frames += 1;
+            if !self.has(&h.id) {
+                self.sink.add(h.id, h.plain_len, frame)?;
+                self.added.insert(h.id);
+                self.frames_new += 1;
+                self.bytes_new += n as u64;
+            }
+            b = &b[n..];
+        }
+        Ok(())
+    }
+
+    /// Check the manifest (its disk, its point, every chunk it names is
+    /// held), make every frame durable, then publish the point.
+    pub fn commit(self, manifest_bytes: &[u8]) -> Result<PointMeta> {
+        let Ingest {
+            session,
+            sink,
+            added,
+            ..
+        } = self;
+        let path = PathBuf::from("received manifest");
+        let m =
+            manifest::decode(manifest_bytes).map_err(|e| crate::repo::points::map_err(&path, e))?;
+        if m.meta.name != session.disk.to_string() || m.meta.point != session.point.as_str() {
+            return Err(Error::corrupt(
+                "point manifest",
+                &path,
+                format!(
+                    "it names {}@{}, this session writes {}@{}",
+                    m.meta.name, m.meta.point, session.disk, session.point
+                ),
+            ));
+        }
+        if let Some(id) = m.extents.iter().find_map(|e| match e {
+            Extent::Chunk { id, .. } if !session.index.contains(id) && !added.contains(id) => {
+                Some(*id)
+            }
+            _ => None,
+        }) {
+            return Err(Error::ChunkMissing {
+                chunk: id,
+                at: Some(format!(
+                    "the manifest of {}@{}",
+                    session.disk, session.point
+                )),
+            });
+        }
+        sink.commit()?;
+        let (mut f, tmp) = session.manifest_temp()?;
+        let r = std::io::Write::write_all(&mut f, manifest_bytes).and_then(|_| f.sync_all());
+        drop(f);
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write", &tmp, e));
+        }
+        Box::new(session).commit(&tmp).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        Ok(m.meta)
+    }
+}
+
+/// Read a manifest file of at most [`manifest::MAX_MANIFEST_LEN`] bytes.
+pub fn read_manifest_file(path: &Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path).ctx("stat", path)?.len();
+    if len > manifest::MAX_MANIFEST_LEN {
+        return Err(Error::corrupt(
+            "point manifest",
+            path,
+            "larger than the 1 GiB limit",
+        ));
+    }
+    std::fs::read(path).ctx("read", path)
+}
