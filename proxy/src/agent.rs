@@ -113,6 +113,20 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     .collect(),
                 running: w.progress(),
                 service_port: cfg.service_port,
+                serving: match cfg.service_port {
+                    Some(_) => {
+                        let mut v: Vec<String> = cfg
+                            .served
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .keys()
+                            .cloned()
+                            .collect();
+                        v.sort();
+                        v
+                    }
+                    None => Vec::new(),
+                },
             };
             match client.post::<_, Orders>(&format!("{AGENT}/heartbeat"), &hb) {
                 Ok(o) => {

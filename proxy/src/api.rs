@@ -398,6 +398,9 @@ pub struct Heartbeat {
     /// The port its repository service listens at, if it runs one.
     #[serde(default)]
     pub service_port: Option<u16>,
+    /// The repositories its service offers now (as last ordered).
+    #[serde(default)]
+    pub serving: Vec<String>,
 }
 
 /// Progress of a running task.

@@ -102,6 +102,7 @@ CREATE TABLE task_log (
     r#"
 ALTER TABLE repositories ADD COLUMN proxy TEXT;
 ALTER TABLE proxies ADD COLUMN service_port INTEGER;
+ALTER TABLE proxies ADD COLUMN serving TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER;
 ALTER TABLE tasks ADD COLUMN replica TEXT;
 "#,

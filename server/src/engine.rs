@@ -888,8 +888,10 @@ impl Engine {
             r.get(0)
         })?;
         tx.execute(
-            "UPDATE proxies SET cores = ?1, datastores = ?2, version = ?3, last_seen = ?4, state = 'online', service_port = ?6 WHERE id = ?5",
-            params![hb.cores.max(1), serde_json::to_string(&hb.datastores)?, hb.version, now(), pid, hb.service_port],
+            "UPDATE proxies SET cores = ?1, datastores = ?2, version = ?3, last_seen = ?4, state = 'online', service_port = ?6,
+             serving = ?7 WHERE id = ?5",
+            params![hb.cores.max(1), serde_json::to_string(&hb.datastores)?, hb.version, now(), pid, hb.service_port,
+                    serde_json::to_string(&hb.serving)?],
         )?;
         if was == "dead" {
             tracing::info!("proxy {pid} is back");
@@ -1167,7 +1169,14 @@ impl Engine {
         let mut st = db.prepare(
             "SELECT t.id, t.spec, j.spec, r.proxy FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
              LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
-             WHERE t.state = 'queued' AND t.not_before <= ?1 ORDER BY t.id",
+             LEFT JOIN hosts ph ON ph.name = r.proxy
+             LEFT JOIN proxies pp ON pp.host_id = ph.id
+             WHERE t.state = 'queued' AND t.not_before <= ?1
+             -- A repository just given to a running service is offered at
+             -- its next heartbeat: until then its tasks wait.
+             AND NOT (pp.state = 'online' AND pp.service_port IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM json_each(pp.serving) WHERE value = r.name))
+             ORDER BY t.id",
         )?;
         let rows = st.query_map([now_ms()], |r| {
             Ok((

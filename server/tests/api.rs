@@ -9,27 +9,12 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, bin, make_disk};
+use common::{Cluster, assert_restores, dm, make_disk, status};
 use datamover_proxy::api::{AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State};
 use datamover_proxy::client::{Auth, Client, ClientError};
 use datamover_proxy::pki::{Ca, Identity};
 
 const T: Duration = Duration::from_secs(20);
-
-fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
-    match r {
-        Err(ClientError::Status { status, message }) => (status, message),
-        other => panic!("expected an error status, got {other:?}"),
-    }
-}
-
-fn dm(c: &Cluster) -> Command {
-    let mut cmd = Command::new(bin("dm"));
-    cmd.env("DM_SERVER", &c.url)
-        .env("DM_TOKEN", &c.token)
-        .env("DM_CA", c.path("server/ca/ca.pem"));
-    cmd
-}
 
 fn heartbeat() -> Heartbeat {
     Heartbeat {
@@ -38,6 +23,7 @@ fn heartbeat() -> Heartbeat {
         datastores: vec![],
         running: vec![],
         service_port: None,
+        serving: vec![],
     }
 }
 

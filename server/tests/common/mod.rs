@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datamover_proxy::api::{self, API, HostAdded, NewHost, Proxy, ProxyPatch, Session};
-use datamover_proxy::client::{Auth, Client};
+use datamover_proxy::client::{Auth, Client, ClientError};
 
 /// A binary of the workspace, next to `dm-server`.
 pub fn bin(name: &str) -> PathBuf {
@@ -218,6 +218,23 @@ impl Cluster {
     }
 }
 
+/// The error status and message of a refused call.
+pub fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Status { status, message }) => (status, message),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+/// `dm` talking to the cluster's server as its admin.
+pub fn dm(c: &Cluster) -> Command {
+    let mut cmd = Command::new(bin("dm"));
+    cmd.env("DM_SERVER", &c.url)
+        .env("DM_TOKEN", &c.token)
+        .env("DM_CA", c.path("server/ca/ca.pem"));
+    cmd
+}
+
 /// A disk image of `len` bytes of seeded pseudo-random data (a few
 /// all-zero MiB in the middle, so zero runs are exercised too).
 pub fn make_disk(path: &Path, len: usize, seed: u64) {
@@ -235,28 +252,54 @@ pub fn make_disk(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, buf).unwrap();
 }
 
-/// An nbdkit serving `file` on a unix socket, reads limited to `rate`
-/// (bits per second, e.g. "16M") so tasks last long enough to watch;
-/// returns the process
-/// and the NBD URI.
-pub fn nbdkit_slow(file: &Path, sock: &Path, rate: &str) -> (Proc, String) {
-    let child = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(sock)
-        .args(["--filter=rate", "file"])
-        .arg(format!("file={}", file.display()))
-        .arg(format!("rate={rate}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+/// One qemu-storage-daemon exporting each image read-only over NBD on
+/// the unix socket `sock`, each through its own throttle group limited to
+/// `bytes_per_s` of reads, so a task lasts a few seconds. (nbdkit 1.32's
+/// rate filter sometimes stopped accepting connections after a reader was
+/// killed mid-read; QEMU's throttling does not.) Returns the daemon and
+/// one `nbd+unix://` address per image.
+pub fn qsd_throttled(images: &[PathBuf], sock: &Path, bytes_per_s: u64) -> (Proc, Vec<String>) {
+    let mut cmd = Command::new("qemu-storage-daemon");
+    // The NBD server first: exports join it in order.
+    cmd.arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()));
+    let mut uris = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        cmd.arg("--object")
+            .arg(format!(
+                "throttle-group,id=tg{i},limits.bps-read={bytes_per_s}"
+            ))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=f{i},read-only=on",
+                img.display()
+            ))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=throttle,throttle-group=tg{i},file=f{i},node-name=t{i},read-only=on"
+            ))
+            .arg("--export")
+            .arg(format!("type=nbd,id=e{i},node-name=t{i},name=d{i}"));
+        uris.push(format!("nbd+unix:///d{i}?socket={}", sock.display()));
+    }
+    cmd.stdout(Stdio::null()).stderr(
+        std::fs::File::create(sock.with_extension("log"))
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+    );
+    let child = cmd
         .spawn()
-        .expect("nbdkit (apt install nbdkit)");
-    wait_for("nbdkit socket", Duration::from_secs(10), || sock.exists());
+        .expect("qemu-storage-daemon (apt install qemu-utils)");
+    wait_for(
+        "qemu-storage-daemon socket",
+        Duration::from_secs(10),
+        || sock.exists(),
+    );
     (
         Proc {
             child,
-            name: "nbdkit".into(),
+            name: "qemu-storage-daemon".into(),
         },
-        format!("nbd+unix:///?socket={}", sock.display()),
+        uris,
     )
 }
 
