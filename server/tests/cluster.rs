@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, make_disk, nbdkit_slow};
+use common::{Cluster, assert_restores, make_disk, qsd_throttled};
 use datamover_proxy::api::{
     API, Job, JobDisk, JobKind, JobSpec, Proxy, ProxyState, Repository, Session, State,
 };
@@ -47,23 +47,28 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
     ]);
     let images = c.path("images");
     std::fs::create_dir_all(&images).unwrap();
-    // Twelve 8 MiB disks, each behind an nbdkit limited to 16 Mbit/s, so a
-    // task lasts a few seconds and slots are seen full.
-    let mut servers = Vec::new();
-    let mut disks = Vec::new();
-    for i in 0..DISKS {
-        let img = images.join(format!("d{i}.raw"));
-        make_disk(&img, 8 * MIB, i as u64 + 1);
-        let (p, uri) = nbdkit_slow(&img, &images.join(format!("d{i}.sock")), "16M");
-        servers.push(p);
-        disks.push(JobDisk {
+    // Twelve 8 MiB disks, each read through its own 2 MiB/s throttle in
+    // one qemu-storage-daemon, so a task lasts a few seconds and slots
+    // are seen full.
+    let imgs: Vec<_> = (0..DISKS)
+        .map(|i| {
+            let img = images.join(format!("d{i}.raw"));
+            make_disk(&img, 8 * MIB, i as u64 + 1);
+            img
+        })
+        .collect();
+    let (qsd, uris) = qsd_throttled(&imgs, &images.join("nbd.sock"), 2 * MIB as u64);
+    let disks: Vec<JobDisk> = uris
+        .into_iter()
+        .enumerate()
+        .map(|(i, uri)| JobDisk {
             name: format!("vm{}/disk{}", i / 2, i % 2),
             source: uri,
             disk: None,
             vm_host: None,
             point: None,
-        });
-    }
+        })
+        .collect();
     for p in ["p1", "p2", "p3"] {
         c.add_proxy(p, &[], 2);
     }
@@ -196,5 +201,5 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
     }
     let v = datamover::verify(&r, true).unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
-    drop(servers);
+    drop(qsd);
 }
