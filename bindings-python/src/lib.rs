@@ -750,16 +750,31 @@ impl Server {
         self.call(py, "GET", "/hosts", None)
     }
 
-    /// Add a host; the answer's ``enrollment_token`` is for ``dm-proxy``.
-    #[pyo3(signature = (name, addresses=Vec::new()))]
+    /// Add a host; the answer's ``enrollment_token`` is for the host's
+    /// ``dm-installer`` (or ``dm-proxy`` run by hand). ``roles=["proxy"]``
+    /// makes its installer deploy and run the proxy.
+    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new()))]
     fn add_host<'py>(
         &self,
         py: Python<'py>,
         name: &str,
         addresses: Vec<String>,
+        roles: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let body = serde_json::json!({"name": name, "addresses": addresses});
+        let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles});
         self.call(py, "POST", "/hosts", Some(body))
+    }
+
+    /// Set a host's roles (``[]`` takes them all away); its installer
+    /// follows within a poll.
+    fn set_host_roles<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        roles: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({ "roles": roles });
+        self.call(py, "PATCH", &format!("/hosts/{name}"), Some(body))
     }
 
     /// Remove a host (revokes its certificate).
@@ -773,14 +788,23 @@ impl Server {
         self.call(py, "GET", "/repositories", None)
     }
 
-    /// Add a repository (a directory at the same path on its proxies).
+    /// Add a repository: a directory at the same path on every proxy
+    /// (shared storage), or with ``proxy=`` one held and served by that
+    /// proxy's repository service (the target of replication jobs).
+    #[pyo3(signature = (name, path, *, proxy=None))]
     fn add_repository<'py>(
         &self,
         py: Python<'py>,
         name: &str,
         path: &str,
+        proxy: Option<&str>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let body = serde_json::json!({"name": name, "path": path});
+        let body = serde_json::to_value(datamover_proxy::api::Repository {
+            name: name.into(),
+            path: path.into(),
+            proxy: proxy.map(str::to_string),
+        })
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
         self.call(py, "POST", "/repositories", Some(body))
     }
 

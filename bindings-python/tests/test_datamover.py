@@ -433,6 +433,25 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
         out = tmp_path / "restored.raw"
         repo.restore("web/vda", out)
         assert digest(out) == digest(img)
+        # A restore job runs through the (built-in) proxy too.
+        back = tmp_path / "restored-by-job.raw"
+        s.create_job(
+            {"name": "r1", "kind": "restore", "repository": "main",
+             "disks": [{"name": "web/vda", "source": str(back)}]}
+        )
+        sess = s.run_job("r1", wait=True)
+        assert sess["state"] == "success" and sess["kind"] == "restore", sess
+        assert digest(back) == digest(img)
+        # Roles: the host's installer would deploy the proxy (the server
+        # hands out the dm-proxy next to it).
+        h = s.add_host("h1", ["127.0.0.1"], roles=["proxy"])
+        assert h["host"]["roles"] == ["proxy"] and h["enrollment_token"].startswith("dmj1.")
+        assert s.set_host_roles("h1", [])["roles"] == []
+        with pytest.raises(datamover.InvalidInputError, match="unknown variant"):
+            s.set_host_roles("h1", ["mailserver"])
+        # A repository held by a proxy names one the server knows.
+        with pytest.raises(datamover.InvalidInputError, match="nobody"):
+            s.add_repository("dr", str(tmp_path / "dr"), proxy="nobody")
         with pytest.raises(datamover.InvalidInputError, match="no job named nope"):
             s.run_job("nope")
         with pytest.raises(datamover.InvalidInputError, match="not valid"):

@@ -28,7 +28,48 @@ pub struct NewHost {
     /// certificate so its repository service can be verified.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Roles the server assigns; the host's installer deploys the
+    /// components they need (`proxy`: `dm-proxy`).
+    #[serde(default)]
+    pub roles: Vec<HostRole>,
 }
+
+/// A role a managed host can be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostRole {
+    /// Backup proxy: the installer deploys, runs and upgrades `dm-proxy`.
+    Proxy,
+}
+
+impl HostRole {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HostRole::Proxy => "proxy",
+        }
+    }
+
+    /// The component the role needs.
+    pub fn component(&self) -> &'static str {
+        match self {
+            HostRole::Proxy => COMPONENT_PROXY,
+        }
+    }
+}
+
+impl std::str::FromStr for HostRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "proxy" => Ok(HostRole::Proxy),
+            _ => Err(format!("unknown role {s:?} (known: proxy)")),
+        }
+    }
+}
+
+/// Name of the proxy component (the `dm-proxy` binary).
+pub const COMPONENT_PROXY: &str = "proxy";
 
 /// A managed host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +82,30 @@ pub struct Host {
     pub enrolled: bool,
     /// When it was added (RFC 3339).
     pub created: String,
+    /// Roles assigned to it.
+    #[serde(default)]
+    pub roles: Vec<HostRole>,
+    /// What its installer last reported, if one runs there.
+    #[serde(default)]
+    pub installer: Option<InstallerStatus>,
+}
+
+/// Changes to a host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostPatch {
+    /// The host's roles from now on (its installer follows within a poll).
+    pub roles: Option<Vec<HostRole>>,
+}
+
+/// A host's installer as the server last heard from it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallerStatus {
+    /// When it last reported (RFC 3339).
+    pub last_seen: String,
+    /// Its report.
+    #[serde(flatten)]
+    pub report: InstallerReport,
 }
 
 /// Answer to adding a host.
@@ -383,6 +448,58 @@ pub struct Session {
 }
 
 // ---- agent API ----
+
+/// An installer's poll: what it has installed and how it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallerReport {
+    /// Version of the installer.
+    pub version: String,
+    /// Components installed on the host.
+    pub components: Vec<InstalledComponent>,
+}
+
+/// A component installed by an installer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstalledComponent {
+    /// Name (`proxy`).
+    pub name: String,
+    /// SHA-256 of the installed package (hex).
+    pub sha256: String,
+    /// Where it is installed.
+    pub path: String,
+    /// Its process id while it runs.
+    pub pid: Option<u32>,
+    /// How often it was restarted after exiting on its own.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last problem (a failed download, an exit status).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The server's answer to an installer: the components the host's roles
+/// need, each at the server's version; an installed component that is
+/// not listed is stopped and removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InstallerOrders {
+    /// When to poll next.
+    pub interval_ms: u64,
+    /// Components to run.
+    pub components: Vec<ComponentOrder>,
+}
+
+/// One component an installer must run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentOrder {
+    /// Name (`proxy`).
+    pub name: String,
+    /// SHA-256 of the package (hex): a download must match it.
+    pub sha256: String,
+    /// Package size in bytes.
+    pub size: u64,
+    /// Where to fetch it (agent API path).
+    pub url: String,
+}
 
 /// A proxy's heartbeat: who it is, what it can do, how its tasks go.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -231,6 +231,59 @@ impl Client {
         self.call("PATCH", path, Some(b))
     }
 
+    /// GET `path` as bytes streamed into `out` (a package: no size limit
+    /// but `max`, and a 30-minute time limit instead of the API's).
+    /// Returns the length and the SHA-256 (hex) of what was written.
+    pub fn download(
+        &self,
+        path: &str,
+        out: &mut dyn std::io::Write,
+        max: u64,
+    ) -> Result<(u64, String)> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
+            url: url.clone(),
+            detail: e.to_string(),
+        };
+        let mut req = self
+            .agent
+            .get(&url)
+            .config()
+            .timeout_global(Some(Duration::from_secs(1800)))
+            .build();
+        if let Auth::Token(t) = &self.auth {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().map_err(|e| unreachable(&e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .map_err(|e| unreachable(&e))?;
+            Self::check(status, &bytes)?;
+        }
+        let mut body = resp.body_mut().with_config().limit(max).reader();
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = match std::io::Read::read(&mut body, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unreachable(&e)),
+            };
+            hash.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| ClientError::Config(format!("writing the download of {url}: {e}")))?;
+            len += n as u64;
+        }
+        Ok((len, pki::hex(hash.finish().as_ref())))
+    }
+
     /// DELETE.
     pub fn delete(&self, path: &str) -> Result<()> {
         let (status, bytes) = self.request("DELETE", path, None)?;

@@ -8,6 +8,9 @@
 //! * [`client`]: the blocking HTTPS client of the server's APIs (also used
 //!   by `dm --server`).
 //! * [`api`]: the JSON shapes of both APIs.
+//! * [`installer`]: the installer service of a managed host: deploys,
+//!   runs, upgrades and removes the proxy component as the server's roles
+//!   for the host say.
 //! * [`repo_service`]: the target data mover: a repository service other
 //!   proxies write to (sending only the chunks it lacks), which also keeps
 //!   replica images, and its client.
@@ -18,6 +21,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod installer;
 pub mod pki;
 pub mod repo_service;
 
@@ -63,6 +67,33 @@ pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identi
     std::fs::write(dir.join(SERVER_FILE), format!("{server}\n"))
         .map_err(|e| ClientError::Config(format!("{}: {e}", dir.display())))?;
     Ok((enrolled, id))
+}
+
+/// A host's way in, for `dm-proxy run` and `dm-installer`: enroll with
+/// `token` unless `dir` already holds an identity, then return the server
+/// URL (`server`, else the one enrolled with).
+pub fn join(dir: &Path, server: Option<&str>, token: Option<&str>) -> anyhow::Result<String> {
+    if !Identity::exists(dir) {
+        match (token, server) {
+            (Some(t), Some(s)) => {
+                let (e, _) = enroll(s, t, dir)?;
+                tracing::info!("enrolled as {}", e.host);
+            }
+            _ => anyhow::bail!(
+                "not enrolled: no identity in {} (run `dm-proxy enroll --server URL --token TOKEN`, or give --server and --token; `dm host add` prints the token)",
+                dir.display()
+            ),
+        }
+    }
+    match server {
+        Some(s) => Ok(s.to_string()),
+        None => {
+            let p = dir.join(SERVER_FILE);
+            let s = std::fs::read_to_string(&p)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (give --server URL)", p.display()))?;
+            Ok(s.trim().to_string())
+        }
+    }
 }
 
 /// Open the repository at `path`, creating it when the directory is new

@@ -100,25 +100,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             repo_listen,
         } => {
-            if !Identity::exists(&cli.dir) {
-                match (&token, &server) {
-                    (Some(t), Some(s)) => {
-                        let (e, _) = datamover_proxy::enroll(s, t, &cli.dir)?;
-                        tracing::info!("enrolled as {}", e.host);
-                    }
-                    _ => anyhow::bail!(
-                        "not enrolled: no identity in {} (run `dm-proxy enroll --server URL --token TOKEN`)",
-                        cli.dir.display()
-                    ),
-                }
-            }
+            let server = datamover_proxy::join(&cli.dir, server.as_deref(), token.as_deref())?;
             let identity = Identity::load(&cli.dir)?;
-            let server = match server {
-                Some(s) => s,
-                None => std::fs::read_to_string(cli.dir.join(datamover_proxy::SERVER_FILE))?
-                    .trim()
-                    .to_string(),
-            };
             let served: ServedMap = Default::default();
             let stop = Arc::new(AtomicBool::new(false));
             let service_port = if repo_listen == "off" {

@@ -106,6 +106,12 @@ ALTER TABLE proxies ADD COLUMN serving TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER;
 ALTER TABLE tasks ADD COLUMN replica TEXT;
 "#,
+    // 3: host roles and what each host's installer last reported.
+    r#"
+ALTER TABLE hosts ADD COLUMN roles TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE hosts ADD COLUMN installer TEXT;
+ALTER TABLE hosts ADD COLUMN installer_seen TEXT;
+"#,
 ];
 
 /// The schema version this build writes.

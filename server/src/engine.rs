@@ -91,6 +91,20 @@ impl ApiError {
             message: format!("no {what} named {name}"),
         }
     }
+    /// 503.
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 503,
+            message: m.into(),
+        }
+    }
+    /// 403.
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 403,
+            message: m.into(),
+        }
+    }
     /// 409.
     pub fn conflict(m: impl Into<String>) -> Self {
         ApiError {
@@ -124,9 +138,9 @@ impl From<serde_json::Error> for ApiError {
     }
 }
 
-type R<T> = Result<T, ApiError>;
+pub(crate) type R<T> = Result<T, ApiError>;
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
@@ -180,6 +194,7 @@ pub struct Engine {
     timing: Timing,
     started: Instant,
     seen: Mutex<HashMap<i64, Instant>>,
+    pub(crate) packages: crate::deploy::Packages,
 }
 
 impl std::fmt::Debug for Engine {
@@ -199,11 +214,24 @@ impl Engine {
             timing,
             started: Instant::now(),
             seen: Mutex::new(HashMap::new()),
+            packages: crate::deploy::Packages::default(),
         }
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
+    /// Hand out `path` as the proxy component's package to installers
+    /// (its SHA-256 is taken again whenever the file changes).
+    pub fn with_proxy_package(mut self, path: std::path::PathBuf) -> Engine {
+        self.packages = crate::deploy::Packages::new(Some(path));
+        self
+    }
+
+    pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The task life cycle's timing.
+    pub fn timing(&self) -> &Timing {
+        &self.timing
     }
 
     /// The CA.
@@ -287,13 +315,14 @@ impl Engine {
         let created = now();
         self.db()
             .execute(
-                "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     h.name,
                     serde_json::to_string(&h.addresses)?,
                     pki::fingerprint(secret.as_bytes()),
                     expires,
-                    created
+                    created,
+                    serde_json::to_string(&crate::deploy::normal_roles(&h.roles))?
                 ],
             )
             .map_err(|e| match ApiError::from(e) {
@@ -310,6 +339,8 @@ impl Engine {
                 addresses: h.addresses.clone(),
                 enrolled: false,
                 created,
+                roles: crate::deploy::normal_roles(&h.roles),
+                installer: None,
             },
             enrollment_token: token.to_string(),
             expires,
@@ -319,27 +350,12 @@ impl Engine {
     /// Every host.
     pub fn hosts(&self) -> R<Vec<Host>> {
         let db = self.db();
-        let mut st = db.prepare(
-            "SELECT name, addresses, cert_fingerprint IS NOT NULL, created FROM hosts WHERE builtin = 0 ORDER BY name",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (name, addrs, enrolled, created) = r?;
-            Ok(Host {
-                name,
-                addresses: serde_json::from_str(&addrs)?,
-                enrolled,
-                created,
-            })
-        })
-        .collect()
+        let mut st = db.prepare(&format!(
+            "SELECT {} FROM hosts WHERE builtin = 0 ORDER BY name",
+            crate::deploy::HOST_COLUMNS
+        ))?;
+        let rows = st.query_map([], crate::deploy::host_row)?;
+        rows.map(|r| r?.into_host()).collect()
     }
 
     /// Remove a host: its certificate stops working at once and its
@@ -879,6 +895,7 @@ impl Engine {
     pub fn heartbeat(&self, host: i64, hb: &Heartbeat) -> R<Orders> {
         let mut db = self.db();
         let tx = db.transaction()?;
+        crate::deploy::may_run_proxy(&tx, host)?;
         tx.execute(
             "INSERT INTO proxies(host_id, cores) VALUES (?1, ?2) ON CONFLICT(host_id) DO NOTHING",
             params![host, hb.cores.max(1)],
@@ -1387,7 +1404,7 @@ fn requeue(db: &Connection, task: u64, reason: &str) -> R<()> {
     Ok(())
 }
 
-fn requeue_proxy_tasks(db: &Connection, proxy: i64, reason: &str) -> R<usize> {
+pub(crate) fn requeue_proxy_tasks(db: &Connection, proxy: i64, reason: &str) -> R<usize> {
     let ids: Vec<u64> = {
         let mut st = db.prepare(
             "SELECT id FROM tasks WHERE proxy_id = ?1 AND state IN ('assigned', 'running')",

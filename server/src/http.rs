@@ -20,7 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use datamover_proxy::api::{
-    self, EnrollRequest, ErrorBody, Heartbeat, JobSpec, NewHost, ProxyPatch, TaskResult,
+    self, EnrollRequest, ErrorBody, Heartbeat, HostPatch, InstallerReport, JobSpec, NewHost,
+    ProxyPatch, TaskResult,
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -166,6 +167,14 @@ pub fn router(engine: AppState) -> Router {
                 |_: User, State(e): State<AppState>, Path(n): Path<String>| {
                     blocking(move || e.remove_host(&n).map(|()| StatusCode::NO_CONTENT))
                 },
+            )
+            .patch(
+                |_: User,
+                 State(e): State<AppState>,
+                 Path(n): Path<String>,
+                 Body(p): Body<HostPatch>| {
+                    blocking(move || e.patch_host(&n, &p).map(Json))
+                },
             ),
         )
         .route(
@@ -256,6 +265,23 @@ pub fn router(engine: AppState) -> Router {
             ),
         )
         .route(
+            &format!("{g}/installer"),
+            post(
+                |h: HostPeer, State(e): State<AppState>, Body(r): Body<InstallerReport>| {
+                    blocking(move || e.installer_poll(h.id, &r).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{g}/components/{{name}}"),
+            get(
+                |h: HostPeer, State(e): State<AppState>, Path(n): Path<String>| async move {
+                    let pkg = blocking(move || e.component_for(h.id, &n)).await?;
+                    stream_file(pkg)
+                },
+            ),
+        )
+        .route(
             &format!("{g}/tasks/{{id}}/result"),
             post(
                 |h: HostPeer,
@@ -282,6 +308,47 @@ pub fn router(engine: AppState) -> Router {
             }
         })
         .with_state(engine)
+}
+
+/// A package as the body of an answer, read in 1 MiB pieces by a
+/// blocking thread (it may be large). If the file changes meanwhile, the
+/// installer's checksum refuses what it got.
+fn stream_file(pkg: crate::deploy::Package) -> Result<Response, ApiError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(&pkg.path)
+        .map_err(|e| ApiError::unavailable(format!("{}: {e}", pkg.path.display())))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut left = pkg.size;
+        while left > 0 {
+            let mut buf = vec![0u8; (1 << 20).min(left as usize)];
+            let r = match f.read(&mut buf) {
+                Ok(0) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "package shrank while being sent",
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    Ok(axum::body::Bytes::from(buf))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("content-length", pkg.size)
+        .header("x-sha256", pkg.sha256)
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(ApiError::internal)
 }
 
 /// Serve `router` over TLS on `listener` until the process ends.

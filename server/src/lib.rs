@@ -14,8 +14,13 @@
 //! | `ca/ca.pem`, `ca/ca.key` | the CA (key mode 0600) |
 //! | `admin.token` | the first API token, written once (0600) |
 //! | `server.url` | the URL the server listens at, written at each start |
+//!
+//! Installers of managed hosts fetch the proxy component from the server:
+//! by default the `dm-proxy` next to `dm-server` (`--proxy-package`), see
+//! [`deploy`].
 
 pub mod catalog;
+pub mod deploy;
 pub mod engine;
 pub mod http;
 pub mod scheduler;
@@ -46,6 +51,9 @@ pub struct ServerConfig {
     pub builtin_datastores: Vec<PathBuf>,
     /// Task life cycle timing.
     pub timing: Timing,
+    /// The proxy component's package handed to installers (none: hosts
+    /// cannot be given the proxy role).
+    pub proxy_package: Option<PathBuf>,
 }
 
 /// Run the server until the process ends.
@@ -55,7 +63,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("create data directory {}", cfg.data.display()))?;
     let ca = Ca::load_or_create(&cfg.data.join("ca"), &host_name())?;
     let db = catalog::open(&cfg.data.join("catalog.sqlite"))?;
-    let engine = Arc::new(Engine::new(db, ca, cfg.timing.clone()));
+    let mut engine = Engine::new(db, ca, cfg.timing.clone());
+    if let Some(p) = &cfg.proxy_package {
+        engine = engine.with_proxy_package(p.clone());
+    }
+    let engine = Arc::new(engine);
     if let Some(t) = engine
         .bootstrap_token()
         .map_err(|e| anyhow::anyhow!("{e}"))?

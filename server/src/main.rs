@@ -43,6 +43,11 @@ struct Cli {
     /// Delay before a failed task is retried (ms).
     #[arg(long, default_value_t = 30000)]
     retry_delay_ms: u64,
+    /// The proxy component installers deploy on hosts with the proxy
+    /// role (default: the dm-proxy next to this dm-server). Replacing
+    /// the file upgrades every such host.
+    #[arg(long)]
+    proxy_package: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -55,6 +60,12 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let c = Cli::parse();
+    let proxy_package = c.proxy_package.or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .map(|e| e.with_file_name("dm-proxy"))
+            .filter(|p| p.is_file())
+    });
     let cfg = ServerConfig {
         data: c.data,
         listen: c.listen,
@@ -67,6 +78,7 @@ async fn main() -> ExitCode {
             retry_delay: Duration::from_millis(c.retry_delay_ms),
             ..Timing::default()
         },
+        proxy_package,
     };
     match datamover_server::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -156,6 +156,7 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
             &NewHost {
                 name: "h1".into(),
                 addresses: vec!["127.0.0.1".into()],
+                roles: vec![],
             },
         )
         .unwrap();

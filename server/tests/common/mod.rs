@@ -55,7 +55,22 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `exe` run in network namespace `netns` (`ip netns exec`, which execs:
+/// the child's PID is the program's), or here.
+pub fn command_in(netns: Option<&str>, exe: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
+}
+
 pub struct Cluster {
+    /// The server's network namespace, if not this one.
+    pub netns: Option<String>,
     pub dir: tempfile::TempDir,
     pub server: Proc,
     pub url: String,
@@ -65,15 +80,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Start a server with `args` added to its command line.
+    /// Start a server on loopback with `args` added to its command line.
     pub fn start(args: &[&str]) -> Cluster {
+        Self::start_in(None, "127.0.0.1:0", args)
+    }
+
+    /// Start a server in network namespace `netns`, listening at `listen`.
+    pub fn start_in(netns: Option<&str>, listen: &str, args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("server");
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(bin("dm-server"))
+        let child = command_in(netns, &bin("dm-server"))
             .arg("--data")
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("DM_LOG", "info")
             .stdout(Stdio::null())
@@ -97,6 +117,7 @@ impl Cluster {
             .to_string();
         let ca_pem = std::fs::read_to_string(data.join("ca/ca.pem")).unwrap();
         Cluster {
+            netns: netns.map(str::to_string),
             dir,
             server,
             url,
@@ -125,25 +146,39 @@ impl Cluster {
     /// Add host `name`, start `dm-proxy run` enrolled with its token and
     /// seeing `datastores`; wait until it heartbeats, set its slots.
     pub fn add_proxy(&mut self, name: &str, datastores: &[&Path], slots: u32) {
+        self.add_proxy_in(None, "127.0.0.1", name, datastores, slots);
+    }
+
+    /// [`Cluster::add_proxy`] on a host in network namespace `netns` at
+    /// `address`.
+    pub fn add_proxy_in(
+        &mut self,
+        netns: Option<&str>,
+        address: &str,
+        name: &str,
+        datastores: &[&Path],
+        slots: u32,
+    ) {
         let api = self.api();
         let added: HostAdded = api
             .post(
                 &format!("{API}/hosts"),
                 &NewHost {
                     name: name.into(),
-                    addresses: vec!["127.0.0.1".into()],
+                    addresses: vec![address.into()],
+                    roles: vec![],
                 },
             )
             .unwrap();
         let state = self.dir.path().join(format!("proxy-{name}"));
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let mut cmd = Command::new(bin("dm-proxy"));
+        let mut cmd = command_in(netns, &bin("dm-proxy"));
         cmd.arg("--dir")
             .arg(&state)
             .arg("run")
             .args(["--server", &self.url, "--token", &added.enrollment_token])
             .args(["--interval-ms", "200"])
-            .args(["--repo-listen", "127.0.0.1:0"]);
+            .args(["--repo-listen", &format!("{address}:0")]);
         for d in datastores {
             cmd.arg("--datastore").arg(d);
         }
