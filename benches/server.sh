@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of the server architecture (issue #5), not part of
+# the test run: the same disk backed up
+#   1. by `dm backup` alone into a local repository;
+#   2. by a server job on a source proxy into a repository on the same
+#      path (shared storage, no repository service);
+#   3. by a server job on a source proxy through the repository service of
+#      a target proxy (dmrs/1 over mutual TLS on loopback);
+# and, for 3, the bytes on the wire of a second full backup of the
+# unchanged disk against the size of its manifest (the point file).
+#
+#   bash benches/server.sh [WORKDIR] [DISK]   (default /var/tmp/dm-server-bench;
+#                                             DISK: a 2 GiB mixed image made there)
+#
+# Task time is the data mover's (task started -> finished, as the server
+# records it); wall time includes placement and heartbeats.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-/var/tmp/dm-server-bench}
+disk=${2:-}
+mkdir -p "$work"
+cargo build --release --quiet --locked -p datamover-cli -p datamover-server -p datamover-proxy \
+  --manifest-path "$here/Cargo.toml"
+bin=$here/target/release
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+if [ -z "$disk" ]; then
+  disk=$work/images/disk.raw
+  if [ ! -f "$disk" ]; then
+    mkdir -p "$work/images"
+    # 1 GiB incompressible, 512 MiB of text (compresses ~4x), 512 MiB hole.
+    { head -c 1024M /dev/urandom; yes "datamover server benchmark line $RANDOM" | head -c 512M; } > "$disk"
+    truncate -s 2G "$disk"
+  fi
+fi
+size=$(stat -c %s "$disk")
+mib() { python3 -c "print(f'{$1/1048576:.1f}')"; }
+warm() { cat "$disk" > /dev/null; }
+
+# 1. dm alone.
+rm -rf "$work/alone"; "$bin/dm" init "$work/alone" >/dev/null
+warm
+alone=$("$bin/dm" backup "$disk" --repo "$work/alone" --name bench/vda --json)
+alone_s=$(echo "$alone" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])')
+
+# The server and two proxies on loopback.
+s=$work/server; rm -rf "$s" "$work/p-src" "$work/p-tgt" "$work/vault" "$work/shared"
+"$bin/dm-server" --data "$s" --listen 127.0.0.1:0 --no-builtin-proxy --heartbeat-ms 500 \
+  2> "$work/server.log" & pids+=($!)
+for _ in $(seq 100); do [ -f "$s/server.url" ] && break; sleep 0.1; done
+export DM_SERVER=$(cat "$s/server.url") DM_TOKEN=$(cat "$s/admin.token") DM_CA=$s/ca/ca.pem
+api() { curl -sf --cacert "$DM_CA" -H "Authorization: Bearer $DM_TOKEN" "$DM_SERVER/api/v1/$1"; }
+token() { "$bin/dm" host add "$1" --address 127.0.0.1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["enrollment_token"])'; }
+"$bin/dm-proxy" --dir "$work/p-src" run --server "$DM_SERVER" --token "$(token src)" \
+  --datastore "$(dirname "$disk")" --repo-listen off 2> "$work/src.log" & pids+=($!)
+"$bin/dm-proxy" --dir "$work/p-tgt" run --server "$DM_SERVER" --token "$(token tgt)" \
+  --repo-listen 127.0.0.1:0 2> "$work/tgt.log" & pids+=($!)
+for _ in $(seq 100); do
+  [ "$(api proxies | python3 -c 'import json,sys; print(sum(p["state"]=="online" for p in json.load(sys.stdin)))')" = 2 ] && break
+  sleep 0.2
+done
+"$bin/dm" repo add shared "$work/shared" >/dev/null
+"$bin/dm" repo add vault "$work/vault" --proxy tgt >/dev/null
+"$bin/dm" job create viashared --repo shared --disk "bench/vda=$disk" --proxy src --retries 0 >/dev/null
+"$bin/dm" job create viaservice --repo vault --disk "bench/vda=$disk" --proxy src --retries 0 >/dev/null
+
+# Run a job; print "task_seconds wall_seconds wire_bytes bytes_stored".
+run() {
+  warm
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$bin/dm" job run "$1" --wait > /dev/null
+  t1=$(date +%s.%N)
+  api "sessions?limit=1" | python3 -c '
+import json, sys
+from datetime import datetime
+t = json.load(sys.stdin)[0]["tasks"][0]
+assert t["state"] == "success", t
+d = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+print(f"{d(t[\"finished\"]) - d(t[\"started\"]):.2f} {'"$t1"' - '"$t0"':.2f} {t.get(\"wire_bytes\") or 0} {t[\"bytes_stored\"]}")'
+}
+read -r sh_s sh_wall _ _ <<< "$(run viashared)"
+read -r sv_s sv_wall sv_wire sv_stored <<< "$(run viaservice)"
+read -r sv2_s sv2_wall sv2_wire _ <<< "$(run viaservice)"
+manifest=$(ls -t "$work"/vault/points/bench/vda/*.point | head -1)
+msize=$(stat -c %s "$manifest")
+"$bin/dm" restore bench/vda "$work/restored.raw" --repo "$work/vault" --force >/dev/null
+cmp "$disk" "$work/restored.raw" && rm -f "$work/restored.raw"
+
+rate() { python3 -c "print(f'{$size/1048576/$1:.0f}')"; }
+echo "disk: $(mib "$size") MiB ($disk), $(nproc) cores"
+printf '%-44s %9s %9s %10s %8s\n' path task_s wall_s MiB/s vs_alone
+printf '%-44s %9s %9s %10s %8s\n' "dm backup alone (local repository)" "$alone_s" "-" "$(rate "$alone_s")" "1.00"
+printf '%-44s %9s %9s %10s %8s\n' "server job, proxy -> shared repository" "$sh_s" "$sh_wall" "$(rate "$sh_s")" \
+  "$(python3 -c "print(f'{$alone_s/$sh_s:.2f}')")"
+printf '%-44s %9s %9s %10s %8s\n' "server job, proxy -> repository service" "$sv_s" "$sv_wall" "$(rate "$sv_s")" \
+  "$(python3 -c "print(f'{$alone_s/$sv_s:.2f}')")"
+echo
+echo "first full via the service: $sv_wire bytes on the wire, $sv_stored stored"
+echo "second full, unchanged disk: $sv2_wire bytes on the wire ($sv2_s s); manifest (point file) $msize bytes"
