@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use datamover::{BackupOptions, DiskName, ErrorKind, Repository, Store};
 
 use crate::api::{AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult};
-use crate::client::{Auth, Client};
+use crate::client::Client;
 use crate::pki::Identity;
 use crate::repo_service::{RemoteStore, Served, ServedMap};
 
@@ -55,13 +55,7 @@ struct Running {
 /// Run the agent until `stop` is set. Errors reaching the server are
 /// logged and retried; they never end the agent.
 pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
-    let client = Client::new(
-        &cfg.server,
-        &cfg.identity.ca_pem,
-        Some(&cfg.identity),
-        Auth::Certificate,
-        Duration::from_secs(30),
-    )?;
+    let client = Client::for_host(&cfg.server, &cfg.identity)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let (tx, rx): (Sender<TaskResult>, Receiver<TaskResult>) = channel();
     let mut w = Tasks {

@@ -105,6 +105,18 @@ impl Client {
         Ok(Self::with_tls(base, tls.build(), auth, timeout))
     }
 
+    /// A client of the agent API at `server` for an enrolled host: its
+    /// certificate, the installation's CA, 30 s per call.
+    pub fn for_host(server: &str, identity: &Identity) -> Result<Client> {
+        Self::new(
+            server,
+            &identity.ca_pem,
+            Some(identity),
+            Auth::Certificate,
+            Duration::from_secs(30),
+        )
+    }
+
     fn with_tls(base: &str, tls: TlsConfig, auth: Auth, timeout: Duration) -> Client {
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)

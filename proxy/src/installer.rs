@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use crate::api::{
     AGENT, COMPONENT_PROXY, ComponentOrder, InstalledComponent, InstallerOrders, InstallerReport,
 };
-use crate::client::{Auth, Client, ClientError};
+use crate::client::{Client, ClientError};
 use crate::pki::Identity;
 
 /// The version of the installer.
@@ -400,13 +400,7 @@ fn binary(component: &str) -> &'static str {
 /// installed packages stay). Errors reaching the server are logged and
 /// retried.
 pub fn run(cfg: &InstallerConfig, stop: &AtomicBool) -> Result<()> {
-    let client = Client::new(
-        &cfg.server,
-        &cfg.identity.ca_pem,
-        Some(&cfg.identity),
-        Auth::Certificate,
-        Duration::from_secs(30),
-    )?;
+    let client = Client::for_host(&cfg.server, &cfg.identity)?;
     let mut proxy = Component::new(COMPONENT_PROXY);
     let mut interval = cfg.interval;
     let mut failures = 0u32;

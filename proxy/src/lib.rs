@@ -69,6 +69,18 @@ pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identi
     Ok((enrolled, id))
 }
 
+/// Logging of the server's and hosts' binaries: to stderr, `info` unless
+/// `DM_LOG` says otherwise (`DM_LOG=debug`, `DM_LOG=datamover_proxy=trace`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// A host's way in, for `dm-proxy run` and `dm-installer`: enroll with
 /// `token` unless `dir` already holds an identity, then return the server
 /// URL (`server`, else the one enrolled with).

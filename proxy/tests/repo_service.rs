@@ -125,12 +125,19 @@ fn points(repo: &Path, disk: &str) -> usize {
         .len()
 }
 
+/// The identities of a target (serving on loopback) and a source, under
+/// a CA made in `dir`.
+fn identities(dir: &Path) -> (Identity, Identity) {
+    let ca = Ca::load_or_create(&dir.join("ca"), "test").unwrap();
+    let tgt = ca.issue("tgt", &["127.0.0.1".into()]).unwrap();
+    let src = ca.issue("src", &[]).unwrap();
+    (tgt, src)
+}
+
 #[test]
 fn only_missing_chunks_cross_the_wire_and_every_point_restores() {
     let d = tempfile::tempdir().unwrap();
-    let ca = Ca::load_or_create(&d.path().join("ca"), "test").unwrap();
-    let tgt = ca.issue("tgt", &["127.0.0.1".into()]).unwrap();
-    let src = ca.issue("src", &[]).unwrap();
+    let (tgt, src) = identities(d.path());
     let vault = d.path().join("vault");
     let svc = start(&tgt, &[("vault", vault.clone())]);
     let img = d.path().join("a.raw");
@@ -198,9 +205,7 @@ fn only_missing_chunks_cross_the_wire_and_every_point_restores() {
 #[test]
 fn replicas_are_updated_by_delta_and_equal_the_source() {
     let d = tempfile::tempdir().unwrap();
-    let ca = Ca::load_or_create(&d.path().join("ca"), "test").unwrap();
-    let tgt = ca.issue("tgt", &["127.0.0.1".into()]).unwrap();
-    let src = ca.issue("src", &[]).unwrap();
+    let (tgt, src) = identities(d.path());
     let root = d.path().join("replicas");
     let svc = start(&tgt, &[("dr", root.clone())]);
     let img = d.path().join("vm.raw");
@@ -327,9 +332,7 @@ impl FrameSink for FaultySink<'_> {
 #[test]
 fn bad_sources_and_foreign_clients_leave_nothing() {
     let d = tempfile::tempdir().unwrap();
-    let ca = Ca::load_or_create(&d.path().join("ca"), "test").unwrap();
-    let tgt = ca.issue("tgt", &["127.0.0.1".into()]).unwrap();
-    let src = ca.issue("src", &[]).unwrap();
+    let (tgt, src) = identities(d.path());
     let vault = d.path().join("vault");
     let svc = start(&tgt, &[("vault", vault.clone())]);
     let img = d.path().join("a.raw");

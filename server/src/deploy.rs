@@ -21,7 +21,7 @@ use datamover_proxy::api::{
     AGENT, ComponentOrder, Host, HostPatch, HostRole, InstallerOrders, InstallerReport,
     InstallerStatus,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use crate::engine::{ApiError, Engine, R, now, requeue_proxy_tasks};
 
@@ -188,26 +188,14 @@ impl Engine {
     pub fn patch_host(&self, name: &str, p: &HostPatch) -> R<Host> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let id: i64 = tx
-            .query_row(
-                "SELECT id FROM hosts WHERE name = ?1 AND builtin = 0",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| ApiError::not_found("host", name))?;
+        let id = Self::host_id(&tx, name)?;
         if let Some(roles) = &p.roles {
             let roles = normal_roles(roles);
             if roles.contains(&HostRole::Proxy) {
                 // Fail now, not at the installer's next poll.
                 self.packages.get(HostRole::Proxy.component())?;
             } else {
-                let proxy: Option<i64> = tx
-                    .query_row("SELECT id FROM proxies WHERE host_id = ?1", [id], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if let Some(pid) = proxy {
+                if let Some(pid) = Self::proxy_id(&tx, id)? {
                     requeue_proxy_tasks(
                         &tx,
                         pid,

@@ -363,19 +363,8 @@ impl Engine {
     pub fn remove_host(&self, name: &str) -> R<()> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let id: i64 = tx
-            .query_row(
-                "SELECT id FROM hosts WHERE name = ?1 AND builtin = 0",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| ApiError::not_found("host", name))?;
-        let proxy: Option<i64> = tx
-            .query_row("SELECT id FROM proxies WHERE host_id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let id = Self::host_id(&tx, name)?;
+        let proxy = Self::proxy_id(&tx, id)?;
         if let Some(p) = proxy {
             requeue_proxy_tasks(&tx, p, &format!("host {name} was removed"))?;
         }
@@ -882,7 +871,19 @@ impl Engine {
 
     // ---- agent side ----
 
-    fn proxy_id(db: &Connection, host: i64) -> R<Option<i64>> {
+    /// The id of managed host `name` (not the built-in one).
+    pub(crate) fn host_id(db: &Connection, name: &str) -> R<i64> {
+        db.query_row(
+            "SELECT id FROM hosts WHERE name = ?1 AND builtin = 0",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| ApiError::not_found("host", name))
+    }
+
+    /// The proxy of host `host`, once it has heartbeated.
+    pub(crate) fn proxy_id(db: &Connection, host: i64) -> R<Option<i64>> {
         Ok(db
             .query_row("SELECT id FROM proxies WHERE host_id = ?1", [host], |r| {
                 r.get(0)

@@ -52,13 +52,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    datamover_proxy::init_logging();
     let c = Cli::parse();
     let proxy_package = c.proxy_package.or_else(|| {
         std::env::current_exe()
