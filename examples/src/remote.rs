@@ -660,6 +660,9 @@ fn show_session(s: &Session) {
             t.bottleneck.as_deref().unwrap_or("-"),
             t.point.as_deref().or(t.error.as_deref()).unwrap_or("")
         );
+        if let (State::Queued, Some(w)) = (t.state, &t.waiting) {
+            println!("{:>6}   waiting: {w}", "");
+        }
         if let Some(r) = &t.replica {
             println!("{:>6}   replica {r}", "");
         }
@@ -720,6 +723,10 @@ fn watch(cl: &Client, id: u64, quiet: bool) -> Result<Session, Failure> {
                 });
                 b.set_length(t.total.max(1));
                 b.set_position(t.done);
+                if let (State::Queued, Some(w)) = (t.state, &t.waiting) {
+                    b.set_message(format!("queued: {w}"));
+                    continue;
+                }
                 b.set_message(format!(
                     "{} {}{}",
                     t.state.as_str(),

@@ -420,6 +420,11 @@ pub struct Task {
     pub replica: Option<String>,
     /// Error of the last attempt.
     pub error: Option<String>,
+    /// While queued: why no proxy can take it (none sees its disk, none
+    /// of the job's proxies is online, …); absent while it only waits
+    /// for a free slot.
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// Earlier attempts and why they ended.
     pub attempts: Vec<Attempt>,
     /// Started (RFC 3339), of the current attempt.

@@ -106,11 +106,13 @@ ALTER TABLE proxies ADD COLUMN serving TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER;
 ALTER TABLE tasks ADD COLUMN replica TEXT;
 "#,
-    // 3: host roles and what each host's installer last reported.
+    // 3: host roles and what each host's installer last reported; why a
+    // queued task cannot be placed.
     r#"
 ALTER TABLE hosts ADD COLUMN roles TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE hosts ADD COLUMN installer TEXT;
 ALTER TABLE hosts ADD COLUMN installer_seen TEXT;
+ALTER TABLE tasks ADD COLUMN waiting TEXT;
 "#,
 ];
 

@@ -803,7 +803,7 @@ impl Engine {
             .ok_or_else(|| ApiError::not_found("session", id))?;
         let mut st = db.prepare(
             "SELECT id, disk, state, proxy_name, attempt, mode, done, total, bottleneck, point, bytes_read, bytes_stored, error, attempts, started, finished,
-             wire_bytes, replica FROM tasks WHERE session_id = ?1 ORDER BY id",
+             wire_bytes, replica, waiting FROM tasks WHERE session_id = ?1 ORDER BY id",
         )?;
         let rows = st.query_map([id], |r| {
             Ok((
@@ -822,6 +822,7 @@ impl Engine {
                     bytes_stored: r.get(11)?,
                     wire_bytes: r.get(16)?,
                     replica: r.get(17)?,
+                    waiting: r.get(18)?,
                     error: r.get(12)?,
                     attempts: Vec::new(),
                     started: r.get(14)?,
@@ -1180,12 +1181,12 @@ impl Engine {
             });
         }
         drop(st);
-        if slots.iter().all(|s| s.running >= s.slots) {
+        if !slots.is_empty() && slots.iter().all(|s| s.running >= s.slots) {
             return Ok(());
         }
         let names: HashMap<String, i64> = slots.iter().map(|s| (s.name.clone(), s.id)).collect();
         let mut st = db.prepare(
-            "SELECT t.id, t.spec, j.spec, r.proxy FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+            "SELECT t.id, t.spec, j.spec, r.proxy, t.waiting FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
              LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
              LEFT JOIN hosts ph ON ph.name = r.proxy
              LEFT JOIN proxies pp ON pp.host_id = ph.id
@@ -1202,12 +1203,15 @@ impl Engine {
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
             ))
         })?;
         let mut pending = Vec::new();
+        let mut waiting: HashMap<i64, Option<String>> = HashMap::new();
         let mut jobs: HashMap<String, JobSpec> = HashMap::new();
         for row in rows {
-            let (id, dspec, jspec, holder) = row?;
+            let (id, dspec, jspec, holder, why) = row?;
+            waiting.insert(id, why);
             let d: JobDisk = serde_json::from_str(&dspec)?;
             if !jobs.contains_key(&jspec) {
                 jobs.insert(jspec.clone(), serde_json::from_str(&jspec)?);
@@ -1233,6 +1237,20 @@ impl Engine {
         }
         drop(st);
         let placed = scheduler::place(&pending, &mut slots);
+        // With slots still free, a task left queued is one no proxy can
+        // take: say why (once; placement clears it).
+        if slots.is_empty() || slots.iter().any(|s| s.running < s.slots) {
+            let done: std::collections::HashSet<i64> = placed.iter().map(|p| p.task).collect();
+            for p in pending.iter().filter(|p| !done.contains(&p.id)) {
+                let why = scheduler::why_unplaceable(p, &slots);
+                if why.is_some() && waiting.get(&p.id) != Some(&why) {
+                    db.execute(
+                        "UPDATE tasks SET waiting = ?1 WHERE id = ?2",
+                        params![why, p.id],
+                    )?;
+                }
+            }
+        }
         let t = unix_secs();
         for p in placed {
             let name = slots
@@ -1241,8 +1259,8 @@ impl Engine {
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
             let attempt: u32 = db.query_row(
-                "UPDATE tasks SET state = 'assigned', proxy_id = ?1, proxy_name = ?2, mode = ?3, started = ?4, done = 0
-                 WHERE id = ?5 RETURNING attempt",
+                "UPDATE tasks SET state = 'assigned', proxy_id = ?1, proxy_name = ?2, mode = ?3, started = ?4, done = 0,
+                 waiting = NULL WHERE id = ?5 RETURNING attempt",
                 params![p.proxy, name, p.mode.as_str(), now(), p.task],
                 |r| r.get(0),
             )?;

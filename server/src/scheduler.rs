@@ -161,6 +161,34 @@ pub fn best_mode(t: &Pending, p: &Slot) -> Option<Mode> {
     })
 }
 
+/// Why no proxy in `proxies` could ever take `t` (free slots aside), or
+/// `None` when one could and the task only waits for a slot.
+pub fn why_unplaceable(t: &Pending, proxies: &[Slot]) -> Option<String> {
+    if proxies.is_empty() {
+        return Some("no proxy is online".into());
+    }
+    let allowed: Vec<&Slot> = proxies
+        .iter()
+        .filter(|p| t.proxies.is_empty() || t.proxies.contains(&p.id))
+        .collect();
+    if allowed.is_empty() {
+        return Some("none of the proxies the job allows is online".into());
+    }
+    if allowed.iter().any(|p| best_mode(t, p).is_some()) {
+        return None;
+    }
+    Some(match (&t.location, t.pinned) {
+        (Location::Path(path), _) => format!(
+            "no online proxy sees {path} (give a proxy its directory: dm-proxy run --datastore DIR)"
+        ),
+        (_, Some(m)) => format!(
+            "no online proxy may use the pinned transport mode {} for this disk",
+            m.as_str()
+        ),
+        _ => "no online proxy may use a transport mode this disk can be read in".into(),
+    })
+}
+
 /// Place as many of `tasks` (in queue order) as free slots allow;
 /// `proxies[i].running` is updated for each placement.
 pub fn place(tasks: &[Pending], proxies: &mut [Slot]) -> Vec<Placement> {
@@ -244,6 +272,35 @@ mod tests {
         assert_eq!(order, vec![1, 2, 3, 1, 2, 3]);
         assert!(ps.iter().all(|p| p.running == 2));
         assert!(place(&ts[6..], &mut ps).is_empty());
+    }
+
+    #[test]
+    fn an_unplaceable_task_says_why() {
+        let mut ps = vec![slot(1, 1, &["/data"])];
+        ps[0].running = 1;
+        let t = task(1, Location::Path("/data/a.raw".into()));
+        // Busy but able: it only waits for the slot.
+        assert_eq!(why_unplaceable(&t, &ps), None);
+        let far = task(2, Location::Path("/other/b.raw".into()));
+        let why = why_unplaceable(&far, &ps).unwrap();
+        assert!(
+            why.contains("/other/b.raw") && why.contains("--datastore"),
+            "{why}"
+        );
+        assert_eq!(
+            why_unplaceable(&t, &[]).as_deref(),
+            Some("no proxy is online")
+        );
+        let mut pinned = task(3, Location::Network);
+        pinned.proxies = vec![9];
+        assert!(
+            why_unplaceable(&pinned, &ps)
+                .unwrap()
+                .contains("job allows")
+        );
+        pinned.proxies.clear();
+        pinned.pinned = Some(Mode::HotAdd);
+        assert!(why_unplaceable(&pinned, &ps).unwrap().contains("hotadd"));
     }
 
     #[test]

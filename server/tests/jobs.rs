@@ -268,4 +268,28 @@ fn backup_copy_replication_migration_and_restore_through_two_proxies() {
     ));
     assert_eq!(st, 400);
     assert!(msg.contains("nobody"), "{msg}");
+
+    // A disk no proxy sees: the task stays queued and says why.
+    let lost = Path::new("/nonexistent-datastore/x.raw");
+    let _: Job = api
+        .post(
+            &format!("{API}/jobs"),
+            &spec("lost", JobKind::Backup, "vault", vec![disk("vm/x", lost)]),
+        )
+        .unwrap();
+    let s: Session = api.post(&format!("{API}/jobs/lost/run"), &()).unwrap();
+    common::wait_for("a waiting reason", T, || {
+        let s: Session = api.get(&format!("{API}/sessions/{}", s.id)).unwrap();
+        s.tasks[0].waiting.is_some()
+    });
+    let out = dm(&c)
+        .args(["session", "show", &s.id.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("waiting: no online proxy sees /nonexistent-datastore/x.raw")
+            && text.contains("--datastore"),
+        "{text}"
+    );
 }
