@@ -1,6 +1,7 @@
-//! A server and three proxies as separate processes on loopback: twelve
-//! disks on three proxies with two slots each; a proxy killed with -9 in
-//! the middle of its tasks.
+//! A server and three proxies as separate processes, on loopback and
+//! again as four hosts in network namespaces: twelve disks on three
+//! proxies with two slots each; a proxy killed with -9 in the middle of
+//! its tasks.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, make_disk, qsd_throttled};
+use common::{Cluster, Net, assert_restores, make_disk, qsd_throttled};
 use datamover_proxy::api::{
     API, Job, JobDisk, JobKind, JobSpec, Proxy, ProxyState, Repository, Session, State,
 };
@@ -34,9 +35,20 @@ fn max_overlap(iv: &[&Occupancy]) -> usize {
     max as usize
 }
 
+/// On loopback, then with the server and each proxy a host in its own
+/// network namespace (one after the other: two at once would share the
+/// two cores and blur the slot timings).
 #[test]
 fn twelve_disks_on_three_proxies_then_one_killed() {
-    let mut c = Cluster::start(&[
+    twelve_disks(None);
+    if common::can_make_namespaces() {
+        let net = Net::new("c", &["s", "p1", "p2", "p3"]);
+        twelve_disks(Some(&net));
+    }
+}
+
+fn twelve_disks(net: Option<&Net>) {
+    let args = [
         "--no-builtin-proxy",
         "--heartbeat-ms",
         "200",
@@ -44,7 +56,11 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
         "1500",
         "--retry-delay-ms",
         "200",
-    ]);
+    ];
+    let mut c = match net {
+        None => Cluster::start(&args),
+        Some(n) => Cluster::start_in(Some(&n.ns[0]), &format!("{}:0", n.addr(1)), &args),
+    };
     let images = c.path("images");
     std::fs::create_dir_all(&images).unwrap();
     // Twelve 8 MiB disks, each read through its own 2 MiB/s throttle in
@@ -69,8 +85,11 @@ fn twelve_disks_on_three_proxies_then_one_killed() {
             point: None,
         })
         .collect();
-    for p in ["p1", "p2", "p3"] {
-        c.add_proxy(p, &[], 2);
+    for (i, p) in ["p1", "p2", "p3"].into_iter().enumerate() {
+        match net {
+            None => c.add_proxy(p, &[], 2),
+            Some(n) => c.add_proxy_in(Some(&n.ns[i + 1]), &n.addr(i + 2), p, &[], 2),
+        }
     }
     let api = c.api();
     let repo = c.path("repo");

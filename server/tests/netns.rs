@@ -14,10 +14,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Cluster, Proc, assert_restores, bin, command_in, dm, make_disk, wait_for};
+use common::{
+    Cluster, Net, Proc, assert_restores, bin, can_make_namespaces, command_in, dm, make_disk,
+    wait_for,
+};
 use datamover_proxy::api::{
     API, Host, HostAdded, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy, ProxyState,
     Repository, Session, State,
@@ -25,120 +28,6 @@ use datamover_proxy::api::{
 
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(60);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (apt install iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Three namespaces (server, a, b) on one bridge, plus a veth from the
-/// test's own namespace. Deleted on drop, also when the test fails.
-struct Net {
-    ns: [String; 3],
-    root_if: String,
-    subnet: String,
-}
-
-impl Net {
-    fn new() -> Net {
-        let id = std::process::id() % 100_000;
-        let subnet = format!("10.231.{}", id % 250);
-        let ns = [
-            format!("dmt{id}s"),
-            format!("dmt{id}a"),
-            format!("dmt{id}b"),
-        ];
-        let net = Net {
-            ns: ns.clone(),
-            root_if: format!("dmt{id}r"),
-            subnet: subnet.clone(),
-        };
-        for n in &ns {
-            ip(&["netns", "add", n]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        let s = &ns[0];
-        ip(&["-n", s, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            s,
-            "addr",
-            "add",
-            &format!("{subnet}.1/24"),
-            "dev",
-            "br0",
-        ]);
-        ip(&["-n", s, "link", "set", "br0", "up"]);
-        // Each host's veth: one end in the host's namespace, the other on
-        // the bridge; the test's own end stays here.
-        for (i, (host, end)) in [(Some(&ns[1]), "a"), (Some(&ns[2]), "b"), (None, "r")]
-            .into_iter()
-            .enumerate()
-        {
-            let (outer, inner) = (format!("dmt{id}{end}p"), format!("dmt{id}{end}"));
-            ip(&[
-                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ]);
-            ip(&["link", "set", &outer, "netns", s]);
-            ip(&["-n", s, "link", "set", &outer, "master", "br0"]);
-            ip(&["-n", s, "link", "set", &outer, "up"]);
-            let addr = format!("{subnet}.{}/24", i + 2);
-            match host {
-                Some(h) => {
-                    ip(&["link", "set", &inner, "netns", h]);
-                    ip(&["-n", h, "addr", "add", &addr, "dev", &inner]);
-                    ip(&["-n", h, "link", "set", &inner, "up"]);
-                }
-                None => {
-                    ip(&["addr", "add", &addr, "dev", &inner]);
-                    ip(&["link", "set", &inner, "up"]);
-                }
-            }
-        }
-        net
-    }
-
-    fn addr(&self, i: u8) -> String {
-        format!("{}.{i}", self.subnet)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.root_if])
-            .output();
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-/// Root and iproute2, else skip (outside CI) or fail (in CI).
-fn can_make_namespaces() -> bool {
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    let ip = Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if root && ip {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run this test as root with iproute2"
-    );
-    eprintln!("SKIP: network namespaces need root and iproute2");
-    false
-}
 
 fn host(c: &Cluster, name: &str) -> Host {
     let hs: Vec<Host> = c.api().get(&format!("{API}/hosts")).unwrap();
@@ -195,7 +84,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
     if !can_make_namespaces() {
         return;
     }
-    let net = Net::new();
+    let net = Net::new("n", &["s", "a", "b"]);
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("dm-proxy.pkg");
     let v1 = std::fs::read(bin("dm-proxy")).unwrap();
