@@ -31,19 +31,22 @@ if [ -z "$disk" ]; then
   if [ ! -f "$disk" ]; then
     mkdir -p "$work/images"
     # 1 GiB incompressible, 512 MiB of text (compresses ~4x), 512 MiB hole.
-    { head -c 1024M /dev/urandom; yes "datamover server benchmark line $RANDOM" | head -c 512M; } > "$disk"
-    truncate -s 2G "$disk"
+    { head -c 1024M /dev/urandom; head -c 512M < <(yes "datamover server benchmark line $RANDOM"); } > "$disk.tmp"
+    truncate -s 2G "$disk.tmp"; mv "$disk.tmp" "$disk"
   fi
 fi
 size=$(stat -c %s "$disk")
 mib() { python3 -c "print(f'{$1/1048576:.1f}')"; }
-warm() { cat "$disk" > /dev/null; }
-
-# 1. dm alone.
-rm -rf "$work/alone"; "$bin/dm" init "$work/alone" >/dev/null
-warm
-alone=$("$bin/dm" backup "$disk" --repo "$work/alone" --name bench/vda --json)
-alone_s=$(echo "$alone" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])')
+# Every run starts alike: the other runs' repositories deleted, the page
+# cache dropped (as root) and the disk read once into it. On a VM, page
+# cache that needs memory the guest never touched costs 3-6x the CPU of
+# recycled memory (dd of 1 GiB here: 1.9-3.3 s of system time against
+# 0.3-0.6 s), which would otherwise favour whichever run comes first.
+warm() {
+  sync
+  [ "$(id -u)" = 0 ] && echo 3 > /proc/sys/vm/drop_caches
+  cat "$disk" > /dev/null
+}
 
 # The server and two proxies on loopback.
 s=$work/server; rm -rf "$s" "$work/p-src" "$work/p-tgt" "$work/vault" "$work/shared"
@@ -54,9 +57,11 @@ export DM_SERVER=$(cat "$s/server.url") DM_TOKEN=$(cat "$s/admin.token") DM_CA=$
 api() { curl -sf --cacert "$DM_CA" -H "Authorization: Bearer $DM_TOKEN" "$DM_SERVER/api/v1/$1"; }
 token() { "$bin/dm" host add "$1" --address 127.0.0.1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["enrollment_token"])'; }
 "$bin/dm-proxy" --dir "$work/p-src" run --server "$DM_SERVER" --token "$(token src)" \
-  --datastore "$(dirname "$disk")" --repo-listen off 2> "$work/src.log" & pids+=($!)
+  --datastore "$(dirname "$disk")" --repo-listen off 2> "$work/src.log" & pids+=($!); src_pid=$!
 "$bin/dm-proxy" --dir "$work/p-tgt" run --server "$DM_SERVER" --token "$(token tgt)" \
-  --repo-listen 127.0.0.1:0 2> "$work/tgt.log" & pids+=($!)
+  --repo-listen 127.0.0.1:0 2> "$work/tgt.log" & pids+=($!); tgt_pid=$!
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat"; }
 for _ in $(seq 100); do
   [ "$(api proxies | python3 -c 'import json,sys; print(sum(p["state"]=="online" for p in json.load(sys.stdin)))')" = 2 ] && break
   sleep 0.2
@@ -79,24 +84,47 @@ from datetime import datetime
 t = json.load(sys.stdin)[0]["tasks"][0]
 assert t["state"] == "success", t
 d = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
-print(f"{d(t[\"finished\"]) - d(t[\"started\"]):.2f} {'"$t1"' - '"$t0"':.2f} {t.get(\"wire_bytes\") or 0} {t[\"bytes_stored\"]}")'
+task = d(t["finished"]) - d(t["started"])
+wall = float(sys.argv[2]) - float(sys.argv[1])
+print("%.2f %.2f %d %d" % (task, wall, t.get("wire_bytes") or 0, t["bytes_stored"]))' "$t0" "$t1"
 }
-read -r sh_s sh_wall _ _ <<< "$(run viashared)"
-read -r sv_s sv_wall sv_wire sv_stored <<< "$(run viaservice)"
-read -r sv2_s sv2_wall sv2_wire _ <<< "$(run viaservice)"
+# Rounds of the three first fulls, interleaved, each into a new
+# repository; the medians are reported.
+rounds=${ROUNDS:-3}
+alone() {
+  rm -rf "$work/alone"; "$bin/dm" init "$work/alone" >/dev/null
+  warm
+  "$bin/dm" backup "$disk" --repo "$work/alone" --name bench/vda --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'
+  rm -rf "$work/alone"
+}
+A=(); SH=(); SV=(); SRC=(); TGT=()
+for r in $(seq "$rounds"); do
+  A+=("$(alone)")
+  read -r t _ _ _ <<< "$(run viashared)"; SH+=("$t"); rm -rf "$work/shared"
+  rm -rf "$work/vault"
+  c0_src=$(cpu "$src_pid"); c0_tgt=$(cpu "$tgt_pid")
+  read -r t _ sv_wire sv_stored <<< "$(run viaservice)"; SV+=("$t")
+  SRC+=("$(python3 -c "print(f'{$(cpu "$src_pid")-$c0_src:.2f}')")")
+  TGT+=("$(python3 -c "print(f'{$(cpu "$tgt_pid")-$c0_tgt:.2f}')")")
+done
+med() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+alone_s=$(med "${A[@]}"); sh_s=$(med "${SH[@]}"); sv_s=$(med "${SV[@]}")
+# Second full of the unchanged disk through the service.
+read -r sv2_s _ sv2_wire _ <<< "$(run viaservice)"
 manifest=$(ls -t "$work"/vault/points/bench/vda/*.point | head -1)
 msize=$(stat -c %s "$manifest")
 "$bin/dm" restore bench/vda "$work/restored.raw" --repo "$work/vault" --force >/dev/null
 cmp "$disk" "$work/restored.raw" && rm -f "$work/restored.raw"
 
 rate() { python3 -c "print(f'{$size/1048576/$1:.0f}')"; }
-echo "disk: $(mib "$size") MiB ($disk), $(nproc) cores"
-printf '%-44s %9s %9s %10s %8s\n' path task_s wall_s MiB/s vs_alone
-printf '%-44s %9s %9s %10s %8s\n' "dm backup alone (local repository)" "$alone_s" "-" "$(rate "$alone_s")" "1.00"
-printf '%-44s %9s %9s %10s %8s\n' "server job, proxy -> shared repository" "$sh_s" "$sh_wall" "$(rate "$sh_s")" \
-  "$(python3 -c "print(f'{$alone_s/$sh_s:.2f}')")"
-printf '%-44s %9s %9s %10s %8s\n' "server job, proxy -> repository service" "$sv_s" "$sv_wall" "$(rate "$sv_s")" \
-  "$(python3 -c "print(f'{$alone_s/$sv_s:.2f}')")"
+echo "disk: $(mib "$size") MiB ($disk), $(nproc) cores; medians of $rounds rounds (task seconds: ${A[*]} | ${SH[*]} | ${SV[*]})"
+printf '%-44s %9s %10s %8s\n' path task_s MiB/s vs_alone
+row() { printf '%-44s %9s %10s %8s\n' "$1" "$2" "$(rate "$2")" "$(python3 -c "print(f'{$alone_s/$2:.2f}')")"; }
+row "dm backup alone (local repository)" "$alone_s"
+row "server job, proxy -> shared repository" "$sh_s"
+row "server job, proxy -> repository service" "$sv_s"
 echo
-echo "first full via the service: $sv_wire bytes on the wire, $sv_stored stored"
+echo "first full via the service: $sv_wire bytes on the wire, $sv_stored stored;" \
+  "CPU seconds per run: source proxy ${SRC[*]}, target proxy ${TGT[*]}"
 echo "second full, unchanged disk: $sv2_wire bytes on the wire ($sv2_s s); manifest (point file) $msize bytes"

@@ -85,7 +85,7 @@ pub struct LocalSession<'r> {
     _lock: Option<RepoLock>,
     disk: DiskName,
     point: PointId,
-    index: Index,
+    index: std::sync::Arc<Index>,
 }
 
 impl std::fmt::Debug for LocalSession<'_> {
@@ -107,7 +107,7 @@ impl<'r> LocalSession<'r> {
     ) -> Result<Self> {
         let lock = repo.lock(LockMode::Shared, true)?;
         let point = repo.new_point_id(disk, started)?;
-        let index = repo.load_index()?;
+        let index = std::sync::Arc::new(repo.load_index()?);
         Ok(LocalSession {
             repo,
             _lock: lock,
@@ -183,6 +183,30 @@ impl Store for Repository {
     }
 }
 
+/// The frames of a run of whole frames, each with its parsed header; a
+/// header that does not parse or a frame cut short ends the walk with an
+/// error.
+fn frames(mut b: &[u8]) -> impl Iterator<Item = Result<(FrameHeader, &[u8])>> {
+    let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
+    std::iter::from_fn(move || {
+        if b.is_empty() {
+            return None;
+        }
+        let r = FrameHeader::parse(b).map_err(bad).and_then(|h| {
+            let n = usize::try_from(h.frame_len()).map_err(|_| bad("frame too long".into()))?;
+            let frame = b
+                .get(..n)
+                .ok_or_else(|| bad(format!("truncated ({} of {n} bytes)", b.len())))?;
+            Ok((h, frame))
+        });
+        match &r {
+            Ok((_, f)) => b = &b[f.len()..],
+            Err(_) => b = &[],
+        }
+        Some(r)
+    })
+}
+
 /// The receiving end of a repository service: one new point of one disk,
 /// written from frames that arrive over the wire. Frames are checked
 /// before they are stored; chunks the repository (or this session) holds
@@ -244,20 +268,32 @@ impl<'r> Ingest<'r> {
         self.session.index.contains(id) || self.added.contains(id)
     }
 
+    /// The repository's index as it was when the session began, to
+    /// answer "which of these chunks are held?" on another thread while
+    /// this one checks and stores frames.
+    pub fn held_at_begin(&self) -> std::sync::Arc<Index> {
+        self.session.index.clone()
+    }
+
+    /// The chunk ids of a run of whole frames, from their headers alone
+    /// (nothing is checked beyond the headers and lengths; a run that does
+    /// not parse is an error, as [`Ingest::add_frames`] would say).
+    pub fn frame_ids(b: &[u8]) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for f in frames(b) {
+            out.push(f?.0.id);
+        }
+        Ok(out)
+    }
+
     /// Take a run of whole frames (as they are stored in packs), checking
     /// each; a damaged or truncated frame is an error naming its place.
-    pub fn add_frames(&mut self, mut b: &[u8]) -> Result<()> {
+    pub fn add_frames(&mut self, b: &[u8]) -> Result<()> {
         let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
-        while !b.is_empty() {
-            let h =
-                FrameHeader::parse(b).map_err(|d| bad(format!("frame {}: {d}", self.frames)))?;
-            let n = usize::try_from(h.frame_len()).map_err(|_| bad("frame too long".into()))?;
-            let frame = b.get(..n).ok_or_else(|| {
-                bad(format!(
-                    "frame {} truncated ({} of {n} bytes)",
-                    self.frames,
-                    b.len()
-                ))
+        for f in frames(b) {
+            let (h, frame) = f.map_err(|e| match e {
+                Error::Corrupt { detail, .. } => bad(format!("frame {}: {detail}", self.frames)),
+                e => e,
             })?;
             self.dec.decode(frame, Some(h.id)).map_err(|d| {
                 bad(format!(
@@ -271,9 +307,8 @@ impl<'r> Ingest<'r> {
                 self.sink.add(h.id, h.plain_len, frame)?;
                 self.added.insert(h.id);
                 self.frames_new += 1;
-                self.bytes_new += n as u64;
+                self.bytes_new += frame.len() as u64;
             }
-            b = &b[n..];
         }
         Ok(())
     }

@@ -37,7 +37,12 @@
 //! | 255 | ERROR | s→c | JSON `{"error": …}`; the server then closes |
 //!
 //! A session: HELLO → READY; optionally GET_PARENT; any number of HAVE /
-//! FRAMES; MANIFEST_PART…, COMMIT → COMMITTED. HELLO with `op: "latest"`
+//! FRAMES; MANIFEST_PART…, COMMIT → COMMITTED.
+//!
+//! The service reads a connection on one thread and answers HAVE at once
+//! (from the index as the session began and the frames received so far);
+//! a worker thread checks and stores the frames, so reading, checking and
+//! writing overlap. COMMIT waits for the worker. HELLO with `op: "latest"`
 //! gets READY and the connection ends.
 
 use std::collections::{HashMap, HashSet};
@@ -69,6 +74,8 @@ pub const MAX_MESSAGE: usize = 80 << 20;
 const BATCH_BYTES: usize = 8 << 20;
 /// Manifest bytes per MANIFEST_PART.
 const PART: usize = 4 << 20;
+/// FRAMES messages queued for the worker that checks and stores them.
+const WORKER_QUEUE: usize = 4;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 64;
 /// A silent peer is dropped after this long.
@@ -361,7 +368,7 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&chrono::Utc))
         .ok_or_else(|| bad("HELLO for a backup needs `started` (RFC 3339)".into()))?;
-    let mut ingest = Ingest::begin(&repo, &disk, started)?;
+    let ingest = Ingest::begin(&repo, &disk, started)?;
     let parent = Store::latest_meta(&repo, &disk)?;
     let ready = Ready {
         point: Some(ingest.point().to_string()),
@@ -370,76 +377,135 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
     };
     write_msg(s, READY, &json(&ready).map_err(net)?).map_err(net)?;
     s.flush().map_err(net)?;
-    let mut manifest: Vec<u8> = Vec::new();
-    loop {
-        let (ty, b) = read_msg(s).map_err(net)?;
-        match ty {
-            GET_PARENT => {
-                if let Some((p, _)) = &parent {
-                    let bytes = datamover::store::read_manifest_file(&repo.point_path(&disk, p))?;
-                    for part in bytes.chunks(PART) {
-                        write_msg(s, MANIFEST_PART, part).map_err(net)?;
+    // This thread reads the connection and answers HAVE at once; a worker
+    // checks and stores the frames. HAVE is answered from the index as it
+    // was at the start and the ids of every frame forwarded so far, which
+    // is what the worker will hold once it has caught up.
+    let held = ingest.held_at_begin();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE);
+    std::thread::scope(|sc| {
+        let worker = sc.spawn(move || -> Result<Ingest<'_>, Error> {
+            let mut ingest = ingest;
+            for b in rx {
+                ingest.add_frames(&b)?;
+            }
+            Ok(ingest)
+        });
+        // The worker's error, once it stopped taking frames.
+        let failed =
+            |worker: std::thread::ScopedJoinHandle<'_, Result<Ingest<'_>, Error>>| match worker
+                .join()
+            {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => Error::Internal("the frame worker stopped early".into()),
+                Err(_) => Error::Internal("the frame worker panicked".into()),
+            };
+        let mut tx = Some(tx);
+        let mut forwarded: HashSet<ChunkId> = HashSet::new();
+        let mut manifest: Vec<u8> = Vec::new();
+        loop {
+            let (ty, b) = read_msg(s).map_err(net)?;
+            match ty {
+                GET_PARENT => {
+                    if let Some((p, _)) = &parent {
+                        let bytes =
+                            datamover::store::read_manifest_file(&repo.point_path(&disk, p))?;
+                        for part in bytes.chunks(PART) {
+                            write_msg(s, MANIFEST_PART, part).map_err(net)?;
+                        }
+                    }
+                    write_msg(s, MANIFEST_END, &[]).map_err(net)?;
+                    s.flush().map_err(net)?;
+                }
+                HAVE => {
+                    if b.len() % 32 != 0 {
+                        return Err(bad(format!("HAVE of {} bytes, not whole ids", b.len())));
+                    }
+                    let mut bits = vec![0u8; (b.len() / 32).div_ceil(8)];
+                    for (i, id) in b.chunks_exact(32).enumerate() {
+                        let mut a = [0u8; 32];
+                        a.copy_from_slice(id);
+                        let id = ChunkId(a);
+                        if !held.contains(&id) && !forwarded.contains(&id) {
+                            bits[i / 8] |= 1 << (i % 8);
+                        }
+                    }
+                    write_msg(s, MISSING, &bits).map_err(net)?;
+                    s.flush().map_err(net)?;
+                }
+                FRAMES => {
+                    // Headers only here; a run that does not parse is
+                    // refused before it is queued.
+                    forwarded.extend(Ingest::frame_ids(&b)?);
+                    let sent = tx.as_ref().is_some_and(|t| t.send(b).is_ok());
+                    if !sent {
+                        drop(tx.take());
+                        return Err(failed(worker));
                     }
                 }
-                write_msg(s, MANIFEST_END, &[]).map_err(net)?;
-                s.flush().map_err(net)?;
-            }
-            HAVE => {
-                if b.len() % 32 != 0 {
-                    return Err(bad(format!("HAVE of {} bytes, not whole ids", b.len())));
-                }
-                let mut bits = vec![0u8; (b.len() / 32).div_ceil(8)];
-                for (i, id) in b.chunks_exact(32).enumerate() {
-                    let mut a = [0u8; 32];
-                    a.copy_from_slice(id);
-                    if !ingest.has(&ChunkId(a)) {
-                        bits[i / 8] |= 1 << (i % 8);
+                MANIFEST_PART => {
+                    if (manifest.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
+                        return Err(bad("manifest beyond the 1 GiB limit".into()));
                     }
+                    manifest.extend_from_slice(&b);
                 }
-                write_msg(s, MISSING, &bits).map_err(net)?;
-                s.flush().map_err(net)?;
-            }
-            FRAMES => ingest.add_frames(&b)?,
-            MANIFEST_PART => {
-                if (manifest.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
-                    return Err(bad("manifest beyond the 1 GiB limit".into()));
+                COMMIT => {
+                    drop(tx.take());
+                    let ingest = match worker.join() {
+                        Ok(r) => r?,
+                        Err(_) => return Err(Error::Internal("the frame worker panicked".into())),
+                    };
+                    return commit(s, &hello, &target, &repo, &disk, ingest, &manifest);
                 }
-                manifest.extend_from_slice(&b);
+                t => return Err(bad(format!("unexpected message type {t}"))),
             }
-            COMMIT => {
-                let (frames, frames_new, bytes_new) =
-                    (ingest.frames, ingest.frames_new, ingest.bytes_new);
-                let point: PointId = ingest.point().clone();
-                ingest.commit(&manifest)?;
-                tracing::info!(
-                    "repository {}: point {disk}@{point} ({frames_new} of {frames} frames new)",
-                    hello.repository
-                );
-                let replica = if hello.replica {
-                    let img = replica::replica_path(&replica_root(&target.path), &disk);
-                    let r = replica::apply(&repo, &disk, &point, &img)?;
-                    tracing::info!(
-                        "replica {} now holds {point} ({} bytes written)",
-                        r.path,
-                        r.bytes_written
-                    );
-                    Some(r)
-                } else {
-                    None
-                };
-                let c = Committed {
-                    point: point.to_string(),
-                    frames,
-                    frames_new,
-                    bytes_new,
-                    replica,
-                };
-                write_msg(s, COMMITTED, &json(&c).map_err(net)?).map_err(net)?;
-                return s.flush().map_err(net);
-            }
-            t => return Err(bad(format!("unexpected message type {t}"))),
         }
-    }
+    })
+}
+
+/// Publish the point (every frame is stored), bring the replica up to
+/// date when asked, and answer COMMITTED.
+fn commit(
+    s: &mut ServerStream,
+    hello: &Hello,
+    target: &Served,
+    repo: &datamover::Repository,
+    disk: &DiskName,
+    ingest: Ingest<'_>,
+    manifest: &[u8],
+) -> Result<(), Error> {
+    let net = |e: io::Error| Error::Transport {
+        address: "repository service client".into(),
+        detail: e.to_string(),
+    };
+    let (frames, frames_new, bytes_new) = (ingest.frames, ingest.frames_new, ingest.bytes_new);
+    let point: PointId = ingest.point().clone();
+    ingest.commit(manifest)?;
+    tracing::info!(
+        "repository {}: point {disk}@{point} ({frames_new} of {frames} frames new)",
+        hello.repository
+    );
+    let replica = if hello.replica {
+        let img = replica::replica_path(&replica_root(&target.path), disk);
+        let r = replica::apply(repo, disk, &point, &img)?;
+        tracing::info!(
+            "replica {} now holds {point} ({} bytes written)",
+            r.path,
+            r.bytes_written
+        );
+        Some(r)
+    } else {
+        None
+    };
+    let c = Committed {
+        point: point.to_string(),
+        frames,
+        frames_new,
+        bytes_new,
+        replica,
+    };
+    write_msg(s, COMMITTED, &json(&c).map_err(net)?).map_err(net)?;
+    s.flush().map_err(net)
 }
 
 // ---- client ----
