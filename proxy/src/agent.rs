@@ -41,6 +41,19 @@ pub struct AgentConfig {
     pub served: ServedMap,
     /// The port of this proxy's repository service, if it runs one.
     pub service_port: Option<u16>,
+    /// Where manifests of points written through repository services
+    /// are kept for the next backup of the same disk (none: fetched each
+    /// time).
+    pub manifest_cache: Option<PathBuf>,
+}
+
+/// What a task needs of its proxy besides the order.
+#[derive(Debug)]
+pub struct Mover {
+    /// The host's certificate (for repository services).
+    pub identity: Identity,
+    /// See [`AgentConfig::manifest_cache`].
+    pub manifest_cache: Option<PathBuf>,
 }
 
 /// One running task as the agent tracks it.
@@ -63,7 +76,10 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         ran: HashSet::new(),
         tx,
         interval: cfg.interval,
-        identity: Arc::new(cfg.identity.clone()),
+        mover: Arc::new(Mover {
+            identity: cfg.identity.clone(),
+            manifest_cache: cfg.manifest_cache.clone(),
+        }),
         served: cfg.served.clone(),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
@@ -164,7 +180,7 @@ struct Tasks {
     ran: HashSet<(u64, u32)>,
     tx: Sender<TaskResult>,
     interval: Duration,
-    identity: Arc<Identity>,
+    mover: Arc<Mover>,
     served: ServedMap,
 }
 
@@ -231,7 +247,7 @@ impl Tasks {
                 r.total.clone(),
                 r.cancel.clone(),
                 self.tx.clone(),
-                self.identity.clone(),
+                self.mover.clone(),
             );
             self.running.insert(t.task, r);
             tracing::info!(
@@ -251,7 +267,7 @@ impl Tasks {
 /// Run one task to its end; never panics, always yields a result.
 pub fn run_task(
     t: &TaskOrder,
-    identity: &Identity,
+    mover: &Mover,
     done: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
     cancel: Arc<AtomicBool>,
@@ -275,7 +291,7 @@ pub fn run_task(
         total.store(n, Ordering::Relaxed);
         !cancel.load(Ordering::Relaxed)
     });
-    match run_kind(t, identity, progress) {
+    match run_kind(t, mover, progress) {
         Ok(o) => {
             tracing::info!(
                 "task {}: {} {} ({})",
@@ -346,7 +362,7 @@ impl Dest {
     }
 }
 
-fn store_for(t: &TaskOrder, identity: &Identity) -> datamover::Result<Dest> {
+fn store_for(t: &TaskOrder, mover: &Mover) -> datamover::Result<Dest> {
     if let Some(e) = &t.service_error {
         return Err(datamover::Error::Transport {
             address: t.repository.clone(),
@@ -355,12 +371,17 @@ fn store_for(t: &TaskOrder, identity: &Identity) -> datamover::Result<Dest> {
     }
     match &t.service {
         Some(at) => Ok(Dest::Remote(
-            RemoteStore::new(at.clone(), identity).map_err(|e| {
-                datamover::Error::InvalidArgument(format!(
-                    "repository service {}: {e:#}",
-                    at.address
-                ))
-            })?,
+            RemoteStore::new(at.clone(), &mover.identity)
+                .map(|r| match &mover.manifest_cache {
+                    Some(d) => r.with_manifest_cache(d.clone()),
+                    None => r,
+                })
+                .map_err(|e| {
+                    datamover::Error::InvalidArgument(format!(
+                        "repository service {}: {e:#}",
+                        at.address
+                    ))
+                })?,
         )),
         None => Ok(Dest::Local(crate::open_or_init(Path::new(&t.repository))?)),
     }
@@ -368,14 +389,14 @@ fn store_for(t: &TaskOrder, identity: &Identity) -> datamover::Result<Dest> {
 
 fn run_kind(
     t: &TaskOrder,
-    identity: &Identity,
+    mover: &Mover,
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
     let disk: DiskName = t.disk.parse()?;
     if t.kind == JobKind::Restore {
         return restore_task(t, &disk, progress);
     }
-    let dest = store_for(t, identity)?;
+    let dest = store_for(t, mover)?;
     let store = dest.store();
     let src = transports::SourceOptions {
         disk: t.vm_disk.clone(),

@@ -132,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 interval: Duration::from_millis(interval_ms),
                 served,
                 service_port,
+                manifest_cache: Some(cli.dir.join("cache").join("manifests")),
             };
             agent::run(&cfg, &stop)
         }

@@ -535,6 +535,9 @@ pub struct RemoteStore {
     pub wire: Arc<Wire>,
     /// The service's answer to the last commit.
     pub last: Mutex<Option<Committed>>,
+    /// Where the manifest of each disk's last point written through this
+    /// store is kept, so the next backup need not fetch it back.
+    cache: Option<PathBuf>,
 }
 
 type ClientStream = rustls::StreamOwned<rustls::ClientConnection, Counted<TcpStream>>;
@@ -548,7 +551,42 @@ impl RemoteStore {
             timeout: IDLE,
             wire: Arc::new(Wire::default()),
             last: Mutex::new(None),
+            cache: None,
         })
+    }
+
+    /// Keep the manifest of each disk's last point under `dir` (one file
+    /// a disk, replaced at each commit). The next backup of the disk then
+    /// knows the parent's chunks without a word on the wire: a full read
+    /// asks the service only about chunks the parent lacks (an unchanged
+    /// disk: none, so about its new manifest crosses), and an incremental
+    /// need not fetch the parent. A cached manifest is used only when it
+    /// is the parent the service names (disk and point id checked after
+    /// decoding).
+    pub fn with_manifest_cache(mut self, dir: PathBuf) -> RemoteStore {
+        self.cache = Some(dir);
+        self
+    }
+
+    /// The cache file of `disk`'s last manifest.
+    fn cached(&self, disk: &DiskName) -> Option<PathBuf> {
+        let safe = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        let dir = self.cache.as_ref()?;
+        let store = format!("{}@{}", safe(&self.at.repository), safe(&self.at.address));
+        Some(
+            dir.join(store)
+                .join(format!("{}.point", safe(&disk.to_string()))),
+        )
     }
 
     fn err(&self, detail: impl std::fmt::Display) -> Error {
@@ -645,13 +683,26 @@ impl Store for RemoteStore {
             .as_deref()
             .ok_or_else(|| self.err("READY without a point"))?
             .parse()?;
-        Ok(Box::new(RemoteSession {
+        let session = RemoteSession {
             store: self,
             conn: Mutex::new(s),
             point,
             parent: r.parent,
             known: RwLock::new(HashSet::new()),
-        }))
+            cache: self.cached(disk),
+            disk: disk.clone(),
+        };
+        // The parent's chunks from the cache, if it holds the parent: a
+        // full read then asks the service about none of them.
+        if let Some(m) = session
+            .parent
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .and_then(|p| session.cached_parent(&p))
+        {
+            session.learn(&m);
+        }
+        Ok(Box::new(session))
     }
 }
 
@@ -662,23 +713,35 @@ struct RemoteSession<'s> {
     parent: Option<String>,
     /// Chunks of the parent: held by the repository.
     known: RwLock<HashSet<ChunkId>>,
+    /// This disk's manifest cache file.
+    cache: Option<PathBuf>,
+    disk: DiskName,
 }
 
 impl RemoteSession<'_> {
     fn conn(&self) -> std::sync::MutexGuard<'_, ClientStream> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-impl StoreSession for RemoteSession<'_> {
-    fn point(&self) -> &PointId {
-        &self.point
+    /// The chunks of `m` (the parent) are held by the repository.
+    fn learn(&self, m: &Manifest) {
+        let mut k = self.known.write().unwrap_or_else(|p| p.into_inner());
+        k.extend(m.extents.iter().filter_map(|e| match e {
+            manifest::Extent::Chunk { id, .. } => Some(*id),
+            manifest::Extent::Zero { .. } => None,
+        }));
     }
 
-    fn parent(&self) -> datamover::Result<Option<(PointId, Manifest)>> {
-        let Some(p) = &self.parent else {
-            return Ok(None);
-        };
+    /// The parent's manifest from the cache, if it is that point's.
+    fn cached_parent(&self, id: &PointId) -> Option<Manifest> {
+        let path = self.cache.as_ref()?;
+        let bytes = datamover::store::read_manifest_file(path).ok()?;
+        let m = manifest::decode(&bytes).ok()?;
+        (m.meta.point == id.as_str() && m.meta.name == self.disk.to_string()).then_some(m)
+    }
+
+    /// The parent's manifest from the service.
+    fn fetch_parent(&self, id: &PointId) -> datamover::Result<Manifest> {
         let st = self.store;
         let mut s = self.conn();
         write_msg(&mut *s, GET_PARENT, &[])
@@ -711,15 +774,44 @@ impl StoreSession for RemoteSession<'_> {
                 format!("{e:?}"),
             )
         })?;
-        let id: PointId = p.parse()?;
         if m.meta.point != id.as_str() {
             return Err(st.err(format!("sent the manifest of {}, not {id}", m.meta.point)));
         }
-        let mut k = self.known.write().unwrap_or_else(|p| p.into_inner());
-        k.extend(m.extents.iter().filter_map(|e| match e {
-            manifest::Extent::Chunk { id, .. } => Some(*id),
-            manifest::Extent::Zero { .. } => None,
-        }));
+        Ok(m)
+    }
+
+    /// Keep `bytes` (the committed point's manifest) as this disk's
+    /// cached one; a failure only costs a fetch next time.
+    fn keep(&self, bytes: &[u8]) {
+        let Some(path) = &self.cache else { return };
+        let tmp = path.with_extension("tmp");
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::debug!("manifest cache {}: {e}", path.display());
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+impl StoreSession for RemoteSession<'_> {
+    fn point(&self) -> &PointId {
+        &self.point
+    }
+
+    fn parent(&self) -> datamover::Result<Option<(PointId, Manifest)>> {
+        let Some(p) = &self.parent else {
+            return Ok(None);
+        };
+        let id: PointId = p.parse()?;
+        let m = match self.cached_parent(&id) {
+            Some(m) => m,
+            None => self.fetch_parent(&id)?,
+        };
+        self.learn(&m);
         Ok(Some((id, m)))
     }
 
@@ -771,6 +863,8 @@ impl StoreSession for RemoteSession<'_> {
         if c.point != self.point.as_str() {
             return Err(st.err(format!("committed {}, not {}", c.point, self.point)));
         }
+        drop(s);
+        self.keep(&bytes);
         *st.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         Ok(())
     }

@@ -202,6 +202,67 @@ fn only_missing_chunks_cross_the_wire_and_every_point_restores() {
     );
 }
 
+/// With a manifest cache (as `dm-proxy` keeps one), an unchanged full
+/// backup asks the service about none of the parent's chunks: about its
+/// new manifest crosses the wire, instead of that plus 32 bytes a chunk.
+/// A cache entry that is not the parent the service names is not used.
+#[test]
+fn a_manifest_cache_spares_asking_about_the_parents_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (tgt, src) = identities(d.path());
+    let vault = d.path().join("vault");
+    let svc = start(&tgt, &[("vault", vault.clone())]);
+    let img = d.path().join("a.raw");
+    make_disk(&img, 64 * MIB, 11);
+    let opts = BackupOptions {
+        chunking: datamover::ChunkingInfo {
+            kind: datamover::ChunkingKind::Fixed,
+            block_size: 256 * 1024,
+        },
+        ..Default::default()
+    };
+    let run = |r: &RemoteStore| {
+        let s = datamover::open_source(&img).unwrap();
+        datamover::backup_to(r, s.as_ref(), &"vm/a".parse().unwrap(), &opts).unwrap()
+    };
+    let plain = remote(&svc, "vault", false, &src);
+    let cache = d.path().join("cache");
+    let cached = remote(&svc, "vault", false, &src).with_manifest_cache(cache);
+    run(&cached); // the first point: nothing to fetch, its manifest is kept
+    wire(&cached);
+    let b = run(&plain); // asks about every chunk; the cache is now stale
+    let w_plain = wire(&plain);
+    let manifest = std::fs::metadata(
+        Repository::open(&vault)
+            .unwrap()
+            .point_path(&"vm/a".parse().unwrap(), &b.point),
+    )
+    .unwrap()
+    .len();
+    assert!(
+        manifest > 8 * 1024,
+        "manifest of {manifest} bytes: too small to tell"
+    );
+    assert!(
+        w_plain > manifest + manifest / 2,
+        "{w_plain} on the wire, manifest {manifest}"
+    );
+    run(&cached); // stale cache: not used (asks about every chunk), then kept
+    let w_stale = wire(&cached);
+    assert!(
+        w_stale + manifest / 2 > w_plain,
+        "{w_stale}: the stale cache was used"
+    );
+    run(&cached); // fresh cache: asks about nothing
+    let w_cached = wire(&cached);
+    assert!(
+        w_cached < manifest + manifest / 2 && w_cached + manifest / 2 < w_plain,
+        "cached {w_cached}, uncached {w_plain}, manifest {manifest}"
+    );
+    restore_equals(&vault, "vm/a", &img);
+    assert_eq!(points(&vault, "vm/a"), 4);
+}
+
 #[test]
 fn replicas_are_updated_by_delta_and_equal_the_source() {
     let d = tempfile::tempdir().unwrap();

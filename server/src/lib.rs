@@ -120,6 +120,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             interval: cfg.timing.heartbeat,
             served: Default::default(),
             service_port: None,
+            manifest_cache: None,
         }))
     } else {
         None
