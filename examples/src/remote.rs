@@ -103,7 +103,7 @@ pub enum HostCmd {
         /// Host name.
         name: String,
         /// Its roles from now on, comma-separated (`proxy`); `--roles ''` takes all away.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', required = true)]
         roles: Vec<String>,
         /// Print JSON.
         #[arg(long)]
