@@ -933,6 +933,41 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// dmrs/1 on the wire, pinned: the framing (u32 LE length of type +
+    /// payload, then the type) and HELLO's JSON. A change here is a new
+    /// protocol version.
+    #[test]
+    fn golden_wire_bytes() {
+        let hello = Hello {
+            magic: MAGIC.into(),
+            version: VERSION,
+            repository: "vault".into(),
+            disk: "web01/vda".into(),
+            op: Op::Backup,
+            started: Some("2026-11-28T00:00:00.000Z".into()),
+            replica: true,
+        };
+        let mut b = Vec::new();
+        write_msg(&mut b, HELLO, &json(&hello).unwrap()).unwrap();
+        let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"backup","started":"2026-11-28T00:00:00.000Z","replica":true}"#;
+        let mut want = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+        want.push(1);
+        want.extend_from_slice(body);
+        assert_eq!(b, want);
+        let mut m = Vec::new();
+        write_msg(&mut m, MISSING, &[0b0000_0101]).unwrap();
+        assert_eq!(m, [2, 0, 0, 0, 7, 0b0000_0101]);
+        assert_eq!(
+            (HELLO, READY, GET_PARENT, MANIFEST_PART, MANIFEST_END, HAVE),
+            (1, 2, 3, 4, 5, 6)
+        );
+        assert_eq!(
+            (MISSING, FRAMES, COMMIT, COMMITTED, ERROR),
+            (7, 8, 10, 11, 255)
+        );
+        assert_eq!(ALPN, b"dmrs/1");
+    }
+
     #[test]
     fn messages_round_trip_and_bad_lengths_are_refused() {
         let mut b = Vec::new();
