@@ -322,11 +322,24 @@ fn connection(
 }
 
 /// One session; errors are sent to the client as its message.
-fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
-    let net = |e: io::Error| Error::Transport {
+/// A lost or broken connection to the client, on the service's side.
+fn net(e: io::Error) -> Error {
+    Error::Transport {
         address: "repository service client".into(),
         detail: e.to_string(),
-    };
+    }
+}
+
+/// The frame worker's end: its ingest, or why it stopped.
+fn join<'r>(
+    worker: std::thread::ScopedJoinHandle<'_, Result<Ingest<'r>, Error>>,
+) -> Result<Ingest<'r>, Error> {
+    worker
+        .join()
+        .unwrap_or_else(|_| Err(Error::Internal("the frame worker panicked".into())))
+}
+
+fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
     let bad = |d: String| Error::InvalidArgument(d);
     let (ty, b) = read_msg(s).map_err(net)?;
     if ty != HELLO {
@@ -391,15 +404,6 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
             }
             Ok(ingest)
         });
-        // The worker's error, once it stopped taking frames.
-        let failed =
-            |worker: std::thread::ScopedJoinHandle<'_, Result<Ingest<'_>, Error>>| match worker
-                .join()
-            {
-                Ok(Err(e)) => e,
-                Ok(Ok(_)) => Error::Internal("the frame worker stopped early".into()),
-                Err(_) => Error::Internal("the frame worker panicked".into()),
-            };
         let mut tx = Some(tx);
         let mut forwarded: HashSet<ChunkId> = HashSet::new();
         let mut manifest: Vec<u8> = Vec::new();
@@ -439,8 +443,11 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
                     forwarded.extend(Ingest::frame_ids(&b)?);
                     let sent = tx.as_ref().is_some_and(|t| t.send(b).is_ok());
                     if !sent {
+                        // The worker stopped taking frames: its error.
                         drop(tx.take());
-                        return Err(failed(worker));
+                        return Err(join(worker).err().unwrap_or_else(|| {
+                            Error::Internal("the frame worker stopped early".into())
+                        }));
                     }
                 }
                 MANIFEST_PART => {
@@ -451,10 +458,7 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
                 }
                 COMMIT => {
                     drop(tx.take());
-                    let ingest = match worker.join() {
-                        Ok(r) => r?,
-                        Err(_) => return Err(Error::Internal("the frame worker panicked".into())),
-                    };
+                    let ingest = join(worker)?;
                     return commit(s, &hello, &target, &repo, &disk, ingest, &manifest);
                 }
                 t => return Err(bad(format!("unexpected message type {t}"))),
@@ -474,10 +478,6 @@ fn commit(
     ingest: Ingest<'_>,
     manifest: &[u8],
 ) -> Result<(), Error> {
-    let net = |e: io::Error| Error::Transport {
-        address: "repository service client".into(),
-        detail: e.to_string(),
-    };
     let (frames, frames_new, bytes_new) = (ingest.frames, ingest.frames_new, ingest.bytes_new);
     let point: PointId = ingest.point().clone();
     ingest.commit(manifest)?;

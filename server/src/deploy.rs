@@ -29,14 +29,8 @@ use crate::engine::{ApiError, Engine, R, now, requeue_proxy_tasks};
 #[derive(Debug, Default)]
 pub struct Packages {
     proxy: Option<PathBuf>,
-    cache: Mutex<Option<Cached>>,
-}
-
-#[derive(Debug, Clone)]
-struct Cached {
-    len: u64,
-    modified: SystemTime,
-    sha256: String,
+    /// The proxy package as last hashed, with the file's mtime then.
+    cache: Mutex<Option<(SystemTime, Package)>>,
 }
 
 /// A package as it is now.
@@ -75,31 +69,20 @@ impl Packages {
         let meta = std::fs::metadata(&path).map_err(unavailable)?;
         let modified = meta.modified().map_err(unavailable)?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache
+        if let Some((_, p)) = cache
             .as_ref()
-            .filter(|c| c.len == meta.len() && c.modified == modified)
+            .filter(|(m, p)| p.size == meta.len() && *m == modified)
         {
-            return Ok(Package {
-                path,
-                size: c.len,
-                sha256: c.sha256.clone(),
-            });
+            return Ok(p.clone());
         }
-        let (len, sha256) = datamover_proxy::pki::sha256_file(&path).map_err(unavailable)?;
+        let (size, sha256) = datamover_proxy::pki::sha256_file(&path).map_err(unavailable)?;
         tracing::info!(
-            "proxy package {}: {len} bytes, SHA-256 {sha256}",
+            "proxy package {}: {size} bytes, SHA-256 {sha256}",
             path.display()
         );
-        *cache = Some(Cached {
-            len,
-            modified,
-            sha256: sha256.clone(),
-        });
-        Ok(Package {
-            path,
-            size: len,
-            sha256,
-        })
+        let p = Package { path, size, sha256 };
+        *cache = Some((modified, p.clone()));
+        Ok(p)
     }
 }
 
@@ -242,7 +225,7 @@ impl Engine {
             });
         }
         Ok(InstallerOrders {
-            interval_ms: u64::try_from(self.timing().heartbeat.as_millis()).unwrap_or(2000),
+            interval_ms: self.timing().heartbeat_ms(),
             components,
         })
     }

@@ -43,6 +43,13 @@ pub struct Timing {
     pub enroll_ttl: Duration,
 }
 
+impl Timing {
+    /// The heartbeat (and installer poll) interval told to hosts, in ms.
+    pub fn heartbeat_ms(&self) -> u64 {
+        u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Timing {
@@ -70,54 +77,39 @@ impl std::fmt::Display for ApiError {
 }
 
 impl ApiError {
+    fn of(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
     /// 400.
     pub fn bad(m: impl Into<String>) -> Self {
-        ApiError {
-            status: 400,
-            message: m.into(),
-        }
+        Self::of(400, m)
     }
     /// 401.
     pub fn unauthorized(m: impl Into<String>) -> Self {
-        ApiError {
-            status: 401,
-            message: m.into(),
-        }
-    }
-    /// 404.
-    pub fn not_found(what: &str, name: impl std::fmt::Display) -> Self {
-        ApiError {
-            status: 404,
-            message: format!("no {what} named {name}"),
-        }
-    }
-    /// 503.
-    pub fn unavailable(m: impl Into<String>) -> Self {
-        ApiError {
-            status: 503,
-            message: m.into(),
-        }
+        Self::of(401, m)
     }
     /// 403.
     pub fn forbidden(m: impl Into<String>) -> Self {
-        ApiError {
-            status: 403,
-            message: m.into(),
-        }
+        Self::of(403, m)
+    }
+    /// 404.
+    pub fn not_found(what: &str, name: impl std::fmt::Display) -> Self {
+        Self::of(404, format!("no {what} named {name}"))
     }
     /// 409.
     pub fn conflict(m: impl Into<String>) -> Self {
-        ApiError {
-            status: 409,
-            message: m.into(),
-        }
+        Self::of(409, m)
     }
     /// 500.
     pub fn internal(m: impl std::fmt::Display) -> Self {
-        ApiError {
-            status: 500,
-            message: m.to_string(),
-        }
+        Self::of(500, m.to_string())
+    }
+    /// 503.
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self::of(503, m)
     }
 }
 
@@ -313,6 +305,7 @@ impl Engine {
             + chrono::Duration::from_std(self.timing.enroll_ttl).unwrap_or_default();
         let expires = expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let created = now();
+        let roles = crate::deploy::normal_roles(&h.roles);
         self.db()
             .execute(
                 "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -322,7 +315,7 @@ impl Engine {
                     pki::fingerprint(secret.as_bytes()),
                     expires,
                     created,
-                    serde_json::to_string(&crate::deploy::normal_roles(&h.roles))?
+                    serde_json::to_string(&roles)?
                 ],
             )
             .map_err(|e| match ApiError::from(e) {
@@ -339,7 +332,7 @@ impl Engine {
                 addresses: h.addresses.clone(),
                 enrolled: false,
                 created,
-                roles: crate::deploy::normal_roles(&h.roles),
+                roles,
                 installer: None,
             },
             enrollment_token: token.to_string(),
@@ -1129,7 +1122,7 @@ impl Engine {
         Ok(Orders {
             assign,
             cancel,
-            interval_ms: self.timing.heartbeat.as_millis() as u64,
+            interval_ms: self.timing.heartbeat_ms(),
             serve,
         })
     }
