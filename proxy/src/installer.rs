@@ -186,10 +186,8 @@ impl Component {
         tracing::warn!("{} (pid {pid}) did not stop in time: killed", self.name);
     }
 
-    fn start(&mut self, cfg: &InstallerConfig) -> Result<()> {
-        let sha = self
-            .installed(&cfg.dir)
-            .ok_or_else(|| InstallerError::Unknown(self.name.clone()))?;
+    /// Start the installed package `sha`.
+    fn start(&mut self, cfg: &InstallerConfig, sha: &str) -> Result<()> {
         let exe = Self::base(&cfg.dir, &self.name)
             .join(sha)
             .join(binary(&self.name));
@@ -371,11 +369,11 @@ impl Component {
                 }
             }
         }
-        if self.child.is_none()
-            && Instant::now() >= self.not_before
-            && self.installed(&cfg.dir).is_some()
-        {
-            if let Err(e) = self.start(cfg) {
+        if self.child.is_some() || Instant::now() < self.not_before {
+            return;
+        }
+        if let Some(sha) = self.installed(&cfg.dir) {
+            if let Err(e) = self.start(cfg, &sha) {
                 tracing::warn!("{e}");
                 self.error = Some(e.to_string());
                 self.not_before = Instant::now() + Duration::from_secs(5);
