@@ -11,7 +11,7 @@
 //! stay fast when most disks wait).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use datamover_server::scheduler::{ALL_MODES, Location, Pending, Slot, place};
+use datamover_server::scheduler::{Location, ModeSet, Pending, Slot, place};
 
 fn proxies(n: usize, slots: u32) -> Vec<Slot> {
     (0..n)
@@ -21,7 +21,7 @@ fn proxies(n: usize, slots: u32) -> Vec<Slot> {
             host: format!("host{i:03}"),
             slots,
             running: 0,
-            modes: ALL_MODES,
+            modes: ModeSet::ALL,
             datastores: if i % 5 == 0 {
                 vec![
                     format!("/ds/{:02}", i % 50),

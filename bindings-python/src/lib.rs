@@ -642,7 +642,7 @@ fn vm_disks<'py>(py: Python<'py>, address: &str, timeout: f64) -> PyResult<Vec<B
 
 /// Map a server client error: refusals and bad input are
 /// `InvalidInputError`, no answer is `TransportError`.
-fn client_err(e: datamover_proxy::client::ClientError) -> PyErr {
+fn client_err(e: datamover_control::client::ClientError) -> PyErr {
     let class = match e.status() {
         Some(s) if (400..500).contains(&s) => "InvalidInputError",
         _ => "TransportError",
@@ -654,7 +654,7 @@ fn client_err(e: datamover_proxy::client::ClientError) -> PyErr {
 /// Answers are the API's JSON as dicts and lists.
 #[pyclass(module = "datamover", frozen)]
 struct Server {
-    client: datamover_proxy::client::Client,
+    client: datamover_control::client::Client,
 }
 
 impl Server {
@@ -668,7 +668,7 @@ impl Server {
         let c = self.client.clone();
         let (method, path) = (
             method.to_string(),
-            format!("{}{path}", datamover_proxy::api::API),
+            format!("{}{path}", datamover_control::api::API),
         );
         let v: serde_json::Value = py
             .detach(move || match (method.as_str(), body) {
@@ -714,11 +714,11 @@ impl Server {
                 .to_string(),
             (None, None) => return Err(PyValueError::new_err("give token= or token_file=")),
         };
-        let client = datamover_proxy::client::Client::new(
+        let client = datamover_control::client::Client::new(
             url,
             &ca_pem,
             None,
-            datamover_proxy::client::Auth::Token(token),
+            datamover_control::client::Auth::Token(token),
             secs(timeout)?,
         )
         .map_err(client_err)?;
@@ -799,7 +799,7 @@ impl Server {
         path: &str,
         proxy: Option<&str>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let body = serde_json::to_value(datamover_proxy::api::Repository {
+        let body = serde_json::to_value(datamover_control::api::Repository {
             name: name.into(),
             path: path.into(),
             proxy: proxy.map(str::to_string),

@@ -1,16 +1,16 @@
 //! `dm --server URL …`: the commands that talk to a dm-server. Glue only:
-//! every call is one REST request through `datamover_proxy::client`.
+//! every call is one REST request through `datamover_control::client`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use datamover_proxy::api::{
+use datamover_control::api::{
     API, Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy,
     ProxyPatch, Repository, Session, State,
 };
-use datamover_proxy::client::{Auth, Client, ClientError};
+use datamover_control::client::{Auth, Client, ClientError};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::Failure;

@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use datamover::{BackupOptions, DiskName, ErrorKind, Repository, Store};
 
-use crate::api::{AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult};
-use crate::client::Client;
-use crate::pki::Identity;
 use crate::repo_service::{RemoteStore, Served, ServedMap};
+use datamover_control::api::{
+    AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult,
+};
+use datamover_control::client::Client;
+use datamover_control::pki::Identity;
 
 /// The version of the proxy component.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -67,7 +69,7 @@ struct Running {
 
 /// Run the agent until `stop` is set. Errors reaching the server are
 /// logged and retried; they never end the agent.
-pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> anyhow::Result<()> {
+pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::ProxyError> {
     let client = Client::for_host(&cfg.server, &cfg.identity)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let (tx, rx): (Sender<TaskResult>, Receiver<TaskResult>) = channel();

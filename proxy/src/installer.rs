@@ -39,11 +39,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::api::{
+use datamover_control::api::{
     AGENT, COMPONENT_PROXY, ComponentOrder, InstalledComponent, InstallerOrders, InstallerReport,
 };
-use crate::client::{Client, ClientError};
-use crate::pki::Identity;
+use datamover_control::client::{Client, ClientError};
+use datamover_control::pki::Identity;
 
 /// The version of the installer.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -446,14 +446,17 @@ mod tests {
     {
         move |w| {
             w.write_all(bytes).unwrap();
-            Ok((bytes.len() as u64, crate::pki::fingerprint(bytes)))
+            Ok((
+                bytes.len() as u64,
+                datamover_control::pki::fingerprint(bytes),
+            ))
         }
     }
 
     fn order(bytes: &[u8]) -> ComponentOrder {
         ComponentOrder {
             name: COMPONENT_PROXY.into(),
-            sha256: crate::pki::fingerprint(bytes),
+            sha256: datamover_control::pki::fingerprint(bytes),
             size: bytes.len() as u64,
             url: "/agent/v1/components/proxy".into(),
         }
@@ -496,7 +499,7 @@ mod tests {
                 .unwrap(),
             None
         );
-        let sha = crate::pki::fingerprint(&good);
+        let sha = datamover_control::pki::fingerprint(&good);
         assert_eq!(c.installed(d.path()).as_deref(), Some(sha.as_str()));
         let exe = base.join(&sha).join("dm-proxy");
         assert_eq!(std::fs::read(&exe).unwrap(), good);
@@ -510,6 +513,9 @@ mod tests {
             .install(&mut fetch_of(&newer), d.path(), &order(&newer))
             .unwrap();
         assert_eq!(old.as_deref(), Some(sha.as_str()));
-        assert_eq!(c.installed(d.path()), Some(crate::pki::fingerprint(&newer)));
+        assert_eq!(
+            c.installed(d.path()),
+            Some(datamover_control::pki::fingerprint(&newer))
+        );
     }
 }

@@ -3,11 +3,6 @@
 //! * [`agent`]: the transport service. It heartbeats to the server, takes
 //!   the per-disk tasks the server assigns to its slots and runs each as a
 //!   data mover ([`transports::backup`]), streaming progress.
-//! * [`pki`]: the installation's small CA, host identities, enrollment
-//!   tokens and TLS settings (mutual TLS everywhere).
-//! * [`client`]: the blocking HTTPS client of the server's APIs (also used
-//!   by `dm --server`).
-//! * [`api`]: the JSON shapes of both APIs.
 //! * [`installer`]: the installer service of a managed host: deploys,
 //!   runs, upgrades and removes the proxy component as the server's roles
 //!   for the host say.
@@ -16,13 +11,12 @@
 //!   replica images, and its client.
 //!
 //! A host joins once with [`enroll`] (one-time token) and from then on
-//! authenticates with its certificate.
+//! authenticates with its certificate. The contracts it speaks (API
+//! shapes, identities, the API client) live in `datamover-control`.
 
 pub mod agent;
-pub mod api;
-pub mod client;
+pub mod error;
 pub mod installer;
-pub mod pki;
 pub mod repo_service;
 
 use std::path::Path;
@@ -30,44 +24,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use datamover::Repository;
-
-use api::{API, EnrollRequest, Enrolled};
-use client::{Auth, Client, ClientError};
-use pki::{EnrollmentToken, Identity};
-
-/// File in a host's state directory holding the server's URL.
-pub const SERVER_FILE: &str = "server.url";
-
-/// Join the installation: check the server's CA against the token,
-/// send a CSR for a key made here, and save the issued identity (and the
-/// server's URL) in `dir`.
-pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identity), ClientError> {
-    let token: EnrollmentToken = token
-        .parse()
-        .map_err(|e: pki::PkiError| ClientError::Config(e.to_string()))?;
-    let timeout = Duration::from_secs(30);
-    let ca = Client::fetch_ca(server, &token.ca_fingerprint, timeout)?;
-    let (key_pem, csr) =
-        Identity::new_request("datamover-host").map_err(|e| ClientError::Config(e.to_string()))?;
-    let c = Client::new(server, &ca, None, Auth::None, timeout)?;
-    let enrolled: Enrolled = c.post(
-        &format!("{API}/enroll"),
-        &EnrollRequest {
-            secret: token.secret,
-            csr,
-        },
-    )?;
-    let id = Identity {
-        cert_pem: enrolled.cert.clone(),
-        key_pem,
-        ca_pem: enrolled.ca.clone(),
-    };
-    id.save(dir)
-        .map_err(|e| ClientError::Config(e.to_string()))?;
-    std::fs::write(dir.join(SERVER_FILE), format!("{server}\n"))
-        .map_err(|e| ClientError::Config(format!("{}: {e}", dir.display())))?;
-    Ok((enrolled, id))
-}
+use datamover_control::client::ClientError;
+use datamover_control::pki::Identity;
+pub use datamover_control::{SERVER_FILE, enroll};
 
 /// Logging of the server's and hosts' binaries: to stderr, `info` unless
 /// `DM_LOG` says otherwise (`DM_LOG=debug`, `DM_LOG=datamover_proxy=trace`).
@@ -84,25 +43,28 @@ pub fn init_logging() {
 /// A host's way in, for `dm-proxy run` and `dm-installer`: enroll with
 /// `token` unless `dir` already holds an identity, then return the server
 /// URL (`server`, else the one enrolled with).
-pub fn join(dir: &Path, server: Option<&str>, token: Option<&str>) -> anyhow::Result<String> {
+pub fn join(dir: &Path, server: Option<&str>, token: Option<&str>) -> Result<String, ClientError> {
     if !Identity::exists(dir) {
         match (token, server) {
             (Some(t), Some(s)) => {
                 let (e, _) = enroll(s, t, dir)?;
                 tracing::info!("enrolled as {}", e.host);
             }
-            _ => anyhow::bail!(
-                "not enrolled: no identity in {} (run `dm-proxy enroll --server URL --token TOKEN`, or give --server and --token; `dm host add` prints the token)",
-                dir.display()
-            ),
+            _ => {
+                return Err(ClientError::Config(format!(
+                    "not enrolled: no identity in {} (run `dm-proxy enroll --server URL --token TOKEN`, or give --server and --token; `dm host add` prints the token)",
+                    dir.display()
+                )));
+            }
         }
     }
     match server {
         Some(s) => Ok(s.to_string()),
         None => {
             let p = dir.join(SERVER_FILE);
-            let s = std::fs::read_to_string(&p)
-                .map_err(|e| anyhow::anyhow!("{}: {e} (give --server URL)", p.display()))?;
+            let s = std::fs::read_to_string(&p).map_err(|e| {
+                ClientError::Config(format!("{}: {e} (give --server URL)", p.display()))
+            })?;
             Ok(s.trim().to_string())
         }
     }

@@ -12,8 +12,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use datamover_control::pki::Identity;
 use datamover_proxy::agent::{self, AgentConfig};
-use datamover_proxy::pki::Identity;
 use datamover_proxy::repo_service::{self, ServedMap};
 
 #[derive(Parser)]
@@ -134,7 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 service_port,
                 manifest_cache: Some(cli.dir.join("cache").join("manifests")),
             };
-            agent::run(&cfg, &stop)
+            Ok(agent::run(&cfg, &stop)?)
         }
     }
 }

@@ -14,8 +14,10 @@ use datamover::format::manifest::{Manifest, PointMeta};
 use datamover::{
     BackupOptions, ChunkId, DiskName, FrameSink, PointId, Repository, Store, StoreSession,
 };
-use datamover_proxy::pki::{Ca, Identity};
-use datamover_proxy::repo_service::{self, RemoteStore, Served, ServedMap, ServiceAddress};
+use datamover_control::api::ServiceAddress;
+use datamover_control::pki::Identity;
+use datamover_proxy::repo_service::{self, RemoteStore, Served, ServedMap};
+use datamover_server::ca::Ca;
 
 const MIB: usize = 1 << 20;
 

@@ -17,13 +17,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use datamover_proxy::api::{
+use datamover_control::api::{
     AGENT, ComponentOrder, Host, HostPatch, HostRole, InstallerOrders, InstallerReport,
     InstallerStatus,
 };
 use rusqlite::{Connection, params};
 
-use crate::engine::{ApiError, Engine, R, now, requeue_proxy_tasks};
+use crate::engine::{Engine, EngineError, R, now, requeue_proxy_tasks};
 
 /// The packages of the components the server hands out.
 #[derive(Debug, Default)]
@@ -55,16 +55,16 @@ impl Packages {
 
     /// The package of `component`, with a checksum of its current bytes.
     pub fn get(&self, component: &str) -> R<Package> {
-        if component != datamover_proxy::api::COMPONENT_PROXY {
-            return Err(ApiError::not_found("component", component));
+        if component != datamover_control::api::COMPONENT_PROXY {
+            return Err(EngineError::not_found("component", component));
         }
         let path = self.proxy.clone().ok_or_else(|| {
-            ApiError::unavailable(
+            EngineError::unavailable(
                 "this server hands out no proxy package (start it with --proxy-package)",
             )
         })?;
         let unavailable = |e: std::io::Error| {
-            ApiError::unavailable(format!("proxy package {}: {e}", path.display()))
+            EngineError::unavailable(format!("proxy package {}: {e}", path.display()))
         };
         let meta = std::fs::metadata(&path).map_err(unavailable)?;
         let modified = meta.modified().map_err(unavailable)?;
@@ -75,7 +75,7 @@ impl Packages {
         {
             return Ok(p.clone());
         }
-        let (size, sha256) = datamover_proxy::pki::sha256_file(&path).map_err(unavailable)?;
+        let (size, sha256) = datamover_control::pki::sha256_file(&path).map_err(unavailable)?;
         tracing::info!(
             "proxy package {}: {size} bytes, SHA-256 {sha256}",
             path.display()
@@ -158,7 +158,7 @@ fn roles_of(db: &Connection, host: i64) -> R<(Vec<HostRole>, bool)> {
 pub fn may_run_proxy(db: &Connection, host: i64) -> R<()> {
     let (roles, managed) = roles_of(db, host)?;
     if managed && !roles.contains(&HostRole::Proxy) {
-        return Err(ApiError::forbidden(
+        return Err(EngineError::forbidden(
             "this host does not have the proxy role (its installer removes the proxy)",
         ));
     }
@@ -235,7 +235,7 @@ impl Engine {
     pub fn component_for(&self, host: i64, component: &str) -> R<Package> {
         let (roles, _) = roles_of(&self.db(), host)?;
         if !roles.iter().any(|r| r.component() == component) {
-            return Err(ApiError::forbidden(format!(
+            return Err(EngineError::forbidden(format!(
                 "this host has no role that needs the {component} component"
             )));
         }

@@ -19,7 +19,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use datamover_proxy::api::{
+use datamover_control::api::{
     self, EnrollRequest, ErrorBody, Heartbeat, HostPatch, InstallerReport, JobSpec, NewHost,
     ProxyPatch, TaskResult,
 };
@@ -27,14 +27,42 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::engine::{ApiError, Engine};
+use crate::engine::{Engine, EngineError, ErrorKind};
 
 /// The OpenAPI document of the REST API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
+/// An error answer: a status and a JSON [`ErrorBody`]. The one place an
+/// engine error's kind becomes an HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match e.kind {
+            ErrorKind::BadInput => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            message: e.message,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = self.status;
         if status.is_server_error() {
             tracing::error!("{}", self.message);
         }
@@ -67,10 +95,10 @@ impl FromRequestParts<AppState> for User {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| {
-                ApiError::unauthorized("an API token is needed: Authorization: Bearer <token>")
+                EngineError::unauthorized("an API token is needed: Authorization: Bearer <token>")
             })?;
         let t = h.strip_prefix("Bearer ").ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be: Bearer <token>")
+            EngineError::unauthorized("the Authorization header must be: Bearer <token>")
         })?;
         st.check_token(t.trim())?;
         Ok(User)
@@ -90,7 +118,7 @@ impl FromRequestParts<AppState> for HostPeer {
             .get::<Peer>()
             .and_then(|p| p.fingerprint.clone())
             .ok_or_else(|| {
-                ApiError::unauthorized(
+                EngineError::unauthorized(
                     "the agent API needs the client certificate of an enrolled host",
                 )
             })?;
@@ -108,7 +136,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
         match Json::<T>::from_request(req, st).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) => Err(ApiError {
-                status: e.status().as_u16(),
+                status: e.status(),
                 message: e.body_text(),
             }),
         }
@@ -116,17 +144,17 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+    Ok(tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::internal(format!("handler: {e}")))?
+        .map_err(|e| EngineError::internal(format!("handler: {e}")))??)
 }
 
 /// An id from the path; not a number is a 400 with a message.
-fn number(what: &str, s: &str) -> Result<u64, ApiError> {
+fn number(what: &str, s: &str) -> Result<u64, EngineError> {
     s.parse()
-        .map_err(|_| ApiError::bad(format!("{what} id {s:?} is not a number")))
+        .map_err(|_| EngineError::bad(format!("{what} id {s:?} is not a number")))
 }
 
 #[derive(serde::Deserialize)]
@@ -291,7 +319,7 @@ pub fn router(engine: AppState) -> Router {
                     blocking(move || {
                         let id = number("task", &id)?;
                         if r.task != id {
-                            return Err(ApiError::bad(format!(
+                            return Err(EngineError::bad(format!(
                                 "result of task {} posted to task {id}",
                                 r.task
                             )));
@@ -303,7 +331,7 @@ pub fn router(engine: AppState) -> Router {
         )
         .fallback(|| async {
             ApiError {
-                status: 404,
+                status: StatusCode::NOT_FOUND,
                 message: "no such API path".into(),
             }
         })
@@ -316,7 +344,7 @@ pub fn router(engine: AppState) -> Router {
 fn stream_file(pkg: crate::deploy::Package) -> Result<Response, ApiError> {
     use std::io::Read;
     let mut f = std::fs::File::open(&pkg.path)
-        .map_err(|e| ApiError::unavailable(format!("{}: {e}", pkg.path.display())))?;
+        .map_err(|e| EngineError::unavailable(format!("{}: {e}", pkg.path.display())))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let mut left = pkg.size;
@@ -348,7 +376,7 @@ fn stream_file(pkg: crate::deploy::Package) -> Result<Response, ApiError> {
         .header("content-length", pkg.size)
         .header("x-sha256", pkg.sha256)
         .body(axum::body::Body::from_stream(stream))
-        .map_err(ApiError::internal)
+        .map_err(|e| EngineError::internal(e).into())
 }
 
 /// Serve `router` over TLS on `listener` until the process ends.
@@ -387,7 +415,7 @@ async fn connection(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|c| datamover_proxy::pki::fingerprint(c));
+        .map(|c| datamover_control::pki::fingerprint(c));
     let app = app.layer(Extension(Peer { fingerprint }));
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
@@ -411,7 +439,7 @@ mod tests {
     async fn openapi_document_matches_the_router() {
         let d = tempfile::tempdir().unwrap();
         let db = crate::catalog::open(&d.path().join("c.sqlite")).unwrap();
-        let ca = datamover_proxy::pki::Ca::load_or_create(&d.path().join("ca"), "t").unwrap();
+        let ca = crate::ca::Ca::load_or_create(&d.path().join("ca"), "t").unwrap();
         let app = router(Arc::new(Engine::new(db, ca, crate::Timing::default())));
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         let paths = doc["paths"].as_object().unwrap();

@@ -19,6 +19,7 @@
 //! by default the `dm-proxy` next to `dm-server` (`--proxy-package`), see
 //! [`deploy`].
 
+pub mod ca;
 pub mod catalog;
 pub mod deploy;
 pub mod engine;
@@ -30,9 +31,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::ca::Ca;
 use anyhow::Context;
+use datamover_control::pki::{self, ClientAuth};
 use datamover_proxy::agent::{self, AgentConfig};
-use datamover_proxy::pki::{self, Ca, ClientAuth};
 
 pub use engine::{Engine, Timing};
 

@@ -5,9 +5,10 @@
 //! Rules, in order:
 //! 1. A task may only go to a proxy the job allows (its proxy list, or
 //!    any), that allows the mode, and that can serve the disk in it:
-//!    * **san**: the disk's file is under a datastore the proxy sees;
-//!    * **hotadd** (and storage snapshots): the proxy runs on the VM's host;
-//!    * **nbd**: any proxy reaches a network export or a VM.
+//!    the one rule of `transports::mode::modes_for` (san: the disk's file
+//!    is under a datastore the proxy sees; hotadd and storage snapshots:
+//!    the proxy runs on the VM's host; nbd: any proxy reaches a network
+//!    export or a VM).
 //!
 //!    A pinned mode allows only that mode (plus nbd with failover).
 //! 2. Only proxies with a free slot; tasks queue while none has one.
@@ -17,72 +18,7 @@
 //! Tasks are considered in queue order, so an early task is never
 //! overtaken by a later one for the same proxy.
 
-/// Transport modes in order of preference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Mode {
-    /// Direct storage access.
-    San,
-    /// Virtual appliance (the proxy on the VM's host).
-    HotAdd,
-    /// Storage snapshot (on the VM's host's storage).
-    StorageSnapshot,
-    /// Network.
-    Nbd,
-}
-
-impl Mode {
-    /// The name `dm` uses.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::San => "san",
-            Mode::HotAdd => "hotadd",
-            Mode::StorageSnapshot => "storage-snapshot",
-            Mode::Nbd => "nbd",
-        }
-    }
-    /// Parse a mode name.
-    pub fn parse(s: &str) -> Option<Mode> {
-        Some(match s {
-            "san" => Mode::San,
-            "hotadd" => Mode::HotAdd,
-            "storage-snapshot" => Mode::StorageSnapshot,
-            "nbd" => Mode::Nbd,
-            _ => return None,
-        })
-    }
-    fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-}
-
-/// Every mode, as a bit set.
-pub const ALL_MODES: u8 = 0b1111;
-
-/// Bit set of mode names; unknown names are an error.
-pub fn mode_set(names: &[String]) -> Result<u8, String> {
-    if names.is_empty() {
-        return Ok(ALL_MODES);
-    }
-    names.iter().try_fold(0u8, |acc, n| {
-        Mode::parse(n).map(|m| acc | m.bit()).ok_or_else(|| {
-            format!("unknown transport mode {n:?} (san, hotadd, storage-snapshot, nbd)")
-        })
-    })
-}
-
-/// Where a disk lives, as far as placement cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// An image file or device, read directly.
-    Path(String),
-    /// An NBD export.
-    Network,
-    /// A VM's disk, on this host when known.
-    Vm {
-        /// The VM host's name.
-        host: Option<String>,
-    },
-}
+pub use transports::mode::{Location, Mode, ModeSet};
 
 /// A proxy as placement sees it.
 #[derive(Debug, Clone)]
@@ -97,8 +33,8 @@ pub struct Slot {
     pub slots: u32,
     /// Tasks placed on it (running or assigned).
     pub running: u32,
-    /// Allowed modes (bit set).
-    pub modes: u8,
+    /// Allowed modes.
+    pub modes: ModeSet,
     /// Datastore directories it sees.
     pub datastores: Vec<String>,
 }
@@ -129,31 +65,11 @@ pub struct Placement {
     pub mode: Mode,
 }
 
-fn under(path: &str, dir: &str) -> bool {
-    std::path::Path::new(path).starts_with(dir)
-}
-
 /// The best mode `p` can serve `t` in, if any.
 pub fn best_mode(t: &Pending, p: &Slot) -> Option<Mode> {
-    let possible: &[Mode] = match &t.location {
-        Location::Path(path) => {
-            if p.datastores.iter().any(|d| under(path, d)) {
-                &[Mode::San]
-            } else {
-                &[]
-            }
-        }
-        Location::Network => &[Mode::Nbd],
-        Location::Vm { host } => {
-            if host.as_deref() == Some(p.host.as_str()) {
-                &[Mode::HotAdd, Mode::StorageSnapshot, Mode::Nbd]
-            } else {
-                &[Mode::Nbd]
-            }
-        }
-    };
+    let possible = transports::mode::modes_for(&t.location, &p.host, &p.datastores);
     possible.iter().copied().find(|m| {
-        p.modes & m.bit() != 0
+        p.modes.contains(*m)
             && match t.pinned {
                 None => *m != Mode::StorageSnapshot,
                 Some(pin) => *m == pin || (t.failover && *m == Mode::Nbd),
@@ -183,7 +99,7 @@ pub fn why_unplaceable(t: &Pending, proxies: &[Slot]) -> Option<String> {
         ),
         (_, Some(m)) => format!(
             "no online proxy may use the pinned transport mode {} for this disk",
-            m.as_str()
+            m.name()
         ),
         _ => "no online proxy may use a transport mode this disk can be read in".into(),
     })
@@ -247,7 +163,7 @@ mod tests {
             host: format!("h{id}"),
             slots,
             running: 0,
-            modes: ALL_MODES,
+            modes: ModeSet::ALL,
             datastores: ds.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -363,9 +279,9 @@ mod tests {
         assert!(place(&[t.clone()], &mut ps).is_empty());
         t.failover = true;
         assert_eq!(place(&[t.clone()], &mut ps)[0].mode, Mode::Nbd);
-        ps[0].modes = mode_set(&["san".into()]).unwrap();
-        ps[1].modes = mode_set(&["san".into()]).unwrap();
+        ps[0].modes = ModeSet::from_names(&["san"]).unwrap();
+        ps[1].modes = ModeSet::from_names(&["san"]).unwrap();
         assert!(place(&[t], &mut ps).is_empty());
-        assert!(mode_set(&["warp".into()]).is_err());
+        assert!(ModeSet::from_names(&["warp"]).is_err());
     }
 }

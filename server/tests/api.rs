@@ -10,9 +10,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Cluster, assert_restores, dm, make_disk, status};
-use datamover_proxy::api::{AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State};
-use datamover_proxy::client::{Auth, Client, ClientError};
-use datamover_proxy::pki::{Ca, Identity};
+use datamover_control::api::{
+    AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State,
+};
+use datamover_control::client::{Auth, Client, ClientError};
+use datamover_control::pki::Identity;
+use datamover_server::ca::Ca;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Cluster, Net, assert_restores, make_disk, qsd_throttled};
-use datamover_proxy::api::{
+use datamover_control::api::{
     API, Job, JobDisk, JobKind, JobSpec, Proxy, ProxyState, Repository, Session, State,
 };
 use datamover_server::engine::Occupancy;

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Cluster, assert_restores, dm, make_disk, status};
-use datamover_proxy::api::{API, Job, JobDisk, JobKind, JobSpec, Repository, Session, State};
+use datamover_control::api::{API, Job, JobDisk, JobKind, JobSpec, Repository, Session, State};
 
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(60);

@@ -21,7 +21,7 @@ use common::{
     Cluster, Net, Proc, assert_restores, bin, can_make_namespaces, command_in, dm, make_disk,
     wait_for,
 };
-use datamover_proxy::api::{
+use datamover_control::api::{
     API, Host, HostAdded, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy, ProxyState,
     Repository, Session, State,
 };
@@ -139,7 +139,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         child: installer,
         name: "dm-installer".into(),
     };
-    let sha1 = datamover_proxy::pki::fingerprint(&v1);
+    let sha1 = datamover_control::pki::fingerprint(&v1);
     wait_for("the installer to deploy the proxy", T, || {
         deployed(&c, "a").is_some_and(|(s, _)| s == sha1) && proxy_online(&c, "a")
     });
@@ -218,7 +218,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
     let mut v2 = v1.clone();
     v2.extend_from_slice(b"\n# datamover upgrade test: trailing bytes after the ELF image\n");
     write_package(&pkg, &v2);
-    let sha2 = datamover_proxy::pki::fingerprint(&v2);
+    let sha2 = datamover_control::pki::fingerprint(&v2);
     wait_for("the installer to upgrade the proxy", T, || {
         deployed(&c, "a").is_some_and(|(s, p)| s == sha2 && p != pid1) && proxy_online(&c, "a")
     });

@@ -12,10 +12,12 @@
 //! [`backup`] is the one entry every front door uses to back up any
 //! address; [`open_source`] and [`open_target`] parse addresses.
 
+pub mod mode;
 pub mod nbd;
 pub mod qemu;
 
-pub use qemu::{BackupRun, Failover, Mode, TransportChoice};
+pub use mode::Mode;
+pub use qemu::{BackupRun, Failover, TransportChoice};
 
 pub use datamover::source::{
     BlockDeviceSource, BlockSource, Capabilities, ExtentKind, FileSource, SourceExtent,

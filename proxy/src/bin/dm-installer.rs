@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Parser;
+use datamover_control::pki::Identity;
 use datamover_proxy::installer::{self, InstallerConfig};
-use datamover_proxy::pki::Identity;
 
 #[derive(Parser)]
 #[command(

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use datamover_proxy::api::{self, API, HostAdded, NewHost, Proxy, ProxyPatch, Session};
-use datamover_proxy::client::{Auth, Client, ClientError};
+use datamover_control::api::{self, API, HostAdded, NewHost, Proxy, ProxyPatch, Session};
+use datamover_control::client::{Auth, Client, ClientError};
 
 /// A binary of the workspace, next to `dm-server`.
 pub fn bin(name: &str) -> PathBuf {

@@ -37,30 +37,7 @@ use local::{LocalExport, LoopDevice};
 use snapshot::{SnapshotImage, StorageSnapshot};
 pub use vm::{DiskInfo, Vm, VmAddress, is_vm};
 
-/// A transport mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// Direct storage access: read the raw image or LUN.
-    San,
-    /// Virtual appliance: attach the frozen disk locally.
-    HotAdd,
-    /// Network: NBD from the VM.
-    Nbd,
-    /// Read a storage snapshot.
-    StorageSnapshot,
-}
-
-impl Mode {
-    /// The mode's name as the CLI, JSON and points show it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::San => "san",
-            Mode::HotAdd => "hotadd",
-            Mode::Nbd => "nbd",
-            Mode::StorageSnapshot => "storage-snapshot",
-        }
-    }
-}
+pub use crate::mode::Mode;
 
 /// Which transport a job uses: chosen per disk, or pinned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,18 +52,14 @@ pub enum TransportChoice {
 impl std::str::FromStr for TransportChoice {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "auto" => TransportChoice::Auto,
-            "san" | "direct" => TransportChoice::Pinned(Mode::San),
-            "hotadd" => TransportChoice::Pinned(Mode::HotAdd),
-            "nbd" | "network" => TransportChoice::Pinned(Mode::Nbd),
-            "storage-snapshot" => TransportChoice::Pinned(Mode::StorageSnapshot),
-            other => {
-                return Err(Error::InvalidArgument(format!(
+        match s {
+            "auto" => Ok(TransportChoice::Auto),
+            other => other.parse::<Mode>().map(TransportChoice::Pinned).map_err(|_| {
+                Error::InvalidArgument(format!(
                     "unknown transport {other:?}: use auto, san, hotadd, nbd or storage-snapshot"
-                )));
-            }
-        })
+                ))
+            }),
+        }
     }
 }
 

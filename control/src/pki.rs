@@ -1,38 +1,74 @@
-//! The small certificate authority of a datamover installation, and the
-//! TLS settings every connection uses.
+//! Host identities and the TLS settings every connection of a datamover
+//! installation uses (the CA's signing half lives in the server,
+//! `datamover_server::ca`).
 //!
-//! * The server holds the CA (ECDSA P-256, ten years). It issues itself a
-//!   server certificate and issues each enrolled host a certificate from
-//!   the host's own CSR, so private keys never leave the machine that
-//!   generated them.
-//! * Every connection between server, proxies, installers and repository
-//!   services is mutual TLS under this CA. The server also checks that a
-//!   client's certificate is one it issued to a host still in its
-//!   inventory (by SHA-256 fingerprint), so removing a host revokes it.
-//! * A host joins with an enrollment token `dmj1.<secret>.<ca-sha256>`: the
-//!   CA fingerprint in it lets the host trust the server before it has any
-//!   certificate (as kubeadm's discovery hash does).
+//! Invariant: every connection between server, proxies, installers and
+//! repository services is mutual TLS under the installation's CA, and a
+//! host's private key never leaves the machine that generated it (the
+//! host sends a CSR, [`Identity::new_request`]).
+//!
+//! * A host joins with an enrollment token `dmj1.<secret>.<ca-sha256>`
+//!   ([`EnrollmentToken`]): the CA fingerprint in it lets the host trust
+//!   the server before it has any certificate (as kubeadm's discovery
+//!   hash does).
+//! * The server also checks that a client's certificate is one it issued
+//!   to a host still in its inventory (by SHA-256 fingerprint), so
+//!   removing a host revokes it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// A PKI error: what failed, in words.
+/// A PKI error: a file that could not be read or written, a certificate
+/// or key that does not parse or sign, or a malformed token.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PkiError(pub String);
+pub enum PkiError {
+    /// Reading or writing a certificate or key file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate, key or request that does not parse, verify or sign.
+    #[error("{what}: {source}")]
+    Crypto {
+        /// What was being done.
+        what: &'static str,
+        /// The library's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Input that is not what it should be (no certificate in a PEM
+    /// text, a malformed enrollment token).
+    #[error("{0}")]
+    Invalid(String),
+}
 
-fn err(what: &str, e: impl std::fmt::Display) -> PkiError {
-    PkiError(format!("{what}: {e}"))
+/// A [`PkiError::Crypto`] for `what`.
+pub fn err(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> PkiError {
+    PkiError::Crypto {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// A [`PkiError::Io`] for `path`.
+pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, PkiError>;
+
+/// File name of the CA certificate in a host's (and the server's CA)
+/// directory.
+pub const CA_CERT: &str = "ca.pem";
 
 /// Install the ring crypto provider as the process default (idempotent).
 pub fn install_crypto() {
@@ -73,7 +109,7 @@ pub fn hex(b: &[u8]) -> String {
 /// `n` random bytes as hex: tokens and secrets.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut b = vec![0u8; n];
-    getrandom::fill(&mut b).map_err(|e| err("random", e))?;
+    getrandom::fill(&mut b).map_err(|e| err("random", std::io::Error::other(e.to_string())))?;
     Ok(hex(&b))
 }
 
@@ -82,7 +118,7 @@ pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
     certs_from_pem(pem)?
         .into_iter()
         .next()
-        .ok_or_else(|| PkiError("no certificate in PEM".into()))
+        .ok_or_else(|| PkiError::Invalid("no certificate in PEM".into()))
 }
 
 /// Every certificate of a PEM text.
@@ -97,143 +133,6 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
 pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| err("bad private key PEM", e))
-}
-
-/// The installation's certificate authority (held by the server).
-pub struct Ca {
-    cert_pem: String,
-    cert_der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl std::fmt::Debug for Ca {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca")
-            .field("fingerprint", &self.fingerprint())
-            .finish()
-    }
-}
-
-const CA_CERT: &str = "ca.pem";
-const CA_KEY: &str = "ca.key";
-
-impl Ca {
-    /// Load the CA from `dir`, creating it on first use.
-    pub fn load_or_create(dir: &Path, name: &str) -> Result<Ca> {
-        let (cp, kp) = (dir.join(CA_CERT), dir.join(CA_KEY));
-        if cp.exists() || kp.exists() {
-            let cert_pem =
-                std::fs::read_to_string(&cp).map_err(|e| err(&cp.display().to_string(), e))?;
-            let key_pem =
-                std::fs::read_to_string(&kp).map_err(|e| err(&kp.display().to_string(), e))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| err("CA key", e))?;
-            let issuer =
-                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| err("CA certificate", e))?;
-            let cert_der = cert_der_from_pem(&cert_pem)?;
-            return Ok(Ca {
-                cert_pem,
-                cert_der,
-                issuer,
-            });
-        }
-        std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), e))?;
-        let key = KeyPair::generate().map_err(|e| err("generate CA key", e))?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("datamover CA {name}"));
-        dn.push(DnType::OrganizationName, "datamover");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
-        let cert = params.self_signed(&key).map_err(|e| err("sign CA", e))?;
-        let cert_pem = cert.pem();
-        write_private(&kp, key.serialize_pem().as_bytes())?;
-        write_file(&cp, cert_pem.as_bytes())?;
-        Ok(Ca {
-            cert_der: cert.der().clone(),
-            cert_pem,
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    /// The CA certificate, DER.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
-    /// SHA-256 fingerprint of the CA certificate.
-    pub fn fingerprint(&self) -> String {
-        fingerprint(&self.cert_der)
-    }
-
-    fn leaf_params(cn: &str, names: &[String]) -> Result<CertificateParams> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn.push(DnType::OrganizationName, "datamover");
-        params.distinguished_name = dn;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n
-                    .clone()
-                    .try_into()
-                    .map(SanType::DnsName)
-                    .map_err(|e| err(&format!("name {n:?}"), e)),
-            })
-            .collect::<Result<_>>()?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        // Fixed validity (certificates are revoked by removing the host
-        // from the inventory; rotation is a later issue).
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
-        let mut serial = [0u8; 16];
-        getrandom::fill(&mut serial).map_err(|e| err("random", e))?;
-        serial[0] &= 0x7f;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        Ok(params)
-    }
-
-    /// Issue a certificate and a new key for `cn`, valid for `names`
-    /// (host names or IP addresses): the server's own certificate.
-    pub fn issue(&self, cn: &str, names: &[String]) -> Result<Identity> {
-        let key = KeyPair::generate().map_err(|e| err("generate key", e))?;
-        let cert = Self::leaf_params(cn, names)?
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| err("sign certificate", e))?;
-        Ok(Identity {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ca_pem: self.cert_pem.clone(),
-        })
-    }
-
-    /// Sign a host's CSR. The subject and names come from the server's
-    /// inventory, never from the request.
-    pub fn sign_csr(&self, csr_pem: &str, cn: &str, names: &[String]) -> Result<String> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| err("certificate request", e))?;
-        let req = CertificateSigningRequestParams {
-            params: Self::leaf_params(cn, names)?,
-            public_key: csr.public_key,
-        };
-        Ok(req
-            .signed_by(&self.issuer)
-            .map_err(|e| err("sign certificate", e))?
-            .pem())
-    }
 }
 
 /// A certificate with its key and the CA that issued it (PEM).
@@ -277,7 +176,7 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Identity> {
         let read = |n: &str| {
             let p = dir.join(n);
-            std::fs::read_to_string(&p).map_err(|e| err(&p.display().to_string(), e))
+            std::fs::read_to_string(&p).map_err(io_err(&p))
         };
         Ok(Identity {
             cert_pem: read(ID_CERT)?,
@@ -293,7 +192,7 @@ impl Identity {
 
     /// Save to `dir`; the key is readable by its owner only.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| err(&dir.display().to_string(), e))?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         write_private(&dir.join(ID_KEY), self.key_pem.as_bytes())?;
         write_file(&dir.join(ID_CERT), self.cert_pem.as_bytes())?;
         write_file(&dir.join(CA_CERT), self.ca_pem.as_bytes())
@@ -393,15 +292,16 @@ impl std::str::FromStr for EnrollmentToken {
                     ca_fingerprint: fp.to_ascii_lowercase(),
                 })
             }
-            _ => Err(PkiError(
+            _ => Err(PkiError::Invalid(
                 "not an enrollment token (expected dmj1.<secret>.<ca sha256>)".into(),
             )),
         }
     }
 }
 
-fn write_file(p: &Path, b: &[u8]) -> Result<()> {
-    std::fs::write(p, b).map_err(|e| err(&p.display().to_string(), e))
+/// Write a file (certificates: anyone may read them).
+pub fn write_file(p: &Path, b: &[u8]) -> Result<()> {
+    std::fs::write(p, b).map_err(io_err(p))
 }
 
 /// Write a file readable by its owner only.
@@ -415,34 +315,5 @@ pub fn write_private(p: &Path, b: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(p)
         .and_then(|mut f| f.write_all(b).and_then(|_| f.sync_all()))
-        .map_err(|e| err(&p.display().to_string(), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ca_signs_a_csr_and_rustls_accepts_the_chain() {
-        let d = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(d.path(), "t").unwrap();
-        let again = Ca::load_or_create(d.path(), "t").unwrap();
-        assert_eq!(ca.fingerprint(), again.fingerprint());
-        let (key, csr) = Identity::new_request("ignored").unwrap();
-        let cert = again
-            .sign_csr(&csr, "host-a", &["127.0.0.1".into(), "host-a".into()])
-            .unwrap();
-        let id = Identity {
-            cert_pem: cert,
-            key_pem: key,
-            ca_pem: ca.cert_pem().into(),
-        };
-        id.server_config(ClientAuth::Required).unwrap();
-        let tok = EnrollmentToken {
-            secret: "abc".into(),
-            ca_fingerprint: ca.fingerprint(),
-        };
-        assert_eq!(tok.to_string().parse::<EnrollmentToken>().unwrap(), tok);
-        assert!("dmj1.x.zz".parse::<EnrollmentToken>().is_err());
-    }
+        .map_err(io_err(p))
 }

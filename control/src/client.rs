@@ -25,14 +25,18 @@ pub enum ClientError {
         message: String,
     },
     /// No answer: connection, TLS or timeout.
-    #[error("cannot reach {url}: {detail}")]
+    #[error("cannot reach {url}: {source}")]
     Unreachable {
         /// What was called.
         url: String,
-        /// Why.
-        detail: String,
+        /// Why (ureq's or the socket's error).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A bad setting (certificate files, URL).
+    /// A certificate, key or token that is not usable.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// A bad setting (certificate files, URL) or a local file that could
+    /// not be written.
     #[error("{0}")]
     Config(String),
 }
@@ -43,6 +47,17 @@ impl ClientError {
         match self {
             ClientError::Status { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Whether the same call may succeed later: no answer at all, or a
+    /// server error (5xx, 429). A refusal (4xx) or a bad setting will
+    /// not change by itself.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Pki(_) | ClientError::Config(_) => false,
         }
     }
 }
@@ -84,8 +99,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Client> {
         pki::install_crypto();
-        let roots: Vec<Certificate<'static>> = pki::certs_from_pem(ca_pem)
-            .map_err(config_err)?
+        let roots: Vec<Certificate<'static>> = pki::certs_from_pem(ca_pem)?
             .into_iter()
             .map(|c| Certificate::from_der(&c).to_owned())
             .collect();
@@ -94,8 +108,7 @@ impl Client {
         }
         let mut tls = TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(roots)));
         if let Some(id) = identity {
-            let chain: Vec<Certificate<'static>> = pki::certs_from_pem(&id.cert_pem)
-                .map_err(config_err)?
+            let chain: Vec<Certificate<'static>> = pki::certs_from_pem(&id.cert_pem)?
                 .into_iter()
                 .map(|c| Certificate::from_der(&c).to_owned())
                 .collect();
@@ -140,7 +153,7 @@ impl Client {
         let tls = TlsConfig::builder().disable_verification(true).build();
         let c = Self::with_tls(base, tls, Auth::None, timeout);
         let pem: String = c.call_text("GET", &format!("{}/ca", crate::api::API))?;
-        let der = pki::cert_der_from_pem(&pem).map_err(config_err)?;
+        let der = pki::cert_der_from_pem(&pem)?;
         let got = pki::fingerprint(&der);
         if got != fingerprint {
             return Err(ClientError::Config(format!(
@@ -159,7 +172,7 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let unreachable = |e: ureq::Error| ClientError::Unreachable {
             url: url.clone(),
-            detail: e.to_string(),
+            source: Box::new(e),
         };
         let mut b = ureq::http::Request::builder().method(method).uri(&url);
         if let Auth::Token(t) = &self.auth {
@@ -253,9 +266,9 @@ impl Client {
         max: u64,
     ) -> Result<(u64, String)> {
         let url = format!("{}{path}", self.base);
-        let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
+        let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| ClientError::Unreachable {
             url: url.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let mut req = self
             .agent
@@ -266,7 +279,7 @@ impl Client {
         if let Auth::Token(t) = &self.auth {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        let mut resp = req.call().map_err(|e| unreachable(&e))?;
+        let mut resp = req.call().map_err(|e| unreachable(Box::new(e)))?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let bytes = resp
@@ -274,7 +287,7 @@ impl Client {
                 .with_config()
                 .limit(1 << 20)
                 .read_to_vec()
-                .map_err(|e| unreachable(&e))?;
+                .map_err(|e| unreachable(Box::new(e)))?;
             Self::check(status, &bytes)?;
         }
         let mut body = resp.body_mut().with_config().limit(max).reader();
@@ -286,7 +299,7 @@ impl Client {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unreachable(&e)),
+                Err(e) => return Err(unreachable(Box::new(e))),
             };
             hash.update(&buf[..n]);
             out.write_all(&buf[..n])

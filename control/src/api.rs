@@ -584,7 +584,7 @@ pub struct TaskOrder {
     pub failover_to_network: bool,
     /// Write through this repository service instead of the directory.
     #[serde(default)]
-    pub service: Option<crate::repo_service::ServiceAddress>,
+    pub service: Option<ServiceAddress>,
     /// Why the repository service cannot be reached (its proxy runs none).
     #[serde(default)]
     pub service_error: Option<String>,
@@ -622,4 +622,18 @@ pub struct TaskResult {
     pub error: Option<String>,
     /// Whether retrying cannot help (bad input).
     pub permanent: bool,
+}
+
+/// Where a repository service is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddress {
+    /// `host:port` to connect to.
+    pub address: String,
+    /// The name its certificate is checked against.
+    pub server_name: String,
+    /// The repository's name.
+    pub repository: String,
+    /// Keep the disks' replica images up to date (replication).
+    #[serde(default)]
+    pub replica: bool,
 }

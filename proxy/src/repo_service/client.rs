@@ -1,0 +1,431 @@
+//! The source proxy's side of the repository service: [`RemoteStore`], a
+//! [`Store`] that `transports::backup` writes through exactly as into a
+//! local repository.
+//!
+//! Invariant: only frames the service says it lacks are sent, and a
+//! point exists only once the service answered COMMITTED.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use datamover::format::manifest::{self, Manifest, PointMeta};
+use datamover::{ChunkId, DiskName, Error, FrameSink, PointId, Store, StoreSession};
+use rustls::pki_types::ServerName;
+
+use datamover_control::api::ServiceAddress;
+
+use super::wire::*;
+use super::{Counted, Wire};
+use datamover_control::pki::Identity;
+
+/// A repository service as a [`Store`]: `transports::backup` writes
+/// through it exactly as into a local repository.
+#[derive(Debug)]
+pub struct RemoteStore {
+    at: ServiceAddress,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    /// Bytes on the wire, every connection of this store.
+    pub wire: Arc<Wire>,
+    /// The service's answer to the last commit.
+    pub last: Mutex<Option<Committed>>,
+    /// Where the manifest of each disk's last point written through this
+    /// store is kept, so the next backup need not fetch it back.
+    cache: Option<PathBuf>,
+}
+
+type ClientStream = rustls::StreamOwned<rustls::ClientConnection, Counted<TcpStream>>;
+
+impl RemoteStore {
+    /// A store writing to `at` as `identity`.
+    pub fn new(
+        at: ServiceAddress,
+        identity: &Identity,
+    ) -> Result<RemoteStore, datamover_control::pki::PkiError> {
+        Ok(RemoteStore {
+            tls: identity.client_config(ALPN)?,
+            at,
+            timeout: IDLE,
+            wire: Arc::new(Wire::default()),
+            last: Mutex::new(None),
+            cache: None,
+        })
+    }
+
+    /// Keep the manifest of each disk's last point under `dir` (one file
+    /// a disk, replaced at each commit). The next backup of the disk then
+    /// knows the parent's chunks without a word on the wire: a full read
+    /// asks the service only about chunks the parent lacks (an unchanged
+    /// disk: none, so about its new manifest crosses), and an incremental
+    /// need not fetch the parent. A cached manifest is used only when it
+    /// is the parent the service names (disk and point id checked after
+    /// decoding).
+    pub fn with_manifest_cache(mut self, dir: PathBuf) -> RemoteStore {
+        self.cache = Some(dir);
+        self
+    }
+
+    /// The cache file of `disk`'s last manifest.
+    fn cached(&self, disk: &DiskName) -> Option<PathBuf> {
+        let safe = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        let dir = self.cache.as_ref()?;
+        let store = format!("{}@{}", safe(&self.at.repository), safe(&self.at.address));
+        Some(
+            dir.join(store)
+                .join(format!("{}.point", safe(&disk.to_string()))),
+        )
+    }
+
+    fn err(&self, detail: impl std::fmt::Display) -> Error {
+        Error::Transport {
+            address: self.describe(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn connect(&self, hello: &Hello) -> datamover::Result<(ClientStream, Ready)> {
+        let addr = self
+            .at
+            .address
+            .to_socket_addrs()
+            .map_err(|e| self.err(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| self.err("no address"))?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| self.err(format!("cannot connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        tcp.set_read_timeout(Some(self.timeout))
+            .and_then(|_| tcp.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| self.err(e))?;
+        let name = ServerName::try_from(self.at.server_name.clone())
+            .map_err(|e| self.err(format!("bad server name: {e}")))?;
+        let conn =
+            rustls::ClientConnection::new(self.tls.clone(), name).map_err(|e| self.err(e))?;
+        let mut s = rustls::StreamOwned::new(
+            conn,
+            Counted {
+                inner: tcp,
+                wire: self.wire.clone(),
+            },
+        );
+        write_msg(&mut s, Msg::Hello, &json(hello).map_err(|e| self.err(e))?)
+            .and_then(|_| s.flush())
+            .map_err(|e| self.err(e))?;
+        let b = self.expect(&mut s, Msg::Ready)?;
+        let ready: Ready =
+            serde_json::from_slice(&b).map_err(|e| self.err(format!("bad READY: {e}")))?;
+        Ok((s, ready))
+    }
+
+    /// Read a message of type `want`; an ERROR becomes the service's message.
+    fn expect(&self, s: &mut ClientStream, want: Msg) -> datamover::Result<Vec<u8>> {
+        let (ty, b) = read_msg(s).map_err(|e| self.err(format!("connection lost: {e}")))?;
+        match ty {
+            t if t == want => Ok(b),
+            Msg::Error => {
+                let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
+                    error: String::from_utf8_lossy(&b).into_owned(),
+                });
+                Err(self.err(format!("the repository service refused: {}", m.error)))
+            }
+            t => Err(self.err(format!("unexpected message {t} (wanted {want})"))),
+        }
+    }
+
+    fn hello(&self, disk: &DiskName, op: Op, started: Option<String>) -> Hello {
+        Hello {
+            magic: MAGIC.into(),
+            version: VERSION,
+            repository: self.at.repository.clone(),
+            disk: disk.to_string(),
+            op,
+            started,
+            replica: self.at.replica,
+        }
+    }
+}
+
+impl Store for RemoteStore {
+    fn describe(&self) -> String {
+        format!("dmrs://{}/{}", self.at.address, self.at.repository)
+    }
+
+    fn latest_meta(&self, disk: &DiskName) -> datamover::Result<Option<(PointId, PointMeta)>> {
+        let (_, r) = self.connect(&self.hello(disk, Op::Latest, None))?;
+        match (r.parent, r.parent_meta) {
+            (Some(p), Some(m)) => Ok(Some((p.parse()?, m))),
+            _ => Ok(None),
+        }
+    }
+
+    fn begin<'s>(
+        &'s self,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> datamover::Result<Box<dyn StoreSession + 's>> {
+        let t = started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let (s, r) = self.connect(&self.hello(disk, Op::Backup, Some(t)))?;
+        let point: PointId = r
+            .point
+            .as_deref()
+            .ok_or_else(|| self.err("READY without a point"))?
+            .parse()?;
+        let session = RemoteSession {
+            store: self,
+            conn: Mutex::new(s),
+            point,
+            parent: r.parent,
+            known: RwLock::new(HashSet::new()),
+            cache: self.cached(disk),
+            disk: disk.clone(),
+        };
+        // The parent's chunks from the cache, if it holds the parent: a
+        // full read then asks the service about none of them.
+        if let Some(m) = session
+            .parent
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .and_then(|p| session.cached_parent(&p))
+        {
+            session.learn(&m);
+        }
+        Ok(Box::new(session))
+    }
+}
+
+struct RemoteSession<'s> {
+    store: &'s RemoteStore,
+    conn: Mutex<ClientStream>,
+    point: PointId,
+    parent: Option<String>,
+    /// Chunks of the parent: held by the repository.
+    known: RwLock<HashSet<ChunkId>>,
+    /// This disk's manifest cache file.
+    cache: Option<PathBuf>,
+    disk: DiskName,
+}
+
+impl RemoteSession<'_> {
+    fn conn(&self) -> std::sync::MutexGuard<'_, ClientStream> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The chunks of `m` (the parent) are held by the repository.
+    fn learn(&self, m: &Manifest) {
+        let mut k = self.known.write().unwrap_or_else(|p| p.into_inner());
+        k.extend(m.extents.iter().filter_map(|e| match e {
+            manifest::Extent::Chunk { id, .. } => Some(*id),
+            manifest::Extent::Zero { .. } => None,
+        }));
+    }
+
+    /// The parent's manifest from the cache, if it is that point's.
+    fn cached_parent(&self, id: &PointId) -> Option<Manifest> {
+        let path = self.cache.as_ref()?;
+        let bytes = datamover::store::read_manifest_file(path).ok()?;
+        let m = manifest::decode(&bytes).ok()?;
+        (m.meta.point == id.as_str() && m.meta.name == self.disk.to_string()).then_some(m)
+    }
+
+    /// The parent's manifest from the service.
+    fn fetch_parent(&self, id: &PointId) -> datamover::Result<Manifest> {
+        let st = self.store;
+        let mut s = self.conn();
+        write_msg(&mut *s, Msg::GetParent, &[])
+            .and_then(|_| s.flush())
+            .map_err(|e| st.err(e))?;
+        let mut bytes = Vec::new();
+        loop {
+            let (ty, b) = read_msg(&mut *s).map_err(|e| st.err(format!("connection lost: {e}")))?;
+            match ty {
+                Msg::ManifestPart => {
+                    if (bytes.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
+                        return Err(st.err("parent manifest beyond the 1 GiB limit"));
+                    }
+                    bytes.extend_from_slice(&b);
+                }
+                Msg::ManifestEnd => break,
+                Msg::Error => {
+                    let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
+                        error: String::from_utf8_lossy(&b).into_owned(),
+                    });
+                    return Err(st.err(format!("the repository service refused: {}", m.error)));
+                }
+                t => return Err(st.err(format!("unexpected message type {t}"))),
+            }
+        }
+        let m = manifest::decode(&bytes).map_err(|e| {
+            Error::corrupt(
+                "point manifest",
+                PathBuf::from(st.describe()),
+                format!("{e:?}"),
+            )
+        })?;
+        if m.meta.point != id.as_str() {
+            return Err(st.err(format!("sent the manifest of {}, not {id}", m.meta.point)));
+        }
+        Ok(m)
+    }
+
+    /// Keep `bytes` (the committed point's manifest) as this disk's
+    /// cached one; a failure only costs a fetch next time.
+    fn keep(&self, bytes: &[u8]) {
+        let Some(path) = &self.cache else { return };
+        let tmp = path.with_extension("tmp");
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::debug!("manifest cache {}: {e}", path.display());
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+impl StoreSession for RemoteSession<'_> {
+    fn point(&self) -> &PointId {
+        &self.point
+    }
+
+    fn parent(&self) -> datamover::Result<Option<(PointId, Manifest)>> {
+        let Some(p) = &self.parent else {
+            return Ok(None);
+        };
+        let id: PointId = p.parse()?;
+        let m = match self.cached_parent(&id) {
+            Some(m) => m,
+            None => self.fetch_parent(&id)?,
+        };
+        self.learn(&m);
+        Ok(Some((id, m)))
+    }
+
+    fn has(&self, id: &ChunkId) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn missing_of(&self, _m: &Manifest) -> Option<ChunkId> {
+        // The service checks every chunk a manifest names at commit.
+        None
+    }
+
+    fn sink(&self, _pack_target: u64) -> datamover::Result<Box<dyn FrameSink + '_>> {
+        Ok(Box::new(RemoteSink {
+            session: self,
+            batch: Vec::new(),
+            bytes: 0,
+        }))
+    }
+
+    fn manifest_temp(&self) -> datamover::Result<(File, PathBuf)> {
+        let f = tempfile::Builder::new()
+            .prefix("dm-point-")
+            .tempfile()
+            .map_err(|e| Error::io("create", std::env::temp_dir(), e))?;
+        let (file, path) = f
+            .keep()
+            .map_err(|e| Error::io("create", std::env::temp_dir(), e.error))?;
+        Ok((file, path))
+    }
+
+    fn commit(self: Box<Self>, path: &Path) -> datamover::Result<()> {
+        let st = self.store;
+        let bytes = datamover::store::read_manifest_file(path)?;
+        let _ = std::fs::remove_file(path);
+        let mut s = self.conn();
+        for part in bytes.chunks(PART) {
+            write_msg(&mut *s, Msg::ManifestPart, part).map_err(|e| st.err(e))?;
+        }
+        write_msg(&mut *s, Msg::Commit, &[])
+            .and_then(|_| s.flush())
+            .map_err(|e| st.err(e))?;
+        let b = st.expect(&mut s, Msg::Committed)?;
+        let c: Committed =
+            serde_json::from_slice(&b).map_err(|e| st.err(format!("bad COMMITTED: {e}")))?;
+        if c.point != self.point.as_str() {
+            return Err(st.err(format!("committed {}, not {}", c.point, self.point)));
+        }
+        drop(s);
+        self.keep(&bytes);
+        *st.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        Ok(())
+    }
+}
+
+struct RemoteSink<'a> {
+    session: &'a RemoteSession<'a>,
+    batch: Vec<(ChunkId, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl RemoteSink<'_> {
+    /// Ask which frames of the batch the repository lacks; send those.
+    fn flush(&mut self) -> datamover::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let st = self.session.store;
+        let mut s = self.session.conn();
+        let ids: Vec<u8> = self.batch.iter().flat_map(|(id, _)| id.0).collect();
+        write_msg(&mut *s, Msg::Have, &ids)
+            .and_then(|_| s.flush())
+            .map_err(|e| st.err(e))?;
+        let bits = st.expect(&mut s, Msg::Missing)?;
+        if bits.len() != self.batch.len().div_ceil(8) {
+            return Err(st.err("MISSING answer of the wrong length"));
+        }
+        let mut out = Vec::with_capacity(self.bytes);
+        for (i, (_, frame)) in self.batch.iter().enumerate() {
+            if bits[i / 8] & (1 << (i % 8)) != 0 {
+                if out.len() + frame.len() > MAX_MESSAGE - 1 {
+                    write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.err(e))?;
+                    out.clear();
+                }
+                out.extend_from_slice(frame);
+            }
+        }
+        if !out.is_empty() {
+            write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.err(e))?;
+        }
+        self.batch.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+impl FrameSink for RemoteSink<'_> {
+    fn add(&mut self, id: ChunkId, _plain_len: u32, frame: Vec<u8>) -> datamover::Result<()> {
+        self.bytes += frame.len();
+        self.batch.push((id, frame));
+        if self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> datamover::Result<()> {
+        self.flush()?;
+        let st = self.session.store;
+        self.session.conn().flush().map_err(|e| st.err(e))
+    }
+}

@@ -1,0 +1,312 @@
+//! The `dmrs/1` wire protocol of the repository service: framing,
+//! message types, limits and the JSON bodies. One module, like
+//! `datamover::format`: a change here is a new protocol version, and the
+//! golden test below pins the bytes.
+//!
+//! Invariant: a message's length is checked against [`MAX_MESSAGE`]
+//! before anything is allocated, and an unknown message type is a
+//! protocol violation ([`std::io::ErrorKind::InvalidData`]).
+//!
+//! ## Wire protocol `dmrs/1`
+
+//!
+//! Mutual TLS (ALPN `dmrs/1`): both ends present certificates issued by
+//! the installation's CA. Then messages, each
+//!
+//! ```text
+//! u32 LE  length of what follows (type + payload), at most 80 MiB
+//! u8      type
+//! …       payload
+//! ```
+//!
+//! | type | name | direction | payload |
+//! |---|---|---|---|
+//! | 1 | HELLO | c→s | JSON [`Hello`] (magic `DMRS`, version 1) |
+//! | 2 | READY | s→c | JSON [`Ready`] |
+//! | 3 | GET_PARENT | c→s | empty |
+//! | 4 | MANIFEST_PART | both | manifest bytes (≤ 4 MiB per message) |
+//! | 5 | MANIFEST_END | both | empty (s→c: after the parent's parts) |
+//! | 6 | HAVE | c→s | n × 32-byte chunk ids |
+//! | 7 | MISSING | s→c | n bits, LSB first: 1 = send it |
+//! | 8 | FRAMES | c→s | whole chunk frames as stored in packs; no answer |
+//! | 10 | COMMIT | c→s | empty, after the manifest's parts |
+//! | 11 | COMMITTED | s→c | JSON [`Committed`] |
+//! | 255 | ERROR | s→c | JSON `{"error": …}`; the server then closes |
+//!
+//! A session: HELLO → READY; optionally GET_PARENT; any number of HAVE /
+//! FRAMES; MANIFEST_PART…, COMMIT → COMMITTED.
+//!
+//! The service reads a connection on one thread and answers HAVE at once
+//! (from the index as the session began and the frames received so far);
+//! a worker thread checks and stores the frames, so reading, checking and
+//! writing overlap. COMMIT waits for the worker. HELLO with `op: "latest"`
+//! gets READY and the connection ends.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use datamover::format::manifest::PointMeta;
+use datamover::replica::ReplicaReport;
+use serde::{Deserialize, Serialize};
+
+/// ALPN protocol name.
+pub const ALPN: &[u8] = b"dmrs/1";
+/// Magic in HELLO.
+pub const MAGIC: &str = "DMRS";
+/// Protocol version.
+pub const VERSION: u32 = 1;
+/// Largest message.
+pub const MAX_MESSAGE: usize = 80 << 20;
+/// Frames sent per HAVE/FRAMES round.
+pub const BATCH_BYTES: usize = 8 << 20;
+/// Manifest bytes per MANIFEST_PART.
+pub const PART: usize = 4 << 20;
+/// FRAMES messages queued for the worker that checks and stores them.
+pub const WORKER_QUEUE: usize = 4;
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A silent peer is dropped after this long.
+pub const IDLE: Duration = Duration::from_secs(300);
+
+/// A message type: the byte after a message's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Msg {
+    /// c→s: JSON [`Hello`].
+    Hello = 1,
+    /// s→c: JSON [`Ready`].
+    Ready = 2,
+    /// c→s: empty; ask for the parent's manifest.
+    GetParent = 3,
+    /// Both ways: manifest bytes (at most [`PART`] per message).
+    ManifestPart = 4,
+    /// Both ways: empty; the manifest is complete.
+    ManifestEnd = 5,
+    /// c→s: n × 32-byte chunk ids.
+    Have = 6,
+    /// s→c: n bits, LSB first: 1 = send it.
+    Missing = 7,
+    /// c→s: whole chunk frames as stored in packs; no answer.
+    Frames = 8,
+    /// c→s: empty, after the manifest's parts.
+    Commit = 10,
+    /// s→c: JSON [`Committed`].
+    Committed = 11,
+    /// s→c: JSON `{"error": …}`; the server then closes.
+    Error = 255,
+}
+
+impl std::fmt::Display for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Msg::Hello => "HELLO",
+            Msg::Ready => "READY",
+            Msg::GetParent => "GET_PARENT",
+            Msg::ManifestPart => "MANIFEST_PART",
+            Msg::ManifestEnd => "MANIFEST_END",
+            Msg::Have => "HAVE",
+            Msg::Missing => "MISSING",
+            Msg::Frames => "FRAMES",
+            Msg::Commit => "COMMIT",
+            Msg::Committed => "COMMITTED",
+            Msg::Error => "ERROR",
+        };
+        write!(f, "{name} ({})", *self as u8)
+    }
+}
+
+impl Msg {
+    /// The type of byte `b`, if it names one.
+    pub fn from_byte(b: u8) -> Option<Msg> {
+        Some(match b {
+            1 => Msg::Hello,
+            2 => Msg::Ready,
+            3 => Msg::GetParent,
+            4 => Msg::ManifestPart,
+            5 => Msg::ManifestEnd,
+            6 => Msg::Have,
+            7 => Msg::Missing,
+            8 => Msg::Frames,
+            10 => Msg::Commit,
+            11 => Msg::Committed,
+            255 => Msg::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// What a client opens a connection for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    /// Write a new point.
+    Backup,
+    /// Only ask for the newest point's metadata.
+    Latest,
+}
+
+/// The first message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// `DMRS`.
+    pub magic: String,
+    /// Protocol version.
+    pub version: u32,
+    /// Repository name, as the server assigned it to the service.
+    pub repository: String,
+    /// Disk name, `vm/disk`.
+    pub disk: String,
+    /// What for.
+    pub op: Op,
+    /// When the backup started (RFC 3339; names the point).
+    #[serde(default)]
+    pub started: Option<String>,
+    /// After the commit, bring the disk's replica image
+    /// (`<repository>/replicas/<vm>/<disk>.img`) to the new point.
+    #[serde(default)]
+    pub replica: bool,
+}
+
+/// Answer to HELLO.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ready {
+    /// The new point (op `backup`).
+    pub point: Option<String>,
+    /// The disk's newest point.
+    pub parent: Option<String>,
+    /// Its metadata.
+    pub parent_meta: Option<PointMeta>,
+}
+
+/// Answer to COMMIT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Committed {
+    /// The point published.
+    pub point: String,
+    /// Frames received.
+    pub frames: u64,
+    /// Frames stored (the rest the repository held already).
+    pub frames_new: u64,
+    /// Bytes stored.
+    pub bytes_new: u64,
+    /// The replica update, for a replica repository.
+    pub replica: Option<ReplicaReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Write one message.
+pub fn write_msg(w: &mut impl Write, ty: Msg, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len() + 1)
+        .ok()
+        .filter(|n| *n as usize <= MAX_MESSAGE)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message too long"))?;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&[ty as u8])?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Read one message; its length is checked before anything is allocated.
+pub fn read_msg(r: &mut impl Read) -> io::Result<(Msg, Vec<u8>)> {
+    let mut h = [0u8; 5];
+    r.read_exact(&mut h)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len == 0 || len > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message length {len} outside 1..={MAX_MESSAGE}"),
+        ));
+    }
+    let ty = Msg::from_byte(h[4]).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown message type {}", h[4]),
+        )
+    })?;
+    let mut b = vec![0u8; len - 1];
+    r.read_exact(&mut b)?;
+    Ok((ty, b))
+}
+
+/// A JSON body.
+pub fn json<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// dmrs/1 on the wire, pinned: the framing (u32 LE length of type +
+    /// payload, then the type) and HELLO's JSON. A change here is a new
+    /// protocol version.
+    #[test]
+    fn golden_wire_bytes() {
+        let hello = Hello {
+            magic: MAGIC.into(),
+            version: VERSION,
+            repository: "vault".into(),
+            disk: "web01/vda".into(),
+            op: Op::Backup,
+            started: Some("2026-11-28T00:00:00.000Z".into()),
+            replica: true,
+        };
+        let mut b = Vec::new();
+        write_msg(&mut b, Msg::Hello, &json(&hello).unwrap()).unwrap();
+        let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"backup","started":"2026-11-28T00:00:00.000Z","replica":true}"#;
+        let mut want = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+        want.push(1);
+        want.extend_from_slice(body);
+        assert_eq!(b, want);
+        let mut m = Vec::new();
+        write_msg(&mut m, Msg::Missing, &[0b0000_0101]).unwrap();
+        assert_eq!(m, [2, 0, 0, 0, 7, 0b0000_0101]);
+        assert_eq!(
+            (
+                Msg::Hello as u8,
+                Msg::Ready as u8,
+                Msg::GetParent as u8,
+                Msg::ManifestPart as u8,
+                Msg::ManifestEnd as u8,
+                Msg::Have as u8
+            ),
+            (1, 2, 3, 4, 5, 6)
+        );
+        assert_eq!(
+            (
+                Msg::Missing as u8,
+                Msg::Frames as u8,
+                Msg::Commit as u8,
+                Msg::Committed as u8,
+                Msg::Error as u8
+            ),
+            (7, 8, 10, 11, 255)
+        );
+        assert_eq!(ALPN, b"dmrs/1");
+    }
+
+    #[test]
+    fn messages_round_trip_and_bad_lengths_are_refused() {
+        let mut b = Vec::new();
+        write_msg(&mut b, Msg::Have, &[7u8; 64]).unwrap();
+        let (t, p) = read_msg(&mut &b[..]).unwrap();
+        assert_eq!((t, p.len()), (Msg::Have, 64));
+        // Zero and oversized lengths are errors before any allocation.
+        for len in [0u32, (MAX_MESSAGE + 1) as u32, u32::MAX] {
+            let mut m = len.to_le_bytes().to_vec();
+            m.push(Msg::Have as u8);
+            let e = read_msg(&mut &m[..]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{len}");
+        }
+        // A truncated payload is an error, not a short message.
+        let e = read_msg(&mut &b[..20]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

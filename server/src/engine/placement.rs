@@ -1,0 +1,147 @@
+//! Placement: queued tasks onto free proxy slots, through the pure
+//! scheduler (`crate::scheduler`).
+//!
+//! Invariant: a task is placed only on an online proxy with a free slot
+//! that may serve its disk in the chosen mode.
+
+use super::*;
+
+impl Engine {
+    /// Place queued tasks on proxies with free slots.
+    pub(super) fn place(&self, db: &Connection) -> R<()> {
+        let running = running_counts(db)?;
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut st = db.prepare(
+            "SELECT p.id, h.name, h.builtin, p.slots, p.cores, p.modes, p.datastores
+             FROM proxies p JOIN hosts h ON h.id = p.host_id
+             WHERE p.disabled = 0 AND p.state = 'online'",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, Option<u32>>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let others: i64 = db.query_row(
+            "SELECT count(*) FROM proxies p JOIN hosts h ON h.id = p.host_id WHERE h.builtin = 0 AND p.disabled = 0",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut slots = Vec::new();
+        for row in rows {
+            let (id, name, builtin, s, cores, modes, ds) = row?;
+            // The built-in proxy works only while no other proxy exists.
+            if builtin && others > 0 {
+                continue;
+            }
+            if !seen.contains_key(&id) {
+                continue;
+            }
+            let modes: Vec<String> = serde_json::from_str(&modes)?;
+            slots.push(Slot {
+                id,
+                host: name.clone(),
+                name,
+                slots: effective_slots(s, cores),
+                running: running.get(&id).copied().unwrap_or(0),
+                modes: ModeSet::from_names(&modes).unwrap_or(ModeSet::ALL),
+                datastores: serde_json::from_str(&ds)?,
+            });
+        }
+        drop(st);
+        if !slots.is_empty() && slots.iter().all(|s| s.running >= s.slots) {
+            return Ok(());
+        }
+        let names: HashMap<String, i64> = slots.iter().map(|s| (s.name.clone(), s.id)).collect();
+        let mut st = db.prepare(
+            "SELECT t.id, t.spec, j.spec, r.proxy, t.waiting FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+             LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
+             LEFT JOIN hosts ph ON ph.name = r.proxy
+             LEFT JOIN proxies pp ON pp.host_id = ph.id
+             WHERE t.state = 'queued' AND t.not_before <= ?1
+             -- A repository just given to a running service is offered at
+             -- its next heartbeat: until then its tasks wait.
+             AND NOT (pp.state = 'online' AND pp.service_port IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM json_each(pp.serving) WHERE value = r.name))
+             ORDER BY t.id",
+        )?;
+        let rows = st.query_map([now_ms()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+        let mut pending = Vec::new();
+        let mut waiting: HashMap<i64, Option<String>> = HashMap::new();
+        let mut jobs: HashMap<String, JobSpec> = HashMap::new();
+        for row in rows {
+            let (id, dspec, jspec, holder, why) = row?;
+            waiting.insert(id, why);
+            let d: JobDisk = serde_json::from_str(&dspec)?;
+            if !jobs.contains_key(&jspec) {
+                jobs.insert(jspec.clone(), serde_json::from_str(&jspec)?);
+            }
+            let Some(j) = jobs.get(&jspec) else { continue };
+            // A restore from a repository a proxy holds runs on that proxy.
+            let only: Vec<String> = match (&holder, j.kind) {
+                (Some(h), JobKind::Restore) => vec![h.clone()],
+                _ => j.proxies.clone(),
+            };
+            pending.push(Pending {
+                id,
+                location: location_of(&d),
+                // A job's proxy list names proxies that may not be online:
+                // an unknown id keeps the task queued rather than anywhere.
+                proxies: only
+                    .iter()
+                    .map(|n| names.get(n).copied().unwrap_or(-1))
+                    .collect(),
+                pinned: j.transport.parse::<Mode>().ok(),
+                failover: j.failover_to_network,
+            });
+        }
+        drop(st);
+        let placed = scheduler::place(&pending, &mut slots);
+        // With slots still free, a task left queued is one no proxy can
+        // take: say why (once; placement clears it).
+        if slots.is_empty() || slots.iter().any(|s| s.running < s.slots) {
+            let done: std::collections::HashSet<i64> = placed.iter().map(|p| p.task).collect();
+            for p in pending.iter().filter(|p| !done.contains(&p.id)) {
+                let why = scheduler::why_unplaceable(p, &slots);
+                if why.is_some() && waiting.get(&p.id) != Some(&why) {
+                    db.execute(
+                        "UPDATE tasks SET waiting = ?1 WHERE id = ?2",
+                        params![why, p.id],
+                    )?;
+                }
+            }
+        }
+        let t = unix_secs();
+        for p in placed {
+            let name = slots
+                .iter()
+                .find(|s| s.id == p.proxy)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            let attempt: u32 = db.query_row(
+                "UPDATE tasks SET state = 'assigned', proxy_id = ?1, proxy_name = ?2, mode = ?3, started = ?4, done = 0,
+                 waiting = NULL WHERE id = ?5 RETURNING attempt",
+                params![p.proxy, name, p.mode.name(), now(), p.task],
+                |r| r.get(0),
+            )?;
+            db.execute(
+                "INSERT INTO task_log(task_id, proxy, attempt, started) VALUES (?1, ?2, ?3, ?4)",
+                params![p.task, name, attempt, t],
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! Unit tests of the engine on an in-memory catalog: the domain rules
+//! without HTTP, TLS or proxies.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+fn engine() -> (Engine, tempfile::TempDir) {
+    let d = tempfile::tempdir().unwrap();
+    let db = crate::catalog::open(std::path::Path::new(":memory:")).unwrap();
+    let ca = Ca::load_or_create(&d.path().join("ca"), "unit").unwrap();
+    (Engine::new(db, ca, Timing::default()), d)
+}
+
+fn repo(e: &Engine, name: &str) {
+    e.add_repository(&api::Repository {
+        name: name.into(),
+        path: format!("/tmp/dm-unit-{name}"),
+        proxy: None,
+    })
+    .unwrap();
+}
+
+fn job(name: &str, repository: &str, sources: &[&str]) -> JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "kind": "backup",
+        "repository": repository,
+        "disks": sources.iter().enumerate().map(|(i, s)| serde_json::json!({
+            "name": format!("vm{i}/vda"),
+            "source": s,
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn names_are_checked_with_a_bad_input_error() {
+    assert!(check_name("job", "web-01.daily_2").is_ok());
+    for bad in ["", ".hidden", "-x", "a/b", "sp ace", &"x".repeat(65)] {
+        let e = check_name("job", bad).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadInput, "{bad:?}");
+        assert!(e.message.contains("not valid"), "{}", e.message);
+    }
+}
+
+#[test]
+fn a_duplicate_host_is_a_conflict_and_an_unknown_one_not_found() {
+    let (e, _d) = engine();
+    let h: NewHost = serde_json::from_value(serde_json::json!({"name": "pve1"})).unwrap();
+    let added = e.add_host(&h).unwrap();
+    assert!(added.enrollment_token.starts_with("dmj1."));
+    assert_eq!(e.hosts().unwrap().len(), 1);
+    let dup = e.add_host(&h).unwrap_err();
+    assert_eq!(dup.kind, ErrorKind::Conflict);
+    assert!(dup.message.contains("pve1"), "{}", dup.message);
+    assert_eq!(e.remove_host("nope").unwrap_err().kind, ErrorKind::NotFound);
+    e.remove_host("pve1").unwrap();
+    assert!(e.hosts().unwrap().is_empty());
+}
+
+#[test]
+fn a_job_runs_one_queued_task_per_disk_and_only_once_at_a_time() {
+    let (e, _d) = engine();
+    repo(&e, "vault");
+    let bad = e
+        .create_job(&job("j", "vault", &["relative.img"]))
+        .unwrap_err();
+    assert_eq!(bad.kind, ErrorKind::BadInput);
+    let missing = e.create_job(&job("j", "nowhere", &["/a.img"])).unwrap_err();
+    assert_eq!(missing.kind, ErrorKind::BadInput, "{}", missing.message);
+    assert!(missing.message.contains("nowhere"), "{}", missing.message);
+    e.create_job(&job("j", "vault", &["/a.img", "/b.img"]))
+        .unwrap();
+    let s = e.run_job("j").unwrap();
+    assert_eq!(s.tasks.len(), 2);
+    // No proxy is registered: both tasks wait in the queue.
+    assert!(s.tasks.iter().all(|t| t.state == State::Queued), "{s:?}");
+    assert_eq!(e.run_job("j").unwrap_err().kind, ErrorKind::Conflict);
+    assert_eq!(e.delete_job("j").unwrap_err().kind, ErrorKind::Conflict);
+    assert_eq!(e.session(s.id).unwrap().tasks.len(), 2);
+    assert_eq!(e.run_job("other").unwrap_err().kind, ErrorKind::NotFound);
+}
