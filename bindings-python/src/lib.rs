@@ -650,6 +650,18 @@ fn client_err(e: datamover_control::client::ClientError) -> PyErr {
     py_error(class, e.to_string())
 }
 
+/// Why waiting for a session stopped early.
+enum Waited {
+    Client(datamover_control::client::ClientError),
+    Interrupted(PyErr),
+}
+
+impl From<datamover_control::client::ClientError> for Waited {
+    fn from(e: datamover_control::client::ClientError) -> Self {
+        Waited::Client(e)
+    }
+}
+
 /// A dm-server, through its REST API (the same calls as `dm --server`).
 /// Answers are the API's JSON as dicts and lists.
 #[pyclass(module = "datamover", frozen)]
@@ -666,10 +678,7 @@ impl Server {
         body: Option<serde_json::Value>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = self.client.clone();
-        let (method, path) = (
-            method.to_string(),
-            format!("{}{path}", datamover_control::api::API),
-        );
+        let (method, path) = (method.to_string(), path.to_string());
         let v: serde_json::Value = py
             .detach(move || match (method.as_str(), body) {
                 ("GET", _) => c.get(&path),
@@ -727,7 +736,7 @@ impl Server {
 
     /// Proxies: slots, state, running tasks, datastores.
     fn proxies<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", "/proxies", None)
+        self.call(py, "GET", &datamover_control::api::paths::proxies(), None)
     }
 
     /// Change a proxy's settings: slots, modes, site, disabled.
@@ -742,12 +751,17 @@ impl Server {
             Some(d) => Self::json_of(py, d.as_any())?,
             None => serde_json::json!({}),
         };
-        self.call(py, "PATCH", &format!("/proxies/{name}"), Some(body))
+        self.call(
+            py,
+            "PATCH",
+            &datamover_control::api::paths::proxy(name),
+            Some(body),
+        )
     }
 
     /// Managed hosts.
     fn hosts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", "/hosts", None)
+        self.call(py, "GET", &datamover_control::api::paths::hosts(), None)
     }
 
     /// Add a host; the answer's ``enrollment_token`` is for the host's
@@ -762,7 +776,12 @@ impl Server {
         roles: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles});
-        self.call(py, "POST", "/hosts", Some(body))
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::hosts(),
+            Some(body),
+        )
     }
 
     /// Set a host's roles (``[]`` takes them all away); its installer
@@ -774,18 +793,33 @@ impl Server {
         roles: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let body = serde_json::json!({ "roles": roles });
-        self.call(py, "PATCH", &format!("/hosts/{name}"), Some(body))
+        self.call(
+            py,
+            "PATCH",
+            &datamover_control::api::paths::host(name),
+            Some(body),
+        )
     }
 
     /// Remove a host (revokes its certificate).
     fn remove_host(&self, py: Python<'_>, name: &str) -> PyResult<()> {
-        self.call(py, "DELETE", &format!("/hosts/{name}"), None)
-            .map(|_| ())
+        self.call(
+            py,
+            "DELETE",
+            &datamover_control::api::paths::host(name),
+            None,
+        )
+        .map(|_| ())
     }
 
     /// Repositories.
     fn repositories<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", "/repositories", None)
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::repositories(),
+            None,
+        )
     }
 
     /// Add a repository: a directory at the same path on every proxy
@@ -805,12 +839,17 @@ impl Server {
             proxy: proxy.map(str::to_string),
         })
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        self.call(py, "POST", "/repositories", Some(body))
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::repositories(),
+            Some(body),
+        )
     }
 
     /// Jobs.
     fn jobs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", "/jobs", None)
+        self.call(py, "GET", &datamover_control::api::paths::jobs(), None)
     }
 
     /// Create a job from a dict of the API's JobSpec (name, kind,
@@ -822,37 +861,56 @@ impl Server {
         spec: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let body = Self::json_of(py, spec)?;
-        self.call(py, "POST", "/jobs", Some(body))
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::jobs(),
+            Some(body),
+        )
     }
 
     /// Run a job; with ``wait=True`` return its session once it ended.
     #[pyo3(signature = (name, *, wait=false))]
     fn run_job<'py>(&self, py: Python<'py>, name: &str, wait: bool) -> PyResult<Bound<'py, PyAny>> {
-        let s = self.call(py, "POST", &format!("/jobs/{name}/run"), None)?;
+        let s = self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::job_run(name),
+            None,
+        )?;
         if !wait {
             return Ok(s);
         }
         let id: u64 = s.get_item("id")?.extract()?;
-        loop {
-            let s = self.session(py, id)?;
-            let state: String = s.get_item("state")?.extract()?;
-            if state == "success" || state == "failed" {
-                return Ok(s);
-            }
-            py.detach(|| std::thread::sleep(std::time::Duration::from_millis(250)));
-            py.check_signals()?;
-        }
+        let c = self.client.clone();
+        let end = py
+            .detach(move || {
+                c.wait_session(id, |_| -> Result<(), Waited> {
+                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)
+                })
+            })
+            .map_err(|e| match e {
+                Waited::Client(e) => client_err(e),
+                Waited::Interrupted(e) => e,
+            })?;
+        let v = serde_json::to_value(&end).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.import("json")?.getattr("loads")?.call1((v.to_string(),))
     }
 
     /// One session: its tasks with state, proxy, mode, progress, attempts.
     fn session<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", &format!("/sessions/{id}"), None)
+        self.call(py, "GET", &datamover_control::api::paths::session(id), None)
     }
 
     /// Recent sessions, newest first.
     #[pyo3(signature = (limit=20))]
     fn sessions<'py>(&self, py: Python<'py>, limit: u32) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, "GET", &format!("/sessions?limit={limit}"), None)
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::sessions(limit),
+            None,
+        )
     }
 }
 

@@ -637,3 +637,50 @@ pub struct ServiceAddress {
     #[serde(default)]
     pub replica: bool,
 }
+
+/// The REST API's paths, built in one place (names are path segments the
+/// server checks: letters, digits, `.`, `_`, `-`).
+pub mod paths {
+    use super::API;
+
+    /// `/api/v1/hosts`.
+    pub fn hosts() -> String {
+        format!("{API}/hosts")
+    }
+    /// `/api/v1/hosts/{name}`.
+    pub fn host(name: &str) -> String {
+        format!("{API}/hosts/{name}")
+    }
+    /// `/api/v1/proxies`.
+    pub fn proxies() -> String {
+        format!("{API}/proxies")
+    }
+    /// `/api/v1/proxies/{name}`.
+    pub fn proxy(name: &str) -> String {
+        format!("{API}/proxies/{name}")
+    }
+    /// `/api/v1/repositories`.
+    pub fn repositories() -> String {
+        format!("{API}/repositories")
+    }
+    /// `/api/v1/jobs`.
+    pub fn jobs() -> String {
+        format!("{API}/jobs")
+    }
+    /// `/api/v1/jobs/{name}`.
+    pub fn job(name: &str) -> String {
+        format!("{API}/jobs/{name}")
+    }
+    /// `/api/v1/jobs/{name}/run`.
+    pub fn job_run(name: &str) -> String {
+        format!("{API}/jobs/{name}/run")
+    }
+    /// `/api/v1/sessions?limit={limit}`.
+    pub fn sessions(limit: u32) -> String {
+        format!("{API}/sessions?limit={limit}")
+    }
+    /// `/api/v1/sessions/{id}`.
+    pub fn session(id: u64) -> String {
+        format!("{API}/sessions/{id}")
+    }
+}

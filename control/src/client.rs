@@ -10,7 +10,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
-use crate::api::ErrorBody;
+use crate::api::{
+    ErrorBody, Host, HostAdded, HostPatch, Job, JobSpec, NewHost, Proxy, ProxyPatch, Repository,
+    Session, paths,
+};
 use crate::pki::{self, Identity};
 
 /// What a call to the server can end with.
@@ -314,4 +317,84 @@ impl Client {
         let (status, bytes) = self.request("DELETE", path, None)?;
         Self::check(status, &bytes)
     }
+
+    // ---- the REST API, typed ----
+
+    /// Managed hosts.
+    pub fn hosts(&self) -> Result<Vec<Host>> {
+        self.get(&paths::hosts())
+    }
+    /// Add a host; the answer carries its one-time enrollment token.
+    pub fn add_host(&self, h: &NewHost) -> Result<HostAdded> {
+        self.post(&paths::hosts(), h)
+    }
+    /// Change a host (its roles).
+    pub fn patch_host(&self, name: &str, p: &HostPatch) -> Result<Host> {
+        self.patch(&paths::host(name), p)
+    }
+    /// Remove a host (revokes its certificate).
+    pub fn remove_host(&self, name: &str) -> Result<()> {
+        self.delete(&paths::host(name))
+    }
+    /// Proxies.
+    pub fn proxies(&self) -> Result<Vec<Proxy>> {
+        self.get(&paths::proxies())
+    }
+    /// Change a proxy's settings.
+    pub fn patch_proxy(&self, name: &str, p: &ProxyPatch) -> Result<Proxy> {
+        self.patch(&paths::proxy(name), p)
+    }
+    /// Repositories.
+    pub fn repositories(&self) -> Result<Vec<Repository>> {
+        self.get(&paths::repositories())
+    }
+    /// Add a repository.
+    pub fn add_repository(&self, r: &Repository) -> Result<Repository> {
+        self.post(&paths::repositories(), r)
+    }
+    /// Jobs.
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.get(&paths::jobs())
+    }
+    /// Create a job.
+    pub fn create_job(&self, j: &JobSpec) -> Result<Job> {
+        self.post(&paths::jobs(), j)
+    }
+    /// Start a run of a job: its new session.
+    pub fn run_job(&self, name: &str) -> Result<Session> {
+        self.post(&paths::job_run(name), &serde_json::json!({}))
+    }
+    /// Delete a job (refused while it runs).
+    pub fn delete_job(&self, name: &str) -> Result<()> {
+        self.delete(&paths::job(name))
+    }
+    /// Recent sessions, newest first.
+    pub fn sessions(&self, limit: u32) -> Result<Vec<Session>> {
+        self.get(&paths::sessions(limit))
+    }
+    /// One session with its tasks.
+    pub fn session(&self, id: u64) -> Result<Session> {
+        self.get(&paths::session(id))
+    }
+
+    /// Poll session `id` every [`SESSION_POLL`] until it ends, calling
+    /// `each` with every state seen (progress bars, a check for Ctrl-C);
+    /// an error from `each` stops the wait. Returns the ended session.
+    pub fn wait_session<E: From<ClientError>>(
+        &self,
+        id: u64,
+        mut each: impl FnMut(&Session) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Session, E> {
+        loop {
+            let s = self.session(id)?;
+            each(&s)?;
+            if s.state.is_final() {
+                return Ok(s);
+            }
+            std::thread::sleep(SESSION_POLL);
+        }
+    }
 }
+
+/// How often [`Client::wait_session`] asks for a session's state.
+pub const SESSION_POLL: Duration = Duration::from_millis(250);

@@ -209,6 +209,16 @@ impl Error {
         }
     }
 
+    /// Whether running the same work again may succeed: everything but
+    /// bad input and what this build or source cannot do. Task retries
+    /// (the server's) follow this.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self.kind(),
+            ErrorKind::InvalidInput | ErrorKind::Unsupported
+        )
+    }
+
     /// An I/O error on `path`; a full filesystem becomes [`Error::NoSpace`].
     pub fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
         let path = path.as_ref().to_path_buf();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use datamover_control::api::{
-    API, Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy,
+    Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy,
     ProxyPatch, Repository, Session, State,
 };
 use datamover_control::client::{Auth, Client, ClientError};
@@ -308,14 +308,11 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
             role,
             json,
         } => {
-            let r: HostAdded = cl.post(
-                &format!("{API}/hosts"),
-                &NewHost {
-                    name,
-                    addresses: address,
-                    roles: role,
-                },
-            )?;
+            let r: HostAdded = cl.add_host(&NewHost {
+                name,
+                addresses: address,
+                roles: role,
+            })?;
             if json {
                 return print_json(&r);
             }
@@ -333,17 +330,14 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                 .filter(|r| !r.is_empty())
                 .map(|r| r.parse::<HostRole>().map_err(|e| Failure(2, e)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let h: Host = cl.patch(
-                &format!("{API}/hosts/{name}"),
-                &HostPatch { roles: Some(roles) },
-            )?;
+            let h: Host = cl.patch_host(&name, &HostPatch { roles: Some(roles) })?;
             if json {
                 return print_json(&h);
             }
             println!("host {}: roles {}", h.name, roles_text(&h));
         }
         HostCmd::List { json } => {
-            let hs: Vec<Host> = cl.get(&format!("{API}/hosts"))?;
+            let hs: Vec<Host> = cl.hosts()?;
             if json {
                 return print_json(&hs);
             }
@@ -388,7 +382,7 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
             }
         }
         HostCmd::Remove { name } => {
-            cl.delete(&format!("{API}/hosts/{name}"))?;
+            cl.remove_host(&name)?;
             println!("removed host {name}");
         }
     }
@@ -416,7 +410,7 @@ pub fn proxy(s: &ServerArgs, c: ProxyCmd) -> Result<u8, Failure> {
     };
     match c {
         ProxyCmd::List { json } => {
-            let ps: Vec<Proxy> = cl.get(&format!("{API}/proxies"))?;
+            let ps: Vec<Proxy> = cl.proxies()?;
             if json {
                 return print_json(&ps);
             }
@@ -430,8 +424,8 @@ pub fn proxy(s: &ServerArgs, c: ProxyCmd) -> Result<u8, Failure> {
             disable,
             enable,
         } => {
-            let p: Proxy = cl.patch(
-                &format!("{API}/proxies/{name}"),
+            let p: Proxy = cl.patch_proxy(
+                &name,
                 &ProxyPatch {
                     slots,
                     modes,
@@ -455,17 +449,14 @@ pub fn repo(s: &ServerArgs, c: RepoCmd) -> Result<u8, Failure> {
     let cl = s.client()?;
     match c {
         RepoCmd::Add { name, path, proxy } => {
-            let r: Repository = cl.post(
-                &format!("{API}/repositories"),
-                &Repository { name, path, proxy },
-            )?;
+            let r: Repository = cl.add_repository(&Repository { name, path, proxy })?;
             match &r.proxy {
                 Some(p) => println!("added repository {} at {} on proxy {p}", r.name, r.path),
                 None => println!("added repository {} at {}", r.name, r.path),
             }
         }
         RepoCmd::List { json } => {
-            let rs: Vec<Repository> = cl.get(&format!("{API}/repositories"))?;
+            let rs: Vec<Repository> = cl.repositories()?;
             if json {
                 return print_json(&rs);
             }
@@ -527,20 +518,17 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                     })
                 })
                 .collect::<Result<Vec<_>, Failure>>()?;
-            let j: Job = cl.post(
-                &format!("{API}/jobs"),
-                &JobSpec {
-                    name,
-                    kind,
-                    repository: repo,
-                    disks,
-                    proxies,
-                    transport,
-                    failover_to_network,
-                    retries,
-                    every_minutes,
-                },
-            )?;
+            let j: Job = cl.create_job(&JobSpec {
+                name,
+                kind,
+                repository: repo,
+                disks,
+                proxies,
+                transport,
+                failover_to_network,
+                retries,
+                every_minutes,
+            })?;
             if json {
                 return print_json(&j);
             }
@@ -553,7 +541,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             );
         }
         JobCmd::List { json } => {
-            let js: Vec<Job> = cl.get(&format!("{API}/jobs"))?;
+            let js: Vec<Job> = cl.jobs()?;
             if json {
                 return print_json(&js);
             }
@@ -573,8 +561,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             }
         }
         JobCmd::Run { name, wait, json } => {
-            let sess: Session =
-                cl.post(&format!("{API}/jobs/{name}/run"), &serde_json::json!({}))?;
+            let sess: Session = cl.run_job(&name)?;
             if wait {
                 let end = watch(&cl, sess.id, json)?;
                 return finish(&end, json);
@@ -589,7 +576,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             );
         }
         JobCmd::Delete { name } => {
-            cl.delete(&format!("{API}/jobs/{name}"))?;
+            cl.delete_job(&name)?;
             println!("deleted job {name}");
         }
     }
@@ -600,7 +587,7 @@ pub fn session(s: &ServerArgs, c: SessionCmd) -> Result<u8, Failure> {
     let cl = s.client()?;
     match c {
         SessionCmd::List { limit, json } => {
-            let ss: Vec<Session> = cl.get(&format!("{API}/sessions?limit={limit}"))?;
+            let ss: Vec<Session> = cl.sessions(limit)?;
             if json {
                 return print_json(&ss);
             }
@@ -622,7 +609,7 @@ pub fn session(s: &ServerArgs, c: SessionCmd) -> Result<u8, Failure> {
             Ok(0)
         }
         SessionCmd::Show { id, json } => {
-            let s: Session = cl.get(&format!("{API}/sessions/{id}"))?;
+            let s: Session = cl.session(id)?;
             if json {
                 return print_json(&s);
             }
@@ -711,8 +698,7 @@ fn watch(cl: &Client, id: u64, quiet: bool) -> Result<Session, Failure> {
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
     let mut bars: HashMap<u64, ProgressBar> = HashMap::new();
-    loop {
-        let s: Session = cl.get(&format!("{API}/sessions/{id}"))?;
+    let end = cl.wait_session(id, |s| -> Result<(), Failure> {
         if show {
             for t in &s.tasks {
                 let b = bars.entry(t.id).or_insert_with(|| {
@@ -741,12 +727,10 @@ fn watch(cl: &Client, id: u64, quiet: bool) -> Result<Session, Failure> {
                 }
             }
         }
-        if s.state.is_final() {
-            if show {
-                let _ = mp.clear();
-            }
-            return Ok(s);
-        }
-        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    })?;
+    if show {
+        let _ = mp.clear();
     }
+    Ok(end)
 }

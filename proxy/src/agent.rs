@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
-use datamover::{BackupOptions, DiskName, ErrorKind, Repository, Store};
+use datamover::{BackupOptions, DiskName, Repository, Store};
 
 use crate::repo_service::{RemoteStore, Served, ServedMap};
 use datamover_control::api::{
@@ -313,7 +313,7 @@ pub fn run_task(
         }
         Err(e) => {
             tracing::warn!("task {}: {e}", t.task);
-            res.permanent = matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::Unsupported);
+            res.permanent = !e.is_retryable();
             res.error = Some(e.to_string());
         }
     }

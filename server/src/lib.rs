@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ca::Ca;
-use anyhow::Context;
 use datamover_control::pki::{self, ClientAuth};
 use datamover_proxy::agent::{self, AgentConfig};
 
@@ -58,11 +57,39 @@ pub struct ServerConfig {
     pub proxy_package: Option<PathBuf>,
 }
 
+/// What can stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CA or the server's certificate.
+    #[error(transparent)]
+    Pki(#[from] datamover_control::pki::PkiError),
+    /// The catalog cannot be opened or migrated.
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
+    /// The engine's first steps (the bootstrap token, the built-in
+    /// proxy's identity).
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    /// A directory, a file or the listening socket.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
 /// Run the server until the process ends.
-pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
     pki::install_crypto();
     std::fs::create_dir_all(&cfg.data)
-        .with_context(|| format!("create data directory {}", cfg.data.display()))?;
+        .map_err(io(format!("create data directory {}", cfg.data.display())))?;
     let ca = Ca::load_or_create(&cfg.data.join("ca"), &host_name())?;
     let db = catalog::open(&cfg.data.join("catalog.sqlite"))?;
     let mut engine = Engine::new(db, ca, cfg.timing.clone());
@@ -70,18 +97,17 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         engine = engine.with_proxy_package(p.clone());
     }
     let engine = Arc::new(engine);
-    if let Some(t) = engine
-        .bootstrap_token()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-    {
+    if let Some(t) = engine.bootstrap_token()? {
         let p = cfg.data.join("admin.token");
         pki::write_private(&p, format!("{t}\n").as_bytes())?;
         tracing::info!("first API token written to {}", p.display());
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("listen at {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
+        .map_err(io(format!("listen at {}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io(format!("listen at {}", cfg.listen)))?;
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".into(),
@@ -106,9 +132,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         url.clone()
     };
     let _builtin = if cfg.builtin_proxy {
-        let id = engine
-            .builtin_identity(&["localhost".into()])
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let id = engine.builtin_identity(&["localhost".into()])?;
         Some(agent::spawn(AgentConfig {
             server: local,
             identity: id,
@@ -139,7 +163,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             }
         }
     });
-    std::fs::write(cfg.data.join("server.url"), format!("{url}\n"))?;
+    let url_file = cfg.data.join("server.url");
+    std::fs::write(&url_file, format!("{url}\n")).map_err(io(url_file.display().to_string()))?;
     tracing::info!(
         "dm-server listening at {url} (CA {})",
         engine.ca().fingerprint()
