@@ -116,133 +116,122 @@ fn run_cancellable<T: Send>(
     result.map_err(to_py)
 }
 
-/// Figures of one backup or restore: the same as `dm backup --json`.
-#[pyclass(frozen, get_all, module = "datamover")]
+/// Figures of one backup or restore: the keys of `dm backup --json`
+/// (`to_dict()`, one [`transports::RunReport`]), with the common ones as
+/// attributes.
+#[pyclass(frozen, module = "datamover")]
 struct Stats {
+    #[pyo3(get)]
     disk: String,
+    #[pyo3(get)]
     point: String,
+    #[pyo3(get)]
     transport: String,
+    #[pyo3(get)]
     bytes_total: u64,
+    #[pyo3(get)]
     bytes_read: u64,
+    #[pyo3(get)]
     bytes_zero: u64,
+    #[pyo3(get)]
     bytes_new: u64,
+    #[pyo3(get)]
     bytes_stored: u64,
+    #[pyo3(get)]
     chunks: u64,
+    #[pyo3(get)]
     chunks_new: u64,
+    #[pyo3(get)]
     dedupe_ratio: f64,
+    #[pyo3(get)]
     compression_ratio: f64,
+    #[pyo3(get)]
     seconds: f64,
+    #[pyo3(get)]
     mb_per_s: f64,
+    #[pyo3(get)]
     bottleneck: String,
+    #[pyo3(get)]
     threads: usize,
     /// Backups: built from the previous point plus tracked changes.
+    #[pyo3(get)]
     incremental: bool,
     /// Backups: the point an incremental was built from.
+    #[pyo3(get)]
     parent: Option<String>,
     /// Backups: bytes the change tracker marked changed.
+    #[pyo3(get)]
     bytes_changed: Option<u64>,
     /// Backups: what tracked the changes (e.g. `qemu:dirty-bitmap:b0`).
+    #[pyo3(get)]
     change_tracker: Option<String>,
     /// Backups: why the whole disk was read although a bitmap was given.
+    #[pyo3(get)]
     full_reason: Option<String>,
     /// VM backups: the checkpoint (dirty bitmap) this point started.
+    #[pyo3(get)]
     checkpoint: Option<String>,
     /// VM backups: the mode that failed when the run fell back to NBD.
+    #[pyo3(get)]
     failover_from: Option<String>,
     /// VM backups: why it failed.
+    #[pyo3(get)]
     failover_reason: Option<String>,
     /// VM backups: what the run decided and why (modes not used, ...).
+    #[pyo3(get)]
     notes: Vec<String>,
+    /// The whole report (`to_dict()`).
+    report: transports::RunReport,
 }
 
 impl Stats {
     fn of_run(run: &transports::BackupRun) -> Self {
-        Stats {
-            checkpoint: run.report.meta.checkpoint.clone(),
-            failover_from: run.failover.as_ref().map(|f| f.from.clone()),
-            failover_reason: run.failover.as_ref().map(|f| f.reason.clone()),
-            notes: run.notes.clone(),
-            ..Stats::of_backup(&run.report)
-        }
-    }
-
-    fn of_backup(rep: &datamover::BackupReport) -> Self {
-        Stats {
-            incremental: rep.parent().is_some(),
-            parent: rep.parent().map(str::to_owned),
-            bytes_changed: rep.bytes_changed(),
-            change_tracker: rep.meta.cbt.as_ref().map(|c| c.tracker.clone()),
-            full_reason: rep.full_reason.clone(),
-            ..Stats::new(&rep.disk, &rep.point, &rep.meta.transport, &rep.stats)
-        }
+        Stats::from_report(transports::RunReport::of_run(run))
     }
 
     fn new(disk: &DiskName, point: &datamover::PointId, transport: &str, s: &RunStats) -> Self {
+        Stats::from_report(transports::RunReport::of_stats(disk, point, transport, s))
+    }
+
+    fn from_report(r: transports::RunReport) -> Self {
         Stats {
-            disk: disk.to_string(),
-            point: point.to_string(),
-            transport: transport.to_owned(),
-            bytes_total: s.bytes_total,
-            bytes_read: s.bytes_read,
-            bytes_zero: s.bytes_zero,
-            bytes_new: s.bytes_new,
-            bytes_stored: s.bytes_stored,
-            chunks: s.chunks,
-            chunks_new: s.chunks_new,
-            dedupe_ratio: s.dedupe_ratio(),
-            compression_ratio: s.compression_ratio(),
-            seconds: s.seconds,
-            mb_per_s: s.mb_per_s(),
-            bottleneck: s.bottleneck().to_string(),
-            threads: s.threads,
-            incremental: false,
-            parent: None,
-            bytes_changed: None,
-            change_tracker: None,
-            full_reason: None,
-            checkpoint: None,
-            failover_from: None,
-            failover_reason: None,
-            notes: Vec::new(),
+            disk: r.disk.clone(),
+            point: r.point.clone(),
+            transport: r.transport.clone(),
+            bytes_total: r.bytes_total,
+            bytes_read: r.bytes_read,
+            bytes_zero: r.bytes_zero,
+            bytes_new: r.bytes_new,
+            bytes_stored: r.bytes_stored,
+            chunks: r.chunks,
+            chunks_new: r.chunks_new,
+            dedupe_ratio: r.dedupe_ratio.unwrap_or(f64::NAN),
+            compression_ratio: r.compression_ratio.unwrap_or(f64::NAN),
+            seconds: r.seconds,
+            mb_per_s: r.mb_per_s,
+            bottleneck: r.bottleneck.clone(),
+            threads: r.threads,
+            incremental: r.incremental,
+            parent: r.parent.clone(),
+            bytes_changed: r.bytes_changed,
+            change_tracker: r.change_tracker.clone(),
+            full_reason: r.full_reason.clone(),
+            checkpoint: r.checkpoint.clone(),
+            failover_from: r.failover.as_ref().map(|f| f.from.clone()),
+            failover_reason: r.failover.as_ref().map(|f| f.reason.clone()),
+            notes: r.notes.clone(),
+            report: r,
         }
     }
 }
 
 #[pymethods]
 impl Stats {
-    /// All figures as a dict (the keys of `dm backup --json`).
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.set_item("disk", &self.disk)?;
-        d.set_item("point", &self.point)?;
-        d.set_item("transport", &self.transport)?;
-        for (k, v) in [
-            ("bytes_total", self.bytes_total),
-            ("bytes_read", self.bytes_read),
-            ("bytes_zero", self.bytes_zero),
-            ("bytes_new", self.bytes_new),
-            ("bytes_stored", self.bytes_stored),
-            ("chunks", self.chunks),
-            ("chunks_new", self.chunks_new),
-        ] {
-            d.set_item(k, v)?;
-        }
-        d.set_item("dedupe_ratio", self.dedupe_ratio)?;
-        d.set_item("compression_ratio", self.compression_ratio)?;
-        d.set_item("seconds", self.seconds)?;
-        d.set_item("mb_per_s", self.mb_per_s)?;
-        d.set_item("bottleneck", &self.bottleneck)?;
-        d.set_item("threads", self.threads)?;
-        d.set_item("incremental", self.incremental)?;
-        d.set_item("parent", &self.parent)?;
-        d.set_item("bytes_changed", self.bytes_changed)?;
-        d.set_item("change_tracker", &self.change_tracker)?;
-        d.set_item("full_reason", &self.full_reason)?;
-        d.set_item("checkpoint", &self.checkpoint)?;
-        d.set_item("failover_from", &self.failover_from)?;
-        d.set_item("failover_reason", &self.failover_reason)?;
-        d.set_item("notes", &self.notes)?;
-        Ok(d)
+    /// All figures as a dict: exactly the keys of `dm backup --json`.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let text = serde_json::to_string(&self.report)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.import("json")?.getattr("loads")?.call1((text,))
     }
 
     fn __repr__(&self) -> String {

@@ -2,6 +2,7 @@
 where root is available, a real full filesystem."""
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -77,6 +78,16 @@ def test_points_and_stats(env):
     for key in ("bytes_read", "bytes_new", "bytes_stored", "dedupe_ratio", "compression_ratio",
                 "seconds", "mb_per_s", "bottleneck", "point", "disk"):
         assert key in d
+    # Python's report has exactly the keys of `dm backup --json`.
+    dm = os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "dm")
+    if os.path.exists(dm):
+        subprocess.run([dm, "init", str(tmp / "cli-repo")], check=True, capture_output=True)
+        out = subprocess.run([dm, "backup", str(img), "--repo", str(tmp / "cli-repo"), "--name", "web01/vda",
+                              "--json"], check=True, capture_output=True, text=True)
+        assert sorted(json.loads(out.stdout)) == sorted(d)
+        assert isinstance(d["busy_seconds"], dict) and d["failover"] is None
+    elif os.environ.get("CI") == "true":
+        pytest.fail(f"{dm} is missing: run cargo test first")
     points = repo.points()
     assert [p.id for p in points] == [first.point, second.point]
     p = points[0]

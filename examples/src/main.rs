@@ -304,22 +304,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     eprintln!("note: {n}");
                 }
             }
-            let rep = run.report;
+            let rep = &run.report;
             let s = &rep.stats;
             if json {
-                let mut v = stats_json(s);
-                v["disk"] = json!(rep.disk.to_string());
-                v["point"] = json!(rep.point.to_string());
-                v["transport"] = json!(rep.meta.transport);
-                v["incremental"] = json!(rep.parent().is_some());
-                v["parent"] = json!(rep.parent());
-                v["bytes_changed"] = json!(rep.bytes_changed());
-                v["change_tracker"] = json!(rep.meta.cbt.as_ref().map(|c| &c.tracker));
-                v["full_reason"] = json!(rep.full_reason);
-                v["checkpoint"] = json!(rep.meta.checkpoint);
-                v["failover"] = json!(run.failover.as_ref().map(|f| json!({
-                    "from": f.from, "to": "nbd", "reason": f.reason})));
-                v["notes"] = json!(run.notes);
+                let v = json!(transports::RunReport::of_run(&run));
                 println!("{v}");
             } else {
                 if let Some(why) = &rep.full_reason {

@@ -93,6 +93,17 @@ fn backup_json_points_restore() {
     ] {
         assert!(v.get(k).is_some(), "missing {k} in {v}");
     }
+    // Exactly the keys of the one run report (Python's Stats.to_dict()
+    // has the same: bindings-python/tests).
+    let keys: Vec<&str> = v
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let mut want = transports::RunReport::KEYS.to_vec();
+    let mut got = keys.clone();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want, "dm backup --json keys");
     assert_eq!(v["bytes_total"], 32 << 20);
     assert_eq!(v["bytes_read"], 16 << 20, "holes are not read");
     assert!(

@@ -15,9 +15,11 @@
 pub mod mode;
 pub mod nbd;
 pub mod qemu;
+pub mod report;
 
 pub use mode::Mode;
 pub use qemu::{BackupRun, Failover, TransportChoice};
+pub use report::RunReport;
 
 pub use datamover::source::{
     BlockDeviceSource, BlockSource, Capabilities, ExtentKind, FileSource, SourceExtent,

@@ -43,7 +43,9 @@ class Stats:
     notes: list[str]
     """VM backups: what the run decided and why (modes not used, ...)."""
     def to_dict(self) -> dict[str, object]:
-        """All figures as a dict."""
+        """All figures as a dict: exactly the keys of ``dm backup --json``
+        (``busy_seconds`` per stage, ``failover`` as ``{from, to, reason}``
+        or ``None``)."""
 
 def vm_disks(address: str, *, timeout: float = 60.0) -> list[dict[str, object]]:
     """A running VM's disks: node, device, format, file, size, backing, checkpoints."""
