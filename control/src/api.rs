@@ -643,6 +643,14 @@ pub struct ServiceAddress {
 pub mod paths {
     use super::API;
 
+    /// `/api/v1/ca` (open: the CA certificate).
+    pub fn ca() -> String {
+        format!("{API}/ca")
+    }
+    /// `/api/v1/enroll` (open with a one-time secret).
+    pub fn enroll() -> String {
+        format!("{API}/enroll")
+    }
     /// `/api/v1/hosts`.
     pub fn hosts() -> String {
         format!("{API}/hosts")

@@ -155,7 +155,7 @@ impl Client {
         pki::install_crypto();
         let tls = TlsConfig::builder().disable_verification(true).build();
         let c = Self::with_tls(base, tls, Auth::None, timeout);
-        let pem: String = c.call_text("GET", &format!("{}/ca", crate::api::API))?;
+        let pem: String = c.call_text("GET", &paths::ca())?;
         let der = pki::cert_der_from_pem(&pem)?;
         let got = pki::fingerprint(&der);
         if got != fingerprint {

@@ -12,9 +12,9 @@
 //!   of the REST API ([`client::Client::jobs`], [`client::Client::wait_session`] …).
 //! * [`enroll`]: a host joins an installation with a one-time token.
 //!
-//! Invariant: this crate depends on the core (`datamover`) for its
-//! newtypes only; it never depends on `datamover-proxy`, the transports
-//! or the server, so the CLI and the Python wheel link no proxy runtime.
+//! Invariant: this crate depends on no other crate of the workspace (not
+//! `datamover-proxy`, the transports or the server), so the CLI and the
+//! Python wheel link no proxy runtime.
 //!
 //! Errors: [`client::ClientError`] (a call) and [`pki::PkiError`] (a
 //! certificate, key or token). Each says whether retrying can help
@@ -27,7 +27,7 @@ pub mod pki;
 use std::path::Path;
 use std::time::Duration;
 
-use api::{API, EnrollRequest, Enrolled};
+use api::{EnrollRequest, Enrolled, paths};
 use client::{Auth, Client, ClientError};
 use pki::{EnrollmentToken, Identity};
 
@@ -44,7 +44,7 @@ pub fn enroll(server: &str, token: &str, dir: &Path) -> Result<(Enrolled, Identi
     let (key_pem, csr) = Identity::new_request("datamover-host")?;
     let c = Client::new(server, &ca, None, Auth::None, timeout)?;
     let enrolled: Enrolled = c.post(
-        &format!("{API}/enroll"),
+        &paths::enroll(),
         &EnrollRequest {
             secret: token.secret,
             csr,
