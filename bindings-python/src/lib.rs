@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use datamover::{
     BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
-    PruneOptions, RestoreOptions, RunStats,
+    PointRef, PruneOptions, RestoreOptions, RunStats,
 };
 use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
@@ -348,14 +348,6 @@ struct Repository {
     inner: datamover::Repository,
 }
 
-fn parse_point(s: &str) -> PyResult<(DiskName, Option<String>)> {
-    let (name, at) = match s.split_once('@') {
-        Some((n, p)) => (n, Some(p.to_owned())),
-        None => (s, None),
-    };
-    Ok((name.parse().map_err(to_py)?, at))
-}
-
 #[pymethods]
 impl Repository {
     /// Create a new repository in an empty or new directory.
@@ -427,15 +419,7 @@ impl Repository {
         let transport: transports::TransportChoice = transport.parse().map_err(to_py)?;
         let snapshot_provider = snapshot_provider.to_string();
         let timeout = secs(timeout)?;
-        let kind = match chunking {
-            "fixed" => ChunkingKind::Fixed,
-            "cdc" => ChunkingKind::Cdc,
-            other => {
-                return Err(to_py(datamover::Error::InvalidArgument(format!(
-                    "unknown chunking {other:?}: use fixed or cdc"
-                ))));
-            }
-        };
+        let kind: ChunkingKind = chunking.parse().map_err(to_py)?;
         let compression: Compression = compression.parse().map_err(to_py)?;
         let spec = source.to_string_lossy().into_owned();
         let repo = &self.inner;
@@ -483,29 +467,26 @@ impl Repository {
             Ok(p) => p.get().__str__(),
             Err(_) => point.extract()?,
         };
-        let (disk, at) = parse_point(&spec)?;
+        let point: PointRef = spec.parse().map_err(to_py)?;
         let repo = &self.inner;
-        let (d2, id, stats) = run_cancellable(py, progress, move |pfn| {
-            let id = repo.resolve_point(&disk, at.as_deref())?;
-            let size = repo.point_meta(&disk, &id)?.meta.disk_size;
-            let t = transports::open_target(
+        let r = run_cancellable(py, progress, move |pfn| {
+            transports::restore(
+                repo,
+                &point,
                 &target,
-                size,
                 force,
                 &transports::SourceOptions {
                     timeout: Some(timeout),
                     tls_certificates,
                     ..Default::default()
                 },
-            )?;
-            let opts = RestoreOptions {
-                progress: Some(pfn),
-                ..RestoreOptions::default()
-            };
-            let r = datamover::restore(repo, &disk, &id, t.as_ref(), &opts)?;
-            Ok((disk, id, r.stats))
+                &RestoreOptions {
+                    progress: Some(pfn),
+                    ..RestoreOptions::default()
+                },
+            )
         })?;
-        Ok(Stats::new(&d2, &id, "", &stats))
+        Ok(Stats::new(&r.disk, &r.point, "", &r.stats))
     }
 
     /// Restore points, oldest first per disk (of one disk if `name` is given).
@@ -538,10 +519,7 @@ impl Repository {
                     source: m.source.location,
                     source_kind: m.source.kind,
                     transport: m.transport,
-                    chunking: match m.chunking.kind {
-                        ChunkingKind::Fixed => "fixed".into(),
-                        ChunkingKind::Cdc => "cdc".into(),
-                    },
+                    chunking: m.chunking.kind.name().into(),
                     block_size: m.chunking.block_size,
                     compression: m.compression,
                 })

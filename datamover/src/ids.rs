@@ -183,6 +183,39 @@ impl FromStr for DiskName {
         }
     }
 }
+/// A reference to a point of a disk, as users write it: `disk` (the
+/// newest point) or `disk@id` (a point id or a unique prefix of one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointRef {
+    /// The disk.
+    pub disk: DiskName,
+    /// The point id or prefix after `@`; none: the newest point.
+    pub at: Option<String>,
+}
+
+impl FromStr for PointRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, at) = match s.split_once('@') {
+            Some((n, p)) => (n, Some(p.to_owned())),
+            None => (s, None),
+        };
+        Ok(PointRef {
+            disk: name.parse()?,
+            at,
+        })
+    }
+}
+
+impl fmt::Display for PointRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.at {
+            Some(at) => write!(f, "{}@{at}", self.disk),
+            None => write!(f, "{}", self.disk),
+        }
+    }
+}
+
 impl fmt::Debug for DiskName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DiskName({}/{})", self.vm, self.disk)
@@ -229,6 +262,24 @@ fn unhex(s: &str, out: &mut [u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn point_refs_and_chunking_parse_one_way() {
+        let r: PointRef = "web01/vda@20261125T0952".parse().unwrap();
+        assert_eq!(r.disk.to_string(), "web01/vda");
+        assert_eq!(r.at.as_deref(), Some("20261125T0952"));
+        assert_eq!(r.to_string(), "web01/vda@20261125T0952");
+        let newest: PointRef = "web01/vda".parse().unwrap();
+        assert_eq!(newest.at, None);
+        assert_eq!(newest.to_string(), "web01/vda");
+        assert!("../x@1".parse::<PointRef>().is_err());
+        use crate::ChunkingKind;
+        for k in [ChunkingKind::Fixed, ChunkingKind::Cdc] {
+            assert_eq!(k.name().parse::<ChunkingKind>().unwrap(), k);
+        }
+        let e = "rabin".parse::<ChunkingKind>().unwrap_err();
+        assert!(e.to_string().contains("use fixed or cdc"), "{e}");
+    }
 
     #[test]
     fn disk_names() {

@@ -60,7 +60,7 @@ pub use cbt::{ChangeTracker, ChangedRanges, Tracking, WithChanges};
 pub use compression::Compression;
 pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{ChunkingInfo, ChunkingKind, PointMeta};
-pub use ids::{ChunkId, DiskName, PackId, PointId};
+pub use ids::{ChunkId, DiskName, PackId, PointId, PointRef};
 pub use progress::ProgressFn;
 pub use prune::{KeepPolicy, PruneOptions, PruneReport, prune};
 pub use repo::{PointSummary, Repository};

@@ -15,7 +15,7 @@ mod remote;
 use clap::{Parser, Subcommand};
 use datamover::{
     BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, ErrorKind, KeepPolicy,
-    PruneOptions, Repository, RestoreOptions, RunStats,
+    PointRef, PruneOptions, Repository, RestoreOptions,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -268,11 +268,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         } => {
             let disk: DiskName = name.parse()?;
-            let kind = if chunking == "fixed" {
-                ChunkingKind::Fixed
-            } else {
-                ChunkingKind::Cdc
-            };
+            let kind: ChunkingKind = chunking.parse()?;
             let block_size = parse_size(&block_size)?;
             let compression: Compression = compression.parse()?;
             let r = Repository::open(&repo)?;
@@ -374,39 +370,28 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             tls_certificates,
             json,
         } => {
-            let (name, at) = match point.split_once('@') {
-                Some((n, p)) => (n, Some(p)),
-                None => (point.as_str(), None),
-            };
-            let disk: DiskName = name.parse()?;
+            let point: PointRef = point.parse()?;
             let r = Repository::open(&repo)?;
-            let id = r.resolve_point(&disk, at)?;
-            let size = r.point_meta(&disk, &id)?.meta.disk_size;
-            let t = transports::open_target(
-                &target,
-                size,
-                force,
-                &transports::SourceOptions {
-                    timeout: Some(Duration::from_secs(timeout)),
-                    tls_certificates,
-                    ..Default::default()
-                },
-            )?;
-            let bar = progress_bar(size);
+            let bar = progress_bar(0);
             let opts = RestoreOptions {
                 progress: bar.as_ref().map(progress_fn),
                 ..RestoreOptions::default()
             };
-            let rep = datamover::restore(&r, &disk, &id, t.as_ref(), &opts);
+            let sopts = transports::SourceOptions {
+                timeout: Some(Duration::from_secs(timeout)),
+                tls_certificates,
+                ..Default::default()
+            };
+            let rep = transports::restore(&r, &point, &target, force, &sopts, &opts);
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
             let rep = rep?;
             let s = &rep.stats;
             if json {
-                let mut v = stats_json(s);
-                v["disk"] = json!(rep.disk.to_string());
-                v["point"] = json!(rep.point.to_string());
+                let mut v = json!(transports::RunReport::of_stats(
+                    &rep.disk, &rep.point, "", s
+                ));
                 v["target"] = json!(target);
                 println!("{v}");
             } else {
@@ -556,32 +541,6 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
     }
     Ok(0)
-}
-
-fn stats_json(s: &RunStats) -> serde_json::Value {
-    let finite = |x: f64| {
-        if x.is_finite() {
-            json!(x)
-        } else {
-            serde_json::Value::Null
-        }
-    };
-    json!({
-        "bytes_total": s.bytes_total,
-        "bytes_read": s.bytes_read,
-        "bytes_zero": s.bytes_zero,
-        "bytes_new": s.bytes_new,
-        "bytes_stored": s.bytes_stored,
-        "chunks": s.chunks,
-        "chunks_new": s.chunks_new,
-        "dedupe_ratio": finite(s.dedupe_ratio()),
-        "compression_ratio": finite(s.compression_ratio()),
-        "seconds": s.seconds,
-        "mb_per_s": s.mb_per_s(),
-        "bottleneck": s.bottleneck().to_string(),
-        "threads": s.threads,
-        "busy_seconds": s.busy,
-    })
 }
 
 fn progress_bar(total: u64) -> Option<ProgressBar> {

@@ -454,21 +454,23 @@ fn restore_task(
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
     let repo = Repository::open(Path::new(&t.repository))?;
-    let point = repo.resolve_point(disk, t.point.as_deref())?;
-    let size = repo.point_meta(disk, &point)?.meta.disk_size;
-    let target = transports::open_target(&t.source, size, true, &Default::default())?;
-    let r = datamover::restore(
+    let wanted = datamover::PointRef {
+        disk: disk.clone(),
+        at: t.point.clone(),
+    };
+    let r = transports::restore(
         &repo,
-        disk,
-        &point,
-        target.as_ref(),
+        &wanted,
+        &t.source,
+        true,
+        &Default::default(),
         &datamover::RestoreOptions {
             progress: Some(progress),
             ..Default::default()
         },
     )?;
     Ok(Outcome {
-        point: point.to_string(),
+        point: r.point.to_string(),
         mode: if t.source.starts_with("nbd") {
             "nbd".into()
         } else {
@@ -477,7 +479,7 @@ fn restore_task(
         bottleneck: r.stats.bottleneck().to_string(),
         bytes_read: r.stats.bytes_read,
         bytes_stored: 0,
-        total: size,
+        total: r.stats.bytes_total,
         wire_bytes: 0,
         replica: None,
     })

@@ -16,10 +16,12 @@ pub mod mode;
 pub mod nbd;
 pub mod qemu;
 pub mod report;
+mod restore;
 
 pub use mode::Mode;
 pub use qemu::{BackupRun, Failover, TransportChoice};
 pub use report::RunReport;
+pub use restore::restore;
 
 pub use datamover::source::{
     BlockDeviceSource, BlockSource, Capabilities, ExtentKind, FileSource, SourceExtent,

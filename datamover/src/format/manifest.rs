@@ -105,6 +105,29 @@ pub enum ChunkingKind {
     Fixed,
 }
 
+impl ChunkingKind {
+    /// Its name: `cdc` or `fixed` (as in manifests, the CLI and Python).
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkingKind::Cdc => "cdc",
+            ChunkingKind::Fixed => "fixed",
+        }
+    }
+}
+
+impl std::str::FromStr for ChunkingKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "fixed" => Ok(ChunkingKind::Fixed),
+            "cdc" => Ok(ChunkingKind::Cdc),
+            other => Err(crate::Error::InvalidArgument(format!(
+                "unknown chunking {other:?}: use fixed or cdc"
+            ))),
+        }
+    }
+}
+
 /// Figures of the run that made the point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PointStats {
