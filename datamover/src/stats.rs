@@ -66,6 +66,21 @@ pub struct RunStats {
 }
 
 impl RunStats {
+    /// The figures a point keeps in its manifest: the one conversion from
+    /// a run's stats to a point's.
+    pub fn point_stats(&self) -> crate::format::manifest::PointStats {
+        crate::format::manifest::PointStats {
+            bytes_read: self.bytes_read,
+            bytes_zero: self.bytes_zero,
+            bytes_new: self.bytes_new,
+            bytes_stored: self.bytes_stored,
+            chunks: self.chunks,
+            chunks_new: self.chunks_new,
+            seconds: self.seconds,
+            bottleneck: self.bottleneck().to_string(),
+        }
+    }
+
     /// Bytes held in chunks (disk size less zero runs).
     pub fn bytes_data(&self) -> u64 {
         self.bytes_total.saturating_sub(self.bytes_zero)

@@ -1,0 +1,535 @@
+//! The reader stage: walks the source in disk order, one window of
+//! extents at a time, and sends data, zero runs and reused parent extents
+//! to the chunker.
+//!
+//! Invariant: holes and zero extents are never read; every byte of the
+//! disk is covered exactly once, in order, by what is sent.
+
+use super::*;
+
+/// What the reader sends the chunker, in disk order.
+#[derive(Debug)]
+pub(super) enum ReadMsg {
+    /// Bytes read at an offset.
+    Data(u64, Bytes),
+    /// Zeros: (offset, length).
+    Zero(u64, u64),
+    /// An unchanged extent of the parent point, taken as it is.
+    Reuse(Extent),
+}
+
+impl ReadMsg {
+    /// (offset, length) of data and zero runs.
+    pub(super) fn span(&self) -> (u64, u64) {
+        match self {
+            ReadMsg::Data(o, b) => (*o, b.len() as u64),
+            ReadMsg::Zero(o, l) => (*o, *l),
+            ReadMsg::Reuse(e) => (0, e.len()),
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct ReadStats {
+    pub(super) busy: f64,
+    pub(super) bytes_read: u64,
+}
+
+/// Reads the source in order, one preferred-size piece at a time, asking
+/// for extents one window at a time; holes and zero extents are not read.
+pub(super) struct Scanner<'a> {
+    pub(super) src: &'a dyn BlockSource,
+    pub(super) progress: &'a Option<ProgressFn>,
+    pub(super) size: u64,
+    pub(super) io: u64,
+    /// Extents (holes left out) of the window `[win.0, win.1)`.
+    pub(super) exts: Vec<SourceExtent>,
+    pub(super) win: (u64, u64),
+    pub(super) reported: u64,
+    /// Reads announced with `will_read` end here.
+    pub(super) hinted: u64,
+    pub(super) st: ReadStats,
+}
+
+impl<'a> Scanner<'a> {
+    pub(super) fn new(src: &'a dyn BlockSource, progress: &'a Option<ProgressFn>) -> Self {
+        let io = src
+            .preferred_io_size()
+            .clamp(ZERO_BLOCK, 16 << 20)
+            .next_power_of_two() as u64;
+        Scanner {
+            src,
+            progress,
+            size: src.size(),
+            io,
+            exts: Vec::new(),
+            win: (0, 0),
+            reported: 0,
+            hinted: 0,
+            st: ReadStats::default(),
+        }
+    }
+
+    /// Tell progress the reader is at `pos`; an error when cancelled.
+    pub(super) fn report(&mut self, pos: u64) -> Result<()> {
+        self.reported = self.reported.max(pos);
+        if report(self.progress, self.reported, self.size) {
+            Ok(())
+        } else {
+            Err(Error::Cancelled)
+        }
+    }
+
+    /// Announce the reads that follow `[.., end)` inside this window's
+    /// data extents and before `limit`, up to the source's read-ahead.
+    pub(super) fn hint(&mut self, end: u64, limit: u64) {
+        let n = self.src.read_ahead();
+        if n == 0 {
+            return;
+        }
+        let mut p = self.hinted.max(end);
+        let horizon = limit.min(end + n as u64 * self.io);
+        let mut i = self.exts.partition_point(|e| e.offset + e.len <= p);
+        while p < horizon {
+            let Some(e) = self.exts.get(i).copied() else {
+                break;
+            };
+            if e.kind != ExtentKind::Data || e.offset + e.len <= p {
+                i += 1;
+                continue;
+            }
+            p = p.max(e.offset);
+            if p >= horizon {
+                break;
+            }
+            let to = (e.offset + e.len)
+                .min((p / self.io + 1) * self.io)
+                .min(limit);
+            self.src.will_read(p, (to - p) as usize);
+            p = to;
+        }
+        self.hinted = p.max(self.hinted);
+    }
+
+    /// Describe the disk from `pos` on (at most to the next preferred-size
+    /// boundary, extent edge or `limit`) into `out`; returns where it stopped.
+    pub(super) fn step(&mut self, pos: u64, limit: u64, out: &mut Vec<ReadMsg>) -> Result<u64> {
+        if pos < self.win.0 || pos >= self.win.1 {
+            // Windows (and reads) sit on a grid of absolute offsets, so a
+            // region read from the middle of the disk sees the same pieces
+            // as a full read: same zero runs, same chunks.
+            let w = WINDOW.max(self.io);
+            let wend = self.size.min((pos / w + 1) * w);
+            let t = Instant::now();
+            let exts = self.src.extents(pos, wend - pos)?;
+            self.st.busy += t.elapsed().as_secs_f64();
+            let mut at = pos;
+            for e in &exts {
+                if e.offset < at || e.len == 0 || e.offset + e.len > wend {
+                    return Err(Error::Internal(format!(
+                        "source reported extent {}+{} outside window {at}..{wend}",
+                        e.offset, e.len
+                    )));
+                }
+                at = e.offset + e.len;
+            }
+            self.exts = exts
+                .into_iter()
+                .filter(|e| e.kind != ExtentKind::Hole)
+                .collect();
+            self.win = (pos, wend);
+        }
+        let i = self.exts.partition_point(|e| e.offset + e.len <= pos);
+        Ok(match self.exts.get(i).copied() {
+            Some(e) if e.offset <= pos && e.kind == ExtentKind::Data => {
+                let end = (e.offset + e.len)
+                    .min((pos / self.io + 1) * self.io)
+                    .min(limit);
+                // From the zero block's start, so a read that starts inside
+                // one (an incremental region) judges it as a full read does.
+                let from = e.offset.max(pos - pos % ZERO_BLOCK as u64);
+                self.hint(end, limit);
+                let t = Instant::now();
+                let buf = self.src.read_bytes(from, (end - from) as usize)?;
+                self.st.busy += t.elapsed().as_secs_f64();
+                if buf.len() as u64 != end - from {
+                    return Err(Error::Internal(format!(
+                        "source returned {} bytes for a read of {}",
+                        buf.len(),
+                        end - from
+                    )));
+                }
+                self.st.bytes_read += end - from;
+                let first = out.len();
+                split_zero(from, buf, out);
+                if from < pos {
+                    let read: Vec<ReadMsg> = out.drain(first..).collect();
+                    for m in read {
+                        let (o, l) = m.span();
+                        if o + l <= pos {
+                            continue;
+                        }
+                        let skip = pos.saturating_sub(o);
+                        out.push(match m {
+                            ReadMsg::Data(o, b) => {
+                                ReadMsg::Data(o + skip, b.slice(skip as usize..))
+                            }
+                            ReadMsg::Zero(o, l) => ReadMsg::Zero(o + skip, l - skip),
+                            r @ ReadMsg::Reuse(_) => r,
+                        });
+                    }
+                }
+                end
+            }
+            Some(e) if e.offset <= pos => {
+                let end = (e.offset + e.len).min(limit);
+                out.push(ReadMsg::Zero(pos, end - pos));
+                end
+            }
+            Some(e) => {
+                let end = e.offset.min(limit);
+                out.push(ReadMsg::Zero(pos, end - pos));
+                end
+            }
+            None => {
+                let end = self.win.1.min(limit);
+                out.push(ReadMsg::Zero(pos, end - pos));
+                end
+            }
+        })
+    }
+}
+
+/// A full run: every byte of the disk, in order.
+pub(super) fn read_full(sc: &mut Scanner<'_>, tx: &Sender<ReadMsg>) -> Result<()> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    sc.report(0)?;
+    while pos < sc.size {
+        pos = sc.step(pos, sc.size, &mut out)?;
+        for m in out.drain(..) {
+            if tx.send(m).is_err() {
+                return Ok(());
+            }
+        }
+        sc.report(pos)?;
+    }
+    Ok(())
+}
+
+/// The parent point's extents with their disk offsets.
+pub(super) struct ParentExtents<'a> {
+    pub(super) extents: &'a [Extent],
+    /// `starts[i]` is where extent `i` begins; `starts[n]` is the disk size.
+    pub(super) starts: Vec<u64>,
+}
+
+impl<'a> ParentExtents<'a> {
+    pub(super) fn new(extents: &'a [Extent]) -> Self {
+        let mut starts = Vec::with_capacity(extents.len() + 1);
+        let mut at = 0u64;
+        starts.push(0);
+        for e in extents {
+            at += e.len();
+            starts.push(at);
+        }
+        ParentExtents { extents, starts }
+    }
+
+    /// Index of the extent holding `b` (`n` at the disk's end).
+    pub(super) fn extent_at(&self, b: u64) -> usize {
+        self.starts.partition_point(|s| *s <= b).saturating_sub(1)
+    }
+
+    /// Where the parent's extents may be taken up again: its extent
+    /// starts, and every zero block inside its zero runs (a zero run can
+    /// be split anywhere a full read would cut it).
+    pub(super) fn is_boundary(&self, b: u64) -> bool {
+        let i = self.extent_at(b);
+        self.starts[i] == b
+            || (matches!(self.extents.get(i), Some(Extent::Zero { .. }))
+                && b % ZERO_BLOCK as u64 == 0)
+    }
+
+    /// The first boundary after `after`, if any.
+    pub(super) fn next_boundary(&self, after: u64) -> Option<u64> {
+        let i = self.starts.partition_point(|s| *s <= after);
+        let next = self.starts.get(i).copied();
+        if let Some(Extent::Zero { .. }) = i.checked_sub(1).and_then(|j| self.extents.get(j)) {
+            let z = (after / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64;
+            if next.is_none_or(|n| z < n) {
+                return Some(z);
+            }
+        }
+        next
+    }
+
+    /// The parent's extents from `pos` (a boundary) to the end of the
+    /// extent holding it: the extent itself, or the rest of a zero run.
+    pub(super) fn from(&self, pos: u64) -> (Extent, u64) {
+        let i = self.extent_at(pos);
+        let end = self.starts[i + 1];
+        match self.extents[i] {
+            Extent::Zero { .. } => (Extent::Zero { len: end - pos }, end),
+            e => (e, end),
+        }
+    }
+}
+
+/// An incremental run: unchanged parent extents are sent as they are;
+/// from the parent extent where a change starts, the disk is read and
+/// chunked again (see [`read_region`]).
+pub(super) fn read_incremental(
+    sc: &mut Scanner<'_>,
+    dirty: &mut DirtyRanges<'_>,
+    parent: &ParentExtents<'_>,
+    chunking: ChunkingInfo,
+    tx: &Sender<ReadMsg>,
+) -> Result<()> {
+    let size = sc.size;
+    let n = parent.extents.len();
+    if parent.starts[n] != size {
+        return Err(Error::Internal(
+            "parent point does not cover the disk".into(),
+        ));
+    }
+    let mut pos = 0u64;
+    sc.report(0)?;
+    loop {
+        let next = dirty.next_range()?;
+        let ds = next.map_or(size, |r| r.0);
+        while pos < size {
+            let (e, end) = parent.from(pos);
+            if end > ds {
+                break;
+            }
+            if tx.send(ReadMsg::Reuse(e)).is_err() {
+                return Ok(());
+            }
+            if end / WINDOW != pos / WINDOW {
+                sc.report(end)?;
+            }
+            pos = end;
+        }
+        let Some((_, de)) = next else { break };
+        // A change inside a zero run: keep the zeros up to the zero block
+        // holding the change (a full read cuts there too), read from there.
+        if let Extent::Zero { .. } = parent.extents[parent.extent_at(pos)] {
+            let z = ds - ds % ZERO_BLOCK as u64;
+            if z > pos {
+                if tx
+                    .send(ReadMsg::Reuse(Extent::Zero { len: z - pos }))
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                pos = z;
+            }
+        }
+        match read_region(sc, dirty, parent, pos, de, chunking, tx)? {
+            Some(b) => pos = b,
+            None => return Ok(()),
+        }
+    }
+    sc.report(size)
+}
+
+/// Follows the cuts a chunker makes on the stream the reader produces:
+/// where every chunk ends and where zero runs lie.
+pub(super) struct Shadow {
+    pub(super) chunker: Box<dyn crate::chunker::Chunker>,
+    /// Offset of the next byte to be cut.
+    pub(super) cur: u64,
+    pub(super) next_data: Option<u64>,
+    /// Boundaries seen, in order: (end, whether the stretch before was zeros).
+    pub(super) events: Vec<(u64, bool)>,
+}
+
+impl Shadow {
+    /// Run `f` on the chunker, recording the cuts it makes.
+    pub(super) fn with(
+        &mut self,
+        f: impl FnOnce(&mut dyn crate::chunker::Chunker, &mut dyn FnMut(Bytes)),
+    ) {
+        let (cur, events) = (&mut self.cur, &mut self.events);
+        f(&mut *self.chunker, &mut |c: Bytes| {
+            *cur += c.len() as u64;
+            events.push((*cur, false));
+        });
+    }
+    pub(super) fn feed(&mut self, m: &ReadMsg) {
+        match m {
+            ReadMsg::Data(off, b) => {
+                if self.next_data != Some(*off) {
+                    self.finish();
+                    self.cur = *off;
+                    self.with(|c, cut| c.start(*off, cut));
+                }
+                self.next_data = Some(off + b.len() as u64);
+                self.with(|c, cut| c.push(b.clone(), cut));
+            }
+            ReadMsg::Zero(off, len) => {
+                self.finish();
+                self.next_data = None;
+                self.cur = off + len;
+                self.events.push((self.cur, true));
+            }
+            ReadMsg::Reuse(_) => {}
+        }
+    }
+    pub(super) fn finish(&mut self) {
+        self.with(|c, cut| c.finish(cut));
+    }
+}
+
+/// Send the queued messages that lie before `limit`, splitting the one
+/// across it. False when the receiver is gone.
+pub(super) fn send_upto(q: &mut VecDeque<ReadMsg>, limit: u64, tx: &Sender<ReadMsg>) -> bool {
+    while let Some(m) = q.pop_front() {
+        let (off, len) = m.span();
+        if off >= limit {
+            q.push_front(m);
+            break;
+        }
+        let m = if off + len <= limit {
+            m
+        } else {
+            let n = limit - off;
+            let (head, tail) = match m {
+                ReadMsg::Data(o, b) => (
+                    ReadMsg::Data(o, b.slice(..n as usize)),
+                    ReadMsg::Data(o + n, b.slice(n as usize..)),
+                ),
+                ReadMsg::Zero(o, l) => (ReadMsg::Zero(o, n), ReadMsg::Zero(o + n, l - n)),
+                r @ ReadMsg::Reuse(_) => (r, ReadMsg::Zero(limit, 0)),
+            };
+            q.push_front(tail);
+            head
+        };
+        if tx.send(m).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Read from `start` (a parent boundary where a change lies) until a
+/// boundary `b` that is both a parent boundary and a cut of the new stream,
+/// with no change left before it; everything before `b` is sent, what was
+/// read past it is dropped. Returns `b`, or `None` when the receiver is
+/// gone.
+///
+/// Bytes are right whatever the cuts are; the resync rule only decides how
+/// much is read again and how well it dedupes. Messages are held back only
+/// while the chunker has not decided its cuts (at most a maximum chunk
+/// plus one read), so memory stays bounded however long a region runs.
+pub(super) fn read_region(
+    sc: &mut Scanner<'_>,
+    dirty: &mut DirtyRanges<'_>,
+    parent: &ParentExtents<'_>,
+    start: u64,
+    mut de: u64,
+    chunking: ChunkingInfo,
+    tx: &Sender<ReadMsg>,
+) -> Result<Option<u64>> {
+    let size = sc.size;
+    let mut shadow = Shadow {
+        chunker: new_chunker(chunking)?,
+        cur: start,
+        next_data: None,
+        events: Vec::new(),
+    };
+    let mut queue: VecDeque<ReadMsg> = VecDeque::new();
+    let mut out = Vec::new();
+    let (mut read_pos, mut decided) = (start, start);
+    loop {
+        if read_pos < size {
+            // Read no further than the first parent boundary at or past the
+            // changes: with fixed chunks that is where the new cut lands.
+            let want = de.max(read_pos + 1);
+            let limit = if parent.is_boundary(want) {
+                want
+            } else {
+                parent.next_boundary(want).unwrap_or(size)
+            };
+            read_pos = sc.step(read_pos, limit, &mut out)?;
+            for m in out.drain(..) {
+                shadow.feed(&m);
+                queue.push_back(m);
+            }
+        }
+        if read_pos >= size {
+            shadow.finish();
+        }
+        for (end, zeros) in std::mem::take(&mut shadow.events) {
+            // Candidates: after a zero stretch, every boundary up to its end;
+            // after a chunk, only its end.
+            let mut cand = if zeros {
+                parent.next_boundary(decided)
+            } else {
+                Some(end).filter(|b| parent.is_boundary(*b))
+            };
+            while let Some(b) = cand.filter(|b| *b <= end) {
+                while let Some((s, e)) = dirty.peek()? {
+                    if s >= b {
+                        break;
+                    }
+                    de = de.max(e);
+                    dirty.next_range()?;
+                }
+                if b >= de {
+                    if !send_upto(&mut queue, b, tx) {
+                        return Ok(None);
+                    }
+                    return Ok(Some(b));
+                }
+                cand = if zeros {
+                    parent.next_boundary(de - 1)
+                } else {
+                    None
+                };
+            }
+            decided = end;
+        }
+        if !send_upto(&mut queue, decided, tx) {
+            return Ok(None);
+        }
+        sc.report(read_pos)?;
+        if read_pos >= size && queue.is_empty() {
+            return Err(Error::Internal(format!(
+                "incremental region from {start} found no end"
+            )));
+        }
+    }
+}
+
+/// Push `buf` (read at `offset`) as data runs and zero runs; aligned
+/// [`ZERO_BLOCK`]s (or their parts at the buffer's edges) that are all zero
+/// become zero runs.
+pub(super) fn split_zero(offset: u64, buf: Bytes, out: &mut Vec<ReadMsg>) {
+    static ZEROS: [u8; ZERO_BLOCK] = [0; ZERO_BLOCK];
+    let mut run_start = 0usize;
+    let mut run_zero = false;
+    let mut i = 0usize;
+    let mut push = |from: usize, to: usize, zero: bool| {
+        if to > from {
+            out.push(if zero {
+                ReadMsg::Zero(offset + from as u64, (to - from) as u64)
+            } else {
+                ReadMsg::Data(offset + from as u64, buf.slice(from..to))
+            });
+        }
+    };
+    while i < buf.len() {
+        let next = ((offset + i as u64) / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64 - offset;
+        let end = (next as usize).min(buf.len());
+        let zero = buf[i..end] == ZEROS[..end - i];
+        if zero != run_zero {
+            push(run_start, i, run_zero);
+            run_start = i;
+            run_zero = zero;
+        }
+        i = end;
+    }
+    push(run_start, buf.len(), run_zero);
+}

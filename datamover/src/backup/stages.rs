@@ -1,0 +1,202 @@
+//! The chunk, hash/compress and write stages of the pipeline.
+//!
+//! Invariant: the writer appends frames as they come but writes extents
+//! into the manifest in disk order (by sequence number); a chunk is
+//! stored once even when several workers meet it at the same time.
+
+use super::*;
+
+pub(super) enum Work {
+    Chunk(u64, Bytes),
+    Zero(u64, u64),
+    Known(u64, ChunkId, u32),
+}
+
+pub(super) enum Done {
+    New {
+        seq: u64,
+        id: ChunkId,
+        len: u32,
+        frame: Vec<u8>,
+    },
+    Known {
+        seq: u64,
+        id: ChunkId,
+        len: u32,
+    },
+    Zero {
+        seq: u64,
+        len: u64,
+    },
+}
+
+#[derive(Default)]
+pub(super) struct WriteStats {
+    pub(super) busy: f64,
+    pub(super) bytes_zero: u64,
+    pub(super) bytes_new: u64,
+    pub(super) bytes_stored: u64,
+    pub(super) chunks: u64,
+    pub(super) chunks_new: u64,
+}
+
+/// Numbers every item (chunk or zero run) in disk order and sends it on.
+pub(super) struct Emitter {
+    pub(super) seq: u64,
+    pub(super) tx: Sender<Work>,
+    pub(super) broken: bool,
+}
+
+impl Emitter {
+    pub(super) fn send(&mut self, w: impl FnOnce(u64) -> Work) {
+        if !self.broken && self.tx.send(w(self.seq)).is_err() {
+            self.broken = true;
+        }
+        self.seq += 1;
+    }
+    pub(super) fn chunk(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.send(|s| Work::Chunk(s, b));
+        }
+    }
+}
+
+pub(super) fn chunk_stage(
+    chunker: &mut dyn crate::chunker::Chunker,
+    rx: Receiver<ReadMsg>,
+    tx: Sender<Work>,
+) -> Result<f64> {
+    let mut em = Emitter {
+        seq: 0,
+        tx,
+        broken: false,
+    };
+    let mut next_data: Option<u64> = None;
+    let mut busy = 0f64;
+    for m in rx {
+        let t = Instant::now();
+        match m {
+            ReadMsg::Data(off, b) => {
+                if next_data != Some(off) {
+                    chunker.start(off, &mut |c| em.chunk(c));
+                }
+                next_data = Some(off + b.len() as u64);
+                chunker.push(b, &mut |c| em.chunk(c));
+            }
+            ReadMsg::Zero(_, len) => {
+                chunker.finish(&mut |c| em.chunk(c));
+                next_data = None;
+                em.send(|s| Work::Zero(s, len));
+            }
+            ReadMsg::Reuse(e) => {
+                chunker.finish(&mut |c| em.chunk(c));
+                next_data = None;
+                match e {
+                    Extent::Chunk { id, len } => em.send(|s| Work::Known(s, id, len)),
+                    Extent::Zero { len } => em.send(|s| Work::Zero(s, len)),
+                }
+            }
+        }
+        busy += t.elapsed().as_secs_f64();
+        if em.broken {
+            break;
+        }
+    }
+    chunker.finish(&mut |c| em.chunk(c));
+    Ok(busy)
+}
+
+pub(super) fn hash_stage(
+    store: &dyn StoreSession,
+    inflight: &Mutex<HashSet<ChunkId>>,
+    compression: Compression,
+    rx: Receiver<Work>,
+    tx: Sender<Done>,
+) -> Result<f64> {
+    let mut enc =
+        FrameEncoder::new(compression.zstd_level()).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut busy = 0f64;
+    for w in rx {
+        let t = Instant::now();
+        let d = match w {
+            Work::Zero(seq, len) => Done::Zero { seq, len },
+            Work::Known(seq, id, len) => Done::Known { seq, id, len },
+            Work::Chunk(seq, b) => {
+                let id = ChunkId::of(&b);
+                let len = b.len() as u32;
+                let known = store.has(&id)
+                    || !inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id);
+                if known {
+                    Done::Known { seq, id, len }
+                } else {
+                    let mut frame =
+                        Vec::with_capacity(FRAME_HEADER_LEN + b.len() + b.len() / 64 + 64);
+                    enc.encode_into(id, &b, &mut frame)
+                        .map_err(|e| Error::Internal(format!("compress: {e}")))?;
+                    Done::New {
+                        seq,
+                        id,
+                        len,
+                        frame,
+                    }
+                }
+            }
+        };
+        busy += t.elapsed().as_secs_f64();
+        if tx.send(d).is_err() {
+            break;
+        }
+    }
+    Ok(busy)
+}
+
+pub(super) type ManifestOut = ManifestWriter<BufWriter<File>>;
+
+pub(super) fn write_stage(
+    sink: &mut dyn FrameSink,
+    mut mw: ManifestOut,
+    rx: Receiver<Done>,
+) -> Result<(ManifestOut, WriteStats)> {
+    let mut st = WriteStats::default();
+    let mut pending: BTreeMap<u64, Extent> = BTreeMap::new();
+    let mut next = 0u64;
+    for d in rx {
+        let (seq, e) = match d {
+            Done::New {
+                seq,
+                id,
+                len,
+                frame,
+            } => {
+                let t = Instant::now();
+                st.bytes_stored += frame.len() as u64;
+                sink.add(id, len, frame)?;
+                st.busy += t.elapsed().as_secs_f64();
+                st.bytes_new += u64::from(len);
+                st.chunks_new += 1;
+                st.chunks += 1;
+                (seq, Extent::Chunk { id, len })
+            }
+            Done::Known { seq, id, len } => {
+                st.chunks += 1;
+                (seq, Extent::Chunk { id, len })
+            }
+            Done::Zero { seq, len } => {
+                st.bytes_zero += len;
+                (seq, Extent::Zero { len })
+            }
+        };
+        pending.insert(seq, e);
+        while let Some(e) = pending.remove(&next) {
+            mw.push(e)
+                .map_err(|e| Error::io("write", PathBuf::from("point manifest"), e))?;
+            next += 1;
+        }
+    }
+    // Anything left means an upstream stage stopped early; the caller sees
+    // its error, or the size check fails.
+    Ok((mw, st))
+}
