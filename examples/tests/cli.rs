@@ -1,8 +1,7 @@
 //! The `dm` command line as a user meets it: exit codes, one-line errors,
 //! JSON figures, kill -9 in the middle of a backup, a full disk.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
-#[path = "../../datamover/tests/common/mod.rs"]
-mod common;
+use datamover_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

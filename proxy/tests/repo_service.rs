@@ -18,23 +18,9 @@ use datamover_control::api::ServiceAddress;
 use datamover_control::pki::Identity;
 use datamover_proxy::repo_service::{self, RemoteStore, Served, ServedMap};
 use datamover_server::ca::Ca;
+use datamover_testkit::make_disk;
 
 const MIB: usize = 1 << 20;
-
-fn make_disk(path: &Path, len: usize, seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut buf = vec![0u8; len];
-    for (i, c) in buf.chunks_mut(8).enumerate() {
-        if (i * 8) / MIB % 5 == 2 {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    std::fs::write(path, buf).unwrap();
-}
 
 /// Overwrite 1 MiB at `at` with new pseudo-random (incompressible) bytes.
 fn change(path: &Path, at: usize, seed: u64) {

@@ -278,7 +278,7 @@ fn backup_copy_replication_migration_and_restore_through_two_proxies() {
         )
         .unwrap();
     let s: Session = api.post(&format!("{API}/jobs/lost/run"), &()).unwrap();
-    common::wait_for("a waiting reason", T, || {
+    common::wait_until("a waiting reason", T, || {
         let s: Session = api.get(&format!("{API}/sessions/{}", s.id)).unwrap();
         s.tasks[0].waiting.is_some()
     });

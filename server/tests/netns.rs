@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::{
     Cluster, Net, Proc, assert_restores, bin, can_make_namespaces, command_in, dm, make_disk,
-    wait_for,
+    wait_until,
 };
 use datamover_control::api::{
     API, Host, HostAdded, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy, ProxyState,
@@ -140,7 +140,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         name: "dm-installer".into(),
     };
     let sha1 = datamover_control::pki::fingerprint(&v1);
-    wait_for("the installer to deploy the proxy", T, || {
+    wait_until("the installer to deploy the proxy", T, || {
         deployed(&c, "a").is_some_and(|(s, _)| s == sha1) && proxy_online(&c, "a")
     });
     let (_, pid1) = deployed(&c, "a").unwrap();
@@ -219,7 +219,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
     v2.extend_from_slice(b"\n# datamover upgrade test: trailing bytes after the ELF image\n");
     write_package(&pkg, &v2);
     let sha2 = datamover_control::pki::fingerprint(&v2);
-    wait_for("the installer to upgrade the proxy", T, || {
+    wait_until("the installer to upgrade the proxy", T, || {
         deployed(&c, "a").is_some_and(|(s, p)| s == sha2 && p != pid1) && proxy_online(&c, "a")
     });
     let (_, pid2) = deployed(&c, "a").unwrap();
@@ -247,7 +247,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    wait_for("the installer to remove the proxy", T, || {
+    wait_until("the installer to remove the proxy", T, || {
         host(&c, "a")
             .installer
             .is_some_and(|i| i.report.components.is_empty())

@@ -3,8 +3,7 @@
 //! real server sends.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
 
-#[path = "../../datamover/tests/common/mod.rs"]
-mod common;
+use datamover_testkit as common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

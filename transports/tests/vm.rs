@@ -6,8 +6,7 @@
 //! writes, and no loop device, export, node or file is left behind.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
 
-#[path = "../../datamover/tests/common/mod.rs"]
-mod common;
+use datamover_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,11 +4,13 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datamover_control::api::{self, API, HostAdded, NewHost, Proxy, ProxyPatch, Session};
 use datamover_control::client::{Auth, Client, ClientError};
+#[allow(unused_imports)] // each test binary uses a different part
+pub use datamover_testkit::{Net, Proc, can_make_namespaces, make_disk, wait_until};
 
 /// A binary of the workspace, next to `dm-server`.
 pub fn bin(name: &str) -> PathBuf {
@@ -20,39 +22,6 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `exe` run in network namespace `netns` (`ip netns exec`, which execs:
@@ -104,7 +73,7 @@ impl Cluster {
             child,
             name: "dm-server".into(),
         };
-        wait_for("server.url", Duration::from_secs(20), || {
+        wait_until("server.url", Duration::from_secs(20), || {
             data.join("server.url").exists()
         });
         let url = std::fs::read_to_string(data.join("server.url"))
@@ -192,7 +161,7 @@ impl Cluster {
             child,
             name: name.into(),
         });
-        wait_for(
+        wait_until(
             &format!("proxy {name} online"),
             Duration::from_secs(20),
             || {
@@ -270,23 +239,6 @@ pub fn dm(c: &Cluster) -> Command {
     cmd
 }
 
-/// A disk image of `len` bytes of seeded pseudo-random data (a few
-/// all-zero MiB in the middle, so zero runs are exercised too).
-pub fn make_disk(path: &Path, len: usize, seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut buf = vec![0u8; len];
-    for (i, c) in buf.chunks_mut(8).enumerate() {
-        if (i * 8) / (1 << 20) % 5 == 2 {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    std::fs::write(path, buf).unwrap();
-}
-
 /// One qemu-storage-daemon exporting each image read-only over NBD on
 /// the unix socket `sock`, each through its own throttle group limited to
 /// `bytes_per_s` of reads, so a task lasts a few seconds. (nbdkit 1.32's
@@ -324,7 +276,7 @@ pub fn qsd_throttled(images: &[PathBuf], sock: &Path, bytes_per_s: u64) -> (Proc
     let child = cmd
         .spawn()
         .expect("qemu-storage-daemon (apt install qemu-utils)");
-    wait_for(
+    wait_until(
         "qemu-storage-daemon socket",
         Duration::from_secs(10),
         || sock.exists(),
@@ -358,125 +310,4 @@ pub fn assert_restores(repo: &Path, disk: &str, original: &Path) {
         original.display()
     );
     std::fs::remove_file(&out).unwrap();
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (apt install iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// One network namespace per host, `hosts[0]` (the server's) holding a
-/// bridge the others join with a veth each, plus a veth from the test's
-/// own namespace (the admin's workstation). Host `i` has address
-/// `addr(i + 1)`, the test `addr(hosts.len() + 1)`. Deleted on drop, also
-/// when the test fails.
-pub struct Net {
-    pub ns: Vec<String>,
-    root_if: String,
-    subnet: String,
-}
-
-impl Net {
-    pub fn new(tag: &str, hosts: &[&str]) -> Net {
-        let id = std::process::id() % 10_000;
-        let subnet = format!(
-            "10.231.{}",
-            (id * 7 + u32::from(tag.bytes().next().unwrap_or(0))) % 250
-        );
-        let ns: Vec<String> = hosts.iter().map(|h| format!("dmt{id}{tag}{h}")).collect();
-        let net = Net {
-            ns: ns.clone(),
-            root_if: format!("dmt{id}{tag}r"),
-            subnet: subnet.clone(),
-        };
-        for n in &ns {
-            ip(&["netns", "add", n]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        let s = &ns[0];
-        ip(&["-n", s, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            s,
-            "addr",
-            "add",
-            &format!("{subnet}.1/24"),
-            "dev",
-            "br0",
-        ]);
-        ip(&["-n", s, "link", "set", "br0", "up"]);
-        // Each host's veth: one end in the host's namespace, the other on
-        // the bridge; the test's own end stays here.
-        let ends: Vec<(Option<&String>, String)> = ns[1..]
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (Some(n), i.to_string()))
-            .chain([(None, "r".to_string())])
-            .collect();
-        for (i, (host, end)) in ends.into_iter().enumerate() {
-            let inner = format!("dmt{id}{tag}{end}");
-            let outer = format!("{inner}p");
-            ip(&[
-                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ]);
-            ip(&["link", "set", &outer, "netns", s]);
-            ip(&["-n", s, "link", "set", &outer, "master", "br0"]);
-            ip(&["-n", s, "link", "set", &outer, "up"]);
-            let addr = format!("{subnet}.{}/24", i + 2);
-            match host {
-                Some(h) => {
-                    ip(&["link", "set", &inner, "netns", h]);
-                    ip(&["-n", h, "addr", "add", &addr, "dev", &inner]);
-                    ip(&["-n", h, "link", "set", &inner, "up"]);
-                }
-                None => {
-                    ip(&["addr", "add", &addr, "dev", &inner]);
-                    ip(&["link", "set", &inner, "up"]);
-                }
-            }
-        }
-        net
-    }
-
-    /// The address of the `i`-th host, 1-based.
-    pub fn addr(&self, i: usize) -> String {
-        format!("{}.{i}", self.subnet)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.root_if])
-            .output();
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-/// Root and iproute2, else skip (outside CI) or fail (in CI).
-pub fn can_make_namespaces() -> bool {
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    let ip = Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if root && ip {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run this test as root with iproute2"
-    );
-    eprintln!("SKIP: network namespaces need root and iproute2");
-    false
 }

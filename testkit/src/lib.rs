@@ -1,0 +1,22 @@
+//! # datamover-testkit — what every crate's tests share (dev-only)
+//!
+//! Disk generators and hashes ([`disk`]), the rule for tests that need
+//! root or a tool ([`env`]), real processes stopped by PID ([`process`]),
+//! loop devices and mounts ([`block`]) and network namespaces ([`net`]).
+//! Every guard cleans up on drop, also when a test fails.
+//!
+//! Helpers panic on failure: they run inside tests, where a panic is the
+//! failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod block;
+pub mod disk;
+pub mod env;
+pub mod net;
+pub mod process;
+
+pub use block::*;
+pub use disk::*;
+pub use env::*;
+pub use net::*;
+pub use process::*;
