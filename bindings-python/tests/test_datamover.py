@@ -79,7 +79,8 @@ def test_points_and_stats(env):
                 "seconds", "mb_per_s", "bottleneck", "point", "disk"):
         assert key in d
     # Python's report has exactly the keys of `dm backup --json`.
-    dm = os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "dm")
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "target")
+    dm = os.path.join(target, "debug", "dm")
     if os.path.exists(dm):
         subprocess.run([dm, "init", str(tmp / "cli-repo")], check=True, capture_output=True)
         out = subprocess.run([dm, "backup", str(img), "--repo", str(tmp / "cli-repo"), "--name", "web01/vda",
