@@ -1,0 +1,332 @@
+//! `Repository` and what its calls return (`Point`, `VerifyReport`,
+//! `PruneReport`): the core's repository, backup and restore.
+
+use crate::*;
+
+/// One restore point.
+#[pyclass(frozen, get_all, module = "datamover")]
+pub(crate) struct Point {
+    id: String,
+    disk: String,
+    time: Py<PyAny>,
+    size: u64,
+    stored_size: u64,
+    source: String,
+    source_kind: String,
+    transport: String,
+    chunking: String,
+    block_size: u32,
+    compression: String,
+}
+
+#[pymethods]
+impl Point {
+    fn __str__(&self) -> String {
+        format!("{}@{}", self.disk, self.id)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Point({}@{}, size={}, transport={})",
+            self.disk, self.id, self.size, self.transport
+        )
+    }
+}
+
+/// What `Repository.verify` found.
+#[pyclass(frozen, get_all, module = "datamover")]
+pub(crate) struct VerifyReport {
+    ok: bool,
+    points: usize,
+    packs: usize,
+    chunks: usize,
+    chunks_read: usize,
+    problems: Vec<String>,
+    damaged_points: Vec<String>,
+    details: Vec<(String, Vec<String>)>,
+    unindexed_packs: usize,
+}
+
+#[pymethods]
+impl VerifyReport {
+    fn __bool__(&self) -> bool {
+        self.ok
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "VerifyReport(ok={}, points={}, damaged_points={:?})",
+            if self.ok { "True" } else { "False" },
+            self.points,
+            self.damaged_points
+        )
+    }
+}
+
+/// What `Repository.prune` did (or would do with `dry_run`).
+#[pyclass(frozen, get_all, module = "datamover")]
+pub(crate) struct PruneReport {
+    points_kept: usize,
+    points_removed: Vec<String>,
+    packs_deleted: usize,
+    packs_repacked: usize,
+    orphan_packs_deleted: usize,
+    chunks_removed: usize,
+    bytes_freed: u64,
+}
+
+#[pymethods]
+impl PruneReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "PruneReport(kept={}, removed={}, bytes_freed={})",
+            self.points_kept,
+            self.points_removed.len(),
+            self.bytes_freed
+        )
+    }
+}
+
+/// A datamover repository (a local directory).
+#[pyclass(frozen, module = "datamover")]
+pub(crate) struct Repository {
+    inner: datamover::Repository,
+}
+
+#[pymethods]
+impl Repository {
+    /// Create a new repository in an empty or new directory.
+    #[staticmethod]
+    fn init(path: PathBuf) -> PyResult<Self> {
+        Ok(Repository {
+            inner: datamover::Repository::init(&path).map_err(to_py)?,
+        })
+    }
+
+    /// Open an existing repository.
+    #[staticmethod]
+    fn open(path: PathBuf) -> PyResult<Self> {
+        Ok(Repository {
+            inner: datamover::Repository::open(&path).map_err(to_py)?,
+        })
+    }
+
+    /// The repository's directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// The repository's id.
+    #[getter]
+    fn id(&self) -> String {
+        self.inner.config().id.clone()
+    }
+
+    /// Back up `source` (path or URI) as a new point of `name` ("vm/disk").
+    ///
+    /// With `bitmap`, the backup is incremental (CBT): only what the QEMU
+    /// dirty bitmap marks changed is read (NBD sources). `full_if_needed`
+    /// reads the whole disk when no incremental is possible instead of
+    /// raising. `timeout` is the network timeout in seconds;
+    /// `tls_certificates` the directory with `ca-cert.pem` for `nbds://`.
+    ///
+    /// A running VM is backed up with `source="qmp+unix:///path/qmp.sock"`
+    /// (or `qmp://host:port`) and `disk=` its node or device: the disk is
+    /// snapshotted, read through `transport` ("auto": san > hotadd > nbd;
+    /// or "san", "hotadd", "nbd", "storage-snapshot" with
+    /// `snapshot_provider` "auto", "reflink" or "qcow2-internal"), and
+    /// incremental after the first point. `failover_to_network=True`
+    /// falls back to NBD when the mode cannot read the disk.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto"))]
+    #[allow(clippy::too_many_arguments)]
+    fn backup(
+        &self,
+        py: Python<'_>,
+        source: PathBuf,
+        name: &str,
+        chunking: &str,
+        block_size: u32,
+        compression: &str,
+        threads: usize,
+        progress: Option<Py<PyAny>>,
+        bitmap: Option<String>,
+        full_if_needed: bool,
+        timeout: f64,
+        tls_certificates: Option<PathBuf>,
+        disk: Option<String>,
+        transport: &str,
+        failover_to_network: bool,
+        snapshot_provider: &str,
+    ) -> PyResult<Stats> {
+        let vm_disk = disk;
+        let disk: DiskName = name.parse().map_err(to_py)?;
+        let transport: transports::TransportChoice = transport.parse().map_err(to_py)?;
+        let snapshot_provider = snapshot_provider.to_string();
+        let timeout = secs(timeout)?;
+        let kind: ChunkingKind = chunking.parse().map_err(to_py)?;
+        let compression: Compression = compression.parse().map_err(to_py)?;
+        let spec = source.to_string_lossy().into_owned();
+        let repo = &self.inner;
+        let run = run_cancellable(py, progress, move |pfn| {
+            let sopts = transports::SourceOptions {
+                bitmap,
+                timeout: Some(timeout),
+                tls_certificates,
+                disk: vm_disk,
+                transport,
+                failover_to_network,
+                snapshot_provider: Some(snapshot_provider),
+            };
+            let opts = BackupOptions {
+                chunking: ChunkingInfo { kind, block_size },
+                compression,
+                threads,
+                progress: Some(pfn),
+                full_if_needed,
+                ..BackupOptions::default()
+            };
+            transports::backup(repo, &spec, &disk, &sopts, &opts)
+        })?;
+        Ok(Stats::of_run(&run))
+    }
+
+    /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
+    /// a Point) to a new file (sparse), an existing block device, or a
+    /// writable NBD export (`nbd://…`, `nbd+unix://…`).
+    #[pyo3(signature = (point, target, *, force=false, progress=None, timeout=60.0, tls_certificates=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        &self,
+        py: Python<'_>,
+        point: &Bound<'_, PyAny>,
+        target: PathBuf,
+        force: bool,
+        progress: Option<Py<PyAny>>,
+        timeout: f64,
+        tls_certificates: Option<PathBuf>,
+    ) -> PyResult<Stats> {
+        let timeout = secs(timeout)?;
+        let target = target.to_string_lossy().into_owned();
+        let spec: String = match point.cast::<Point>() {
+            Ok(p) => p.get().__str__(),
+            Err(_) => point.extract()?,
+        };
+        let point: PointRef = spec.parse().map_err(to_py)?;
+        let repo = &self.inner;
+        let r = run_cancellable(py, progress, move |pfn| {
+            transports::restore(
+                repo,
+                &point,
+                &target,
+                force,
+                &transports::SourceOptions {
+                    timeout: Some(timeout),
+                    tls_certificates,
+                    ..Default::default()
+                },
+                &RestoreOptions {
+                    progress: Some(pfn),
+                    ..RestoreOptions::default()
+                },
+            )
+        })?;
+        Ok(Stats::new(&r.disk, &r.point, "", &r.stats))
+    }
+
+    /// Restore points, oldest first per disk (of one disk if `name` is given).
+    #[pyo3(signature = (name=None))]
+    fn points(&self, py: Python<'_>, name: Option<&str>) -> PyResult<Vec<Point>> {
+        let disk = name
+            .map(|n| n.parse::<DiskName>())
+            .transpose()
+            .map_err(to_py)?;
+        let (points, bad) = py
+            .detach(|| self.inner.list_points(disk.as_ref()))
+            .map_err(to_py)?;
+        if let Some(e) = bad.into_iter().next() {
+            return Err(to_py(e));
+        }
+        let fromiso = py
+            .import("datetime")?
+            .getattr("datetime")?
+            .getattr("fromisoformat")?;
+        points
+            .into_iter()
+            .map(|p| {
+                let m = p.meta;
+                Ok(Point {
+                    id: p.id.to_string(),
+                    disk: p.disk.to_string(),
+                    time: fromiso.call1((m.started.replace('Z', "+00:00"),))?.unbind(),
+                    size: m.disk_size,
+                    stored_size: m.stats.bytes_stored,
+                    source: m.source.location,
+                    source_kind: m.source.kind,
+                    transport: m.transport,
+                    chunking: m.chunking.kind.name().into(),
+                    block_size: m.chunking.block_size,
+                    compression: m.compression,
+                })
+            })
+            .collect()
+    }
+
+    /// Check the repository; with `read_data`, read and check every chunk.
+    #[pyo3(signature = (read_data=false))]
+    fn verify(&self, py: Python<'_>, read_data: bool) -> PyResult<VerifyReport> {
+        let repo = &self.inner;
+        let r = run_cancellable(py, None, move |_| datamover::verify(repo, read_data))?;
+        Ok(VerifyReport {
+            ok: r.is_ok(),
+            points: r.points,
+            packs: r.packs,
+            chunks: r.chunks,
+            chunks_read: r.chunks_read,
+            problems: r.problems,
+            damaged_points: r.damaged_points.iter().map(|d| d.point.clone()).collect(),
+            details: r
+                .damaged_points
+                .into_iter()
+                .map(|d| (d.point, d.problems))
+                .collect(),
+            unindexed_packs: r.unindexed_packs,
+        })
+    }
+
+    /// Forget points outside the keep rules (per disk) and free their space.
+    #[pyo3(signature = (*, keep_last=None, keep_daily=None, keep_weekly=None, keep_monthly=None, dry_run=false))]
+    fn prune(
+        &self,
+        py: Python<'_>,
+        keep_last: Option<usize>,
+        keep_daily: Option<usize>,
+        keep_weekly: Option<usize>,
+        keep_monthly: Option<usize>,
+        dry_run: bool,
+    ) -> PyResult<PruneReport> {
+        let opts = PruneOptions {
+            keep: KeepPolicy {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+            },
+            dry_run,
+            ..PruneOptions::default()
+        };
+        let repo = &self.inner;
+        let r = run_cancellable(py, None, move |_| datamover::prune(repo, &opts))?;
+        Ok(PruneReport {
+            points_kept: r.points_kept,
+            points_removed: r.points_removed,
+            packs_deleted: r.packs_deleted,
+            packs_repacked: r.packs_repacked,
+            orphan_packs_deleted: r.orphan_packs_deleted,
+            chunks_removed: r.chunks_removed,
+            bytes_freed: r.bytes_freed,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Repository({:?})", self.inner.root())
+    }
+}

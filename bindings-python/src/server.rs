@@ -1,0 +1,267 @@
+//! `Server`: a dm-server's REST API, through `datamover_control`'s client.
+
+use crate::*;
+
+/// Why waiting for a session stopped early.
+enum Waited {
+    Client(datamover_control::client::ClientError),
+    Interrupted(PyErr),
+}
+
+impl From<datamover_control::client::ClientError> for Waited {
+    fn from(e: datamover_control::client::ClientError) -> Self {
+        Waited::Client(e)
+    }
+}
+
+/// A dm-server, through its REST API (the same calls as `dm --server`).
+/// Answers are the API's JSON as dicts and lists.
+#[pyclass(module = "datamover", frozen)]
+pub(crate) struct Server {
+    client: datamover_control::client::Client,
+}
+
+impl Server {
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.client.clone();
+        let (method, path) = (method.to_string(), path.to_string());
+        let v: serde_json::Value = py
+            .detach(move || match (method.as_str(), body) {
+                ("GET", _) => c.get(&path),
+                ("POST", b) => c.post(&path, &b.unwrap_or(serde_json::json!({}))),
+                ("PATCH", b) => c.patch(&path, &b.unwrap_or(serde_json::json!({}))),
+                _ => c.delete(&path).map(|()| serde_json::Value::Null),
+            })
+            .map_err(client_err)?;
+        py.import("json")?.getattr("loads")?.call1((v.to_string(),))
+    }
+
+    fn json_of(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+        let s: String = py
+            .import("json")?
+            .getattr("dumps")?
+            .call1((obj,))?
+            .extract()?;
+        serde_json::from_str(&s).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+#[pymethods]
+impl Server {
+    /// Connect to `url` (https://host:port), trusting the CA certificate at
+    /// `ca`, with an API token (or a file holding it).
+    #[new]
+    #[pyo3(signature = (url, *, ca, token=None, token_file=None, timeout=60.0))]
+    fn new(
+        url: &str,
+        ca: PathBuf,
+        token: Option<String>,
+        token_file: Option<PathBuf>,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        let ca_pem = std::fs::read_to_string(&ca)
+            .map_err(|e| PyFileNotFoundError::new_err(format!("{}: {e}", ca.display())))?;
+        let token = match (token, token_file) {
+            (Some(t), _) => t,
+            (None, Some(f)) => std::fs::read_to_string(&f)
+                .map_err(|e| PyFileNotFoundError::new_err(format!("{}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+            (None, None) => return Err(PyValueError::new_err("give token= or token_file=")),
+        };
+        let client = datamover_control::client::Client::new(
+            url,
+            &ca_pem,
+            None,
+            datamover_control::client::Auth::Token(token),
+            secs(timeout)?,
+        )
+        .map_err(client_err)?;
+        Ok(Server { client })
+    }
+
+    /// Proxies: slots, state, running tasks, datastores.
+    fn proxies<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::proxies(), None)
+    }
+
+    /// Change a proxy's settings: slots, modes, site, disabled.
+    #[pyo3(signature = (name, **settings))]
+    fn set_proxy<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        settings: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = match settings {
+            Some(d) => Self::json_of(py, d.as_any())?,
+            None => serde_json::json!({}),
+        };
+        self.call(
+            py,
+            "PATCH",
+            &datamover_control::api::paths::proxy(name),
+            Some(body),
+        )
+    }
+
+    /// Managed hosts.
+    fn hosts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::hosts(), None)
+    }
+
+    /// Add a host; the answer's ``enrollment_token`` is for the host's
+    /// ``dm-installer`` (or ``dm-proxy`` run by hand). ``roles=["proxy"]``
+    /// makes its installer deploy and run the proxy.
+    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new()))]
+    fn add_host<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        addresses: Vec<String>,
+        roles: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles});
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::hosts(),
+            Some(body),
+        )
+    }
+
+    /// Set a host's roles (``[]`` takes them all away); its installer
+    /// follows within a poll.
+    fn set_host_roles<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        roles: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({ "roles": roles });
+        self.call(
+            py,
+            "PATCH",
+            &datamover_control::api::paths::host(name),
+            Some(body),
+        )
+    }
+
+    /// Remove a host (revokes its certificate).
+    fn remove_host(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.call(
+            py,
+            "DELETE",
+            &datamover_control::api::paths::host(name),
+            None,
+        )
+        .map(|_| ())
+    }
+
+    /// Repositories.
+    fn repositories<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::repositories(),
+            None,
+        )
+    }
+
+    /// Add a repository: a directory at the same path on every proxy
+    /// (shared storage), or with ``proxy=`` one held and served by that
+    /// proxy's repository service (the target of replication jobs).
+    #[pyo3(signature = (name, path, *, proxy=None))]
+    fn add_repository<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        path: &str,
+        proxy: Option<&str>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::to_value(datamover_control::api::Repository {
+            name: name.into(),
+            path: path.into(),
+            proxy: proxy.map(str::to_string),
+        })
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::repositories(),
+            Some(body),
+        )
+    }
+
+    /// Jobs.
+    fn jobs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::jobs(), None)
+    }
+
+    /// Create a job from a dict of the API's JobSpec (name, kind,
+    /// repository, disks, proxies, transport, failover_to_network,
+    /// retries, every_minutes).
+    fn create_job<'py>(
+        &self,
+        py: Python<'py>,
+        spec: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = Self::json_of(py, spec)?;
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::jobs(),
+            Some(body),
+        )
+    }
+
+    /// Run a job; with ``wait=True`` return its session once it ended.
+    #[pyo3(signature = (name, *, wait=false))]
+    fn run_job<'py>(&self, py: Python<'py>, name: &str, wait: bool) -> PyResult<Bound<'py, PyAny>> {
+        let s = self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::job_run(name),
+            None,
+        )?;
+        if !wait {
+            return Ok(s);
+        }
+        let id: u64 = s.get_item("id")?.extract()?;
+        let c = self.client.clone();
+        let end = py
+            .detach(move || {
+                c.wait_session(id, |_| -> Result<(), Waited> {
+                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)
+                })
+            })
+            .map_err(|e| match e {
+                Waited::Client(e) => client_err(e),
+                Waited::Interrupted(e) => e,
+            })?;
+        let v = serde_json::to_value(&end).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.import("json")?.getattr("loads")?.call1((v.to_string(),))
+    }
+
+    /// One session: its tasks with state, proxy, mode, progress, attempts.
+    fn session<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::session(id), None)
+    }
+
+    /// Recent sessions, newest first.
+    #[pyo3(signature = (limit=20))]
+    fn sessions<'py>(&self, py: Python<'py>, limit: u32) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::sessions(limit),
+            None,
+        )
+    }
+}
