@@ -1,0 +1,286 @@
+//! `dm backup`, `dm vm-disks`, `dm restore`: moving a disk into and out
+//! of a local repository.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use datamover::{
+    BackupOptions, ChunkingInfo, ChunkingKind, Compression, DiskName, PointRef, Repository,
+    RestoreOptions,
+};
+use serde_json::json;
+
+use crate::output::{Failure, human, parse_size, progress_bar, progress_fn};
+
+/// Arguments of `dm backup`.
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Raw image file, block device, file:// URI, NBD export (nbd://host[:port]/export, nbds://… with TLS, nbd+unix:///export?socket=PATH), or a running VM (qmp+unix:///path/to/qmp.sock or qmp://host:port, with --disk).
+    pub source: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// Name of the disk: <vm>/<disk>.
+    #[arg(long)]
+    pub name: String,
+    /// Chunking: fixed (default: blocks aligned to disk offsets) or cdc (content-defined).
+    #[arg(long, default_value = "fixed", value_parser = ["fixed", "cdc"])]
+    pub chunking: String,
+    /// Chunk size: 256K, 512K, 1M (default) or 4M.
+    #[arg(long, default_value = "1M")]
+    pub block_size: String,
+    /// Compression: none, fast, optimal (default), high, extreme.
+    #[arg(long, default_value = "optimal")]
+    pub compression: String,
+    /// Worker threads for hashing and compression (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Incremental (CBT): read only what this QEMU dirty bitmap marks
+    /// changed since the disk's previous point (NBD sources).
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// With --bitmap: when no incremental is possible (no previous point,
+    /// no such bitmap, the disk was resized), read the whole disk instead of failing.
+    #[arg(long)]
+    pub full_if_needed: bool,
+    /// Network timeout in seconds (NBD handshake and each request).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// TLS certificates for nbds:// addresses: a directory with ca-cert.pem
+    /// (and client-cert.pem + client-key.pem if the server checks clients).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// VM sources: the disk to back up (node name, device or export id;
+    /// `dm vm-disks` lists them).
+    #[arg(long, value_name = "NODE")]
+    pub disk: Option<String>,
+    /// VM sources: transport mode: auto (san > hotadd > nbd), san (direct
+    /// storage access), hotadd (attach to this proxy), nbd (network), or
+    /// storage-snapshot.
+    #[arg(long, default_value = "auto",
+          value_parser = ["auto", "san", "hotadd", "nbd", "storage-snapshot"])]
+    pub transport: String,
+    /// VM sources: when the chosen mode cannot read the disk, read it over NBD.
+    #[arg(long)]
+    pub failover_to_network: bool,
+    /// VM sources, --transport storage-snapshot: auto, reflink (XFS/btrfs)
+    /// or qcow2-internal.
+    #[arg(long, default_value = "auto",
+          value_parser = ["auto", "reflink", "qcow2-internal"])]
+    pub snapshot_provider: String,
+    /// Print one JSON object with the run's figures.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Back up a disk (image file, block device, NBD export, or a running
+/// VM's disk) as a new restore point.
+pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
+    let BackupArgs {
+        source,
+        repo,
+        name,
+        chunking,
+        block_size,
+        compression,
+        threads,
+        bitmap,
+        full_if_needed,
+        timeout,
+        tls_certificates,
+        disk: vm_disk,
+        transport,
+        failover_to_network,
+        snapshot_provider,
+        json,
+    } = args;
+    let disk: DiskName = name.parse()?;
+    let kind: ChunkingKind = chunking.parse()?;
+    let block_size = parse_size(&block_size)?;
+    let compression: Compression = compression.parse()?;
+    let r = Repository::open(&repo)?;
+    let sopts = transports::SourceOptions {
+        bitmap,
+        timeout: Some(Duration::from_secs(timeout)),
+        tls_certificates,
+        disk: vm_disk,
+        transport: transport.parse()?,
+        failover_to_network,
+        snapshot_provider: Some(snapshot_provider),
+    };
+    let bar = progress_bar(0);
+    let opts = BackupOptions {
+        chunking: ChunkingInfo { kind, block_size },
+        compression,
+        threads,
+        progress: bar.as_ref().map(progress_fn),
+        full_if_needed,
+        ..BackupOptions::default()
+    };
+    let run = transports::backup(&r, &source, &disk, &sopts, &opts);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let run = run?;
+    for n in &run.notes {
+        if !json {
+            eprintln!("note: {n}");
+        }
+    }
+    let rep = &run.report;
+    let s = &rep.stats;
+    if json {
+        let v = json!(transports::RunReport::of_run(&run));
+        println!("{v}");
+    } else {
+        if let Some(why) = &rep.full_reason {
+            eprintln!("note: full backup: {why}");
+        }
+        if let (Some(p), Some(c)) = (rep.parent(), rep.bytes_changed()) {
+            println!(
+                "incremental from {p}: {} changed, {} read of {}",
+                human(c),
+                human(s.bytes_read),
+                human(s.bytes_total)
+            );
+        }
+        println!(
+            "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {}, compression {:.2}x; bottleneck: {}",
+            rep.disk,
+            rep.point,
+            human(s.bytes_total),
+            s.seconds,
+            s.mb_per_s(),
+            human(s.bytes_read),
+            human(s.bytes_new),
+            human(s.bytes_stored),
+            if s.bytes_new == 0 {
+                "all known".to_string()
+            } else {
+                format!("{:.2}x", s.dedupe_ratio())
+            },
+            s.compression_ratio(),
+            s.bottleneck()
+        );
+    }
+    Ok(0)
+}
+
+/// Arguments of `dm vm-disks`.
+#[derive(Args)]
+pub struct VmDisksArgs {
+    /// The VM's QMP address.
+    pub address: String,
+    /// Timeout in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// List a running VM's disks (qmp+unix:///path/to/qmp.sock or qmp://host:port).
+pub fn vm_disks(args: VmDisksArgs) -> Result<u8, Failure> {
+    let VmDisksArgs {
+        address,
+        timeout,
+        json,
+    } = args;
+    let disks = transports::qemu::disks(&address, Duration::from_secs(timeout))?;
+    if json {
+        let v: Vec<_> = disks.iter().map(|d| d.summary()).collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for d in &disks {
+            println!(
+                "{}\t{}\t{}\t{}\t{}",
+                d.device.as_deref().unwrap_or("-"),
+                d.node,
+                d.driver,
+                human(d.size),
+                d.file
+                    .as_ref()
+                    .map_or("-".into(), |f| f.display().to_string())
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Arguments of `dm restore`.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// <vm>/<disk>[@<point id or prefix>]
+    pub point: String,
+    /// Target: a new file (sparse), an existing block device, or a writable
+    /// NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=PATH).
+    pub target: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// Overwrite an existing target file.
+    #[arg(long)]
+    pub force: bool,
+    /// Network timeout in seconds (NBD targets).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// TLS certificates for nbds:// targets (a directory with ca-cert.pem).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Print one JSON object with the run's figures.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Restore a point (the newest without @POINT) to a file or block device.
+pub fn restore(args: RestoreArgs) -> Result<u8, Failure> {
+    let RestoreArgs {
+        point,
+        target,
+        repo,
+        force,
+        timeout,
+        tls_certificates,
+        json,
+    } = args;
+    let point: PointRef = point.parse()?;
+    let r = Repository::open(&repo)?;
+    let bar = progress_bar(0);
+    let opts = RestoreOptions {
+        progress: bar.as_ref().map(progress_fn),
+        ..RestoreOptions::default()
+    };
+    let sopts = transports::SourceOptions {
+        timeout: Some(Duration::from_secs(timeout)),
+        tls_certificates,
+        ..Default::default()
+    };
+    let rep = transports::restore(&r, &point, &target, force, &sopts, &opts);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let rep = rep?;
+    let s = &rep.stats;
+    if json {
+        let mut v = json!(transports::RunReport::of_stats(
+            &rep.disk, &rep.point, "", s
+        ));
+        v["target"] = json!(target);
+        println!("{v}");
+    } else {
+        println!(
+            "restored {}@{} to {}: {} in {:.1} s ({:.0} MB/s), every chunk checked",
+            rep.disk,
+            rep.point,
+            target,
+            human(s.bytes_total),
+            s.seconds,
+            s.mb_per_s()
+        );
+    }
+    Ok(0)
+}
