@@ -6,6 +6,12 @@
 //! that front doors (CLI exit codes, Python exception classes) map from.
 //! Library code never panics on bytes from disk or the wire; it returns
 //! [`Error::Corrupt`] or [`Error::ChunkDamaged`] instead.
+//!
+//! A transport failure ([`Error::Transport`]) carries a [`TransportKind`]
+//! (connect, timeout, TLS, refused, protocol violation, server error with
+//! its errno) and, where there is one, its source error: never only a
+//! string. [`Error::is_retryable`] says whether running the same work
+//! again can help; task retries follow it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,6 +36,28 @@ pub enum ErrorKind {
     Io,
     /// The run was cancelled by the caller.
     Cancelled,
+}
+
+/// What kind of transport failure an [`Error::Transport`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// No connection, or the connection broke (refused, reset, closed).
+    Connect,
+    /// No answer in time.
+    Timeout,
+    /// TLS could not be set up, or a certificate was refused.
+    Tls,
+    /// The peer refused what was asked (an option, a command, a policy).
+    Refused,
+    /// The peer broke the protocol.
+    Protocol,
+    /// The peer failed a request with an error number (NBD errno values).
+    ServerError {
+        /// The error number.
+        errno: u32,
+    },
+    /// A helper process or tool (qemu-img, losetup) failed.
+    Tool,
 }
 
 /// Everything that can go wrong in the data mover.
@@ -147,13 +175,18 @@ pub enum Error {
         /// The target.
         path: PathBuf,
     },
-    /// A transport (NBD, later QMP) failed: connection, protocol or server error.
+    /// A transport (NBD, QMP, a repository service, a helper tool) failed.
     #[error("{address}: {detail}")]
     Transport {
         /// The address as given (URI).
         address: String,
+        /// What kind of failure.
+        kind: TransportKind,
         /// What went wrong and, where possible, what to do.
         detail: String,
+        /// The error underneath, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// A changed-block-tracking backup was asked for but cannot be built.
     #[error(
@@ -217,6 +250,35 @@ impl Error {
             self.kind(),
             ErrorKind::InvalidInput | ErrorKind::Unsupported
         )
+    }
+
+    /// A transport failure of `kind` at `address`, without a source.
+    pub fn transport(
+        address: impl Into<String>,
+        kind: TransportKind,
+        detail: impl Into<String>,
+    ) -> Self {
+        Error::Transport {
+            address: address.into(),
+            kind,
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// A transport failure with the error underneath it.
+    pub fn transport_from(
+        address: impl Into<String>,
+        kind: TransportKind,
+        detail: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Transport {
+            address: address.into(),
+            kind,
+            detail: detail.into(),
+            source: Some(Box::new(source)),
+        }
     }
 
     /// An I/O error on `path`; a full filesystem becomes [`Error::NoSpace`].

@@ -58,7 +58,7 @@ pub mod verify;
 pub use backup::{BackupOptions, BackupReport, backup, backup_to};
 pub use cbt::{ChangeTracker, ChangedRanges, Tracking, WithChanges};
 pub use compression::Compression;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, TransportKind};
 pub use format::manifest::{ChunkingInfo, ChunkingKind, PointMeta};
 pub use ids::{ChunkId, DiskName, PackId, PointId, PointRef};
 pub use progress::ProgressFn;

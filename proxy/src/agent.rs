@@ -366,10 +366,11 @@ impl Dest {
 
 fn store_for(t: &TaskOrder, mover: &Mover) -> datamover::Result<Dest> {
     if let Some(e) = &t.service_error {
-        return Err(datamover::Error::Transport {
-            address: t.repository.clone(),
-            detail: e.clone(),
-        });
+        return Err(datamover::Error::transport(
+            t.repository.clone(),
+            datamover::TransportKind::Connect,
+            e.clone(),
+        ));
     }
     match &t.service {
         Some(at) => Ok(Dest::Remote(

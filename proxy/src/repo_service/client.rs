@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use datamover::format::manifest::{self, Manifest, PointMeta};
-use datamover::{ChunkId, DiskName, Error, FrameSink, PointId, Store, StoreSession};
+use datamover::{ChunkId, DiskName, Error, FrameSink, PointId, Store, StoreSession, TransportKind};
 use rustls::pki_types::ServerName;
 
 use datamover_control::api::ServiceAddress;
@@ -91,11 +91,24 @@ impl RemoteStore {
         )
     }
 
+    /// The service broke the protocol.
     fn err(&self, detail: impl std::fmt::Display) -> Error {
-        Error::Transport {
-            address: self.describe(),
-            detail: detail.to_string(),
-        }
+        Error::transport(self.describe(), TransportKind::Protocol, detail.to_string())
+    }
+
+    /// No connection, or it broke.
+    fn lost(&self, detail: impl std::fmt::Display) -> Error {
+        Error::transport(self.describe(), TransportKind::Connect, detail.to_string())
+    }
+
+    /// TLS could not be set up.
+    fn tls_err(&self, detail: impl std::fmt::Display) -> Error {
+        Error::transport(self.describe(), TransportKind::Tls, detail.to_string())
+    }
+
+    /// The service refused (its ERROR message).
+    fn refused(&self, detail: impl std::fmt::Display) -> Error {
+        Error::transport(self.describe(), TransportKind::Refused, detail.to_string())
     }
 
     fn connect(&self, hello: &Hello) -> datamover::Result<(ClientStream, Ready)> {
@@ -103,19 +116,19 @@ impl RemoteStore {
             .at
             .address
             .to_socket_addrs()
-            .map_err(|e| self.err(format!("cannot resolve: {e}")))?
+            .map_err(|e| self.lost(format!("cannot resolve: {e}")))?
             .next()
-            .ok_or_else(|| self.err("no address"))?;
+            .ok_or_else(|| self.lost("no address"))?;
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .map_err(|e| self.err(format!("cannot connect: {e}")))?;
+            .map_err(|e| self.lost(format!("cannot connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
         tcp.set_read_timeout(Some(self.timeout))
             .and_then(|_| tcp.set_write_timeout(Some(self.timeout)))
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.lost(e))?;
         let name = ServerName::try_from(self.at.server_name.clone())
-            .map_err(|e| self.err(format!("bad server name: {e}")))?;
+            .map_err(|e| self.tls_err(format!("bad server name: {e}")))?;
         let conn =
-            rustls::ClientConnection::new(self.tls.clone(), name).map_err(|e| self.err(e))?;
+            rustls::ClientConnection::new(self.tls.clone(), name).map_err(|e| self.tls_err(e))?;
         let mut s = rustls::StreamOwned::new(
             conn,
             Counted {
@@ -125,7 +138,7 @@ impl RemoteStore {
         );
         write_msg(&mut s, Msg::Hello, &json(hello).map_err(|e| self.err(e))?)
             .and_then(|_| s.flush())
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.lost(e))?;
         let b = self.expect(&mut s, Msg::Ready)?;
         let ready: Ready =
             serde_json::from_slice(&b).map_err(|e| self.err(format!("bad READY: {e}")))?;
@@ -134,14 +147,14 @@ impl RemoteStore {
 
     /// Read a message of type `want`; an ERROR becomes the service's message.
     fn expect(&self, s: &mut ClientStream, want: Msg) -> datamover::Result<Vec<u8>> {
-        let (ty, b) = read_msg(s).map_err(|e| self.err(format!("connection lost: {e}")))?;
+        let (ty, b) = read_msg(s).map_err(|e| self.lost(format!("connection lost: {e}")))?;
         match ty {
             t if t == want => Ok(b),
             Msg::Error => {
                 let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
                     error: String::from_utf8_lossy(&b).into_owned(),
                 });
-                Err(self.err(format!("the repository service refused: {}", m.error)))
+                Err(self.refused(format!("the repository service refused: {}", m.error)))
             }
             t => Err(self.err(format!("unexpected message {t} (wanted {want})"))),
         }
@@ -248,10 +261,11 @@ impl RemoteSession<'_> {
         let mut s = self.conn();
         write_msg(&mut *s, Msg::GetParent, &[])
             .and_then(|_| s.flush())
-            .map_err(|e| st.err(e))?;
+            .map_err(|e| st.lost(e))?;
         let mut bytes = Vec::new();
         loop {
-            let (ty, b) = read_msg(&mut *s).map_err(|e| st.err(format!("connection lost: {e}")))?;
+            let (ty, b) =
+                read_msg(&mut *s).map_err(|e| st.lost(format!("connection lost: {e}")))?;
             match ty {
                 Msg::ManifestPart => {
                     if (bytes.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
@@ -264,7 +278,7 @@ impl RemoteSession<'_> {
                     let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
                         error: String::from_utf8_lossy(&b).into_owned(),
                     });
-                    return Err(st.err(format!("the repository service refused: {}", m.error)));
+                    return Err(st.refused(format!("the repository service refused: {}", m.error)));
                 }
                 t => return Err(st.err(format!("unexpected message type {t}"))),
             }
@@ -354,11 +368,11 @@ impl StoreSession for RemoteSession<'_> {
         let _ = std::fs::remove_file(path);
         let mut s = self.conn();
         for part in bytes.chunks(PART) {
-            write_msg(&mut *s, Msg::ManifestPart, part).map_err(|e| st.err(e))?;
+            write_msg(&mut *s, Msg::ManifestPart, part).map_err(|e| st.lost(e))?;
         }
         write_msg(&mut *s, Msg::Commit, &[])
             .and_then(|_| s.flush())
-            .map_err(|e| st.err(e))?;
+            .map_err(|e| st.lost(e))?;
         let b = st.expect(&mut s, Msg::Committed)?;
         let c: Committed =
             serde_json::from_slice(&b).map_err(|e| st.err(format!("bad COMMITTED: {e}")))?;
@@ -389,7 +403,7 @@ impl RemoteSink<'_> {
         let ids: Vec<u8> = self.batch.iter().flat_map(|(id, _)| id.0).collect();
         write_msg(&mut *s, Msg::Have, &ids)
             .and_then(|_| s.flush())
-            .map_err(|e| st.err(e))?;
+            .map_err(|e| st.lost(e))?;
         let bits = st.expect(&mut s, Msg::Missing)?;
         if bits.len() != self.batch.len().div_ceil(8) {
             return Err(st.err("MISSING answer of the wrong length"));
@@ -398,14 +412,14 @@ impl RemoteSink<'_> {
         for (i, (_, frame)) in self.batch.iter().enumerate() {
             if bits[i / 8] & (1 << (i % 8)) != 0 {
                 if out.len() + frame.len() > MAX_MESSAGE - 1 {
-                    write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.err(e))?;
+                    write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
                     out.clear();
                 }
                 out.extend_from_slice(frame);
             }
         }
         if !out.is_empty() {
-            write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.err(e))?;
+            write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
         }
         self.batch.clear();
         self.bytes = 0;
@@ -426,6 +440,6 @@ impl FrameSink for RemoteSink<'_> {
     fn finish(mut self: Box<Self>) -> datamover::Result<()> {
         self.flush()?;
         let st = self.session.store;
-        self.session.conn().flush().map_err(|e| st.err(e))
+        self.session.conn().flush().map_err(|e| st.lost(e))
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use datamover::format::manifest::{self};
 use datamover::replica::{self};
-use datamover::{ChunkId, DiskName, Error, Ingest, PointId, Store};
+use datamover::{ChunkId, DiskName, Error, Ingest, PointId, Store, TransportKind};
 
 use super::wire::*;
 use super::{Served, ServedMap, replica_root};
@@ -103,10 +103,12 @@ fn connection(
 /// One session; errors are sent to the client as its message.
 /// A lost or broken connection to the client, on the service's side.
 fn net(e: io::Error) -> Error {
-    Error::Transport {
-        address: "repository service client".into(),
-        detail: e.to_string(),
-    }
+    Error::transport_from(
+        "repository service client",
+        TransportKind::Connect,
+        e.to_string(),
+        e,
+    )
 }
 
 /// The frame worker's end: its ingest, or why it stopped.

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
 use datamover::source::{BlockSource, Capabilities, ExtentKind, SourceExtent};
-use datamover::{Error, Result};
+use datamover::{Error, Result, TransportKind};
 
 use super::client::{ConnectOptions, NbdClient, NbdError};
 use super::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
@@ -55,13 +55,16 @@ impl std::fmt::Debug for NbdSource {
 }
 
 pub(crate) fn err(uri: &NbdUri, e: NbdError) -> Error {
-    match e {
-        NbdError::Unsupported(what) => Error::Unsupported(what),
-        e => Error::Transport {
-            address: uri.to_string(),
-            detail: e.to_string(),
-        },
-    }
+    let kind = match &e {
+        NbdError::Unsupported(what) => return Error::Unsupported(what.clone()),
+        NbdError::Io { .. } => TransportKind::Connect,
+        NbdError::Protocol(_) => TransportKind::Protocol,
+        NbdError::Server(_) => TransportKind::Refused,
+        NbdError::Request { errno, .. } => TransportKind::ServerError { errno: *errno },
+        NbdError::Tls(_) => TransportKind::Tls,
+        NbdError::Timeout(_) => TransportKind::Timeout,
+    };
+    Error::transport_from(uri.to_string(), kind, e.to_string(), e)
 }
 
 /// Parse `uri`, start the runtime an NBD source or target runs on, and
@@ -183,7 +186,8 @@ impl NbdSource {
             }
             let mut parts: Vec<Option<BytesMut>> = vec![None; len.div_ceil(piece)];
             while let Some(r) = set.join_next().await {
-                let (i, data) = r.map_err(|e| NbdError::Io(format!("read task failed: {e}")))?;
+                let (i, data) =
+                    r.map_err(|e| NbdError::io_msg(format!("read task failed: {e}")))?;
                 parts[i] = Some(data?);
             }
             let mut out = BytesMut::new();
@@ -242,7 +246,7 @@ impl BlockSource for NbdSource {
             Some((l, h)) if l == len => self
                 .rt
                 .block_on(h)
-                .map_err(|e| NbdError::Io(format!("read task failed: {e}")))
+                .map_err(|e| NbdError::io_msg(format!("read task failed: {e}")))
                 .and_then(|r| r),
             other => {
                 if let Some((_, h)) = other {
@@ -392,5 +396,56 @@ impl Drop for NbdSource {
         for c in self.pool() {
             self.rt.block_on(c.disconnect());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// NBD failures become core transport errors with their kind and
+    /// their source, never only a string.
+    #[test]
+    fn nbd_errors_keep_their_kind_and_source() {
+        use std::error::Error as _;
+        let uri = NbdUri::parse("nbd://127.0.0.1:10809/disk").unwrap();
+        let cases = [
+            (NbdError::closed(), TransportKind::Connect),
+            (
+                NbdError::Protocol("bad magic".into()),
+                TransportKind::Protocol,
+            ),
+            (NbdError::Server("policy".into()), TransportKind::Refused),
+            (
+                NbdError::Request {
+                    errno: 28,
+                    msg: String::new(),
+                },
+                TransportKind::ServerError { errno: 28 },
+            ),
+            (NbdError::Tls("handshake".into()), TransportKind::Tls),
+            (
+                NbdError::Timeout(std::time::Duration::from_secs(1)),
+                TransportKind::Timeout,
+            ),
+        ];
+        for (e, want) in cases {
+            let text = e.to_string();
+            let core = err(&uri, e);
+            match &core {
+                Error::Transport { kind, detail, .. } => {
+                    assert_eq!(*kind, want);
+                    assert_eq!(detail, &text);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(core.source().is_some(), "{core}");
+            assert!(core.is_retryable(), "{core}");
+        }
+        assert!(matches!(
+            err(&uri, NbdError::Unsupported("trim".into())),
+            Error::Unsupported(_)
+        ));
     }
 }

@@ -99,7 +99,7 @@ impl NbdTarget {
     fn wait(&self, h: JoinHandle<std::result::Result<(), NbdError>>) -> Result<()> {
         self.rt
             .block_on(h)
-            .map_err(|e| NbdError::Io(format!("write task failed: {e}")))
+            .map_err(|e| NbdError::io_msg(format!("write task failed: {e}")))
             .and_then(|r| r)
             .map_err(|e| err(&self.uri, e))
     }

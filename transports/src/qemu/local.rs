@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use datamover::{Error, Result};
+use datamover::{Error, Result, TransportKind};
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().map_err(|e| {
@@ -16,15 +16,16 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
         ))
     })?;
     if !out.status.success() {
-        return Err(Error::Transport {
-            address: what.to_string(),
-            detail: format!(
+        return Err(Error::transport(
+            what,
+            TransportKind::Tool,
+            format!(
                 "{:?} failed ({}): {}",
                 cmd.get_program(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
-        });
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
 use datamover::source::{BlockSource, Capabilities, SourceExtent};
-use datamover::{BackupOptions, BackupReport, DiskName, Error, Result, Store};
+use datamover::{BackupOptions, BackupReport, DiskName, Error, Result, Store, TransportKind};
 
 use crate::nbd::{ConnectOptions, NbdSource};
 use local::{LocalExport, LoopDevice};
@@ -442,6 +442,8 @@ pub(crate) fn backup(
     if let Err(e) = cleanup {
         return Err(Error::Transport {
             address: spec.to_string(),
+            kind: TransportKind::Refused,
+            source: None,
             detail: format!(
                 "point {} was written, but undoing the VM snapshot failed: {e}",
                 report.point

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use datamover::{Error, Result};
+use datamover::{Error, Result, TransportKind};
 
 /// Longest QMP line accepted (a `query-named-block-nodes` answer of a VM
 /// with many disks and snapshots stays far below).
@@ -71,11 +71,18 @@ impl std::fmt::Debug for Qmp {
 impl Qmp {
     /// Connect, read the greeting and leave negotiation mode.
     pub fn connect(addr: &QmpAddr, timeout: Duration) -> Result<Qmp> {
-        let fail = |what: &str, e: std::io::Error| Error::Transport {
-            address: addr.to_string(),
-            detail: format!(
-                "{what}: {e}; check that the VM runs and its QMP monitor listens there"
-            ),
+        let fail = |what: &str, e: std::io::Error| {
+            let kind = if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                TransportKind::Timeout
+            } else {
+                TransportKind::Connect
+            };
+            let detail =
+                format!("{what}: {e}; check that the VM runs and its QMP monitor listens there");
+            Error::transport_from(addr.to_string(), kind, detail, e)
         };
         let stream: Box<dyn Stream> = match addr {
             QmpAddr::Unix(p) => {
@@ -124,10 +131,11 @@ impl Qmp {
     }
 
     fn protocol(&self, detail: String) -> Error {
-        Error::Transport {
-            address: self.addr.to_string(),
-            detail: format!("QMP protocol error: {detail}"),
-        }
+        Error::transport(
+            self.addr.to_string(),
+            TransportKind::Protocol,
+            format!("QMP protocol error: {detail}"),
+        )
     }
 
     fn read_msg(&mut self) -> Result<Value> {
@@ -135,16 +143,19 @@ impl Qmp {
         let n = (&mut self.conn)
             .take(MAX_LINE)
             .read_until(b'\n', &mut line)
-            .map_err(|e| Error::Transport {
-                address: self.addr.to_string(),
-                detail: if matches!(
+            .map_err(|e| {
+                let (kind, detail) = if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) {
-                    "QEMU did not answer in time".into()
+                    (TransportKind::Timeout, "QEMU did not answer in time".into())
                 } else {
-                    format!("reading from the monitor: {e}")
-                },
+                    (
+                        TransportKind::Connect,
+                        format!("reading from the monitor: {e}"),
+                    )
+                };
+                Error::transport_from(self.addr.to_string(), kind, detail, e)
             })?;
         if n == 0 {
             return Err(self.protocol("the monitor closed the connection".into()));
@@ -179,9 +190,13 @@ impl Qmp {
             .get_mut()
             .write_all(text.as_bytes())
             .and_then(|()| self.conn.get_mut().flush())
-            .map_err(|e| Error::Transport {
-                address: addr,
-                detail: format!("sending {cmd}: {e}"),
+            .map_err(|e| {
+                Error::transport_from(
+                    addr,
+                    TransportKind::Connect,
+                    format!("sending {cmd}: {e}"),
+                    e,
+                )
             })?;
         loop {
             let m = self.read_msg()?;
@@ -209,10 +224,11 @@ impl Qmp {
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
         match self.try_execute(cmd, args)? {
             Ok(v) => Ok(v),
-            Err(f) => Err(Error::Transport {
-                address: self.addr.to_string(),
-                detail: format!("QEMU refused {cmd}: {}", f.desc),
-            }),
+            Err(f) => Err(Error::transport(
+                self.addr.to_string(),
+                TransportKind::Refused,
+                format!("QEMU refused {cmd}: {}", f.desc),
+            )),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::qmp::{Qmp, QmpAddr};
-use datamover::{Error, Result};
+use datamover::{Error, Result, TransportKind};
 
 /// Prefix of everything this module creates in a VM (bitmaps, nodes,
 /// exports, snapshots, jobs): leftovers of a killed run are found by it.
@@ -331,10 +331,7 @@ impl Vm {
     }
 
     fn err(&self, detail: String) -> Error {
-        Error::Transport {
-            address: self.addr.spec.clone(),
-            detail,
-        }
+        Error::transport(self.addr.spec.clone(), TransportKind::Refused, detail)
     }
 
     /// Find a disk by device name, export id or node name, after undoing
@@ -551,9 +548,16 @@ impl Vm {
             let _ = std::fs::remove_file(path);
         }
         frozen.map_err(|e| match e {
-            Error::Transport { address, detail } => Error::Transport {
+            Error::Transport {
                 address,
+                kind,
+                detail,
+                source,
+            } => Error::Transport {
+                address,
+                kind,
                 detail: format!("freezing disk {}: {detail}", disk.node),
+                source,
             },
             e => e,
         })?;

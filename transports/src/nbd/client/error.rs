@@ -12,8 +12,14 @@ use super::p::{self, Violation};
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NbdError {
     /// Could not connect or the connection broke.
-    #[error("{0}")]
-    Io(String),
+    #[error("{what}")]
+    Io {
+        /// What happened, for a person.
+        what: String,
+        /// The socket's error, if there was one.
+        #[source]
+        source: Option<std::sync::Arc<std::io::Error>>,
+    },
     /// The server broke the protocol; the connection was closed.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -45,13 +51,32 @@ impl From<Violation> for NbdError {
     }
 }
 
+impl NbdError {
+    /// The connection broke or could not be made: `what`, no socket error.
+    pub fn io_msg(what: impl Into<String>) -> NbdError {
+        NbdError::Io {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// The server closed the connection.
+    pub fn closed() -> NbdError {
+        NbdError::io_msg("the server closed the connection")
+    }
+}
+
 pub(crate) fn io(e: std::io::Error) -> NbdError {
     use std::io::ErrorKind as K;
-    match e.kind() {
-        K::UnexpectedEof => NbdError::Io("the server closed the connection".into()),
+    let what = match e.kind() {
+        K::UnexpectedEof => "the server closed the connection".to_string(),
         K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted => {
-            NbdError::Io(format!("the server closed the connection ({e})"))
+            format!("the server closed the connection ({e})")
         }
-        _ => NbdError::Io(e.to_string()),
+        _ => e.to_string(),
+    };
+    NbdError::Io {
+        what,
+        source: Some(std::sync::Arc::new(e)),
     }
 }

@@ -153,7 +153,10 @@ impl NbdClient {
                 }
                 Endpoint::Unix(path) => {
                     Box::new(tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                        NbdError::Io(format!("cannot connect to {}: {e}", path.display()))
+                        NbdError::Io {
+                            what: format!("cannot connect to {}: {e}", path.display()),
+                            source: Some(Arc::new(e)),
+                        }
                     })?)
                 }
             };
@@ -223,9 +226,7 @@ impl NbdClient {
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(NbdError::Io(
-                "the connection closed before the reply".into(),
-            )),
+            Ok(Err(_)) => Err(NbdError::io_msg("the connection closed before the reply")),
             Err(_) => Err(NbdError::Timeout(self.timeout)),
         }
     }

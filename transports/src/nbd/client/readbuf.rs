@@ -76,7 +76,7 @@ impl ReadBuf {
                 .await
                 .map_err(io)?;
             if got == 0 {
-                return Err(NbdError::Io("the server closed the connection".into()));
+                return Err(NbdError::closed());
             }
         }
         self.cover(s, e);

@@ -17,7 +17,7 @@ pub(super) async fn reader(
     // Large payload reads bypass the buffer when it is empty.
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
     let err = match reply_loop(&mut r, &shared, max_payload).await {
-        Ok(()) => NbdError::Io("the server closed the connection".into()),
+        Ok(()) => NbdError::closed(),
         Err(e) => e,
     };
     tracing::debug!("NBD connection ends: {err}");
