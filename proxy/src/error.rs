@@ -5,7 +5,8 @@
 //! as one (it carries its kind and whether retrying can help); this type
 //! only wraps what can stop a *service*: the server unreachable, a
 //! certificate that does not load, a socket that cannot be set up.
-//! Library code returns it; `anyhow` lives only in the binaries.
+//! Library code returns it; the binaries print it (no crate of the
+//! workspace uses `anyhow`).
 
 use datamover_control::client::ClientError;
 use datamover_control::pki::PkiError;

@@ -74,13 +74,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dm-proxy: {e:#}");
+            eprintln!("dm-proxy: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Enroll { server, token } => {
             let (e, _) = datamover_proxy::enroll(&server, &token, &cli.dir)?;
@@ -109,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             .name("repo-service".into())
                             .spawn(move || {
                                 if let Err(e) = repo_service::serve(l, &id, m, st) {
-                                    tracing::error!("repository service stopped: {e:#}");
+                                    tracing::error!("repository service stopped: {e}");
                                 }
                             })?;
                         tracing::info!(

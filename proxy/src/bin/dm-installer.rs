@@ -55,13 +55,13 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dm-installer: {e:#}");
+            eprintln!("dm-installer: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let server = datamover_proxy::join(&cli.dir, cli.server.as_deref(), cli.token.as_deref())?;
     let identity = Identity::load(&cli.dir)?;
     let mut proxy_args = Vec::new();
