@@ -20,6 +20,8 @@
 //! certificate, key or token). Each says whether retrying can help
 //! ([`client::ClientError::is_retryable`]).
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod client;
 pub mod pki;

@@ -35,6 +35,8 @@
 //! [`Repository::init`] / [`Repository::open`], [`backup::backup`],
 //! [`restore::restore`], [`verify::verify`], [`prune::prune`].
 
+#![warn(missing_docs)]
+
 pub mod backup;
 pub mod buffer;
 pub mod cbt;

@@ -14,6 +14,8 @@
 //! authenticates with its certificate. The contracts it speaks (API
 //! shapes, identities, the API client) live in `datamover-control`.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod error;
 pub mod installer;

@@ -19,6 +19,8 @@
 //! by default the `dm-proxy` next to `dm-server` (`--proxy-package`), see
 //! [`deploy`].
 
+#![warn(missing_docs)]
+
 pub mod ca;
 pub mod catalog;
 pub mod deploy;

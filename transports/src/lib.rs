@@ -12,6 +12,8 @@
 //! [`backup`] is the one entry every front door uses to back up any
 //! address; [`open_source`] and [`open_target`] parse addresses.
 
+#![warn(missing_docs)]
+
 pub mod mode;
 pub mod nbd;
 pub mod qemu;

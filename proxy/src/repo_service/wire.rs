@@ -194,6 +194,7 @@ pub struct Committed {
     pub replica: Option<ReplicaReport>,
 }
 
+/// Body of an ERROR message.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorMsg {
     /// What went wrong.
