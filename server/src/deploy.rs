@@ -19,11 +19,12 @@ use std::time::SystemTime;
 
 use datamover_control::api::{
     AGENT, ComponentOrder, Host, HostPatch, HostRole, InstallerOrders, InstallerReport,
-    InstallerStatus,
 };
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
-use crate::engine::{Engine, EngineError, R, now, requeue_proxy_tasks};
+use crate::catalog::{self, ids::HostId};
+
+use crate::engine::{Engine, EngineError, R, requeue_proxy_tasks};
 
 /// The packages of the components the server hands out.
 #[derive(Debug, Default)]
@@ -94,69 +95,10 @@ pub fn normal_roles(roles: &[HostRole]) -> Vec<HostRole> {
     v
 }
 
-/// The columns [`host_row`] reads.
-pub const HOST_COLUMNS: &str =
-    "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen";
-
-/// One row of `hosts` as read with [`HOST_COLUMNS`].
-#[derive(Debug)]
-pub struct HostRow {
-    name: String,
-    addresses: String,
-    enrolled: bool,
-    created: String,
-    roles: String,
-    installer: Option<String>,
-    installer_seen: Option<String>,
-}
-
-/// Read a row selected with [`HOST_COLUMNS`].
-pub fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
-    Ok(HostRow {
-        name: r.get(0)?,
-        addresses: r.get(1)?,
-        enrolled: r.get(2)?,
-        created: r.get(3)?,
-        roles: r.get(4)?,
-        installer: r.get(5)?,
-        installer_seen: r.get(6)?,
-    })
-}
-
-impl HostRow {
-    /// The API's view.
-    pub fn into_host(self) -> R<Host> {
-        let installer = match (self.installer, self.installer_seen) {
-            (Some(rep), Some(seen)) => Some(InstallerStatus {
-                last_seen: seen,
-                report: serde_json::from_str(&rep)?,
-            }),
-            _ => None,
-        };
-        Ok(Host {
-            name: self.name,
-            addresses: serde_json::from_str(&self.addresses)?,
-            enrolled: self.enrolled,
-            created: self.created,
-            roles: serde_json::from_str(&self.roles)?,
-            installer,
-        })
-    }
-}
-
-fn roles_of(db: &Connection, host: i64) -> R<(Vec<HostRole>, bool)> {
-    let (roles, installer): (String, Option<String>) = db.query_row(
-        "SELECT roles, installer FROM hosts WHERE id = ?1",
-        [host],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    Ok((serde_json::from_str(&roles)?, installer.is_some()))
-}
-
 /// A host whose installer manages it runs a proxy only with the proxy
 /// role; a proxy started by hand (no installer) always may.
-pub fn may_run_proxy(db: &Connection, host: i64) -> R<()> {
-    let (roles, managed) = roles_of(db, host)?;
+pub fn may_run_proxy(db: &Connection, host: HostId) -> R<()> {
+    let (roles, managed) = catalog::hosts::roles(db, host)?;
     if managed && !roles.contains(&HostRole::Proxy) {
         return Err(EngineError::forbidden(
             "this host does not have the proxy role (its installer removes the proxy)",
@@ -180,39 +122,28 @@ impl Engine {
             } else {
                 if let Some(pid) = Self::proxy_id(&tx, id)? {
                     requeue_proxy_tasks(
+                        &*self.clock,
                         &tx,
                         pid,
                         &format!("the proxy role was taken from host {name}"),
                     )?;
-                    tx.execute("DELETE FROM proxies WHERE id = ?1", [pid])?;
+                    catalog::proxies::delete(&tx, pid)?;
                 }
             }
-            tx.execute(
-                "UPDATE hosts SET roles = ?1 WHERE id = ?2",
-                params![serde_json::to_string(&roles)?, id],
-            )?;
+            catalog::hosts::set_roles(&tx, id, &roles)?;
         }
-        let h = tx
-            .query_row(
-                &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1"),
-                [id],
-                host_row,
-            )?
-            .into_host()?;
+        let h = catalog::hosts::get(&tx, id)?;
         tx.commit()?;
         Ok(h)
     }
 
     /// An installer's poll: record its report, answer with the components
     /// its host's roles need.
-    pub fn installer_poll(&self, host: i64, rep: &InstallerReport) -> R<InstallerOrders> {
+    pub fn installer_poll(&self, host: HostId, rep: &InstallerReport) -> R<InstallerOrders> {
         let roles = {
             let db = self.db();
-            db.execute(
-                "UPDATE hosts SET installer = ?1, installer_seen = ?2 WHERE id = ?3",
-                params![serde_json::to_string(rep)?, now(), host],
-            )?;
-            roles_of(&db, host)?.0
+            catalog::hosts::set_installer(&db, host, rep, &self.clock.rfc3339())?;
+            catalog::hosts::roles(&db, host)?.0
         };
         let mut components = Vec::new();
         for r in roles {
@@ -232,8 +163,8 @@ impl Engine {
 
     /// The package of `component` for `host`, which must have a role that
     /// needs it.
-    pub fn component_for(&self, host: i64, component: &str) -> R<Package> {
-        let (roles, _) = roles_of(&self.db(), host)?;
+    pub fn component_for(&self, host: HostId, component: &str) -> R<Package> {
+        let (roles, _) = catalog::hosts::roles(&self.db(), host)?;
         if !roles.iter().any(|r| r.component() == component) {
             return Err(EngineError::forbidden(format!(
                 "this host has no role that needs the {component} component"

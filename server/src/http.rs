@@ -107,7 +107,7 @@ impl FromRequestParts<AppState> for User {
 
 /// An enrolled host, by its client certificate.
 struct HostPeer {
-    id: i64,
+    id: crate::catalog::ids::HostId,
 }
 
 impl FromRequestParts<AppState> for HostPeer {

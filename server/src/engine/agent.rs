@@ -11,52 +11,37 @@ impl Engine {
     // ---- agent side ----
 
     /// The id of managed host `name` (not the built-in one).
-    pub(crate) fn host_id(db: &Connection, name: &str) -> R<i64> {
-        db.query_row(
-            "SELECT id FROM hosts WHERE name = ?1 AND builtin = 0",
-            [name],
-            |r| r.get(0),
-        )
-        .optional()?
-        .ok_or_else(|| EngineError::not_found("host", name))
+    pub(crate) fn host_id(db: &Connection, name: &str) -> R<HostId> {
+        catalog::hosts::id_by_name(db, name)?.ok_or_else(|| EngineError::not_found("host", name))
     }
 
     /// The proxy of host `host`, once it has heartbeated.
-    pub(crate) fn proxy_id(db: &Connection, host: i64) -> R<Option<i64>> {
-        Ok(db
-            .query_row("SELECT id FROM proxies WHERE host_id = ?1", [host], |r| {
-                r.get(0)
-            })
-            .optional()?)
+    pub(crate) fn proxy_id(db: &Connection, host: HostId) -> R<Option<ProxyId>> {
+        Ok(catalog::proxies::id_of_host(db, host)?)
     }
 
     /// A heartbeat from the proxy on `host`: registers it on first
     /// contact, records progress, places work, and answers with its orders.
-    pub fn heartbeat(&self, host: i64, hb: &Heartbeat) -> R<Orders> {
+    pub fn heartbeat(&self, host: HostId, hb: &Heartbeat) -> R<Orders> {
         let mut db = self.db();
         let tx = db.transaction()?;
         crate::deploy::may_run_proxy(&tx, host)?;
-        tx.execute(
-            "INSERT INTO proxies(host_id, cores) VALUES (?1, ?2) ON CONFLICT(host_id) DO NOTHING",
-            params![host, hb.cores.max(1)],
-        )?;
-        let pid = Self::proxy_id(&tx, host)?.ok_or_else(|| EngineError::internal("proxy row"))?;
-        let was: String = tx.query_row("SELECT state FROM proxies WHERE id = ?1", [pid], |r| {
-            r.get(0)
-        })?;
-        tx.execute(
-            "UPDATE proxies SET cores = ?1, datastores = ?2, version = ?3, last_seen = ?4, state = 'online', service_port = ?6,
-             serving = ?7 WHERE id = ?5",
-            params![hb.cores.max(1), serde_json::to_string(&hb.datastores)?, hb.version, now(), pid, hb.service_port,
-                    serde_json::to_string(&hb.serving)?],
-        )?;
+        let report = catalog::proxies::Report {
+            cores: hb.cores.max(1),
+            datastores: &hb.datastores,
+            version: &hb.version,
+            seen: &self.clock.rfc3339(),
+            service_port: hb.service_port,
+            serving: &hb.serving,
+        };
+        let (pid, was) = catalog::proxies::heartbeat(&tx, host, &report)?;
         if was == "dead" {
             tracing::info!("proxy {pid} is back");
         }
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(pid, Instant::now());
+            .insert(pid, self.clock.monotonic());
         let mut cancel = Vec::new();
         let reported: std::collections::HashSet<u64> = hb.running.iter().map(|t| t.task).collect();
         for t in &hb.running {
@@ -82,7 +67,12 @@ impl Engine {
                 .collect()
         };
         for id in lost {
-            requeue(&tx, id, "the proxy no longer runs it (restarted?)")?;
+            requeue(
+                &*self.clock,
+                &tx,
+                id,
+                "the proxy no longer runs it (restarted?)",
+            )?;
         }
         self.place(&tx)?;
         let orders = self.orders(&tx, pid, cancel)?;
@@ -91,7 +81,7 @@ impl Engine {
     }
 
     /// The result of a task from the proxy on `host`.
-    pub fn task_result(&self, host: i64, r: &TaskResult) -> R<Orders> {
+    pub fn task_result(&self, host: HostId, r: &TaskResult) -> R<Orders> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let pid = Self::proxy_id(&tx, host)?
@@ -112,13 +102,13 @@ impl Engine {
             )));
         };
         let spec: JobSpec = serde_json::from_str(&spec)?;
-        close_log(&tx, r.task)?;
+        close_log(&*self.clock, &tx, r.task)?;
         match &r.error {
             None => {
                 tx.execute(
                     "UPDATE tasks SET state = 'success', point = ?1, mode = ?2, bottleneck = ?3, bytes_read = ?4,
                      bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7, wire_bytes = ?9, replica = ?10 WHERE id = ?8",
-                    params![r.point, r.mode, r.bottleneck, r.bytes_read, r.bytes_stored, r.total, now(), r.task,
+                    params![r.point, r.mode, r.bottleneck, r.bytes_read, r.bytes_stored, r.total, self.clock.rfc3339(), r.task,
                             (r.wire_bytes > 0).then_some(r.wire_bytes), r.replica],
                 )?;
             }
@@ -133,11 +123,11 @@ impl Engine {
                     attempt: r.attempt,
                     proxy: proxy_name,
                     reason: err.clone(),
-                    at: now(),
+                    at: self.clock.rfc3339(),
                 });
                 let failures = failures + 1;
                 if !r.permanent && failures <= spec.retries {
-                    let at = now_ms() + self.timing.retry_delay.as_millis() as i64;
+                    let at = self.clock.ms() + self.timing.retry_delay.as_millis() as i64;
                     tx.execute(
                         "UPDATE tasks SET state = 'queued', proxy_id = NULL, proxy_name = NULL, attempt = attempt + 1, failures = ?1,
                          error = ?2, attempts = ?3, not_before = ?4, done = 0 WHERE id = ?5",
@@ -146,19 +136,19 @@ impl Engine {
                 } else {
                     tx.execute(
                         "UPDATE tasks SET state = 'failed', failures = ?1, error = ?2, attempts = ?3, finished = ?4 WHERE id = ?5",
-                        params![failures, err, serde_json::to_string(&att)?, now(), r.task],
+                        params![failures, err, serde_json::to_string(&att)?, self.clock.rfc3339(), r.task],
                     )?;
                 }
             }
         }
-        finish_session_if_done(&tx, sid)?;
+        finish_session_if_done(&*self.clock, &tx, sid)?;
         self.place(&tx)?;
         let orders = self.orders(&tx, pid, Vec::new())?;
         tx.commit()?;
         Ok(orders)
     }
 
-    pub(super) fn orders(&self, db: &Connection, pid: i64, cancel: Vec<u64>) -> R<Orders> {
+    pub(super) fn orders(&self, db: &Connection, pid: ProxyId, cancel: Vec<u64>) -> R<Orders> {
         let mut st = db.prepare(
             "SELECT t.id, t.attempt, t.disk, t.spec, j.spec, r.path, r.proxy, ph.addresses, pp.service_port, t.proxy_name
              FROM tasks t
@@ -251,19 +241,7 @@ impl Engine {
             "UPDATE tasks SET state = 'running' WHERE proxy_id = ?1 AND state = 'assigned'",
             [pid],
         )?;
-        let serve = {
-            let mut st = db.prepare(
-                "SELECT r.name, r.path FROM repositories r JOIN hosts h ON h.name = r.proxy
-                 JOIN proxies p ON p.host_id = h.id WHERE p.id = ?1 ORDER BY r.name",
-            )?;
-            let rows = st.query_map([pid], |r| {
-                Ok(ServedRepository {
-                    name: r.get(0)?,
-                    path: r.get(1)?,
-                })
-            })?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
+        let serve = catalog::repositories::served_by(db, pid)?;
         Ok(Orders {
             assign,
             cancel,

@@ -91,6 +91,15 @@ impl From<rusqlite::Error> for EngineError {
     }
 }
 
+impl From<crate::catalog::QueryError> for EngineError {
+    fn from(e: crate::catalog::QueryError) -> Self {
+        match e {
+            crate::catalog::QueryError::Sql(e) => e.into(),
+            crate::catalog::QueryError::Json(e) => e.into(),
+        }
+    }
+}
+
 impl From<serde_json::Error> for EngineError {
     fn from(e: serde_json::Error) -> Self {
         EngineError::internal(format!("catalog JSON: {e}"))

@@ -14,46 +14,34 @@ impl Engine {
     /// when created.
     pub fn bootstrap_token(&self) -> R<Option<String>> {
         let db = self.db();
-        let n: i64 = db.query_row("SELECT count(*) FROM api_tokens", [], |r| r.get(0))?;
-        if n > 0 {
+        if catalog::tokens::count(&db)? > 0 {
             return Ok(None);
         }
         let t = format!(
             "dmt1.{}",
             pki::random_hex(24).map_err(EngineError::internal)?
         );
-        db.execute(
-            "INSERT INTO api_tokens(name, hash, created) VALUES ('admin', ?1, ?2)",
-            params![pki::fingerprint(t.as_bytes()), now()],
+        catalog::tokens::insert(
+            &db,
+            "admin",
+            &pki::fingerprint(t.as_bytes()),
+            &self.clock.rfc3339(),
         )?;
         Ok(Some(t))
     }
 
     /// Check a bearer token.
     pub fn check_token(&self, token: &str) -> R<()> {
-        let found: Option<i64> = self
-            .db()
-            .query_row(
-                "SELECT id FROM api_tokens WHERE hash = ?1",
-                [pki::fingerprint(token.as_bytes())],
-                |r| r.get(0),
-            )
-            .optional()?;
-        found
-            .map(|_| ())
-            .ok_or_else(|| EngineError::unauthorized("the API token is not valid"))
+        if catalog::tokens::exists(&self.db(), &pki::fingerprint(token.as_bytes()))? {
+            Ok(())
+        } else {
+            Err(EngineError::unauthorized("the API token is not valid"))
+        }
     }
 
     /// The host a client certificate was issued to (by fingerprint).
-    pub fn host_of_cert(&self, fingerprint: &str) -> R<(i64, String)> {
-        self.db()
-            .query_row(
-                "SELECT id, name FROM hosts WHERE cert_fingerprint = ?1",
-                [fingerprint],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?
-            .ok_or_else(|| {
+    pub fn host_of_cert(&self, fingerprint: &str) -> R<(HostId, String)> {
+        catalog::hosts::by_certificate(&self.db(), fingerprint)?.ok_or_else(|| {
                 EngineError::unauthorized(
                     "this certificate belongs to no host of this server (removed, or from another installation)",
                 )
@@ -81,27 +69,25 @@ impl Engine {
             }
         }
         let secret = pki::random_hex(24).map_err(EngineError::internal)?;
-        let expires = chrono::Utc::now()
+        let expires = self.clock.now()
             + chrono::Duration::from_std(self.timing.enroll_ttl).unwrap_or_default();
         let expires = expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let created = now();
+        let created = self.clock.rfc3339();
         let roles = crate::deploy::normal_roles(&h.roles);
-        self.db()
-            .execute(
-                "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    h.name,
-                    serde_json::to_string(&h.addresses)?,
-                    pki::fingerprint(secret.as_bytes()),
-                    expires,
-                    created,
-                    serde_json::to_string(&roles)?
-                ],
-            )
-            .map_err(|e| match EngineError::from(e) {
-                e if e.kind == ErrorKind::Conflict => EngineError::conflict(format!("a host named {} exists", h.name)),
-                e => e,
-            })?;
+        let row = catalog::hosts::NewHostRow {
+            name: &h.name,
+            addresses: &h.addresses,
+            enroll_hash: &pki::fingerprint(secret.as_bytes()),
+            enroll_expires: &expires,
+            created: &created,
+            roles: &roles,
+        };
+        catalog::hosts::insert(&self.db(), &row).map_err(|e| match EngineError::from(e) {
+            e if e.kind == ErrorKind::Conflict => {
+                EngineError::conflict(format!("a host named {} exists", h.name))
+            }
+            e => e,
+        })?;
         let token = EnrollmentToken {
             secret,
             ca_fingerprint: self.ca.fingerprint(),
@@ -122,13 +108,7 @@ impl Engine {
 
     /// Every host.
     pub fn hosts(&self) -> R<Vec<Host>> {
-        let db = self.db();
-        let mut st = db.prepare(&format!(
-            "SELECT {} FROM hosts WHERE builtin = 0 ORDER BY name",
-            crate::deploy::HOST_COLUMNS
-        ))?;
-        let rows = st.query_map([], crate::deploy::host_row)?;
-        rows.map(|r| r?.into_host()).collect()
+        Ok(catalog::hosts::list(&self.db())?)
     }
 
     /// Remove a host: its certificate stops working at once and its
@@ -137,11 +117,10 @@ impl Engine {
         let mut db = self.db();
         let tx = db.transaction()?;
         let id = Self::host_id(&tx, name)?;
-        let proxy = Self::proxy_id(&tx, id)?;
-        if let Some(p) = proxy {
-            requeue_proxy_tasks(&tx, p, &format!("host {name} was removed"))?;
+        if let Some(p) = catalog::proxies::id_of_host(&tx, id)? {
+            requeue_proxy_tasks(&*self.clock, &tx, p, &format!("host {name} was removed"))?;
         }
-        tx.execute("DELETE FROM hosts WHERE id = ?1", [id])?;
+        catalog::hosts::delete(&tx, id)?;
         tx.commit()?;
         Ok(())
     }
@@ -150,36 +129,32 @@ impl Engine {
     pub fn enroll(&self, req: &EnrollRequest) -> R<Enrolled> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let row: Option<(i64, String, String, String)> = tx
-            .query_row(
-                "SELECT id, name, addresses, enroll_expires FROM hosts WHERE enroll_hash = ?1",
-                [pki::fingerprint(req.secret.as_bytes())],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((id, name, addrs, expires)) = row else {
+        let row = catalog::hosts::enrollee(&tx, &pki::fingerprint(req.secret.as_bytes()))?;
+        let Some(catalog::hosts::Enrollee {
+            id,
+            name,
+            addresses,
+            expires,
+        }) = row
+        else {
             return Err(EngineError::unauthorized(
                 "the enrollment token is not valid (already used, or the host was removed)",
             ));
         };
         let exp = chrono::DateTime::parse_from_rfc3339(&expires).map_err(EngineError::internal)?;
-        if exp < chrono::Utc::now() {
+        if exp < self.clock.now() {
             return Err(EngineError::unauthorized(format!(
                 "the enrollment token of host {name} expired at {expires}; add the host again"
             )));
         }
-        let addresses: Vec<String> = serde_json::from_str(&addrs)?;
-        let mut names = addresses.clone();
+        let mut names = addresses;
         names.push(name.clone());
         let cert = self
             .ca
             .sign_csr(&req.csr, &name, &names)
             .map_err(|e| EngineError::bad(e.to_string()))?;
         let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
-        tx.execute(
-            "UPDATE hosts SET cert_fingerprint = ?1, enroll_hash = NULL, enroll_expires = NULL WHERE id = ?2",
-            params![fp, id],
-        )?;
+        catalog::hosts::set_certificate(&tx, id, &fp)?;
         tx.commit()?;
         tracing::info!("host {name} enrolled");
         Ok(Enrolled {
@@ -197,15 +172,7 @@ impl Engine {
             .issue(BUILTIN, names)
             .map_err(EngineError::internal)?;
         let fp = id.fingerprint().map_err(EngineError::internal)?;
-        let db = self.db();
-        db.execute(
-            "INSERT INTO hosts(name, builtin, created) VALUES (?1, 1, ?2) ON CONFLICT(name) DO NOTHING",
-            params![BUILTIN, now()],
-        )?;
-        db.execute(
-            "UPDATE hosts SET cert_fingerprint = ?1 WHERE name = ?2",
-            params![fp, BUILTIN],
-        )?;
+        catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;
         Ok(id)
     }
 
@@ -215,85 +182,50 @@ impl Engine {
     pub fn proxies(&self) -> R<Vec<Proxy>> {
         let db = self.db();
         let running = running_counts(&db)?;
-        let mut st = db.prepare(
-            "SELECT p.id, h.name, p.slots, p.cores, p.modes, p.site, p.disabled, p.state, p.datastores, p.version, p.last_seen
-             FROM proxies p JOIN hosts h ON h.id = p.host_id ORDER BY h.builtin, h.name",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<u32>>(2)?,
-                r.get::<_, u32>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, bool>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, String>(9)?,
-                r.get::<_, Option<String>>(10)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (id, name, slots, cores, modes, site, disabled, state, ds, version, last_seen) = r?;
-            Ok(Proxy {
-                name,
-                slots: effective_slots(slots, cores),
-                modes: serde_json::from_str(&modes)?,
-                site,
-                state: if disabled {
+        let proxies = catalog::proxies::list(&db)?;
+        Ok(proxies
+            .into_iter()
+            .map(|p| Proxy {
+                slots: effective_slots(p.slots, p.cores),
+                state: if p.disabled {
                     ProxyState::Disabled
-                } else if state == "dead" {
+                } else if p.state == "dead" {
                     ProxyState::Dead
                 } else {
                     ProxyState::Online
                 },
-                running: running.get(&id).copied().unwrap_or(0),
-                datastores: serde_json::from_str(&ds)?,
-                version,
-                last_seen,
+                running: running.get(&p.id.0).copied().unwrap_or(0),
+                name: p.name,
+                modes: p.modes,
+                site: p.site,
+                datastores: p.datastores,
+                version: p.version,
+                last_seen: p.last_seen,
             })
-        })
-        .collect()
+            .collect())
     }
 
     /// Change a proxy's settings.
     pub fn patch_proxy(&self, name: &str, p: &ProxyPatch) -> R<Proxy> {
         {
             let db = self.db();
-            let id: i64 = db
-                .query_row(
-                    "SELECT p.id FROM proxies p JOIN hosts h ON h.id = p.host_id WHERE h.name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()?
+            let id = catalog::proxies::id_by_name(&db, name)?
                 .ok_or_else(|| EngineError::not_found("proxy", name))?;
-            if let Some(s) = p.slots {
-                if !(1..=1024).contains(&s) {
-                    return Err(EngineError::bad(format!("slots must be 1-1024, not {s}")));
-                }
-                db.execute(
-                    "UPDATE proxies SET slots = ?1 WHERE id = ?2",
-                    params![s, id],
-                )?;
+            if let Some(s) = p.slots
+                && !(1..=1024).contains(&s)
+            {
+                return Err(EngineError::bad(format!("slots must be 1-1024, not {s}")));
             }
             if let Some(m) = &p.modes {
                 ModeSet::from_names(m).map_err(|e| EngineError::bad(e.to_string()))?;
-                db.execute(
-                    "UPDATE proxies SET modes = ?1 WHERE id = ?2",
-                    params![serde_json::to_string(m)?, id],
-                )?;
             }
-            if let Some(s) = &p.site {
-                db.execute("UPDATE proxies SET site = ?1 WHERE id = ?2", params![s, id])?;
-            }
-            if let Some(d) = p.disabled {
-                db.execute(
-                    "UPDATE proxies SET disabled = ?1 WHERE id = ?2",
-                    params![d, id],
-                )?;
-            }
+            let settings = catalog::proxies::Settings {
+                slots: p.slots,
+                modes: p.modes.as_deref(),
+                site: p.site.as_deref(),
+                disabled: p.disabled,
+            };
+            catalog::proxies::update_settings(&db, id, &settings)?;
         }
         self.proxies()?
             .into_iter()
@@ -314,12 +246,7 @@ impl Engine {
         }
         let db = self.db();
         if let Some(p) = &r.proxy {
-            let builtin: Option<bool> = db
-                .query_row("SELECT builtin FROM hosts WHERE name = ?1", [p], |x| {
-                    x.get(0)
-                })
-                .optional()?;
-            match builtin {
+            match catalog::hosts::is_builtin(&db, p)? {
                 None => return Err(EngineError::bad(format!("no host or proxy named {p}"))),
                 Some(true) => {
                     return Err(EngineError::bad(
@@ -329,11 +256,7 @@ impl Engine {
                 Some(false) => {}
             }
         }
-        db.execute(
-            "INSERT INTO repositories(name, path, proxy) VALUES (?1, ?2, ?3)",
-            params![r.name, r.path, r.proxy],
-        )
-        .map_err(|e| match EngineError::from(e) {
+        catalog::repositories::insert(&db, r).map_err(|e| match EngineError::from(e) {
             e if e.kind == ErrorKind::Conflict => {
                 EngineError::conflict(format!("a repository named {} exists", r.name))
             }
@@ -344,15 +267,6 @@ impl Engine {
 
     /// Every repository.
     pub fn repositories(&self) -> R<Vec<api::Repository>> {
-        let db = self.db();
-        let mut st = db.prepare("SELECT name, path, proxy FROM repositories ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(api::Repository {
-                name: r.get(0)?,
-                path: r.get(1)?,
-                proxy: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(catalog::repositories::list(&self.db())?)
     }
 }

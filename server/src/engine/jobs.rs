@@ -94,14 +94,13 @@ impl Engine {
             Some(_) => {}
         }
         for p in &j.proxies {
-            let found: Option<i64> = db
-                .query_row("SELECT id FROM hosts WHERE name = ?1", [p], |r| r.get(0))
-                .optional()?;
-            if found.is_none() {
+            if catalog::hosts::is_builtin(&db, p)?.is_none() {
                 return Err(EngineError::bad(format!("no host or proxy named {p}")));
             }
         }
-        let next = j.every_minutes.map(|m| now_ms() + i64::from(m) * 60_000);
+        let next = j
+            .every_minutes
+            .map(|m| self.clock.ms() + i64::from(m) * 60_000);
         db.execute(
             "INSERT INTO jobs(name, spec, next_run) VALUES (?1, ?2, ?3)",
             params![
@@ -180,7 +179,7 @@ impl Engine {
                     "job {name} is already running (session {s})"
                 )));
             }
-            let created = now();
+            let created = self.clock.rfc3339();
             tx.execute(
                 "INSERT INTO sessions(job_id, kind, state, created) VALUES (?1, ?2, 'running', ?3)",
                 params![id, spec.kind.as_str(), created],
@@ -194,7 +193,7 @@ impl Engine {
             }
             let next = spec
                 .every_minutes
-                .map(|m| (now_ms() + i64::from(m) * 60_000).to_string());
+                .map(|m| (self.clock.ms() + i64::from(m) * 60_000).to_string());
             tx.execute(
                 "UPDATE jobs SET last_run = ?1, next_run = ?2 WHERE id = ?3",
                 params![created, next, id],

@@ -59,16 +59,16 @@ pub(super) fn running_counts(db: &Connection) -> R<HashMap<i64, u32>> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub(super) fn close_log(db: &Connection, task: u64) -> R<()> {
+pub(super) fn close_log(clock: &dyn Clock, db: &Connection, task: u64) -> R<()> {
     db.execute(
         "UPDATE task_log SET ended = ?1 WHERE task_id = ?2 AND ended IS NULL",
-        params![unix_secs(), task],
+        params![clock.secs(), task],
     )?;
     Ok(())
 }
 
 /// Put a task back in the queue after it was lost (not a failure).
-pub(super) fn requeue(db: &Connection, task: u64, reason: &str) -> R<()> {
+pub(super) fn requeue(clock: &dyn Clock, db: &Connection, task: u64, reason: &str) -> R<()> {
     let (attempt, proxy, attempts): (u32, Option<String>, String) = db.query_row(
         "SELECT attempt, proxy_name, attempts FROM tasks WHERE id = ?1",
         [task],
@@ -79,9 +79,9 @@ pub(super) fn requeue(db: &Connection, task: u64, reason: &str) -> R<()> {
         attempt,
         proxy,
         reason: reason.into(),
-        at: now(),
+        at: clock.rfc3339(),
     });
-    close_log(db, task)?;
+    close_log(clock, db, task)?;
     db.execute(
         "UPDATE tasks SET state = 'queued', proxy_id = NULL, proxy_name = NULL, attempt = attempt + 1, attempts = ?1, done = 0, not_before = 0
          WHERE id = ?2",
@@ -90,7 +90,12 @@ pub(super) fn requeue(db: &Connection, task: u64, reason: &str) -> R<()> {
     Ok(())
 }
 
-pub(crate) fn requeue_proxy_tasks(db: &Connection, proxy: i64, reason: &str) -> R<usize> {
+pub(crate) fn requeue_proxy_tasks(
+    clock: &dyn Clock,
+    db: &Connection,
+    proxy: ProxyId,
+    reason: &str,
+) -> R<usize> {
     let ids: Vec<u64> = {
         let mut st = db.prepare(
             "SELECT id FROM tasks WHERE proxy_id = ?1 AND state IN ('assigned', 'running')",
@@ -99,12 +104,12 @@ pub(crate) fn requeue_proxy_tasks(db: &Connection, proxy: i64, reason: &str) -> 
             .collect::<Result<_, _>>()?
     };
     for id in &ids {
-        requeue(db, *id, reason)?;
+        requeue(clock, db, *id, reason)?;
     }
     Ok(ids.len())
 }
 
-pub(super) fn finish_session_if_done(db: &Connection, sid: i64) -> R<()> {
+pub(super) fn finish_session_if_done(clock: &dyn Clock, db: &Connection, sid: i64) -> R<()> {
     let (open, failed): (i64, i64) = db.query_row(
         "SELECT sum(state NOT IN ('success', 'failed')), sum(state = 'failed') FROM tasks WHERE session_id = ?1",
         [sid],
@@ -113,7 +118,11 @@ pub(super) fn finish_session_if_done(db: &Connection, sid: i64) -> R<()> {
     if open == 0 {
         db.execute(
             "UPDATE sessions SET state = ?1, finished = ?2 WHERE id = ?3",
-            params![if failed > 0 { "failed" } else { "success" }, now(), sid],
+            params![
+                if failed > 0 { "failed" } else { "success" },
+                clock.rfc3339(),
+                sid
+            ],
         )?;
     }
     Ok(())

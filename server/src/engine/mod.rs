@@ -22,6 +22,7 @@
 //! steps; [`error`] holds [`EngineError`].
 
 mod agent;
+pub mod clock;
 pub mod error;
 mod inventory;
 mod jobs;
@@ -32,20 +33,25 @@ mod tests;
 mod tick;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::ca::Ca;
 use datamover_control::api::{
     self, Attempt, EnrollRequest, Enrolled, Heartbeat, Host, HostAdded, Job, JobDisk, JobKind,
-    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, ServedRepository, Session, State,
-    Task, TaskOrder, TaskResult,
+    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, Session, State, Task, TaskOrder,
+    TaskResult,
 };
 use datamover_control::pki::{self, EnrollmentToken, Identity};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::catalog::{
+    self,
+    ids::{HostId, ProxyId},
+};
 use crate::scheduler::{self, Location, Mode, ModeSet, Pending, Slot};
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{EngineError, ErrorKind, R};
 pub(crate) use lifecycle::requeue_proxy_tasks;
 use lifecycle::*;
@@ -79,19 +85,6 @@ impl Default for Timing {
             enroll_ttl: Duration::from_secs(24 * 3600),
         }
     }
-}
-
-/// Now, RFC 3339 with milliseconds (UTC).
-pub(crate) fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn unix_secs() -> f64 {
-    now_ms() as f64 / 1000.0
 }
 
 /// Names of hosts, jobs, repositories: 1–64 of `[A-Za-z0-9._-]`, not
@@ -134,8 +127,10 @@ pub struct Engine {
     db: Mutex<Connection>,
     ca: Ca,
     timing: Timing,
-    started: Instant,
-    seen: Mutex<HashMap<i64, Instant>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// The clock's monotonic reading when the engine started.
+    started: Duration,
+    seen: Mutex<HashMap<ProxyId, Duration>>,
     pub(crate) packages: crate::deploy::Packages,
 }
 
@@ -154,10 +149,18 @@ impl Engine {
             db: Mutex::new(db),
             ca,
             timing,
-            started: Instant::now(),
+            clock: Arc::new(SystemClock::default()),
+            started: Duration::ZERO,
             seen: Mutex::new(HashMap::new()),
             packages: crate::deploy::Packages::default(),
         }
+    }
+
+    /// Read time from `clock` (tests move it by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Engine {
+        self.started = clock.monotonic();
+        self.clock = clock;
+        self
     }
 
     /// Hand out `path` as the proxy component's package to installers

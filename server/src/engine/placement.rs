@@ -11,49 +11,26 @@ impl Engine {
     pub(super) fn place(&self, db: &Connection) -> R<()> {
         let running = running_counts(db)?;
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut st = db.prepare(
-            "SELECT p.id, h.name, h.builtin, p.slots, p.cores, p.modes, p.datastores
-             FROM proxies p JOIN hosts h ON h.id = p.host_id
-             WHERE p.disabled = 0 AND p.state = 'online'",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, Option<u32>>(3)?,
-                r.get::<_, u32>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })?;
-        let others: i64 = db.query_row(
-            "SELECT count(*) FROM proxies p JOIN hosts h ON h.id = p.host_id WHERE h.builtin = 0 AND p.disabled = 0",
-            [],
-            |r| r.get(0),
-        )?;
+        let others = catalog::proxies::managed_enabled(db)?;
         let mut slots = Vec::new();
-        for row in rows {
-            let (id, name, builtin, s, cores, modes, ds) = row?;
+        for p in catalog::proxies::placeable(db)? {
             // The built-in proxy works only while no other proxy exists.
-            if builtin && others > 0 {
+            if p.builtin && others > 0 {
                 continue;
             }
-            if !seen.contains_key(&id) {
+            if !seen.contains_key(&p.id) {
                 continue;
             }
-            let modes: Vec<String> = serde_json::from_str(&modes)?;
             slots.push(Slot {
-                id,
-                host: name.clone(),
-                name,
-                slots: effective_slots(s, cores),
-                running: running.get(&id).copied().unwrap_or(0),
-                modes: ModeSet::from_names(&modes).unwrap_or(ModeSet::ALL),
-                datastores: serde_json::from_str(&ds)?,
+                id: p.id.0,
+                host: p.name.clone(),
+                slots: effective_slots(p.slots, p.cores),
+                running: running.get(&p.id.0).copied().unwrap_or(0),
+                modes: ModeSet::from_names(&p.modes).unwrap_or(ModeSet::ALL),
+                name: p.name,
+                datastores: p.datastores,
             });
         }
-        drop(st);
         if !slots.is_empty() && slots.iter().all(|s| s.running >= s.slots) {
             return Ok(());
         }
@@ -70,7 +47,7 @@ impl Engine {
                       AND NOT EXISTS (SELECT 1 FROM json_each(pp.serving) WHERE value = r.name))
              ORDER BY t.id",
         )?;
-        let rows = st.query_map([now_ms()], |r| {
+        let rows = st.query_map([self.clock.ms()], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -124,7 +101,7 @@ impl Engine {
                 }
             }
         }
-        let t = unix_secs();
+        let t = self.clock.secs();
         for p in placed {
             let name = slots
                 .iter()
@@ -134,7 +111,7 @@ impl Engine {
             let attempt: u32 = db.query_row(
                 "UPDATE tasks SET state = 'assigned', proxy_id = ?1, proxy_name = ?2, mode = ?3, started = ?4, done = 0,
                  waiting = NULL WHERE id = ?5 RETURNING attempt",
-                params![p.proxy, name, p.mode.name(), now(), p.task],
+                params![p.proxy, name, p.mode.name(), self.clock.rfc3339(), p.task],
                 |r| r.get(0),
             )?;
             db.execute(

@@ -80,3 +80,47 @@ fn a_job_runs_one_queued_task_per_disk_and_only_once_at_a_time() {
     assert_eq!(e.session(s.id).unwrap().tasks.len(), 2);
     assert_eq!(e.run_job("other").unwrap_err().kind, ErrorKind::NotFound);
 }
+
+/// A proxy that stops heartbeating is declared dead once the clock has
+/// moved past `dead_after`, not before, and its task goes back to the
+/// queue with the reason (time moved by hand, no sleeping).
+#[test]
+fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
+    let (e, _d) = engine();
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let e = e.with_clock(clock.clone());
+    repo(&e, "vault");
+    let h: NewHost = serde_json::from_value(serde_json::json!({"name": "p1"})).unwrap();
+    e.add_host(&h).unwrap();
+    let host = Engine::host_id(&e.db(), "p1").unwrap();
+    let hb = Heartbeat {
+        version: "t".into(),
+        cores: 2,
+        datastores: vec!["/".into()],
+        running: Vec::new(),
+        service_port: None,
+        serving: Vec::new(),
+    };
+    e.create_job(&job("j", "vault", &["/a.img"])).unwrap();
+    let s = e.run_job("j").unwrap();
+    let orders = e.heartbeat(host, &hb).unwrap();
+    assert_eq!(orders.assign.len(), 1, "{orders:?}");
+    let running = |e: &Engine| e.session(s.id).unwrap().tasks[0].clone();
+    assert_eq!(running(&e).proxy.as_deref(), Some("p1"));
+
+    clock.advance(e.timing().dead_after / 2);
+    e.tick().unwrap();
+    assert_eq!(e.proxies().unwrap()[0].state, ProxyState::Online);
+
+    clock.advance(e.timing().dead_after);
+    e.tick().unwrap();
+    assert_eq!(e.proxies().unwrap()[0].state, ProxyState::Dead);
+    let t = running(&e);
+    assert_eq!(t.state, State::Queued, "{t:?}");
+    let why = t
+        .attempts
+        .last()
+        .map(|a| a.reason.clone())
+        .unwrap_or_default();
+    assert!(why.contains("declared dead"), "{t:?}");
+}

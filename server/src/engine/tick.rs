@@ -10,28 +10,22 @@ impl Engine {
     /// Periodic work: declare silent proxies dead (re-queueing their
     /// tasks), start scheduled jobs, place queued tasks.
     pub fn tick(&self) -> R<()> {
-        let dead: Vec<(i64, String)> = {
+        let dead: Vec<(ProxyId, String)> = {
             let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let db = self.db();
-            let mut st = db.prepare(
-                "SELECT p.id, h.name FROM proxies p JOIN hosts h ON h.id = p.host_id WHERE p.state = 'online'",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-            let mut out = Vec::new();
-            for r in rows {
-                let (id, name) = r?;
-                let last = seen.get(&id).copied().unwrap_or(self.started);
-                if last.elapsed() > self.timing.dead_after {
-                    out.push((id, name));
-                }
-            }
-            out
+            catalog::proxies::online(&self.db())?
+                .into_iter()
+                .filter(|(id, _)| {
+                    let last = seen.get(id).copied().unwrap_or(self.started);
+                    self.clock.monotonic().saturating_sub(last) > self.timing.dead_after
+                })
+                .collect()
         };
         for (id, name) in dead {
             let mut db = self.db();
             let tx = db.transaction()?;
-            tx.execute("UPDATE proxies SET state = 'dead' WHERE id = ?1", [id])?;
+            catalog::proxies::set_state(&tx, id, "dead")?;
             let n = requeue_proxy_tasks(
+                &*self.clock,
                 &tx,
                 id,
                 &format!(
@@ -47,7 +41,7 @@ impl Engine {
             let mut st = db.prepare(
                 "SELECT name FROM jobs WHERE next_run IS NOT NULL AND CAST(next_run AS INTEGER) <= ?1",
             )?;
-            st.query_map([now_ms()], |r| r.get(0))?
+            st.query_map([self.clock.ms()], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
         for j in due {

@@ -5,6 +5,21 @@
 //! Migrations are numbered SQL scripts applied in order inside one
 //! transaction each; `PRAGMA user_version` records the last one applied.
 //! A catalog newer than this build is refused, never downgraded.
+//!
+//! Every SQL statement of the server lives under this module, one file
+//! per table group, behind typed rows and id newtypes ([`ids`]); the
+//! engine never writes SQL. Functions take a `&Connection` (a
+//! transaction derefs to one), so the caller decides what is atomic, and
+//! never read the clock: times come from the engine.
+//!
+//! Not yet moved here: the statements of jobs, sessions, tasks and the
+//! task log (still in `engine/{jobs,agent,placement,tick,lifecycle}.rs`).
+
+pub mod hosts;
+pub mod ids;
+pub mod proxies;
+pub mod repositories;
+pub mod tokens;
 
 use std::path::Path;
 
@@ -115,6 +130,20 @@ ALTER TABLE hosts ADD COLUMN installer_seen TEXT;
 ALTER TABLE tasks ADD COLUMN waiting TEXT;
 "#,
 ];
+
+/// A query's error: SQLite's, or a JSON column that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// SQLite said no (a constraint, a busy database, a bad statement).
+    #[error("catalog: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A JSON column does not hold what it should.
+    #[error("catalog JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Result of a catalog query.
+pub type Q<T> = Result<T, QueryError>;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

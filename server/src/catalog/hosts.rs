@@ -1,0 +1,220 @@
+//! `hosts`: managed hosts, their enrollment, certificates, roles and what
+//! their installers last reported.
+//!
+//! Invariant: a host holds either a pending enrollment (hash and expiry)
+//! or a certificate fingerprint, never both; the built-in host is never
+//! listed nor found by name as a managed host.
+
+use datamover_control::api::{Host, HostRole, InstallerReport, InstallerStatus};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::Q;
+use super::ids::HostId;
+
+const COLUMNS: &str =
+    "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen";
+
+fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)> {
+    let addresses: String = r.get(1)?;
+    let roles: String = r.get(4)?;
+    let bad = |i: usize| {
+        move |e: serde_json::Error| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        }
+    };
+    Ok((
+        Host {
+            name: r.get(0)?,
+            addresses: serde_json::from_str(&addresses).map_err(bad(1))?,
+            enrolled: r.get(2)?,
+            created: r.get(3)?,
+            roles: serde_json::from_str(&roles).map_err(bad(4))?,
+            installer: None,
+        },
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn with_installer(row: (Host, Option<String>, Option<String>)) -> Q<Host> {
+    let (mut h, report, seen) = row;
+    if let (Some(rep), Some(last_seen)) = (report, seen) {
+        h.installer = Some(InstallerStatus {
+            last_seen,
+            report: serde_json::from_str(&rep)?,
+        });
+    }
+    Ok(h)
+}
+
+/// Every managed host, by name.
+pub fn list(db: &Connection) -> Q<Vec<Host>> {
+    let mut st = db.prepare(&format!(
+        "SELECT {COLUMNS} FROM hosts WHERE builtin = 0 ORDER BY name"
+    ))?;
+    let rows = st.query_map([], host)?;
+    rows.map(|r| with_installer(r?)).collect()
+}
+
+/// One host.
+pub fn get(db: &Connection, id: HostId) -> Q<Host> {
+    with_installer(db.query_row(
+        &format!("SELECT {COLUMNS} FROM hosts WHERE id = ?1"),
+        [id],
+        host,
+    )?)
+}
+
+/// The managed host named `name`.
+pub fn id_by_name(db: &Connection, name: &str) -> Q<Option<HostId>> {
+    Ok(db
+        .query_row(
+            "SELECT id FROM hosts WHERE name = ?1 AND builtin = 0",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Whether the host (or built-in host) named `name` is the built-in one;
+/// none: no such host.
+pub fn is_builtin(db: &Connection, name: &str) -> Q<Option<bool>> {
+    Ok(db
+        .query_row("SELECT builtin FROM hosts WHERE name = ?1", [name], |x| {
+            x.get(0)
+        })
+        .optional()?)
+}
+
+/// The host holding the certificate with fingerprint `fp`.
+pub fn by_certificate(db: &Connection, fp: &str) -> Q<Option<(HostId, String)>> {
+    Ok(db
+        .query_row(
+            "SELECT id, name FROM hosts WHERE cert_fingerprint = ?1",
+            [fp],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
+}
+
+/// A new managed host, waiting to enroll.
+#[derive(Debug)]
+pub struct NewHostRow<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Addresses.
+    pub addresses: &'a [String],
+    /// Hash of the one-time enrollment secret.
+    pub enroll_hash: &'a str,
+    /// When the secret expires (RFC 3339).
+    pub enroll_expires: &'a str,
+    /// When it was added (RFC 3339).
+    pub created: &'a str,
+    /// Its roles.
+    pub roles: &'a [HostRole],
+}
+
+/// Add a managed host.
+pub fn insert(db: &Connection, h: &NewHostRow<'_>) -> Q<()> {
+    db.execute(
+        "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            h.name,
+            serde_json::to_string(h.addresses)?,
+            h.enroll_hash,
+            h.enroll_expires,
+            h.created,
+            serde_json::to_string(h.roles)?
+        ],
+    )?;
+    Ok(())
+}
+
+/// Remove a host.
+pub fn delete(db: &Connection, id: HostId) -> Q<()> {
+    db.execute("DELETE FROM hosts WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// A host waiting to enroll, found by its secret's hash.
+#[derive(Debug)]
+pub struct Enrollee {
+    /// The host.
+    pub id: HostId,
+    /// Its name.
+    pub name: String,
+    /// Its addresses.
+    pub addresses: Vec<String>,
+    /// When the secret expires (RFC 3339).
+    pub expires: String,
+}
+
+/// The host whose pending enrollment secret has hash `hash`.
+pub fn enrollee(db: &Connection, hash: &str) -> Q<Option<Enrollee>> {
+    let row: Option<(HostId, String, String, String)> = db
+        .query_row(
+            "SELECT id, name, addresses, enroll_expires FROM hosts WHERE enroll_hash = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    row.map(|(id, name, addrs, expires)| {
+        Ok(Enrollee {
+            id,
+            name,
+            addresses: serde_json::from_str(&addrs)?,
+            expires,
+        })
+    })
+    .transpose()
+}
+
+/// The host enrolled: its certificate's fingerprint replaces its secret.
+pub fn set_certificate(db: &Connection, id: HostId, fp: &str) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET cert_fingerprint = ?1, enroll_hash = NULL, enroll_expires = NULL WHERE id = ?2",
+        params![fp, id],
+    )?;
+    Ok(())
+}
+
+/// Create the built-in host if missing and give it the certificate `fp`.
+pub fn set_builtin_certificate(db: &Connection, name: &str, created: &str, fp: &str) -> Q<()> {
+    db.execute(
+        "INSERT INTO hosts(name, builtin, created) VALUES (?1, 1, ?2) ON CONFLICT(name) DO NOTHING",
+        params![name, created],
+    )?;
+    db.execute(
+        "UPDATE hosts SET cert_fingerprint = ?1 WHERE name = ?2",
+        params![fp, name],
+    )?;
+    Ok(())
+}
+
+/// A host's roles, and whether an installer manages it (it has reported).
+pub fn roles(db: &Connection, id: HostId) -> Q<(Vec<HostRole>, bool)> {
+    let (roles, installer): (String, Option<String>) = db.query_row(
+        "SELECT roles, installer FROM hosts WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((serde_json::from_str(&roles)?, installer.is_some()))
+}
+
+/// Set a host's roles.
+pub fn set_roles(db: &Connection, id: HostId, roles: &[HostRole]) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET roles = ?1 WHERE id = ?2",
+        params![serde_json::to_string(roles)?, id],
+    )?;
+    Ok(())
+}
+
+/// Record what a host's installer reported, and when.
+pub fn set_installer(db: &Connection, id: HostId, rep: &InstallerReport, seen: &str) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET installer = ?1, installer_seen = ?2 WHERE id = ?3",
+        params![serde_json::to_string(rep)?, seen, id],
+    )?;
+    Ok(())
+}

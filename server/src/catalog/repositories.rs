@@ -1,0 +1,46 @@
+//! `repositories`: where jobs write, and which proxy serves each.
+
+use datamover_control::api::Repository;
+use rusqlite::{Connection, params};
+
+use super::Q;
+
+/// Add a repository.
+pub fn insert(db: &Connection, r: &Repository) -> Q<()> {
+    db.execute(
+        "INSERT INTO repositories(name, path, proxy) VALUES (?1, ?2, ?3)",
+        params![r.name, r.path, r.proxy],
+    )?;
+    Ok(())
+}
+
+/// Every repository, by name.
+pub fn list(db: &Connection) -> Q<Vec<Repository>> {
+    let mut st = db.prepare("SELECT name, path, proxy FROM repositories ORDER BY name")?;
+    let rows = st.query_map([], |r| {
+        Ok(Repository {
+            name: r.get(0)?,
+            path: r.get(1)?,
+            proxy: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The repositories the proxy `proxy` holds and serves, by name.
+pub fn served_by(
+    db: &Connection,
+    proxy: super::ids::ProxyId,
+) -> Q<Vec<datamover_control::api::ServedRepository>> {
+    let mut st = db.prepare(
+        "SELECT r.name, r.path FROM repositories r JOIN hosts h ON h.name = r.proxy
+         JOIN proxies p ON p.host_id = h.id WHERE p.id = ?1 ORDER BY r.name",
+    )?;
+    let rows = st.query_map([proxy], |r| {
+        Ok(datamover_control::api::ServedRepository {
+            name: r.get(0)?,
+            path: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
