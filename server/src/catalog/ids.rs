@@ -38,3 +38,27 @@ row_id!(
     /// A row of `proxies`.
     ProxyId
 );
+row_id!(
+    /// A row of `jobs`.
+    JobId
+);
+row_id!(
+    /// A row of `sessions`.
+    SessionId
+);
+row_id!(
+    /// A row of `tasks` (the API shows it as a number).
+    TaskId
+);
+
+impl TaskId {
+    /// The id as the API shows it.
+    pub fn api(self) -> u64 {
+        self.0 as u64
+    }
+
+    /// The id the API names.
+    pub fn of_api(id: u64) -> TaskId {
+        TaskId(id as i64)
+    }
+}

@@ -11,14 +11,14 @@
 //! engine never writes SQL. Functions take a `&Connection` (a
 //! transaction derefs to one), so the caller decides what is atomic, and
 //! never read the clock: times come from the engine.
-//!
-//! Not yet moved here: the statements of jobs, sessions, tasks and the
-//! task log (still in `engine/{jobs,agent,placement,tick,lifecycle}.rs`).
 
 pub mod hosts;
 pub mod ids;
+pub mod jobs;
 pub mod proxies;
 pub mod repositories;
+pub mod sessions;
+pub mod tasks;
 pub mod tokens;
 
 use std::path::Path;

@@ -44,3 +44,17 @@ pub fn served_by(
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+/// The holder of repository `name`: none if there is no such repository,
+/// `Some(None)` for shared storage, `Some(Some(proxy))` for one a proxy
+/// holds.
+pub fn holder(db: &Connection, name: &str) -> Q<Option<Option<String>>> {
+    use rusqlite::OptionalExtension;
+    Ok(db
+        .query_row(
+            "SELECT proxy FROM repositories WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?)
+}

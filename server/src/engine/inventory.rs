@@ -194,7 +194,7 @@ impl Engine {
                 } else {
                     ProxyState::Online
                 },
-                running: running.get(&p.id.0).copied().unwrap_or(0),
+                running: running.get(&p.id).copied().unwrap_or(0),
                 name: p.name,
                 modes: p.modes,
                 site: p.site,

@@ -70,14 +70,7 @@ impl Engine {
             return Err(EngineError::bad("every_minutes must be at least 1"));
         }
         let db = self.db();
-        let repo: Option<Option<String>> = db
-            .query_row(
-                "SELECT proxy FROM repositories WHERE name = ?1",
-                [&j.repository],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match repo {
+        match catalog::repositories::holder(&db, &j.repository)? {
             None => {
                 return Err(EngineError::bad(format!(
                     "no repository named {}",
@@ -101,15 +94,7 @@ impl Engine {
         let next = j
             .every_minutes
             .map(|m| self.clock.ms() + i64::from(m) * 60_000);
-        db.execute(
-            "INSERT INTO jobs(name, spec, next_run) VALUES (?1, ?2, ?3)",
-            params![
-                j.name,
-                serde_json::to_string(j)?,
-                next.map(|n| n.to_string())
-            ],
-        )
-        .map_err(|e| match EngineError::from(e) {
+        catalog::jobs::insert(&db, j, next).map_err(|e| match EngineError::from(e) {
             e if e.kind == ErrorKind::Conflict => {
                 EngineError::conflict(format!("a job named {} exists", j.name))
             }
@@ -124,26 +109,7 @@ impl Engine {
 
     /// Every job.
     pub fn jobs(&self) -> R<Vec<Job>> {
-        let db = self.db();
-        let mut st = db.prepare(
-            "SELECT j.spec, j.last_run, (SELECT max(id) FROM sessions s WHERE s.job_id = j.id) FROM jobs j ORDER BY j.name",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, Option<u64>>(2)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (spec, last_run, last_session) = r?;
-            Ok(Job {
-                spec: serde_json::from_str(&spec)?,
-                last_run,
-                last_session,
-            })
-        })
-        .collect()
+        Ok(catalog::jobs::list(&self.db())?)
     }
 
     /// One job.
@@ -163,7 +129,7 @@ impl Engine {
                 "job {name} is running (session {s}); wait for it to end"
             )));
         }
-        db.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+        catalog::jobs::delete(&db, id)?;
         Ok(())
     }
 
@@ -180,121 +146,55 @@ impl Engine {
                 )));
             }
             let created = self.clock.rfc3339();
-            tx.execute(
-                "INSERT INTO sessions(job_id, kind, state, created) VALUES (?1, ?2, 'running', ?3)",
-                params![id, spec.kind.as_str(), created],
-            )?;
-            let sid = tx.last_insert_rowid();
-            for d in &spec.disks {
-                tx.execute(
-                    "INSERT INTO tasks(session_id, disk, spec, state) VALUES (?1, ?2, ?3, 'queued')",
-                    params![sid, d.name, serde_json::to_string(d)?],
-                )?;
-            }
+            let sid = catalog::sessions::start(&tx, id, spec.kind, &created, &spec.disks)?;
             let next = spec
                 .every_minutes
-                .map(|m| (self.clock.ms() + i64::from(m) * 60_000).to_string());
-            tx.execute(
-                "UPDATE jobs SET last_run = ?1, next_run = ?2 WHERE id = ?3",
-                params![created, next, id],
-            )?;
+                .map(|m| self.clock.ms() + i64::from(m) * 60_000);
+            catalog::jobs::set_run(&tx, id, &created, next)?;
             self.place(&tx)?;
             tx.commit()?;
             sid
         };
-        self.session(sid as u64)
+        self.session(sid.0 as u64)
     }
 
     // ---- sessions ----
 
     /// Sessions, newest first (at most `limit`).
     pub fn sessions(&self, limit: u32) -> R<Vec<Session>> {
-        let ids: Vec<u64> = {
-            let db = self.db();
-            let mut st = db.prepare("SELECT id FROM sessions ORDER BY id DESC LIMIT ?1")?;
-            st.query_map([limit], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
-        };
-        ids.into_iter().map(|i| self.session(i)).collect()
+        let ids = catalog::sessions::newest(&self.db(), limit)?;
+        ids.into_iter().map(|i| self.session(i.0 as u64)).collect()
     }
 
     /// One session with its tasks.
     pub fn session(&self, id: u64) -> R<Session> {
         let db = self.db();
-        let (job, kind, state, created, finished): (String, String, String, String, Option<String>) = db
-            .query_row(
-                "SELECT j.name, s.kind, s.state, s.created, s.finished FROM sessions s JOIN jobs j ON j.id = s.job_id WHERE s.id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?
+        let sid = SessionId(id as i64);
+        let row = catalog::sessions::get(&db, sid)?
             .ok_or_else(|| EngineError::not_found("session", id))?;
-        let mut st = db.prepare(
-            "SELECT id, disk, state, proxy_name, attempt, mode, done, total, bottleneck, point, bytes_read, bytes_stored, error, attempts, started, finished,
-             wire_bytes, replica, waiting FROM tasks WHERE session_id = ?1 ORDER BY id",
-        )?;
-        let rows = st.query_map([id], |r| {
-            Ok((
-                Task {
-                    id: r.get(0)?,
-                    disk: r.get(1)?,
-                    state: State::Queued,
-                    proxy: r.get(3)?,
-                    attempt: r.get(4)?,
-                    mode: r.get(5)?,
-                    done: r.get(6)?,
-                    total: r.get(7)?,
-                    bottleneck: r.get(8)?,
-                    point: r.get(9)?,
-                    bytes_read: r.get(10)?,
-                    bytes_stored: r.get(11)?,
-                    wire_bytes: r.get(16)?,
-                    replica: r.get(17)?,
-                    waiting: r.get(18)?,
-                    error: r.get(12)?,
-                    attempts: Vec::new(),
-                    started: r.get(14)?,
-                    finished: r.get(15)?,
-                },
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(13)?,
-            ))
-        })?;
-        let tasks = rows
-            .map(|r| {
-                let (mut t, state, attempts) = r?;
-                t.state = state.parse().map_err(EngineError::internal)?;
-                t.attempts = serde_json::from_str(&attempts)?;
-                Ok(t)
-            })
-            .collect::<R<Vec<_>>>()?;
         Ok(Session {
             id,
-            job,
-            kind: kind_of(&kind)?,
-            state: state.parse().map_err(EngineError::internal)?,
-            created,
-            finished,
-            tasks,
+            job: row.job,
+            kind: kind_of(&row.kind)?,
+            state: row.state.parse().map_err(EngineError::internal)?,
+            created: row.created,
+            finished: row.finished,
+            tasks: catalog::sessions::tasks(&db, sid)?,
         })
     }
 
     /// When each task held a slot on which proxy.
     pub fn timeline(&self, session: u64) -> R<Vec<Occupancy>> {
-        let db = self.db();
-        let mut st = db.prepare(
-            "SELECT l.task_id, l.proxy, l.attempt, l.started, l.ended FROM task_log l JOIN tasks t ON t.id = l.task_id
-             WHERE t.session_id = ?1 ORDER BY l.started",
-        )?;
-        let rows = st.query_map([session], |r| {
-            Ok(Occupancy {
-                task: r.get(0)?,
-                proxy: r.get(1)?,
-                attempt: r.get(2)?,
-                started: r.get(3)?,
-                ended: r.get(4)?,
+        let log = catalog::sessions::log(&self.db(), SessionId(session as i64))?;
+        Ok(log
+            .into_iter()
+            .map(|(task, proxy, attempt, started, ended)| Occupancy {
+                task,
+                proxy,
+                attempt,
+                started,
+                ended,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect())
     }
 }

@@ -39,15 +39,14 @@ use std::time::Duration;
 use crate::ca::Ca;
 use datamover_control::api::{
     self, Attempt, EnrollRequest, Enrolled, Heartbeat, Host, HostAdded, Job, JobDisk, JobKind,
-    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, Session, State, Task, TaskOrder,
-    TaskResult,
+    JobSpec, NewHost, Orders, Proxy, ProxyPatch, ProxyState, Session, TaskOrder, TaskResult,
 };
 use datamover_control::pki::{self, EnrollmentToken, Identity};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 
 use crate::catalog::{
     self,
-    ids::{HostId, ProxyId},
+    ids::{HostId, JobId, ProxyId, SessionId, TaskId},
 };
 use crate::scheduler::{self, Location, Mode, ModeSet, Pending, Slot};
 

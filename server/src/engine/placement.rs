@@ -25,7 +25,7 @@ impl Engine {
                 id: p.id.0,
                 host: p.name.clone(),
                 slots: effective_slots(p.slots, p.cores),
-                running: running.get(&p.id.0).copied().unwrap_or(0),
+                running: running.get(&p.id).copied().unwrap_or(0),
                 modes: ModeSet::from_names(&p.modes).unwrap_or(ModeSet::ALL),
                 name: p.name,
                 datastores: p.datastores,
@@ -35,34 +35,12 @@ impl Engine {
             return Ok(());
         }
         let names: HashMap<String, i64> = slots.iter().map(|s| (s.name.clone(), s.id)).collect();
-        let mut st = db.prepare(
-            "SELECT t.id, t.spec, j.spec, r.proxy, t.waiting FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
-             LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
-             LEFT JOIN hosts ph ON ph.name = r.proxy
-             LEFT JOIN proxies pp ON pp.host_id = ph.id
-             WHERE t.state = 'queued' AND t.not_before <= ?1
-             -- A repository just given to a running service is offered at
-             -- its next heartbeat: until then its tasks wait.
-             AND NOT (pp.state = 'online' AND pp.service_port IS NOT NULL
-                      AND NOT EXISTS (SELECT 1 FROM json_each(pp.serving) WHERE value = r.name))
-             ORDER BY t.id",
-        )?;
-        let rows = st.query_map([self.clock.ms()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
-        })?;
         let mut pending = Vec::new();
         let mut waiting: HashMap<i64, Option<String>> = HashMap::new();
         let mut jobs: HashMap<String, JobSpec> = HashMap::new();
-        for row in rows {
-            let (id, dspec, jspec, holder, why) = row?;
-            waiting.insert(id, why);
-            let d: JobDisk = serde_json::from_str(&dspec)?;
+        for q in catalog::tasks::queued(db, self.clock.ms())? {
+            let (id, d, jspec, holder) = (q.id.0, q.disk, q.job_spec, q.holder);
+            waiting.insert(id, q.waiting);
             if !jobs.contains_key(&jspec) {
                 jobs.insert(jspec.clone(), serde_json::from_str(&jspec)?);
             }
@@ -85,7 +63,6 @@ impl Engine {
                 failover: j.failover_to_network,
             });
         }
-        drop(st);
         let placed = scheduler::place(&pending, &mut slots);
         // With slots still free, a task left queued is one no proxy can
         // take: say why (once; placement clears it).
@@ -94,10 +71,7 @@ impl Engine {
             for p in pending.iter().filter(|p| !done.contains(&p.id)) {
                 let why = scheduler::why_unplaceable(p, &slots);
                 if why.is_some() && waiting.get(&p.id) != Some(&why) {
-                    db.execute(
-                        "UPDATE tasks SET waiting = ?1 WHERE id = ?2",
-                        params![why, p.id],
-                    )?;
+                    catalog::tasks::set_waiting(db, TaskId(p.id), why.as_deref())?;
                 }
             }
         }
@@ -108,15 +82,14 @@ impl Engine {
                 .find(|s| s.id == p.proxy)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
-            let attempt: u32 = db.query_row(
-                "UPDATE tasks SET state = 'assigned', proxy_id = ?1, proxy_name = ?2, mode = ?3, started = ?4, done = 0,
-                 waiting = NULL WHERE id = ?5 RETURNING attempt",
-                params![p.proxy, name, p.mode.name(), self.clock.rfc3339(), p.task],
-                |r| r.get(0),
-            )?;
-            db.execute(
-                "INSERT INTO task_log(task_id, proxy, attempt, started) VALUES (?1, ?2, ?3, ?4)",
-                params![p.task, name, attempt, t],
+            catalog::tasks::assign(
+                db,
+                TaskId(p.task),
+                ProxyId(p.proxy),
+                &name,
+                p.mode.name(),
+                &self.clock.rfc3339(),
+                t,
             )?;
         }
         Ok(())

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use datamover_control::api::State;
 
 fn engine() -> (Engine, tempfile::TempDir) {
     let d = tempfile::tempdir().unwrap();

@@ -36,25 +36,14 @@ impl Engine {
             tx.commit()?;
             tracing::warn!("proxy {name} declared dead; {n} task(s) re-queued");
         }
-        let due: Vec<String> = {
-            let db = self.db();
-            let mut st = db.prepare(
-                "SELECT name FROM jobs WHERE next_run IS NOT NULL AND CAST(next_run AS INTEGER) <= ?1",
-            )?;
-            st.query_map([self.clock.ms()], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
-        };
+        let due = catalog::jobs::due(&self.db(), self.clock.ms())?;
         for j in due {
             match self.run_job(&j) {
                 Ok(s) => tracing::info!("scheduled run of job {j}: session {}", s.id),
                 Err(e) => {
                     tracing::warn!("scheduled run of job {j} not started: {e}");
                     // Try again at the next interval, not on every tick.
-                    let db = self.db();
-                    let _ = db.execute(
-                        "UPDATE jobs SET next_run = CAST(CAST(next_run AS INTEGER) + 60000 AS TEXT) WHERE name = ?1",
-                        [&j],
-                    );
+                    let _ = catalog::jobs::postpone(&self.db(), &j);
                 }
             }
         }
