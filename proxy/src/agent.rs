@@ -56,6 +56,39 @@ pub struct Mover {
     pub identity: Identity,
     /// See [`AgentConfig::manifest_cache`].
     pub manifest_cache: Option<PathBuf>,
+    /// The datastores this proxy was given; those that exist are the
+    /// ones it reports (and may read and write paths under).
+    pub datastores: Vec<PathBuf>,
+}
+
+impl Mover {
+    /// A task's path (a disk to read, a restore target) must lie under a
+    /// datastore this proxy reports: the same rule placement used
+    /// ([`transports::mode::sees`]), checked again here, so a task for a
+    /// path this proxy was never given is refused, not run.
+    fn check_path(&self, path: &str) -> datamover::Result<()> {
+        let seen = visible(&self.datastores);
+        if !path.starts_with('/') || transports::mode::sees(&seen, path) {
+            return Ok(());
+        }
+        Err(datamover::Error::InvalidArgument(format!(
+            "{path} is not under a datastore of this proxy ({}); give it with dm-proxy run --datastore DIR",
+            if seen.is_empty() {
+                "it has none".to_string()
+            } else {
+                seen.join(", ")
+            }
+        )))
+    }
+}
+
+/// The datastores that exist, as the proxy reports them.
+fn visible(datastores: &[PathBuf]) -> Vec<String> {
+    datastores
+        .iter()
+        .filter(|d| d.is_dir())
+        .map(|d| d.display().to_string())
+        .collect()
 }
 
 /// One running task as the agent tracks it.
@@ -81,6 +114,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
         mover: Arc::new(Mover {
             identity: cfg.identity.clone(),
             manifest_cache: cfg.manifest_cache.clone(),
+            datastores: cfg.datastores.clone(),
         }),
         served: cfg.served.clone(),
     };
@@ -117,12 +151,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
             let hb = Heartbeat {
                 version: VERSION.into(),
                 cores,
-                datastores: cfg
-                    .datastores
-                    .iter()
-                    .filter(|d| d.is_dir())
-                    .map(|d| d.display().to_string())
-                    .collect(),
+                datastores: visible(&cfg.datastores),
                 running: w.progress(),
                 service_port: cfg.service_port,
                 serving: match cfg.service_port {
@@ -396,6 +425,7 @@ fn run_kind(
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
     let disk: DiskName = t.disk.parse()?;
+    mover.check_path(&t.source)?;
     if t.kind == JobKind::Restore {
         return restore_task(t, &disk, progress);
     }
@@ -514,6 +544,43 @@ impl Drop for AgentHandle {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(j) = self.join.take() {
             let _ = j.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A proxy runs a path task only under a datastore it reports: the
+    /// rule placement used, checked again where the data moves.
+    #[test]
+    fn paths_outside_the_datastores_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ds = d.path().join("images");
+        std::fs::create_dir(&ds).unwrap();
+        let m = Mover {
+            identity: Identity {
+                cert_pem: String::new(),
+                key_pem: String::new(),
+                ca_pem: String::new(),
+            },
+            manifest_cache: None,
+            datastores: vec![ds.clone(), d.path().join("missing")],
+        };
+        let inside = ds.join("a.raw").display().to_string();
+        m.check_path(&inside).unwrap();
+        m.check_path("nbd://host/export").unwrap();
+        m.check_path("qmp+unix:///run/vm.qmp").unwrap();
+        for bad in [
+            "/etc/shadow".to_string(),
+            format!("{}/../secret.raw", ds.display()),
+            d.path().join("missing/a.raw").display().to_string(),
+        ] {
+            let e = m.check_path(&bad).unwrap_err();
+            assert_eq!(e.kind(), datamover::ErrorKind::InvalidInput, "{bad}");
+            assert!(e.to_string().contains("--datastore"), "{e}");
         }
     }
 }
