@@ -4,6 +4,7 @@
 //! drift apart; the OpenAPI document (`server/openapi.json`) describes the
 //! same shapes.
 
+use datamover::{DiskName, PointId};
 use serde::{Deserialize, Serialize};
 
 /// API version prefix of the REST API.
@@ -261,7 +262,7 @@ impl JobKind {
 #[serde(deny_unknown_fields)]
 pub struct JobDisk {
     /// Name in the repository, `vm/disk`.
-    pub name: String,
+    pub name: DiskName,
     /// What `dm backup` reads: an image or device path, `nbd://…`,
     /// `nbd+unix://…`, or a VM `qmp+unix://…` / `qmp://…`. For a restore
     /// job: where to write (a path or an NBD export).
@@ -392,7 +393,7 @@ pub struct Task {
     /// Id.
     pub id: u64,
     /// The disk (`vm/disk`).
-    pub disk: String,
+    pub disk: DiskName,
     /// State.
     pub state: State,
     /// The proxy running (or that ran) it.
@@ -408,7 +409,7 @@ pub struct Task {
     /// The run's bottleneck (source, proxy CPU, target).
     pub bottleneck: Option<String>,
     /// The point written.
-    pub point: Option<String>,
+    pub point: Option<PointId>,
     /// Bytes read from the source.
     pub bytes_read: Option<u64>,
     /// Bytes newly stored.
@@ -571,7 +572,7 @@ pub struct TaskOrder {
     /// Kind.
     pub kind: JobKind,
     /// Disk name in the repository.
-    pub disk: String,
+    pub disk: DiskName,
     /// Source spec.
     pub source: String,
     /// VM disk node, for VM sources.
@@ -601,7 +602,7 @@ pub struct TaskResult {
     /// Attempt.
     pub attempt: u32,
     /// The point, when it succeeded.
-    pub point: Option<String>,
+    pub point: Option<PointId>,
     /// Mode used.
     pub mode: Option<String>,
     /// Bottleneck.

@@ -12,8 +12,9 @@
 //!   of the REST API ([`client::Client::jobs`], [`client::Client::wait_session`] …).
 //! * [`enroll`]: a host joins an installation with a one-time token.
 //!
-//! Invariant: this crate depends on no other crate of the workspace (not
-//! `datamover-proxy`, the transports or the server), so the CLI and the
+//! Invariant: of the workspace, this crate depends only on the core
+//! (`datamover`), for its newtypes (`DiskName`, `PointId`): never on
+//! `datamover-proxy`, the transports or the server, so the CLI and the
 //! Python wheel link no proxy runtime.
 //!
 //! Errors: [`client::ClientError`] (a call) and [`pki::PkiError`] (a

@@ -321,3 +321,28 @@ mod tests {
         assert_eq!(PackId::from_hex("xyz"), None);
     }
 }
+
+/// Serde as text, checked on the way in (`FromStr`): ids and names in
+/// JSON (the control plane's API) are the same strings users type.
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_as_text!(DiskName);
+serde_as_text!(PointId);

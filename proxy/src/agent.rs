@@ -351,7 +351,7 @@ pub fn run_task(
 
 /// What a task did.
 struct Outcome {
-    point: String,
+    point: datamover::PointId,
     mode: String,
     bottleneck: String,
     bytes_read: u64,
@@ -365,7 +365,7 @@ impl Outcome {
     fn of(run: &transports::BackupRun) -> Outcome {
         let r = &run.report;
         Outcome {
-            point: r.point.to_string(),
+            point: r.point.clone(),
             mode: r.meta.transport.clone(),
             bottleneck: r.stats.bottleneck().to_string(),
             bytes_read: r.stats.bytes_read,
@@ -424,7 +424,7 @@ fn run_kind(
     mover: &Mover,
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
-    let disk: DiskName = t.disk.parse()?;
+    let disk: DiskName = t.disk.clone();
     mover.check_path(&t.source)?;
     if t.kind == JobKind::Restore {
         return restore_task(t, &disk, progress);
@@ -501,7 +501,7 @@ fn restore_task(
         },
     )?;
     Ok(Outcome {
-        point: r.point.to_string(),
+        point: r.point.clone(),
         mode: if t.source.starts_with("nbd") {
             "nbd".into()
         } else {

@@ -78,7 +78,7 @@ fn twelve_disks(net: Option<&Net>) {
         .into_iter()
         .enumerate()
         .map(|(i, uri)| JobDisk {
-            name: format!("vm{}/disk{}", i / 2, i % 2),
+            name: format!("vm{}/disk{}", i / 2, i % 2).parse().unwrap(),
             source: uri,
             disk: None,
             vm_host: None,
@@ -171,7 +171,11 @@ fn twelve_disks(net: Option<&Net>) {
         assert_eq!(t.total, 8 * MIB as u64);
     }
     for (i, d) in disks.iter().enumerate() {
-        assert_restores(&repo, &d.name, &images.join(format!("d{i}.raw")));
+        assert_restores(
+            &repo,
+            &d.name.to_string(),
+            &images.join(format!("d{i}.raw")),
+        );
     }
 
     // Run 2: kill -9 p1 while it moves data; its tasks finish elsewhere.
@@ -214,9 +218,13 @@ fn twelve_disks(net: Option<&Net>) {
     // No half point: exactly one point per run per disk, each complete.
     let r = datamover::Repository::open(&repo).unwrap();
     for (i, d) in disks.iter().enumerate() {
-        let ids = r.point_ids(&d.name.parse().unwrap()).unwrap();
+        let ids = r.point_ids(&d.name).unwrap();
         assert_eq!(ids.len(), 2, "{}: {ids:?}", d.name);
-        assert_restores(&repo, &d.name, &images.join(format!("d{i}.raw")));
+        assert_restores(
+            &repo,
+            &d.name.to_string(),
+            &images.join(format!("d{i}.raw")),
+        );
     }
     let v = datamover::verify(&r, true).unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);

@@ -40,7 +40,7 @@ fn spec(name: &str, kind: JobKind, repo: &str, disks: Vec<JobDisk>) -> JobSpec {
 
 fn disk(name: &str, source: &Path) -> JobDisk {
     JobDisk {
-        name: name.into(),
+        name: name.parse().unwrap(),
         source: source.display().to_string(),
         disk: None,
         vm_host: None,

@@ -164,7 +164,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
     let img = images.join("web.raw");
     make_disk(&img, 8 * MIB, 7);
     let disk = JobDisk {
-        name: "web/vda".into(),
+        name: "web/vda".parse().unwrap(),
         source: img.display().to_string(),
         disk: None,
         vm_host: None,

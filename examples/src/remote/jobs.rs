@@ -111,7 +111,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                         .split_once('=')
                         .ok_or_else(|| Failure(2, format!("--disk {d:?}: expected NAME=SOURCE")))?;
                     Ok(JobDisk {
-                        name: n.into(),
+                        name: n.parse()?,
                         source: src.into(),
                         disk: nodes.get(n).cloned(),
                         vm_host: hosts.get(n).cloned(),

@@ -91,7 +91,11 @@ pub(super) fn show_session(s: &Session) {
             t.mode.as_deref().unwrap_or("-"),
             t.attempt,
             t.bottleneck.as_deref().unwrap_or("-"),
-            t.point.as_deref().or(t.error.as_deref()).unwrap_or("")
+            t.point
+                .as_ref()
+                .map(|p| p.as_str())
+                .or(t.error.as_deref())
+                .unwrap_or("")
         );
         if let (State::Queued, Some(w)) = (t.state, &t.waiting) {
             println!("{:>6}   waiting: {w}", "");
@@ -150,7 +154,7 @@ pub(super) fn watch(cl: &Client, id: u64, quiet: bool) -> Result<Session, Failur
                 let b = bars.entry(t.id).or_insert_with(|| {
                     let b = mp.add(ProgressBar::new(t.total.max(1)));
                     b.set_style(style.clone());
-                    b.set_prefix(t.disk.clone());
+                    b.set_prefix(t.disk.to_string());
                     b
                 });
                 b.set_length(t.total.max(1));

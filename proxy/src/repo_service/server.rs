@@ -121,7 +121,9 @@ fn join<'r>(
 }
 
 fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
-    let bad = |d: String| Error::InvalidArgument(d);
+    // What the client sent breaks the protocol: a transport error of the
+    // peer (not bad input of ours), told to the client in ERROR.
+    let bad = |d: String| Error::transport("repository service client", TransportKind::Protocol, d);
     let (ty, b) = read_msg(s).map_err(net)?;
     if ty != Msg::Hello {
         return Err(bad(format!("expected HELLO, got message type {ty}")));
@@ -139,10 +141,11 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
         .get(&hello.repository)
         .cloned()
         .ok_or_else(|| {
-            bad(format!(
-                "this proxy serves no repository {:?}",
-                hello.repository
-            ))
+            Error::transport(
+                "repository service client",
+                TransportKind::Refused,
+                format!("this proxy serves no repository {:?}", hello.repository),
+            )
         })?;
     let disk: DiskName = hello.disk.parse()?;
     let repo = crate::open_or_init(&target.path)?;

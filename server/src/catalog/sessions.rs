@@ -26,7 +26,7 @@ pub fn start(
     for d in disks {
         db.execute(
             "INSERT INTO tasks(session_id, disk, spec, state) VALUES (?1, ?2, ?3, 'queued')",
-            params![sid, d.name, serde_json::to_string(d)?],
+            params![sid, d.name.to_string(), serde_json::to_string(d)?],
         )?;
     }
     Ok(sid)
@@ -83,7 +83,7 @@ pub fn tasks(db: &Connection, id: SessionId) -> Q<Vec<Task>> {
         Ok((
             Task {
                 id: r.get(0)?,
-                disk: r.get(1)?,
+                disk: super::parsed(r, 1)?,
                 state: State::Queued,
                 proxy: r.get(3)?,
                 attempt: r.get(4)?,
@@ -91,7 +91,7 @@ pub fn tasks(db: &Connection, id: SessionId) -> Q<Vec<Task>> {
                 done: r.get(6)?,
                 total: r.get(7)?,
                 bottleneck: r.get(8)?,
-                point: r.get(9)?,
+                point: super::parsed_opt(r, 9)?,
                 bytes_read: r.get(10)?,
                 bytes_stored: r.get(11)?,
                 wire_bytes: r.get(16)?,

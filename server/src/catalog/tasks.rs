@@ -114,8 +114,6 @@ pub struct Assigned {
     pub id: TaskId,
     /// Its attempt.
     pub attempt: u32,
-    /// Its disk's name.
-    pub disk_name: String,
     /// Its disk.
     pub disk: JobDisk,
     /// Its job's spec (JSON).
@@ -135,7 +133,7 @@ pub struct Assigned {
 /// Tasks assigned to `proxy` and not yet sent, by id.
 pub fn assigned_to(db: &Connection, proxy: ProxyId) -> Q<Vec<Assigned>> {
     let mut st = db.prepare(
-        "SELECT t.id, t.attempt, t.disk, t.spec, j.spec, r.path, r.proxy, ph.addresses, pp.service_port, t.proxy_name
+        "SELECT t.id, t.attempt, t.spec, j.spec, r.path, r.proxy, ph.addresses, pp.service_port, t.proxy_name
          FROM tasks t
          JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
          LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
@@ -150,26 +148,22 @@ pub fn assigned_to(db: &Connection, proxy: ProxyId) -> Q<Vec<Assigned>> {
                 r.get::<_, u32>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(4)?,
             ),
             (
+                r.get::<_, Option<String>>(5)?,
                 r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<u16>>(8)?,
-                r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<u16>>(7)?,
+                r.get::<_, Option<String>>(8)?,
             ),
         ))
     })?;
     rows.map(|r| {
-        let (
-            (id, attempt, disk_name, disk, job_spec, repo_path),
-            (holder, addrs, service_port, proxy_name),
-        ) = r?;
+        let ((id, attempt, disk, job_spec, repo_path), (holder, addrs, service_port, proxy_name)) =
+            r?;
         Ok(Assigned {
             id,
             attempt,
-            disk_name,
             disk: serde_json::from_str(&disk)?,
             job_spec,
             repo_path,
@@ -265,7 +259,7 @@ pub fn succeed(db: &Connection, id: TaskId, r: &TaskResult, finished: &str) -> Q
         "UPDATE tasks SET state = 'success', point = ?1, mode = ?2, bottleneck = ?3, bytes_read = ?4,
          bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7, wire_bytes = ?9, replica = ?10 WHERE id = ?8",
         params![
-            r.point,
+            r.point.as_ref().map(|p| p.to_string()),
             r.mode,
             r.bottleneck,
             r.bytes_read,

@@ -161,7 +161,7 @@ impl Engine {
                 task: t.id.api(),
                 attempt: t.attempt,
                 kind: j.kind,
-                disk: t.disk_name,
+                disk: d.name.clone(),
                 source: d.source,
                 vm_disk: d.disk,
                 repository: t.repo_path.unwrap_or_default(),

@@ -17,9 +17,6 @@ impl Engine {
         }
         let mut seen = std::collections::HashSet::new();
         for d in &j.disks {
-            d.name
-                .parse::<datamover::DiskName>()
-                .map_err(|e| EngineError::bad(format!("disk name {:?}: {e}", d.name)))?;
             if !seen.insert(&d.name) {
                 return Err(EngineError::bad(format!("disk {} is listed twice", d.name)));
             }
