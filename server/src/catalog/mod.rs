@@ -152,10 +152,7 @@ where
     T: std::str::FromStr,
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    let s: String = r.get(i)?;
-    s.parse().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-    })
+    parse_text(i, r.get::<_, String>(i)?)
 }
 
 /// [`parsed`], for a column that may be NULL.
@@ -164,13 +161,19 @@ where
     T: std::str::FromStr,
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    let s: Option<String> = r.get(i)?;
-    s.map(|s| {
-        s.parse().map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-        })
+    r.get::<_, Option<String>>(i)?
+        .map(|s| parse_text(i, s))
+        .transpose()
+}
+
+fn parse_text<T>(i: usize, s: String) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
     })
-    .transpose()
 }
 
 /// The schema version this build writes.
