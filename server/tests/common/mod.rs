@@ -12,6 +12,13 @@ use datamover_control::client::{Auth, Client, ClientError};
 #[allow(unused_imports)] // each test binary uses a different part
 pub use datamover_testkit::{Net, Proc, can_make_namespaces, make_disk, wait_until};
 
+/// One test at a time: hold the guard for the test's whole run. A test
+/// that failed (panicked) does not block the next.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A binary of the workspace, next to `dm-server`.
 pub fn bin(name: &str) -> PathBuf {
     let server = PathBuf::from(env!("CARGO_BIN_EXE_dm-server"));

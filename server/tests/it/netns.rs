@@ -9,15 +9,12 @@
 //! cross the namespaces over mutual TLS and restore byte for byte.
 //!
 //! Needs root and iproute2: outside CI it is skipped without them.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Cluster, Net, Proc, assert_restores, bin, can_make_namespaces, command_in, dm, make_disk,
     wait_until,
 };
@@ -81,6 +78,7 @@ fn write_package(path: &Path, bytes: &[u8]) {
 
 #[test]
 fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
+    let _serial = crate::common::serial();
     if !can_make_namespaces() {
         return;
     }

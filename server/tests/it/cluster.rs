@@ -2,14 +2,11 @@
 //! again as four hosts in network namespaces: twelve disks on three
 //! proxies with two slots each; a proxy killed with -9 in the middle of
 //! its tasks.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Cluster, Net, assert_restores, make_disk, qsd_throttled};
+use crate::common::{Cluster, Net, assert_restores, make_disk, qsd_throttled};
 use datamover_control::api::{
     API, Job, JobDisk, JobKind, JobSpec, Proxy, ProxyState, Repository, Session, State,
 };
@@ -40,8 +37,9 @@ fn max_overlap(iv: &[&Occupancy]) -> usize {
 /// two cores and blur the slot timings).
 #[test]
 fn twelve_disks_on_three_proxies_then_one_killed() {
+    let _serial = crate::common::serial();
     twelve_disks(None);
-    if common::can_make_namespaces() {
+    if crate::common::can_make_namespaces() {
         let net = Net::new("c", &["s", "p1", "p2", "p3"]);
         twelve_disks(Some(&net));
     }

@@ -2,14 +2,11 @@
 //! itself; every refusal (no token, bad token, no or foreign client
 //! certificate, used or bad enrollment token, removed host) and every bad
 //! input gets a 4xx with a message; `dm --server` drives it all.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, dm, make_disk, status};
+use crate::common::{Cluster, assert_restores, dm, make_disk, status};
 use datamover_control::api::{
     AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State,
 };
@@ -32,6 +29,7 @@ fn heartbeat() -> Heartbeat {
 
 #[test]
 fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
+    let _serial = crate::common::serial();
     let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
     let api = c.api();
 

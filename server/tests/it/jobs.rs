@@ -11,14 +11,11 @@
 //! * restore: runs on the proxy holding the repository and writes the
 //!   point byte for byte;
 //! * bad job specs for these kinds get a 400 with a message.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Cluster, assert_restores, dm, make_disk, status};
+use crate::common::{Cluster, assert_restores, dm, make_disk, status};
 use datamover_control::api::{API, Job, JobDisk, JobKind, JobSpec, Repository, Session, State};
 
 const MIB: usize = 1 << 20;
@@ -61,6 +58,7 @@ fn same(a: &Path, b: &Path) -> bool {
 
 #[test]
 fn backup_copy_replication_migration_and_restore_through_two_proxies() {
+    let _serial = crate::common::serial();
     let mut c = Cluster::start(&[
         "--no-builtin-proxy",
         "--heartbeat-ms",
@@ -278,7 +276,7 @@ fn backup_copy_replication_migration_and_restore_through_two_proxies() {
         )
         .unwrap();
     let s: Session = api.post(&format!("{API}/jobs/lost/run"), &()).unwrap();
-    common::wait_until("a waiting reason", T, || {
+    crate::common::wait_until("a waiting reason", T, || {
         let s: Session = api.get(&format!("{API}/sessions/{}", s.id)).unwrap();
         s.tasks[0].waiting.is_some()
     });

@@ -1,0 +1,6 @@
+//! The server's integration tests, one module per area.
+
+mod api;
+mod cluster;
+mod jobs;
+mod netns;
