@@ -65,7 +65,9 @@ pub const INFO_EXPORT: u16 = 0;
 /// Block size constraints.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-/// Transmission flags.
+/// Transmission flag every conforming server sets.
+pub const TFLAG_HAS_FLAGS: u16 = 1;
+/// Transmission flags: read-only export.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 /// Server accepts FLUSH.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
@@ -75,6 +77,8 @@ pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Several connections see the same data.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// "Don't fragment" reads; only with structured replies.
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 /// Server honours the FAST_ZERO command flag.
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
@@ -125,6 +129,12 @@ pub const STATE_DIRTY: u32 = 1;
 pub const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// Largest non-data structured chunk accepted (bytes).
 pub const MAX_META_CHUNK: u32 = 1 << 20;
+/// Longest string (names, messages) the protocol allows.
+pub const MAX_STRING: usize = 4096;
+/// Largest minimum block size the protocol allows.
+pub const MAX_MIN_BLOCK: u32 = 1 << 16;
+/// Largest export size that can be real: an off_t.
+pub const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
 
 /// A protocol violation, described for the error message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,8 +261,18 @@ pub fn parse_info(p: &[u8]) -> Result<Info, Violation> {
         }),
         INFO_BLOCK_SIZE if p.len() == 14 => {
             let (min, preferred, max) = (be32(p, 2), be32(p, 6), be32(p, 10));
-            if min == 0 || !min.is_power_of_two() || preferred < min || max < min {
-                return Err(v(format!("impossible block sizes {min}/{preferred}/{max}")));
+            // proto.md, "Block size constraints": min a power of two up
+            // to 64 KiB; preferred a power of two of at least max(min,
+            // 512); max at least preferred.
+            if !min.is_power_of_two()
+                || min > MAX_MIN_BLOCK
+                || !preferred.is_power_of_two()
+                || preferred < min.max(512)
+                || max < preferred
+            {
+                return Err(v(format!(
+                    "impossible block size constraints (minimum {min}, preferred {preferred}, maximum {max})"
+                )));
             }
             Ok(Info::BlockSize {
                 min,
@@ -265,12 +285,18 @@ pub fn parse_info(p: &[u8]) -> Result<Info, Violation> {
     }
 }
 
-/// Parse NBD_REP_META_CONTEXT: context id and name.
+/// Parse NBD_REP_META_CONTEXT: context id and name (UTF-8, at most
+/// [`MAX_STRING`] bytes).
 pub fn parse_meta_context(p: &[u8]) -> Result<(u32, String), Violation> {
     if p.len() < 4 {
         return Err(v("meta context reply too short"));
     }
-    Ok((be32(p, 0), String::from_utf8_lossy(&p[4..]).into_owned()))
+    if p.len() - 4 > MAX_STRING {
+        return Err(v("meta context name longer than 4096 bytes"));
+    }
+    let name =
+        std::str::from_utf8(&p[4..]).map_err(|_| v("meta context name that is not UTF-8"))?;
+    Ok((be32(p, 0), name.to_owned()))
 }
 
 /// Parse NBD_REP_SERVER: an export name.
@@ -320,16 +346,50 @@ pub fn chunk_header(b: &[u8; 16]) -> ChunkHeader {
     }
 }
 
-/// An error chunk's payload: errno and message.
-pub fn parse_error_chunk(p: &[u8]) -> Result<(u32, String), Violation> {
+/// An error chunk's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorChunk {
+    /// The error number (never 0).
+    pub errno: u32,
+    /// The server's message.
+    pub msg: String,
+    /// Where the error is (NBD_REPLY_TYPE_ERROR_OFFSET only).
+    pub offset: Option<u64>,
+}
+
+/// Parse an error chunk of type `kind`: a nonzero error, a message of at
+/// most [`MAX_STRING`] bytes that fills the chunk (plus the 8-byte offset
+/// of NBD_REPLY_TYPE_ERROR_OFFSET). Unknown error types keep whatever
+/// follows the message.
+pub fn parse_error_chunk(kind: u16, p: &[u8]) -> Result<ErrorChunk, Violation> {
     if p.len() < 6 {
         return Err(v("error chunk too short"));
     }
+    let errno = be32(p, 0);
+    if errno == 0 {
+        return Err(v("error chunk with error number 0"));
+    }
     let n = be16(p, 4) as usize;
+    if n > MAX_STRING {
+        return Err(v("error message longer than 4096 bytes"));
+    }
     let msg = p
         .get(6..6 + n)
         .ok_or_else(|| v("error message beyond the chunk"))?;
-    Ok((be32(p, 0), String::from_utf8_lossy(msg).into_owned()))
+    let rest = &p[6 + n..];
+    let offset = match kind {
+        REPLY_TYPE_ERROR if rest.is_empty() => None,
+        REPLY_TYPE_ERROR_OFFSET if rest.len() == 8 => Some(be64(rest, 0)),
+        REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
+            return Err(v("error chunk whose length does not match its message"));
+        }
+        _ => None,
+    };
+    Ok(ErrorChunk {
+        errno,
+        msg: String::from_utf8_lossy(msg).into_owned(),
+        offset,
+    })
 }
 
 /// A block status chunk: context id and (length, flags) descriptors.
@@ -338,10 +398,13 @@ pub fn parse_block_status(p: &[u8]) -> Result<(u32, Vec<(u32, u32)>), Violation>
         return Err(v("block status chunk of a wrong length"));
     }
     let id = be32(p, 0);
-    let ds = p[4..]
+    let ds: Vec<(u32, u32)> = p[4..]
         .chunks_exact(8)
         .map(|d| (be32(d, 0), be32(d, 4)))
         .collect();
+    if ds.iter().any(|d| d.0 == 0) {
+        return Err(v("block status descriptor of length 0"));
+    }
     Ok((id, ds))
 }
 

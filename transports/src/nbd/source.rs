@@ -110,8 +110,17 @@ impl NbdSource {
             };
             for _ in 1..want {
                 let (u, o, pool) = (parsed.clone(), extra.clone(), clients.clone());
+                let first = client.info().clone();
                 rt.spawn(async move {
                     match NbdClient::connect(&u, &o).await {
+                        // Every connection must see the same export: one
+                        // that disagrees is not used (its reads could
+                        // come from another disk).
+                        Ok(c) if !same_export(c.info(), &first) => tracing::warn!(
+                            "extra NBD connection not used: the server described the export differently ({:?} then {:?})",
+                            first,
+                            c.info()
+                        ),
                         Ok(c) => pool
                             .write()
                             .unwrap_or_else(|e| e.into_inner())
@@ -317,6 +326,11 @@ impl BlockSource for NbdSource {
             Some(Err(why)) => Tracking::Unavailable(why.clone()),
         }
     }
+}
+
+/// Two negotiations describe the same export (size, flags, block sizes).
+fn same_export(a: &super::client::ExportInfo, b: &super::client::ExportInfo) -> bool {
+    (a.size, a.flags, a.block, a.structured) == (b.size, b.flags, b.block, b.structured)
 }
 
 impl NbdSource {

@@ -17,6 +17,9 @@ fn with_requests(shared: &Mutex<Shared>) -> Vec<oneshot::Receiver<Result<Pending
         } else {
             Pending::Status {
                 context: 1,
+                len: 8192,
+                expect: vec![1, 2],
+                seen: Vec::new(),
                 descs: Vec::new(),
             }
         };
@@ -31,6 +34,20 @@ fn with_requests(shared: &Mutex<Shared>) -> Vec<oneshot::Receiver<Result<Pending
         rxs.push(rx);
     }
     rxs
+}
+
+/// What the requests above were negotiated with.
+fn info() -> ExportInfo {
+    ExportInfo {
+        size: 1 << 20,
+        flags: p::TFLAG_HAS_FLAGS,
+        block: (1, 4096, 1 << 20),
+        structured: true,
+        contexts: vec![
+            (1, "base:allocation".into()),
+            (2, "qemu:dirty-bitmap:b".into()),
+        ],
+    }
 }
 
 fn structured(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
@@ -52,7 +69,7 @@ proptest! {
         let shared = Mutex::new(Shared::default());
         let _rxs = with_requests(&shared);
         let mut r: &[u8] = &bytes;
-        let _ = rt.block_on(reply_loop(&mut r, &shared, 1 << 20));
+        let _ = rt.block_on(reply_loop(&mut r, &shared, &info()));
     }
 
     #[test]
@@ -66,7 +83,7 @@ proptest! {
         let mut s = structured(0, kind, 0, &payload);
         s.extend_from_slice(&tail);
         let mut r: &[u8] = &s;
-        let _ = rt.block_on(reply_loop(&mut r, &shared, 1 << 20));
+        let _ = rt.block_on(reply_loop(&mut r, &shared, &info()));
     }
 
     #[test]
@@ -128,7 +145,8 @@ proptest! {
         let _ = p::parse_info(&b);
         let _ = p::parse_meta_context(&b);
         let _ = p::parse_server(&b);
-        let _ = p::parse_error_chunk(&b);
+        let _ = p::parse_error_chunk(p::REPLY_TYPE_ERROR, &b);
+        let _ = p::parse_error_chunk(p::REPLY_TYPE_ERROR_OFFSET, &b);
         let _ = p::parse_block_status(&b);
         let _ = p::payload_offset(&b);
         if b.len() >= 20 {
@@ -165,7 +183,7 @@ fn a_read_reply_fills_exactly_its_range() {
     let shared = Mutex::new(Shared::default());
     let mut rxs = with_requests(&shared);
     let mut r: &[u8] = &[s.clone(), done].concat();
-    assert!(rt.block_on(reply_loop(&mut r, &shared, 1 << 20)).is_ok());
+    assert!(rt.block_on(reply_loop(&mut r, &shared, &info())).is_ok());
     match rxs.remove(0).try_recv() {
         Ok(Ok(Pending::Read { buf, .. })) => {
             let buf = buf.buf;
@@ -181,9 +199,183 @@ fn a_read_reply_fills_exactly_its_range() {
     let mut rxs = with_requests(&shared);
     s.extend(structured(p::REPLY_FLAG_DONE, p::REPLY_TYPE_NONE, 0, &[]));
     let mut r: &[u8] = &s;
-    assert!(rt.block_on(reply_loop(&mut r, &shared, 1 << 20)).is_ok());
+    // The violation ends the connection too.
+    assert!(rt.block_on(reply_loop(&mut r, &shared, &info())).is_err());
     match rxs.remove(0).try_recv() {
         Ok(Err(NbdError::Protocol(m))) => assert!(m.contains("covered only"), "{m}"),
         _ => panic!("an incomplete read must fail"),
+    }
+}
+
+/// One content chunk of a read reply of cookie 0 (offset 0).
+fn content(data: &[u8], at: usize, n: usize, hole: bool, done: bool) -> Vec<u8> {
+    let flags = if done { p::REPLY_FLAG_DONE } else { 0 };
+    let mut pl = (at as u64).to_be_bytes().to_vec();
+    if hole {
+        pl.extend_from_slice(&(n as u32).to_be_bytes());
+        structured(flags, p::REPLY_TYPE_OFFSET_HOLE, 0, &pl)
+    } else {
+        pl.extend_from_slice(&data[at..at + n]);
+        structured(flags, p::REPLY_TYPE_OFFSET_DATA, 0, &pl)
+    }
+}
+
+/// Runs a read reply for cookie 0 (8192 bytes at 0) through the loop.
+fn run_read(stream: &[u8]) -> Result<Vec<u8>, NbdError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let shared = Mutex::new(Shared::default());
+    let mut rxs = with_requests(&shared);
+    let mut r: &[u8] = stream;
+    let _ = rt.block_on(reply_loop(&mut r, &shared, &info()));
+    match rxs.remove(0).try_recv() {
+        Ok(Ok(Pending::Read { buf, .. })) => Ok(buf.buf.to_vec()),
+        Ok(Ok(_)) => Err(NbdError::Protocol("wrong kind".into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(NbdError::io_msg("no result")),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// A read reply split at arbitrary points into data and hole chunks
+    /// sent in any order gives exactly the bytes; the same reply with one
+    /// chunk repeated, or with an extra chunk overlapping another, is a
+    /// protocol error: no later chunk may change bytes already received.
+    #[test]
+    fn chunks_in_any_order_exact_and_overlaps_refused(
+        cuts in proptest::collection::btree_set(1usize..8192, 0..12),
+        holes in proptest::collection::vec(any::<bool>(), 13),
+        order in Just(()).prop_perturb(|_, mut rng| rng.next_u64()),
+        fault in 0u8..3,
+        at in 0usize..8192,
+        len in 1usize..8192,
+    ) {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied());
+        bounds.push(8192);
+        let mut pieces: Vec<(usize, usize, bool)> = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| (w[0], w[1] - w[0], holes[i]))
+            .collect();
+        // A deterministic shuffle from the drawn seed.
+        let mut seed = order;
+        for i in (1..pieces.len()).rev() {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            pieces.swap(i, (seed >> 33) as usize % (i + 1));
+        }
+        let expect: Vec<u8> = pieces.iter().fold(data.clone(), |mut d, (a, n, h)| {
+            if *h { d[*a..a + n].fill(0); }
+            d
+        });
+        let mut stream = Vec::new();
+        for (a, n, h) in &pieces {
+            stream.extend(content(&data, *a, *n, *h, false));
+        }
+        let extra = match fault {
+            0 => None,
+            1 => pieces.first().map(|(a, n, h)| (*a, *n, !*h)), // repeated, other kind
+            _ => Some((at, len.min(8192 - at), true)),           // overlapping hole
+        };
+        if let Some((a, n, h)) = extra {
+            stream.extend(content(&data, a, n, h, false));
+        }
+        stream.extend(structured(p::REPLY_FLAG_DONE, p::REPLY_TYPE_NONE, 0, &[]));
+        match (extra, run_read(&stream)) {
+            (None, Ok(got)) => prop_assert_eq!(got, expect),
+            (None, Err(e)) => prop_assert!(false, "a valid reply failed: {}", e),
+            (Some(_), Ok(_)) => prop_assert!(false, "an overlapping chunk was accepted"),
+            (Some(_), Err(e)) => prop_assert!(
+                matches!(&e, NbdError::Protocol(m) if m.contains("overlaps")), "{}", e
+            ),
+        }
+    }
+}
+
+#[test]
+fn block_status_rules() {
+    let status = |id: u32, ds: &[(u32, u32)], done: bool| {
+        let mut pl = id.to_be_bytes().to_vec();
+        for (l, f) in ds {
+            pl.extend_from_slice(&l.to_be_bytes());
+            pl.extend_from_slice(&f.to_be_bytes());
+        }
+        structured(
+            if done { p::REPLY_FLAG_DONE } else { 0 },
+            p::REPLY_TYPE_BLOCK_STATUS,
+            1,
+            &pl,
+        )
+    };
+    let run = |stream: Vec<u8>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let shared = Mutex::new(Shared::default());
+        let mut rxs = with_requests(&shared);
+        let mut r: &[u8] = &stream;
+        let _ = rt.block_on(reply_loop(&mut r, &shared, &info()));
+        match rxs.remove(1).try_recv() {
+            Ok(Ok(Pending::Status { descs, .. })) => Ok(descs),
+            Ok(Ok(_)) => Err("wrong kind".to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no result".to_string()),
+        }
+    };
+    // Both contexts, any order, the last descriptor may run past the end.
+    let ok = [
+        status(2, &[(8192, 0)], false),
+        status(1, &[(4096, 0), (65536, 3)], true),
+    ]
+    .concat();
+    assert_eq!(run(ok), Ok(vec![(4096, 0), (65536, 3)]));
+    let cases = [
+        (
+            "one context missing",
+            status(1, &[(8192, 0)], true),
+            "contexts",
+        ),
+        (
+            "a context twice",
+            [
+                status(1, &[(8192, 0)], false),
+                status(1, &[(8192, 1)], false),
+                status(2, &[(8192, 0)], true),
+            ]
+            .concat(),
+            "two block status",
+        ),
+        (
+            "a context never negotiated",
+            status(9, &[(8192, 0)], true),
+            "not negotiated",
+        ),
+        (
+            "descriptors past the request before the last",
+            [
+                status(2, &[(8192, 0)], false),
+                status(1, &[(8192, 0), (4096, 1)], true),
+            ]
+            .concat(),
+            "beyond",
+        ),
+        (
+            "a descriptor of length 0",
+            status(1, &[(0, 0)], true),
+            "length 0",
+        ),
+    ];
+    for (what, stream, expect) in cases {
+        match run(stream) {
+            Err(e) => assert!(
+                e.contains("protocol error") && e.contains(expect),
+                "{what}: {e}"
+            ),
+            Ok(d) => panic!("{what}: accepted {d:?}"),
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! structured replies and meta contexts, up to transmission.
 //!
 //! Invariant: an option reply is for the option just sent and its length
-//! is read before its payload is allocated.
+//! is read before its payload is allocated; what the server says about
+//! the export (flags, sizes, block constraints, meta contexts) obeys
+//! proto.md's MUSTs before transmission starts, or negotiation fails.
 
 use super::*;
 
@@ -19,9 +21,42 @@ pub(super) async fn option_reply(
             h.option
         )));
     }
+    if h.reply == p::REP_ACK && h.len != 0 {
+        return Err(NbdError::Protocol(format!(
+            "an acknowledgement of option {option} with {} bytes of payload",
+            h.len
+        )));
+    }
     let mut data = vec![0u8; h.len as usize];
     read_exact(s, &mut data).await?;
     Ok((h, data))
+}
+
+/// The export as negotiated obeys the protocol, and its size can be real;
+/// checked before anything is read.
+pub(super) fn check_export(info: &ExportInfo) -> Result<(), NbdError> {
+    let f = info.flags;
+    let bad = if f & p::TFLAG_HAS_FLAGS == 0 {
+        Some(format!("transmission flags {f:#x} without HAS_FLAGS"))
+    } else if f & p::TFLAG_SEND_DF != 0 && !info.structured {
+        Some("the DF flag without structured replies".into())
+    } else if f & p::TFLAG_SEND_FAST_ZERO != 0 && f & p::TFLAG_SEND_WRITE_ZEROES == 0 {
+        Some("the FAST_ZERO flag without WRITE_ZEROES".into())
+    } else if info.size > p::MAX_EXPORT_SIZE {
+        Some(format!(
+            "an export of {} bytes, larger than any disk can be ({} bytes)",
+            info.size,
+            p::MAX_EXPORT_SIZE
+        ))
+    } else if info.size % u64::from(info.block.0.max(1)) != 0 {
+        Some(format!(
+            "an export of {} bytes, not a multiple of its minimum block size {} (its last bytes could not be read)",
+            info.size, info.block.0
+        ))
+    } else {
+        None
+    };
+    bad.map_or(Ok(()), |b| Err(NbdError::Protocol(b)))
 }
 
 pub(super) fn option_error(what: &str, reply: u32, data: &[u8]) -> NbdError {
@@ -67,6 +102,11 @@ impl NbdClient {
         }
         read_exact(&mut s, &mut hello[16..18]).await?;
         let hflags = u16::from_be_bytes([hello[16], hello[17]]);
+        if hflags & !(p::FLAG_FIXED_NEWSTYLE | p::FLAG_NO_ZEROES) != 0 {
+            return Err(NbdError::Protocol(format!(
+                "handshake flags {hflags:#x} set bits the protocol does not define"
+            )));
+        }
         if hflags & p::FLAG_FIXED_NEWSTYLE == 0 {
             return Err(NbdError::Unsupported(
                 "servers without fixed newstyle negotiation".into(),
@@ -107,7 +147,20 @@ impl NbdClient {
             loop {
                 let (h, d) = option_reply(&mut s, p::OPT_SET_META_CONTEXT).await?;
                 match h.reply {
-                    p::REP_META_CONTEXT => info.contexts.push(p::parse_meta_context(&d)?),
+                    p::REP_META_CONTEXT => {
+                        let (id, name) = p::parse_meta_context(&d)?;
+                        if !queries.contains(&name) {
+                            return Err(NbdError::Protocol(format!(
+                                "meta context {name:?}, which was not asked for"
+                            )));
+                        }
+                        if info.contexts.iter().any(|c| c.0 == id || c.1 == name) {
+                            return Err(NbdError::Protocol(format!(
+                                "meta context {name:?} (id {id}) given twice or with another's id"
+                            )));
+                        }
+                        info.contexts.push((id, name));
+                    }
                     p::REP_ACK => break,
                     p::REP_ERR_UNSUP => break,
                     p::REP_ERR_UNKNOWN => break, // reported by GO below
@@ -133,6 +186,12 @@ impl NbdClient {
             match h.reply {
                 p::REP_INFO => match p::parse_info(&d)? {
                     p::Info::Export { size, flags } => {
+                        if got_export && (size, flags) != (info.size, info.flags) {
+                            return Err(NbdError::Protocol(format!(
+                                "two export informations that disagree: {} bytes, flags {:#x}, then {size} bytes, flags {flags:#x}",
+                                info.size, info.flags
+                            )));
+                        }
                         info.size = size;
                         info.flags = flags;
                         got_export = true;
@@ -168,6 +227,7 @@ impl NbdClient {
                 "NBD_OPT_GO ended without export information".into(),
             ));
         }
+        check_export(&info)?;
         Ok((s, info))
     }
 

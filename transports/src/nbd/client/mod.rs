@@ -95,7 +95,14 @@ enum Pending {
         buf: ReadBuf,
     },
     Status {
+        /// The context asked about.
         context: u32,
+        /// Bytes asked about.
+        len: u32,
+        /// Every negotiated context: the reply has one chunk for each.
+        expect: Vec<u32>,
+        /// Contexts a chunk came for.
+        seen: Vec<u32>,
         descs: Vec<(u32, u32)>,
     },
     /// Writes, zeroes, trims, flushes: only success or an error.
@@ -167,7 +174,7 @@ impl NbdClient {
             .map_err(|_| NbdError::Timeout(opts.timeout))??;
         let (rd, wr) = tokio::io::split(s);
         let shared = Arc::new(Mutex::new(Shared::default()));
-        tokio::spawn(reader(rd, shared.clone(), info.block.2));
+        tokio::spawn(reader(rd, shared.clone(), info.clone()));
         Ok(NbdClient {
             info,
             shared,
@@ -285,6 +292,9 @@ impl NbdClient {
                 &[],
                 Pending::Status {
                     context,
+                    len,
+                    expect: self.info.contexts.iter().map(|c| c.0).collect(),
+                    seen: Vec::new(),
                     descs: Vec::new(),
                 },
             )

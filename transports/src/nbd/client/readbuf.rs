@@ -1,8 +1,11 @@
 //! The buffer of a read in flight.
 //!
 //! Invariant: a read reply is complete only when its chunks cover every
-//! byte of the request exactly once in total (overlaps merged), and no
-//! byte is zero-filled before data arrives in order.
+//! byte of the request exactly once: a chunk that overlaps an earlier one
+//! is a protocol violation (proto.md: the server "MUST NOT send content
+//! chunks that overlap"), refused before any of its bytes are stored, so
+//! a later chunk can never overwrite data that already arrived. No byte is
+//! zero-filled before data arrives in order.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -37,7 +40,26 @@ impl ReadBuf {
         }
     }
 
-    pub(super) fn cover(&mut self, s: usize, e: usize) {
+    /// Claim `[s, e)` for a chunk: empty, out-of-range and overlapping
+    /// chunks are violations.
+    pub(super) fn claim(&self, s: usize, e: usize) -> Result<(), NbdError> {
+        if s >= e || e > self.want {
+            return Err(NbdError::Protocol(format!(
+                "a content chunk for [{s}, {e}) of a read of {} bytes",
+                self.want
+            )));
+        }
+        let i = self.covered.partition_point(|c| c.1 <= s);
+        match self.covered.get(i) {
+            Some(c) if c.0 < e => Err(NbdError::Protocol(format!(
+                "a content chunk for [{s}, {e}) overlaps [{}, {}) sent earlier in the same reply",
+                c.0, c.1
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn cover(&mut self, s: usize, e: usize) {
         let i = self.covered.partition_point(|c| c.1 < s);
         let mut j = i;
         let (mut ns, mut ne) = (s, e);
@@ -61,7 +83,8 @@ impl ReadBuf {
         n: usize,
     ) -> Result<(), NbdError> {
         use bytes::BufMut;
-        let e = s + n;
+        let e = s.saturating_add(n);
+        self.claim(s, e)?;
         if self.buf.len() < s {
             self.buf.resize(s, 0);
         }
@@ -84,8 +107,9 @@ impl ReadBuf {
     }
 
     /// Zeros for `[s, s+n)`.
-    pub(super) fn hole(&mut self, s: usize, n: usize) {
-        let (e, old) = (s + n, self.buf.len());
+    pub(super) fn hole(&mut self, s: usize, n: usize) -> Result<(), NbdError> {
+        let (e, old) = (s.saturating_add(n), self.buf.len());
+        self.claim(s, e)?;
         if old < e {
             self.buf.resize(e, 0);
         }
@@ -93,5 +117,6 @@ impl ReadBuf {
             self.buf[s..old.min(e)].fill(0);
         }
         self.cover(s, e);
+        Ok(())
     }
 }
