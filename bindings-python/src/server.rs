@@ -118,16 +118,18 @@ impl Server {
 
     /// Add a host; the answer's ``enrollment_token`` is for the host's
     /// ``dm-installer`` (or ``dm-proxy`` run by hand). ``roles=["proxy"]``
-    /// makes its installer deploy and run the proxy.
-    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new()))]
+    /// makes its installer deploy and run the proxy; ``datastores`` are
+    /// the directories that proxy may read disks from and restore into.
+    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new(), datastores=Vec::new()))]
     fn add_host<'py>(
         &self,
         py: Python<'py>,
         name: &str,
         addresses: Vec<String>,
         roles: Vec<String>,
+        datastores: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles});
+        let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles, "datastores": datastores});
         self.call(
             py,
             "POST",
@@ -145,6 +147,23 @@ impl Server {
         roles: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let body = serde_json::json!({ "roles": roles });
+        self.call(
+            py,
+            "PATCH",
+            &datamover_control::api::paths::host(name),
+            Some(body),
+        )
+    }
+
+    /// Set the datastores a host's proxy may use (``[]`` takes them all
+    /// away); it may report fewer, never more.
+    fn set_host_datastores<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        datastores: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({ "datastores": datastores });
         self.call(
             py,
             "PATCH",
@@ -206,7 +225,7 @@ impl Server {
 
     /// Create a job from a dict of the API's JobSpec (name, kind,
     /// repository, disks, proxies, transport, failover_to_network,
-    /// retries, every_minutes).
+    /// retries, every_minutes, overwrite: restore over existing files).
     fn create_job<'py>(
         &self,
         py: Python<'py>,

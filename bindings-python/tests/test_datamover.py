@@ -417,8 +417,11 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
     if not os.path.exists(exe):
         pytest.skip("target/debug/dm-server not built (run cargo test --workspace first)")
     data = tmp_path / "server"
+    ds = tmp_path / "ds"  # the built-in proxy's datastore (none by default)
+    ds.mkdir()
     srv = subprocess.Popen(
-        [exe, "--data", str(data), "--listen", "127.0.0.1:0", "--heartbeat-ms", "200"],
+        [exe, "--data", str(data), "--listen", "127.0.0.1:0", "--heartbeat-ms", "200",
+         "--datastore", str(ds)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -429,7 +432,7 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
             time.sleep(0.05)
         url = (data / "server.url").read_text().strip()
         s = datamover.Server(url, ca=data / "ca" / "ca.pem", token_file=data / "admin.token")
-        img = tmp_path / "disk.raw"
+        img = ds / "disk.raw"
         make_image(img, 8 << 20, [(1 << 20, 2 << 20, "random:5")])
         s.add_repository("main", str(tmp_path / "repo"))
         job = s.create_job(
@@ -446,7 +449,7 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
         repo.restore("web/vda", out)
         assert digest(out) == digest(img)
         # A restore job runs through the (built-in) proxy too.
-        back = tmp_path / "restored-by-job.raw"
+        back = ds / "restored-by-job.raw"
         s.create_job(
             {"name": "r1", "kind": "restore", "repository": "main",
              "disks": [{"name": "web/vda", "source": str(back)}]}
@@ -454,10 +457,26 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
         sess = s.run_job("r1", wait=True)
         assert sess["state"] == "success" and sess["kind"] == "restore", sess
         assert digest(back) == digest(img)
+        # Restoring over a file that exists needs "overwrite" in the job.
+        s.create_job(
+            {"name": "r2", "kind": "restore", "repository": "main",
+             "disks": [{"name": "web/vda", "source": str(back)}]}
+        )
+        sess = s.run_job("r2", wait=True)
+        assert sess["state"] == "failed" and "overwrite" in sess["tasks"][0]["error"], sess
+        s.create_job(
+            {"name": "r3", "kind": "restore", "repository": "main", "overwrite": True,
+             "disks": [{"name": "web/vda", "source": str(back)}]}
+        )
+        assert s.run_job("r3", wait=True)["state"] == "success"
         # Roles: the host's installer would deploy the proxy (the server
         # hands out the dm-proxy next to it).
-        h = s.add_host("h1", ["127.0.0.1"], roles=["proxy"])
+        h = s.add_host("h1", ["127.0.0.5"], roles=["proxy"], datastores=["/srv/images"])
         assert h["host"]["roles"] == ["proxy"] and h["enrollment_token"].startswith("dmj1.")
+        assert h["host"]["datastores"] == ["/srv/images"]
+        assert s.set_host_datastores("h1", [])["datastores"] == []
+        with pytest.raises(datamover.InvalidInputError, match="absolute"):
+            s.set_host_datastores("h1", ["/srv/../etc"])
         assert s.set_host_roles("h1", [])["roles"] == []
         with pytest.raises(datamover.InvalidInputError, match="unknown variant"):
             s.set_host_roles("h1", ["mailserver"])

@@ -33,6 +33,11 @@ pub struct NewHost {
     /// components they need (`proxy`: `dm-proxy`).
     #[serde(default)]
     pub roles: Vec<HostRole>,
+    /// Directories its proxy may read disks from and restore into
+    /// (absolute; the proxy may report fewer, never more). None: the
+    /// proxy gets no path tasks.
+    #[serde(default)]
+    pub datastores: Vec<String>,
 }
 
 /// A role a managed host can be given.
@@ -86,6 +91,9 @@ pub struct Host {
     /// Roles assigned to it.
     #[serde(default)]
     pub roles: Vec<HostRole>,
+    /// The datastores its proxy may use.
+    #[serde(default)]
+    pub datastores: Vec<String>,
     /// What its installer last reported, if one runs there.
     #[serde(default)]
     pub installer: Option<InstallerStatus>,
@@ -96,7 +104,11 @@ pub struct Host {
 #[serde(deny_unknown_fields)]
 pub struct HostPatch {
     /// The host's roles from now on (its installer follows within a poll).
+    #[serde(default)]
     pub roles: Option<Vec<HostRole>>,
+    /// The datastores its proxy may use from now on.
+    #[serde(default)]
+    pub datastores: Option<Vec<String>>,
 }
 
 /// A host's installer as the server last heard from it.
@@ -306,6 +318,11 @@ pub struct JobSpec {
     /// Run every this many minutes (none: on demand only).
     #[serde(default)]
     pub every_minutes: Option<u32>,
+    /// Restore jobs: write over targets that exist (files, devices).
+    /// Off by default: a restore then only creates new files (or writes
+    /// into NBD exports, which always exist).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn auto() -> String {
@@ -592,6 +609,10 @@ pub struct TaskOrder {
     /// Restore: the point.
     #[serde(default)]
     pub point: Option<String>,
+    /// Restore: write over a file or device that exists (the job's
+    /// `overwrite`); without it such a target is refused.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 /// How a task ended on the proxy.

@@ -62,23 +62,19 @@ pub struct Mover {
 }
 
 impl Mover {
-    /// A task's path (a disk to read, a restore target) must lie under a
-    /// datastore this proxy reports: the same rule placement used
-    /// ([`transports::mode::sees`]), checked again here, so a task for a
-    /// path this proxy was never given is refused, not run.
-    fn check_path(&self, path: &str) -> datamover::Result<()> {
-        let seen = visible(&self.datastores);
-        if !path.starts_with('/') || transports::mode::sees(&seen, path) {
-            return Ok(());
-        }
-        Err(datamover::Error::InvalidArgument(format!(
-            "{path} is not under a datastore of this proxy ({}); give it with dm-proxy run --datastore DIR",
-            if seen.is_empty() {
-                "it has none".to_string()
-            } else {
-                seen.join(", ")
-            }
-        )))
+    /// A task's path (a disk to read, a restore target, also as a
+    /// `file://` URI) resolved: every `..` and symlink followed, and the
+    /// result must lie under a datastore this proxy was given
+    /// ([`transports::mode::resolve_within`]). The task then opens the
+    /// resolved path. Addresses that are not paths (NBD, VMs) are returned
+    /// as they are.
+    fn resolve(&self, source: &str) -> datamover::Result<String> {
+        let Some(path) = datamover::source::local_path(source)? else {
+            return Ok(source.to_string());
+        };
+        transports::mode::resolve_within(&self.datastores, path)
+            .map(|p| p.display().to_string())
+            .map_err(|e| datamover::Error::InvalidArgument(e.to_string()))
     }
 }
 
@@ -425,7 +421,11 @@ fn run_kind(
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
     let disk: DiskName = t.disk.clone();
-    mover.check_path(&t.source)?;
+    let resolved = TaskOrder {
+        source: mover.resolve(&t.source)?,
+        ..t.clone()
+    };
+    let t = &resolved;
     if t.kind == JobKind::Restore {
         return restore_task(t, &disk, progress);
     }
@@ -484,6 +484,17 @@ fn restore_task(
     disk: &DiskName,
     progress: datamover::ProgressFn,
 ) -> datamover::Result<Outcome> {
+    // A file or device that exists is only written over when the job
+    // says so (NBD exports always exist: naming one is the consent).
+    if let Some(p) = datamover::source::local_path(&t.source)?
+        && !t.overwrite
+        && std::fs::symlink_metadata(p).is_ok()
+    {
+        return Err(datamover::Error::InvalidArgument(format!(
+            "restore target {} exists; a restore job writes over a file or device only with \"overwrite\" (dm job create --overwrite)",
+            p.display()
+        )));
+    }
     let repo = Repository::open(Path::new(&t.repository))?;
     let wanted = datamover::PointRef {
         disk: disk.clone(),
@@ -493,7 +504,7 @@ fn restore_task(
         &repo,
         &wanted,
         &t.source,
-        true,
+        t.overwrite,
         &Default::default(),
         &datamover::RestoreOptions {
             progress: Some(progress),
@@ -570,17 +581,37 @@ mod tests {
             datastores: vec![ds.clone(), d.path().join("missing")],
         };
         let inside = ds.join("a.raw").display().to_string();
-        m.check_path(&inside).unwrap();
-        m.check_path("nbd://host/export").unwrap();
-        m.check_path("qmp+unix:///run/vm.qmp").unwrap();
+        let real = std::fs::canonicalize(&ds).unwrap().join("a.raw");
+        assert_eq!(m.resolve(&inside).unwrap(), real.display().to_string());
+        assert_eq!(
+            m.resolve(&format!("file://{inside}")).unwrap(),
+            real.display().to_string()
+        );
+        // Through `..` that stays inside: resolved to the real path.
+        std::fs::create_dir(ds.join("sub")).unwrap();
+        let via = format!("{}/sub/../a.raw", ds.display());
+        assert_eq!(m.resolve(&via).unwrap(), real.display().to_string());
+        assert_eq!(m.resolve("nbd://host/export").unwrap(), "nbd://host/export");
+        assert_eq!(
+            m.resolve("qmp+unix:///run/vm.qmp").unwrap(),
+            "qmp+unix:///run/vm.qmp"
+        );
+        // Symlinks out of the datastore, to a file and to a directory.
+        std::os::unix::fs::symlink("/etc/hostname", ds.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc", ds.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/x", ds.join("dangling")).unwrap();
         for bad in [
             "/etc/shadow".to_string(),
+            "file:///etc/shadow".to_string(),
             format!("{}/../secret.raw", ds.display()),
             d.path().join("missing/a.raw").display().to_string(),
+            ds.join("link").display().to_string(),
+            ds.join("etc/new.raw").display().to_string(),
+            ds.join("dangling").display().to_string(),
+            "relative.raw".to_string(),
         ] {
-            let e = m.check_path(&bad).unwrap_err();
+            let e = m.resolve(&bad).unwrap_err();
             assert_eq!(e.kind(), datamover::ErrorKind::InvalidInput, "{bad}");
-            assert!(e.to_string().contains("--datastore"), "{e}");
         }
     }
 }

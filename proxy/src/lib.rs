@@ -96,3 +96,31 @@ pub fn open_or_init(path: &Path) -> datamover::Result<Repository> {
         }
     }
 }
+
+/// No datastore may hold `secrets` (a directory of keys, a catalog) or
+/// lie inside it: a task could otherwise copy the keys out through a
+/// backup, or overwrite them with a restore. Paths are resolved first
+/// (a datastore that does not exist yet is taken as written).
+pub fn check_datastores_outside(
+    datastores: &[std::path::PathBuf],
+    secrets: &Path,
+) -> Result<(), String> {
+    let s = std::fs::canonicalize(secrets).unwrap_or_else(|_| secrets.to_path_buf());
+    for d in datastores {
+        if !d.is_absolute() {
+            return Err(format!(
+                "datastore {}: give an absolute directory",
+                d.display()
+            ));
+        }
+        let r = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        if s.starts_with(&r) || r.starts_with(&s) {
+            return Err(format!(
+                "datastore {} would give tasks access to {} (keys and state): give a directory outside it",
+                d.display(),
+                s.display()
+            ));
+        }
+    }
+    Ok(())
+}

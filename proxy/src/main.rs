@@ -94,6 +94,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             server,
             repo_listen,
         } => {
+            datamover_proxy::check_datastores_outside(&datastore, &cli.dir)?;
             let server = datamover_proxy::join(&cli.dir, server.as_deref(), token.as_deref())?;
             let identity = Identity::load(&cli.dir)?;
             let served: ServedMap = Default::default();

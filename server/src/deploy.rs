@@ -98,10 +98,9 @@ pub fn normal_roles(roles: &[HostRole]) -> Vec<HostRole> {
 /// A host whose installer manages it runs a proxy only with the proxy
 /// role; a proxy started by hand (no installer) always may.
 pub fn may_run_proxy(db: &Connection, host: HostId) -> R<()> {
-    let (roles, managed) = catalog::hosts::roles(db, host)?;
-    if managed && !roles.contains(&HostRole::Proxy) {
+    if !catalog::hosts::may_run_proxy(db, host)? {
         return Err(EngineError::forbidden(
-            "this host does not have the proxy role (its installer removes the proxy)",
+            "this host does not have the proxy role (dm host set NAME --roles proxy); it gets no tasks",
         ));
     }
     Ok(())
@@ -131,6 +130,14 @@ impl Engine {
                 }
             }
             catalog::hosts::set_roles(&tx, id, &roles)?;
+        }
+        if let Some(ds) = &p.datastores {
+            let ds = crate::engine::inventory::check_datastores(ds)?;
+            catalog::hosts::set_datastores(&tx, id, &ds)?;
+            // Narrowed at once, not at the proxy's next heartbeat.
+            if let Some(pid) = Self::proxy_id(&tx, id)? {
+                catalog::proxies::keep_datastores(&tx, pid, &ds)?;
+            }
         }
         let h = catalog::hosts::get(&tx, id)?;
         tx.commit()?;

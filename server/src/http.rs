@@ -151,10 +151,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| EngineError::internal(format!("handler: {e}")))??)
 }
 
-/// An id from the path; not a number is a 400 with a message.
+/// An id from the path; not a number, or one beyond what the catalog
+/// stores (2^63 - 1), is a 400 with a message.
 fn number(what: &str, s: &str) -> Result<u64, EngineError> {
-    s.parse()
-        .map_err(|_| EngineError::bad(format!("{what} id {s:?} is not a number")))
+    let n: u64 = s
+        .parse()
+        .map_err(|_| EngineError::bad(format!("{what} id {s:?} is not a number")))?;
+    if n > i64::MAX as u64 {
+        return Err(EngineError::bad(format!(
+            "{what} id {s} is out of range (at most {})",
+            i64::MAX
+        )));
+    }
+    Ok(n)
 }
 
 #[derive(serde::Deserialize)]

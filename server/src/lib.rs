@@ -10,10 +10,14 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `catalog.sqlite` | the catalog (WAL mode) |
+//! | `catalog.sqlite` | the catalog (WAL mode; 0600) |
 //! | `ca/ca.pem`, `ca/ca.key` | the CA (key mode 0600) |
 //! | `admin.token` | the first API token, written once (0600) |
 //! | `server.url` | the URL the server listens at, written at each start |
+//!
+//! The directory itself is 0700 (set at every start): only the server's
+//! user reads the catalog, the CA key and the tokens. No datastore of the
+//! built-in proxy may contain it or lie inside it.
 //!
 //! Installers of managed hosts fetch the proxy component from the server:
 //! by default the `dm-proxy` next to `dm-server` (`--proxy-package`), see
@@ -50,7 +54,8 @@ pub struct ServerConfig {
     pub names: Vec<String>,
     /// Run the built-in proxy (it works while no other proxy exists).
     pub builtin_proxy: bool,
-    /// Datastores the built-in proxy sees.
+    /// Datastores the built-in proxy sees (none: it gets no path tasks).
+    /// None may contain the data directory or lie inside it.
     pub builtin_datastores: Vec<PathBuf>,
     /// Task life cycle timing.
     pub timing: Timing,
@@ -72,6 +77,9 @@ pub enum StartError {
     /// proxy's identity).
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    /// A setting that cannot be used.
+    #[error("{0}")]
+    Config(String),
     /// A directory, a file or the listening socket.
     #[error("{context}: {source}")]
     Io {
@@ -90,8 +98,8 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
 /// Run the server until the process ends.
 pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
     pki::install_crypto();
-    std::fs::create_dir_all(&cfg.data)
-        .map_err(io(format!("create data directory {}", cfg.data.display())))?;
+    private_data_dir(&cfg.data)?;
+    check_builtin_datastores(&cfg.builtin_datastores, &cfg.data)?;
     let ca = Ca::load_or_create(&cfg.data.join("ca"), &host_name())?;
     let db = catalog::open(&cfg.data.join("catalog.sqlite"))?;
     let mut engine = Engine::new(db, ca, cfg.timing.clone());
@@ -135,16 +143,18 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
     };
     let _builtin = if cfg.builtin_proxy {
         let id = engine.builtin_identity(&["localhost".into()])?;
+        engine.set_builtin_datastores(
+            &cfg.builtin_datastores
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>(),
+        )?;
         Some(agent::spawn(AgentConfig {
             server: local,
             identity: id,
-            // The server's own proxy sees this machine's whole file tree
-            // unless told otherwise.
-            datastores: if cfg.builtin_datastores.is_empty() {
-                vec![PathBuf::from("/")]
-            } else {
-                cfg.builtin_datastores.clone()
-            },
+            // Only what the administrator gave (`--datastore`); none by
+            // default.
+            datastores: cfg.builtin_datastores.clone(),
             interval: cfg.timing.heartbeat,
             served: Default::default(),
             service_port: None,
@@ -182,4 +192,37 @@ pub fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// Create the data directory, make it 0700, and make the catalog's files
+/// 0600 (SQLite gives its WAL and shared-memory files the catalog's mode).
+fn private_data_dir(data: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(data)
+        .map_err(io(format!("create data directory {}", data.display())))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("make {} private (0700)", data.display())))?;
+    let catalog = data.join("catalog.sqlite");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&catalog)
+        .map_err(io(format!("create {}", catalog.display())))?;
+    for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
+        let p = data.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("make {} private (0600)", p.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// No datastore of the built-in proxy may hold the server's secrets (the
+/// data directory) or lie inside them: a backup or a restore could then
+/// copy out the CA key or overwrite the catalog.
+fn check_builtin_datastores(ds: &[PathBuf], data: &std::path::Path) -> Result<(), StartError> {
+    datamover_proxy::check_datastores_outside(ds, data)
+        .map_err(|e| StartError::Config(format!("--datastore: {e}")))
 }

@@ -116,6 +116,93 @@ pub fn sees(datastores: &[String], path: &str) -> bool {
         && datastores.iter().any(|d| p.starts_with(d))
 }
 
+/// Why a path was refused by [`resolve_within`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    /// Not an absolute path.
+    #[error("{0}: a task's path must be absolute")]
+    Relative(String),
+    /// It (or its directory) cannot be resolved.
+    #[error("{path}: cannot be resolved: {why}")]
+    Unresolvable {
+        /// The path as given.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// Resolved (`..` and symlinks followed), it lies outside every
+    /// datastore.
+    #[error(
+        "{path} resolves to {resolved}, which is not under a datastore of this proxy ({datastores}); the administrator gives datastores with dm-proxy run --datastore DIR"
+    )]
+    Outside {
+        /// The path as given.
+        path: String,
+        /// Where it really is.
+        resolved: String,
+        /// The datastores, resolved.
+        datastores: String,
+    },
+}
+
+/// Resolve `path` (every `..` and symlink, the way the kernel will open
+/// it) and check that the result lies under one of `datastores` (resolved
+/// the same way; those that do not exist are skipped). A path that does
+/// not exist yet (a restore target) is resolved through its directory.
+/// Returns the resolved path, which is what the caller should open.
+pub fn resolve_within(
+    datastores: &[std::path::PathBuf],
+    path: &std::path::Path,
+) -> Result<std::path::PathBuf, PathRefused> {
+    let shown = path.display().to_string();
+    if !path.is_absolute() {
+        return Err(PathRefused::Relative(shown));
+    }
+    let unresolvable = |e: std::io::Error| PathRefused::Unresolvable {
+        path: shown.clone(),
+        why: e.to_string(),
+    };
+    let resolved = match std::fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(unresolvable(e));
+            };
+            // A dangling symlink is not a new file: refuse it rather
+            // than let the open follow it somewhere else.
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(PathRefused::Unresolvable {
+                    path: shown,
+                    why: "a symlink to nothing".into(),
+                });
+            }
+            std::fs::canonicalize(dir).map_err(unresolvable)?.join(name)
+        }
+        Err(e) => return Err(unresolvable(e)),
+    };
+    let roots: Vec<std::path::PathBuf> = datastores
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    if roots.iter().any(|r| resolved.starts_with(r)) {
+        Ok(resolved)
+    } else {
+        Err(PathRefused::Outside {
+            path: shown,
+            resolved: resolved.display().to_string(),
+            datastores: if roots.is_empty() {
+                "it has none".into()
+            } else {
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+}
+
 /// The modes a proxy on `host` seeing `datastores` could read a disk at
 /// `location` in, most efficient first (allowed modes and pinning
 /// aside): a path under a datastore in SAN mode; a VM's disk on the

@@ -15,17 +15,27 @@ pub enum HostCmd {
         /// A role: `proxy` (its installer deploys and runs dm-proxy); repeat.
         #[arg(long)]
         role: Vec<HostRole>,
+        /// A directory its proxy may read disks from and restore into
+        /// (SAN mode); repeat. Without one the proxy gets no path tasks.
+        #[arg(long)]
+        datastore: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Change a host's roles (its installer follows within a poll).
+    /// Change a host's roles (its installer follows within a poll) or
+    /// its proxy's datastores.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["roles", "datastores"])))]
     Set {
         /// Host name.
         name: String,
         /// Its roles from now on, comma-separated (`proxy`); `--roles ''` takes all away.
-        #[arg(long, value_delimiter = ',', required = true)]
-        roles: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// Its proxy's datastores from now on, comma-separated;
+        /// `--datastores ''` takes all away.
+        #[arg(long, value_delimiter = ',')]
+        datastores: Option<Vec<String>>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -62,12 +72,14 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
             name,
             address,
             role,
+            datastore,
             json,
         } => {
             let r: HostAdded = cl.add_host(&NewHost {
                 name,
                 addresses: address,
                 roles: role,
+                datastores: datastore,
             })?;
             if json {
                 return print_json(&r);
@@ -80,17 +92,36 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                 cl.base()
             );
         }
-        HostCmd::Set { name, roles, json } => {
+        HostCmd::Set {
+            name,
+            roles,
+            datastores,
+            json,
+        } => {
             let roles = roles
-                .iter()
-                .filter(|r| !r.is_empty())
-                .map(|r| r.parse::<HostRole>().map_err(|e| Failure(2, e)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let h: Host = cl.patch_host(&name, &HostPatch { roles: Some(roles) })?;
+                .map(|rs| {
+                    rs.iter()
+                        .filter(|r| !r.is_empty())
+                        .map(|r| r.parse::<HostRole>().map_err(|e| Failure(2, e)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            let datastores =
+                datastores.map(|ds| ds.into_iter().filter(|d| !d.is_empty()).collect());
+            let h: Host = cl.patch_host(&name, &HostPatch { roles, datastores })?;
             if json {
                 return print_json(&h);
             }
-            println!("host {}: roles {}", h.name, roles_text(&h));
+            println!(
+                "host {}: roles {}, datastores {}",
+                h.name,
+                roles_text(&h),
+                if h.datastores.is_empty() {
+                    "-".into()
+                } else {
+                    h.datastores.join(",")
+                }
+            );
         }
         HostCmd::List { json } => {
             let hs: Vec<Host> = cl.hosts()?;

@@ -46,6 +46,10 @@ pub enum JobCmd {
         /// Run every N minutes.
         #[arg(long)]
         every_minutes: Option<u32>,
+        /// Restore jobs: write over destinations that exist (files,
+        /// devices); without it they are refused.
+        #[arg(long)]
+        overwrite: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -90,6 +94,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             failover_to_network,
             retries,
             every_minutes,
+            overwrite,
             json,
         } => {
             let nodes = pairs("node", &nodes)?;
@@ -129,6 +134,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                 failover_to_network,
                 retries,
                 every_minutes,
+                overwrite,
             })?;
             if json {
                 return print_json(&j);

@@ -11,12 +11,12 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Q;
 use super::ids::HostId;
 
-const COLUMNS: &str =
-    "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen";
+const COLUMNS: &str = "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen, datastores";
 
 fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)> {
     let addresses: String = r.get(1)?;
     let roles: String = r.get(4)?;
+    let datastores: String = r.get(7)?;
     let bad = |i: usize| {
         move |e: serde_json::Error| {
             rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
@@ -29,6 +29,7 @@ fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)>
             enrolled: r.get(2)?,
             created: r.get(3)?,
             roles: serde_json::from_str(&roles).map_err(bad(4))?,
+            datastores: serde_json::from_str(&datastores).map_err(bad(7))?,
             installer: None,
         },
         r.get(5)?,
@@ -112,19 +113,22 @@ pub struct NewHostRow<'a> {
     pub created: &'a str,
     /// Its roles.
     pub roles: &'a [HostRole],
+    /// The datastores its proxy may use.
+    pub datastores: &'a [String],
 }
 
 /// Add a managed host.
 pub fn insert(db: &Connection, h: &NewHostRow<'_>) -> Q<()> {
     db.execute(
-        "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles, datastores) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             h.name,
             serde_json::to_string(h.addresses)?,
             h.enroll_hash,
             h.enroll_expires,
             h.created,
-            serde_json::to_string(h.roles)?
+            serde_json::to_string(h.roles)?,
+            serde_json::to_string(h.datastores)?
         ],
     )?;
     Ok(())
@@ -199,6 +203,44 @@ pub fn roles(db: &Connection, id: HostId) -> Q<(Vec<HostRole>, bool)> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     Ok((serde_json::from_str(&roles)?, installer.is_some()))
+}
+
+/// Whether host `id` may run a proxy: the built-in host always, any
+/// other only while it has the proxy role.
+pub fn may_run_proxy(db: &Connection, id: HostId) -> Q<bool> {
+    let (roles, builtin): (String, bool) = db.query_row(
+        "SELECT roles, builtin FROM hosts WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let roles: Vec<HostRole> = serde_json::from_str(&roles)?;
+    Ok(builtin || roles.contains(&HostRole::Proxy))
+}
+
+/// The datastores the administrator gave host `id`'s proxy.
+pub fn datastores(db: &Connection, id: HostId) -> Q<Vec<String>> {
+    let ds: String = db.query_row("SELECT datastores FROM hosts WHERE id = ?1", [id], |r| {
+        r.get(0)
+    })?;
+    Ok(serde_json::from_str(&ds)?)
+}
+
+/// Set the datastores of host `id`'s proxy.
+pub fn set_datastores(db: &Connection, id: HostId, ds: &[String]) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET datastores = ?1 WHERE id = ?2",
+        params![serde_json::to_string(ds)?, id],
+    )?;
+    Ok(())
+}
+
+/// Set the datastores of the built-in proxy (the server's `--datastore`).
+pub fn set_builtin_datastores(db: &Connection, ds: &[String]) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET datastores = ?1 WHERE builtin = 1",
+        params![serde_json::to_string(ds)?],
+    )?;
+    Ok(())
 }
 
 /// Set a host's roles.

@@ -129,6 +129,11 @@ ALTER TABLE hosts ADD COLUMN installer TEXT;
 ALTER TABLE hosts ADD COLUMN installer_seen TEXT;
 ALTER TABLE tasks ADD COLUMN waiting TEXT;
 "#,
+    // 4: the datastores the administrator gives each host's proxy (it
+    // may report fewer, never more).
+    r#"
+ALTER TABLE hosts ADD COLUMN datastores TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// A query's error: SQLite's, or a JSON column that does not parse.

@@ -58,3 +58,15 @@ pub fn holder(db: &Connection, name: &str) -> Q<Option<Option<String>>> {
         )
         .optional()?)
 }
+
+/// The directory of repository `name`, if there is one.
+pub fn path(db: &Connection, name: &str) -> Q<Option<String>> {
+    use rusqlite::OptionalExtension;
+    Ok(db
+        .query_row(
+            "SELECT path FROM repositories WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?)
+}

@@ -228,28 +228,42 @@ pub struct Current {
     pub attempts: Vec<Attempt>,
     /// The proxy holding it.
     pub proxy_name: Option<String>,
+    /// Its disk.
+    pub disk: datamover::DiskName,
 }
 
 /// Attempt `attempt` of task `id`, if `proxy` holds it now.
 pub fn current(db: &Connection, id: TaskId, proxy: ProxyId, attempt: u32) -> Q<Option<Current>> {
-    let row: Option<(SessionId, u32, String, String, Option<String>)> = db
+    let row: Option<(SessionId, u32, String, String, Option<String>, datamover::DiskName)> = db
         .query_row(
-            "SELECT t.session_id, t.failures, j.spec, t.attempts, t.proxy_name FROM tasks t
+            "SELECT t.session_id, t.failures, j.spec, t.attempts, t.proxy_name, t.disk FROM tasks t
              JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
              WHERE t.id = ?1 AND t.proxy_id = ?2 AND t.attempt = ?3 AND t.state IN ('assigned', 'running')",
             params![id, proxy, attempt],
-            |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?, x.get(4)?)),
+            |x| {
+                Ok((
+                    x.get(0)?,
+                    x.get(1)?,
+                    x.get(2)?,
+                    x.get(3)?,
+                    x.get(4)?,
+                    super::parsed(x, 5)?,
+                ))
+            },
         )
         .optional()?;
-    row.map(|(session, failures, job_spec, attempts, proxy_name)| {
-        Ok(Current {
-            session,
-            failures,
-            job_spec,
-            attempts: serde_json::from_str(&attempts)?,
-            proxy_name,
-        })
-    })
+    row.map(
+        |(session, failures, job_spec, attempts, proxy_name, disk)| {
+            Ok(Current {
+                session,
+                failures,
+                job_spec,
+                attempts: serde_json::from_str(&attempts)?,
+                proxy_name,
+                disk,
+            })
+        },
+    )
     .transpose()
 }
 

@@ -26,9 +26,23 @@ impl Engine {
         let mut db = self.db();
         let tx = db.transaction()?;
         crate::deploy::may_run_proxy(&tx, host)?;
+        // A proxy may report fewer datastores than the administrator gave
+        // its host, never more: the others are not used for placement.
+        let allowed = catalog::hosts::datastores(&tx, host)?;
+        let (datastores, refused): (Vec<String>, Vec<String>) = hb
+            .datastores
+            .iter()
+            .cloned()
+            .partition(|d| transports::mode::sees(&allowed, d));
+        if !refused.is_empty() {
+            tracing::warn!(
+                "host {host:?} reports datastores it was not given, not used: {}",
+                refused.join(", ")
+            );
+        }
         let report = catalog::proxies::Report {
             cores: hb.cores.max(1),
-            datastores: &hb.datastores,
+            datastores: &datastores,
             version: &hb.version,
             seen: &self.clock.rfc3339(),
             service_port: hb.service_port,
@@ -86,6 +100,20 @@ impl Engine {
         };
         let spec: JobSpec = serde_json::from_str(&cur.job_spec)?;
         close_log(&*self.clock, &tx, task)?;
+        // A success counts once the server has seen its point.
+        let checked;
+        let r = match (&r.error, check_point(&tx, &spec, &cur.disk, r)?) {
+            (None, Err(why)) => {
+                tracing::warn!("task {}: the proxy reported success, but {why}", r.task);
+                checked = TaskResult {
+                    error: Some(format!("the proxy reported success, but {why}")),
+                    permanent: true,
+                    ..r.clone()
+                };
+                &checked
+            }
+            _ => r,
+        };
         match &r.error {
             None => catalog::tasks::succeed(&tx, task, r, &self.clock.rfc3339())?,
             Some(err) => {
@@ -167,6 +195,7 @@ impl Engine {
                 repository: t.repo_path.unwrap_or_default(),
                 transport: j.transport,
                 failover_to_network: j.failover_to_network,
+                overwrite: j.overwrite,
             });
         }
         // Sent once: from now on the proxy holds the task. If this answer
@@ -181,4 +210,48 @@ impl Engine {
             serve,
         })
     }
+}
+
+/// What the server checks of a point a proxy reports: that it is in the
+/// job's repository, for the task's disk, with the size reported. Done
+/// where the server can open the repository's directory (shared storage
+/// it mounts, a repository on the server's machine); where it cannot,
+/// the report is taken as it is, and a warning says so.
+fn check_point(
+    db: &Connection,
+    spec: &JobSpec,
+    disk: &datamover::DiskName,
+    r: &TaskResult,
+) -> R<Result<(), String>> {
+    if r.error.is_some() {
+        return Ok(Ok(()));
+    }
+    let Some(point) = &r.point else {
+        return Ok(Err("it named no point".into()));
+    };
+    let Some(path) = catalog::repositories::path(db, &spec.repository)? else {
+        return Ok(Err(format!("repository {} is gone", spec.repository)));
+    };
+    let repo = match datamover::Repository::open(std::path::Path::new(&path)) {
+        Ok(repo) => repo,
+        Err(e) => {
+            tracing::warn!(
+                "task {}: point {point} not checked: the server cannot open repository {} at {path} ({e})",
+                r.task,
+                spec.repository
+            );
+            return Ok(Ok(()));
+        }
+    };
+    Ok(match repo.point_meta(disk, point) {
+        Ok(m) if m.meta.disk_size == r.total => Ok(()),
+        Ok(m) => Err(format!(
+            "point {point} of {disk} holds {} bytes, not the {} reported",
+            m.meta.disk_size, r.total
+        )),
+        Err(e) => Err(format!(
+            "repository {} has no point {point} of disk {disk} ({e})",
+            spec.repository
+        )),
+    })
 }

@@ -74,6 +74,7 @@ impl Engine {
         let expires = expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let created = self.clock.rfc3339();
         let roles = crate::deploy::normal_roles(&h.roles);
+        let datastores = check_datastores(&h.datastores)?;
         let row = catalog::hosts::NewHostRow {
             name: &h.name,
             addresses: &h.addresses,
@@ -81,6 +82,7 @@ impl Engine {
             enroll_expires: &expires,
             created: &created,
             roles: &roles,
+            datastores: &datastores,
         };
         catalog::hosts::insert(&self.db(), &row).map_err(|e| match EngineError::from(e) {
             e if e.kind == ErrorKind::Conflict => {
@@ -99,6 +101,7 @@ impl Engine {
                 enrolled: false,
                 created,
                 roles,
+                datastores,
                 installer: None,
             },
             enrollment_token: token.to_string(),
@@ -174,6 +177,14 @@ impl Engine {
         let fp = id.fingerprint().map_err(EngineError::internal)?;
         catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;
         Ok(id)
+    }
+
+    /// Set the datastores of the built-in proxy (the server's
+    /// `--datastore`, given by the administrator who starts it).
+    pub fn set_builtin_datastores(&self, ds: &[String]) -> R<()> {
+        let ds = check_datastores(ds)?;
+        catalog::hosts::set_builtin_datastores(&self.db(), &ds)?;
+        Ok(())
     }
 
     // ---- proxies ----
@@ -269,4 +280,34 @@ impl Engine {
     pub fn repositories(&self) -> R<Vec<api::Repository>> {
         Ok(catalog::repositories::list(&self.db())?)
     }
+}
+
+/// Datastores as the administrator gives them: absolute directories
+/// without `.` or `..`, written the one normal way, without duplicates.
+/// Whatever a proxy reports is kept only where it lies under one of
+/// these, and the proxy itself resolves every task path (symlinks
+/// included) against its own.
+pub(crate) fn check_datastores(ds: &[String]) -> R<Vec<String>> {
+    use std::path::{Component, Path};
+    let mut out = Vec::new();
+    for d in ds {
+        let p = Path::new(d);
+        let normal = p.is_absolute()
+            && p.components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !normal || d.len() > 4096 {
+            return Err(EngineError::bad(format!(
+                "datastore {d:?} must be an absolute directory without . or .."
+            )));
+        }
+        let d = p
+            .components()
+            .collect::<std::path::PathBuf>()
+            .display()
+            .to_string();
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    Ok(out)
 }

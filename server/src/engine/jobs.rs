@@ -23,6 +23,22 @@ impl Engine {
             if d.source.trim().is_empty() {
                 return Err(EngineError::bad(format!("disk {} has no source", d.name)));
             }
+            if d.source.starts_with('/')
+                && std::path::Path::new(&d.source).components().any(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::ParentDir | std::path::Component::CurDir
+                    )
+                })
+            {
+                return Err(EngineError::bad(format!(
+                    "disk {}: path {:?} has . or .. in it: give the path itself",
+                    d.name, d.source
+                )));
+            }
+            if j.overwrite && j.kind != JobKind::Restore {
+                return Err(EngineError::bad("\"overwrite\" is for restore jobs"));
+            }
             if j.kind == JobKind::Restore {
                 if is_vm(&d.source) || !(d.source.starts_with("nbd") || d.source.starts_with('/')) {
                     return Err(EngineError::bad(format!(

@@ -24,7 +24,7 @@
 mod agent;
 pub mod clock;
 pub mod error;
-mod inventory;
+pub(crate) mod inventory;
 mod jobs;
 mod lifecycle;
 mod placement;

@@ -65,10 +65,14 @@ impl Cluster {
     pub fn start_in(netns: Option<&str>, listen: &str, args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("server");
+        // The built-in proxy's datastore (it has none unless given).
+        std::fs::create_dir_all(dir.path().join("ds")).unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = command_in(netns, &bin("dm-server"))
             .arg("--data")
             .arg(&data)
+            .arg("--datastore")
+            .arg(dir.path().join("ds"))
             .args(["--listen", listen])
             .args(args)
             .env("DM_LOG", "info")
@@ -107,6 +111,11 @@ impl Cluster {
         self.dir.path().join(p)
     }
 
+    /// `p` in the built-in proxy's datastore.
+    pub fn ds(&self, p: &str) -> PathBuf {
+        self.dir.path().join("ds").join(p)
+    }
+
     /// The admin's API client.
     pub fn api(&self) -> Client {
         Client::new(
@@ -121,8 +130,11 @@ impl Cluster {
 
     /// Add host `name`, start `dm-proxy run` enrolled with its token and
     /// seeing `datastores`; wait until it heartbeats, set its slots.
+    /// Each proxy has its own loopback address (127.0.0.2, .3, ...): a
+    /// host's certificate names only its own addresses.
     pub fn add_proxy(&mut self, name: &str, datastores: &[&Path], slots: u32) {
-        self.add_proxy_in(None, "127.0.0.1", name, datastores, slots);
+        let address = format!("127.0.0.{}", 2 + self.proxies.len());
+        self.add_proxy_in(None, &address, name, datastores, slots);
     }
 
     /// [`Cluster::add_proxy`] on a host in network namespace `netns` at
@@ -142,7 +154,8 @@ impl Cluster {
                 &NewHost {
                     name: name.into(),
                     addresses: vec![address.into()],
-                    roles: vec![],
+                    roles: vec![api::HostRole::Proxy],
+                    datastores: datastores.iter().map(|d| d.display().to_string()).collect(),
                 },
             )
             .unwrap();

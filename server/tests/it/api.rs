@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use crate::common::{Cluster, assert_restores, dm, make_disk, status};
 use datamover_control::api::{
-    AGENT, API, Heartbeat, HostAdded, Job, NewHost, Proxy, Session, State,
+    AGENT, API, Heartbeat, Host, HostAdded, HostPatch, HostRole, Job, NewHost, Proxy, Session,
+    State,
 };
 use datamover_control::client::{Auth, Client, ClientError};
 use datamover_control::pki::Identity;
@@ -35,7 +36,7 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
 
     // With no proxy added, the server's built-in proxy moves the data,
     // driven through the dm CLI.
-    let img = c.path("disk.raw");
+    let img = c.ds("disk.raw");
     make_disk(&img, 8 << 20, 7);
     let repo = c.path("repo");
     let out = dm(&c)
@@ -79,7 +80,7 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
         .post(
             &format!("{API}/jobs"),
             &serde_json::json!({"name": "j2", "kind": "backup", "repository": "main", "retries": 1,
-                "disks": [{"name": "web/vdb", "source": c.path("missing.raw")}]}),
+                "disks": [{"name": "web/vdb", "source": c.ds("missing.raw")}]}),
         )
         .unwrap();
     let out = dm(&c)
@@ -156,8 +157,9 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
             &format!("{API}/hosts"),
             &NewHost {
                 name: "h1".into(),
-                addresses: vec!["127.0.0.1".into()],
+                addresses: vec!["127.0.0.7".into()],
                 roles: vec![],
+                datastores: vec![],
             },
         )
         .unwrap();
@@ -177,8 +179,8 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
     let wrong_ca = format!("dmj1.abc.{}", other.fingerprint());
     let e = datamover_proxy::enroll(&c.url, &wrong_ca, &c.path("h1d")).unwrap_err();
     assert!(e.to_string().contains("not enrolling"), "{e}");
-    // The enrolled host's certificate works on the agent API, and a second
-    // proxy now exists, so the built-in one stops taking tasks.
+    // The enrolled host's certificate works on the agent API, but without
+    // the proxy role it is no proxy: its heartbeat is refused.
     let hc = Client::new(
         &c.url,
         &id.ca_pem,
@@ -187,6 +189,20 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
         T,
     )
     .unwrap();
+    let (st, m) =
+        status(hc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat()));
+    assert_eq!(st, 403, "{m}");
+    assert!(m.contains("proxy role"), "{m}");
+    // Given the role, it is one, and the built-in one stops taking tasks.
+    let _: Host = api
+        .patch(
+            &format!("{API}/hosts/h1"),
+            &HostPatch {
+                roles: Some(vec![HostRole::Proxy]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     let _: serde_json::Value = hc
         .post(&format!("{AGENT}/heartbeat"), &heartbeat())
         .unwrap();

@@ -114,6 +114,7 @@ fn twelve_disks(net: Option<&Net>) {
                 failover_to_network: false,
                 retries: 2,
                 every_minutes: None,
+                overwrite: false,
             },
         )
         .unwrap();

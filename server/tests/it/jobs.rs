@@ -32,6 +32,7 @@ fn spec(name: &str, kind: JobKind, repo: &str, disks: Vec<JobDisk>) -> JobSpec {
         failover_to_network: false,
         retries: 0,
         every_minutes: None,
+        overwrite: false,
     }
 }
 

@@ -4,3 +4,4 @@ mod api;
 mod cluster;
 mod jobs;
 mod netns;
+mod trust;

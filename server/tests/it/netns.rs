@@ -105,7 +105,10 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
     assert!(c.url.contains(&net.addr(1)), "{}", c.url);
     let api = c.api();
 
-    // Host a: one API call with the role, then only the installer there.
+    // Host a: one API call with the role and its datastore, then only
+    // the installer there.
+    let images = c.path("images");
+    std::fs::create_dir_all(&images).unwrap();
     let added: HostAdded = api
         .post(
             &format!("{API}/hosts"),
@@ -113,11 +116,10 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
                 name: "a".into(),
                 addresses: vec![net.addr(2)],
                 roles: vec![HostRole::Proxy],
+                datastores: vec![images.display().to_string()],
             },
         )
         .unwrap();
-    let images = c.path("images");
-    std::fs::create_dir_all(&images).unwrap();
     let idir = c.path("installer-a");
     let log = std::fs::File::create(c.path("installer-a.log")).unwrap();
     let installer = command_in(Some(&net.ns[1]), &bin("dm-installer"))
@@ -178,6 +180,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         failover_to_network: false,
         retries: 0,
         every_minutes: None,
+        overwrite: false,
     };
     let _: Job = api
         .post(

@@ -1,0 +1,333 @@
+//! Attacks on a running installation (issue "Trust"), each against real
+//! processes: paths outside every datastore, symlinks out of one, the
+//! server's own secrets, restores over existing files, hosts posing as
+//! proxies, made-up points, and the server's local files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::{Cluster, bin, dm, make_disk, status};
+use datamover_control::api::{
+    AGENT, API, HostAdded, HostPatch, HostRole, Job, NewHost, Orders, Proxy, Session, State,
+    TaskResult,
+};
+use datamover_control::client::{Auth, Client};
+use datamover_control::pki::Identity;
+
+const T: Duration = Duration::from_secs(20);
+
+fn create_job(c: &Cluster, spec: serde_json::Value) -> Job {
+    c.api().post(&format!("{API}/jobs"), &spec).unwrap()
+}
+
+fn run(c: &Cluster, job: &str) -> Session {
+    let s: Session = c
+        .api()
+        .post(&format!("{API}/jobs/{job}/run"), &serde_json::json!({}))
+        .unwrap();
+    c.wait_session(s.id, Duration::from_secs(60))
+}
+
+/// The session of `job` as it is now (it must not have ended).
+fn still_waiting(c: &Cluster, job: &str) -> Session {
+    let s: Session = c
+        .api()
+        .post(&format!("{API}/jobs/{job}/run"), &serde_json::json!({}))
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let now: Session = c.api().get(&format!("{API}/sessions/{}", s.id)).unwrap();
+        assert!(!now.state.is_final(), "{job} ran: {now:#?}");
+        if now.tasks[0].waiting.is_some() {
+            return now;
+        }
+        assert!(t.elapsed() < T, "{job}: no reason to wait: {now:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hash(p: &std::path::Path) -> String {
+    datamover_testkit::hash_file(p)
+}
+
+/// Finding 2: the API token cannot make a proxy read or write outside the
+/// datastores its administrator gave it, through `..`, symlinks or the
+/// server's own files; a restore does not write over an existing file
+/// unless the job says so.
+#[test]
+fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
+    let _serial = crate::common::serial();
+    let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
+    let api = c.api();
+    let secret = c.path("outside/secret.img");
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    make_disk(&secret, 1 << 20, 3);
+    let img = c.ds("disk.img");
+    make_disk(&img, 4 << 20, 5);
+    let repo = c.path("repo");
+    let out = dm(&c)
+        .args(["repo", "add", "main"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // `..` is refused when the job is created.
+    let dotdot = format!("{}/../outside/secret.img", c.ds("").display());
+    let (st, m) = status(api.post::<_, Job>(
+        &format!("{API}/jobs"),
+        &serde_json::json!({"name": "dd", "kind": "backup", "repository": "main",
+            "disks": [{"name": "x/dd", "source": dotdot}]}),
+    ));
+    assert_eq!(st, 400, "{m}");
+    assert!(m.contains(".."), "{m}");
+
+    // A symlink in the datastore that points out of it: placed (the path
+    // looks inside), refused by the proxy, which resolves it; no point.
+    std::os::unix::fs::symlink(&secret, c.ds("link.img")).unwrap();
+    create_job(
+        &c,
+        serde_json::json!({"name": "ln", "kind": "backup", "repository": "main", "retries": 0,
+            "disks": [{"name": "x/ln", "source": c.ds("link.img")}]}),
+    );
+    let s = run(&c, "ln");
+    assert_eq!(s.state, State::Failed, "{s:#?}");
+    let e = s.tasks[0].error.clone().unwrap();
+    assert!(
+        e.contains("resolves to") && e.contains("not under a datastore"),
+        "{e}"
+    );
+    if let Ok(r) = datamover::Repository::open(&repo) {
+        assert!(r.resolve_point(&"x/ln".parse().unwrap(), None).is_err());
+    }
+
+    // The server's CA key: outside every datastore, so no proxy is given
+    // the task (the built-in one has only the datastore it was given).
+    create_job(
+        &c,
+        serde_json::json!({"name": "ca", "kind": "backup", "repository": "main",
+            "disks": [{"name": "x/ca", "source": c.path("server/ca/ca.key")}]}),
+    );
+    let s = still_waiting(&c, "ca");
+    assert!(
+        s.tasks[0].waiting.as_deref().unwrap().contains("sees"),
+        "{s:#?}"
+    );
+
+    // The disk inside the datastore is backed up.
+    create_job(
+        &c,
+        serde_json::json!({"name": "ok", "kind": "backup", "repository": "main",
+            "disks": [{"name": "x/ok", "source": img}]}),
+    );
+    assert_eq!(run(&c, "ok").state, State::Success);
+
+    // Restores: outside every datastore, never placed; through a symlinked
+    // directory, refused; over an existing file, refused without
+    // "overwrite" (the file is unchanged), done with it.
+    create_job(
+        &c,
+        serde_json::json!({"name": "r-out", "kind": "restore", "repository": "main",
+            "disks": [{"name": "x/ok", "source": c.path("outside/new.img")}]}),
+    );
+    still_waiting(&c, "r-out");
+    std::os::unix::fs::symlink(c.path("outside"), c.ds("escape")).unwrap();
+    create_job(
+        &c,
+        serde_json::json!({"name": "r-ln", "kind": "restore", "repository": "main", "retries": 0,
+            "disks": [{"name": "x/ok", "source": c.ds("escape/new.img")}]}),
+    );
+    let s = run(&c, "r-ln");
+    assert_eq!(s.state, State::Failed, "{s:#?}");
+    assert!(!c.path("outside/new.img").exists());
+    let victim = c.ds("victim.img");
+    make_disk(&victim, 4 << 20, 9);
+    let before = hash(&victim);
+    create_job(
+        &c,
+        serde_json::json!({"name": "r-ow", "kind": "restore", "repository": "main", "retries": 0,
+            "disks": [{"name": "x/ok", "source": victim}]}),
+    );
+    let s = run(&c, "r-ow");
+    assert_eq!(s.state, State::Failed, "{s:#?}");
+    assert!(
+        s.tasks[0].error.as_deref().unwrap().contains("overwrite"),
+        "{s:#?}"
+    );
+    assert_eq!(hash(&victim), before);
+    let out = dm(&c)
+        .args([
+            "job", "create", "r-ow2", "--kind", "restore", "--repo", "main",
+        ])
+        .arg("--disk")
+        .arg(format!("x/ok={}", victim.display()))
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(run(&c, "r-ow2").state, State::Success);
+    assert_eq!(hash(&victim), hash(&img));
+
+    // "overwrite" is for restore jobs only.
+    let (st, _) = status(api.post::<_, Job>(
+        &format!("{API}/jobs"),
+        &serde_json::json!({"name": "bo", "kind": "backup", "repository": "main", "overwrite": true,
+            "disks": [{"name": "x/bo", "source": img}]}),
+    ));
+    assert_eq!(st, 400);
+
+    // Finding 7: the data directory is the server's alone.
+    let mode = |p: &str| std::fs::metadata(c.path(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("server"), 0o700);
+    assert_eq!(mode("server/catalog.sqlite"), 0o600);
+    // An id beyond what the catalog stores is a 400, not a 500.
+    for id in ["9223372036854775808", "18446744073709551615"] {
+        let (st, m) = status(api.get::<Session>(&format!("{API}/sessions/{id}")));
+        assert_eq!(st, 400, "{id}: {m}");
+    }
+
+    // A server whose built-in proxy would see its own data directory does
+    // not start.
+    let out = Command::new(bin("dm-server"))
+        .arg("--data")
+        .arg(c.path("server2"))
+        .arg("--datastore")
+        .arg(c.path(""))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data directory") || err.contains("keys"),
+        "{err}"
+    );
+}
+
+/// Finding 3: an enrolled host without the proxy role gets nothing; a
+/// proxy's datastores are the administrator's, never what it claims; a
+/// made-up point does not make a session successful.
+#[test]
+fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
+    let _serial = crate::common::serial();
+    let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
+    let api = c.api();
+    let added: HostAdded = api
+        .post(
+            &format!("{API}/hosts"),
+            &NewHost {
+                name: "rogue".into(),
+                addresses: vec!["127.0.0.9".into()],
+                roles: vec![],
+                datastores: vec![],
+            },
+        )
+        .unwrap();
+    let hdir = c.path("rogue");
+    datamover_proxy::enroll(&c.url, &added.enrollment_token, &hdir).unwrap();
+    let rogue = Client::new(
+        &c.url,
+        &c.ca_pem,
+        Some(&Identity::load(&hdir).unwrap()),
+        Auth::Certificate,
+        T,
+    )
+    .unwrap();
+    let beat = |datastores: &[&str]| {
+        rogue.post::<_, Orders>(
+            &format!("{AGENT}/heartbeat"),
+            &datamover_control::api::Heartbeat {
+                version: "rogue".into(),
+                cores: 4,
+                datastores: datastores.iter().map(|d| d.to_string()).collect(),
+                running: vec![],
+                service_port: None,
+                serving: vec![],
+            },
+        )
+    };
+    // No role: refused.
+    let (st, m) = status(beat(&["/"]));
+    assert_eq!(st, 403, "{m}");
+
+    // The role, but no datastore from the administrator: claiming "/"
+    // gives it none.
+    let _: serde_json::Value = api
+        .patch(
+            &format!("{API}/hosts/rogue"),
+            &HostPatch {
+                roles: Some(vec![HostRole::Proxy]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    beat(&["/"]).unwrap();
+    let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
+    let p = ps.iter().find(|p| p.name == "rogue").unwrap();
+    assert!(p.datastores.is_empty(), "{p:?}");
+    let dir = c.path("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    make_disk(&img, 1 << 20, 1);
+    let repo = c.path("repo");
+    datamover::Repository::init(&repo).unwrap();
+    let _: serde_json::Value = api
+        .post(
+            &format!("{API}/repositories"),
+            &serde_json::json!({"name": "main", "path": repo}),
+        )
+        .unwrap();
+    create_job(
+        &c,
+        serde_json::json!({"name": "j", "kind": "backup", "repository": "main", "retries": 0,
+            "disks": [{"name": "x/d", "source": img}]}),
+    );
+    let s = still_waiting(&c, "j");
+    let o = beat(&["/"]).unwrap();
+    assert!(o.assign.is_empty(), "{o:?}");
+
+    // Given the directory, it gets the task; its made-up point fails it.
+    let _: serde_json::Value = api
+        .patch(
+            &format!("{API}/hosts/rogue"),
+            &HostPatch {
+                datastores: Some(vec![dir.display().to_string()]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let t = Instant::now();
+    let order = loop {
+        let o = beat(&["/", &dir.display().to_string()]).unwrap();
+        if let Some(a) = o.assign.into_iter().next() {
+            break a;
+        }
+        assert!(t.elapsed() < T, "no task for the proxy\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
+    let p = ps.iter().find(|p| p.name == "rogue").unwrap();
+    assert_eq!(p.datastores, vec![dir.display().to_string()], "{p:?}");
+    let fake = TaskResult {
+        task: order.task,
+        attempt: order.attempt,
+        point: Some("20261130T120000.000Z-abcdef".parse().unwrap()),
+        mode: Some("san".into()),
+        bottleneck: Some("source".into()),
+        bytes_read: 1 << 20,
+        bytes_stored: 1 << 20,
+        total: 1 << 20,
+        wire_bytes: 0,
+        replica: None,
+        error: None,
+        permanent: false,
+    };
+    let _: Orders = rogue
+        .post(&format!("{AGENT}/tasks/{}/result", order.task), &fake)
+        .unwrap();
+    let end = c.wait_session(s.id, T);
+    assert_eq!(end.state, State::Failed, "{end:#?}");
+    let e = end.tasks[0].error.clone().unwrap();
+    assert!(e.contains("has no point"), "{e}");
+}
