@@ -117,8 +117,16 @@ fn points(repo: &Path, disk: &str) -> usize {
 /// a CA made in `dir`.
 fn identities(dir: &Path) -> (Identity, Identity) {
     let ca = Ca::load_or_create(&dir.join("ca"), "test").unwrap();
-    let tgt = ca.issue("tgt", &["127.0.0.1".into()]).unwrap();
-    let src = ca.issue("src", &[]).unwrap();
+    let tgt = ca
+        .issue(
+            "tgt",
+            &["127.0.0.1".into()],
+            datamover_server::ca::Usage::Host,
+        )
+        .unwrap();
+    let src = ca
+        .issue("src", &[], datamover_server::ca::Usage::Host)
+        .unwrap();
     (tgt, src)
 }
 
@@ -416,7 +424,9 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
     // A client under another CA does not get past TLS; nor does one that
     // expects another server name.
     let other = Ca::load_or_create(&d.path().join("ca2"), "other").unwrap();
-    let stranger = other.issue("x", &[]).unwrap();
+    let stranger = other
+        .issue("x", &[], datamover_server::ca::Usage::Host)
+        .unwrap();
     assert!(backup(&remote(&svc, "vault", false, &stranger), &img, "vm/a").is_err());
     let mut wrong = remote(&svc, "vault", false, &src);
     wrong = RemoteStore::new(

@@ -4,7 +4,11 @@
 //!
 //! Invariant: the CA (ECDSA P-256) signs only certificates whose subject
 //! and names come from the server's inventory, never from a request; a
-//! host's key never reaches the server (it sends a CSR).
+//! host's key never reaches the server (it sends a CSR). Each certificate
+//! has the usages its holder needs and no more ([`Usage`]): the server's
+//! is a TLS server certificate only, the built-in proxy's a client one
+//! only, and a host's both (it calls the server and serves its
+//! repository service).
 
 use std::path::Path;
 
@@ -17,6 +21,17 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
+
+/// What a certificate may be used for (its extended key usages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A TLS server only (the server's HTTPS port).
+    Server,
+    /// A TLS client only (the built-in proxy).
+    Client,
+    /// Both: a host calls the server and serves its repository service.
+    Host,
+}
 
 /// The installation's certificate authority (held by the server).
 pub struct Ca {
@@ -89,7 +104,7 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn leaf_params(cn: &str, names: &[String]) -> Result<CertificateParams> {
+    fn leaf_params(cn: &str, names: &[String], usage: Usage) -> Result<CertificateParams> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
@@ -107,10 +122,14 @@ impl Ca {
             })
             .collect::<Result<_>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Host => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         // Fixed validity (certificates are revoked by removing the host
         // from the inventory; rotation is a later issue).
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
@@ -124,10 +143,11 @@ impl Ca {
     }
 
     /// Issue a certificate and a new key for `cn`, valid for `names`
-    /// (host names or IP addresses): the server's own certificate.
-    pub fn issue(&self, cn: &str, names: &[String]) -> Result<Identity> {
+    /// (host names or IP addresses) and for `usage` only: the server's own
+    /// certificate, the built-in proxy's.
+    pub fn issue(&self, cn: &str, names: &[String], usage: Usage) -> Result<Identity> {
         let key = KeyPair::generate().map_err(|e| err("generate key", e))?;
-        let cert = Self::leaf_params(cn, names)?
+        let cert = Self::leaf_params(cn, names, usage)?
             .signed_by(&key, &self.issuer)
             .map_err(|e| err("sign certificate", e))?;
         Ok(Identity {
@@ -138,12 +158,12 @@ impl Ca {
     }
 
     /// Sign a host's CSR. The subject and names come from the server's
-    /// inventory, never from the request.
+    /// inventory, never from the request; the usages are a host's.
     pub fn sign_csr(&self, csr_pem: &str, cn: &str, names: &[String]) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| err("certificate request", e))?;
         let req = CertificateSigningRequestParams {
-            params: Self::leaf_params(cn, names)?,
+            params: Self::leaf_params(cn, names, Usage::Host)?,
             public_key: csr.public_key,
         };
         Ok(req
@@ -180,5 +200,51 @@ mod tests {
         };
         assert_eq!(tok.to_string().parse::<EnrollmentToken>().unwrap(), tok);
         assert!("dmj1.x.zz".parse::<EnrollmentToken>().is_err());
+    }
+
+    /// Each certificate is good for its usage only: the server's cannot
+    /// authenticate a client, the built-in proxy's cannot serve TLS, a
+    /// host's does both; and none is good for a name it was not given.
+    #[test]
+    fn certificates_have_the_usages_their_holders_need_and_no_more() {
+        use rustls::client::danger::ServerCertVerifier;
+        datamover_control::pki::install_crypto();
+        let d = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(d.path(), "t").unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let roots = std::sync::Arc::new(roots);
+        let as_server = rustls::client::WebPkiServerVerifier::builder(roots.clone())
+            .build()
+            .unwrap();
+        let as_client = rustls::server::WebPkiClientVerifier::builder(roots)
+            .build()
+            .unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        let name = |n: &str| rustls_pki_types::ServerName::try_from(n.to_string()).unwrap();
+        let check = |id: &Identity, host: &str| {
+            let der = cert_der_from_pem(&id.cert_pem).unwrap();
+            let server = as_server
+                .verify_server_cert(&der, &[], &name(host), &[], now)
+                .is_ok();
+            let client = as_client.verify_client_cert(&der, &[], now).is_ok();
+            (server, client)
+        };
+        let server = ca
+            .issue("dm-server", &["dm.example".into()], Usage::Server)
+            .unwrap();
+        let builtin = ca
+            .issue("builtin", &["localhost".into()], Usage::Client)
+            .unwrap();
+        let (key, csr) = Identity::new_request("ignored").unwrap();
+        let host = Identity {
+            cert_pem: ca.sign_csr(&csr, "kvm1", &["kvm1".into()]).unwrap(),
+            key_pem: key,
+            ca_pem: ca.cert_pem().into(),
+        };
+        assert_eq!(check(&server, "dm.example"), (true, false));
+        assert_eq!(check(&builtin, "localhost"), (false, true));
+        assert_eq!(check(&host, "kvm1"), (true, true));
+        assert_eq!(check(&host, "dm.example"), (false, true));
     }
 }

@@ -130,7 +130,8 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
     names.extend(cfg.names.iter().cloned());
     names.sort();
     names.dedup();
-    let identity = engine.ca().issue("dm-server", &names)?;
+    engine.set_server_names(&names);
+    let identity = engine.ca().issue("dm-server", &names, ca::Usage::Server)?;
     let tls = identity.server_config(ClientAuth::Optional)?;
     let url = match addr {
         SocketAddr::V4(a) => format!("https://{}:{}", a.ip(), a.port()),

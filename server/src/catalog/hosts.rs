@@ -260,3 +260,17 @@ pub fn set_installer(db: &Connection, id: HostId, rep: &InstallerReport, seen: &
     )?;
     Ok(())
 }
+
+/// The names and the addresses of every host (the built-in one
+/// included).
+pub fn all_names(db: &Connection) -> Q<(Vec<String>, Vec<String>)> {
+    let mut st = db.prepare("SELECT name, addresses FROM hosts")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let (mut names, mut addresses) = (Vec::new(), Vec::new());
+    for row in rows {
+        let (name, a) = row?;
+        names.push(name);
+        addresses.extend(serde_json::from_str::<Vec<String>>(&a)?);
+    }
+    Ok((names, addresses))
+}

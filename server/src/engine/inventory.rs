@@ -58,16 +58,7 @@ impl Engine {
                 "the name 'builtin' is the server's own proxy",
             ));
         }
-        for a in &h.addresses {
-            if a.is_empty()
-                || a.len() > 253
-                || a.contains(['/', ' ', ':']) && a.parse::<std::net::IpAddr>().is_err()
-            {
-                return Err(EngineError::bad(format!(
-                    "address {a:?} is not a host name or IP address"
-                )));
-            }
-        }
+        self.check_certificate_names(&h.name, &h.addresses)?;
         let secret = pki::random_hex(24).map_err(EngineError::internal)?;
         let expires = self.clock.now()
             + chrono::Duration::from_std(self.timing.enroll_ttl).unwrap_or_default();
@@ -167,12 +158,61 @@ impl Engine {
         })
     }
 
+    /// A host's name and addresses go into its certificate, which other
+    /// hosts trust for exactly those names: each must be a plain host name
+    /// or a unicast IP address, no wildcard, and none may be the server's
+    /// (its certificate's names, where the built-in proxy and every host
+    /// reach it) or another host's.
+    fn check_certificate_names(&self, name: &str, addresses: &[String]) -> R<()> {
+        let server = self.server_names();
+        let db = self.db();
+        let (taken_names, taken_addresses) = catalog::hosts::all_names(&db)?;
+        let names = std::iter::once(name).chain(addresses.iter().map(String::as_str));
+        for (i, a) in names.enumerate() {
+            // A second host of the same name is the catalog's conflict.
+            let other_names: &[String] = if i == 0 { &[] } else { &taken_names };
+            let lower = a.to_ascii_lowercase();
+            let ip = a.parse::<std::net::IpAddr>().ok();
+            let bad = if a.is_empty() || a.len() > 253 {
+                Some("is not a host name or IP address")
+            } else if a.contains('*') {
+                Some("is a wildcard")
+            } else if ip.is_none()
+                && !a
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            {
+                Some("is not a host name or IP address")
+            } else if ip.is_some_and(|i| i.is_unspecified() || i.is_multicast())
+                || a == "255.255.255.255"
+            {
+                Some("is not the address of one host")
+            } else if server.contains(&lower) || lower == "localhost" {
+                Some("belongs to the server (its certificate names it)")
+            } else if taken_addresses
+                .iter()
+                .chain(other_names)
+                .any(|t| t.eq_ignore_ascii_case(a))
+            {
+                Some("belongs to another host")
+            } else {
+                None
+            };
+            if let Some(why) = bad {
+                return Err(EngineError::bad(format!(
+                    "{a:?} {why}: a host's certificate is valid for its name and addresses, so each must be its own"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The identity of the server's built-in proxy (issued afresh at each
     /// start; the old one stops working).
     pub fn builtin_identity(&self, names: &[String]) -> R<Identity> {
         let id = self
             .ca
-            .issue(BUILTIN, names)
+            .issue(BUILTIN, names, crate::ca::Usage::Client)
             .map_err(EngineError::internal)?;
         let fp = id.fingerprint().map_err(EngineError::internal)?;
         catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;

@@ -131,6 +131,9 @@ pub struct Engine {
     started: Duration,
     seen: Mutex<HashMap<ProxyId, Duration>>,
     pub(crate) packages: crate::deploy::Packages,
+    /// The names and addresses in the server's own certificate: no host
+    /// may have one.
+    server_names: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -152,6 +155,7 @@ impl Engine {
             started: Duration::ZERO,
             seen: Mutex::new(HashMap::new()),
             packages: crate::deploy::Packages::default(),
+            server_names: Mutex::new(Vec::new()),
         }
     }
 
@@ -171,6 +175,20 @@ impl Engine {
 
     pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The names and addresses of the server's certificate: hosts may
+    /// not be given them.
+    pub fn set_server_names(&self, names: &[String]) {
+        *self.server_names.lock().unwrap_or_else(|p| p.into_inner()) =
+            names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    }
+
+    pub(crate) fn server_names(&self) -> Vec<String> {
+        self.server_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The task life cycle's timing.

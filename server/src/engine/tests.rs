@@ -91,7 +91,10 @@ fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let e = e.with_clock(clock.clone());
     repo(&e, "vault");
-    let h: NewHost = serde_json::from_value(serde_json::json!({"name": "p1"})).unwrap();
+    let h: NewHost = serde_json::from_value(
+        serde_json::json!({"name": "p1", "roles": ["proxy"], "datastores": ["/"]}),
+    )
+    .unwrap();
     e.add_host(&h).unwrap();
     let host = Engine::host_id(&e.db(), "p1").unwrap();
     let hb = Heartbeat {
@@ -124,4 +127,66 @@ fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
         .map(|a| a.reason.clone())
         .unwrap_or_default();
     assert!(why.contains("declared dead"), "{t:?}");
+}
+
+/// A host's name and addresses go into its certificate: wildcards, the
+/// server's names and another host's are refused; a proxy's datastores
+/// are what the administrator gave, whatever it reports.
+#[test]
+fn certificate_names_and_datastores_are_the_administrators() {
+    let (e, _d) = engine();
+    e.set_server_names(&["dm.example.com".into(), "10.0.0.1".into()]);
+    let add = |name: &str, addresses: &[&str]| {
+        let h: NewHost = serde_json::from_value(
+            serde_json::json!({"name": name, "addresses": addresses, "roles": ["proxy"],
+                "datastores": ["/srv/a"]}),
+        )
+        .unwrap();
+        e.add_host(&h)
+    };
+    add("kvm1", &["10.0.0.2", "kvm1.example.com"]).unwrap();
+    for (name, addresses, why) in [
+        ("kvm2", vec!["*.example.com"], "wildcard"),
+        ("kvm2", vec!["10.0.0.1"], "server"),
+        ("kvm2", vec!["DM.example.com"], "server"),
+        ("kvm2", vec!["localhost"], "server"),
+        ("localhost", vec![], "server"),
+        ("kvm2", vec!["10.0.0.2"], "another host"),
+        ("kvm2", vec!["kvm1"], "another host"),
+        ("kvm2", vec!["0.0.0.0"], "one host"),
+        ("kvm2", vec!["a b"], "not a host name"),
+    ] {
+        let err = add(name, &addresses).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::BadInput, "{addresses:?}");
+        assert!(err.message.contains(why), "{addresses:?}: {}", err.message);
+    }
+    assert_eq!(add("kvm1", &[]).unwrap_err().kind, ErrorKind::Conflict);
+    let h: NewHost =
+        serde_json::from_value(serde_json::json!({"name": "kvm3", "datastores": ["/srv/../etc"]}))
+            .unwrap();
+    assert_eq!(e.add_host(&h).unwrap_err().kind, ErrorKind::BadInput);
+
+    // kvm1 may use /srv/a: it reports /, /srv/a/vm and /srv/b; only
+    // /srv/a/vm is kept.
+    let host = Engine::host_id(&e.db(), "kvm1").unwrap();
+    let hb = Heartbeat {
+        version: "t".into(),
+        cores: 2,
+        datastores: vec!["/".into(), "/srv/a/vm".into(), "/srv/b".into()],
+        running: Vec::new(),
+        service_port: None,
+        serving: Vec::new(),
+    };
+    e.heartbeat(host, &hb).unwrap();
+    assert_eq!(
+        e.proxies().unwrap()[0].datastores,
+        vec!["/srv/a/vm".to_string()]
+    );
+    // Taking the datastore away narrows it at once.
+    e.patch_host(
+        "kvm1",
+        &serde_json::from_value(serde_json::json!({"datastores": []})).unwrap(),
+    )
+    .unwrap();
+    assert!(e.proxies().unwrap()[0].datastores.is_empty());
 }

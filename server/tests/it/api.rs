@@ -144,7 +144,13 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
         status(api.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat())).0,
         401
     );
-    let foreign = other.issue("evil", &["127.0.0.1".into()]).unwrap();
+    let foreign = other
+        .issue(
+            "evil",
+            &["127.0.0.1".into()],
+            datamover_server::ca::Usage::Host,
+        )
+        .unwrap();
     let fc = Client::new(&c.url, &c.ca_pem, Some(&foreign), Auth::Certificate, T).unwrap();
     assert!(
         fc.post::<_, serde_json::Value>(&format!("{AGENT}/heartbeat"), &heartbeat())

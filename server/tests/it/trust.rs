@@ -213,6 +213,25 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
     let _serial = crate::common::serial();
     let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
     let api = c.api();
+    // Finding 5: names that would make a host's certificate good for the
+    // server, for any name, or for another host are refused.
+    for (addresses, why) in [
+        (vec!["*.example.com"], "wildcard"),
+        (vec!["127.0.0.1"], "server"),
+        (vec!["localhost"], "server"),
+    ] {
+        let (st, m) = status(api.post::<_, HostAdded>(
+            &format!("{API}/hosts"),
+            &NewHost {
+                name: "evil".into(),
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                roles: vec![],
+                datastores: vec![],
+            },
+        ));
+        assert_eq!(st, 400, "{addresses:?}: {m}");
+        assert!(m.contains(why), "{addresses:?}: {m}");
+    }
     let added: HostAdded = api
         .post(
             &format!("{API}/hosts"),
