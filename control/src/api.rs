@@ -577,6 +577,27 @@ pub struct ServedRepository {
     pub name: String,
     /// Directory on the proxy.
     pub path: String,
+    /// Who may use it now, and for what: one grant per task the server
+    /// has assigned that writes to it. The service admits nobody else.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+/// Leave for one peer to use one disk of a served repository, for one
+/// task: the server derives it from its assignments and sends it to the
+/// repository's proxy with every heartbeat answer, so removing a host,
+/// its role or its task withdraws it within a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The task it is for.
+    pub task: u64,
+    /// The peer: the SHA-256 fingerprint of its certificate (DER).
+    pub peer: String,
+    /// The disk it may read the newest point of and write a point of.
+    pub disk: DiskName,
+    /// Whether its commits bring the disk's replica image up to date
+    /// (replication and migration jobs).
+    pub replica: bool,
 }
 
 /// A task for a proxy.

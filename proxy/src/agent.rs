@@ -237,18 +237,19 @@ impl Tasks {
                     r.name.clone(),
                     Served {
                         path: PathBuf::from(&r.path),
+                        grants: r.grants.clone(),
                     },
                 )
             })
             .collect();
         let mut m = self.served.write().unwrap_or_else(|p| p.into_inner());
-        if *m != serve {
+        if m.keys().ne(serve.keys()) {
             tracing::info!(
                 "repository service offers: {}",
                 serve.keys().cloned().collect::<Vec<_>>().join(", ")
             );
-            *m = serve;
         }
+        *m = serve;
         drop(m);
         for id in o.cancel {
             if let Some(r) = self.running.get(&id) {

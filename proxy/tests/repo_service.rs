@@ -14,8 +14,9 @@ use datamover::format::manifest::{Manifest, PointMeta};
 use datamover::{
     BackupOptions, ChunkId, DiskName, FrameSink, PointId, Repository, Store, StoreSession,
 };
-use datamover_control::api::ServiceAddress;
+use datamover_control::api::{Grant, ServiceAddress};
 use datamover_control::pki::Identity;
+use datamover_proxy::repo_service::server::Limits;
 use datamover_proxy::repo_service::{self, RemoteStore, Served, ServedMap};
 use datamover_server::ca::Ca;
 use datamover_testkit::make_disk;
@@ -38,6 +39,24 @@ fn change(path: &Path, at: usize, seed: u64) {
 struct Service {
     port: u16,
     stop: Arc<AtomicBool>,
+    served: ServedMap,
+}
+
+/// The fingerprint the server puts in a grant for `id`.
+fn fp(id: &Identity) -> String {
+    datamover_control::pki::fingerprint(
+        &datamover_control::pki::cert_der_from_pem(&id.cert_pem).unwrap(),
+    )
+}
+
+/// A grant for `id` to write `disk` (the server sends one per task).
+fn grant(id: &Identity, disk: &str, replica: bool) -> Grant {
+    Grant {
+        task: 1,
+        peer: fp(id),
+        disk: disk.parse().unwrap(),
+        replica,
+    }
 }
 
 impl Drop for Service {
@@ -46,20 +65,42 @@ impl Drop for Service {
     }
 }
 
-fn start(id: &Identity, repos: &[(&str, PathBuf)]) -> Service {
+/// A service of `repos`, each granting `grants`.
+fn start(id: &Identity, repos: &[(&str, PathBuf)], grants: &[Grant]) -> Service {
+    start_with(id, repos, grants, test_limits())
+}
+
+/// Limits with a short wait for grants (a test's grants are all there
+/// from the start).
+fn test_limits() -> Limits {
+    Limits {
+        grant_wait: std::time::Duration::from_millis(300),
+        ..Limits::default()
+    }
+}
+
+fn start_with(
+    id: &Identity,
+    repos: &[(&str, PathBuf)],
+    grants: &[Grant],
+    limits: Limits,
+) -> Service {
     let served: ServedMap = Default::default();
     for (n, p) in repos {
-        served
-            .write()
-            .unwrap()
-            .insert(n.to_string(), Served { path: p.clone() });
+        served.write().unwrap().insert(
+            n.to_string(),
+            Served {
+                path: p.clone(),
+                grants: grants.to_vec(),
+            },
+        );
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let stop = Arc::new(AtomicBool::new(false));
-    let (id, st) = (id.clone(), stop.clone());
-    std::thread::spawn(move || repo_service::serve(l, &id, served, st).unwrap());
-    Service { port, stop }
+    let (id, st, m) = (id.clone(), stop.clone(), served.clone());
+    std::thread::spawn(move || repo_service::server::serve_with(l, &id, m, st, limits).unwrap());
+    Service { port, stop, served }
 }
 
 fn remote(svc: &Service, repo: &str, replica: bool, id: &Identity) -> RemoteStore {
@@ -135,7 +176,15 @@ fn only_missing_chunks_cross_the_wire_and_every_point_restores() {
     let d = tempfile::tempdir().unwrap();
     let (tgt, src) = identities(d.path());
     let vault = d.path().join("vault");
-    let svc = start(&tgt, &[("vault", vault.clone())]);
+    let svc = start(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[
+            grant(&src, "vm/a", false),
+            grant(&src, "vm/b", false),
+            grant(&src, "vm/none", false),
+        ],
+    );
     let img = d.path().join("a.raw");
     make_disk(&img, 16 * MIB, 7);
     let r = remote(&svc, "vault", false, &src);
@@ -207,7 +256,11 @@ fn a_manifest_cache_spares_asking_about_the_parents_chunks() {
     let d = tempfile::tempdir().unwrap();
     let (tgt, src) = identities(d.path());
     let vault = d.path().join("vault");
-    let svc = start(&tgt, &[("vault", vault.clone())]);
+    let svc = start(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[grant(&src, "vm/a", false)],
+    );
     let img = d.path().join("a.raw");
     make_disk(&img, 64 * MIB, 11);
     let opts = BackupOptions {
@@ -264,7 +317,7 @@ fn replicas_are_updated_by_delta_and_equal_the_source() {
     let d = tempfile::tempdir().unwrap();
     let (tgt, src) = identities(d.path());
     let root = d.path().join("replicas");
-    let svc = start(&tgt, &[("dr", root.clone())]);
+    let svc = start(&tgt, &[("dr", root.clone())], &[grant(&src, "vm/os", true)]);
     let img = d.path().join("vm.raw");
     make_disk(&img, 16 * MIB, 3);
     let r = remote(&svc, "dr", true, &src);
@@ -391,7 +444,11 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
     let d = tempfile::tempdir().unwrap();
     let (tgt, src) = identities(d.path());
     let vault = d.path().join("vault");
-    let svc = start(&tgt, &[("vault", vault.clone())]);
+    let svc = start(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[grant(&src, "vm/a", false)],
+    );
     let img = d.path().join("a.raw");
     make_disk(&img, 8 * MIB, 11);
     let r = remote(&svc, "vault", false, &src);
@@ -441,4 +498,136 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
     .unwrap_or(wrong);
     assert!(backup(&wrong, &img, "vm/a").is_err());
     assert_eq!(points(&vault, "vm/a"), 1);
+}
+
+/// Finding 1 of issue "Trust": a certificate of the installation is not
+/// enough. A peer needs the server's grant for the repository and the
+/// disk; without one it cannot read the newest manifest, ask which chunks
+/// exist or commit; a grant taken away stops it; it cannot date its point
+/// nor choose the replica flag.
+#[test]
+fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
+    let d = tempfile::tempdir().unwrap();
+    let (tgt, src) = identities(d.path());
+    let ca = Ca::load_or_create(&d.path().join("ca"), "test").unwrap();
+    let thief = ca
+        .issue("thief", &[], datamover_server::ca::Usage::Host)
+        .unwrap();
+    let vault = d.path().join("vault");
+    let svc = start(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[grant(&src, "vm/a", false)],
+    );
+    let img = d.path().join("a.raw");
+    make_disk(&img, 4 * MIB, 5);
+    backup(&remote(&svc, "vault", false, &src), &img, "vm/a").unwrap();
+
+    // Same CA, no grant: no manifest, no point.
+    let t = remote(&svc, "vault", false, &thief);
+    let e = t.latest_meta(&"vm/a".parse().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    let e = backup(&t, &img, "vm/a").unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    // Granted vm/a is not granted vm/b, nor a replica update.
+    let r = remote(&svc, "vault", false, &src);
+    let e = backup(&r, &img, "vm/b").unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    let e = backup(&remote(&svc, "vault", true, &src), &img, "vm/a").unwrap_err();
+    assert!(e.to_string().contains("replica"), "{e}");
+    assert_eq!(points(&vault, "vm/a"), 1);
+
+    // A peer that dates its backup in 2099 gets a point dated now.
+    let cfg = src.client_config(repo_service::ALPN).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", svc.port)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let hello = repo_service::Hello {
+        magic: repo_service::MAGIC.into(),
+        version: repo_service::VERSION,
+        repository: "vault".into(),
+        disk: "vm/a".into(),
+        op: repo_service::Op::Backup,
+        started: Some("2099-01-01T00:00:00.000Z".into()),
+        replica: false,
+    };
+    use repo_service::wire::{Msg, json, read_msg, write_msg};
+    use std::io::Write;
+    write_msg(&mut s, Msg::Hello, &json(&hello).unwrap()).unwrap();
+    s.flush().unwrap();
+    let (ty, b) = read_msg(&mut s).unwrap();
+    assert_eq!(ty, Msg::Ready);
+    let ready: repo_service::Ready = serde_json::from_slice(&b).unwrap();
+    let today = chrono::Utc::now().format("%Y%m%d").to_string();
+    let point = ready.point.unwrap();
+    assert!(point.starts_with(&today), "{point}");
+    drop(s);
+
+    // The grant withdrawn (the host removed, its task ended): refused.
+    svc.served
+        .write()
+        .unwrap()
+        .get_mut("vault")
+        .unwrap()
+        .grants
+        .clear();
+    let e = backup(&r, &img, "vm/a").unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    assert_eq!(points(&vault, "vm/a"), 1);
+}
+
+/// Finding 4: connections that never finish TLS hold no session slot and
+/// are dropped at the handshake deadline; one address cannot take more
+/// than its share.
+#[test]
+fn connections_without_a_certificate_cannot_hold_the_service() {
+    let d = tempfile::tempdir().unwrap();
+    let (tgt, src) = identities(d.path());
+    let vault = d.path().join("vault");
+    let limits = Limits {
+        sessions: 2,
+        handshakes: 8,
+        per_address: 6,
+        handshake: std::time::Duration::from_secs(1),
+        ..test_limits()
+    };
+    let svc = start_with(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[grant(&src, "vm/a", false)],
+        limits,
+    );
+    let img = d.path().join("a.raw");
+    make_disk(&img, 4 * MIB, 6);
+    // Four idle connections (more than the two sessions): a backup still
+    // gets through, because they hold handshake slots, not sessions.
+    let idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", svc.port)).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    backup(&remote(&svc, "vault", false, &src), &img, "vm/a").unwrap();
+    // Two more fill the address's share: the next connection is closed
+    // at once.
+    let more: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", svc.port)).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(backup(&remote(&svc, "vault", false, &src), &img, "vm/a").is_err());
+    // At the handshake deadline the service drops them all.
+    let t = std::time::Instant::now();
+    for mut c in idle.into_iter().chain(more) {
+        use std::io::Read;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    }
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    backup(&remote(&svc, "vault", false, &src), &img, "vm/a").unwrap();
+    assert_eq!(points(&vault, "vm/a"), 2);
 }

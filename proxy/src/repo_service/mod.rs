@@ -17,6 +17,13 @@
 //! * [`client`]: [`RemoteStore`], the source proxy's side.
 //!
 //!
+//! Who may do what: the service admits a peer only with a grant from the
+//! server's orders for the repository, its certificate's fingerprint and
+//! the disk (a grant exists while the server has a task of that peer
+//! writing that disk there); the grant is checked again at COMMIT, so a
+//! host removed mid-backup commits nothing. The point's time is the
+//! service's clock and its replica flag the grant's, never the peer's.
+//!
 //! The service reads a connection on one thread and answers HAVE at once
 //! (from the index as the session began and the frames received so far);
 //! a worker thread checks and stores the frames, so reading, checking and
@@ -44,6 +51,10 @@ pub use wire::{ALPN, Committed, Hello, MAGIC, MAX_MESSAGE, Op, Ready, VERSION};
 pub struct Served {
     /// Its directory on this proxy.
     pub path: PathBuf,
+    /// Who may use it, for which disk, as the server's last orders said
+    /// (see [`datamover_control::api::Grant`]); nobody else is admitted.
+    #[serde(default)]
+    pub grants: Vec<datamover_control::api::Grant>,
 }
 
 /// The repositories a service offers, by name; the agent updates it from

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use datamover::format::manifest::{self};
@@ -21,14 +21,74 @@ use super::wire::*;
 use super::{Served, ServedMap, replica_root};
 use datamover_control::pki::{ClientAuth, Identity};
 
+/// How much of the service one peer, or everybody, may hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sessions at once (past TLS and HELLO).
+    pub sessions: usize,
+    /// Connections in their TLS handshake at once.
+    pub handshakes: usize,
+    /// Connections from one IP address at once.
+    pub per_address: usize,
+    /// Time to finish TLS and send HELLO.
+    pub handshake: Duration,
+    /// Time a session waits for its peer's next message.
+    pub idle: Duration,
+    /// Time a HELLO waits for its grant ([`GRANT_WAIT`]).
+    pub grant_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sessions: MAX_CONNECTIONS,
+            handshakes: MAX_HANDSHAKES,
+            per_address: MAX_PER_ADDRESS,
+            handshake: HANDSHAKE,
+            idle: SESSION_IDLE,
+            grant_wait: GRANT_WAIT,
+        }
+    }
+}
+
 /// Serve the repositories in `served` on `listener` until `stop` is set,
-/// one thread per connection (at most 64). Only clients with a
-/// certificate from the installation's CA get past TLS.
+/// with the default [`Limits`].
 pub fn serve(
     listener: TcpListener,
     identity: &Identity,
     served: ServedMap,
     stop: Arc<AtomicBool>,
+) -> Result<(), crate::error::ProxyError> {
+    serve_with(listener, identity, served, stop, Limits::default())
+}
+
+/// Counts of what is in use, shared by the accept loop and the
+/// connections.
+#[derive(Debug, Default)]
+struct Usage {
+    handshakes: usize,
+    sessions: usize,
+    by_address: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+type Shared = Arc<std::sync::Mutex<Usage>>;
+
+fn usage(u: &Shared) -> std::sync::MutexGuard<'_, Usage> {
+    u.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serve the repositories in `served` on `listener` until `stop` is set,
+/// one thread per connection. A connection first gets a handshake slot
+/// (at most `handshakes`, and `per_address` from one address) and
+/// `handshake` to finish TLS and send HELLO; only a peer whose
+/// certificate the installation's CA signed gets that far, and only then
+/// does it take a session slot (at most `sessions`).
+pub fn serve_with(
+    listener: TcpListener,
+    identity: &Identity,
+    served: ServedMap,
+    stop: Arc<AtomicBool>,
+    limits: Limits,
 ) -> Result<(), crate::error::ProxyError> {
     let tls = identity.server_config(ClientAuth::Required)?;
     let mut cfg = (*tls).clone();
@@ -37,7 +97,8 @@ pub fn serve(
     listener
         .set_nonblocking(true)
         .map_err(crate::error::ProxyError::io("repository service: listener"))?;
-    let active = Arc::new(AtomicUsize::new(0));
+    let shared: Shared = Default::default();
+    let limits = Arc::new(limits);
     while !stop.load(Ordering::Relaxed) {
         let (tcp, peer) = match listener.accept() {
             Ok(x) => x,
@@ -51,24 +112,41 @@ pub fn serve(
                 continue;
             }
         };
-        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            tracing::warn!(
-                "repository service: {peer} refused, {MAX_CONNECTIONS} connections busy"
-            );
-            continue;
+        {
+            let mut u = usage(&shared);
+            let mine = u.by_address.get(&peer.ip()).copied().unwrap_or(0);
+            if u.handshakes >= limits.handshakes || mine >= limits.per_address {
+                drop(u);
+                tracing::warn!(
+                    "repository service: {peer} refused: {} connections handshaking, {mine} from its address",
+                    limits.handshakes
+                );
+                drop(tcp);
+                continue;
+            }
+            u.handshakes += 1;
+            *u.by_address.entry(peer.ip()).or_default() += 1;
         }
-        let (tls, served, active) = (tls.clone(), served.clone(), active.clone());
-        active.fetch_add(1, Ordering::Relaxed);
+        let (tls, served, u, l) = (tls.clone(), served.clone(), shared.clone(), limits.clone());
         let spawned = std::thread::Builder::new()
             .name("repo-service".into())
             .spawn(move || {
-                if let Err(e) = connection(tcp, tls, &served) {
+                let mut slot = Slot {
+                    usage: u,
+                    ip: peer.ip(),
+                    session: false,
+                };
+                if let Err(e) = connection(tcp, tls, &served, &l, &mut slot) {
                     tracing::info!("repository service: {peer}: {e}");
                 }
-                active.fetch_sub(1, Ordering::Relaxed);
             });
         if let Err(e) = spawned {
             tracing::warn!("repository service: cannot start a thread: {e}");
+            let mut u = usage(&shared);
+            u.handshakes -= 1;
+            if let Some(n) = u.by_address.get_mut(&peer.ip()) {
+                *n -= 1;
+            }
         }
     }
     Ok(())
@@ -76,18 +154,73 @@ pub fn serve(
 
 type ServerStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 
+/// A connection's hold on the counts: a handshake slot, then a session
+/// slot; given back when it is dropped.
+struct Slot {
+    usage: Shared,
+    ip: std::net::IpAddr,
+    session: bool,
+}
+
+impl Slot {
+    /// Trade the handshake slot for a session slot, if one is free.
+    fn take_session(&mut self, max: usize) -> bool {
+        let mut u = usage(&self.usage);
+        u.handshakes -= 1;
+        self.session = true;
+        if u.sessions >= max {
+            self.session = false;
+            // Holds nothing now but its address count.
+            u.handshakes += 1;
+            return false;
+        }
+        u.sessions += 1;
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut u = usage(&self.usage);
+        if self.session {
+            u.sessions -= 1;
+        } else {
+            u.handshakes -= 1;
+        }
+        if let Some(n) = u.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                u.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 fn connection(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     served: &ServedMap,
+    limits: &Limits,
+    slot: &mut Slot,
 ) -> io::Result<()> {
     tcp.set_nonblocking(false)?;
-    tcp.set_read_timeout(Some(IDLE))?;
-    tcp.set_write_timeout(Some(IDLE))?;
+    // TLS and HELLO under the short handshake deadline.
+    tcp.set_read_timeout(Some(limits.handshake))?;
+    tcp.set_write_timeout(Some(limits.handshake))?;
     tcp.set_nodelay(true)?;
     let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    let r = session(&mut s, served);
+    let deadline = std::time::Instant::now() + limits.handshake;
+    while s.conn.is_handshaking() {
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake not finished in time",
+            ));
+        }
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    let r = session(&mut s, served, limits, slot);
     if let Err(e) = &r {
         // Tell the client why, if it still listens.
         let m = json(&ErrorMsg {
@@ -120,11 +253,72 @@ fn join<'r>(
         .unwrap_or_else(|_| Err(Error::Internal("the frame worker panicked".into())))
 }
 
-fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
+/// How long a HELLO waits for its grant: the server sends grants with
+/// its answers to this proxy's heartbeats, so a task's first connection
+/// may arrive a heartbeat before its grant does.
+pub const GRANT_WAIT: Duration = Duration::from_secs(10);
+
+/// The SHA-256 fingerprint of the peer's certificate (TLS has checked it
+/// is signed by the installation's CA).
+fn peer_fingerprint(s: &ServerStream) -> Option<String> {
+    s.conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| datamover_control::pki::fingerprint(c.as_ref()))
+}
+
+/// The grant of `peer` for `disk` in repository `repo`, if the server's
+/// orders hold one now.
+fn grant(
+    served: &ServedMap,
+    repo: &str,
+    peer: &str,
+    disk: &DiskName,
+) -> Option<datamover_control::api::Grant> {
+    served
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(repo)?
+        .grants
+        .iter()
+        .find(|g| g.peer == peer && &g.disk == disk)
+        .cloned()
+}
+
+fn not_granted(repo: &str, disk: &DiskName) -> Error {
+    Error::transport(
+        "repository service client",
+        TransportKind::Refused,
+        format!(
+            "not granted: the server has assigned this host no task writing {disk} to repository {repo:?} (removed, or its task ended)"
+        ),
+    )
+}
+
+fn session(
+    s: &mut ServerStream,
+    served: &ServedMap,
+    limits: &Limits,
+    slot: &mut Slot,
+) -> Result<(), Error> {
     // What the client sent breaks the protocol: a transport error of the
     // peer (not bad input of ours), told to the client in ERROR.
     let bad = |d: String| Error::transport("repository service client", TransportKind::Protocol, d);
     let (ty, b) = read_msg(s).map_err(net)?;
+    // A peer with a certificate of this installation, which sent HELLO:
+    // now it may take a session slot, and the session's pace.
+    if !slot.take_session(limits.sessions) {
+        return Err(Error::transport(
+            "repository service client",
+            TransportKind::Refused,
+            format!(
+                "the repository service is busy ({} sessions); try again",
+                limits.sessions
+            ),
+        ));
+    }
+    s.sock.set_read_timeout(Some(limits.idle)).map_err(net)?;
+    s.sock.set_write_timeout(Some(IDLE)).map_err(net)?;
     if ty != Msg::Hello {
         return Err(bad(format!("expected HELLO, got message type {ty}")));
     }
@@ -148,6 +342,28 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
             )
         })?;
     let disk: DiskName = hello.disk.parse()?;
+    let peer = peer_fingerprint(s).ok_or_else(|| not_granted(&hello.repository, &disk))?;
+    let waited = std::time::Instant::now();
+    let granted = loop {
+        if let Some(g) = grant(served, &hello.repository, &peer, &disk) {
+            break g;
+        }
+        if waited.elapsed() >= limits.grant_wait {
+            tracing::warn!(
+                "repository service: peer {} refused for {disk} in {}: no grant",
+                &peer[..16.min(peer.len())],
+                hello.repository
+            );
+            return Err(not_granted(&hello.repository, &disk));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if hello.replica != granted.replica {
+        return Err(bad(format!(
+            "HELLO asks for replica={} but task {} is granted replica={}",
+            hello.replica, granted.task, granted.replica
+        )));
+    }
     let repo = crate::open_or_init(&target.path)?;
     if hello.op == Op::Latest {
         let latest = Store::latest_meta(&repo, &disk)?;
@@ -159,12 +375,10 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
         write_msg(s, Msg::Ready, &json(&ready).map_err(net)?).map_err(net)?;
         return s.flush().map_err(net);
     }
-    let started = hello
-        .started
-        .as_deref()
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .ok_or_else(|| bad("HELLO for a backup needs `started` (RFC 3339)".into()))?;
+    // The point is dated by this service's clock: the peer's `started`
+    // is not trusted (a peer could date a point in the future and make it
+    // every later backup's parent).
+    let started = chrono::Utc::now();
     let ingest = Ingest::begin(&repo, &disk, started)?;
     let parent = Store::latest_meta(&repo, &disk)?;
     let ready = Ready {
@@ -243,7 +457,13 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
                 Msg::Commit => {
                     drop(tx.take());
                     let ingest = join(worker)?;
-                    return commit(s, &hello, &target, &repo, &disk, ingest, &manifest);
+                    // Still granted (the host or its task may have been
+                    // removed while it sent).
+                    let g = grant(served, &hello.repository, &peer, &disk)
+                        .ok_or_else(|| not_granted(&hello.repository, &disk))?;
+                    return commit(
+                        s, &hello, g.replica, &target, &repo, &disk, ingest, &manifest,
+                    );
                 }
                 t => return Err(bad(format!("unexpected message type {t}"))),
             }
@@ -253,9 +473,11 @@ fn session(s: &mut ServerStream, served: &ServedMap) -> Result<(), Error> {
 
 /// Publish the point (every frame is stored), bring the replica up to
 /// date when asked, and answer COMMITTED.
+#[allow(clippy::too_many_arguments)]
 fn commit(
     s: &mut ServerStream,
     hello: &Hello,
+    replica: bool,
     target: &Served,
     repo: &datamover::Repository,
     disk: &DiskName,
@@ -269,7 +491,7 @@ fn commit(
         "repository {}: point {disk}@{point} ({frames_new} of {frames} frames new)",
         hello.repository
     );
-    let replica = if hello.replica {
+    let replica = if replica {
         let img = replica::replica_path(&replica_root(&target.path), disk);
         let r = replica::apply(repo, disk, &point, &img)?;
         tracing::info!(

@@ -63,10 +63,20 @@ pub const BATCH_BYTES: usize = 8 << 20;
 pub const PART: usize = 4 << 20;
 /// FRAMES messages queued for the worker that checks and stores them.
 pub const WORKER_QUEUE: usize = 4;
-/// Connections served at once.
+/// Sessions (connections past TLS and HELLO) served at once.
 pub const MAX_CONNECTIONS: usize = 64;
-/// A silent peer is dropped after this long.
+/// Connections in their TLS handshake at once (before a peer has shown a
+/// certificate it holds no session slot).
+pub const MAX_HANDSHAKES: usize = 32;
+/// Connections from one address at once, handshaking or in session.
+pub const MAX_PER_ADDRESS: usize = 16;
+/// Time a new connection has to finish TLS and send HELLO.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
+/// A silent peer in session is dropped after this long (the client's own
+/// wait for an answer, a commit with its replica update included).
 pub const IDLE: Duration = Duration::from_secs(300);
+/// A session waits this long for the next message of its peer.
+pub const SESSION_IDLE: Duration = Duration::from_secs(120);
 
 /// A message type: the byte after a message's length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,6 +40,34 @@ pub fn served_by(
         Ok(datamover_control::api::ServedRepository {
             name: r.get(0)?,
             path: r.get(1)?,
+            grants: Vec::new(),
+        })
+    })?;
+    let mut out: Vec<datamover_control::api::ServedRepository> = rows.collect::<Result<_, _>>()?;
+    for r in &mut out {
+        r.grants = grants(db, &r.name)?;
+    }
+    Ok(out)
+}
+
+/// The grants of repository `name`: for every task assigned or running
+/// that writes to it, its proxy's certificate may use its disk.
+pub fn grants(db: &Connection, name: &str) -> Q<Vec<datamover_control::api::Grant>> {
+    let mut st = db.prepare(
+        "SELECT t.id, t.disk, json_extract(j.spec, '$.kind'), h.cert_fingerprint FROM tasks t
+         JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+         JOIN proxies p ON p.id = t.proxy_id JOIN hosts h ON h.id = p.host_id
+         WHERE t.state IN ('assigned', 'running') AND json_extract(j.spec, '$.repository') = ?1
+           AND h.cert_fingerprint IS NOT NULL
+         ORDER BY t.id",
+    )?;
+    let rows = st.query_map([name], |r| {
+        let kind: String = r.get(2)?;
+        Ok(datamover_control::api::Grant {
+            task: r.get::<_, i64>(0)? as u64,
+            disk: super::parsed(r, 1)?,
+            replica: kind == "replication" || kind == "migration",
+            peer: r.get(3)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

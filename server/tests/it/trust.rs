@@ -350,3 +350,79 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
     let e = end.tasks[0].error.clone().unwrap();
     assert!(e.contains("has no point"), "{e}");
 }
+
+/// The port a proxy's repository service listens at, from its log.
+fn service_port(c: &Cluster, proxy: &str) -> u16 {
+    let log = std::fs::read_to_string(c.path(&format!("{proxy}.log"))).unwrap();
+    let at = log.find("(port ").expect("the repository service's port in the log");
+    log[at + 6..]
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Finding 1: a certificate of the installation is not enough to use a
+/// repository service. A host's own certificate, taken after its backup
+/// ended (no task of it writes there), reads no manifest; after the host
+/// is removed, nothing either; the backup itself went through with the
+/// server's grant.
+#[test]
+fn a_stolen_host_certificate_opens_no_repository_service() {
+    let _serial = crate::common::serial();
+    let mut c = Cluster::start(&[
+        "--no-builtin-proxy",
+        "--heartbeat-ms",
+        "200",
+        "--retry-delay-ms",
+        "100",
+    ]);
+    let images = c.path("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let img = images.join("a.raw");
+    make_disk(&img, 4 << 20, 4);
+    c.add_proxy("src", &[&images], 2);
+    c.add_proxy("tgt", &[], 2);
+    let api = c.api();
+    let vault = c.path("vault");
+    let _: serde_json::Value = api
+        .post(
+            &format!("{API}/repositories"),
+            &serde_json::json!({"name": "vault", "path": vault, "proxy": "tgt"}),
+        )
+        .unwrap();
+    create_job(
+        &c,
+        serde_json::json!({"name": "b", "kind": "backup", "repository": "vault", "retries": 0,
+            "disks": [{"name": "vm/a", "source": img}]}),
+    );
+    let s = run(&c, "b");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+
+    // The source host's certificate, as a thief would copy it.
+    let stolen = Identity::load(&c.path("proxy-src")).unwrap();
+    let port = service_port(&c, "tgt");
+    let store = |id: &Identity| {
+        datamover_proxy::repo_service::RemoteStore::new(
+            datamover_control::api::ServiceAddress {
+                address: format!("127.0.0.3:{port}"),
+                server_name: "127.0.0.3".into(),
+                repository: "vault".into(),
+                replica: false,
+            },
+            id,
+        )
+        .unwrap()
+    };
+    use datamover::Store;
+    let disk: datamover::DiskName = "vm/a".parse().unwrap();
+    let e = store(&stolen).latest_meta(&disk).unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    // Removed: the same (and the server no longer knows it at all).
+    api.delete(&format!("{API}/hosts/src")).unwrap();
+    let e = store(&stolen).latest_meta(&disk).unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+    let r = datamover::Repository::open(&vault).unwrap();
+    assert_eq!(r.point_ids(&disk).unwrap().len(), 1);
+}
