@@ -133,7 +133,26 @@ struct Body<T>(T);
 impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, st).await {
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY) {
+            return Err(ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("request bodies are at most {MAX_BODY} bytes"),
+            });
+        }
+        let deadline = limits().body;
+        let read = tokio::time::timeout(deadline, Json::<T>::from_request(req, st)).await;
+        let Ok(read) = read else {
+            return Err(ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!("the request body did not arrive within {deadline:?}"),
+            });
+        };
+        match read {
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) => Err(ApiError {
                 status: e.status(),
@@ -344,6 +363,7 @@ pub fn router(engine: AppState) -> Router {
                 message: "no such API path".into(),
             }
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
         .with_state(engine)
 }
 
@@ -388,9 +408,99 @@ fn stream_file(pkg: crate::deploy::Package) -> Result<Response, ApiError> {
         .map_err(|e| EngineError::internal(e).into())
 }
 
-/// Serve `router` over TLS on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) {
+/// What one client, or all of them, may hold of the HTTPS port.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections at once.
+    pub connections: usize,
+    /// Connections from one address at once.
+    pub per_address: usize,
+    /// Time to finish the TLS handshake.
+    pub handshake: Duration,
+    /// Time to send a request's headers (also the most a kept-alive
+    /// connection waits for its next request).
+    pub headers: Duration,
+    /// Time to send a request's body once its headers are in.
+    pub body: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: 512,
+            per_address: 64,
+            handshake: Duration::from_secs(10),
+            headers: Duration::from_secs(30),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The largest request body accepted (a larger declared length is
+/// refused with 413 before a byte of it is read).
+pub const MAX_BODY: u64 = 1 << 20;
+
+/// The limits [`serve`] was started with.
+static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+
+fn limits() -> Limits {
+    LIMITS.get().cloned().unwrap_or_default()
+}
+
+/// Connections held, in all and by address.
+#[derive(Debug, Default)]
+struct Held {
+    all: usize,
+    by_address: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// A connection's place in [`Held`], given back when dropped.
+struct Place {
+    held: Arc<std::sync::Mutex<Held>>,
+    ip: std::net::IpAddr,
+}
+
+impl Place {
+    fn take(held: &Arc<std::sync::Mutex<Held>>, ip: std::net::IpAddr, l: &Limits) -> Option<Place> {
+        let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = h.by_address.get(&ip).copied().unwrap_or(0);
+        if h.all >= l.connections || mine >= l.per_address {
+            return None;
+        }
+        h.all += 1;
+        *h.by_address.entry(ip).or_default() += 1;
+        Some(Place {
+            held: held.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        h.all -= 1;
+        if let Some(n) = h.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serve `router` over TLS on `listener` until the process ends, within
+/// `limits` (the first call's limits hold for the process).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    limits: Limits,
+) {
+    let _ = LIMITS.set(limits);
+    let l = self::limits();
     let acceptor = TlsAcceptor::from(tls);
+    let held: Arc<std::sync::Mutex<Held>> = Default::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -400,8 +510,20 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 continue;
             }
         };
+        let Some(place) = Place::take(&held, peer.ip(), &l) else {
+            tracing::warn!(
+                "{peer}: connection refused ({} in all or {} from its address held)",
+                l.connections,
+                l.per_address
+            );
+            drop(tcp);
+            continue;
+        };
         let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move { connection(acceptor, app, tcp, peer).await });
+        tokio::spawn(async move {
+            connection(acceptor, app, tcp, peer).await;
+            drop(place);
+        });
     }
 }
 
@@ -411,7 +533,8 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    let l = limits();
+    let tls = match tokio::time::timeout(l.handshake, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake with {peer} failed: {e}");
@@ -429,7 +552,7 @@ async fn connection(
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(l.headers)
         .serve_connection(TokioIo::new(tls), svc);
     if let Err(e) = conn.await {
         tracing::debug!("connection with {peer}: {e}");

@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// The proxy component's package handed to installers (none: hosts
     /// cannot be given the proxy role).
     pub proxy_package: Option<PathBuf>,
+    /// What clients may hold of the HTTPS port.
+    pub http: http::Limits,
 }
 
 /// What can stop the server from starting.
@@ -182,7 +184,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
         "dm-server listening at {url} (CA {})",
         engine.ca().fingerprint()
     );
-    http::serve(listener, tls, http::router(engine)).await;
+    http::serve(listener, tls, http::router(engine), cfg.http.clone()).await;
     Ok(())
 }
 

@@ -48,6 +48,22 @@ struct Cli {
     /// the file upgrades every such host.
     #[arg(long)]
     proxy_package: Option<PathBuf>,
+    /// Seconds a client has to finish the TLS handshake.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_s: u64,
+    /// Seconds a client has to send a request's headers (and the longest
+    /// a kept-alive connection waits for its next request).
+    #[arg(long, default_value_t = 30)]
+    header_timeout_s: u64,
+    /// Seconds a client has to send a request's body.
+    #[arg(long, default_value_t = 30)]
+    body_timeout_s: u64,
+    /// Connections held at once, in all.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Connections held at once from one address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_address: usize,
 }
 
 #[tokio::main]
@@ -73,6 +89,13 @@ async fn main() -> ExitCode {
             ..Timing::default()
         },
         proxy_package,
+        http: datamover_server::http::Limits {
+            connections: c.max_connections.max(1),
+            per_address: c.max_connections_per_address.max(1),
+            handshake: Duration::from_secs(c.handshake_timeout_s.max(1)),
+            headers: Duration::from_secs(c.header_timeout_s.max(1)),
+            body: Duration::from_secs(c.body_timeout_s.max(1)),
+        },
     };
     match datamover_server::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

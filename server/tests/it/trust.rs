@@ -354,13 +354,10 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
 /// The port a proxy's repository service listens at, from its log.
 fn service_port(c: &Cluster, proxy: &str) -> u16 {
     let log = std::fs::read_to_string(c.path(&format!("{proxy}.log"))).unwrap();
-    let at = log.find("(port ").expect("the repository service's port in the log");
-    log[at + 6..]
-        .split(')')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    let at = log
+        .find("(port ")
+        .expect("the repository service's port in the log");
+    log[at + 6..].split(')').next().unwrap().parse().unwrap()
 }
 
 /// Finding 1: a certificate of the installation is not enough to use a
@@ -425,4 +422,115 @@ fn a_stolen_host_certificate_opens_no_repository_service() {
     assert!(e.to_string().contains("not granted"), "{e}");
     let r = datamover::Repository::open(&vault).unwrap();
     assert_eq!(r.point_ids(&disk).unwrap().len(), 1);
+}
+
+/// A TLS connection to the cluster's server, as a raw HTTP client.
+fn tls_to(c: &Cluster) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    datamover_control::pki::install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(datamover_control::pki::cert_der_from_pem(&c.ca_pem).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = c.url.trim_start_matches("https://").to_string();
+    let tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Whatever the server sends until it closes (or the read times out).
+fn read_all(s: &mut impl std::io::Read) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    while let Ok(n) = s.read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 4: the HTTPS API caps connections in all and per address,
+/// drops connections that do not finish TLS, send headers or send their
+/// body in time, and refuses an oversized declared body before reading
+/// it.
+#[test]
+fn the_api_cannot_be_held_by_idle_or_slow_clients() {
+    use std::io::Write;
+    let _serial = crate::common::serial();
+    let c = Cluster::start(&[
+        "--handshake-timeout-s",
+        "1",
+        "--header-timeout-s",
+        "2",
+        "--body-timeout-s",
+        "1",
+        "--max-connections-per-address",
+        "8",
+    ]);
+    let api = c.api();
+    let addr = c.url.trim_start_matches("https://").to_string();
+    let hdr = |method: &str, len: u64| {
+        format!(
+            "{method} {API}/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\ncontent-type: application/json\r\nContent-Length: {len}\r\n\r\n",
+            c.token
+        )
+    };
+
+    // A declared body over the limit: 413 before any of it is sent.
+    let mut s = tls_to(&c);
+    let t = Instant::now();
+    s.write_all(hdr("POST", 1 << 30).as_bytes()).unwrap();
+    s.flush().unwrap();
+    let answer = read_all(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // A body promised and never sent: 408 at the body deadline.
+    let mut s = tls_to(&c);
+    let t = Instant::now();
+    s.write_all(hdr("POST", 100).as_bytes()).unwrap();
+    s.write_all(b"{\"name\":").unwrap();
+    s.flush().unwrap();
+    let answer = read_all(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // Headers never sent after TLS: closed at the header deadline.
+    let mut s = tls_to(&c);
+    let t = Instant::now();
+    s.flush().unwrap();
+    let _ = s.conn.complete_io(&mut s.sock);
+    let _ = read_all(&mut s);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // Eight connections that never start TLS fill this address's share:
+    // the next is closed at once, and they are all dropped at the
+    // handshake deadline; then the API answers again.
+    let idle: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = Instant::now();
+    assert!(read_all(&mut extra).is_empty());
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    for mut i in idle {
+        i.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(read_all(&mut i).is_empty());
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let _: Vec<Job> = api.get(&format!("{API}/jobs")).unwrap();
 }
