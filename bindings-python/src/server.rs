@@ -172,6 +172,54 @@ impl Server {
         )
     }
 
+    /// API tokens: name, role, created, expires (never their secrets).
+    fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::tokens(), None)
+    }
+
+    /// Make an API token with ``role`` (``admin``, ``operator`` or
+    /// ``auditor``) expiring in ``expires_days``; the answer's ``secret``
+    /// is shown only this once.
+    #[pyo3(signature = (name, role, *, expires_days=90))]
+    fn create_token<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        role: &str,
+        expires_days: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = serde_json::json!({"name": name, "role": role, "expires_days": expires_days});
+        self.call(
+            py,
+            "POST",
+            &datamover_control::api::paths::tokens(),
+            Some(body),
+        )
+    }
+
+    /// Revoke an API token: it stops working at once.
+    fn revoke_token(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.call(
+            py,
+            "DELETE",
+            &datamover_control::api::paths::token(name),
+            None,
+        )
+        .map(|_| ())
+    }
+
+    /// The newest ``limit`` entries of the audit log (who changed what,
+    /// when), newest first.
+    #[pyo3(signature = (limit=50))]
+    fn audit<'py>(&self, py: Python<'py>, limit: u32) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::audit(limit),
+            None,
+        )
+    }
+
     /// Remove a host (revokes its certificate).
     fn remove_host(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         self.call(

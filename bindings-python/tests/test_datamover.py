@@ -469,6 +469,20 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
              "disks": [{"name": "web/vda", "source": str(back)}]}
         )
         assert s.run_job("r3", wait=True)["state"] == "success"
+        # Named tokens with roles; every change is in the audit log.
+        t = s.create_token("auditor1", "auditor", expires_days=1)
+        assert t["role"] == "auditor" and t["secret"].startswith("dmt1.") and t["expires"]
+        assert any(x["name"] == "auditor1" and "secret" not in x for x in s.tokens())
+        aud = datamover.Server(url, ca=data / "ca" / "ca.pem", token=t["secret"])
+        assert aud.jobs()
+        with pytest.raises(datamover.InvalidInputError, match="may not"):
+            aud.run_job("j1")
+        log = aud.audit(100)
+        assert any(e["who"] == "token:admin" and e["action"] == "POST /api/v1/jobs/r3/run"
+                   for e in log), log
+        s.revoke_token("auditor1")
+        with pytest.raises(datamover.InvalidInputError, match="not valid"):
+            aud.jobs()
         # Roles: the host's installer would deploy the proxy (the server
         # hands out the dm-proxy next to it).
         h = s.add_host("h1", ["127.0.0.5"], roles=["proxy"], datastores=["/srv/images"])

@@ -734,4 +734,112 @@ pub mod paths {
     pub fn session(id: u64) -> String {
         format!("{API}/sessions/{id}")
     }
+    /// `/api/v1/tokens`.
+    pub fn tokens() -> String {
+        format!("{API}/tokens")
+    }
+    /// `/api/v1/tokens/{name}`.
+    pub fn token(name: &str) -> String {
+        format!("{API}/tokens/{name}")
+    }
+    /// `/api/v1/audit?limit={limit}`.
+    pub fn audit(limit: u32) -> String {
+        format!("{API}/audit?limit={limit}")
+    }
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenRole {
+    /// Everything: hosts, proxies, repositories, jobs, tokens, the audit log.
+    Admin,
+    /// Reads everything but tokens and the audit log; runs jobs; creates
+    /// restore jobs.
+    Operator,
+    /// Reads everything, the audit log included; changes nothing.
+    Auditor,
+}
+
+impl TokenRole {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::Operator => "operator",
+            TokenRole::Auditor => "auditor",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TokenRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(TokenRole::Admin),
+            "operator" => Ok(TokenRole::Operator),
+            "auditor" => Ok(TokenRole::Auditor),
+            _ => Err(format!(
+                "unknown token role {s:?}: use admin, operator or auditor"
+            )),
+        }
+    }
+}
+
+/// A token to create.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// Unique name (who the audit log says acted).
+    pub name: String,
+    /// What it may do.
+    pub role: TokenRole,
+    /// Days until it expires (1-3650; default 90).
+    #[serde(default)]
+    pub expires_days: Option<u32>,
+}
+
+/// An API token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: TokenRole,
+    /// When it was made (RFC 3339).
+    pub created: String,
+    /// When it stops working (RFC 3339); none: never (the first token,
+    /// until rotated).
+    pub expires: Option<String>,
+}
+
+/// A token just made: the only time its secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The token.
+    #[serde(flatten)]
+    pub token: ApiToken,
+    /// The bearer secret (`dmt1.…`).
+    pub secret: String,
+}
+
+/// One entry of the audit log: a change or a restore, who made it, when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub id: u64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who: `token:NAME`, `host:NAME`, or `enrollment`.
+    pub who: String,
+    /// What: the method and path, e.g. `POST /api/v1/jobs/nightly/run`.
+    pub action: String,
+    /// The answer's status.
+    pub status: u16,
 }

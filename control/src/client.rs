@@ -376,6 +376,22 @@ impl Client {
     pub fn session(&self, id: u64) -> Result<Session> {
         self.get(&paths::session(id))
     }
+    /// Every API token (never their secrets).
+    pub fn tokens(&self) -> Result<Vec<crate::api::ApiToken>> {
+        self.get(&paths::tokens())
+    }
+    /// Make an API token; the answer holds its secret (shown only once).
+    pub fn create_token(&self, t: &crate::api::NewToken) -> Result<crate::api::TokenCreated> {
+        self.post(&paths::tokens(), t)
+    }
+    /// Revoke an API token: it stops working at once.
+    pub fn revoke_token(&self, name: &str) -> Result<()> {
+        self.delete(&paths::token(name))
+    }
+    /// The newest `limit` entries of the audit log, newest first.
+    pub fn audit(&self, limit: u32) -> Result<Vec<crate::api::AuditEntry>> {
+        self.get(&paths::audit(limit))
+    }
 
     /// Poll session `id` every [`SESSION_POLL`] until it ends, calling
     /// `each` with every state seen (progress bars, a check for Ctrl-C);

@@ -58,6 +58,12 @@ enum Cmd {
     /// Sessions (job runs) of a server (--server): list, show, watch.
     #[command(subcommand)]
     Session(remote::SessionCmd),
+    /// API tokens of a server (--server): create (with a role and an
+    /// expiry), list, revoke.
+    #[command(subcommand)]
+    Token(remote::TokenCmd),
+    /// The audit log of a server (--server): who changed what, when.
+    Audit(remote::AuditArgs),
     /// Forget old points and free the space only they used.
     Prune(repo_cmds::PruneArgs),
 }
@@ -100,5 +106,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Repo(c) => remote::repo(&cli.server, c),
         Cmd::Job(c) => remote::job(&cli.server, c),
         Cmd::Session(c) => remote::session(&cli.server, c),
+        Cmd::Token(c) => remote::token(&cli.server, c),
+        Cmd::Audit(a) => remote::audit(&cli.server, a),
     }
 }

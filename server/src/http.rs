@@ -27,7 +27,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::engine::access::Caller;
 use crate::engine::{Engine, EngineError, ErrorKind};
+use datamover_control::api::{NewToken, TokenRole};
 
 /// The OpenAPI document of the REST API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -84,25 +86,92 @@ struct Peer {
 
 type AppState = Arc<Engine>;
 
-/// A caller with a valid API token.
-struct User;
+/// A caller with a valid API token whose role allows the call (by its
+/// route and method, [`allowed`]).
+struct User(Caller);
+
+/// The caller of a request's bearer token.
+fn caller(headers: &axum::http::HeaderMap, st: &AppState) -> Result<Caller, EngineError> {
+    let h = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            EngineError::unauthorized("an API token is needed: Authorization: Bearer <token>")
+        })?;
+    let t = h.strip_prefix("Bearer ").ok_or_else(|| {
+        EngineError::unauthorized("the Authorization header must be: Bearer <token>")
+    })?;
+    st.check_token(t.trim())
+}
+
+/// What each role may call, by route and method: an administrator
+/// anything; an auditor only reads; an operator reads (not tokens nor the
+/// audit log), runs jobs and creates jobs (restore jobs only, checked by
+/// the handler).
+pub fn allowed(role: TokenRole, method: &axum::http::Method, route: &str) -> bool {
+    use axum::http::Method;
+    let a = api::API;
+    let reads = method == Method::GET || method == Method::HEAD;
+    match role {
+        TokenRole::Admin => true,
+        TokenRole::Auditor => reads,
+        TokenRole::Operator => {
+            (reads && route != format!("{a}/tokens") && route != format!("{a}/audit"))
+                || (method == Method::POST
+                    && (route == format!("{a}/jobs/{{name}}/run") || route == format!("{a}/jobs")))
+        }
+    }
+}
 
 impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let h = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                EngineError::unauthorized("an API token is needed: Authorization: Bearer <token>")
-            })?;
-        let t = h.strip_prefix("Bearer ").ok_or_else(|| {
-            EngineError::unauthorized("the Authorization header must be: Bearer <token>")
-        })?;
-        st.check_token(t.trim())?;
-        Ok(User)
+        let c = caller(&parts.headers, st)?;
+        let route = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default();
+        if !allowed(c.role, &parts.method, &route) {
+            return Err(EngineError::forbidden(format!(
+                "token {} ({}) may not {} {route}",
+                c.name,
+                c.role.as_str(),
+                parts.method
+            ))
+            .into());
+        }
+        Ok(User(c))
     }
+}
+
+/// Every call that changes something (any method but GET and HEAD) on
+/// the REST API goes into the audit log with its caller and status:
+/// `token:NAME` (or `anonymous`), `enrollment` for a host enrolling.
+async fn audit(State(e): State<AppState>, req: Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    let path = req.uri().path().to_string();
+    let record =
+        req.method() != Method::GET && req.method() != Method::HEAD && path.starts_with(api::API);
+    if !record {
+        return next.run(req).await;
+    }
+    let who = if path == format!("{}/enroll", api::API) {
+        "enrollment".to_string()
+    } else {
+        match caller(req.headers(), &e) {
+            Ok(c) => format!("token:{}", c.name),
+            Err(_) => "anonymous".into(),
+        }
+    };
+    let action = format!("{} {path}", req.method());
+    let res = next.run(req).await;
+    let status = res.status().as_u16();
+    let r = blocking(move || e.audit(&who, &action, status)).await;
+    if let Err(err) = r {
+        tracing::error!("audit log: {}", err.message);
+    }
+    res
 }
 
 /// An enrolled host, by its client certificate.
@@ -262,8 +331,16 @@ pub fn router(engine: AppState) -> Router {
         .route(
             &format!("{a}/jobs"),
             get(|_: User, State(e): State<AppState>| blocking(move || e.jobs().map(Json))).post(
-                |_: User, State(e): State<AppState>, Body(j): Body<JobSpec>| {
-                    blocking(move || e.create_job(&j).map(|r| (StatusCode::CREATED, Json(r))))
+                |User(u): User, State(e): State<AppState>, Body(j): Body<JobSpec>| {
+                    blocking(move || {
+                        if u.role == TokenRole::Operator && j.kind != api::JobKind::Restore {
+                            return Err(EngineError::forbidden(format!(
+                                "token {} (operator) may create restore jobs only",
+                                u.name
+                            )));
+                        }
+                        e.create_job(&j).map(|r| (StatusCode::CREATED, Json(r)))
+                    })
                 },
             ),
         )
@@ -357,6 +434,30 @@ pub fn router(engine: AppState) -> Router {
                 },
             ),
         )
+        .route(
+            &format!("{a}/tokens"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.tokens().map(Json))).post(
+                |_: User, State(e): State<AppState>, Body(t): Body<NewToken>| {
+                    blocking(move || e.create_token(&t).map(|r| (StatusCode::CREATED, Json(r))))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/tokens/{{name}}"),
+            axum::routing::delete(
+                |_: User, State(e): State<AppState>, Path(n): Path<String>| {
+                    blocking(move || e.revoke_token(&n).map(|()| StatusCode::NO_CONTENT))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/audit"),
+            get(
+                |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {
+                    blocking(move || e.audit_log(l.limit.unwrap_or(100).min(10_000)).map(Json))
+                },
+            ),
+        )
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -364,6 +465,7 @@ pub fn router(engine: AppState) -> Router {
             }
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY as usize))
+        .layer(axum::middleware::from_fn_with_state(engine.clone(), audit))
         .with_state(engine)
 }
 

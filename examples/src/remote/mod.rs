@@ -20,12 +20,14 @@ mod jobs;
 mod proxies;
 mod repos;
 mod sessions;
+mod tokens;
 
 pub use hosts::{HostCmd, host};
 pub use jobs::{JobCmd, job};
 pub use proxies::{ProxyCmd, proxy};
 pub use repos::{RepoCmd, repo};
 pub use sessions::{SessionCmd, session};
+pub use tokens::{AuditArgs, TokenCmd, audit, token};
 
 /// How to reach the server.
 #[derive(Args, Debug, Clone)]

@@ -87,15 +87,35 @@ pub fn is_builtin(db: &Connection, name: &str) -> Q<Option<bool>> {
         .optional()?)
 }
 
-/// The host holding the certificate with fingerprint `fp`.
-pub fn by_certificate(db: &Connection, fp: &str) -> Q<Option<(HostId, String)>> {
-    Ok(db
-        .query_row(
-            "SELECT id, name FROM hosts WHERE cert_fingerprint = ?1",
-            [fp],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?)
+/// Every certificate fingerprint that authenticates a host now (its
+/// current one, and its previous one until the renewed one is used),
+/// with the host.
+pub fn certificates(db: &Connection) -> Q<Vec<(String, HostId, String)>> {
+    let mut st = db.prepare(
+        "SELECT cert_fingerprint, id, name FROM hosts WHERE cert_fingerprint IS NOT NULL
+         UNION ALL
+         SELECT prev_fingerprint, id, name FROM hosts WHERE prev_fingerprint IS NOT NULL",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A renewed certificate for host `id`: `fp` becomes current, and the
+/// current one stays good as the previous one until `fp` is first used.
+pub fn renew_certificate(db: &Connection, id: HostId, fp: &str) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET prev_fingerprint = cert_fingerprint, cert_fingerprint = ?1 WHERE id = ?2",
+        params![fp, id],
+    )?;
+    Ok(())
+}
+
+/// Host `id` used its current certificate: its previous one stops working.
+pub fn forget_previous_certificate(db: &Connection, id: HostId, current: &str) -> Q<bool> {
+    Ok(db.execute(
+        "UPDATE hosts SET prev_fingerprint = NULL WHERE id = ?1 AND cert_fingerprint = ?2 AND prev_fingerprint IS NOT NULL",
+        params![id, current],
+    )? > 0)
 }
 
 /// A new managed host, waiting to enroll.

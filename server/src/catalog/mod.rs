@@ -12,6 +12,7 @@
 //! transaction derefs to one), so the caller decides what is atomic, and
 //! never read the clock: times come from the engine.
 
+pub mod audit;
 pub mod hosts;
 pub mod ids;
 pub mod jobs;
@@ -133,6 +134,20 @@ ALTER TABLE tasks ADD COLUMN waiting TEXT;
     // may report fewer, never more).
     r#"
 ALTER TABLE hosts ADD COLUMN datastores TEXT NOT NULL DEFAULT '[]';
+"#,
+    // 5: API tokens with roles and expiry; the audit log; a host's
+    // previous certificate, good until its renewed one is first used.
+    r#"
+ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN expires TEXT;
+CREATE TABLE audit (
+    id     INTEGER PRIMARY KEY,
+    at     TEXT NOT NULL,
+    who    TEXT NOT NULL,
+    action TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+ALTER TABLE hosts ADD COLUMN prev_fingerprint TEXT;
 "#,
 ];
 

@@ -1,53 +1,12 @@
-//! The inventory: API tokens, hosts and their enrollment, proxies and
-//! repositories.
+//! The inventory: hosts and their enrollment, proxies and repositories
+//! (tokens and certificates as credentials: `access`).
 //!
 //! Invariant: a host's certificate is honoured only while the host is in
-//! the inventory (looked up by fingerprint on every agent call), and an
-//! enrollment secret works once, before it expires.
+//! the inventory, and an enrollment secret works once, before it expires.
 
 use super::*;
 
 impl Engine {
-    // ---- authentication ----
-
-    /// Create the first API token (`admin`) if there is none; returns it
-    /// when created.
-    pub fn bootstrap_token(&self) -> R<Option<String>> {
-        let db = self.db();
-        if catalog::tokens::count(&db)? > 0 {
-            return Ok(None);
-        }
-        let t = format!(
-            "dmt1.{}",
-            pki::random_hex(24).map_err(EngineError::internal)?
-        );
-        catalog::tokens::insert(
-            &db,
-            "admin",
-            &pki::fingerprint(t.as_bytes()),
-            &self.clock.rfc3339(),
-        )?;
-        Ok(Some(t))
-    }
-
-    /// Check a bearer token.
-    pub fn check_token(&self, token: &str) -> R<()> {
-        if catalog::tokens::exists(&self.db(), &pki::fingerprint(token.as_bytes()))? {
-            Ok(())
-        } else {
-            Err(EngineError::unauthorized("the API token is not valid"))
-        }
-    }
-
-    /// The host a client certificate was issued to (by fingerprint).
-    pub fn host_of_cert(&self, fingerprint: &str) -> R<(HostId, String)> {
-        catalog::hosts::by_certificate(&self.db(), fingerprint)?.ok_or_else(|| {
-                EngineError::unauthorized(
-                    "this certificate belongs to no host of this server (removed, or from another installation)",
-                )
-            })
-    }
-
     // ---- hosts and enrollment ----
 
     /// Add a managed host; returns its one-time enrollment token.
@@ -116,6 +75,8 @@ impl Engine {
         }
         catalog::hosts::delete(&tx, id)?;
         tx.commit()?;
+        drop(db);
+        self.reload_access()?;
         Ok(())
     }
 
@@ -150,6 +111,8 @@ impl Engine {
         let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
         catalog::hosts::set_certificate(&tx, id, &fp)?;
         tx.commit()?;
+        drop(db);
+        self.reload_access()?;
         tracing::info!("host {name} enrolled");
         Ok(Enrolled {
             host: name,
@@ -216,6 +179,7 @@ impl Engine {
             .map_err(EngineError::internal)?;
         let fp = id.fingerprint().map_err(EngineError::internal)?;
         catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;
+        self.reload_access()?;
         Ok(id)
     }
 

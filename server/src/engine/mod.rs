@@ -21,6 +21,7 @@
 //! proxies' side), [`placement`], [`tick`] and the shared [`lifecycle`]
 //! steps; [`error`] holds [`EngineError`].
 
+pub mod access;
 mod agent;
 pub mod clock;
 pub mod error;
@@ -134,6 +135,8 @@ pub struct Engine {
     /// The names and addresses in the server's own certificate: no host
     /// may have one.
     server_names: Mutex<Vec<String>>,
+    /// Tokens and certificates, read from the catalog after each change.
+    access: std::sync::RwLock<Option<access::Access>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -156,6 +159,7 @@ impl Engine {
             seen: Mutex::new(HashMap::new()),
             packages: crate::deploy::Packages::default(),
             server_names: Mutex::new(Vec::new()),
+            access: std::sync::RwLock::new(None),
         }
     }
 

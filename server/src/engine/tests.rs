@@ -190,3 +190,68 @@ fn certificate_names_and_datastores_are_the_administrators() {
     .unwrap();
     assert!(e.proxies().unwrap()[0].datastores.is_empty());
 }
+
+/// Tokens: roles, expiry by the clock, revocation at once, the last
+/// administrator token kept; checking one never waits for the catalog.
+#[test]
+fn tokens_expire_are_revoked_and_are_checked_without_the_catalog() {
+    use datamover_control::api::{NewToken, TokenRole};
+    let (e, _d) = engine();
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let e = e.with_clock(clock.clone());
+    let admin = e.bootstrap_token().unwrap().unwrap();
+    assert_eq!(e.check_token(&admin).unwrap().role, TokenRole::Admin);
+    let ops = e
+        .create_token(&NewToken {
+            name: "ops".into(),
+            role: TokenRole::Operator,
+            expires_days: Some(2),
+        })
+        .unwrap();
+    let c = e.check_token(&ops.secret).unwrap();
+    assert_eq!((c.name.as_str(), c.role), ("ops", TokenRole::Operator));
+    // Two days later it no longer works, and says why.
+    clock.advance(Duration::from_secs(2 * 86400 + 1));
+    let err = e.check_token(&ops.secret).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unauthenticated);
+    assert!(err.message.contains("expired"), "{}", err.message);
+    // The first token never expires; it cannot be revoked while it is the
+    // only administrator, and can once another exists.
+    assert_eq!(
+        e.revoke_token("admin").unwrap_err().kind,
+        ErrorKind::Conflict
+    );
+    let second = e
+        .create_token(&NewToken {
+            name: "admin2".into(),
+            role: TokenRole::Admin,
+            expires_days: None,
+        })
+        .unwrap();
+    e.revoke_token("admin").unwrap();
+    assert_eq!(
+        e.check_token(&admin).unwrap_err().kind,
+        ErrorKind::Unauthenticated
+    );
+    assert_eq!(
+        e.revoke_token("nope").unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    for days in [0, 3651] {
+        let t = NewToken {
+            name: "x".into(),
+            role: TokenRole::Auditor,
+            expires_days: Some(days),
+        };
+        assert_eq!(e.create_token(&t).unwrap_err().kind, ErrorKind::BadInput);
+    }
+    // With the catalog's lock held (a long scheduler step), a token is
+    // still checked at once.
+    let held = e.db();
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| assert!(e.check_token(&second.secret).is_ok()));
+    });
+    assert!(t.elapsed() < Duration::from_secs(1));
+    drop(held);
+}

@@ -534,3 +534,124 @@ fn the_api_cannot_be_held_by_idle_or_slow_clients() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let _: Vec<Job> = api.get(&format!("{API}/jobs")).unwrap();
 }
+
+/// Finding 6: named tokens with roles, revoked at once, through the CLI
+/// and the API; every change and every restore is in the audit log with
+/// who made it.
+#[test]
+fn tokens_have_roles_are_revoked_at_once_and_changes_are_audited() {
+    let _serial = crate::common::serial();
+    let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
+    let admin = c.api();
+    let img = c.ds("disk.img");
+    make_disk(&img, 1 << 20, 2);
+    let repo = c.path("repo");
+    let out = dm(&c)
+        .args(["repo", "add", "main"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    create_job(
+        &c,
+        serde_json::json!({"name": "b", "kind": "backup", "repository": "main",
+            "disks": [{"name": "vm/a", "source": img}]}),
+    );
+    assert_eq!(run(&c, "b").state, State::Success);
+
+    let make = |name: &str, role: &str| -> Client {
+        let out = dm(&c)
+            .args([
+                "token",
+                "create",
+                name,
+                "--role",
+                role,
+                "--expires-days",
+                "7",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let t: datamover_control::api::TokenCreated = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(t.token.role.as_str(), role);
+        assert!(t.token.expires.is_some());
+        Client::new(&c.url, &c.ca_pem, None, Auth::Token(t.secret), T).unwrap()
+    };
+    let ops = make("ops", "operator");
+    let aud = make("aud", "auditor");
+
+    // The auditor reads everything, the audit log included, and changes
+    // nothing.
+    let _: Vec<Job> = aud.get(&format!("{API}/jobs")).unwrap();
+    let _: serde_json::Value = aud.get(&format!("{API}/audit")).unwrap();
+    let (st, m) = status(
+        aud.post::<_, serde_json::Value>(&format!("{API}/jobs/b/run"), &serde_json::json!({})),
+    );
+    assert_eq!(st, 403, "{m}");
+    // The operator runs jobs and restores, nothing else.
+    let (st, _) = status(ops.get::<serde_json::Value>(&format!("{API}/tokens")));
+    assert_eq!(st, 403);
+    let (st, _) = status(ops.get::<serde_json::Value>(&format!("{API}/audit")));
+    assert_eq!(st, 403);
+    let (st, _) = status(ops.post::<_, serde_json::Value>(
+        &format!("{API}/repositories"),
+        &serde_json::json!({"name": "x", "path": "/x"}),
+    ));
+    assert_eq!(st, 403);
+    let (st, m) = status(ops.post::<_, Job>(
+        &format!("{API}/jobs"),
+        &serde_json::json!({"name": "b2", "kind": "backup", "repository": "main",
+            "disks": [{"name": "vm/b", "source": img}]}),
+    ));
+    assert_eq!(st, 403, "{m}");
+    let _: Job = ops
+        .post(
+            &format!("{API}/jobs"),
+            &serde_json::json!({"name": "r", "kind": "restore", "repository": "main",
+                "disks": [{"name": "vm/a", "source": c.ds("restored.img")}]}),
+        )
+        .unwrap();
+    let s: Session = ops
+        .post(&format!("{API}/jobs/r/run"), &serde_json::json!({}))
+        .unwrap();
+    assert_eq!(c.wait_session(s.id, T).state, State::Success);
+
+    // Revoked: refused at the next call.
+    let out = dm(&c).args(["token", "revoke", "ops"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (st, m) = status(ops.get::<Vec<Job>>(&format!("{API}/jobs")));
+    assert_eq!(st, 401, "{m}");
+    // The last administrator token stays.
+    let (st, m) = status(admin.delete(&format!("{API}/tokens/admin")));
+    assert_eq!(st, 409, "{m}");
+    let list = dm(&c).args(["token", "list"]).output().unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("aud") && text.contains("auditor") && !text.contains("ops"),
+        "{text}"
+    );
+
+    // The audit log: who did what, the refusals too; reads are not in it.
+    let log: Vec<datamover_control::api::AuditEntry> =
+        aud.get(&format!("{API}/audit?limit=100")).unwrap();
+    let has = |who: &str, action: &str, status: u16| {
+        log.iter()
+            .any(|e| e.who == who && e.action == action && e.status == status)
+    };
+    assert!(has("token:admin", "POST /api/v1/tokens", 201), "{log:#?}");
+    assert!(has("token:ops", "POST /api/v1/jobs/r/run", 201), "{log:#?}");
+    assert!(
+        has("token:ops", "POST /api/v1/repositories", 403),
+        "{log:#?}"
+    );
+    assert!(has("token:aud", "POST /api/v1/jobs/b/run", 403), "{log:#?}");
+    assert!(
+        has("token:admin", "DELETE /api/v1/tokens/ops", 204),
+        "{log:#?}"
+    );
+    assert!(log.iter().all(|e| !e.action.starts_with("GET")), "{log:#?}");
+    let out = dm(&c).args(["audit", "--limit", "5"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("token:admin"));
+}
