@@ -154,6 +154,22 @@ pub struct Enrolled {
     pub ca: String,
 }
 
+/// A host asks for a new certificate for a new key (over the agent
+/// channel, authenticated by its current certificate).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A PEM certificate request for the host's new key.
+    pub csr: String,
+}
+
+/// A renewed certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renewed {
+    /// The certificate, PEM (names and usages from the inventory).
+    pub cert: String,
+}
+
 /// The state of a proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -203,6 +203,13 @@ impl Identity {
         Ok(fingerprint(&cert_der_from_pem(&self.cert_pem)?))
     }
 
+    /// Whether the certificate should be renewed at Unix time `now`: less
+    /// than a third of its validity is left.
+    pub fn renewal_due(&self, now: i64) -> Result<bool> {
+        let (from, until) = validity(&self.cert_pem)?;
+        Ok(until - now < (until - from) / 3)
+    }
+
     /// A TLS server config presenting this identity; `clients` says
     /// whether client certificates under the CA are required or optional.
     pub fn server_config(&self, clients: ClientAuth) -> Result<Arc<rustls::ServerConfig>> {
@@ -302,6 +309,20 @@ impl std::str::FromStr for EnrollmentToken {
 /// Write a file (certificates: anyone may read them).
 pub fn write_file(p: &Path, b: &[u8]) -> Result<()> {
     std::fs::write(p, b).map_err(io_err(p))
+}
+
+/// The validity of a PEM certificate: (not before, not after), in Unix
+/// seconds.
+pub fn validity(cert_pem: &str) -> Result<(i64, i64)> {
+    validity_der(cert_der_from_pem(cert_pem)?.as_ref())
+}
+
+/// [`validity`] of a DER certificate.
+pub fn validity_der(der: &[u8]) -> Result<(i64, i64)> {
+    let (_, c) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::Invalid(format!("certificate: {e}")))?;
+    let v = c.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// Write a file readable by its owner only.

@@ -22,7 +22,6 @@ use datamover_control::api::{
     AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult,
 };
 use datamover_control::client::Client;
-use datamover_control::pki::Identity;
 
 /// The version of the proxy component.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,8 +31,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct AgentConfig {
     /// The server, `https://host:port`.
     pub server: String,
-    /// The host's certificate and key.
-    pub identity: Identity,
+    /// The host's certificate and key (renewed as they age).
+    pub identity: crate::identity::LiveIdentity,
     /// Directories of VM disks this proxy can open directly (SAN mode).
     pub datastores: Vec<PathBuf>,
     /// Heartbeat interval until the server says otherwise.
@@ -53,7 +52,7 @@ pub struct AgentConfig {
 #[derive(Debug)]
 pub struct Mover {
     /// The host's certificate (for repository services).
-    pub identity: Identity,
+    pub identity: crate::identity::LiveIdentity,
     /// See [`AgentConfig::manifest_cache`].
     pub manifest_cache: Option<PathBuf>,
     /// The datastores this proxy was given; those that exist are the
@@ -99,7 +98,7 @@ struct Running {
 /// Run the agent until `stop` is set. Errors reaching the server are
 /// logged and retried; they never end the agent.
 pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::ProxyError> {
-    let client = Client::for_host(&cfg.server, &cfg.identity)?;
+    let mut client = Client::for_host(&cfg.server, &cfg.identity.get())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let (tx, rx): (Sender<TaskResult>, Receiver<TaskResult>) = channel();
     let mut w = Tasks {
@@ -169,6 +168,15 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 Ok(o) => {
                     failures = 0;
                     w.apply(o);
+                    // Renew the host's certificate when it is due.
+                    match cfg.identity.refresh(&client) {
+                        Ok(true) => match Client::for_host(&cfg.server, &cfg.identity.get()) {
+                            Ok(c) => client = c,
+                            Err(e) => tracing::warn!("renewed certificate not usable: {e}"),
+                        },
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!("certificate renewal failed: {e}"),
+                    }
                 }
                 Err(e) => {
                     failures += 1;
@@ -400,7 +408,7 @@ fn store_for(t: &TaskOrder, mover: &Mover) -> datamover::Result<Dest> {
     }
     match &t.service {
         Some(at) => Ok(Dest::Remote(
-            RemoteStore::new(at.clone(), &mover.identity)
+            RemoteStore::new(at.clone(), &mover.identity.get())
                 .map(|r| match &mover.manifest_cache {
                     Some(d) => r.with_manifest_cache(d.clone()),
                     None => r,
@@ -573,11 +581,14 @@ mod tests {
         let ds = d.path().join("images");
         std::fs::create_dir(&ds).unwrap();
         let m = Mover {
-            identity: Identity {
-                cert_pem: String::new(),
-                key_pem: String::new(),
-                ca_pem: String::new(),
-            },
+            identity: crate::identity::LiveIdentity::new(
+                datamover_control::pki::Identity {
+                    cert_pem: String::new(),
+                    key_pem: String::new(),
+                    ca_pem: String::new(),
+                },
+                None,
+            ),
             manifest_cache: None,
             datastores: vec![ds.clone(), d.path().join("missing")],
         };

@@ -43,7 +43,6 @@ use datamover_control::api::{
     AGENT, COMPONENT_PROXY, ComponentOrder, InstalledComponent, InstallerOrders, InstallerReport,
 };
 use datamover_control::client::{Client, ClientError};
-use datamover_control::pki::Identity;
 
 /// The version of the installer.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -101,8 +100,8 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Install
 pub struct InstallerConfig {
     /// The server, `https://host:port`.
     pub server: String,
-    /// The host's identity (also the proxy's).
-    pub identity: Identity,
+    /// The host's identity (also the proxy's; either renews it).
+    pub identity: crate::identity::LiveIdentity,
     /// State directory.
     pub dir: PathBuf,
     /// Poll interval until the server says otherwise.
@@ -398,7 +397,7 @@ fn binary(component: &str) -> &'static str {
 /// installed packages stay). Errors reaching the server are logged and
 /// retried.
 pub fn run(cfg: &InstallerConfig, stop: &AtomicBool) -> Result<()> {
-    let client = Client::for_host(&cfg.server, &cfg.identity)?;
+    let mut client = Client::for_host(&cfg.server, &cfg.identity.get())?;
     let mut proxy = Component::new(COMPONENT_PROXY);
     let mut interval = cfg.interval;
     let mut failures = 0u32;
@@ -416,6 +415,16 @@ pub fn run(cfg: &InstallerConfig, stop: &AtomicBool) -> Result<()> {
                 }
                 let order = o.components.iter().find(|c| c.name == COMPONENT_PROXY);
                 proxy.apply(cfg, &client, order);
+                // Renew the host's certificate when it is due (or adopt
+                // the proxy's renewal).
+                match cfg.identity.refresh(&client) {
+                    Ok(true) => match Client::for_host(&cfg.server, &cfg.identity.get()) {
+                        Ok(c) => client = c,
+                        Err(e) => tracing::warn!("renewed certificate not usable: {e}"),
+                    },
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("certificate renewal failed: {e}"),
+                }
             }
             Err(e) => {
                 failures += 1;

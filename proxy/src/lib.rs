@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod error;
+pub mod identity;
 pub mod installer;
 pub mod repo_service;
 

@@ -96,7 +96,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             datamover_proxy::check_datastores_outside(&datastore, &cli.dir)?;
             let server = datamover_proxy::join(&cli.dir, server.as_deref(), token.as_deref())?;
-            let identity = Identity::load(&cli.dir)?;
+            let identity = datamover_proxy::identity::LiveIdentity::new(
+                Identity::load(&cli.dir)?,
+                Some(cli.dir.clone()),
+            );
             let served: ServedMap = Default::default();
             let stop = Arc::new(AtomicBool::new(false));
             let service_port = if repo_listen == "off" {
@@ -109,7 +112,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         std::thread::Builder::new()
                             .name("repo-service".into())
                             .spawn(move || {
-                                if let Err(e) = repo_service::serve(l, &id, m, st) {
+                                let limits = repo_service::server::Limits::default();
+                                if let Err(e) =
+                                    repo_service::server::serve_with(l, &id, m, st, limits)
+                                {
                                     tracing::error!("repository service stopped: {e}");
                                 }
                             })?;

@@ -99,6 +99,7 @@ fn start_with(
     let port = l.local_addr().unwrap().port();
     let stop = Arc::new(AtomicBool::new(false));
     let (id, st, m) = (id.clone(), stop.clone(), served.clone());
+    let id = datamover_proxy::identity::LiveIdentity::new(id, None);
     std::thread::spawn(move || repo_service::server::serve_with(l, &id, m, st, limits).unwrap());
     Service { port, stop, served }
 }

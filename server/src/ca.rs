@@ -104,7 +104,12 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn leaf_params(cn: &str, names: &[String], usage: Usage) -> Result<CertificateParams> {
+    fn leaf_params(
+        cn: &str,
+        names: &[String],
+        usage: Usage,
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<CertificateParams> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
@@ -130,10 +135,24 @@ impl Ca {
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
         };
-        // Fixed validity (certificates are revoked by removing the host
-        // from the inventory; rotation is a later issue).
-        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+        // Hosts' certificates live `lifetime` (from a little before now,
+        // for clocks a little behind) and are renewed over the agent
+        // channel; the server's own is issued afresh at every start.
+        match lifetime {
+            Some(l) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let skew = (l / 10).min(std::time::Duration::from_secs(300));
+                let epoch = rcgen::date_time_ymd(1970, 1, 1);
+                params.not_before = epoch + now.saturating_sub(skew);
+                params.not_after = epoch + now + l;
+            }
+            None => {
+                params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+            }
+        }
         let mut serial = [0u8; 16];
         getrandom::fill(&mut serial)
             .map_err(|e| err("random", std::io::Error::other(e.to_string())))?;
@@ -144,10 +163,21 @@ impl Ca {
 
     /// Issue a certificate and a new key for `cn`, valid for `names`
     /// (host names or IP addresses) and for `usage` only: the server's own
-    /// certificate, the built-in proxy's.
+    /// certificate (until 2044: it is issued afresh at every start).
     pub fn issue(&self, cn: &str, names: &[String], usage: Usage) -> Result<Identity> {
+        self.issue_for(cn, names, usage, None)
+    }
+
+    /// [`Ca::issue`], valid for `lifetime` from now (none: until 2044).
+    pub fn issue_for(
+        &self,
+        cn: &str,
+        names: &[String],
+        usage: Usage,
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<Identity> {
         let key = KeyPair::generate().map_err(|e| err("generate key", e))?;
-        let cert = Self::leaf_params(cn, names, usage)?
+        let cert = Self::leaf_params(cn, names, usage, lifetime)?
             .signed_by(&key, &self.issuer)
             .map_err(|e| err("sign certificate", e))?;
         Ok(Identity {
@@ -158,12 +188,25 @@ impl Ca {
     }
 
     /// Sign a host's CSR. The subject and names come from the server's
-    /// inventory, never from the request; the usages are a host's.
+    /// inventory, never from the request; the usages are a host's (or
+    /// `usage`); valid for `lifetime`.
     pub fn sign_csr(&self, csr_pem: &str, cn: &str, names: &[String]) -> Result<String> {
+        self.sign_csr_for(csr_pem, cn, names, Usage::Host, None)
+    }
+
+    /// [`Ca::sign_csr`] with a usage and a lifetime (none: until 2044).
+    pub fn sign_csr_for(
+        &self,
+        csr_pem: &str,
+        cn: &str,
+        names: &[String],
+        usage: Usage,
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| err("certificate request", e))?;
         let req = CertificateSigningRequestParams {
-            params: Self::leaf_params(cn, names, Usage::Host)?,
+            params: Self::leaf_params(cn, names, usage, lifetime)?,
             public_key: csr.public_key,
         };
         Ok(req

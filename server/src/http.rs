@@ -78,10 +78,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The TLS peer of a connection: its client certificate's fingerprint.
+/// The TLS peer of a connection: its client certificate's fingerprint,
+/// and when that certificate ends (Unix seconds).
 #[derive(Debug, Clone)]
 struct Peer {
     fingerprint: Option<String>,
+    not_after: Option<i64>,
 }
 
 type AppState = Arc<Engine>;
@@ -182,15 +184,25 @@ struct HostPeer {
 impl FromRequestParts<AppState> for HostPeer {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let fp = parts
-            .extensions
-            .get::<Peer>()
+        let peer = parts.extensions.get::<Peer>().cloned();
+        let fp = peer
+            .as_ref()
             .and_then(|p| p.fingerprint.clone())
             .ok_or_else(|| {
                 EngineError::unauthorized(
                     "the agent API needs the client certificate of an enrolled host",
                 )
             })?;
+        // TLS checked the certificate's dates at the handshake; a kept-
+        // alive connection outlives them, so each request checks again.
+        if let Some(end) = peer.and_then(|p| p.not_after)
+            && end < st.clock.now().timestamp()
+        {
+            return Err(EngineError::unauthorized(
+                "the client certificate has expired (renew it before its end, or enroll the host again)",
+            )
+            .into());
+        }
         let (id, _name) = st.host_of_cert(&fp)?;
         Ok(HostPeer { id })
     }
@@ -411,6 +423,17 @@ pub fn router(engine: AppState) -> Router {
                 |h: HostPeer, State(e): State<AppState>, Path(n): Path<String>| async move {
                     let pkg = blocking(move || e.component_for(h.id, &n)).await?;
                     stream_file(pkg)
+                },
+            ),
+        )
+        .route(
+            &format!("{g}/renew"),
+            post(
+                |h: HostPeer, State(e): State<AppState>, Body(r): Body<api::RenewRequest>| {
+                    blocking(move || {
+                        e.renew(h.id, &r.csr)
+                            .map(|cert| Json(api::Renewed { cert }))
+                    })
                 },
             ),
         )
@@ -644,13 +667,23 @@ async fn connection(
         }
         Err(_) => return,
     };
-    let fingerprint = tls
+    let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
+        .cloned();
+    let fingerprint = cert
+        .as_ref()
         .map(|c| datamover_control::pki::fingerprint(c));
-    let app = app.layer(Extension(Peer { fingerprint }));
+    let not_after = cert
+        .as_ref()
+        .and_then(|c| datamover_control::pki::validity_der(c).ok())
+        .map(|v| v.1);
+    let app = app.layer(Extension(Peer {
+        fingerprint,
+        not_after,
+    }));
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())

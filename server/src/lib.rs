@@ -154,7 +154,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
         )?;
         Some(agent::spawn(AgentConfig {
             server: local,
-            identity: id,
+            identity: datamover_proxy::identity::LiveIdentity::new(id, None),
             // Only what the administrator gave (`--datastore`); none by
             // default.
             datastores: cfg.builtin_datastores.clone(),

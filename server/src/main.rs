@@ -48,6 +48,14 @@ struct Cli {
     /// the file upgrades every such host.
     #[arg(long)]
     proxy_package: Option<PathBuf>,
+    /// Days a host's certificate is valid (hosts renew it over the agent
+    /// channel when a third is left).
+    #[arg(long, default_value_t = 30)]
+    host_cert_days: u64,
+    /// Seconds a host's certificate is valid, overriding --host-cert-days
+    /// (tests of renewal).
+    #[arg(long, hide = true)]
+    host_cert_lifetime_s: Option<u64>,
     /// Seconds a client has to finish the TLS handshake.
     #[arg(long, default_value_t = 10)]
     handshake_timeout_s: u64,
@@ -86,6 +94,11 @@ async fn main() -> ExitCode {
             heartbeat: Duration::from_millis(c.heartbeat_ms.max(50)),
             dead_after: Duration::from_millis(c.dead_after_ms.max(200)),
             retry_delay: Duration::from_millis(c.retry_delay_ms),
+            host_cert: Duration::from_secs(
+                c.host_cert_lifetime_s
+                    .unwrap_or(c.host_cert_days.clamp(1, 3650) * 86400)
+                    .max(10),
+            ),
             ..Timing::default()
         },
         proxy_package,

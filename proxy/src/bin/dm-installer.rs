@@ -63,7 +63,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let server = datamover_proxy::join(&cli.dir, cli.server.as_deref(), cli.token.as_deref())?;
-    let identity = Identity::load(&cli.dir)?;
+    let identity = datamover_proxy::identity::LiveIdentity::new(
+        Identity::load(&cli.dir)?,
+        Some(cli.dir.clone()),
+    );
     let mut proxy_args = Vec::new();
     for d in &cli.datastore {
         proxy_args.push("--datastore".to_string());

@@ -59,7 +59,8 @@ pub fn serve(
     served: ServedMap,
     stop: Arc<AtomicBool>,
 ) -> Result<(), crate::error::ProxyError> {
-    serve_with(listener, identity, served, stop, Limits::default())
+    let live = crate::identity::LiveIdentity::new(identity.clone(), None);
+    serve_with(listener, &live, served, stop, Limits::default())
 }
 
 /// Counts of what is in use, shared by the accept loop and the
@@ -85,15 +86,21 @@ fn usage(u: &Shared) -> std::sync::MutexGuard<'_, Usage> {
 /// does it take a session slot (at most `sessions`).
 pub fn serve_with(
     listener: TcpListener,
-    identity: &Identity,
+    identity: &crate::identity::LiveIdentity,
     served: ServedMap,
     stop: Arc<AtomicBool>,
     limits: Limits,
 ) -> Result<(), crate::error::ProxyError> {
-    let tls = identity.server_config(ClientAuth::Required)?;
-    let mut cfg = (*tls).clone();
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let tls = Arc::new(cfg);
+    // The TLS configuration follows the host's certificate as it is
+    // renewed (rebuilt when it changed, checked at each connection).
+    let config = |id: &Identity| -> Result<Arc<rustls::ServerConfig>, crate::error::ProxyError> {
+        let tls = id.server_config(ClientAuth::Required)?;
+        let mut cfg = (*tls).clone();
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    };
+    let mut presented = identity.get();
+    let mut tls = config(&presented)?;
     listener
         .set_nonblocking(true)
         .map_err(crate::error::ProxyError::io("repository service: listener"))?;
@@ -126,6 +133,16 @@ pub fn serve_with(
             }
             u.handshakes += 1;
             *u.by_address.entry(peer.ip()).or_default() += 1;
+        }
+        let now = identity.get();
+        if now.cert_pem != presented.cert_pem {
+            match config(&now) {
+                Ok(c) => {
+                    tls = c;
+                    presented = now;
+                }
+                Err(e) => tracing::warn!("repository service: renewed certificate not usable: {e}"),
+            }
         }
         let (tls, served, u, l) = (tls.clone(), served.clone(), shared.clone(), limits.clone());
         let spawned = std::thread::Builder::new()

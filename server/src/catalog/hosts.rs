@@ -101,21 +101,14 @@ pub fn certificates(db: &Connection) -> Q<Vec<(String, HostId, String)>> {
 }
 
 /// A renewed certificate for host `id`: `fp` becomes current, and the
-/// current one stays good as the previous one until `fp` is first used.
+/// current one stays good as the previous one until the next renewal
+/// (or its own end).
 pub fn renew_certificate(db: &Connection, id: HostId, fp: &str) -> Q<()> {
     db.execute(
         "UPDATE hosts SET prev_fingerprint = cert_fingerprint, cert_fingerprint = ?1 WHERE id = ?2",
         params![fp, id],
     )?;
     Ok(())
-}
-
-/// Host `id` used its current certificate: its previous one stops working.
-pub fn forget_previous_certificate(db: &Connection, id: HostId, current: &str) -> Q<bool> {
-    Ok(db.execute(
-        "UPDATE hosts SET prev_fingerprint = NULL WHERE id = ?1 AND cert_fingerprint = ?2 AND prev_fingerprint IS NOT NULL",
-        params![id, current],
-    )? > 0)
 }
 
 /// A new managed host, waiting to enroll.

@@ -118,6 +118,38 @@ impl Engine {
             })
     }
 
+    /// A new certificate for `host`, for the key of `csr`: the names and
+    /// usages come from the inventory, as at enrollment. The current one
+    /// stays good as the previous one until the next renewal (or its own
+    /// end), so a host whose answer was lost is not locked out.
+    pub fn renew(&self, host: HostId, csr: &str) -> R<String> {
+        let cert = {
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            let h = catalog::hosts::get(&tx, host)?;
+            let builtin = catalog::hosts::is_builtin(&tx, &h.name)?.unwrap_or(false);
+            let (names, usage) = if builtin {
+                (vec!["localhost".to_string()], crate::ca::Usage::Client)
+            } else {
+                let mut n = h.addresses.clone();
+                n.push(h.name.clone());
+                (n, crate::ca::Usage::Host)
+            };
+            let cert = self
+                .ca
+                .sign_csr_for(csr, &h.name, &names, usage, Some(self.timing.host_cert))
+                .map_err(|e| EngineError::bad(e.to_string()))?;
+            let fp =
+                pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
+            catalog::hosts::renew_certificate(&tx, host, &fp)?;
+            tx.commit()?;
+            tracing::info!("host {}: certificate renewed", h.name);
+            cert
+        };
+        self.reload_access()?;
+        Ok(cert)
+    }
+
     /// Every API token (never their secrets).
     pub fn tokens(&self) -> R<Vec<ApiToken>> {
         Ok(catalog::tokens::list(&self.db())?

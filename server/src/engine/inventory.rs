@@ -106,7 +106,13 @@ impl Engine {
         names.push(name.clone());
         let cert = self
             .ca
-            .sign_csr(&req.csr, &name, &names)
+            .sign_csr_for(
+                &req.csr,
+                &name,
+                &names,
+                crate::ca::Usage::Host,
+                Some(self.timing.host_cert),
+            )
             .map_err(|e| EngineError::bad(e.to_string()))?;
         let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
         catalog::hosts::set_certificate(&tx, id, &fp)?;
@@ -175,7 +181,12 @@ impl Engine {
     pub fn builtin_identity(&self, names: &[String]) -> R<Identity> {
         let id = self
             .ca
-            .issue(BUILTIN, names, crate::ca::Usage::Client)
+            .issue_for(
+                BUILTIN,
+                names,
+                crate::ca::Usage::Client,
+                Some(self.timing.host_cert),
+            )
             .map_err(EngineError::internal)?;
         let fp = id.fingerprint().map_err(EngineError::internal)?;
         catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;

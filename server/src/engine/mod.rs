@@ -67,6 +67,9 @@ pub struct Timing {
     pub retry_delay: Duration,
     /// Lifetime of an enrollment token.
     pub enroll_ttl: Duration,
+    /// Lifetime of a host's certificate (renewed by the host when a third
+    /// of it is left).
+    pub host_cert: Duration,
 }
 
 impl Timing {
@@ -83,6 +86,7 @@ impl Default for Timing {
             dead_after: Duration::from_secs(20),
             retry_delay: Duration::from_secs(30),
             enroll_ttl: Duration::from_secs(24 * 3600),
+            host_cert: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

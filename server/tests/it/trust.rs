@@ -655,3 +655,76 @@ fn tokens_have_roles_are_revoked_at_once_and_changes_are_audited() {
     let out = dm(&c).args(["audit", "--limit", "5"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("token:admin"));
 }
+
+/// Finding 6: host certificates are short-lived and renewed over the
+/// agent channel, by the proxies and by the built-in proxy; both keep
+/// working past the end of the certificate they started with.
+#[test]
+fn host_certificates_are_renewed_before_they_end() {
+    let _serial = crate::common::serial();
+    let mut c = Cluster::start(&[
+        "--heartbeat-ms",
+        "200",
+        "--retry-delay-ms",
+        "100",
+        "--host-cert-lifetime-s",
+        "12",
+        // A proxy whose certificate ended would be declared dead at once.
+        "--dead-after-ms",
+        "1500",
+    ]);
+    let images = c.path("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let img = images.join("a.img");
+    make_disk(&img, 1 << 20, 8);
+    c.add_proxy("p1", &[&images], 1);
+    let cert = c.path("proxy-p1/cert.pem");
+    let first = std::fs::read_to_string(&cert).unwrap();
+    let (from, until) = datamover_control::pki::validity(&first).unwrap();
+    assert!(until - from <= 14, "{from}..{until}");
+    // Renewed when a third is left, for a new key.
+    let key = std::fs::read_to_string(c.path("proxy-p1/key.pem")).unwrap();
+    crate::common::wait_until("renewal", Duration::from_secs(15), || {
+        std::fs::read_to_string(&cert).unwrap_or_default() != first
+    });
+    assert_ne!(
+        std::fs::read_to_string(c.path("proxy-p1/key.pem")).unwrap(),
+        key
+    );
+    // Past the first certificate's end, the proxy and the built-in proxy
+    // still heartbeat, and a job runs.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    while now() <= until + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let ps: Vec<Proxy> = c.api().get(&format!("{API}/proxies")).unwrap();
+    for p in ["p1", "builtin"] {
+        let p = ps.iter().find(|x| x.name == p).unwrap();
+        assert_eq!(
+            p.state,
+            datamover_control::api::ProxyState::Online,
+            "{p:?}\n{}",
+            c.logs()
+        );
+    }
+    let repo = c.path("repo");
+    let out = dm(&c)
+        .args(["repo", "add", "main"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    create_job(
+        &c,
+        serde_json::json!({"name": "b", "kind": "backup", "repository": "main",
+            "proxies": ["p1"], "disks": [{"name": "vm/a", "source": img}]}),
+    );
+    assert_eq!(run(&c, "b").state, State::Success, "{}", c.logs());
+    let _ = c.proxy("p1");
+}
