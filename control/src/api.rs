@@ -650,6 +650,10 @@ pub struct TaskOrder {
     /// `overwrite`); without it such a target is refused.
     #[serde(default)]
     pub overwrite: bool,
+    /// This proxy holds the task's repository (named here) and writes it
+    /// directly: it signs the result's [`Receipt`] itself.
+    #[serde(default)]
+    pub receipt_for: Option<String>,
 }
 
 /// How a task ended on the proxy.
@@ -681,6 +685,44 @@ pub struct TaskResult {
     pub error: Option<String>,
     /// Whether retrying cannot help (bad input).
     pub permanent: bool,
+    /// For a point written through a repository service: the service's
+    /// signed receipt for it, which the server checks before the task
+    /// counts as a success.
+    #[serde(default)]
+    pub receipt: Option<Receipt>,
+}
+
+/// A repository service's statement, signed with its host's key, that it
+/// published a point for a task: the server takes a task's success on a
+/// repository a proxy holds only with a receipt that verifies under that
+/// proxy's certificate and names the task, repository, disk, point and
+/// size the result claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The task the point was written for (the grant's).
+    pub task: u64,
+    /// The repository.
+    pub repository: String,
+    /// The disk.
+    pub disk: DiskName,
+    /// The point published.
+    pub point: PointId,
+    /// Its disk size in bytes.
+    pub size: u64,
+    /// ECDSA P-256 / SHA-256 signature (hex, fixed-size r||s) over
+    /// [`Receipt::signed_bytes`].
+    pub signature: String,
+}
+
+impl Receipt {
+    /// The bytes signed: a versioned, line-separated form of the fields.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        format!(
+            "dm-receipt/1\n{}\n{}\n{}\n{}\n{}\n",
+            self.task, self.repository, self.disk, self.point, self.size
+        )
+        .into_bytes()
+    }
 }
 
 /// Where a repository service is and how to reach it.

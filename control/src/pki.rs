@@ -203,6 +203,21 @@ impl Identity {
         Ok(fingerprint(&cert_der_from_pem(&self.cert_pem)?))
     }
 
+    /// Sign `msg` with this identity's key (ECDSA P-256, SHA-256, the
+    /// fixed r||s form), hex.
+    pub fn sign(&self, msg: &[u8]) -> Result<String> {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let der = key_from_pem(&self.key_pem)?;
+        let rng = ring::rand::SystemRandom::new();
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_der(), &rng)
+                .map_err(|e| PkiError::Invalid(format!("host key: {e}")))?;
+        let sig = key
+            .sign(&rng, msg)
+            .map_err(|e| PkiError::Invalid(format!("sign: {e}")))?;
+        Ok(hex(sig.as_ref()))
+    }
+
     /// Whether the certificate should be renewed at Unix time `now`: less
     /// than a third of its validity is left.
     pub fn renewal_due(&self, now: i64) -> Result<bool> {
@@ -309,6 +324,35 @@ impl std::str::FromStr for EnrollmentToken {
 /// Write a file (certificates: anyone may read them).
 pub fn write_file(p: &Path, b: &[u8]) -> Result<()> {
     std::fs::write(p, b).map_err(io_err(p))
+}
+
+/// Whether `sig` (hex, from [`Identity::sign`]) is a signature of `msg`
+/// by the key of the PEM certificate `cert_pem`.
+pub fn verify_signature(cert_pem: &str, msg: &[u8], sig: &str) -> bool {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    let Ok(der) = cert_der_from_pem(cert_pem) else {
+        return false;
+    };
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let Some(sig) = unhex(sig) else {
+        return false;
+    };
+    let point = c.public_key().subject_public_key.data.as_ref();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+        .verify(msg, &sig)
+        .is_ok()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 1024 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The validity of a PEM certificate: (not before, not after), in Unix

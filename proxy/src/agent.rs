@@ -321,13 +321,14 @@ pub fn run_task(
         replica: None,
         error: None,
         permanent: false,
+        receipt: None,
     };
     let progress: datamover::ProgressFn = Arc::new(move |d, n| {
         done.store(d, Ordering::Relaxed);
         total.store(n, Ordering::Relaxed);
         !cancel.load(Ordering::Relaxed)
     });
-    match run_kind(t, mover, progress) {
+    match run_kind(t, mover, progress).and_then(|o| sign_receipt(t, mover, o)) {
         Ok(o) => {
             tracing::info!(
                 "task {}: {} {} ({})",
@@ -344,6 +345,7 @@ pub fn run_task(
             res.total = o.total;
             res.wire_bytes = o.wire_bytes;
             res.replica = o.replica;
+            res.receipt = o.receipt;
         }
         Err(e) => {
             tracing::warn!("task {}: {e}", t.task);
@@ -352,6 +354,30 @@ pub fn run_task(
         }
     }
     res
+}
+
+/// A result on a repository this proxy holds and wrote directly carries
+/// a receipt signed with its own key (the repository service signs the
+/// others).
+fn sign_receipt(t: &TaskOrder, mover: &Mover, mut o: Outcome) -> datamover::Result<Outcome> {
+    let Some(repository) = &t.receipt_for else {
+        return Ok(o);
+    };
+    let mut r = datamover_control::api::Receipt {
+        task: t.task,
+        repository: repository.clone(),
+        disk: t.disk.clone(),
+        point: o.point.clone(),
+        size: o.total,
+        signature: String::new(),
+    };
+    r.signature = mover
+        .identity
+        .get()
+        .sign(&r.signed_bytes())
+        .map_err(|e| datamover::Error::Internal(format!("sign the receipt: {e}")))?;
+    o.receipt = Some(r);
+    Ok(o)
 }
 
 /// What a task did.
@@ -364,6 +390,7 @@ struct Outcome {
     total: u64,
     wire_bytes: u64,
     replica: Option<String>,
+    receipt: Option<datamover_control::api::Receipt>,
 }
 
 impl Outcome {
@@ -378,6 +405,7 @@ impl Outcome {
             total: r.stats.bytes_total,
             wire_bytes: 0,
             replica: None,
+            receipt: None,
         }
     }
 }
@@ -386,14 +414,14 @@ impl Outcome {
 /// repository service.
 enum Dest {
     Local(Repository),
-    Remote(RemoteStore),
+    Remote(Box<RemoteStore>),
 }
 
 impl Dest {
     fn store(&self) -> &dyn Store {
         match self {
             Dest::Local(r) => r,
-            Dest::Remote(r) => r,
+            Dest::Remote(r) => r.as_ref(),
         }
     }
 }
@@ -407,7 +435,7 @@ fn store_for(t: &TaskOrder, mover: &Mover) -> datamover::Result<Dest> {
         ));
     }
     match &t.service {
-        Some(at) => Ok(Dest::Remote(
+        Some(at) => Ok(Dest::Remote(Box::new(
             RemoteStore::new(at.clone(), &mover.identity.get())
                 .map(|r| match &mover.manifest_cache {
                     Some(d) => r.with_manifest_cache(d.clone()),
@@ -419,7 +447,7 @@ fn store_for(t: &TaskOrder, mover: &Mover) -> datamover::Result<Dest> {
                         at.address
                     ))
                 })?,
-        )),
+        ))),
         None => Ok(Dest::Local(crate::open_or_init(Path::new(&t.repository))?)),
     }
 }
@@ -473,6 +501,7 @@ fn run_kind(
         let w = &r.wire;
         o.wire_bytes = w.sent.load(Ordering::Relaxed) + w.received.load(Ordering::Relaxed);
         let last = r.last.lock().unwrap_or_else(|p| p.into_inner()).take();
+        o.receipt = last.as_ref().and_then(|c| c.receipt.clone());
         o.replica = last.and_then(|c| c.replica).map(|x| x.path);
         if let (Some(c), false) = (&o.replica, t.kind.replicates()) {
             tracing::warn!("task {}: unexpected replica {c}", t.task);
@@ -533,6 +562,7 @@ fn restore_task(
         total: r.stats.bytes_total,
         wire_bytes: 0,
         replica: None,
+        receipt: None,
     })
 }
 

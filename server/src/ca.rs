@@ -290,4 +290,21 @@ mod tests {
         assert_eq!(check(&host, "kvm1"), (true, true));
         assert_eq!(check(&host, "dm.example"), (false, true));
     }
+
+    /// A host's signature (receipts) verifies under its certificate only,
+    /// and only for the bytes it signed.
+    #[test]
+    fn signatures_verify_under_the_signers_certificate_only() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(d.path(), "t").unwrap();
+        let a = ca.issue("a", &["a".into()], Usage::Host).unwrap();
+        let b = ca.issue("b", &["b".into()], Usage::Host).unwrap();
+        let sig = a.sign(b"dm-receipt/1\n1\n").unwrap();
+        use datamover_control::pki::verify_signature;
+        assert!(verify_signature(&a.cert_pem, b"dm-receipt/1\n1\n", &sig));
+        assert!(!verify_signature(&a.cert_pem, b"dm-receipt/1\n2\n", &sig));
+        assert!(!verify_signature(&b.cert_pem, b"dm-receipt/1\n1\n", &sig));
+        assert!(!verify_signature(&a.cert_pem, b"dm-receipt/1\n1\n", "zz"));
+        assert!(!verify_signature("not a certificate", b"x", &sig));
+    }
 }

@@ -144,7 +144,12 @@ pub fn serve_with(
                 Err(e) => tracing::warn!("repository service: renewed certificate not usable: {e}"),
             }
         }
-        let (tls, served, u, l) = (tls.clone(), served.clone(), shared.clone(), limits.clone());
+        let (tls, u) = (tls.clone(), shared.clone());
+        let ctx = Ctx {
+            served: served.clone(),
+            limits: (*limits).clone(),
+            identity: identity.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("repo-service".into())
             .spawn(move || {
@@ -153,7 +158,7 @@ pub fn serve_with(
                     ip: peer.ip(),
                     session: false,
                 };
-                if let Err(e) = connection(tcp, tls, &served, &l, &mut slot) {
+                if let Err(e) = connection(tcp, tls, &ctx, &mut slot) {
                     tracing::info!("repository service: {peer}: {e}");
                 }
             });
@@ -213,13 +218,21 @@ impl Drop for Slot {
     }
 }
 
+/// What a connection needs of its service.
+struct Ctx {
+    served: ServedMap,
+    limits: Limits,
+    /// The host's identity, which signs receipts.
+    identity: crate::identity::LiveIdentity,
+}
+
 fn connection(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
-    served: &ServedMap,
-    limits: &Limits,
+    ctx: &Ctx,
     slot: &mut Slot,
 ) -> io::Result<()> {
+    let limits = &ctx.limits;
     tcp.set_nonblocking(false)?;
     // TLS and HELLO under the short handshake deadline.
     tcp.set_read_timeout(Some(limits.handshake))?;
@@ -237,7 +250,7 @@ fn connection(
         }
         s.conn.complete_io(&mut s.sock)?;
     }
-    let r = session(&mut s, served, limits, slot);
+    let r = session(&mut s, ctx, slot);
     if let Err(e) = &r {
         // Tell the client why, if it still listens.
         let m = json(&ErrorMsg {
@@ -312,12 +325,8 @@ fn not_granted(repo: &str, disk: &DiskName) -> Error {
     )
 }
 
-fn session(
-    s: &mut ServerStream,
-    served: &ServedMap,
-    limits: &Limits,
-    slot: &mut Slot,
-) -> Result<(), Error> {
+fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error> {
+    let (served, limits) = (&ctx.served, &ctx.limits);
     // What the client sent breaks the protocol: a transport error of the
     // peer (not bad input of ours), told to the client in ERROR.
     let bad = |d: String| Error::transport("repository service client", TransportKind::Protocol, d);
@@ -478,9 +487,7 @@ fn session(
                     // removed while it sent).
                     let g = grant(served, &hello.repository, &peer, &disk)
                         .ok_or_else(|| not_granted(&hello.repository, &disk))?;
-                    return commit(
-                        s, &hello, g.replica, &target, &repo, &disk, ingest, &manifest,
-                    );
+                    return commit(s, &hello, &g, &target, &repo, &disk, ingest, &manifest, ctx);
                 }
                 t => return Err(bad(format!("unexpected message type {t}"))),
             }
@@ -494,13 +501,15 @@ fn session(
 fn commit(
     s: &mut ServerStream,
     hello: &Hello,
-    replica: bool,
+    grant: &datamover_control::api::Grant,
     target: &Served,
     repo: &datamover::Repository,
     disk: &DiskName,
     ingest: Ingest<'_>,
     manifest: &[u8],
+    ctx: &Ctx,
 ) -> Result<(), Error> {
+    let replica = grant.replica;
     let (frames, frames_new, bytes_new) = (ingest.frames, ingest.frames_new, ingest.bytes_new);
     let point: PointId = ingest.point().clone();
     ingest.commit(manifest)?;
@@ -520,12 +529,28 @@ fn commit(
     } else {
         None
     };
+    // The receipt the server checks before it counts the task a success.
+    let size = repo.point_meta(disk, &point)?.meta.disk_size;
+    let mut receipt = datamover_control::api::Receipt {
+        task: grant.task,
+        repository: hello.repository.clone(),
+        disk: disk.clone(),
+        point: point.clone(),
+        size,
+        signature: String::new(),
+    };
+    receipt.signature = ctx
+        .identity
+        .get()
+        .sign(&receipt.signed_bytes())
+        .map_err(|e| Error::Internal(format!("sign the receipt: {e}")))?;
     let c = Committed {
         point: point.to_string(),
         frames,
         frames_new,
         bytes_new,
         replica,
+        receipt: Some(receipt),
     };
     write_msg(s, Msg::Committed, &json(&c).map_err(net)?).map_err(net)?;
     s.flush().map_err(net)

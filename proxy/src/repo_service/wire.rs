@@ -36,6 +36,13 @@
 //! A session: HELLO → READY; optionally GET_PARENT; any number of HAVE /
 //! FRAMES; MANIFEST_PART…, COMMIT → COMMITTED.
 //!
+//! Admission and trust (version 1 as of the issue "Trust"): a HELLO is
+//! answered only for a peer the server granted the repository and disk
+//! (else ERROR "not granted"); HELLO's `started` is ignored (the service
+//! dates the point) and its `replica` must match the grant. COMMITTED
+//! carries `receipt`, the service's signature over the point for the
+//! server (an optional field: older clients ignore it).
+//!
 //! The service reads a connection on one thread and answers HAVE at once
 //! (from the index as the session began and the frames received so far);
 //! a worker thread checks and stores the frames, so reading, checking and
@@ -202,6 +209,9 @@ pub struct Committed {
     pub bytes_new: u64,
     /// The replica update, for a replica repository.
     pub replica: Option<ReplicaReport>,
+    /// The service's signed receipt for the point (for the server).
+    #[serde(default)]
+    pub receipt: Option<datamover_control::api::Receipt>,
 }
 
 /// Body of an ERROR message.

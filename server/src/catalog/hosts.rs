@@ -103,10 +103,11 @@ pub fn certificates(db: &Connection) -> Q<Vec<(String, HostId, String)>> {
 /// A renewed certificate for host `id`: `fp` becomes current, and the
 /// current one stays good as the previous one until the next renewal
 /// (or its own end).
-pub fn renew_certificate(db: &Connection, id: HostId, fp: &str) -> Q<()> {
+pub fn renew_certificate(db: &Connection, id: HostId, fp: &str, pem: &str) -> Q<()> {
     db.execute(
-        "UPDATE hosts SET prev_fingerprint = cert_fingerprint, cert_fingerprint = ?1 WHERE id = ?2",
-        params![fp, id],
+        "UPDATE hosts SET prev_fingerprint = cert_fingerprint, cert_fingerprint = ?1,
+         prev_cert_pem = cert_pem, cert_pem = ?3 WHERE id = ?2",
+        params![fp, id, pem],
     )?;
     Ok(())
 }
@@ -187,23 +188,44 @@ pub fn enrollee(db: &Connection, hash: &str) -> Q<Option<Enrollee>> {
 }
 
 /// The host enrolled: its certificate's fingerprint replaces its secret.
-pub fn set_certificate(db: &Connection, id: HostId, fp: &str) -> Q<()> {
+pub fn set_certificate(db: &Connection, id: HostId, fp: &str, pem: &str) -> Q<()> {
     db.execute(
-        "UPDATE hosts SET cert_fingerprint = ?1, enroll_hash = NULL, enroll_expires = NULL WHERE id = ?2",
-        params![fp, id],
+        "UPDATE hosts SET cert_fingerprint = ?1, cert_pem = ?3, enroll_hash = NULL, enroll_expires = NULL WHERE id = ?2",
+        params![fp, id, pem],
     )?;
     Ok(())
 }
 
+/// The certificates (PEM) of the host named `name` that verify its
+/// signatures now: its current one, and its previous one.
+pub fn certificate_pems(db: &Connection, name: &str) -> Q<Vec<String>> {
+    let row: Option<(Option<String>, Option<String>)> = db
+        .query_row(
+            "SELECT cert_pem, prev_cert_pem FROM hosts WHERE name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row
+        .map(|(a, b)| a.into_iter().chain(b).collect())
+        .unwrap_or_default())
+}
+
 /// Create the built-in host if missing and give it the certificate `fp`.
-pub fn set_builtin_certificate(db: &Connection, name: &str, created: &str, fp: &str) -> Q<()> {
+pub fn set_builtin_certificate(
+    db: &Connection,
+    name: &str,
+    created: &str,
+    fp: &str,
+    pem: &str,
+) -> Q<()> {
     db.execute(
         "INSERT INTO hosts(name, builtin, created) VALUES (?1, 1, ?2) ON CONFLICT(name) DO NOTHING",
         params![name, created],
     )?;
     db.execute(
-        "UPDATE hosts SET cert_fingerprint = ?1 WHERE name = ?2",
-        params![fp, name],
+        "UPDATE hosts SET cert_fingerprint = ?1, cert_pem = ?3, prev_fingerprint = NULL, prev_cert_pem = NULL WHERE name = ?2",
+        params![fp, name, pem],
     )?;
     Ok(())
 }

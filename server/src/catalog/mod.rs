@@ -148,6 +148,8 @@ CREATE TABLE audit (
     status INTEGER NOT NULL
 );
 ALTER TABLE hosts ADD COLUMN prev_fingerprint TEXT;
+ALTER TABLE hosts ADD COLUMN cert_pem TEXT;
+ALTER TABLE hosts ADD COLUMN prev_cert_pem TEXT;
 "#,
 ];
 

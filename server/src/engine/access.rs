@@ -141,7 +141,7 @@ impl Engine {
                 .map_err(|e| EngineError::bad(e.to_string()))?;
             let fp =
                 pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
-            catalog::hosts::renew_certificate(&tx, host, &fp)?;
+            catalog::hosts::renew_certificate(&tx, host, &fp, &cert)?;
             tx.commit()?;
             tracing::info!("host {}: certificate renewed", h.name);
             cert

@@ -107,7 +107,7 @@ impl Engine {
                 tracing::warn!("task {}: the proxy reported success, but {why}", r.task);
                 checked = TaskResult {
                     error: Some(format!("the proxy reported success, but {why}")),
-                    permanent: true,
+                    permanent: false,
                     ..r.clone()
                 };
                 &checked
@@ -196,6 +196,7 @@ impl Engine {
                 transport: j.transport,
                 failover_to_network: j.failover_to_network,
                 overwrite: j.overwrite,
+                receipt_for: (holder.is_some() && !remote).then(|| j.repository.clone()),
             });
         }
         // Sent once: from now on the proxy holds the task. If this answer
@@ -213,10 +214,12 @@ impl Engine {
 }
 
 /// What the server checks of a point a proxy reports: that it is in the
-/// job's repository, for the task's disk, with the size reported. Done
-/// where the server can open the repository's directory (shared storage
-/// it mounts, a repository on the server's machine); where it cannot,
-/// the report is taken as it is, and a warning says so.
+/// job's repository, for the task's disk, with the size reported. For a
+/// repository a proxy holds, that proxy's signed receipt says so (its
+/// repository service signs one at every commit; it signs its own
+/// results on it); for shared storage, the server opens the repository's
+/// directory where it can (where it cannot, the report is taken as it
+/// is, and a warning says so).
 fn check_point(
     db: &Connection,
     spec: &JobSpec,
@@ -229,6 +232,36 @@ fn check_point(
     let Some(point) = &r.point else {
         return Ok(Err("it named no point".into()));
     };
+    if let Some(Some(holder)) = catalog::repositories::holder(db, &spec.repository)? {
+        let Some(rc) = &r.receipt else {
+            return Ok(Err(format!(
+                "it brought no receipt from {holder}, which holds repository {}",
+                spec.repository
+            )));
+        };
+        let claims = (
+            rc.task,
+            rc.repository.as_str(),
+            &rc.disk,
+            &rc.point,
+            rc.size,
+        );
+        if claims != (r.task, spec.repository.as_str(), disk, point, r.total) {
+            return Ok(Err(format!(
+                "its receipt is for task {} {}:{}@{} ({} bytes), not this task's point",
+                rc.task, rc.repository, rc.disk, rc.point, rc.size
+            )));
+        }
+        let signed = rc.signed_bytes();
+        let good = catalog::hosts::certificate_pems(db, &holder)?
+            .iter()
+            .any(|c| datamover_control::pki::verify_signature(c, &signed, &rc.signature));
+        return Ok(if good {
+            Ok(())
+        } else {
+            Err(format!("its receipt is not signed by {holder}"))
+        });
+    }
     let Some(path) = catalog::repositories::path(db, &spec.repository)? else {
         return Ok(Err(format!("repository {} is gone", spec.repository)));
     };

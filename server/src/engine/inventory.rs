@@ -115,7 +115,7 @@ impl Engine {
             )
             .map_err(|e| EngineError::bad(e.to_string()))?;
         let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
-        catalog::hosts::set_certificate(&tx, id, &fp)?;
+        catalog::hosts::set_certificate(&tx, id, &fp, &cert)?;
         tx.commit()?;
         drop(db);
         self.reload_access()?;
@@ -189,7 +189,13 @@ impl Engine {
             )
             .map_err(EngineError::internal)?;
         let fp = id.fingerprint().map_err(EngineError::internal)?;
-        catalog::hosts::set_builtin_certificate(&self.db(), BUILTIN, &self.clock.rfc3339(), &fp)?;
+        catalog::hosts::set_builtin_certificate(
+            &self.db(),
+            BUILTIN,
+            &self.clock.rfc3339(),
+            &fp,
+            &id.cert_pem,
+        )?;
         self.reload_access()?;
         Ok(id)
     }

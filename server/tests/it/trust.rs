@@ -341,6 +341,7 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
         replica: None,
         error: None,
         permanent: false,
+        receipt: None,
     };
     let _: Orders = rogue
         .post(&format!("{AGENT}/tasks/{}/result", order.task), &fake)
@@ -349,6 +350,142 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
     assert_eq!(end.state, State::Failed, "{end:#?}");
     let e = end.tasks[0].error.clone().unwrap();
     assert!(e.contains("has no point"), "{e}");
+}
+
+/// Finding 3, on a repository a proxy holds: a task's success needs the
+/// holder's signed receipt for that task's point. A result without one,
+/// or with one the reporting host signed itself, fails the attempt; the
+/// holder's own signature is accepted.
+#[test]
+fn a_success_on_a_held_repository_needs_the_holders_receipt() {
+    let _serial = crate::common::serial();
+    let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
+    let api = c.api();
+    let dir = c.path("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    make_disk(&img, 1 << 20, 1);
+    let enroll = |name: &str, address: &str, datastores: Vec<String>| {
+        let added: HostAdded = api
+            .post(
+                &format!("{API}/hosts"),
+                &NewHost {
+                    name: name.into(),
+                    addresses: vec![address.into()],
+                    roles: vec![HostRole::Proxy],
+                    datastores,
+                },
+            )
+            .unwrap();
+        let hdir = c.path(name);
+        datamover_proxy::enroll(&c.url, &added.enrollment_token, &hdir).unwrap();
+        Identity::load(&hdir).unwrap()
+    };
+    let keeper = enroll("keeper", "127.0.0.11", vec![]);
+    let rogue_id = enroll("rogue", "127.0.0.12", vec![dir.display().to_string()]);
+    let rogue = Client::new(&c.url, &c.ca_pem, Some(&rogue_id), Auth::Certificate, T).unwrap();
+    let _: serde_json::Value = api
+        .post(
+            &format!("{API}/repositories"),
+            &serde_json::json!({"name": "vault", "path": c.path("vault"), "proxy": "keeper"}),
+        )
+        .unwrap();
+    create_job(
+        &c,
+        serde_json::json!({"name": "j", "kind": "backup", "repository": "vault", "retries": 2,
+            "proxies": ["rogue"], "disks": [{"name": "x/d", "source": img}]}),
+    );
+    let s: Session = api
+        .post(&format!("{API}/jobs/j/run"), &serde_json::json!({}))
+        .unwrap();
+    let next_order = || {
+        let t = Instant::now();
+        loop {
+            let o: Orders = rogue
+                .post(
+                    &format!("{AGENT}/heartbeat"),
+                    &datamover_control::api::Heartbeat {
+                        version: "rogue".into(),
+                        cores: 1,
+                        datastores: vec![dir.display().to_string()],
+                        running: vec![],
+                        service_port: None,
+                        serving: vec![],
+                    },
+                )
+                .unwrap();
+            if let Some(a) = o.assign.into_iter().next() {
+                return a;
+            }
+            assert!(t.elapsed() < T, "no task for the proxy\n{}", c.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let point: datamover::PointId = "20261130T120000.000Z-abcdef".parse().unwrap();
+    let receipt = |by: &Identity, task: u64| {
+        let mut r = datamover_control::api::Receipt {
+            task,
+            repository: "vault".into(),
+            disk: "x/d".parse().unwrap(),
+            point: point.clone(),
+            size: 1 << 20,
+            signature: String::new(),
+        };
+        r.signature = by.sign(&r.signed_bytes()).unwrap();
+        r
+    };
+    let report = |order: &datamover_control::api::TaskOrder, rc| {
+        let r = TaskResult {
+            task: order.task,
+            attempt: order.attempt,
+            point: Some(point.clone()),
+            mode: Some("san".into()),
+            bottleneck: Some("source".into()),
+            bytes_read: 1 << 20,
+            bytes_stored: 1 << 20,
+            total: 1 << 20,
+            wire_bytes: 1 << 20,
+            replica: None,
+            error: None,
+            permanent: false,
+            receipt: rc,
+        };
+        let _: Orders = rogue
+            .post(&format!("{AGENT}/tasks/{}/result", order.task), &r)
+            .unwrap();
+    };
+    // No receipt; then one the rogue signed itself: each attempt fails.
+    let o = next_order();
+    report(&o, None);
+    let o = next_order();
+    report(&o, Some(receipt(&rogue_id, o.task)));
+    let o = next_order();
+    // A genuine receipt for another task does not do either.
+    report(&o, Some(receipt(&keeper, o.task + 1)));
+    let end = c.wait_session(s.id, T);
+    assert_eq!(end.state, State::Failed, "{end:#?}");
+    let why: Vec<String> = end.tasks[0]
+        .attempts
+        .iter()
+        .map(|a| a.reason.clone())
+        .collect();
+    assert!(why[0].contains("no receipt from keeper"), "{why:?}");
+    assert!(why[1].contains("not signed by keeper"), "{why:?}");
+    assert!(
+        end.tasks[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("not this task's point"),
+        "{end:#?}"
+    );
+    // The holder's signature for this task's point is what counts.
+    let s: Session = api
+        .post(&format!("{API}/jobs/j/run"), &serde_json::json!({}))
+        .unwrap();
+    let o = next_order();
+    report(&o, Some(receipt(&keeper, o.task)));
+    assert_eq!(c.wait_session(s.id, T).state, State::Success);
 }
 
 /// The port a proxy's repository service listens at, from its log.
