@@ -159,6 +159,9 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                     installed,
                     h.addresses.join(",")
                 );
+                if !h.datastores.is_empty() {
+                    println!("  datastores: {}", h.datastores.join(", "));
+                }
                 if let Some(e) = h
                     .installer
                     .as_ref()

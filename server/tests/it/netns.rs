@@ -264,6 +264,10 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
             .any(|l| l.starts_with("a ") && l.contains("nothing")),
         "{text}"
     );
+    assert!(
+        text.contains(&format!("  datastores: {}", images.display())),
+        "{text}"
+    );
     // Without a proxy on a, its jobs wait; the installer itself stays.
     assert!(
         installer.child.try_wait().unwrap().is_none(),
