@@ -94,6 +94,10 @@ pub struct Host {
     /// The datastores its proxy may use.
     #[serde(default)]
     pub datastores: Vec<String>,
+    /// When its current certificate ends (RFC 3339; the host renews it
+    /// before): none before it enrolls.
+    #[serde(default)]
+    pub cert_expires: Option<String>,
     /// What its installer last reported, if one runs there.
     #[serde(default)]
     pub installer: Option<InstallerStatus>,
@@ -737,6 +741,10 @@ pub struct ServiceAddress {
     /// Keep the disks' replica images up to date (replication).
     #[serde(default)]
     pub replica: bool,
+    /// The task the connection is for (it selects the grant, and so the
+    /// receipt's task, when a host has several for one disk).
+    #[serde(default)]
+    pub task: Option<u64>,
 }
 
 /// The REST API's paths, built in one place (names are path segments the

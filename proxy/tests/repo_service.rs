@@ -111,6 +111,7 @@ fn remote(svc: &Service, repo: &str, replica: bool, id: &Identity) -> RemoteStor
             server_name: "127.0.0.1".into(),
             repository: repo.into(),
             replica,
+            task: None,
         },
         id,
     )
@@ -493,6 +494,7 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
             address: format!("127.0.0.1:{}", svc.port),
             repository: "vault".into(),
             replica: false,
+            task: None,
         },
         &src,
     )
@@ -552,6 +554,7 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
         op: repo_service::Op::Backup,
         started: Some("2099-01-01T00:00:00.000Z".into()),
         replica: false,
+        task: None,
     };
     use repo_service::wire::{Msg, json, read_msg, write_msg};
     use std::io::Write;
@@ -565,6 +568,43 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
     assert!(point.starts_with(&today), "{point}");
     drop(s);
 
+    // Two grants for one disk (a task ending, the next starting): the
+    // session's task picks one, and the receipt names it, signed by the
+    // service's host.
+    {
+        let mut m = svc.served.write().unwrap();
+        let g = &mut m.get_mut("vault").unwrap().grants;
+        g.push(Grant {
+            task: 2,
+            ..grant(&src, "vm/a", false)
+        });
+    }
+    let for_task = |task| {
+        RemoteStore::new(
+            ServiceAddress {
+                address: format!("127.0.0.1:{}", svc.port),
+                server_name: "127.0.0.1".into(),
+                repository: "vault".into(),
+                replica: false,
+                task: Some(task),
+            },
+            &src,
+        )
+        .unwrap()
+    };
+    let r2 = for_task(2);
+    let b = backup(&r2, &img, "vm/a").unwrap();
+    let receipt = r2.last.lock().unwrap().take().unwrap().receipt.unwrap();
+    assert_eq!((receipt.task, &receipt.point), (2, &b.point));
+    assert_eq!(receipt.size, 4 * MIB as u64);
+    assert!(datamover_control::pki::verify_signature(
+        &tgt.cert_pem,
+        &receipt.signed_bytes(),
+        &receipt.signature
+    ));
+    let e = backup(&for_task(3), &img, "vm/a").unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
+
     // The grant withdrawn (the host removed, its task ended): refused.
     svc.served
         .write()
@@ -575,7 +615,7 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
         .clear();
     let e = backup(&r, &img, "vm/a").unwrap_err();
     assert!(e.to_string().contains("not granted"), "{e}");
-    assert_eq!(points(&vault, "vm/a"), 1);
+    assert_eq!(points(&vault, "vm/a"), 2);
 }
 
 /// Finding 4: connections that never finish TLS hold no session slot and

@@ -162,6 +162,9 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                 if !h.datastores.is_empty() {
                     println!("  datastores: {}", h.datastores.join(", "));
                 }
+                if let Some(t) = &h.cert_expires {
+                    println!("  certificate until: {t} (renewed by the host)");
+                }
                 if let Some(e) = h
                     .installer
                     .as_ref()

@@ -169,6 +169,7 @@ impl RemoteStore {
             op,
             started,
             replica: self.at.replica,
+            task: self.at.task,
         }
     }
 }

@@ -304,6 +304,7 @@ fn grant(
     repo: &str,
     peer: &str,
     disk: &DiskName,
+    task: Option<u64>,
 ) -> Option<datamover_control::api::Grant> {
     served
         .read()
@@ -311,7 +312,7 @@ fn grant(
         .get(repo)?
         .grants
         .iter()
-        .find(|g| g.peer == peer && &g.disk == disk)
+        .find(|g| g.peer == peer && &g.disk == disk && task.is_none_or(|t| t == g.task))
         .cloned()
 }
 
@@ -371,7 +372,7 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
     let peer = peer_fingerprint(s).ok_or_else(|| not_granted(&hello.repository, &disk))?;
     let waited = std::time::Instant::now();
     let granted = loop {
-        if let Some(g) = grant(served, &hello.repository, &peer, &disk) {
+        if let Some(g) = grant(served, &hello.repository, &peer, &disk, hello.task) {
             break g;
         }
         if waited.elapsed() >= limits.grant_wait {
@@ -485,7 +486,7 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                     let ingest = join(worker)?;
                     // Still granted (the host or its task may have been
                     // removed while it sent).
-                    let g = grant(served, &hello.repository, &peer, &disk)
+                    let g = grant(served, &hello.repository, &peer, &disk, hello.task)
                         .ok_or_else(|| not_granted(&hello.repository, &disk))?;
                     return commit(s, &hello, &g, &target, &repo, &disk, ingest, &manifest, ctx);
                 }

@@ -183,6 +183,12 @@ pub struct Hello {
     /// (`<repository>/replicas/<vm>/<disk>.img`) to the new point.
     #[serde(default)]
     pub replica: bool,
+    /// The task this session is for: it selects the grant (a host may
+    /// hold several for one disk: a task ending, the next starting).
+    /// Left out when none, so a HELLO without it is byte for byte the
+    /// original one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
 }
 
 /// Answer to HELLO.
@@ -210,7 +216,7 @@ pub struct Committed {
     /// The replica update, for a replica repository.
     pub replica: Option<ReplicaReport>,
     /// The service's signed receipt for the point (for the server).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<datamover_control::api::Receipt>,
 }
 
@@ -278,6 +284,7 @@ mod tests {
             op: Op::Backup,
             started: Some("2026-11-28T00:00:00.000Z".into()),
             replica: true,
+            task: None,
         };
         let mut b = Vec::new();
         write_msg(&mut b, Msg::Hello, &json(&hello).unwrap()).unwrap();
@@ -286,6 +293,16 @@ mod tests {
         want.push(1);
         want.extend_from_slice(body);
         assert_eq!(b, want);
+        // With the task that selects the grant (added by issue "Trust";
+        // older services ignore it).
+        let with_task = Hello {
+            task: Some(7),
+            ..hello
+        };
+        let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"backup","started":"2026-11-28T00:00:00.000Z","replica":true,"task":7}"#;
+        assert_eq!(json(&with_task).unwrap(), body.to_vec());
+        let back: Hello = serde_json::from_slice(body).unwrap();
+        assert_eq!(back.task, Some(7));
         let mut m = Vec::new();
         write_msg(&mut m, Msg::Missing, &[0b0000_0101]).unwrap();
         assert_eq!(m, [2, 0, 0, 0, 7, 0b0000_0101]);

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Q;
 use super::ids::HostId;
 
-const COLUMNS: &str = "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen, datastores";
+const COLUMNS: &str = "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen, datastores, cert_pem";
 
 fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)> {
     let addresses: String = r.get(1)?;
@@ -30,6 +30,11 @@ fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)>
             created: r.get(3)?,
             roles: serde_json::from_str(&roles).map_err(bad(4))?,
             datastores: serde_json::from_str(&datastores).map_err(bad(7))?,
+            cert_expires: r
+                .get::<_, Option<String>>(8)?
+                .and_then(|pem| datamover_control::pki::validity(&pem).ok())
+                .and_then(|(_, end)| chrono::DateTime::from_timestamp(end, 0))
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             installer: None,
         },
         r.get(5)?,

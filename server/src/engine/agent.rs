@@ -166,6 +166,7 @@ impl Engine {
                             server_name: a.clone(),
                             repository: j.repository.clone(),
                             replica: j.kind.replicates(),
+                            task: Some(t.id.api()),
                         });
                     }
                     (None, _) => {

@@ -52,6 +52,7 @@ impl Engine {
                 created,
                 roles,
                 datastores,
+                cert_expires: None,
                 installer: None,
             },
             enrollment_token: token.to_string(),

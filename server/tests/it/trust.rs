@@ -544,6 +544,7 @@ fn a_stolen_host_certificate_opens_no_repository_service() {
                 server_name: "127.0.0.3".into(),
                 repository: "vault".into(),
                 replica: false,
+                task: None,
             },
             id,
         )
@@ -840,6 +841,13 @@ fn host_certificates_are_renewed_before_they_end() {
         std::fs::read_to_string(c.path("proxy-p1/key.pem")).unwrap(),
         key
     );
+    // The server shows when the renewed certificate ends.
+    let hs: Vec<datamover_control::api::Host> = c.api().get(&format!("{API}/hosts")).unwrap();
+    let end = hs[0].cert_expires.clone().unwrap();
+    let end = chrono::DateTime::parse_from_rfc3339(&end)
+        .unwrap()
+        .timestamp();
+    assert!(end > until, "{end} after {until}");
     // Past the first certificate's end, the proxy and the built-in proxy
     // still heartbeat, and a job runs.
     let now = || {
