@@ -323,7 +323,32 @@ impl std::str::FromStr for EnrollmentToken {
 
 /// Write a file (certificates: anyone may read them).
 pub fn write_file(p: &Path, b: &[u8]) -> Result<()> {
-    std::fs::write(p, b).map_err(io_err(p))
+    replace_file(p, b, 0o644)
+}
+
+/// Write `b` to `p` whole or not at all: a new file with `mode` beside it,
+/// synced, then renamed over `p` (a crash leaves the old file or the new
+/// one, never a torn or missing one).
+fn replace_file(p: &Path, b: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = p.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(b).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, p))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(p)(e)
+        })
 }
 
 /// Whether `sig` (hex, from [`Identity::sign`]) is a signature of `msg`
@@ -371,14 +396,5 @@ pub fn validity_der(der: &[u8]) -> Result<(i64, i64)> {
 
 /// Write a file readable by its owner only.
 pub fn write_private(p: &Path, b: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(p);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(p)
-        .and_then(|mut f| f.write_all(b).and_then(|_| f.sync_all()))
-        .map_err(io_err(p))
+    replace_file(p, b, 0o600)
 }

@@ -605,6 +605,26 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
     let e = backup(&for_task(3), &img, "vm/a").unwrap_err();
     assert!(e.to_string().contains("not granted"), "{e}");
 
+    // A session whose grant is withdrawn while it runs is cut off at its
+    // next message, not at its commit.
+    let disk_a: DiskName = "vm/a".parse().unwrap();
+    let sess = r.begin(&disk_a, chrono::Utc::now()).unwrap();
+    let kept = svc.served.read().unwrap()["vault"].grants.clone();
+    svc.served
+        .write()
+        .unwrap()
+        .get_mut("vault")
+        .unwrap()
+        .grants
+        .clear();
+    let e = match sess.parent() {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a session without a grant got its parent"),
+    };
+    assert!(e.contains("not granted"), "{e}");
+    drop(sess);
+    svc.served.write().unwrap().get_mut("vault").unwrap().grants = kept;
+
     // The grant withdrawn (the host removed, its task ended): refused.
     svc.served
         .write()

@@ -434,6 +434,13 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
         let mut manifest: Vec<u8> = Vec::new();
         loop {
             let (ty, b) = read_msg(s).map_err(net)?;
+            // Every message is still granted: a host removed mid-session
+            // is cut off within a heartbeat, not at its COMMIT.
+            if grant(served, &hello.repository, &peer, &disk, hello.task).is_none() {
+                drop(tx.take());
+                let _ = join(worker);
+                return Err(not_granted(&hello.repository, &disk));
+            }
             match ty {
                 Msg::GetParent => {
                     if let Some((p, _)) = &parent {
