@@ -719,6 +719,33 @@ pub struct Receipt {
 }
 
 impl Receipt {
+    /// A receipt for `point` of `disk` in `repository`, written for
+    /// `task`, signed with `by`'s key.
+    pub fn signed(
+        by: &crate::pki::Identity,
+        task: u64,
+        repository: &str,
+        disk: &DiskName,
+        point: &PointId,
+        size: u64,
+    ) -> crate::pki::Result<Receipt> {
+        let mut r = Receipt {
+            task,
+            repository: repository.to_string(),
+            disk: disk.clone(),
+            point: point.clone(),
+            size,
+            signature: String::new(),
+        };
+        r.signature = by.sign(&r.signed_bytes())?;
+        Ok(r)
+    }
+
+    /// Whether the key of the PEM certificate `cert_pem` signed it.
+    pub fn signed_by(&self, cert_pem: &str) -> bool {
+        crate::pki::verify_signature(cert_pem, &self.signed_bytes(), &self.signature)
+    }
+
     /// The bytes signed: a versioned, line-separated form of the fields.
     pub fn signed_bytes(&self) -> Vec<u8> {
         format!(

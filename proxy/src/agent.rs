@@ -169,14 +169,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                     failures = 0;
                     w.apply(o);
                     // Renew the host's certificate when it is due.
-                    match cfg.identity.refresh(&client) {
-                        Ok(true) => match Client::for_host(&cfg.server, &cfg.identity.get()) {
-                            Ok(c) => client = c,
-                            Err(e) => tracing::warn!("renewed certificate not usable: {e}"),
-                        },
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!("certificate renewal failed: {e}"),
-                    }
+                    cfg.identity.keep_fresh(&cfg.server, &mut client);
                 }
                 Err(e) => {
                     failures += 1;
@@ -363,19 +356,15 @@ fn sign_receipt(t: &TaskOrder, mover: &Mover, mut o: Outcome) -> datamover::Resu
     let Some(repository) = &t.receipt_for else {
         return Ok(o);
     };
-    let mut r = datamover_control::api::Receipt {
-        task: t.task,
-        repository: repository.clone(),
-        disk: t.disk.clone(),
-        point: o.point.clone(),
-        size: o.total,
-        signature: String::new(),
-    };
-    r.signature = mover
-        .identity
-        .get()
-        .sign(&r.signed_bytes())
-        .map_err(|e| datamover::Error::Internal(format!("sign the receipt: {e}")))?;
+    let r = datamover_control::api::Receipt::signed(
+        &mover.identity.get(),
+        t.task,
+        repository,
+        &t.disk,
+        &o.point,
+        o.total,
+    )
+    .map_err(|e| datamover::Error::Internal(format!("sign the receipt: {e}")))?;
     o.receipt = Some(r);
     Ok(o)
 }

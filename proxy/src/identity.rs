@@ -46,6 +46,20 @@ impl LiveIdentity {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = id;
     }
 
+    /// [`LiveIdentity::refresh`], then make `client` (of `server`) again
+    /// from the identity if it changed; problems are logged, and the
+    /// next call tries again.
+    pub fn keep_fresh(&self, server: &str, client: &mut Client) {
+        match self.refresh(client) {
+            Ok(true) => match Client::for_host(server, &self.get()) {
+                Ok(c) => *client = c,
+                Err(e) => tracing::warn!("renewed certificate not usable: {e}"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::warn!("certificate renewal failed: {e}"),
+        }
+    }
+
     /// Adopt a renewal another process made, then renew through `client`
     /// if a third or less of the certificate's validity is left. Returns
     /// whether the identity changed (clients made from it must be made

@@ -417,14 +417,7 @@ pub fn run(cfg: &InstallerConfig, stop: &AtomicBool) -> Result<()> {
                 proxy.apply(cfg, &client, order);
                 // Renew the host's certificate when it is due (or adopt
                 // the proxy's renewal).
-                match cfg.identity.refresh(&client) {
-                    Ok(true) => match Client::for_host(&cfg.server, &cfg.identity.get()) {
-                        Ok(c) => client = c,
-                        Err(e) => tracing::warn!("renewed certificate not usable: {e}"),
-                    },
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("certificate renewal failed: {e}"),
-                }
+                cfg.identity.keep_fresh(&cfg.server, &mut client);
             }
             Err(e) => {
                 failures += 1;

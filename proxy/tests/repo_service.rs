@@ -104,18 +104,26 @@ fn start_with(
     Service { port, stop, served }
 }
 
+/// Where `svc` serves `repo`, for a session of `task` (none: any grant).
+fn address(svc: &Service, repo: &str, replica: bool, task: Option<u64>) -> ServiceAddress {
+    ServiceAddress {
+        address: format!("127.0.0.1:{}", svc.port),
+        server_name: "127.0.0.1".into(),
+        repository: repo.into(),
+        replica,
+        task,
+    }
+}
+
 fn remote(svc: &Service, repo: &str, replica: bool, id: &Identity) -> RemoteStore {
-    RemoteStore::new(
-        ServiceAddress {
-            address: format!("127.0.0.1:{}", svc.port),
-            server_name: "127.0.0.1".into(),
-            repository: repo.into(),
-            replica,
-            task: None,
-        },
-        id,
-    )
-    .unwrap()
+    RemoteStore::new(address(svc, repo, replica, None), id).unwrap()
+}
+
+/// Replace the grants `svc` holds for `repo` (the server's next orders);
+/// returns the ones it held.
+fn set_grants(svc: &Service, repo: &str, grants: Vec<Grant>) -> Vec<Grant> {
+    let mut m = svc.served.write().unwrap();
+    std::mem::replace(&mut m.get_mut(repo).unwrap().grants, grants)
 }
 
 fn backup(store: &dyn Store, img: &Path, disk: &str) -> datamover::Result<datamover::BackupReport> {
@@ -491,10 +499,7 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
     wrong = RemoteStore::new(
         ServiceAddress {
             server_name: "elsewhere.example".into(),
-            address: format!("127.0.0.1:{}", svc.port),
-            repository: "vault".into(),
-            replica: false,
-            task: None,
+            ..address(&svc, "vault", false, None)
         },
         &src,
     )
@@ -571,27 +576,19 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
     // Two grants for one disk (a task ending, the next starting): the
     // session's task picks one, and the receipt names it, signed by the
     // service's host.
-    {
-        let mut m = svc.served.write().unwrap();
-        let g = &mut m.get_mut("vault").unwrap().grants;
-        g.push(Grant {
-            task: 2,
-            ..grant(&src, "vm/a", false)
-        });
-    }
-    let for_task = |task| {
-        RemoteStore::new(
-            ServiceAddress {
-                address: format!("127.0.0.1:{}", svc.port),
-                server_name: "127.0.0.1".into(),
-                repository: "vault".into(),
-                replica: false,
-                task: Some(task),
+    set_grants(
+        &svc,
+        "vault",
+        vec![
+            grant(&src, "vm/a", false),
+            Grant {
+                task: 2,
+                ..grant(&src, "vm/a", false)
             },
-            &src,
-        )
-        .unwrap()
-    };
+        ],
+    );
+    let for_task =
+        |task| RemoteStore::new(address(&svc, "vault", false, Some(task)), &src).unwrap();
     let r2 = for_task(2);
     let b = backup(&r2, &img, "vm/a").unwrap();
     let receipt = r2.last.lock().unwrap().take().unwrap().receipt.unwrap();
@@ -609,30 +606,17 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
     // next message, not at its commit.
     let disk_a: DiskName = "vm/a".parse().unwrap();
     let sess = r.begin(&disk_a, chrono::Utc::now()).unwrap();
-    let kept = svc.served.read().unwrap()["vault"].grants.clone();
-    svc.served
-        .write()
-        .unwrap()
-        .get_mut("vault")
-        .unwrap()
-        .grants
-        .clear();
+    let kept = set_grants(&svc, "vault", Vec::new());
     let e = match sess.parent() {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a session without a grant got its parent"),
     };
     assert!(e.contains("not granted"), "{e}");
     drop(sess);
-    svc.served.write().unwrap().get_mut("vault").unwrap().grants = kept;
+    set_grants(&svc, "vault", kept);
 
     // The grant withdrawn (the host removed, its task ended): refused.
-    svc.served
-        .write()
-        .unwrap()
-        .get_mut("vault")
-        .unwrap()
-        .grants
-        .clear();
+    set_grants(&svc, "vault", Vec::new());
     let e = backup(&r, &img, "vm/a").unwrap_err();
     assert!(e.to_string().contains("not granted"), "{e}");
     assert_eq!(points(&vault, "vm/a"), 2);

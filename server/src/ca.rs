@@ -187,15 +187,10 @@ impl Ca {
         })
     }
 
-    /// Sign a host's CSR. The subject and names come from the server's
-    /// inventory, never from the request; the usages are a host's (or
-    /// `usage`); valid for `lifetime`.
-    pub fn sign_csr(&self, csr_pem: &str, cn: &str, names: &[String]) -> Result<String> {
-        self.sign_csr_for(csr_pem, cn, names, Usage::Host, None)
-    }
-
-    /// [`Ca::sign_csr`] with a usage and a lifetime (none: until 2044).
-    pub fn sign_csr_for(
+    /// Sign a host's CSR for `usage`, valid for `lifetime` (none: until
+    /// 2044). The subject and names come from the server's inventory,
+    /// never from the request.
+    pub fn sign_csr(
         &self,
         csr_pem: &str,
         cn: &str,
@@ -229,7 +224,13 @@ mod tests {
         assert_eq!(ca.fingerprint(), again.fingerprint());
         let (key, csr) = Identity::new_request("ignored").unwrap();
         let cert = again
-            .sign_csr(&csr, "host-a", &["127.0.0.1".into(), "host-a".into()])
+            .sign_csr(
+                &csr,
+                "host-a",
+                &["127.0.0.1".into(), "host-a".into()],
+                Usage::Host,
+                None,
+            )
             .unwrap();
         let id = Identity {
             cert_pem: cert,
@@ -281,7 +282,9 @@ mod tests {
             .unwrap();
         let (key, csr) = Identity::new_request("ignored").unwrap();
         let host = Identity {
-            cert_pem: ca.sign_csr(&csr, "kvm1", &["kvm1".into()]).unwrap(),
+            cert_pem: ca
+                .sign_csr(&csr, "kvm1", &["kvm1".into()], Usage::Host, None)
+                .unwrap(),
             key_pem: key,
             ca_pem: ca.cert_pem().into(),
         };

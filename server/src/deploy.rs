@@ -136,7 +136,9 @@ impl Engine {
             catalog::hosts::set_datastores(&tx, id, &ds)?;
             // Narrowed at once, not at the proxy's next heartbeat.
             if let Some(pid) = Self::proxy_id(&tx, id)? {
-                catalog::proxies::keep_datastores(&tx, pid, &ds)?;
+                let reported = catalog::proxies::datastores(&tx, pid)?;
+                let (kept, _) = crate::engine::inventory::within_allowed(&ds, &reported);
+                catalog::proxies::set_datastores(&tx, pid, &kept)?;
             }
         }
         let h = catalog::hosts::get(&tx, id)?;

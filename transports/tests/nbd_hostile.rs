@@ -46,14 +46,7 @@ struct Script {
     reply: Box<ReplyFn>,
 }
 
-fn opt_reply(opt: u32, typ: u32, data: &[u8]) -> Vec<u8> {
-    let mut r = p::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-    r.extend_from_slice(&opt.to_be_bytes());
-    r.extend_from_slice(&typ.to_be_bytes());
-    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    r.extend_from_slice(data);
-    r
-}
+use p::{option_reply as opt_reply, structured_chunk as chunk};
 
 fn export_info(size: u64, flags: u16) -> Vec<u8> {
     let mut i = p::INFO_EXPORT.to_be_bytes().to_vec();
@@ -89,16 +82,6 @@ fn options(go: Vec<u8>) -> Box<OptionFn> {
         p::OPT_GO => [go.clone(), opt_reply(opt, p::REP_ACK, &[])].concat(),
         _ => opt_reply(opt, p::REP_ERR_UNSUP, &[]),
     })
-}
-
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut r = p::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    r.extend_from_slice(&flags.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&cookie.to_be_bytes());
-    r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    r.extend_from_slice(payload);
-    r
 }
 
 const DONE: u16 = p::REPLY_FLAG_DONE;

@@ -188,15 +188,12 @@ impl Slot {
     /// Trade the handshake slot for a session slot, if one is free.
     fn take_session(&mut self, max: usize) -> bool {
         let mut u = usage(&self.usage);
-        u.handshakes -= 1;
-        self.session = true;
         if u.sessions >= max {
-            self.session = false;
-            // Holds nothing now but its address count.
-            u.handshakes += 1;
             return false;
         }
+        u.handshakes -= 1;
         u.sessions += 1;
+        self.session = true;
         true
     }
 }
@@ -539,19 +536,15 @@ fn commit(
     };
     // The receipt the server checks before it counts the task a success.
     let size = repo.point_meta(disk, &point)?.meta.disk_size;
-    let mut receipt = datamover_control::api::Receipt {
-        task: grant.task,
-        repository: hello.repository.clone(),
-        disk: disk.clone(),
-        point: point.clone(),
+    let receipt = datamover_control::api::Receipt::signed(
+        &ctx.identity.get(),
+        grant.task,
+        &hello.repository,
+        disk,
+        &point,
         size,
-        signature: String::new(),
-    };
-    receipt.signature = ctx
-        .identity
-        .get()
-        .sign(&receipt.signed_bytes())
-        .map_err(|e| Error::Internal(format!("sign the receipt: {e}")))?;
+    )
+    .map_err(|e| Error::Internal(format!("sign the receipt: {e}")))?;
     let c = Committed {
         point: point.to_string(),
         frames,

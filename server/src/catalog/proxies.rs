@@ -266,20 +266,19 @@ pub fn heartbeat(db: &Connection, host: HostId, r: &Report<'_>) -> Q<(ProxyId, S
     Ok((id, was))
 }
 
-/// Keep only the reported datastores of proxy `id` that lie under one of
-/// `allowed` (the administrator narrowed them).
-pub fn keep_datastores(db: &Connection, id: ProxyId, allowed: &[String]) -> Q<()> {
+/// The datastores proxy `id` uses now.
+pub fn datastores(db: &Connection, id: ProxyId) -> Q<Vec<String>> {
     let ds: String = db.query_row("SELECT datastores FROM proxies WHERE id = ?1", [id], |r| {
         r.get(0)
     })?;
-    let ds: Vec<String> = serde_json::from_str(&ds)?;
-    let kept: Vec<&String> = ds
-        .iter()
-        .filter(|d| transports::mode::sees(allowed, d))
-        .collect();
+    Ok(serde_json::from_str(&ds)?)
+}
+
+/// Set the datastores proxy `id` uses.
+pub fn set_datastores(db: &Connection, id: ProxyId, ds: &[String]) -> Q<()> {
     db.execute(
         "UPDATE proxies SET datastores = ?1 WHERE id = ?2",
-        params![serde_json::to_string(&kept)?, id],
+        params![serde_json::to_string(ds)?, id],
     )?;
     Ok(())
 }

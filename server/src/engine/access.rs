@@ -118,6 +118,32 @@ impl Engine {
             })
     }
 
+    /// A host's certificate for the key of `csr`, for the host lifetime:
+    /// valid for its name and addresses as a client and a server (the
+    /// built-in proxy: `localhost`, as a client only). Returns the PEM and
+    /// its fingerprint.
+    pub(crate) fn sign_host_csr(
+        &self,
+        csr: &str,
+        name: &str,
+        addresses: &[String],
+        builtin: bool,
+    ) -> R<(String, String)> {
+        let (names, usage) = if builtin {
+            (vec!["localhost".to_string()], crate::ca::Usage::Client)
+        } else {
+            let mut n = addresses.to_vec();
+            n.push(name.to_string());
+            (n, crate::ca::Usage::Host)
+        };
+        let cert = self
+            .ca
+            .sign_csr(csr, name, &names, usage, Some(self.timing.host_cert))
+            .map_err(|e| EngineError::bad(e.to_string()))?;
+        let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
+        Ok((cert, fp))
+    }
+
     /// A new certificate for `host`, for the key of `csr`: the names and
     /// usages come from the inventory, as at enrollment. The current one
     /// stays good as the previous one until the next renewal (or its own
@@ -128,19 +154,7 @@ impl Engine {
             let tx = db.transaction()?;
             let h = catalog::hosts::get(&tx, host)?;
             let builtin = catalog::hosts::is_builtin(&tx, &h.name)?.unwrap_or(false);
-            let (names, usage) = if builtin {
-                (vec!["localhost".to_string()], crate::ca::Usage::Client)
-            } else {
-                let mut n = h.addresses.clone();
-                n.push(h.name.clone());
-                (n, crate::ca::Usage::Host)
-            };
-            let cert = self
-                .ca
-                .sign_csr_for(csr, &h.name, &names, usage, Some(self.timing.host_cert))
-                .map_err(|e| EngineError::bad(e.to_string()))?;
-            let fp =
-                pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
+            let (cert, fp) = self.sign_host_csr(csr, &h.name, &h.addresses, builtin)?;
             catalog::hosts::renew_certificate(&tx, host, &fp, &cert)?;
             tx.commit()?;
             tracing::info!("host {}: certificate renewed", h.name);

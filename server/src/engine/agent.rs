@@ -29,11 +29,7 @@ impl Engine {
         // A proxy may report fewer datastores than the administrator gave
         // its host, never more: the others are not used for placement.
         let allowed = catalog::hosts::datastores(&tx, host)?;
-        let (datastores, refused): (Vec<String>, Vec<String>) = hb
-            .datastores
-            .iter()
-            .cloned()
-            .partition(|d| transports::mode::sees(&allowed, d));
+        let (datastores, refused) = super::inventory::within_allowed(&allowed, &hb.datastores);
         if !refused.is_empty() {
             tracing::warn!(
                 "host {host:?} reports datastores it was not given, not used: {}",
@@ -253,10 +249,9 @@ fn check_point(
                 rc.task, rc.repository, rc.disk, rc.point, rc.size
             )));
         }
-        let signed = rc.signed_bytes();
         let good = catalog::hosts::certificate_pems(db, &holder)?
             .iter()
-            .any(|c| datamover_control::pki::verify_signature(c, &signed, &rc.signature));
+            .any(|c| rc.signed_by(c));
         return Ok(if good {
             Ok(())
         } else {

@@ -103,19 +103,7 @@ impl Engine {
                 "the enrollment token of host {name} expired at {expires}; add the host again"
             )));
         }
-        let mut names = addresses;
-        names.push(name.clone());
-        let cert = self
-            .ca
-            .sign_csr_for(
-                &req.csr,
-                &name,
-                &names,
-                crate::ca::Usage::Host,
-                Some(self.timing.host_cert),
-            )
-            .map_err(|e| EngineError::bad(e.to_string()))?;
-        let fp = pki::fingerprint(&pki::cert_der_from_pem(&cert).map_err(EngineError::internal)?);
+        let (cert, fp) = self.sign_host_csr(&req.csr, &name, &addresses, false)?;
         catalog::hosts::set_certificate(&tx, id, &fp, &cert)?;
         tx.commit()?;
         drop(db);
@@ -302,6 +290,19 @@ impl Engine {
     pub fn repositories(&self) -> R<Vec<api::Repository>> {
         Ok(catalog::repositories::list(&self.db())?)
     }
+}
+
+/// The datastores a proxy reports, split into those under one the
+/// administrator gave its host (used) and the others (refused): a proxy
+/// may report fewer, never more.
+pub(crate) fn within_allowed(
+    allowed: &[String],
+    reported: &[String],
+) -> (Vec<String>, Vec<String>) {
+    reported
+        .iter()
+        .cloned()
+        .partition(|d| transports::mode::sees(allowed, d))
 }
 
 /// Datastores as the administrator gives them: absolute directories

@@ -148,17 +148,12 @@ impl Cluster {
         slots: u32,
     ) {
         let api = self.api();
-        let added: HostAdded = api
-            .post(
-                &format!("{API}/hosts"),
-                &NewHost {
-                    name: name.into(),
-                    addresses: vec![address.into()],
-                    roles: vec![api::HostRole::Proxy],
-                    datastores: datastores.iter().map(|d| d.display().to_string()).collect(),
-                },
-            )
-            .unwrap();
+        let added = self.add_host(
+            name,
+            address,
+            vec![api::HostRole::Proxy],
+            datastores.iter().map(|d| d.display().to_string()).collect(),
+        );
         let state = self.dir.path().join(format!("proxy-{name}"));
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut cmd = command_in(netns, &bin("dm-proxy"));
@@ -199,6 +194,56 @@ impl Cluster {
                 },
             )
             .unwrap();
+    }
+
+    /// Add host `name` at `address` with `roles` and the datastores its
+    /// proxy may use; its one-time enrollment token is in the answer.
+    pub fn add_host(
+        &self,
+        name: &str,
+        address: &str,
+        roles: Vec<api::HostRole>,
+        datastores: Vec<String>,
+    ) -> HostAdded {
+        self.api()
+            .post(
+                &format!("{API}/hosts"),
+                &NewHost {
+                    name: name.into(),
+                    addresses: vec![address.into()],
+                    roles,
+                    datastores,
+                },
+            )
+            .unwrap()
+    }
+
+    /// `dm repo add NAME PATH` (a repository on shared storage).
+    pub fn dm_repo_add(&self, name: &str, path: &Path) {
+        let out = dm(self)
+            .args(["repo", "add", name])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Create a job from its JSON spec.
+    pub fn create_job(&self, spec: serde_json::Value) -> api::Job {
+        self.api().post(&format!("{API}/jobs"), &spec).unwrap()
+    }
+
+    /// Run job `job` and wait (a minute at most) until its session ends.
+    pub fn run_job(&self, job: &str) -> Session {
+        let s: Session = self
+            .api()
+            .post(&format!("{API}/jobs/{job}/run"), &serde_json::json!({}))
+            .unwrap();
+        self.wait_session(s.id, Duration::from_secs(60))
     }
 
     pub fn proxy(&mut self, name: &str) -> &mut Proc {

@@ -39,16 +39,7 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
     let img = c.ds("disk.raw");
     make_disk(&img, 8 << 20, 7);
     let repo = c.path("repo");
-    let out = dm(&c)
-        .args(["repo", "add", "main"])
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.dm_repo_add("main", &repo);
     let out = dm(&c)
         .args(["job", "create", "j1", "--repo", "main", "--disk"])
         .arg(format!("web/vda={}", img.display()))

@@ -8,25 +8,93 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{Cluster, bin, dm, make_disk, status};
+use datamover::PointId;
 use datamover_control::api::{
-    AGENT, API, HostAdded, HostPatch, HostRole, Job, NewHost, Orders, Proxy, Session, State,
-    TaskResult,
+    AGENT, API, HostAdded, HostPatch, HostRole, Job, NewHost, Orders, Proxy, Receipt, Session,
+    State, TaskOrder, TaskResult,
 };
 use datamover_control::client::{Auth, Client};
 use datamover_control::pki::Identity;
 
 const T: Duration = Duration::from_secs(20);
 
-fn create_job(c: &Cluster, spec: serde_json::Value) -> Job {
-    c.api().post(&format!("{API}/jobs"), &spec).unwrap()
+/// A disk of `size` bytes (pattern `seed`) at `images/NAME`, a directory
+/// outside every datastore the cluster gives by itself.
+fn image(c: &Cluster, name: &str, size: usize, seed: u64) -> std::path::PathBuf {
+    let dir = c.path("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join(name);
+    make_disk(&img, size, seed);
+    img
 }
 
-fn run(c: &Cluster, job: &str) -> Session {
-    let s: Session = c
-        .api()
-        .post(&format!("{API}/jobs/{job}/run"), &serde_json::json!({}))
+/// Add host `name` with `roles` and `datastores`, and enroll it as its
+/// installer would: its identity, and a client of the agent API with it.
+fn enroll(
+    c: &Cluster,
+    name: &str,
+    address: &str,
+    roles: Vec<HostRole>,
+    datastores: Vec<String>,
+) -> (Identity, Client) {
+    let added = c.add_host(name, address, roles, datastores);
+    let dir = c.path(name);
+    datamover_proxy::enroll(&c.url, &added.enrollment_token, &dir).unwrap();
+    let id = Identity::load(&dir).unwrap();
+    let client = Client::new(&c.url, &c.ca_pem, Some(&id), Auth::Certificate, T).unwrap();
+    (id, client)
+}
+
+/// A heartbeat of a scripted proxy claiming `datastores`.
+fn beat(
+    client: &Client,
+    datastores: &[&str],
+) -> Result<Orders, datamover_control::client::ClientError> {
+    client.post(
+        &format!("{AGENT}/heartbeat"),
+        &datamover_control::api::Heartbeat {
+            version: "rogue".into(),
+            cores: 4,
+            datastores: datastores.iter().map(|d| d.to_string()).collect(),
+            running: vec![],
+            service_port: None,
+            serving: vec![],
+        },
+    )
+}
+
+/// Heartbeat as a scripted proxy until the server assigns it a task.
+fn next_order(c: &Cluster, client: &Client, datastores: &[&str]) -> TaskOrder {
+    let t = Instant::now();
+    loop {
+        if let Some(a) = beat(client, datastores).unwrap().assign.into_iter().next() {
+            return a;
+        }
+        assert!(t.elapsed() < T, "no task for the proxy\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Report `order` done with a made-up point of 1 MiB, and `receipt`.
+fn report(client: &Client, order: &TaskOrder, point: &PointId, receipt: Option<Receipt>) {
+    let r = TaskResult {
+        task: order.task,
+        attempt: order.attempt,
+        point: Some(point.clone()),
+        mode: Some("san".into()),
+        bottleneck: Some("source".into()),
+        bytes_read: 1 << 20,
+        bytes_stored: 1 << 20,
+        total: 1 << 20,
+        wire_bytes: 0,
+        replica: None,
+        error: None,
+        permanent: false,
+        receipt,
+    };
+    let _: Orders = client
+        .post(&format!("{AGENT}/tasks/{}/result", order.task), &r)
         .unwrap();
-    c.wait_session(s.id, Duration::from_secs(60))
 }
 
 /// The session of `job` as it is now (it must not have ended).
@@ -66,12 +134,7 @@ fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
     let img = c.ds("disk.img");
     make_disk(&img, 4 << 20, 5);
     let repo = c.path("repo");
-    let out = dm(&c)
-        .args(["repo", "add", "main"])
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    c.dm_repo_add("main", &repo);
 
     // `..` is refused when the job is created.
     let dotdot = format!("{}/../outside/secret.img", c.ds("").display());
@@ -86,12 +149,11 @@ fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
     // A symlink in the datastore that points out of it: placed (the path
     // looks inside), refused by the proxy, which resolves it; no point.
     std::os::unix::fs::symlink(&secret, c.ds("link.img")).unwrap();
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "ln", "kind": "backup", "repository": "main", "retries": 0,
             "disks": [{"name": "x/ln", "source": c.ds("link.img")}]}),
     );
-    let s = run(&c, "ln");
+    let s = c.run_job("ln");
     assert_eq!(s.state, State::Failed, "{s:#?}");
     let e = s.tasks[0].error.clone().unwrap();
     assert!(
@@ -104,8 +166,7 @@ fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
 
     // The server's CA key: outside every datastore, so no proxy is given
     // the task (the built-in one has only the datastore it was given).
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "ca", "kind": "backup", "repository": "main",
             "disks": [{"name": "x/ca", "source": c.path("server/ca/ca.key")}]}),
     );
@@ -116,40 +177,36 @@ fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
     );
 
     // The disk inside the datastore is backed up.
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "ok", "kind": "backup", "repository": "main",
             "disks": [{"name": "x/ok", "source": img}]}),
     );
-    assert_eq!(run(&c, "ok").state, State::Success);
+    assert_eq!(c.run_job("ok").state, State::Success);
 
     // Restores: outside every datastore, never placed; through a symlinked
     // directory, refused; over an existing file, refused without
     // "overwrite" (the file is unchanged), done with it.
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "r-out", "kind": "restore", "repository": "main",
             "disks": [{"name": "x/ok", "source": c.path("outside/new.img")}]}),
     );
     still_waiting(&c, "r-out");
     std::os::unix::fs::symlink(c.path("outside"), c.ds("escape")).unwrap();
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "r-ln", "kind": "restore", "repository": "main", "retries": 0,
             "disks": [{"name": "x/ok", "source": c.ds("escape/new.img")}]}),
     );
-    let s = run(&c, "r-ln");
+    let s = c.run_job("r-ln");
     assert_eq!(s.state, State::Failed, "{s:#?}");
     assert!(!c.path("outside/new.img").exists());
     let victim = c.ds("victim.img");
     make_disk(&victim, 4 << 20, 9);
     let before = hash(&victim);
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "r-ow", "kind": "restore", "repository": "main", "retries": 0,
             "disks": [{"name": "x/ok", "source": victim}]}),
     );
-    let s = run(&c, "r-ow");
+    let s = c.run_job("r-ow");
     assert_eq!(s.state, State::Failed, "{s:#?}");
     assert!(
         s.tasks[0].error.as_deref().unwrap().contains("overwrite"),
@@ -166,7 +223,7 @@ fn paths_outside_the_datastores_are_refused_and_restores_do_not_overwrite() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(run(&c, "r-ow2").state, State::Success);
+    assert_eq!(c.run_job("r-ow2").state, State::Success);
     assert_eq!(hash(&victim), hash(&img));
 
     // "overwrite" is for restore jobs only.
@@ -232,40 +289,8 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
         assert_eq!(st, 400, "{addresses:?}: {m}");
         assert!(m.contains(why), "{addresses:?}: {m}");
     }
-    let added: HostAdded = api
-        .post(
-            &format!("{API}/hosts"),
-            &NewHost {
-                name: "rogue".into(),
-                addresses: vec!["127.0.0.9".into()],
-                roles: vec![],
-                datastores: vec![],
-            },
-        )
-        .unwrap();
-    let hdir = c.path("rogue");
-    datamover_proxy::enroll(&c.url, &added.enrollment_token, &hdir).unwrap();
-    let rogue = Client::new(
-        &c.url,
-        &c.ca_pem,
-        Some(&Identity::load(&hdir).unwrap()),
-        Auth::Certificate,
-        T,
-    )
-    .unwrap();
-    let beat = |datastores: &[&str]| {
-        rogue.post::<_, Orders>(
-            &format!("{AGENT}/heartbeat"),
-            &datamover_control::api::Heartbeat {
-                version: "rogue".into(),
-                cores: 4,
-                datastores: datastores.iter().map(|d| d.to_string()).collect(),
-                running: vec![],
-                service_port: None,
-                serving: vec![],
-            },
-        )
-    };
+    let (_, rogue) = enroll(&c, "rogue", "127.0.0.9", vec![], vec![]);
+    let beat = |datastores: &[&str]| beat(&rogue, datastores);
     // No role: refused.
     let (st, m) = status(beat(&["/"]));
     assert_eq!(st, 403, "{m}");
@@ -285,10 +310,8 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
     let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
     let p = ps.iter().find(|p| p.name == "rogue").unwrap();
     assert!(p.datastores.is_empty(), "{p:?}");
-    let dir = c.path("images");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("disk.img");
-    make_disk(&img, 1 << 20, 1);
+    let img = image(&c, "disk.img", 1 << 20, 1);
+    let dir = img.parent().unwrap().display().to_string();
     let repo = c.path("repo");
     datamover::Repository::init(&repo).unwrap();
     let _: serde_json::Value = api
@@ -297,8 +320,7 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
             &serde_json::json!({"name": "main", "path": repo}),
         )
         .unwrap();
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "j", "kind": "backup", "repository": "main", "retries": 0,
             "disks": [{"name": "x/d", "source": img}]}),
     );
@@ -311,41 +333,17 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
         .patch(
             &format!("{API}/hosts/rogue"),
             &HostPatch {
-                datastores: Some(vec![dir.display().to_string()]),
+                datastores: Some(vec![dir.clone()]),
                 ..Default::default()
             },
         )
         .unwrap();
-    let t = Instant::now();
-    let order = loop {
-        let o = beat(&["/", &dir.display().to_string()]).unwrap();
-        if let Some(a) = o.assign.into_iter().next() {
-            break a;
-        }
-        assert!(t.elapsed() < T, "no task for the proxy\n{}", c.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let order = next_order(&c, &rogue, &["/", &dir]);
     let ps: Vec<Proxy> = api.get(&format!("{API}/proxies")).unwrap();
     let p = ps.iter().find(|p| p.name == "rogue").unwrap();
-    assert_eq!(p.datastores, vec![dir.display().to_string()], "{p:?}");
-    let fake = TaskResult {
-        task: order.task,
-        attempt: order.attempt,
-        point: Some("20261130T120000.000Z-abcdef".parse().unwrap()),
-        mode: Some("san".into()),
-        bottleneck: Some("source".into()),
-        bytes_read: 1 << 20,
-        bytes_stored: 1 << 20,
-        total: 1 << 20,
-        wire_bytes: 0,
-        replica: None,
-        error: None,
-        permanent: false,
-        receipt: None,
-    };
-    let _: Orders = rogue
-        .post(&format!("{AGENT}/tasks/{}/result", order.task), &fake)
-        .unwrap();
+    assert_eq!(p.datastores, vec![dir.clone()], "{p:?}");
+    let point: PointId = "20261130T120000.000Z-abcdef".parse().unwrap();
+    report(&rogue, &order, &point, None);
     let end = c.wait_session(s.id, T);
     assert_eq!(end.state, State::Failed, "{end:#?}");
     let e = end.tasks[0].error.clone().unwrap();
@@ -361,99 +359,36 @@ fn a_success_on_a_held_repository_needs_the_holders_receipt() {
     let _serial = crate::common::serial();
     let c = Cluster::start(&["--heartbeat-ms", "200", "--retry-delay-ms", "100"]);
     let api = c.api();
-    let dir = c.path("images");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("disk.img");
-    make_disk(&img, 1 << 20, 1);
-    let enroll = |name: &str, address: &str, datastores: Vec<String>| {
-        let added: HostAdded = api
-            .post(
-                &format!("{API}/hosts"),
-                &NewHost {
-                    name: name.into(),
-                    addresses: vec![address.into()],
-                    roles: vec![HostRole::Proxy],
-                    datastores,
-                },
-            )
-            .unwrap();
-        let hdir = c.path(name);
-        datamover_proxy::enroll(&c.url, &added.enrollment_token, &hdir).unwrap();
-        Identity::load(&hdir).unwrap()
-    };
-    let keeper = enroll("keeper", "127.0.0.11", vec![]);
-    let rogue_id = enroll("rogue", "127.0.0.12", vec![dir.display().to_string()]);
-    let rogue = Client::new(&c.url, &c.ca_pem, Some(&rogue_id), Auth::Certificate, T).unwrap();
+    let img = image(&c, "disk.img", 1 << 20, 1);
+    let dir = img.parent().unwrap().display().to_string();
+    let (keeper, _) = enroll(&c, "keeper", "127.0.0.11", vec![HostRole::Proxy], vec![]);
+    let (rogue_id, rogue) = enroll(
+        &c,
+        "rogue",
+        "127.0.0.12",
+        vec![HostRole::Proxy],
+        vec![dir.clone()],
+    );
     let _: serde_json::Value = api
         .post(
             &format!("{API}/repositories"),
             &serde_json::json!({"name": "vault", "path": c.path("vault"), "proxy": "keeper"}),
         )
         .unwrap();
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "j", "kind": "backup", "repository": "vault", "retries": 2,
             "proxies": ["rogue"], "disks": [{"name": "x/d", "source": img}]}),
     );
     let s: Session = api
         .post(&format!("{API}/jobs/j/run"), &serde_json::json!({}))
         .unwrap();
-    let next_order = || {
-        let t = Instant::now();
-        loop {
-            let o: Orders = rogue
-                .post(
-                    &format!("{AGENT}/heartbeat"),
-                    &datamover_control::api::Heartbeat {
-                        version: "rogue".into(),
-                        cores: 1,
-                        datastores: vec![dir.display().to_string()],
-                        running: vec![],
-                        service_port: None,
-                        serving: vec![],
-                    },
-                )
-                .unwrap();
-            if let Some(a) = o.assign.into_iter().next() {
-                return a;
-            }
-            assert!(t.elapsed() < T, "no task for the proxy\n{}", c.logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let point: datamover::PointId = "20261130T120000.000Z-abcdef".parse().unwrap();
+    let next_order = || next_order(&c, &rogue, &[&dir]);
+    let point: PointId = "20261130T120000.000Z-abcdef".parse().unwrap();
+    let disk = "x/d".parse().unwrap();
     let receipt = |by: &Identity, task: u64| {
-        let mut r = datamover_control::api::Receipt {
-            task,
-            repository: "vault".into(),
-            disk: "x/d".parse().unwrap(),
-            point: point.clone(),
-            size: 1 << 20,
-            signature: String::new(),
-        };
-        r.signature = by.sign(&r.signed_bytes()).unwrap();
-        r
+        Receipt::signed(by, task, "vault", &disk, &point, 1 << 20).unwrap()
     };
-    let report = |order: &datamover_control::api::TaskOrder, rc| {
-        let r = TaskResult {
-            task: order.task,
-            attempt: order.attempt,
-            point: Some(point.clone()),
-            mode: Some("san".into()),
-            bottleneck: Some("source".into()),
-            bytes_read: 1 << 20,
-            bytes_stored: 1 << 20,
-            total: 1 << 20,
-            wire_bytes: 1 << 20,
-            replica: None,
-            error: None,
-            permanent: false,
-            receipt: rc,
-        };
-        let _: Orders = rogue
-            .post(&format!("{AGENT}/tasks/{}/result", order.task), &r)
-            .unwrap();
-    };
+    let report = |order: &TaskOrder, rc| report(&rogue, order, &point, rc);
     // No receipt; then one the rogue signed itself: each attempt fails.
     let o = next_order();
     report(&o, None);
@@ -512,11 +447,8 @@ fn a_stolen_host_certificate_opens_no_repository_service() {
         "--retry-delay-ms",
         "100",
     ]);
-    let images = c.path("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let img = images.join("a.raw");
-    make_disk(&img, 4 << 20, 4);
-    c.add_proxy("src", &[&images], 2);
+    let img = image(&c, "a.raw", 4 << 20, 4);
+    c.add_proxy("src", &[img.parent().unwrap()], 2);
     c.add_proxy("tgt", &[], 2);
     let api = c.api();
     let vault = c.path("vault");
@@ -526,12 +458,11 @@ fn a_stolen_host_certificate_opens_no_repository_service() {
             &serde_json::json!({"name": "vault", "path": vault, "proxy": "tgt"}),
         )
         .unwrap();
-    create_job(
-        &c,
+    c.create_job(
         serde_json::json!({"name": "b", "kind": "backup", "repository": "vault", "retries": 0,
             "disks": [{"name": "vm/a", "source": img}]}),
     );
-    let s = run(&c, "b");
+    let s = c.run_job("b");
     assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
 
     // The source host's certificate, as a thief would copy it.
@@ -696,18 +627,12 @@ fn tokens_have_roles_are_revoked_at_once_and_changes_are_audited() {
     let img = c.ds("disk.img");
     make_disk(&img, 1 << 20, 2);
     let repo = c.path("repo");
-    let out = dm(&c)
-        .args(["repo", "add", "main"])
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    create_job(
-        &c,
+    c.dm_repo_add("main", &repo);
+    c.create_job(
         serde_json::json!({"name": "b", "kind": "backup", "repository": "main",
             "disks": [{"name": "vm/a", "source": img}]}),
     );
-    assert_eq!(run(&c, "b").state, State::Success);
+    assert_eq!(c.run_job("b").state, State::Success);
 
     let make = |name: &str, role: &str| -> Client {
         let out = dm(&c)
@@ -823,11 +748,8 @@ fn host_certificates_are_renewed_before_they_end() {
         "--dead-after-ms",
         "1500",
     ]);
-    let images = c.path("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let img = images.join("a.img");
-    make_disk(&img, 1 << 20, 8);
-    c.add_proxy("p1", &[&images], 1);
+    let img = image(&c, "a.img", 1 << 20, 8);
+    c.add_proxy("p1", &[img.parent().unwrap()], 1);
     let cert = c.path("proxy-p1/cert.pem");
     let first = std::fs::read_to_string(&cert).unwrap();
     let (from, until) = datamover_control::pki::validity(&first).unwrap();
@@ -880,17 +802,11 @@ fn host_certificates_are_renewed_before_they_end() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let repo = c.path("repo");
-    let out = dm(&c)
-        .args(["repo", "add", "main"])
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    create_job(
-        &c,
+    c.dm_repo_add("main", &repo);
+    c.create_job(
         serde_json::json!({"name": "b", "kind": "backup", "repository": "main",
             "proxies": ["p1"], "disks": [{"name": "vm/a", "source": img}]}),
     );
-    assert_eq!(run(&c, "b").state, State::Success, "{}", c.logs());
+    assert_eq!(c.run_job("b").state, State::Success, "{}", c.logs());
     let _ = c.proxy("p1");
 }

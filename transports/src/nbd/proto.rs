@@ -311,6 +311,27 @@ pub fn parse_server(p: &[u8]) -> Result<String, Violation> {
     Ok(String::from_utf8_lossy(name).into_owned())
 }
 
+/// An option reply (server side): header and `data`.
+pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+    r.extend_from_slice(&option.to_be_bytes());
+    r.extend_from_slice(&reply.to_be_bytes());
+    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    r.extend_from_slice(data);
+    r
+}
+
+/// One structured reply chunk (server side): header and `payload`.
+pub fn structured_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut r = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
 /// A transmission request header (28 bytes).
 pub fn request(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
     let mut r = [0u8; 28];

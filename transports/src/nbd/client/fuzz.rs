@@ -50,15 +50,7 @@ fn info() -> ExportInfo {
     }
 }
 
-fn structured(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut r = p::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    r.extend_from_slice(&flags.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&cookie.to_be_bytes());
-    r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    r.extend_from_slice(payload);
-    r
-}
+use p::structured_chunk as structured;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
