@@ -17,6 +17,10 @@ pub(crate) struct Point {
     chunking: String,
     block_size: u32,
     compression: String,
+    /// "application", "crash", or None (not a running guest's disk).
+    consistency: Option<String>,
+    consistency_reason: Option<String>,
+    frozen_ms: Option<u64>,
 }
 
 #[pymethods]
@@ -135,8 +139,10 @@ impl Repository {
     /// or "san", "hotadd", "nbd", "storage-snapshot" with
     /// `snapshot_provider` "auto", "reflink" or "qcow2-internal"), and
     /// incremental after the first point. `failover_to_network=True`
-    /// falls back to NBD when the mode cannot read the disk.
-    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto"))]
+    /// falls back to NBD when the mode cannot read the disk. `quiesce`
+    /// ("auto", "required", "off") freezes the guest's filesystems through
+    /// its agent (`?agent=` in the address) for the snapshot.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto", quiesce="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn backup(
         &self,
@@ -156,8 +162,10 @@ impl Repository {
         transport: &str,
         failover_to_network: bool,
         snapshot_provider: &str,
+        quiesce: &str,
     ) -> PyResult<Stats> {
         let vm_disk = disk;
+        let quiesce: transports::qemu::Quiesce = quiesce.parse().map_err(to_py)?;
         let disk: DiskName = name.parse().map_err(to_py)?;
         let transport: transports::TransportChoice = transport.parse().map_err(to_py)?;
         let snapshot_provider = snapshot_provider.to_string();
@@ -175,6 +183,8 @@ impl Repository {
                 transport,
                 failover_to_network,
                 snapshot_provider: Some(snapshot_provider),
+                quiesce,
+                quiesce_limits: Default::default(),
             };
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },
@@ -265,6 +275,9 @@ impl Repository {
                     chunking: m.chunking.kind.name().into(),
                     block_size: m.chunking.block_size,
                     compression: m.compression,
+                    consistency: m.consistency.as_ref().map(|c| c.level.to_string()),
+                    consistency_reason: m.consistency.as_ref().map(|c| c.reason.clone()),
+                    frozen_ms: m.consistency.as_ref().and_then(|c| c.frozen_ms),
                 })
             })
             .collect()

@@ -137,6 +137,25 @@ impl Stats {
     fn checkpoint(&self) -> Option<&str> {
         self.report.checkpoint.as_deref()
     }
+    /// VM backups: "application" (the guest agent froze the guest for the
+    /// snapshot) or "crash".
+    #[getter]
+    fn consistency(&self) -> Option<String> {
+        self.report
+            .consistency
+            .as_ref()
+            .map(|c| c.level.to_string())
+    }
+    /// VM backups: why the point has that consistency.
+    #[getter]
+    fn consistency_reason(&self) -> Option<&str> {
+        self.report.consistency.as_ref().map(|c| c.reason.as_str())
+    }
+    /// VM backups: how long the guest was frozen, in milliseconds.
+    #[getter]
+    fn frozen_ms(&self) -> Option<u64> {
+        self.report.consistency.as_ref().and_then(|c| c.frozen_ms)
+    }
     /// VM backups: the mode that failed when the run fell back to NBD.
     #[getter]
     fn failover_from(&self) -> Option<&str> {

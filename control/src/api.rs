@@ -343,6 +343,11 @@ pub struct JobSpec {
     /// into NBD exports, which always exist).
     #[serde(default)]
     pub overwrite: bool,
+    /// VM disks: application-aware processing through the guest agent:
+    /// `auto` (default: quiesce when the agent answers, else a
+    /// crash-consistent point with a warning), `required` or `off`.
+    #[serde(default = "auto")]
+    pub quiesce: String,
 }
 
 fn auto() -> String {
@@ -463,6 +468,10 @@ pub struct Task {
     /// for a free slot.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// VM disks: the point's consistency (application or crash, why, and
+    /// how long the guest was frozen).
+    #[serde(default)]
+    pub consistency: Option<datamover::Consistency>,
     /// Earlier attempts and why they ended.
     pub attempts: Vec<Attempt>,
     /// Started (RFC 3339), of the current attempt.
@@ -658,6 +667,9 @@ pub struct TaskOrder {
     /// directly: it signs the result's [`Receipt`] itself.
     #[serde(default)]
     pub receipt_for: Option<String>,
+    /// VM disks: `auto`, `required` or `off` (the job's `quiesce`).
+    #[serde(default = "auto")]
+    pub quiesce: String,
 }
 
 /// How a task ended on the proxy.
@@ -694,6 +706,10 @@ pub struct TaskResult {
     /// counts as a success.
     #[serde(default)]
     pub receipt: Option<Receipt>,
+    /// VM disks: the point's consistency (application or crash, why, and
+    /// how long the guest was frozen).
+    #[serde(default)]
+    pub consistency: Option<datamover::Consistency>,
 }
 
 /// A repository service's statement, signed with its host's key, that it

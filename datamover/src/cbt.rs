@@ -161,6 +161,9 @@ impl<S: BlockSource> BlockSource for WithChanges<S> {
     fn checkpoint(&self) -> Option<String> {
         self.source.checkpoint()
     }
+    fn consistency(&self) -> Option<crate::Consistency> {
+        self.source.consistency()
+    }
 }
 
 /// Changed ranges as `[start, end)`, asked one window at a time; ranges

@@ -61,7 +61,7 @@ pub use backup::{BackupOptions, BackupReport, backup, backup_to};
 pub use cbt::{ChangeTracker, ChangedRanges, Tracking, WithChanges};
 pub use compression::Compression;
 pub use error::{Error, ErrorKind, Result, TransportKind};
-pub use format::manifest::{ChunkingInfo, ChunkingKind, PointMeta};
+pub use format::manifest::{ChunkingInfo, ChunkingKind, Consistency, ConsistencyLevel, PointMeta};
 pub use ids::{ChunkId, DiskName, PackId, PointId, PointRef};
 pub use progress::ProgressFn;
 pub use prune::{KeepPolicy, PruneOptions, PruneReport, prune};

@@ -93,6 +93,11 @@ pub trait BlockSource: Send + Sync {
     fn change_tracking(&self) -> crate::cbt::Tracking<'_> {
         crate::cbt::Tracking::Off
     }
+    /// How consistent the data is (a running guest's disk: quiesced by
+    /// its agent or crash-consistent); stored in the point.
+    fn consistency(&self) -> Option<crate::format::manifest::Consistency> {
+        None
+    }
     /// The checkpoint this source started when it froze the disk (the
     /// bitmap that records the writes after this read's instant), stored
     /// in the point so the next incremental can build on it.

@@ -70,6 +70,12 @@ pub struct BackupArgs {
     #[arg(long, default_value = "auto",
           value_parser = ["auto", "reflink", "qcow2-internal"])]
     pub snapshot_provider: String,
+    /// VM sources: application-aware processing through the guest agent
+    /// (the VM address's ?agent=): auto (quiesce when the agent answers,
+    /// else a crash-consistent point with a warning), required (fail when
+    /// the guest cannot be quiesced) or off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "required", "off"])]
+    pub quiesce: String,
     /// Print one JSON object with the run's figures.
     #[arg(long)]
     pub json: bool,
@@ -94,6 +100,7 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         transport,
         failover_to_network,
         snapshot_provider,
+        quiesce,
         json,
     } = args;
     let disk: DiskName = name.parse()?;
@@ -109,6 +116,8 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         transport: transport.parse()?,
         failover_to_network,
         snapshot_provider: Some(snapshot_provider),
+        quiesce: quiesce.parse()?,
+        quiesce_limits: Default::default(),
     };
     let bar = progress_bar(0);
     let opts = BackupOptions {
@@ -164,6 +173,12 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
             s.compression_ratio(),
             s.bottleneck()
         );
+        if let Some(c) = &rep.meta.consistency {
+            match c.frozen_ms {
+                Some(ms) => println!("consistency: {} ({}; frozen {ms} ms)", c.level, c.reason),
+                None => println!("consistency: {} ({})", c.level, c.reason),
+            }
+        }
     }
     Ok(0)
 }
@@ -206,6 +221,41 @@ pub fn vm_disks(args: VmDisksArgs) -> Result<u8, Failure> {
                     .map_or("-".into(), |f| f.display().to_string())
             );
         }
+    }
+    Ok(0)
+}
+
+/// Arguments of `dm vm-thaw`.
+#[derive(Args)]
+pub struct VmThawArgs {
+    /// The VM's address with its agent (qmp+unix:///…?agent=/path/qga.sock),
+    /// or the agent socket itself.
+    pub address: String,
+    /// Timeout in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+/// Thaw a guest a killed backup left frozen (the next backup does it too).
+pub fn vm_thaw(args: VmThawArgs) -> Result<u8, Failure> {
+    let VmThawArgs { address, timeout } = args;
+    let agent = if transports::qemu::is_vm(&address) {
+        transports::qemu::VmAddress::parse(&address)?
+            .agent
+            .ok_or_else(|| {
+                datamover::Error::InvalidArgument(format!(
+                    "{address} names no guest agent: add ?agent=/path/to/qga.sock"
+                ))
+            })?
+    } else {
+        address
+    };
+    let n = transports::qemu::quiesce::thaw(&agent, Duration::from_secs(timeout))?;
+    if n == 0 {
+        println!("the guest was not frozen");
+    } else {
+        println!("thawed {n} filesystems");
     }
     Ok(0)
 }

@@ -62,12 +62,12 @@ pub fn points(args: PointsArgs) -> Result<u8, Failure> {
         println!("no restore points");
     } else {
         println!(
-            "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} SOURCE",
-            "DISK", "POINT", "STARTED", "SIZE", "STORED", "TRANSPORT"
+            "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} {:<11} SOURCE",
+            "DISK", "POINT", "STARTED", "SIZE", "STORED", "TRANSPORT", "CONSISTENCY"
         );
         for p in &points {
             println!(
-                "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} {}",
+                "{:<20} {:<28} {:<19} {:>10} {:>10} {:<16} {:<11} {}",
                 p.disk.to_string(),
                 p.id.to_string(),
                 p.meta
@@ -78,6 +78,10 @@ pub fn points(args: PointsArgs) -> Result<u8, Failure> {
                 human(p.meta.disk_size),
                 human(p.meta.stats.bytes_stored),
                 p.meta.transport,
+                p.meta
+                    .consistency
+                    .as_ref()
+                    .map_or("-".to_string(), |c| c.level.to_string()),
                 p.meta.source.location
             );
         }

@@ -315,6 +315,7 @@ pub fn run_task(
         error: None,
         permanent: false,
         receipt: None,
+        consistency: None,
     };
     let progress: datamover::ProgressFn = Arc::new(move |d, n| {
         done.store(d, Ordering::Relaxed);
@@ -339,6 +340,7 @@ pub fn run_task(
             res.wire_bytes = o.wire_bytes;
             res.replica = o.replica;
             res.receipt = o.receipt;
+            res.consistency = o.consistency;
         }
         Err(e) => {
             tracing::warn!("task {}: {e}", t.task);
@@ -380,6 +382,7 @@ struct Outcome {
     wire_bytes: u64,
     replica: Option<String>,
     receipt: Option<datamover_control::api::Receipt>,
+    consistency: Option<datamover::Consistency>,
 }
 
 impl Outcome {
@@ -395,6 +398,7 @@ impl Outcome {
             wire_bytes: 0,
             replica: None,
             receipt: None,
+            consistency: r.meta.consistency.clone(),
         }
     }
 }
@@ -461,6 +465,7 @@ fn run_kind(
         disk: t.vm_disk.clone(),
         transport: t.transport.parse()?,
         failover_to_network: t.failover_to_network,
+        quiesce: t.quiesce.parse()?,
         ..Default::default()
     };
     let opts = BackupOptions {
@@ -552,6 +557,7 @@ fn restore_task(
         wire_bytes: 0,
         replica: None,
         receipt: None,
+        consistency: None,
     })
 }
 

@@ -87,6 +87,11 @@ pub struct SourceOptions {
     /// VM sources with the storage-snapshot mode: `auto`, `reflink` or
     /// `qcow2-internal` (default `auto`).
     pub snapshot_provider: Option<String>,
+    /// VM sources: whether to quiesce the guest through its agent around
+    /// the snapshot (default `auto`).
+    pub quiesce: qemu::Quiesce,
+    /// VM sources: how long the guest's freeze may take and last.
+    pub quiesce_limits: qemu::QuiesceLimits,
 }
 
 impl SourceOptions {
@@ -133,6 +138,8 @@ pub fn backup(
                 bitmap: None,
                 ..opts.nbd()
             },
+            quiesce: opts.quiesce,
+            quiesce_limits: opts.quiesce_limits,
         };
         return qemu::backup(repo, spec, disk, &job, backup);
     }

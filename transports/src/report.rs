@@ -74,6 +74,9 @@ pub struct RunReport {
     pub checkpoint: Option<String>,
     /// VM backups: the fall back to network mode, if any.
     pub failover: Option<FailoverReport>,
+    /// VM backups: `application` or `crash`, why, and how long the guest
+    /// was frozen (ms).
+    pub consistency: Option<datamover::Consistency>,
     /// What the run decided and why (modes not used, ...).
     pub notes: Vec<String>,
 }
@@ -84,7 +87,7 @@ fn finite(x: f64) -> Option<f64> {
 
 impl RunReport {
     /// Every key of the serialized report, in order.
-    pub const KEYS: [&'static str; 25] = [
+    pub const KEYS: [&'static str; 26] = [
         "bytes_total",
         "bytes_read",
         "bytes_zero",
@@ -109,6 +112,7 @@ impl RunReport {
         "full_reason",
         "checkpoint",
         "failover",
+        "consistency",
         "notes",
     ];
 
@@ -140,6 +144,7 @@ impl RunReport {
             full_reason: None,
             checkpoint: None,
             failover: None,
+            consistency: None,
             notes: Vec::new(),
         }
     }
@@ -153,6 +158,7 @@ impl RunReport {
             change_tracker: rep.meta.cbt.as_ref().map(|c| c.tracker.clone()),
             full_reason: rep.full_reason.clone(),
             checkpoint: rep.meta.checkpoint.clone(),
+            consistency: rep.meta.consistency.clone(),
             ..RunReport::of_stats(&rep.disk, &rep.point, &rep.meta.transport, &rep.stats)
         }
     }

@@ -560,7 +560,13 @@ fn freeze_and_die() {
     use datamover_transports::qemu::{Vm as QVm, VmAddress, vm::Hold};
     let mut v = QVm::connect(VmAddress::parse(&spec).unwrap(), Duration::from_secs(10)).unwrap();
     let d = v.disk("q").unwrap();
-    let mut frozen = v.freeze(&d, Hold::Overlay, Some(&since)).unwrap();
+    let mut off = datamover_transports::qemu::Quiescer::open(
+        datamover_transports::qemu::Quiesce::Off,
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let mut frozen = v.freeze(&d, Hold::Overlay, Some(&since), &mut off).unwrap();
     frozen.export_uri().unwrap();
     // Die here: no destructor runs, as with kill -9.
     std::process::exit(7);

@@ -256,6 +256,7 @@ pub fn backup_to(
         stats: stats.point_stats(),
         cbt,
         checkpoint: source.checkpoint(),
+        consistency: source.consistency(),
     };
     let out = mw.finish(&meta).ctx("write", &mtmp)?;
     let f = out

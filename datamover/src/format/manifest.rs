@@ -188,6 +188,55 @@ pub struct PointMeta {
     /// checkpoint and no other. Absent when no checkpoint was started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// How consistent the point's data is: `application` (the guest's
+    /// filesystems were frozen by its agent around the snapshot) or `crash`
+    /// (as after a power cut), and why (VM sources). Absent for sources
+    /// that are not a running guest, so their bytes are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+}
+
+/// A point's consistency level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsistencyLevel {
+    /// The guest flushed and froze its filesystems (its applications'
+    /// freeze hooks ran) for the instant of the snapshot.
+    Application,
+    /// The disk as it was at one instant, as after a power cut.
+    Crash,
+}
+
+impl std::fmt::Display for ConsistencyLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConsistencyLevel::Application => "application",
+            ConsistencyLevel::Crash => "crash",
+        })
+    }
+}
+
+/// How consistent a point is, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consistency {
+    /// `application` or `crash`.
+    pub level: ConsistencyLevel,
+    /// Why: what was frozen, or why the guest was not quiesced.
+    pub reason: String,
+    /// How long the guest's filesystems were frozen, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<u64>,
+}
+
+impl Consistency {
+    /// A crash-consistent point, for `reason`.
+    pub fn crash(reason: impl Into<String>) -> Consistency {
+        Consistency {
+            level: ConsistencyLevel::Crash,
+            reason: reason.into(),
+            frozen_ms: None,
+        }
+    }
 }
 
 /// How an incremental point was built.

@@ -49,6 +49,7 @@ fn valid_manifest(n: usize) -> Vec<u8> {
         stats: manifest::PointStats::default(),
         cbt: None,
         checkpoint: None,
+        consistency: None,
     };
     w.finish(&meta).expect("finish")
 }

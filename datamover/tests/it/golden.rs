@@ -1,6 +1,5 @@
 //! Golden bytes of the on-disk formats. If one of these fails, a format
 //! changed: bump its version and keep a reader for the old one instead.
-use datamover::ChunkId;
 use datamover::format::frame::{Codec, FrameDecoder, FrameEncoder, FrameHeader};
 use datamover::format::index::{self, IndexEntry};
 use datamover::format::manifest::{
@@ -8,6 +7,7 @@ use datamover::format::manifest::{
     SourceInfo,
 };
 use datamover::ids::PackId;
+use datamover::{ChunkId, Consistency, ConsistencyLevel};
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -116,6 +116,7 @@ fn sample_meta() -> PointMeta {
         },
         cbt: None,
         checkpoint: None,
+        consistency: None,
     }
 }
 
@@ -161,6 +162,30 @@ fn vm_checkpoint_meta_golden() {
     // Points written before checkpoints existed read as having none.
     let old: PointMeta = serde_json::from_str(GOLDEN_INCREMENTAL_META).expect("parse");
     assert_eq!(old.checkpoint, None);
+}
+
+/// A point of a running guest records its consistency: `application`
+/// with the time the guest was frozen, or `crash` and why.
+#[test]
+fn consistency_meta_golden() {
+    let mut m: PointMeta = serde_json::from_str(GOLDEN_VM_META).expect("parse");
+    m.consistency = Some(Consistency {
+        level: ConsistencyLevel::Application,
+        reason: "the guest agent froze 1 filesystem".into(),
+        frozen_ms: Some(412),
+    });
+    let json = serde_json::to_string(&m).expect("json");
+    assert_eq!(json, GOLDEN_APPLICATION_META);
+    let back: PointMeta = serde_json::from_str(GOLDEN_APPLICATION_META).expect("parse");
+    assert_eq!(back, m);
+    m.consistency = Some(Consistency::crash("no guest agent answered in 10 s"));
+    let json = serde_json::to_string(&m).expect("json");
+    assert_eq!(json, GOLDEN_CRASH_META);
+    let back: PointMeta = serde_json::from_str(GOLDEN_CRASH_META).expect("parse");
+    assert_eq!(back, m);
+    // Points written before consistency was recorded read as unknown.
+    let old: PointMeta = serde_json::from_str(GOLDEN_VM_META).expect("parse");
+    assert_eq!(old.consistency, None);
 }
 
 #[test]
@@ -209,6 +234,8 @@ fn manifest_golden() {
 const GOLDEN_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":null,"stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"}}"#;
 const GOLDEN_INCREMENTAL_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"file","location":"/images/web01.raw"},"transport":"file","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:b0","bytes_changed":65536}}"#;
 const GOLDEN_VM_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d"}"#;
+const GOLDEN_APPLICATION_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d","consistency":{"level":"application","reason":"the guest agent froze 1 filesystem","frozen_ms":412}}"#;
+const GOLDEN_CRASH_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d","consistency":{"level":"crash","reason":"no guest agent answered in 10 s"}}"#;
 const GOLDEN_FOOTER_CRCS: &str = "a16d107f0a360f89";
 
 #[test]

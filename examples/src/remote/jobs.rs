@@ -50,6 +50,9 @@ pub enum JobCmd {
         /// devices); without it they are refused.
         #[arg(long)]
         overwrite: bool,
+        /// VM disks: quiesce the guest through its agent: auto, required, off.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "required", "off"])]
+        quiesce: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -95,6 +98,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             retries,
             every_minutes,
             overwrite,
+            quiesce,
             json,
         } => {
             let nodes = pairs("node", &nodes)?;
@@ -135,6 +139,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                 retries,
                 every_minutes,
                 overwrite,
+                quiesce,
             })?;
             if json {
                 return print_json(&j);

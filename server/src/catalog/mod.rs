@@ -151,6 +151,10 @@ ALTER TABLE hosts ADD COLUMN prev_fingerprint TEXT;
 ALTER TABLE hosts ADD COLUMN cert_pem TEXT;
 ALTER TABLE hosts ADD COLUMN prev_cert_pem TEXT;
 "#,
+    // 6: a task's point's consistency (JSON: level, reason, frozen_ms).
+    r#"
+ALTER TABLE tasks ADD COLUMN consistency TEXT;
+"#,
 ];
 
 /// A query's error: SQLite's, or a JSON column that does not parse.

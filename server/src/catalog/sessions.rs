@@ -77,7 +77,7 @@ pub fn get(db: &Connection, id: SessionId) -> Q<Option<SessionRow>> {
 pub fn tasks(db: &Connection, id: SessionId) -> Q<Vec<Task>> {
     let mut st = db.prepare(
         "SELECT id, disk, state, proxy_name, attempt, mode, done, total, bottleneck, point, bytes_read, bytes_stored, error, attempts, started, finished,
-         wire_bytes, replica, waiting FROM tasks WHERE session_id = ?1 ORDER BY id",
+         wire_bytes, replica, waiting, consistency FROM tasks WHERE session_id = ?1 ORDER BY id",
     )?;
     let rows = st.query_map([id], |r| {
         Ok((
@@ -97,6 +97,7 @@ pub fn tasks(db: &Connection, id: SessionId) -> Q<Vec<Task>> {
                 wire_bytes: r.get(16)?,
                 replica: r.get(17)?,
                 waiting: r.get(18)?,
+                consistency: None,
                 error: r.get(12)?,
                 attempts: Vec::new(),
                 started: r.get(14)?,
@@ -104,10 +105,12 @@ pub fn tasks(db: &Connection, id: SessionId) -> Q<Vec<Task>> {
             },
             r.get::<_, String>(2)?,
             r.get::<_, String>(13)?,
+            r.get::<_, Option<String>>(19)?,
         ))
     })?;
     rows.map(|r| {
-        let (mut t, state, attempts) = r?;
+        let (mut t, state, attempts, consistency) = r?;
+        t.consistency = consistency.map(|c| serde_json::from_str(&c)).transpose()?;
         t.state = serde_json::from_value(serde_json::Value::String(state))?;
         t.attempts = serde_json::from_str(&attempts)?;
         Ok(t)

@@ -271,7 +271,8 @@ pub fn current(db: &Connection, id: TaskId, proxy: ProxyId, attempt: u32) -> Q<O
 pub fn succeed(db: &Connection, id: TaskId, r: &TaskResult, finished: &str) -> Q<()> {
     db.execute(
         "UPDATE tasks SET state = 'success', point = ?1, mode = ?2, bottleneck = ?3, bytes_read = ?4,
-         bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7, wire_bytes = ?9, replica = ?10 WHERE id = ?8",
+         bytes_stored = ?5, total = ?6, done = ?6, error = NULL, finished = ?7, wire_bytes = ?9, replica = ?10,
+         consistency = ?11 WHERE id = ?8",
         params![
             r.point.as_ref().map(|p| p.to_string()),
             r.mode,
@@ -282,7 +283,11 @@ pub fn succeed(db: &Connection, id: TaskId, r: &TaskResult, finished: &str) -> Q
             finished,
             id,
             (r.wire_bytes > 0).then_some(r.wire_bytes),
-            r.replica
+            r.replica,
+            r.consistency
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?
         ],
     )?;
     Ok(())

@@ -193,6 +193,7 @@ impl Engine {
                 transport: j.transport,
                 failover_to_network: j.failover_to_network,
                 overwrite: j.overwrite,
+                quiesce: j.quiesce,
                 receipt_for: (holder.is_some() && !remote).then(|| j.repository.clone()),
             });
         }

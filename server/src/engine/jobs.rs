@@ -36,6 +36,12 @@ impl Engine {
                     d.name, d.source
                 )));
             }
+            if !["auto", "required", "off"].contains(&j.quiesce.as_str()) {
+                return Err(EngineError::bad(format!(
+                    "unknown quiesce {:?}: use auto, required or off",
+                    j.quiesce
+                )));
+            }
             if j.overwrite && j.kind != JobKind::Restore {
                 return Err(EngineError::bad("\"overwrite\" is for restore jobs"));
             }

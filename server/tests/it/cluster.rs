@@ -115,6 +115,7 @@ fn twelve_disks(net: Option<&Net>) {
                 retries: 2,
                 every_minutes: None,
                 overwrite: false,
+                quiesce: "auto".into(),
             },
         )
         .unwrap();

@@ -33,6 +33,7 @@ fn spec(name: &str, kind: JobKind, repo: &str, disks: Vec<JobDisk>) -> JobSpec {
         retries: 0,
         every_minutes: None,
         overwrite: false,
+        quiesce: "auto".into(),
     }
 }
 

@@ -181,6 +181,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         retries: 0,
         every_minutes: None,
         overwrite: false,
+        quiesce: "auto".into(),
     };
     let _: Job = api
         .post(

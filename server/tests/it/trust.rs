@@ -91,6 +91,7 @@ fn report(client: &Client, order: &TaskOrder, point: &PointId, receipt: Option<R
         error: None,
         permanent: false,
         receipt,
+        consistency: None,
     };
     let _: Orders = client
         .post(&format!("{AGENT}/tasks/{}/result", order.task), &r)

@@ -20,8 +20,10 @@
 //! from the data path, as VMware's QueryChangedDiskAreas is separate from
 //! its transports.
 
+pub mod agent;
 pub mod local;
 pub mod qmp;
+pub mod quiesce;
 pub mod snapshot;
 pub mod vm;
 
@@ -34,6 +36,7 @@ use datamover::{BackupOptions, BackupReport, DiskName, Error, Result, Store, Tra
 
 use crate::nbd::{ConnectOptions, NbdSource};
 use local::{LocalExport, LoopDevice};
+pub use quiesce::{Quiesce, QuiesceLimits, Quiescer};
 use snapshot::{SnapshotImage, StorageSnapshot};
 pub use vm::{DiskInfo, Vm, VmAddress, is_vm};
 
@@ -149,6 +152,7 @@ pub struct VmSource {
     mode: Mode,
     location: String,
     checkpoint: String,
+    consistency: datamover::Consistency,
 }
 
 impl std::fmt::Debug for VmSource {
@@ -221,6 +225,9 @@ impl BlockSource for VmSource {
     fn checkpoint(&self) -> Option<String> {
         Some(self.checkpoint.clone())
     }
+    fn consistency(&self) -> Option<datamover::Consistency> {
+        Some(self.consistency.clone())
+    }
 }
 
 /// How to back up a VM disk (from [`crate::SourceOptions`]).
@@ -231,6 +238,8 @@ pub(crate) struct VmJob<'a> {
     pub failover: bool,
     pub provider: &'a str,
     pub nbd: ConnectOptions,
+    pub quiesce: Quiesce,
+    pub quiesce_limits: QuiesceLimits,
 }
 
 /// Whether the changes since the parent point can be read, and from
@@ -290,6 +299,9 @@ pub(crate) fn backup(
     let addr = VmAddress::parse(spec)?;
     let mut vm = Vm::connect(addr.clone(), job.nbd.timeout)?;
     let disk = vm.disk(job.disk)?;
+    // Before anything is frozen: reach the agent (thawing a guest a
+    // killed run left frozen).
+    let mut quiescer = Quiescer::open(job.quiesce, addr.agent.as_deref(), job.quiesce_limits)?;
     let mut notes = Vec::new();
 
     let since = match repo.latest_meta(name)? {
@@ -355,7 +367,22 @@ pub(crate) fn backup(
         Since::Checkpoint(c) => Some(c.as_str()),
         _ => None,
     };
-    let mut frozen = vm.freeze(&disk, hold, since_name)?;
+    let frozen = vm.freeze(&disk, hold, since_name, &mut quiescer);
+    notes.append(&mut quiescer.notes);
+    let mut frozen = frozen?;
+    let consistency = frozen.consistency().clone();
+    if consistency.level == datamover::ConsistencyLevel::Crash {
+        if job.quiesce == Quiesce::Required {
+            let _ = frozen.finish(false);
+            return Err(Error::Unsupported(format!(
+                "the guest cannot be quiesced (--quiesce required): {}",
+                consistency.reason
+            )));
+        }
+        if job.quiesce == Quiesce::Auto {
+            notes.push(format!("crash-consistent: {}", consistency.reason));
+        }
+    }
     let mut image = None;
     if let (Mode::StorageSnapshot, Ok(p)) = (mode, &provider) {
         match p.take(&frozen) {
@@ -410,6 +437,7 @@ pub(crate) fn backup(
                 mode,
                 location: location.clone(),
                 checkpoint: frozen.checkpoint().to_string(),
+                consistency: consistency.clone(),
             };
             let r = datamover::backup_to(repo, &src, name, opts);
             tracker = src.tracker;

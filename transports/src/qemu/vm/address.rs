@@ -13,7 +13,9 @@ use super::*;
 ///   one for the run and stops it afterwards;
 /// * `nbd-port=N`: port for the NBD server started on a TCP VM (10809);
 /// * `overlay-dir=PATH`: where the VM host keeps overlays while a disk is
-///   frozen (default: next to the disk's image file).
+///   frozen (default: next to the disk's image file);
+/// * `agent=PATH|HOST:PORT`: the host side of the VM's guest-agent channel
+///   (`org.qemu.guest_agent.0`), for application-consistent points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmAddress {
     /// The address as given.
@@ -26,6 +28,8 @@ pub struct VmAddress {
     pub nbd_port: u16,
     /// Directory for overlays.
     pub overlay_dir: Option<PathBuf>,
+    /// The guest agent's socket.
+    pub agent: Option<String>,
 }
 
 /// Whether `spec` names a VM.
@@ -64,6 +68,7 @@ impl VmAddress {
             nbd_server: None,
             nbd_port: 10809,
             overlay_dir: None,
+            agent: None,
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
@@ -75,6 +80,13 @@ impl VmAddress {
                 }
                 Some(("overlay-dir", v)) if v.starts_with('/') => {
                     a.overlay_dir = Some(PathBuf::from(v))
+                }
+                Some(("agent", v))
+                    if v.starts_with('/')
+                        || v.rsplit_once(':')
+                            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+                {
+                    a.agent = Some(v.to_string())
                 }
                 _ => return Err(bad(&format!("unknown or empty parameter {kv:?}"))),
             }

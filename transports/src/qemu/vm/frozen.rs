@@ -46,6 +46,7 @@ pub struct Frozen {
     pub(super) export: Option<(String, String)>,
     pub(super) server: Option<Server>,
     pub(super) finished: bool,
+    pub(super) consistency: datamover::Consistency,
 }
 
 impl Frozen {
@@ -53,6 +54,10 @@ impl Frozen {
     /// internal snapshot does).
     pub fn disk(&self) -> &DiskInfo {
         &self.disk
+    }
+    /// How consistent the frozen data is.
+    pub fn consistency(&self) -> &datamover::Consistency {
+        &self.consistency
     }
     /// The checkpoint this run started.
     pub fn checkpoint(&self) -> &str {

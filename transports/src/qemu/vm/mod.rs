@@ -88,8 +88,15 @@ impl Vm {
         if let Ok(Value::Array(devs)) = self.qmp.try_execute("query-block", json!({}))? {
             for d in devs {
                 if let Some(node) = d["inserted"]["node-name"].as_str() {
+                    // A device added with an id shows as its QOM path
+                    // (`/machine/peripheral/ID/virtio-backend`): name it ID.
                     let dev = d["qdev"]
                         .as_str()
+                        .map(|q| {
+                            q.strip_prefix("/machine/peripheral/")
+                                .and_then(|r| r.split('/').next())
+                                .unwrap_or(q)
+                        })
                         .or(d["device"].as_str())
                         .filter(|s| !s.is_empty());
                     push(node, dev.map(str::to_string));
@@ -286,7 +293,16 @@ impl Vm {
     /// the disk has it) for export, start a new checkpoint, and take the
     /// snapshot `how` asks for. [`Frozen::export_uri`] then exports the
     /// frozen disk read-only over NBD (with the copied checkpoint).
-    pub fn freeze(mut self, disk: &DiskInfo, how: Hold, since: Option<&str>) -> Result<Frozen> {
+    ///
+    /// `quiescer` freezes the guest's filesystems for the instant of the
+    /// transaction (see [`super::quiesce`]).
+    pub fn freeze(
+        mut self,
+        disk: &DiskInfo,
+        how: Hold,
+        since: Option<&str>,
+        quiescer: &mut super::Quiescer,
+    ) -> Result<Frozen> {
         let st = stamp();
         let checkpoint = format!("{CHECKPOINT}{st}");
         let have_since = since.filter(|s| disk.bitmaps.iter().any(|b| b.name == *s));
@@ -335,7 +351,8 @@ impl Vm {
                 internal = Some(name);
             }
         }
-        let frozen = self.qmp.execute("transaction", json!({"actions": actions}));
+        let (frozen, consistency) =
+            quiescer.around(|| self.qmp.execute("transaction", json!({"actions": actions})))?;
         if let (Err(_), Some((_, path)), true) = (&frozen, &overlay, self.addr.is_local()) {
             // QEMU may have created the overlay file before the transaction failed.
             let _ = std::fs::remove_file(path);
@@ -379,6 +396,7 @@ impl Vm {
             export: None,
             server: None,
             finished: false,
+            consistency,
         })
     }
 }

@@ -1,0 +1,381 @@
+//! Real guests: a Debian guest under qemu-system-x86_64 (TCG unless real
+//! VT-x/AMD-V), with qemu-ga inside, backed up through QMP while it writes
+//! (a SQLite database, one transaction per row, and a log whose every line
+//! carries its checksum). Points are restored, checked on the host (e2fsck,
+//! the ext4 journal) and booted as new guests that check their own data.
+//! The quiesce failure cases (no agent, an agent that does not answer, a
+//! hook that fails, a run killed while the guest is frozen) each end with
+//! the guest thawed.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
+
+use datamover_testkit as common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::guest::GUEST_TOOLS;
+use common::{Guest, GuestImage, can_run, sh};
+use datamover::{BackupOptions, ConsistencyLevel, DiskName, Repository, RestoreOptions};
+use datamover_transports::qemu::{Quiesce, QuiesceLimits};
+use datamover_transports::{BackupRun, SourceOptions};
+use serde_json::json;
+
+/// Guests are heavy under TCG: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const DB: &str = "/var/lib/dm-load/load.db";
+
+fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, tempfile::TempDir)> {
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["e2fsck", "dumpe2fs"]);
+    if !can_run(test, &tools) {
+        return None;
+    }
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    GuestImage::get();
+    Some((guard, tempfile::tempdir().unwrap()))
+}
+
+fn opts(quiesce: Quiesce) -> SourceOptions {
+    SourceOptions {
+        disk: Some("vblk0".into()),
+        quiesce,
+        quiesce_limits: QuiesceLimits {
+            agent: Duration::from_secs(5),
+            ..QuiesceLimits::default()
+        },
+        timeout: Some(Duration::from_secs(60)),
+        ..SourceOptions::default()
+    }
+}
+
+fn backup(
+    repo: &Repository,
+    spec: &str,
+    name: &str,
+    quiesce: Quiesce,
+) -> datamover::Result<BackupRun> {
+    datamover_transports::backup(
+        repo,
+        spec,
+        &name.parse().unwrap(),
+        &opts(quiesce),
+        &BackupOptions {
+            full_if_needed: true,
+            ..BackupOptions::default()
+        },
+    )
+}
+
+/// Start the write load and wait until it has committed `rows` rows.
+fn start_load(g: &Guest, rows: u64) {
+    g.spawn("dm-load");
+    wait_rows(g, rows);
+}
+
+fn rows(g: &Guest) -> u64 {
+    let (code, out, _) = g.exec(&format!(
+        "sqlite3 -cmd '.timeout 5000' {DB} 'SELECT count(*) FROM t'"
+    ));
+    if code != 0 {
+        return 0;
+    }
+    out.trim().parse().unwrap_or(0)
+}
+
+fn wait_rows(g: &Guest, n: u64) {
+    common::wait_until(
+        &format!("{n} rows in the guest's database"),
+        Duration::from_secs(120),
+        || rows(g) >= n,
+    );
+}
+
+/// Restore `name`@`point` to a raw image in `dir`.
+fn restore(repo: &Repository, name: &str, point: &str, out: &Path) {
+    let disk: DiskName = name.parse().unwrap();
+    let id = repo.resolve_point(&disk, Some(point)).unwrap();
+    let size = repo.point_meta(&disk, &id).unwrap().meta.disk_size;
+    let t = datamover::target::open_local(out, size, true).unwrap();
+    datamover::restore(repo, &disk, &id, t.as_ref(), &RestoreOptions::default()).unwrap();
+}
+
+/// Host-side checks of a restored root filesystem: e2fsck finds nothing,
+/// and a quiesced point's journal needs no recovery.
+fn check_filesystem(image: &Path, quiesced: bool) {
+    let header = sh(Command::new("dumpe2fs").arg("-h").arg(image));
+    let features = header
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_default()
+        .to_string();
+    if quiesced {
+        assert!(
+            !features.contains("needs_recovery"),
+            "a quiesced point's journal needs recovery: {features}"
+        );
+        let out = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck of a quiesced point: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Boot `image` as a new guest and check, from inside, what a point must
+/// hold: an intact database with at least the rows its freeze hook logged
+/// (or `min_rows`), a log whose every line is whole and right, and the
+/// files in `sums` (path, sha256).
+fn boot_and_check(dir: &Path, name: &str, image: &Path, min_rows: u64, sums: &[(&str, &str)]) {
+    let g = Guest::boot(dir, name, image, "raw");
+    assert_eq!(
+        g.sh(&format!("sqlite3 {DB} 'PRAGMA integrity_check'")),
+        "ok"
+    );
+    let n: u64 = g
+        .sh(&format!("sqlite3 {DB} 'SELECT count(*) FROM t'"))
+        .parse()
+        .unwrap();
+    let logged: u64 = g
+        .sh("cat /var/lib/dm-load/rows-at-freeze 2>/dev/null || echo 0")
+        .parse()
+        .unwrap();
+    assert!(
+        n >= logged.max(min_rows) && n > 0,
+        "{name}: {n} rows, but the guest had committed {logged} (hook) / {min_rows} before the freeze"
+    );
+    // Every line of the log: "N md5("row N")"; a quiesced point has no torn line.
+    let bad = g.sh(
+        "n=0; while read i s; do [ \"$(echo \"row $i\" | md5sum | cut -c1-32)\" = \"$s\" ] || n=$((n+1)); done </var/lib/dm-load/log; echo $n",
+    );
+    assert_eq!(bad, "0", "{name}: log lines with a wrong checksum");
+    for (path, sum) in sums {
+        assert_eq!(
+            &g.sh(&format!("sha256sum {path} | cut -d' ' -f1")),
+            sum,
+            "{name}: {path}"
+        );
+    }
+    eprintln!("{name}: {n} rows (hook logged {logged}), database ok");
+}
+
+#[test]
+fn a_running_guest_is_backed_up_quiesced_full_then_incremental_and_every_point_boots() {
+    let Some((_g, tmp)) =
+        setup("a_running_guest_is_backed_up_quiesced_full_then_incremental_and_every_point_boots")
+    else {
+        return;
+    };
+    let dir = tmp.path();
+    let img = dir.join("vm.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let g = Guest::boot(dir, "src", &img, "qcow2");
+    let repo = Repository::init(&dir.join("repo")).unwrap();
+    start_load(&g, 5);
+
+    // Full, while the load runs.
+    let before = rows(&g);
+    let full = backup(&repo, &g.spec(), "vm/root", Quiesce::Auto).unwrap();
+    let c = full
+        .report
+        .meta
+        .consistency
+        .clone()
+        .expect("consistency recorded");
+    assert_eq!(
+        c.level,
+        ConsistencyLevel::Application,
+        "{c:?}, notes {:?}",
+        full.notes
+    );
+    let frozen_ms = c.frozen_ms.expect("frozen time");
+    assert!(frozen_ms < 10_000, "frozen {frozen_ms} ms");
+    assert!(full.report.parent().is_none());
+
+    // The guest writes a file and more rows; the incremental reads only that.
+    let sum = g.sh("dd if=/dev/urandom of=/root/blob bs=1M count=4 status=none && sync && sha256sum /root/blob | cut -d' ' -f1");
+    wait_rows(&g, before + 10);
+    let inc = backup(&repo, &g.spec(), "vm/root", Quiesce::Auto).unwrap();
+    let c2 = inc.report.meta.consistency.clone().expect("consistency");
+    assert_eq!(c2.level, ConsistencyLevel::Application, "{c2:?}");
+    assert_eq!(
+        inc.report.parent(),
+        Some(full.report.point.to_string().as_str())
+    );
+    let changed = inc.report.bytes_changed().expect("an incremental");
+    let read = inc.report.stats.bytes_read;
+    let size = inc.report.stats.bytes_total;
+    assert!(
+        changed >= 4 << 20,
+        "4 MiB written, {changed} marked changed"
+    );
+    // Changes are read whole chunks at a time (1 MiB around each changed
+    // 64 KiB block of the bitmap): never much more than what changed.
+    assert!(
+        read <= 2 * changed + (8 << 20),
+        "read {read} of {changed} changed bytes"
+    );
+    assert!(read < size / 8, "read {read} of a {size}-byte disk");
+    eprintln!(
+        "full: frozen {frozen_ms} ms, read {}; incremental: frozen {:?} ms, changed {changed}, read {read}",
+        full.report.stats.bytes_read, c2.frozen_ms
+    );
+    g.stop();
+
+    // Every point: restored, checked on the host, booted and checked inside.
+    for (i, (rep, sums)) in [
+        (&full.report, vec![]),
+        (&inc.report, vec![("/root/blob", sum.as_str())]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.join(format!("restored-{i}.raw"));
+        restore(&repo, "vm/root", &rep.point.to_string(), &out);
+        check_filesystem(&out, true);
+        boot_and_check(dir, &format!("restored{i}"), &out, before.min(1), &sums);
+        std::fs::remove_file(&out).unwrap();
+    }
+    let v = datamover::verify(&repo, true).unwrap();
+    assert!(v.is_ok(), "{:?}", v.problems);
+}
+
+fn point_count(repo: &Repository) -> usize {
+    repo.list_points(None).unwrap().0.len()
+}
+
+fn status(g: &Guest) -> String {
+    g.agent("guest-fsfreeze-status", json!({}))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_guest_that_cannot_be_quiesced_gives_a_crash_point_or_with_required_none() {
+    let Some((_g, tmp)) =
+        setup("a_guest_that_cannot_be_quiesced_gives_a_crash_point_or_with_required_none")
+    else {
+        return;
+    };
+    let dir = tmp.path();
+    let img = dir.join("vm.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let g = Guest::boot(dir, "q", &img, "qcow2");
+    let repo = Repository::init(&dir.join("repo")).unwrap();
+    let qmp_only = format!("qmp+unix://{}", g.qmp.display());
+
+    // 1. No agent named: auto says why; required refuses and writes nothing.
+    let r = backup(&repo, &qmp_only, "vm/root", Quiesce::Auto).unwrap();
+    let c = r.report.meta.consistency.clone().unwrap();
+    assert_eq!(c.level, ConsistencyLevel::Crash);
+    assert!(c.reason.contains("names no guest agent"), "{}", c.reason);
+    assert!(
+        r.notes.iter().any(|n| n.contains("crash-consistent")),
+        "{:?}",
+        r.notes
+    );
+    let e = backup(&repo, &qmp_only, "vm/root", Quiesce::Required).unwrap_err();
+    assert!(e.to_string().contains("cannot be quiesced"), "{e}");
+    assert_eq!(point_count(&repo), 1);
+
+    // 2. A hook that fails: crash with the agent's reason; required fails;
+    //    the guest is thawed either way.
+    g.sh("touch /etc/dm-fail-freeze");
+    let r = backup(&repo, &g.spec(), "vm/root", Quiesce::Auto).unwrap();
+    let c = r.report.meta.consistency.clone().unwrap();
+    assert_eq!(c.level, ConsistencyLevel::Crash);
+    assert!(c.reason.contains("hook"), "{}", c.reason);
+    assert_eq!(status(&g), "thawed");
+    let e = backup(&repo, &g.spec(), "vm/root", Quiesce::Required).unwrap_err();
+    assert!(e.to_string().contains("hook"), "{e}");
+    assert_eq!(status(&g), "thawed");
+    assert_eq!(point_count(&repo), 2);
+    g.sh("rm /etc/dm-fail-freeze");
+
+    // 3. Quiescing off: crash, and the guest is not asked.
+    let r = backup(&repo, &g.spec(), "vm/root", Quiesce::Off).unwrap();
+    assert_eq!(
+        r.report.meta.consistency.unwrap().reason,
+        "quiescing is off"
+    );
+
+    // 4. An agent that does not answer (qemu-ga stopped for 25 s).
+    g.spawn("p=$(pidof qemu-ga); sleep 1; kill -STOP $p; sleep 25; kill -CONT $p");
+    std::thread::sleep(Duration::from_secs(3));
+    let t = std::time::Instant::now();
+    let r = backup(&repo, &g.spec(), "vm/root", Quiesce::Auto).unwrap();
+    let c = r.report.meta.consistency.clone().unwrap();
+    assert_eq!(c.level, ConsistencyLevel::Crash);
+    assert!(c.reason.contains("did not answer"), "{}", c.reason);
+    let e = backup(&repo, &g.spec(), "vm/root", Quiesce::Required).unwrap_err();
+    assert!(e.to_string().contains("did not answer"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "the agent came back before the test ended"
+    );
+    assert_eq!(point_count(&repo), 4);
+    common::wait_until("the agent to answer again", Duration::from_secs(60), || {
+        g.try_agent("guest-ping", json!({}), Duration::from_secs(2))
+            .is_ok()
+    });
+    assert_eq!(status(&g), "thawed");
+
+    // 5. A run killed while the guest is frozen: the guest stays frozen
+    //    until the next run, which thaws it and takes a quiesced point.
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new(me)
+        .args([
+            "--ignored",
+            "--exact",
+            "freeze_guest_and_die",
+            "--nocapture",
+        ])
+        .env("DM_FREEZE_AGENT", &g.qga)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&g), "frozen");
+    let r = backup(&repo, &g.spec(), "vm/root", Quiesce::Required).unwrap();
+    assert_eq!(
+        r.report.meta.consistency.unwrap().level,
+        ConsistencyLevel::Application
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("found frozen")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(status(&g), "thawed");
+    g.sh("touch /root/alive && sync");
+}
+
+/// Run by the test above in a child process: freeze the guest and die
+/// inside the frozen window, as `kill -9` would.
+#[test]
+#[ignore = "a helper run in a child process"]
+fn freeze_guest_and_die() {
+    let Ok(agent) = std::env::var("DM_FREEZE_AGENT") else {
+        return;
+    };
+    let mut q = datamover_transports::qemu::Quiescer::open(
+        Quiesce::Required,
+        Some(&agent),
+        QuiesceLimits::default(),
+    )
+    .unwrap();
+    let _ = q.around(|| std::process::exit(7));
+}
