@@ -141,8 +141,10 @@ impl Repository {
     /// incremental after the first point. `failover_to_network=True`
     /// falls back to NBD when the mode cannot read the disk. `quiesce`
     /// ("auto", "required", "off") freezes the guest's filesystems through
-    /// its agent (`?agent=` in the address) for the snapshot.
-    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto", quiesce="auto"))]
+    /// its agent (`?agent=` in the address) for the snapshot. `format`
+    /// ("auto", "raw", "qcow2", ...) says how to read a path: "auto" reads
+    /// an image file as the disk it holds.
+    #[pyo3(signature = (source, name, *, chunking="fixed", block_size=1<<20, compression="optimal", threads=0, progress=None, bitmap=None, full_if_needed=false, timeout=60.0, tls_certificates=None, disk=None, transport="auto", failover_to_network=false, snapshot_provider="auto", quiesce="auto", format="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn backup(
         &self,
@@ -163,7 +165,9 @@ impl Repository {
         failover_to_network: bool,
         snapshot_provider: &str,
         quiesce: &str,
+        format: &str,
     ) -> PyResult<Stats> {
+        let format = Some(format.to_string());
         let vm_disk = disk;
         let quiesce: transports::qemu::Quiesce = quiesce.parse().map_err(to_py)?;
         let disk: DiskName = name.parse().map_err(to_py)?;
@@ -185,6 +189,7 @@ impl Repository {
                 snapshot_provider: Some(snapshot_provider),
                 quiesce,
                 quiesce_limits: Default::default(),
+                format,
             };
             let opts = BackupOptions {
                 chunking: ChunkingInfo { kind, block_size },

@@ -504,3 +504,25 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_image_files_are_read_as_their_disk(env):
+    need_qemu_nbd()
+    tmp, img, repo = env
+    qcow = tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qcow)], check=True)
+    stats = repo.backup(qcow, "vm/qcow")
+    assert stats.bytes_total == 32 << 20
+    p = repo.points("vm/qcow")[0]
+    assert p.source_kind == "qcow2"
+    assert p.consistency is None, "not a running guest"
+    out = tmp / "from-qcow.raw"
+    repo.restore("vm/qcow", out)
+    assert digest(out) == digest(img)
+    # format="raw": the container's bytes, on purpose.
+    repo.backup(qcow, "vm/bytes", format="raw")
+    assert repo.points("vm/bytes")[0].size == os.path.getsize(qcow)
+    with pytest.raises(ValueError, match="unknown image format"):
+        repo.backup(qcow, "vm/x", format="iso")
+    with pytest.raises(ValueError, match="unknown quiesce mode"):
+        repo.backup(qcow, "vm/x", quiesce="sometimes")

@@ -76,6 +76,13 @@ pub struct BackupArgs {
     /// the guest cannot be quiesced) or off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "required", "off"])]
     pub quiesce: String,
+    /// Path sources: the image format. auto reads a qcow2, vmdk, vhdx,
+    /// vdi, vpc or qed file as the disk it holds (but refuses one that
+    /// names a backing or data file: name its format to follow those);
+    /// raw reads the file's bytes.
+    #[arg(long, default_value = "auto",
+          value_parser = ["auto", "raw", "qcow2", "qcow", "vmdk", "vhdx", "vdi", "vpc", "qed"])]
+    pub format: String,
     /// Print one JSON object with the run's figures.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +108,7 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         failover_to_network,
         snapshot_provider,
         quiesce,
+        format,
         json,
     } = args;
     let disk: DiskName = name.parse()?;
@@ -118,6 +126,7 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         snapshot_provider: Some(snapshot_provider),
         quiesce: quiesce.parse()?,
         quiesce_limits: Default::default(),
+        format: Some(format),
     };
     let bar = progress_bar(0);
     let opts = BackupOptions {

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod image;
 pub mod mode;
 pub mod nbd;
 pub mod qemu;
@@ -92,6 +93,9 @@ pub struct SourceOptions {
     pub quiesce: qemu::Quiesce,
     /// VM sources: how long the guest's freeze may take and last.
     pub quiesce_limits: qemu::QuiesceLimits,
+    /// Path sources: the image format, `auto` (by its magic; the default)
+    /// or `raw`, `qcow2`, `vmdk`, `vhdx`, `vdi`, `vpc`, `qed` (see [`image`]).
+    pub format: Option<String>,
 }
 
 impl SourceOptions {
@@ -179,6 +183,8 @@ pub fn open_source_with(
         Err(datamover::Error::InvalidArgument(format!(
             "dirty bitmap {b:?} asked for {spec}: changed-block tracking needs an NBD source (nbd://, nbd+unix://) exporting the bitmap"
         )))
+    } else if let Some(path) = datamover::source::local_path(spec)? {
+        image::open(path, opts.format.as_deref().unwrap_or("auto"), &opts.nbd())
     } else {
         datamover::source::open(spec)
     }

@@ -103,6 +103,15 @@ pub(super) fn show_session(s: &Session) {
         if let Some(r) = &t.replica {
             println!("{:>6}   replica {r}", "");
         }
+        if let Some(c) = &t.consistency {
+            match c.frozen_ms {
+                Some(ms) => println!(
+                    "{:>6}   {}-consistent ({}; frozen {ms} ms)",
+                    "", c.level, c.reason
+                ),
+                None => println!("{:>6}   {}-consistent ({})", "", c.level, c.reason),
+            }
+        }
         if let Some(w) = t.wire_bytes {
             println!(
                 "{:>6}   {} stored, {} on the wire to the repository service",

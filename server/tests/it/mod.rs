@@ -2,6 +2,7 @@
 
 mod api;
 mod cluster;
+mod guest;
 mod jobs;
 mod netns;
 mod trust;

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use datamover::{Error, Result, TransportKind};
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().map_err(|e| {
         Error::Unsupported(format!(
             "{what}: cannot run {:?}: {e}; install it on the proxy",

@@ -97,10 +97,12 @@ fn unusable(
 ) -> Option<String> {
     match mode {
         Mode::San => {
-            if disk.driver != "raw" {
+            if disk.driver != "raw" && !crate::image::FORMATS.contains(&disk.driver.as_str()) {
                 Some(format!(
-                    "disk {} is {}: direct access reads raw images and LUNs",
-                    disk.node, disk.driver
+                    "disk {} is {}: direct access reads raw and {} images and LUNs",
+                    disk.node,
+                    disk.driver,
+                    crate::image::FORMATS.join(", ")
                 ))
             } else if disk.backing {
                 Some(format!("disk {} has a backing file", disk.node))
@@ -269,7 +271,11 @@ fn open_mode(
         Ok::<_, Error>((src, vec![Attachment::Local(ex)]))
     };
     match mode {
-        Mode::San => Ok((datamover::source::open_local(path()?)?, vec![])),
+        Mode::San if disk.driver == "raw" => Ok((datamover::source::open_local(path()?)?, vec![])),
+        // A qcow2 (or other image) on a datastore the proxy sees: read
+        // through a local read-only export of the file, as the VM host
+        // names it (the driver comes from the VM, not from probing).
+        Mode::San => local(path()?, &disk.driver, None),
         Mode::HotAdd if disk.driver == "raw" => {
             let dev = LoopDevice::attach(path()?)?;
             let src = datamover::source::open_local(dev.path())?;

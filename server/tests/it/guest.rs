@@ -1,0 +1,64 @@
+//! A job backs up a real guest's disk: the server's task shows the point's
+//! consistency (application, with the frozen time), and `dm session show`
+//! prints it.
+
+use crate::common::{Cluster, dm, serial};
+use datamover_control::api::{Session, State};
+use datamover_testkit::guest::GUEST_TOOLS;
+use datamover_testkit::{Guest, GuestImage, can_run};
+
+#[test]
+fn a_job_backs_up_a_running_guest_quiesced_and_the_session_shows_it() {
+    let _s = serial();
+    if !can_run(
+        "a_job_backs_up_a_running_guest_quiesced_and_the_session_shows_it",
+        GUEST_TOOLS,
+    ) {
+        return;
+    }
+    let c = Cluster::start(&[]);
+    // The guest's disk lies in the built-in proxy's datastore: direct
+    // storage access reads the qcow2 there.
+    let img = c.ds("vm1.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let g = Guest::boot(&c.path(""), "vm1", &img, "qcow2");
+    c.dm_repo_add("main", &c.path("repo"));
+    c.create_job(serde_json::json!({
+        "name": "vm1", "kind": "backup", "repository": "main", "quiesce": "required",
+        "disks": [{"name": "vm1/root", "source": g.spec(), "disk": "vblk0"}],
+    }));
+    let s: Session = c.run_job("vm1");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    let t = &s.tasks[0];
+    assert_eq!(t.mode.as_deref(), Some("san"), "{t:#?}");
+    let cons = t.consistency.clone().expect("consistency");
+    assert_eq!(
+        cons.level,
+        datamover::ConsistencyLevel::Application,
+        "{cons:?}"
+    );
+    assert!(cons.frozen_ms.is_some_and(|ms| ms < 10_000), "{cons:?}");
+    assert_eq!(
+        g.agent("guest-fsfreeze-status", serde_json::json!({})),
+        "thawed"
+    );
+    let out = dm(&c)
+        .args(["session", "show", &s.id.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("application-consistent"), "{text}");
+
+    // A job with an unknown quiesce mode is refused.
+    let e = c
+        .api()
+        .post::<_, serde_json::Value>(
+            "/api/v1/jobs",
+            &serde_json::json!({
+                "name": "bad", "kind": "backup", "repository": "main", "quiesce": "sometimes",
+                "disks": [{"name": "vm1/root", "source": g.spec(), "disk": "vblk0"}],
+            }),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown quiesce"), "{e}");
+}
