@@ -54,7 +54,7 @@ impl GuestImage {
     pub fn get() -> &'static GuestImage {
         static IMAGE: OnceLock<GuestImage> = OnceLock::new();
         IMAGE.get_or_init(|| {
-            let dir = std::env::var_os("DM_GUEST_IMAGE").map_or_else(
+            let dir = std::env::var_os("DM_GUEST_IMAGE").filter(|d| !d.is_empty()).map_or_else(
                 || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-image"),
                 PathBuf::from,
             );
