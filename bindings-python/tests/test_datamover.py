@@ -353,7 +353,7 @@ def test_cbt_incremental_from_a_dirty_bitmap(env):
 
 def test_running_vm_backup_through_modes(env):
     """qemu-storage-daemon as the VM: list its disks, back up the qcow2
-    disk automatically (HotAdd here), write as the guest, then an NBD
+    disk automatically (direct storage access here), write as the guest, then an NBD
     incremental that reads only that write; restores match byte for byte."""
     need_qemu_nbd()
     tmp, img, repo = env
@@ -379,9 +379,11 @@ def test_running_vm_backup_through_modes(env):
         assert [(d["node"], d["device"], d["format"]) for d in disks] == [("vda", "guest", "qcow2")]
 
         s1 = repo.backup(address, "vm/vda", disk="vda")
-        assert (s1.transport, s1.incremental) == ("hotadd", False)
+        assert (s1.transport, s1.incremental) == ("san", False)
         assert s1.checkpoint and s1.checkpoint.startswith("dm-cp-")
-        assert any(n.startswith("san not used") for n in s1.notes)
+        # No guest agent here: crash-consistent, and the run says why.
+        assert s1.consistency == "crash" and "names no guest agent" in s1.consistency_reason
+        assert repo.points("vm/vda")[0].consistency == "crash"
         # As the guest: 64 KiB after the first point.
         guest = f"nbd+unix:///vda?socket={live}"
         subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", guest],
@@ -397,13 +399,17 @@ def test_running_vm_backup_through_modes(env):
         repo.restore("vm/vda", out)
         assert digest(out) == digest(now)
         assert datamover.vm_disks(address)[0]["checkpoints"] == [s2.checkpoint]
-        assert [p.transport for p in repo.points("vm/vda")] == ["hotadd", "nbd"]
+        assert [p.transport for p in repo.points("vm/vda")] == ["san", "nbd"]
 
-        with pytest.raises(datamover.UnsupportedError, match="direct access reads raw"):
-            repo.backup(address, "vm/vda", disk="vda", transport="san")
-        s3 = repo.backup(address, "vm/vda", disk="vda", transport="san", failover_to_network=True)
-        assert (s3.transport, s3.failover_from) == ("nbd", "san")
-        assert "direct access reads raw" in s3.failover_reason
+        with pytest.raises(datamover.UnsupportedError, match="reflink"):
+            repo.backup(address, "vm/vda", disk="vda", transport="storage-snapshot",
+                        snapshot_provider="reflink")
+        s3 = repo.backup(address, "vm/vda", disk="vda", transport="storage-snapshot",
+                         snapshot_provider="reflink", failover_to_network=True)
+        assert (s3.transport, s3.failover_from) == ("nbd", "storage-snapshot")
+        assert "reflink" in s3.failover_reason
+        with pytest.raises(datamover.UnsupportedError, match="cannot be quiesced"):
+            repo.backup(address, "vm/vda", disk="vda", quiesce="required")
         with pytest.raises(datamover.InvalidInputError, match="--disk"):
             repo.backup(address, "vm/vda")
     finally:
