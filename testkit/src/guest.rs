@@ -371,15 +371,9 @@ impl Guest {
         let _ = UnixStream::connect(&self.qmp).and_then(|mut s| {
             s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
         });
-        let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            if t.elapsed() > Duration::from_secs(5) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-            if t.elapsed() > Duration::from_secs(15) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !crate::wait_gone(pid, Duration::from_secs(5)) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            crate::wait_gone(pid, Duration::from_secs(10));
         }
         let _ = std::fs::remove_file(&self.pid_file);
     }

@@ -30,12 +30,8 @@ impl Daemon {
     pub fn stop(self) {
         let pid = self.pid();
         self.kill("-TERM");
-        let t = Instant::now();
-        while let Some(p) = pid {
-            if !Path::new(&format!("/proc/{p}")).exists() || t.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(p) = pid {
+            wait_gone(p, Duration::from_secs(10));
         }
     }
 }
@@ -43,6 +39,18 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill("-TERM");
     }
+}
+
+/// Wait until process `pid` is gone, up to `timeout`; true if it is.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if t.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// Wait (up to 10 s) until `path` exists.

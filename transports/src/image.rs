@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use datamover::format::manifest::SourceInfo;
-use datamover::source::{BlockSource, Capabilities, SourceExtent};
+use datamover::source::BlockSource;
 use datamover::{Error, Result};
 
 use crate::nbd::{ConnectOptions, NbdSource};
@@ -150,15 +150,7 @@ impl std::fmt::Debug for ImageSource {
 }
 
 impl BlockSource for ImageSource {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn preferred_io_size(&self) -> usize {
-        self.inner.preferred_io_size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
+    crate::forward_reads!(inner);
     fn info(&self) -> SourceInfo {
         SourceInfo {
             kind: self.format.into(),
@@ -167,20 +159,5 @@ impl BlockSource for ImageSource {
     }
     fn transport(&self) -> &'static str {
         "file"
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
-        self.inner.read_bytes(offset, len)
-    }
-    fn will_read(&self, offset: u64, len: usize) {
-        self.inner.will_read(offset, len)
-    }
-    fn read_ahead(&self) -> usize {
-        self.inner.read_ahead()
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        self.inner.extents(offset, len)
     }
 }

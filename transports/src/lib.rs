@@ -14,6 +14,42 @@
 
 #![warn(missing_docs)]
 
+/// The data-path methods of a [`BlockSource`] that wraps another in
+/// field `$f` (what a wrapper adds is its identity, not its reads).
+macro_rules! forward_reads {
+    ($f:ident) => {
+        fn size(&self) -> u64 {
+            self.$f.size()
+        }
+        fn preferred_io_size(&self) -> usize {
+            self.$f.preferred_io_size()
+        }
+        fn capabilities(&self) -> datamover::source::Capabilities {
+            self.$f.capabilities()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> datamover::Result<()> {
+            self.$f.read_at(offset, buf)
+        }
+        fn read_bytes(&self, offset: u64, len: usize) -> datamover::Result<bytes::Bytes> {
+            self.$f.read_bytes(offset, len)
+        }
+        fn will_read(&self, offset: u64, len: usize) {
+            self.$f.will_read(offset, len)
+        }
+        fn read_ahead(&self) -> usize {
+            self.$f.read_ahead()
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> datamover::Result<Vec<datamover::source::SourceExtent>> {
+            self.$f.extents(offset, len)
+        }
+    };
+}
+pub(crate) use forward_reads;
+
 pub mod image;
 pub mod mode;
 pub mod nbd;

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use datamover::cbt::{ChangeTracker, Tracking};
 use datamover::format::manifest::SourceInfo;
-use datamover::source::{BlockSource, Capabilities, SourceExtent};
+use datamover::source::BlockSource;
 use datamover::{BackupOptions, BackupReport, DiskName, Error, Result, Store, TransportKind};
 
 use crate::nbd::{ConnectOptions, NbdSource};
@@ -184,15 +184,7 @@ impl ChangeTracker for VmTracker {
 }
 
 impl BlockSource for VmSource {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn preferred_io_size(&self) -> usize {
-        self.inner.preferred_io_size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
+    crate::forward_reads!(inner);
     fn info(&self) -> SourceInfo {
         SourceInfo {
             kind: "vm".into(),
@@ -201,21 +193,6 @@ impl BlockSource for VmSource {
     }
     fn transport(&self) -> &'static str {
         self.mode.name()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
-        self.inner.read_bytes(offset, len)
-    }
-    fn will_read(&self, offset: u64, len: usize) {
-        self.inner.will_read(offset, len)
-    }
-    fn read_ahead(&self) -> usize {
-        self.inner.read_ahead()
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        self.inner.extents(offset, len)
     }
     fn change_tracking(&self) -> Tracking<'_> {
         match (&self.tracker, &self.unavailable) {
