@@ -224,11 +224,7 @@ impl Guest {
 
     /// The QEMU process id.
     pub fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        crate::read_pid(&self.pid_file)
     }
 
     /// The console log so far.

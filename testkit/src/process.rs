@@ -14,11 +14,7 @@ pub struct Daemon {
 }
 impl Daemon {
     pub fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        read_pid(&self.pid_file)
     }
     pub fn kill(&self, sig: &str) {
         if let Some(p) = self.pid() {
@@ -39,6 +35,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill("-TERM");
     }
+}
+
+/// The pid a pid file holds.
+pub fn read_pid(pid_file: &Path) -> Option<i32> {
+    std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()
 }
 
 /// Wait until process `pid` is gone, up to `timeout`; true if it is.
