@@ -164,6 +164,9 @@ impl<S: BlockSource> BlockSource for WithChanges<S> {
     fn consistency(&self) -> Option<crate::Consistency> {
         self.source.consistency()
     }
+    fn vm_definition(&self) -> Option<String> {
+        self.source.vm_definition()
+    }
 }
 
 /// Changed ranges as `[start, end)`, asked one window at a time; ranges

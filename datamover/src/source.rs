@@ -98,6 +98,10 @@ pub trait BlockSource: Send + Sync {
     fn consistency(&self) -> Option<crate::format::manifest::Consistency> {
         None
     }
+    /// The VM's definition (a libvirt domain's XML), stored in the point.
+    fn vm_definition(&self) -> Option<String> {
+        None
+    }
     /// The checkpoint this source started when it froze the disk (the
     /// bitmap that records the writes after this read's instant), stored
     /// in the point so the next incremental can build on it.

@@ -125,6 +125,8 @@ pub struct Guest {
     /// The serial console log.
     pub serial: PathBuf,
     pid_file: PathBuf,
+    /// A libvirt domain (qemu:///system): reached through `virsh`.
+    pub domain: Option<String>,
 }
 
 /// A guest's root disk: the image file and its format.
@@ -156,6 +158,7 @@ impl Guest {
             qga: dir.join(format!("{name}.qga")),
             serial: dir.join(format!("{name}.log")),
             pid_file: dir.join(format!("{name}.pid")),
+            domain: None,
         };
         for p in [&g.qmp, &g.qga, &g.serial, &g.pid_file] {
             let _ = std::fs::remove_file(p);
@@ -232,8 +235,74 @@ impl Guest {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
-    /// The VM address `dm` takes: QMP with the agent.
+    /// Define and start the guest as a libvirt domain (`type='qemu'`
+    /// under TCG, `kvm` with VT-x/AMD-V) on `qemu:///system`, with
+    /// libvirt's guest-agent channel; waits until its agent answers.
+    /// `dir` must be readable by libvirt's QEMU user.
+    pub fn libvirt(dir: &Path, name: &str, image: &Path, format: &str) -> Guest {
+        let img = GuestImage::get();
+        let (acc, _) = accel();
+        let serial = dir.join(format!("{name}.log"));
+        let xml = format!(
+            "<domain type='{dtype}'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>\
+             <cmdline>root=/dev/vda rw console=ttyS0 init=/sbin/ga-init quiet</cmdline></os>\
+             <cpu mode='{cpu}'/><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
+             <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
+             <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             <serial type='file'><source path='{s}'/><target port='0'/></serial></devices></domain>",
+            k = img.dir.join("vmlinuz").display(),
+            i = img.dir.join("initrd.img").display(),
+            dtype = if acc == "kvm" { "kvm" } else { "qemu" },
+            cpu = if acc == "kvm" {
+                "host-passthrough"
+            } else {
+                "maximum"
+            },
+            d = image.display(),
+            s = serial.display(),
+        );
+        let xml_file = dir.join(format!("{name}.xml"));
+        std::fs::write(&xml_file, xml).expect("write domain XML");
+        let g = Guest {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            qmp: PathBuf::new(),
+            qga: PathBuf::new(),
+            serial,
+            pid_file: PathBuf::new(),
+            domain: Some(name.into()),
+        };
+        let _ = virsh(&["destroy", name]);
+        let _ = virsh(&["undefine", name, "--checkpoints-metadata"]);
+        sh(Command::new("virsh")
+            .args(["-c", "qemu:///system", "define"])
+            .arg(&xml_file));
+        sh(Command::new("virsh").args(["-c", "qemu:///system", "start", name]));
+        let t = Instant::now();
+        while g
+            .try_agent("guest-ping", json!({}), Duration::from_secs(1))
+            .is_err()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "{name}: no answer in 180 s; console: {}",
+                g.console()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        eprintln!(
+            "{name} (libvirt, {acc}) up in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        g
+    }
+
+    /// The VM address `dm` takes: QMP with the agent, or the domain.
     pub fn spec(&self) -> String {
+        if let Some(d) = &self.domain {
+            return format!("libvirt:///{d}");
+        }
         format!(
             "qmp+unix://{}?agent={}",
             self.qmp.display(),
@@ -268,6 +337,20 @@ impl Guest {
     /// Run an agent command with a deadline; the agent's error answer or
     /// no answer is `Err`.
     pub fn try_agent(&self, cmd: &str, args: Value, timeout: Duration) -> Result<Value, String> {
+        if let Some(d) = &self.domain {
+            let out = virsh(&[
+                "qemu-agent-command",
+                d,
+                &json!({"execute": cmd, "arguments": args}).to_string(),
+                "--timeout",
+                &timeout.as_secs().max(1).to_string(),
+            ])?;
+            let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+            return v
+                .get("return")
+                .cloned()
+                .ok_or_else(|| v["error"]["desc"].as_str().unwrap_or("error").to_string());
+        }
         let s = UnixStream::connect(&self.qga).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
@@ -363,6 +446,11 @@ impl Guest {
     /// Stop the guest: QMP `quit`, then SIGKILL by PID; waits until the
     /// process is gone (it holds image locks).
     pub fn stop(&self) {
+        if let Some(d) = &self.domain {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d, "--checkpoints-metadata"]);
+            return;
+        }
         let Some(pid) = self.pid() else { return };
         let _ = UnixStream::connect(&self.qmp).and_then(|mut s| {
             s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
@@ -372,6 +460,57 @@ impl Guest {
             crate::wait_gone(pid, Duration::from_secs(10));
         }
         let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+/// `virsh -c qemu:///system ARGS`: its stdout, or its stderr as the error.
+pub fn virsh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// libvirtd (and virtlogd) for a test: started here unless they already
+/// run, and then stopped by PID on drop.
+#[derive(Debug)]
+pub struct Libvirtd {
+    started: Vec<crate::Daemon>,
+}
+
+impl Libvirtd {
+    /// Make sure `qemu:///system` answers.
+    pub fn ensure(dir: &Path) -> Libvirtd {
+        let mut started = Vec::new();
+        if virsh(&["version"]).is_err() {
+            for d in ["/var/log/libvirt", "/run/libvirt"] {
+                let _ = std::fs::create_dir_all(d);
+            }
+            for daemon in ["virtlogd", "libvirtd"] {
+                let pid_file = dir.join(format!("{daemon}.pid"));
+                sh(Command::new(daemon).arg("-d").arg("-p").arg(&pid_file));
+                crate::wait_for(&pid_file);
+                started.push(crate::Daemon { pid_file });
+            }
+            crate::wait_until("libvirtd to answer", Duration::from_secs(30), || {
+                virsh(&["version"]).is_ok()
+            });
+        }
+        Libvirtd { started }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for d in self.started.drain(..).rev() {
+            d.stop();
+        }
     }
 }
 

@@ -51,6 +51,7 @@ macro_rules! forward_reads {
 pub(crate) use forward_reads;
 
 pub mod image;
+pub mod libvirt;
 pub mod mode;
 pub mod nbd;
 pub mod qemu;
@@ -158,7 +159,7 @@ pub fn backup(
     opts: &SourceOptions,
     backup: &datamover::BackupOptions,
 ) -> datamover::Result<BackupRun> {
-    if qemu::is_vm(spec) {
+    if qemu::is_vm(spec) || libvirt::is_libvirt(spec) {
         if let Some(b) = &opts.bitmap {
             return Err(datamover::Error::InvalidArgument(format!(
                 "--bitmap {b}: a VM's changes are tracked by its own checkpoints; --bitmap is for NBD exports"
@@ -181,6 +182,9 @@ pub fn backup(
             quiesce: opts.quiesce,
             quiesce_limits: opts.quiesce_limits,
         };
+        if libvirt::is_libvirt(spec) {
+            return libvirt::backup(repo, spec, disk, &job, backup);
+        }
         return qemu::backup(repo, spec, disk, &job, backup);
     }
     if opts.disk.is_some() || opts.transport != TransportChoice::Auto || opts.failover_to_network {

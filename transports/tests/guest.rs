@@ -379,3 +379,184 @@ fn freeze_guest_and_die() {
     .unwrap();
     let _ = q.around(|| std::process::exit(7));
 }
+
+fn checkpoints_of(domain: &str) -> Vec<String> {
+    common::guest::virsh(&["checkpoint-list", domain, "--name"])
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn job_of(domain: &str) -> String {
+    common::guest::virsh(&["domjobinfo", domain]).unwrap()
+}
+
+#[test]
+fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental() {
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh"]);
+    let test = "a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental";
+    if !can_run(test, &tools) {
+        return;
+    }
+    let Some((_g, tmp)) = setup(test) else {
+        return;
+    };
+    let dir = tmp.path();
+    // libvirt's QEMU user reads the image and writes its log here.
+    sh(Command::new("chmod").arg("0755").arg(dir));
+    let _libvirtd = common::guest::Libvirtd::ensure(dir);
+    let img = dir.join("lv.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let dom = format!("dm-test-{}", std::process::id());
+    let g = Guest::libvirt(dir, &dom, &img, "qcow2");
+    let spec = g.spec();
+    assert_eq!(
+        datamover_transports::libvirt::disks(&spec).unwrap()[0].target,
+        "vda"
+    );
+    let repo = Repository::init(&dir.join("repo")).unwrap();
+    start_load(&g, 5);
+    let before = rows(&g);
+    let mut o = opts(Quiesce::Auto);
+    o.disk = Some("vda".into());
+    let go = |o: &SourceOptions| {
+        datamover_transports::backup(
+            &repo,
+            &spec,
+            &"lv/vda".parse().unwrap(),
+            o,
+            &BackupOptions::default(),
+        )
+    };
+
+    // Full, quiesced through libvirt's agent integration.
+    let full = go(&o).unwrap();
+    let c = full.report.meta.consistency.clone().unwrap();
+    assert_eq!(
+        c.level,
+        ConsistencyLevel::Application,
+        "{c:?} {:?}",
+        full.notes
+    );
+    assert_eq!(full.report.meta.transport, "nbd");
+    assert!(
+        full.report
+            .meta
+            .vm_definition
+            .as_deref()
+            .unwrap_or("")
+            .contains(&format!("<name>{dom}</name>"))
+    );
+    let cps = checkpoints_of(&dom);
+    assert_eq!(cps, vec![full.report.meta.checkpoint.clone().unwrap()]);
+    assert!(job_of(&dom).contains("None"), "{}", job_of(&dom));
+
+    // Incremental: only the guest's changes are read.
+    let sum = g.sh("dd if=/dev/urandom of=/root/blob bs=1M count=4 status=none && sync && sha256sum /root/blob | cut -d' ' -f1");
+    wait_rows(&g, before + 5);
+    let inc = go(&o).unwrap();
+    assert_eq!(
+        inc.report.parent(),
+        Some(full.report.point.to_string().as_str())
+    );
+    let changed = inc.report.bytes_changed().unwrap();
+    let read = inc.report.stats.bytes_read;
+    assert!(
+        changed >= 4 << 20 && read <= 2 * changed + (8 << 20),
+        "changed {changed}, read {read}"
+    );
+    assert!(read < inc.report.stats.bytes_total / 8, "read {read}");
+    assert_eq!(
+        inc.report.meta.consistency.clone().unwrap().level,
+        ConsistencyLevel::Application
+    );
+    assert_eq!(
+        checkpoints_of(&dom),
+        vec![inc.report.meta.checkpoint.clone().unwrap()]
+    );
+    eprintln!(
+        "libvirt: full frozen {:?} ms read {}; incremental frozen {:?} ms changed {changed} read {read}",
+        c.frozen_ms,
+        full.report.stats.bytes_read,
+        inc.report.meta.consistency.unwrap().frozen_ms
+    );
+
+    // Modes other than nbd: a clear error, or NBD with failover.
+    let mut san = o.clone();
+    san.transport = "san".parse().unwrap();
+    let e = go(&san).unwrap_err();
+    assert!(e.to_string().contains("libvirt's NBD export"), "{e}");
+    san.failover_to_network = true;
+    let r = go(&san).unwrap();
+    assert_eq!(r.failover.unwrap().from, "san");
+
+    // A run killed while libvirt's backup job runs: the next one aborts
+    // the job and deletes the checkpoint it left, and stays incremental.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "libvirt_backup_and_die",
+            "--nocapture",
+        ])
+        .env("DM_LV_SPEC", &spec)
+        .env("DM_LV_REPO", dir.join("repo"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(job_of(&dom).contains("Backup"), "{}", job_of(&dom));
+    assert_eq!(checkpoints_of(&dom).len(), 2, "the killed run's checkpoint");
+    let next = go(&o).unwrap();
+    assert!(next.report.parent().is_some());
+    assert!(
+        next.notes
+            .iter()
+            .any(|n| n.contains("aborted a backup job")),
+        "{:?}",
+        next.notes
+    );
+    assert!(job_of(&dom).contains("None"), "{}", job_of(&dom));
+    assert_eq!(
+        checkpoints_of(&dom),
+        vec![next.report.meta.checkpoint.clone().unwrap()]
+    );
+    assert_eq!(g.agent("guest-fsfreeze-status", json!({})), "thawed");
+    g.stop();
+
+    // The incremental point restores to a disk that boots with the data.
+    let out = dir.join("restored-lv.raw");
+    restore(&repo, "lv/vda", &inc.report.point.to_string(), &out);
+    check_filesystem(&out, true);
+    boot_and_check(dir, "restoredlv", &out, 1, &[("/root/blob", sum.as_str())]);
+    let v = datamover::verify(&repo, true).unwrap();
+    assert!(v.is_ok(), "{:?}", v.problems);
+}
+
+/// Run by the test above in a child process: start a libvirt backup and
+/// die while it reads, as `kill -9` would.
+#[test]
+#[ignore = "a helper run in a child process"]
+fn libvirt_backup_and_die() {
+    let (Ok(spec), Ok(repo)) = (std::env::var("DM_LV_SPEC"), std::env::var("DM_LV_REPO")) else {
+        return;
+    };
+    let repo = Repository::open(Path::new(&repo)).unwrap();
+    let mut o = opts(Quiesce::Off);
+    o.disk = Some("vda".into());
+    let b = BackupOptions {
+        full: true,
+        progress: Some(std::sync::Arc::new(|_, _| std::process::exit(7))),
+        ..BackupOptions::default()
+    };
+    let _ = datamover_transports::backup(&repo, &spec, &"lv/vda".parse().unwrap(), &o, &b);
+    std::process::exit(8);
+}

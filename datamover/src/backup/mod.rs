@@ -257,6 +257,7 @@ pub fn backup_to(
         cbt,
         checkpoint: source.checkpoint(),
         consistency: source.consistency(),
+        vm_definition: source.vm_definition(),
     };
     let out = mw.finish(&meta).ctx("write", &mtmp)?;
     let f = out

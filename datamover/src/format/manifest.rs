@@ -194,6 +194,11 @@ pub struct PointMeta {
     /// that are not a running guest, so their bytes are unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
+    /// The VM's definition when the point was taken (a libvirt domain's
+    /// XML), so a restore or an instant recovery can recreate the VM.
+    /// Absent for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_definition: Option<String>,
 }
 
 /// A point's consistency level.

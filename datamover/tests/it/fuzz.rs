@@ -50,6 +50,7 @@ fn valid_manifest(n: usize) -> Vec<u8> {
         cbt: None,
         checkpoint: None,
         consistency: None,
+        vm_definition: None,
     };
     w.finish(&meta).expect("finish")
 }

@@ -117,6 +117,7 @@ fn sample_meta() -> PointMeta {
         cbt: None,
         checkpoint: None,
         consistency: None,
+        vm_definition: None,
     }
 }
 
@@ -188,6 +189,19 @@ fn consistency_meta_golden() {
     assert_eq!(old.consistency, None);
 }
 
+/// A libvirt domain's point stores the domain's XML.
+#[test]
+fn vm_definition_meta_golden() {
+    let mut m: PointMeta = serde_json::from_str(GOLDEN_CRASH_META).expect("parse");
+    m.vm_definition = Some("<domain type='kvm'><name>web01</name></domain>".into());
+    let json = serde_json::to_string(&m).expect("json");
+    assert_eq!(json, GOLDEN_DEFINITION_META);
+    let back: PointMeta = serde_json::from_str(GOLDEN_DEFINITION_META).expect("parse");
+    assert_eq!(back, m);
+    let old: PointMeta = serde_json::from_str(GOLDEN_CRASH_META).expect("parse");
+    assert_eq!(old.vm_definition, None);
+}
+
 #[test]
 fn manifest_golden() {
     let id = ChunkId([0x11; 32]);
@@ -236,6 +250,7 @@ const GOLDEN_INCREMENTAL_META: &str = r#"{"name":"web01/vda","point":"20261125T0
 const GOLDEN_VM_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d"}"#;
 const GOLDEN_APPLICATION_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d","consistency":{"level":"application","reason":"the guest agent froze 1 filesystem","frozen_ms":412}}"#;
 const GOLDEN_CRASH_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d","consistency":{"level":"crash","reason":"no guest agent answered in 10 s"}}"#;
+const GOLDEN_DEFINITION_META: &str = r#"{"name":"web01/vda","point":"20261125T095235.000Z-1a2b3c","disk_size":3145728,"source":{"kind":"vm","location":"qmp+unix:///run/web01.qmp#vda"},"transport":"hotadd","started":"2026-11-25T09:52:35.000Z","finished":"2026-11-25T09:52:36.500Z","chunking":{"kind":"cdc","block_size":1048576},"compression":"optimal","parent":"20261124T095235.000Z-0a0b0c","stats":{"bytes_read":1048576,"bytes_zero":2097152,"bytes_new":1048576,"bytes_stored":4096,"chunks":1,"chunks_new":1,"seconds":1.5,"bottleneck":"CPU"},"cbt":{"tracker":"qemu:dirty-bitmap:dm-cp-19abb5b6b58-1f2e","bytes_changed":65536},"checkpoint":"dm-cp-19abc7fe158-3c4d","consistency":{"level":"crash","reason":"no guest agent answered in 10 s"},"vm_definition":"<domain type='kvm'><name>web01</name></domain>"}"#;
 const GOLDEN_FOOTER_CRCS: &str = "a16d107f0a360f89";
 
 #[test]

@@ -166,9 +166,9 @@ impl std::fmt::Debug for VmSource {
     }
 }
 
-struct VmTracker {
-    nbd: NbdSource,
-    since: String,
+pub(crate) struct VmTracker {
+    pub(crate) nbd: NbdSource,
+    pub(crate) since: String,
 }
 
 impl ChangeTracker for VmTracker {

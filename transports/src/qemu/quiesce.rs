@@ -89,16 +89,86 @@ impl Default for QuiesceLimits {
     }
 }
 
+/// The guest's freeze and thaw, through its agent: directly (QMP VMs,
+/// [`GuestAgent`]) or through libvirt's agent integration.
+pub trait GuestFreezer: Send {
+    /// Where the agent is (for messages).
+    fn describe(&self) -> String;
+    /// Thaw a guest an earlier run left frozen: the filesystems thawed
+    /// (0 when it was not frozen).
+    fn thaw_leftover(&mut self) -> Result<u64>;
+    /// `guest-fsfreeze-freeze` with `timeout`: the filesystems frozen, or
+    /// the agent's refusal (a hook that failed) as `Ok(Err(..))`.
+    fn freeze(&mut self, timeout: Duration) -> Result<std::result::Result<u64, String>>;
+    /// `guest-fsfreeze-thaw`.
+    fn thaw(&mut self) -> Result<u64>;
+    /// After a freeze that failed or did not answer: make sure the guest
+    /// is thawed (a late freeze may still have happened).
+    fn recover(&mut self) -> Result<()>;
+}
+
+/// The QEMU guest agent's socket, reached directly.
+#[derive(Debug)]
+struct Qga {
+    agent: GuestAgent,
+    limit: Duration,
+}
+
+impl GuestFreezer for Qga {
+    fn describe(&self) -> String {
+        self.agent.addr().to_string()
+    }
+    fn thaw_leftover(&mut self) -> Result<u64> {
+        if self.agent.frozen()? {
+            self.agent.thaw()
+        } else {
+            Ok(0)
+        }
+    }
+    fn freeze(&mut self, timeout: Duration) -> Result<std::result::Result<u64, String>> {
+        Ok(self
+            .agent
+            .try_execute_within("guest-fsfreeze-freeze", json!({}), timeout)?
+            .map(|v| v.as_u64().unwrap_or(0))
+            .map_err(|f| f.desc))
+    }
+    fn thaw(&mut self) -> Result<u64> {
+        match self.agent.thaw() {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                // A lost session: a new one, then thaw.
+                tracing::warn!(error = %e, "thawing the guest failed; reconnecting");
+                self.agent = GuestAgent::connect(self.agent.addr(), self.limit)?;
+                self.agent.thaw()
+            }
+        }
+    }
+    fn recover(&mut self) -> Result<()> {
+        // This session may hold a late answer: a new one.
+        self.agent = GuestAgent::connect(self.agent.addr(), self.limit)?;
+        self.thaw_leftover().map(|_| ())
+    }
+}
+
 /// A guest ready to be quiesced around a snapshot (or the reason it
 /// cannot be).
-#[derive(Debug)]
 pub struct Quiescer {
     mode: Quiesce,
-    agent: Option<GuestAgent>,
+    agent: Option<Box<dyn GuestFreezer>>,
     why_not: Option<String>,
     limits: QuiesceLimits,
     /// What happened that the run report should say.
     pub notes: Vec<String>,
+}
+
+impl std::fmt::Debug for Quiescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quiescer")
+            .field("mode", &self.mode)
+            .field("agent", &self.agent.as_ref().map(|a| a.describe()))
+            .field("why_not", &self.why_not)
+            .finish()
+    }
 }
 
 impl Quiescer {
@@ -106,6 +176,27 @@ impl Quiescer {
     /// guest an earlier, killed run left frozen. With
     /// [`Quiesce::Required`], an agent that cannot be reached is an error.
     pub fn open(mode: Quiesce, agent: Option<&str>, limits: QuiesceLimits) -> Result<Quiescer> {
+        Quiescer::with(
+            mode,
+            |limits| {
+                match agent {
+                None => Err("the VM address names no guest agent (add ?agent=/path/to/qga.sock, the host side of its org.qemu.guest_agent.0 channel)".to_string()),
+                Some(a) => GuestAgent::connect(a, limits.agent)
+                    .map(|agent| Box::new(Qga { agent, limit: limits.agent }) as Box<dyn GuestFreezer>)
+                    .map_err(|e| format!("the guest agent cannot be used: {e}")),
+            }
+            },
+            limits,
+        )
+    }
+
+    /// [`Quiescer::open`] with any way to the agent: `reach` gives it, or
+    /// why there is none (not called when `mode` is off).
+    pub fn with(
+        mode: Quiesce,
+        reach: impl FnOnce(&QuiesceLimits) -> std::result::Result<Box<dyn GuestFreezer>, String>,
+        limits: QuiesceLimits,
+    ) -> Result<Quiescer> {
         let mut q = Quiescer {
             mode,
             agent: None,
@@ -113,23 +204,19 @@ impl Quiescer {
             limits,
             notes: Vec::new(),
         };
-        let reached = match (mode, agent) {
-            (Quiesce::Off, _) => {
-                q.why_not = Some("quiescing is off".into());
-                return Ok(q);
+        if mode == Quiesce::Off {
+            q.why_not = Some("quiescing is off".into());
+            return Ok(q);
+        }
+        let reached = reach(&limits).and_then(|mut g| match g.thaw_leftover() {
+            Ok(0) => Ok(g),
+            Ok(n) => {
+                tracing::warn!(agent = %g.describe(), "the guest was left frozen (by a killed run?); thawed {n} filesystems");
+                q.notes.push(format!("the guest was found frozen (left by an earlier run?) and was thawed ({n} filesystems)"));
+                Ok(g)
             }
-            (_, None) => Err("the VM address names no guest agent (add ?agent=/path/to/qga.sock, the host side of its org.qemu.guest_agent.0 channel)".to_string()),
-            (_, Some(a)) => GuestAgent::connect(a, limits.agent)
-                .and_then(|mut g| {
-                    if g.frozen()? {
-                        let n = g.thaw()?;
-                        tracing::warn!(agent = a, "the guest was left frozen (by a killed run?); thawed {n} filesystems");
-                        q.notes.push(format!("the guest was found frozen (left by an earlier run?) and was thawed ({n} filesystems)"));
-                    }
-                    Ok(g)
-                })
-                .map_err(|e| format!("the guest agent cannot be used: {e}")),
-        };
+            Err(e) => Err(format!("the guest agent cannot be used: {e}")),
+        });
         match reached {
             Ok(g) => q.agent = Some(g),
             Err(why) if mode == Quiesce::Required => {
@@ -156,28 +243,18 @@ impl Quiescer {
             let why = self.why_not.clone().unwrap_or_default();
             return Ok((snapshot(), Consistency::crash(why)));
         };
-        let addr = agent.addr().to_string();
+        let addr = agent.describe();
         let asked = Instant::now();
-        let froze =
-            agent.try_execute_within("guest-fsfreeze-freeze", json!({}), self.limits.freeze);
-        let n = match froze {
-            Ok(Ok(v)) => v.as_u64().unwrap_or(0),
-            Ok(Err(f)) => {
-                let why = format!("the guest agent could not freeze the guest: {}", f.desc);
+        let n = match agent.freeze(self.limits.freeze) {
+            Ok(Ok(n)) => n,
+            Ok(Err(desc)) => {
+                let why = format!("the guest agent could not freeze the guest: {desc}");
                 self.make_sure_thawed(agent);
                 return self.not_quiesced(why, snapshot);
             }
             Err(e) => {
                 let why = format!("freezing the guest failed: {e}");
-                // The freeze may still happen late: thaw through a new
-                // session (this one may hold a late answer).
-                let again = GuestAgent::connect(&addr, self.limits.agent);
-                match again {
-                    Ok(g) => self.make_sure_thawed(g),
-                    Err(e) => {
-                        tracing::error!(agent = %addr, error = %e, "cannot reach the agent to thaw the guest; the next run thaws it")
-                    }
-                }
+                self.make_sure_thawed(agent);
                 return self.not_quiesced(why, snapshot);
             }
         };
@@ -259,17 +336,11 @@ impl Quiescer {
 
     /// Thaw the guest if it is frozen (a failed freeze thaws what it froze,
     /// but a late one may not have).
-    fn make_sure_thawed(&mut self, mut agent: GuestAgent) {
-        let r = agent.sync().and_then(|()| {
-            if agent.frozen()? {
-                agent.thaw()?;
-            }
-            Ok(())
-        });
-        match r {
+    fn make_sure_thawed(&mut self, mut agent: Box<dyn GuestFreezer>) {
+        match agent.recover() {
             Ok(()) => self.agent = Some(agent),
             Err(e) => {
-                tracing::error!(error = %e, "could not check that the guest is thawed");
+                tracing::error!(error = %e, "could not check that the guest is thawed; the next run thaws it");
                 self.notes
                     .push(format!("could not check that the guest is thawed: {e}"));
             }
@@ -277,10 +348,9 @@ impl Quiescer {
     }
 }
 
-/// Thaw through the shared session, resynchronising first (a watchdog may
-/// race the main thread; the lock orders them). True when the agent
-/// answered.
-fn thaw_locked(agent: &Mutex<GuestAgent>, addr: &str) -> bool {
+/// Thaw through the shared session (a watchdog may race the main thread;
+/// the lock orders them). True when the agent answered.
+fn thaw_locked(agent: &Mutex<Box<dyn GuestFreezer>>, addr: &str) -> bool {
     let Ok(mut g) = agent.lock() else {
         return false;
     };
@@ -289,10 +359,7 @@ fn thaw_locked(agent: &Mutex<GuestAgent>, addr: &str) -> bool {
             Ok(_) => return true,
             Err(e) => {
                 tracing::warn!(agent = addr, attempt, error = %e, "thawing the guest failed; retrying");
-                match GuestAgent::connect(addr, Duration::from_secs(10)) {
-                    Ok(fresh) => *g = fresh,
-                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
-                }
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }

@@ -1,0 +1,767 @@
+//! libvirt VMs: most KVM estates run their VMs under libvirt, which owns
+//! each VM's QMP monitor and guest agent, so `dm` goes through libvirt's
+//! own backup API (with the libvirt project's Rust bindings, `virt`).
+//!
+//! Addresses: `libvirt:///DOMAIN` (the local `qemu:///system`),
+//! `libvirt://HOST/DOMAIN` (`qemu+ssh://HOST/system`), and `?uri=URI` for
+//! any connection URI. Without a domain (`libvirt:///`) they name the
+//! connection, for listing its domains.
+//!
+//! A backup of one disk, in libvirt's **pull mode**:
+//! 1. a killed run's leftovers go first: a backup job still running is
+//!    aborted, a guest left frozen is thawed (libvirt's `FSThaw`), and our
+//!    checkpoints of the disk other than the parent point's are deleted;
+//! 2. `virDomainBackupBegin` with one new checkpoint (`dm-cp-DISK-STAMP`,
+//!    one per point) and, after the first point, `<incremental>` from the
+//!    parent point's checkpoint; the guest is frozen through libvirt's
+//!    agent integration (`virDomainFSFreeze`/`FSThaw`) for that call only;
+//! 3. libvirt exports the frozen disk over NBD on a unix socket in a
+//!    directory of the run (owned by the VM's QEMU user), with the
+//!    changed blocks as `qemu:dirty-bitmap:backup-DISK`; our NBD client
+//!    reads it;
+//! 4. the job is ended (`virDomainAbortJob`, which is how a pull backup
+//!    ends), older checkpoints are deleted on success, the new one on
+//!    failure, and the point stores the domain's XML.
+//!
+//! Transport modes: only `nbd` (libvirt's export of the frozen disk). SAN
+//! and HotAdd read a frozen image file where the proxy sees it, and a pull
+//! backup makes none (the frozen data lives in QEMU's copy-before-write
+//! filter, not in a file): asking for them is a clear error, or a fall back
+//! to NBD with `--failover-to-network`.
+
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use serde::Serialize;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::nbd::{ConnectOptions, NbdSource};
+use crate::qemu::quiesce::GuestFreezer;
+use crate::qemu::{BackupRun, Failover, Mode, Quiescer, TransportChoice, VmJob, VmTracker};
+use datamover::format::manifest::SourceInfo;
+use datamover::source::BlockSource;
+use datamover::{BackupOptions, DiskName, Error, Result, Store, TransportKind};
+
+const CHECKPOINT: &str = "dm-cp-";
+
+/// Whether `spec` names a libvirt VM or connection.
+pub fn is_libvirt(spec: &str) -> bool {
+    spec.starts_with("libvirt://")
+}
+
+/// A parsed libvirt address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtAddress {
+    /// The address as given.
+    pub spec: String,
+    /// The libvirt connection URI.
+    pub uri: String,
+    /// The domain, when the address names one.
+    pub domain: Option<String>,
+}
+
+impl LibvirtAddress {
+    /// Parse `libvirt:///DOMAIN`, `libvirt://HOST/DOMAIN`, with `?uri=`.
+    pub fn parse(spec: &str) -> Result<LibvirtAddress> {
+        let bad = |why: &str| {
+            Error::InvalidArgument(format!(
+                "bad libvirt address {spec:?}: {why} (libvirt:///DOMAIN, libvirt://HOST/DOMAIN, optionally ?uri=qemu+tls://host/system)"
+            ))
+        };
+        let rest = spec
+            .strip_prefix("libvirt://")
+            .ok_or_else(|| bad("it must start with libvirt://"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (host, domain) = rest.split_once('/').unwrap_or((rest, ""));
+        let domain = domain.trim_end_matches('/');
+        if domain.contains('/') || domain.chars().any(char::is_control) {
+            return Err(bad("a domain name has no '/'"));
+        }
+        let mut uri = if host.is_empty() {
+            "qemu:///system".to_string()
+        } else {
+            format!("qemu+ssh://{host}/system")
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("uri", v)) if !v.is_empty() => uri = v.to_string(),
+                _ => return Err(bad(&format!("unknown or empty parameter {kv:?}"))),
+            }
+        }
+        Ok(LibvirtAddress {
+            spec: spec.to_string(),
+            uri,
+            domain: (!domain.is_empty()).then(|| domain.to_string()),
+        })
+    }
+}
+
+fn lv_err(what: &str, e: virt::error::Error) -> Error {
+    Error::transport(
+        "libvirt",
+        TransportKind::Refused,
+        format!("{what}: {}", e.message()),
+    )
+}
+
+/// The last libvirt error, after a `sys` call failed.
+fn last(what: &str) -> Error {
+    lv_err(what, virt::error::Error::last_error())
+}
+
+fn connect(addr: &LibvirtAddress) -> Result<Connect> {
+    Connect::open(Some(&addr.uri)).map_err(|e| {
+        Error::transport(
+            addr.uri.clone(),
+            TransportKind::Connect,
+            format!(
+                "cannot connect to libvirt at {}: {}; check that libvirtd runs there",
+                addr.uri,
+                e.message()
+            ),
+        )
+    })
+}
+
+fn domain(conn: &Connect, addr: &LibvirtAddress) -> Result<Domain> {
+    let name = addr.domain.as_deref().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{} names no domain: libvirt:///DOMAIN (`dm vms {}` lists them)",
+            addr.spec, addr.spec
+        ))
+    })?;
+    Domain::lookup_by_name(conn, name).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{}: no domain {name:?} at {}: {}",
+            addr.spec,
+            addr.uri,
+            e.message()
+        ))
+    })
+}
+
+/// A domain as `dm vms` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainInfo {
+    /// Its name.
+    pub name: String,
+    /// `running`, `paused`, `shut off`, ...
+    pub state: String,
+    /// Its disks.
+    pub disks: Vec<LibvirtDisk>,
+}
+
+/// A disk of a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LibvirtDisk {
+    /// The target device (`vda`): the disk's name in libvirt.
+    pub target: String,
+    /// The image format (`qcow2`, `raw`).
+    pub format: String,
+    /// The image file or device, as the VM host names it.
+    pub source: Option<String>,
+}
+
+/// The disks (`device='disk'`) of a domain's XML.
+pub fn disks_of_xml(xml: &str) -> Result<Vec<LibvirtDisk>> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| Error::Internal(format!("libvirt domain XML: {e}")))?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
+        .filter(|n| n.parent().is_some_and(|p| p.has_tag_name("devices")))
+        .filter_map(|n| {
+            let child = |t: &str| n.children().find(|c| c.has_tag_name(t));
+            let target = child("target")?.attribute("dev")?.to_string();
+            let src = child("source");
+            Some(LibvirtDisk {
+                target,
+                format: child("driver")
+                    .and_then(|d| d.attribute("type"))
+                    .unwrap_or("raw")
+                    .to_string(),
+                source: src.and_then(|s| {
+                    s.attribute("file")
+                        .or(s.attribute("dev"))
+                        .or(s.attribute("name"))
+                        .map(str::to_string)
+                }),
+            })
+        })
+        .collect())
+}
+
+fn state_name(s: sys::virDomainState) -> &'static str {
+    match s {
+        sys::VIR_DOMAIN_RUNNING => "running",
+        sys::VIR_DOMAIN_BLOCKED => "blocked",
+        sys::VIR_DOMAIN_PAUSED => "paused",
+        sys::VIR_DOMAIN_SHUTDOWN => "shutting down",
+        sys::VIR_DOMAIN_SHUTOFF => "shut off",
+        sys::VIR_DOMAIN_CRASHED => "crashed",
+        sys::VIR_DOMAIN_PMSUSPENDED => "suspended",
+        _ => "unknown",
+    }
+}
+
+fn info(d: &Domain) -> Result<DomainInfo> {
+    let name = d.get_name().map_err(|e| lv_err("domain name", e))?;
+    let state = d.get_state().map_err(|e| lv_err("domain state", e))?.0;
+    let xml = d.get_xml_desc(0).map_err(|e| lv_err("domain XML", e))?;
+    Ok(DomainInfo {
+        name,
+        state: state_name(state).into(),
+        disks: disks_of_xml(&xml)?,
+    })
+}
+
+/// The domains of a connection (`libvirt:///`), or the one an address names.
+pub fn domains(spec: &str) -> Result<Vec<DomainInfo>> {
+    let addr = LibvirtAddress::parse(spec)?;
+    let conn = connect(&addr)?;
+    if addr.domain.is_some() {
+        return Ok(vec![info(&domain(&conn, &addr)?)?]);
+    }
+    let all = conn
+        .list_all_domains(0)
+        .map_err(|e| lv_err("listing domains", e))?;
+    let mut out = all.iter().map(info).collect::<Result<Vec<_>>>()?;
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The disks of the domain `spec` names.
+pub fn disks(spec: &str) -> Result<Vec<LibvirtDisk>> {
+    let addr = LibvirtAddress::parse(spec)?;
+    let conn = connect(&addr)?;
+    let d = domain(&conn, &addr)?;
+    Ok(info(&d)?.disks)
+}
+
+/// The names of the domain's checkpoints.
+fn checkpoints(d: &Domain) -> Result<Vec<String>> {
+    let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+    // SAFETY: libvirt fills `list` with `n` checkpoint pointers that we
+    // own: each is read, then freed, and the array is freed with free(3).
+    let n = unsafe { sys::virDomainListAllCheckpoints(d.as_ptr(), &mut list, 0) };
+    if n < 0 {
+        return Err(last("listing checkpoints"));
+    }
+    let mut names = Vec::new();
+    for i in 0..usize::try_from(n).unwrap_or(0) {
+        // SAFETY: i < n, the array's length.
+        let cp = unsafe { *list.add(i) };
+        // SAFETY: a valid checkpoint; the name belongs to it (copied here).
+        let name = unsafe { sys::virDomainCheckpointGetName(cp) };
+        if !name.is_null() {
+            // SAFETY: a NUL-terminated string owned by `cp`.
+            names.push(
+                unsafe { CStr::from_ptr(name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        // SAFETY: each checkpoint reference is ours to release, once.
+        unsafe { sys::virDomainCheckpointFree(cp) };
+    }
+    if !list.is_null() {
+        // SAFETY: the array libvirt allocated with malloc.
+        unsafe { libc::free(list.cast()) };
+    }
+    Ok(names)
+}
+
+fn delete_checkpoint(d: &Domain, name: &str) -> Result<()> {
+    let c = CString::new(name).map_err(|_| Error::Internal("checkpoint name".into()))?;
+    // SAFETY: valid domain and C string; the looked-up reference is freed.
+    unsafe {
+        let cp = sys::virDomainCheckpointLookupByName(d.as_ptr(), c.as_ptr(), 0);
+        if cp.is_null() {
+            return Err(last(&format!("checkpoint {name}")));
+        }
+        let r = sys::virDomainCheckpointDelete(cp, 0);
+        sys::virDomainCheckpointFree(cp);
+        if r < 0 {
+            return Err(last(&format!("deleting checkpoint {name}")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a backup job runs on the domain. (Through `sys`: the
+/// binding's `get_job_stats` builds a slice from libvirt's null array when
+/// no job runs.)
+fn backup_running(d: &Domain) -> Result<bool> {
+    let mut kind: std::os::raw::c_int = 0;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: std::os::raw::c_int = 0;
+    // SAFETY: a valid domain; libvirt allocates `params` (n entries), freed below.
+    let r = unsafe { sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut params, &mut n, 0) };
+    if r < 0 {
+        return Err(last("job stats"));
+    }
+    let mut op: std::os::raw::c_int = -1;
+    if !params.is_null() {
+        // SAFETY: `params` holds `n` entries; the key is a C string literal.
+        unsafe {
+            sys::virTypedParamsGetInt(params, n, c"operation".as_ptr(), &mut op);
+            sys::virTypedParamsFree(params, n);
+        }
+    }
+    Ok(kind != sys::VIR_DOMAIN_JOB_NONE as std::os::raw::c_int
+        && op == sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as std::os::raw::c_int)
+}
+
+fn abort_job(d: &Domain) -> Result<()> {
+    // SAFETY: a valid domain.
+    if unsafe { sys::virDomainAbortJob(d.as_ptr()) } < 0 {
+        return Err(last("ending the backup job"));
+    }
+    Ok(())
+}
+
+/// The guest's freeze through libvirt's agent integration.
+struct LibvirtFreezer {
+    dom: Domain,
+    name: String,
+}
+
+impl GuestFreezer for LibvirtFreezer {
+    fn describe(&self) -> String {
+        format!("libvirt's agent of {}", self.name)
+    }
+    fn thaw_leftover(&mut self) -> Result<u64> {
+        self.thaw()
+    }
+    fn freeze(
+        &mut self,
+        _timeout: std::time::Duration,
+    ) -> Result<std::result::Result<u64, String>> {
+        // SAFETY: a valid domain; no mountpoints (all filesystems).
+        let n = unsafe { sys::virDomainFSFreeze(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            return Ok(Err(virt::error::Error::last_error().message().to_string()));
+        }
+        Ok(Ok(u64::try_from(n).unwrap_or(0)))
+    }
+    fn thaw(&mut self) -> Result<u64> {
+        // SAFETY: a valid domain; no mountpoints (all filesystems).
+        let n = unsafe { sys::virDomainFSThaw(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            return Err(last("thawing the guest"));
+        }
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+    fn recover(&mut self) -> Result<()> {
+        self.thaw().map(|_| ())
+    }
+}
+
+/// The owner libvirt runs the domain's QEMU as (`<seclabel model='dac'>`
+/// label `+UID:+GID`), for the run directory QEMU creates its socket in.
+fn qemu_owner(xml: &str) -> Option<(u32, u32)> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let label = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
+        .find_map(|n| n.children().find(|c| c.has_tag_name("label")))?
+        .text()?;
+    let (u, g) = label.split_once(':')?;
+    Some((
+        u.trim_start_matches('+').parse().ok()?,
+        g.trim_start_matches('+').parse().ok()?,
+    ))
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The run's directory (socket and scratch file), removed on drop.
+struct RunDir(PathBuf);
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running pull backup: ended (and its checkpoint kept or deleted) by
+/// [`PullBackup::finish`], or on drop as a failure.
+struct PullBackup<'d> {
+    dom: &'d Domain,
+    checkpoint: String,
+    finished: bool,
+}
+
+impl PullBackup<'_> {
+    fn finish(mut self, ok: bool, keep_prefix: &str) -> Result<()> {
+        self.finished = true;
+        self.end(ok, keep_prefix)
+    }
+    fn end(&mut self, ok: bool, keep_prefix: &str) -> Result<()> {
+        let mut first_err = None;
+        if backup_running(self.dom).unwrap_or(true)
+            && let Err(e) = abort_job(self.dom)
+        {
+            first_err.get_or_insert(e);
+        }
+        let names = checkpoints(self.dom)?;
+        for n in names.iter().filter(|n| n.starts_with(keep_prefix)) {
+            let drop_it = if ok {
+                *n != self.checkpoint
+            } else {
+                *n == self.checkpoint
+            };
+            if drop_it && let Err(e) = delete_checkpoint(self.dom, n) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for PullBackup<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let cp = self.checkpoint.clone();
+            if let Err(e) = self.end(false, &cp) {
+                tracing::warn!(error = %e, "undoing the libvirt backup failed; the next run undoes it");
+            }
+        }
+    }
+}
+
+/// The frozen disk as libvirt exports it.
+struct LibvirtSource {
+    inner: NbdSource,
+    tracker: Option<VmTracker>,
+    unavailable: Option<String>,
+    location: String,
+    checkpoint: String,
+    consistency: datamover::Consistency,
+    definition: String,
+}
+
+impl std::fmt::Debug for LibvirtSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtSource")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+impl BlockSource for LibvirtSource {
+    crate::forward_reads!(inner);
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            kind: "libvirt".into(),
+            location: self.location.clone(),
+        }
+    }
+    fn transport(&self) -> &'static str {
+        Mode::Nbd.name()
+    }
+    fn change_tracking(&self) -> datamover::cbt::Tracking<'_> {
+        use datamover::cbt::Tracking;
+        match (&self.tracker, &self.unavailable) {
+            (Some(t), _) => Tracking::On(t),
+            (None, Some(why)) => Tracking::Unavailable(why.clone()),
+            (None, None) => Tracking::Off,
+        }
+    }
+    fn checkpoint(&self) -> Option<String> {
+        Some(self.checkpoint.clone())
+    }
+    fn consistency(&self) -> Option<datamover::Consistency> {
+        Some(self.consistency.clone())
+    }
+    fn vm_definition(&self) -> Option<String> {
+        Some(self.definition.clone())
+    }
+}
+
+/// Back up one disk of a running libvirt domain (see the module docs).
+pub(crate) fn backup(
+    repo: &dyn Store,
+    spec: &str,
+    name: &DiskName,
+    job: &VmJob<'_>,
+    opts: &BackupOptions,
+) -> Result<BackupRun> {
+    let addr = LibvirtAddress::parse(spec)?;
+    let mut notes = Vec::new();
+    let mut failover = None;
+    if let TransportChoice::Pinned(m) = job.choice
+        && m != Mode::Nbd
+    {
+        let why = format!(
+            "a libvirt VM is read from libvirt's NBD export of the frozen disk; {} reads a frozen image file, which a libvirt pull backup does not make",
+            m.name()
+        );
+        if !job.failover {
+            return Err(Error::Unsupported(format!(
+                "transport {} cannot read {spec}: {why}; use --transport nbd (or auto), or --failover-to-network",
+                m.name()
+            )));
+        }
+        failover = Some(Failover {
+            from: m.name().into(),
+            reason: why,
+        });
+    }
+    let conn = connect(&addr)?;
+    let dom = domain(&conn, &addr)?;
+    let dname = addr.domain.clone().unwrap_or_default();
+    if !dom.is_active().map_err(|e| lv_err("domain state", e))? {
+        return Err(Error::Unsupported(format!(
+            "domain {dname} is not running: libvirt backs up running domains only; back up its disk image itself (`dm backup IMAGE`)"
+        )));
+    }
+    let xml = dom.get_xml_desc(0).map_err(|e| lv_err("domain XML", e))?;
+    let all = disks_of_xml(&xml)?;
+    let disk = all
+        .iter()
+        .find(|d| d.target == job.disk)
+        .cloned()
+        .ok_or_else(|| {
+            let known: Vec<&str> = all.iter().map(|d| d.target.as_str()).collect();
+            Error::InvalidArgument(format!(
+                "{spec}: domain {dname} has no disk {:?}; its disks: {}",
+                job.disk,
+                known.join(", ")
+            ))
+        })?;
+    let prefix = format!("{CHECKPOINT}{}-", disk.target);
+
+    // 1. What a killed run left.
+    if backup_running(&dom)? {
+        tracing::warn!(domain = %dname, "aborting the backup job a killed run left");
+        abort_job(&dom)?;
+        notes.push("aborted a backup job an earlier run left".to_string());
+    }
+    let since = match repo.latest_meta(name)? {
+        None => Err("the disk's first point".to_string()),
+        Some((p, meta)) => match meta.checkpoint {
+            None => Err(format!(
+                "the previous point {p} started no checkpoint (it was not taken from this VM)"
+            )),
+            Some(c) if checkpoints(&dom)?.contains(&c) => Ok(c),
+            Some(c) => Err(format!(
+                "checkpoint {c} of the previous point {p} is not in domain {dname} (deleted, or the domain was redefined)"
+            )),
+        },
+    };
+    for n in checkpoints(&dom)?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix) && Some(n) != since.as_ref().ok())
+    {
+        tracing::warn!(checkpoint = %n, "deleting a checkpoint an earlier run left");
+        delete_checkpoint(&dom, &n)?;
+    }
+
+    // 2. The run's directory, where the VM's QEMU creates its socket.
+    let st = crate::qemu::vm::stamp();
+    let dir = RunDir(std::env::temp_dir().join(format!("dm-lv-{st}")));
+    std::fs::create_dir(&dir.0).map_err(|e| Error::io("create", &dir.0, e))?;
+    if let Some((uid, gid)) = qemu_owner(&xml) {
+        std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid))
+            .map_err(|e| Error::io("chown", &dir.0, e))?;
+    }
+    let sock = dir.0.join("nbd.sock");
+    let checkpoint = format!("{prefix}{st}");
+    let others: String = all
+        .iter()
+        .filter(|d| d.target != disk.target)
+        .map(|d| format!("<disk name='{}' backup='no'/>", xml_escape(&d.target)))
+        .collect();
+    let others_cp: String = all
+        .iter()
+        .filter(|d| d.target != disk.target)
+        .map(|d| format!("<disk name='{}' checkpoint='no'/>", xml_escape(&d.target)))
+        .collect();
+    let backup_xml = format!(
+        "<domainbackup mode='pull'>{inc}<server transport='unix' socket='{sock}'/><disks><disk name='{t}' backup='yes' type='file'><scratch file='{scratch}'/></disk>{others}</disks></domainbackup>",
+        inc = since
+            .as_ref()
+            .map(|c| format!("<incremental>{}</incremental>", xml_escape(c)))
+            .unwrap_or_default(),
+        sock = xml_escape(&sock.display().to_string()),
+        t = xml_escape(&disk.target),
+        scratch = xml_escape(
+            &dir.0
+                .join(format!("{}.scratch", disk.target))
+                .display()
+                .to_string()
+        ),
+    );
+    let checkpoint_xml = format!(
+        "<domaincheckpoint><name>{}</name><disks><disk name='{}' checkpoint='bitmap'/>{others_cp}</disks></domaincheckpoint>",
+        xml_escape(&checkpoint),
+        xml_escape(&disk.target)
+    );
+
+    // 3. Begin, with the guest frozen for that call only.
+    let freezer_dom = Domain::lookup_by_name(&conn, &dname).map_err(|e| lv_err("domain", e))?;
+    let mut quiescer = Quiescer::with(
+        job.quiesce,
+        |_| {
+            Ok(Box::new(LibvirtFreezer {
+                dom: freezer_dom,
+                name: dname.clone(),
+            }) as Box<dyn GuestFreezer>)
+        },
+        job.quiesce_limits,
+    )?;
+    let bx = CString::new(backup_xml).map_err(|_| Error::Internal("backup XML".into()))?;
+    let cx = CString::new(checkpoint_xml).map_err(|_| Error::Internal("checkpoint XML".into()))?;
+    let (begun, consistency) = quiescer.around(|| {
+        // SAFETY: a valid domain and two C strings that outlive the call.
+        unsafe { sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cx.as_ptr(), 0) }
+    })?;
+    notes.append(&mut quiescer.notes);
+    if begun < 0 {
+        return Err(last(&format!(
+            "starting the backup of {dname}/{}",
+            disk.target
+        )));
+    }
+    let pull = PullBackup {
+        dom: &dom,
+        checkpoint: checkpoint.clone(),
+        finished: false,
+    };
+    if consistency.level == datamover::ConsistencyLevel::Crash {
+        if job.quiesce == crate::qemu::Quiesce::Required {
+            drop(pull);
+            return Err(Error::Unsupported(format!(
+                "the guest cannot be quiesced (--quiesce required): {}",
+                consistency.reason
+            )));
+        }
+        if job.quiesce == crate::qemu::Quiesce::Auto {
+            notes.push(format!("crash-consistent: {}", consistency.reason));
+        }
+    }
+
+    // 4. Read libvirt's export.
+    let uri = format!("nbd+unix:///{}?socket={}", disk.target, sock.display());
+    let inner = NbdSource::connect(&uri, &job.nbd)?;
+    let tracker = match &since {
+        Ok(c) => Some(VmTracker {
+            nbd: NbdSource::connect(
+                &uri,
+                &ConnectOptions {
+                    bitmap: Some(format!("backup-{}", disk.target)),
+                    connections: Some(1),
+                    ..job.nbd.clone()
+                },
+            )?,
+            since: c.clone(),
+        }),
+        Err(_) => None,
+    };
+    let src = LibvirtSource {
+        inner,
+        tracker,
+        unavailable: since
+            .as_ref()
+            .err()
+            .filter(|_| repo_has_points(repo, name))
+            .cloned(),
+        location: format!("{spec}#{}", disk.target),
+        checkpoint,
+        consistency,
+        definition: xml,
+    };
+    let result = datamover::backup_to(repo, &src, name, opts);
+    drop(src);
+    let cleanup = pull.finish(result.is_ok(), &prefix);
+    let report = result?;
+    if let Err(e) = cleanup {
+        return Err(Error::Transport {
+            address: spec.to_string(),
+            kind: TransportKind::Refused,
+            source: None,
+            detail: format!(
+                "point {} was written, but ending libvirt's backup job failed: {e}",
+                report.point
+            ),
+        });
+    }
+    if let Some(f) = &failover {
+        notes.push(format!("{} not possible, used nbd: {}", f.from, f.reason));
+    }
+    Ok(BackupRun {
+        report,
+        failover,
+        notes,
+    })
+}
+
+fn repo_has_points(repo: &dyn Store, name: &DiskName) -> bool {
+    repo.latest_meta(name).is_ok_and(|m| m.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        let a = LibvirtAddress::parse("libvirt:///web01").expect("parse");
+        assert_eq!(
+            (a.uri.as_str(), a.domain.as_deref()),
+            ("qemu:///system", Some("web01"))
+        );
+        let a = LibvirtAddress::parse("libvirt://kvm01/web01").expect("parse");
+        assert_eq!(a.uri, "qemu+ssh://kvm01/system");
+        let a = LibvirtAddress::parse("libvirt:///web01?uri=qemu+tls://kvm02/system").expect("p");
+        assert_eq!(a.uri, "qemu+tls://kvm02/system");
+        assert_eq!(
+            LibvirtAddress::parse("libvirt:///").expect("p").domain,
+            None
+        );
+        for bad in [
+            "libvirt:///a/b",
+            "libvirt:///a?x=1",
+            "libvirt:///a?uri=",
+            "qmp:///x",
+        ] {
+            assert!(LibvirtAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disks_and_owner_come_from_the_domain_xml() {
+        let xml = "<domain type='qemu'><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/a.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+            <disk type='file' device='cdrom'><source file='/v/x.iso'/><target dev='sda'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/vg/b'/><target dev='vdb'/></disk>\
+            </devices><seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+108</label></seclabel></domain>";
+        let d = disks_of_xml(xml).expect("parse");
+        assert_eq!(
+            d,
+            vec![
+                LibvirtDisk {
+                    target: "vda".into(),
+                    format: "qcow2".into(),
+                    source: Some("/v/a.qcow2".into())
+                },
+                LibvirtDisk {
+                    target: "vdb".into(),
+                    format: "raw".into(),
+                    source: Some("/dev/vg/b".into())
+                },
+            ]
+        );
+        assert_eq!(qemu_owner(xml), Some((64055, 108)));
+        assert!(disks_of_xml("<domain").is_err());
+        assert_eq!(xml_escape("a'<&"), "a&apos;&lt;&amp;");
+    }
+}
