@@ -35,7 +35,7 @@ use errors::{client_err, to_py};
 use repository::{Point, PruneReport, Repository, VerifyReport};
 use server::Server;
 use stats::Stats;
-use vm::vm_disks;
+use vm::{vm_disks, vms};
 
 #[pymodule]
 fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -47,5 +47,6 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PruneReport>()?;
     m.add_class::<Server>()?;
     m.add_function(wrap_pyfunction!(vm_disks, m)?)?;
+    m.add_function(wrap_pyfunction!(vms, m)?)?;
     Ok(())
 }

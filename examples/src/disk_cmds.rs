@@ -206,13 +206,30 @@ pub struct VmDisksArgs {
     pub json: bool,
 }
 
-/// List a running VM's disks (qmp+unix:///path/to/qmp.sock or qmp://host:port).
+/// List a running VM's disks (qmp+unix:///path/to/qmp.sock, qmp://host:port
+/// or libvirt:///DOMAIN).
 pub fn vm_disks(args: VmDisksArgs) -> Result<u8, Failure> {
     let VmDisksArgs {
         address,
         timeout,
         json,
     } = args;
+    if transports::libvirt::is_libvirt(&address) {
+        let disks = transports::libvirt::disks(&address)?;
+        if json {
+            println!("{}", serde_json::json!(disks));
+        } else {
+            for d in &disks {
+                println!(
+                    "{}\t{}\t{}",
+                    d.target,
+                    d.format,
+                    d.source.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        return Ok(0);
+    }
     let disks = transports::qemu::disks(&address, Duration::from_secs(timeout))?;
     if json {
         let v: Vec<_> = disks.iter().map(|d| d.summary()).collect();
@@ -230,6 +247,44 @@ pub fn vm_disks(args: VmDisksArgs) -> Result<u8, Failure> {
                     .map_or("-".into(), |f| f.display().to_string())
             );
         }
+    }
+    Ok(0)
+}
+
+/// Arguments of `dm vms`.
+#[derive(Args)]
+pub struct VmsArgs {
+    /// A libvirt connection (libvirt:///, libvirt://HOST/, ?uri=…) or domain.
+    #[arg(default_value = "libvirt:///")]
+    pub address: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// List the VMs (libvirt domains) of a connection, with their disks.
+pub fn vms(args: VmsArgs) -> Result<u8, Failure> {
+    let VmsArgs { address, json } = args;
+    let doms = transports::libvirt::domains(&address)?;
+    if json {
+        println!("{}", serde_json::json!(doms));
+        return Ok(0);
+    }
+    println!("{:<24} {:<14} DISKS", "DOMAIN", "STATE");
+    for d in &doms {
+        let disks: Vec<String> = d
+            .disks
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} ({}, {})",
+                    k.target,
+                    k.format,
+                    k.source.as_deref().unwrap_or("-")
+                )
+            })
+            .collect();
+        println!("{:<24} {:<14} {}", d.name, d.state, disks.join(", "));
     }
     Ok(0)
 }

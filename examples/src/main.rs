@@ -37,6 +37,8 @@ enum Cmd {
     Backup(disk_cmds::BackupArgs),
     /// List a running VM's disks (qmp+unix:///path/to/qmp.sock or qmp://host:port).
     VmDisks(disk_cmds::VmDisksArgs),
+    /// List the VMs (libvirt domains) of a connection, with their disks.
+    Vms(disk_cmds::VmsArgs),
     /// Thaw a guest a killed backup left frozen (the next backup does it too).
     VmThaw(disk_cmds::VmThawArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
@@ -99,6 +101,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Init(a) => repo_cmds::init(a),
         Cmd::Backup(a) => disk_cmds::backup(a),
         Cmd::VmDisks(a) => disk_cmds::vm_disks(a),
+        Cmd::Vms(a) => disk_cmds::vms(a),
         Cmd::VmThaw(a) => disk_cmds::vm_thaw(a),
         Cmd::Restore(a) => disk_cmds::restore(a),
         Cmd::Points(a) => repo_cmds::points(a),

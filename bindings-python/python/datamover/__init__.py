@@ -26,6 +26,7 @@ from ._datamover import (
     VerifyReport,
     __version__,
     vm_disks,
+    vms,
 )
 from ._errors import (
     CancelledError,
@@ -44,6 +45,7 @@ __all__ = [
     "VerifyReport",
     "PruneReport",
     "vm_disks",
+    "vms",
     "DataMoverError",
     "CorruptRepositoryError",
     "TransportError",

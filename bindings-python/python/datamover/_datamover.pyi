@@ -40,6 +40,9 @@ class Stats:
     failover_from: Optional[str]
     """VM backups: the mode that failed when the run fell back to NBD."""
     failover_reason: Optional[str]
+    consistency: Optional[Literal["application", "crash"]]
+    consistency_reason: Optional[str]
+    frozen_ms: Optional[int]
     notes: list[str]
     """VM backups: what the run decided and why (modes not used, ...)."""
     def to_dict(self) -> dict[str, object]:
@@ -48,7 +51,11 @@ class Stats:
         or ``None``)."""
 
 def vm_disks(address: str, *, timeout: float = 60.0) -> list[dict[str, object]]:
-    """A running VM's disks: node, device, format, file, size, backing, checkpoints."""
+    """A running VM's disks: node, device, format, file, size, backing,
+    checkpoints (QMP); target, format, source (``libvirt:///DOMAIN``)."""
+
+def vms(address: str = "libvirt:///") -> list[dict[str, object]]:
+    """The libvirt domains of a connection: name, state, disks."""
 
 class Point:
     """One restore point of a disk. ``str(point)`` is ``"vm/disk@id"``."""
@@ -64,6 +71,9 @@ class Point:
     chunking: Literal["fixed", "cdc"]
     block_size: int
     compression: str
+    consistency: Optional[Literal["application", "crash"]]
+    consistency_reason: Optional[str]
+    frozen_ms: Optional[int]
 
 class VerifyReport:
     """What ``Repository.verify`` found; truthy when nothing is wrong."""
@@ -123,6 +133,8 @@ class Repository:
         transport: Literal["auto", "san", "hotadd", "nbd", "storage-snapshot"] = "auto",
         failover_to_network: bool = False,
         snapshot_provider: Literal["auto", "reflink", "qcow2-internal"] = "auto",
+        quiesce: Literal["auto", "required", "off"] = "auto",
+        format: str = "auto",
     ) -> Stats:
         """Back up ``source`` (a path, block device, ``file://`` or NBD URI)
         as a new point of ``name`` ("vm/disk"). With ``bitmap`` the backup is

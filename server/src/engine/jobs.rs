@@ -69,7 +69,7 @@ impl Engine {
             }
             if !vm && !d.source.starts_with("nbd") && !d.source.starts_with('/') {
                 return Err(EngineError::bad(format!(
-                    "disk {}: source {:?} must be an absolute path, an nbd:// address or a VM (qmp+unix:// or qmp://)",
+                    "disk {}: source {:?} must be an absolute path, an nbd:// address or a VM (qmp+unix://, qmp:// or libvirt://)",
                     d.name, d.source
                 )));
             }

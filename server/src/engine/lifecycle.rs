@@ -24,7 +24,9 @@ pub(super) fn kind_of(s: &str) -> R<JobKind> {
 }
 
 pub(super) fn is_vm(source: &str) -> bool {
-    source.starts_with("qmp+unix://") || source.starts_with("qmp://")
+    source.starts_with("qmp+unix://")
+        || source.starts_with("qmp://")
+        || source.starts_with("libvirt://")
 }
 
 pub(super) fn location_of(d: &JobDisk) -> Location {

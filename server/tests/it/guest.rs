@@ -62,3 +62,68 @@ fn a_job_backs_up_a_running_guest_quiesced_and_the_session_shows_it() {
         .unwrap_err();
     assert!(e.to_string().contains("unknown quiesce"), "{e}");
 }
+
+#[test]
+fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
+    let _s = serial();
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh"]);
+    if !can_run(
+        "a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms",
+        &tools,
+    ) {
+        return;
+    }
+    let c = Cluster::start(&[]);
+    // libvirt's QEMU user reads the image and writes its console log here.
+    let dir = c.path("lv");
+    std::fs::create_dir_all(&dir).unwrap();
+    for d in [c.path(""), dir.clone()] {
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let _libvirtd = datamover_testkit::guest::Libvirtd::ensure(&dir);
+    let img = dir.join("lv.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let dom = format!("dm-srv-{}", std::process::id());
+    let g = Guest::libvirt(&dir, &dom, &img, "qcow2");
+
+    let out = dm(&c).args(["vms", "--json"]).output().unwrap();
+    let vms: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let me = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == dom.as_str())
+        .unwrap_or_else(|| panic!("{dom} not in {vms}"));
+    assert_eq!(me["state"], "running");
+    assert_eq!(me["disks"][0]["target"], "vda");
+    let out = dm(&c).args(["vm-disks", &g.spec()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("vda\tqcow2\t"), "{text}");
+
+    c.dm_repo_add("main", &c.path("repo"));
+    c.create_job(serde_json::json!({
+        "name": "lv", "kind": "backup", "repository": "main",
+        "disks": [{"name": "lv/vda", "source": g.spec(), "disk": "vda"}],
+    }));
+    let s: Session = c.run_job("lv");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    let t = &s.tasks[0];
+    assert_eq!(t.mode.as_deref(), Some("nbd"), "{t:#?}");
+    assert_eq!(
+        t.consistency.as_ref().map(|c| c.level),
+        Some(datamover::ConsistencyLevel::Application),
+        "{t:#?}"
+    );
+    // The point keeps the domain's definition.
+    let out = dm(&c)
+        .args(["points", "--json", "--repo"])
+        .arg(c.path("repo"))
+        .output()
+        .unwrap();
+    let points: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let def = points[0]["meta"]["vm_definition"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(def.contains(&format!("<name>{dom}</name>")), "{points}");
+}
