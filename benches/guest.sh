@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Backups of a running real guest through QMP (issue "Real guests"), not
-# part of the test run. A Debian guest (the test kit's image, built once)
+# Backups of a running real guest through QMP and through libvirt (issue
+# "Real guests"), not part of the test run. A Debian guest (the test kit's image, built once)
 # boots under QEMU (KVM with VT-x/AMD-V, else TCG) and runs its write load
 # (SQLite transactions in a loop). Each round, in a new repository:
 #   full        `dm backup` of its root disk, --quiesce auto
 #   incremental after 10 s more of the load, --quiesce auto
 # and the same pair with --quiesce off (crash-consistent) as the peer: the
-# cost of quiescing is the difference. Prints medians of ROUNDS rounds
+# cost of quiescing is the difference. Then the same guest image as a
+# libvirt domain (libvirtd started here unless it runs), backed up through
+# libvirt's pull-mode backup API, quiesced through libvirt's agent. Prints medians of ROUNDS rounds
 # (interleaved): seconds, bytes read, and the time the guest was frozen.
 #
 #   bash benches/guest.sh [WORKDIR] [ROUNDS]   (default /var/tmp/dm-guest-bench, 3)
@@ -54,26 +56,57 @@ sleep 5
 spec="qmp+unix://$work/vm.qmp?agent=$work/vm.qga"
 
 declare -A S R F
-run() {  # run MODE ROUND KIND
-  local j s r f
-  j=$("$dm" backup "$spec" --name vm/root --disk vblk0 --repo "$work/repo-$1-$2" --quiesce "$1" --json)
+run() {  # run PATH MODE ROUND KIND   (PATH: qmp or libvirt)
+  local j s r f src disk
+  if [ "$1" = qmp ]; then src=$spec disk=vblk0; else src=libvirt:///$dom disk=vda; fi
+  j=$("$dm" backup "$src" --name vm/root --disk $disk --repo "$work/repo-$1-$2-$3" --quiesce "$2" --json)
   read -r s r f < <(python3 -c 'import json,sys; j=json.load(sys.stdin); c=j.get("consistency") or {}; print(j["seconds"], j["bytes_read"], c.get("frozen_ms", 0))' <<<"$j")
-  S[$1-$3]+="$s "; R[$1-$3]+="$r "; F[$1-$3]+="$f "
+  S[$1-$2-$4]+="$s "; R[$1-$2-$4]+="$r "; F[$1-$2-$4]+="$f "
 }
 # A disk's checkpoints follow one chain of points: each mode's full and
 # incremental run back to back (a backup into another repository in
 # between would start a new chain), the modes alternate.
-for r in $(seq "$rounds"); do
-  for mode in auto off; do
-    rm -rf "$work/repo-$mode-$r"; "$dm" init "$work/repo-$mode-$r" >/dev/null
-    run $mode $r full
-    sleep 10
-    run $mode $r incremental
+rounds_of() {
+  for r in $(seq "$rounds"); do
+    for mode in auto off; do
+      rm -rf "$work/repo-$1-$mode-$r"; "$dm" init "$work/repo-$1-$mode-$r" >/dev/null
+      run "$1" $mode $r full
+      sleep 10
+      run "$1" $mode $r incremental
+    done
   done
-done
+}
+rounds_of qmp
+size=$(qemu-img info -U --output=json "$work/vm.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"]>>20)')
+kill "$(cat "$pid")"; rm -f "$pid"; sleep 1
+
+# The same guest as a libvirt domain.
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  mkdir -p /var/log/libvirt /run/libvirt
+  virtlogd -d -p "$work/virtlogd.pid"; libvirtd -d -p "$work/libvirtd.pid"; sleep 2
+fi
+dom=dm-bench
+chmod 755 "$work"; cp --sparse=always "$img/root.qcow2" "$work/vm.qcow2"
+cat >"$work/dom.xml" <<X
+<domain type='$([ $accel = kvm ] && echo kvm || echo qemu)'><name>$dom</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type><kernel>$img/vmlinuz</kernel><initrd>$img/initrd.img</initrd>
+<cmdline>root=/dev/vda rw console=ttyS0 init=/sbin/ga-init quiet</cmdline></os><cpu mode='maximum'/>
+<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/vm.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>
+X
+V() { virsh -c qemu:///system "$@"; }
+V destroy $dom >/dev/null 2>&1 || true; V undefine $dom --checkpoints-metadata >/dev/null 2>&1 || true
+V define "$work/dom.xml" >/dev/null; V start $dom >/dev/null
+trap 'V destroy $dom >/dev/null 2>&1; V undefine $dom --checkpoints-metadata >/dev/null 2>&1; for p in libvirtd virtlogd; do [ -e "$work/$p.pid" ] && kill "$(cat "$work/$p.pid")"; done; true' EXIT
+for _ in $(seq 300); do V qemu-agent-command $dom '{"execute":"guest-ping"}' >/dev/null 2>&1 && break; sleep 0.5; done
+V qemu-agent-command $dom '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","dm-load >/dev/null 2>&1 &"]}}' >/dev/null
+sleep 5
+rounds_of libvirt
+
 med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-echo "guest: $accel, $(qemu-img info -U --output=json "$work/vm.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"]>>20)') MiB disk, medians of $rounds rounds"
-printf '%-12s %-9s %9s %14s %11s\n' run quiesce seconds "bytes read" "frozen ms"
-for kind in full incremental; do for mode in auto off; do
-  printf '%-12s %-9s %9s %14s %11s\n' $kind $mode "$(med "${S[$mode-$kind]}")" "$(med "${R[$mode-$kind]}")" "$(med "${F[$mode-$kind]}")"
-done; done
+echo "guest: $accel, $size MiB disk, medians of $rounds rounds"
+printf '%-8s %-12s %-9s %9s %14s %11s\n' path run quiesce seconds "bytes read" "frozen ms"
+for path in qmp libvirt; do for kind in full incremental; do for mode in auto off; do
+  printf '%-8s %-12s %-9s %9s %14s %11s\n' $path $kind $mode "$(med "${S[$path-$mode-$kind]}")" "$(med "${R[$path-$mode-$kind]}")" "$(med "${F[$path-$mode-$kind]}")"
+done; done; done

@@ -561,7 +561,7 @@ pub(crate) fn backup(
         .into_iter()
         .filter(|n| n.starts_with(&prefix) && Some(n) != since.as_ref().ok())
     {
-        tracing::warn!(checkpoint = %n, "deleting a checkpoint an earlier run left");
+        tracing::warn!(checkpoint = %n, "deleting a checkpoint of the disk that is not its newest point's (a killed run's, or another repository's chain)");
         delete_checkpoint(&dom, &n)?;
     }
 
