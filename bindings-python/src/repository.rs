@@ -204,6 +204,50 @@ impl Repository {
         Ok(Stats::of_run(&run))
     }
 
+    /// Back up several disks of a running libvirt VM at one instant (one
+    /// guest freeze, one backup job, one checkpoint): each disk becomes a
+    /// point "VM/TARGET". `disks` names them (default: every disk of the
+    /// VM); `exclude` leaves some out. Returns one `Stats` per disk.
+    #[pyo3(signature = (source, vm, *, disks=None, exclude=None, quiesce="auto", compression="optimal", threads=0, progress=None, full_if_needed=true, timeout=60.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn backup_vm(
+        &self,
+        py: Python<'_>,
+        source: &str,
+        vm: &str,
+        disks: Option<Vec<String>>,
+        exclude: Option<Vec<String>>,
+        quiesce: &str,
+        compression: &str,
+        threads: usize,
+        progress: Option<Py<PyAny>>,
+        full_if_needed: bool,
+        timeout: f64,
+    ) -> PyResult<Vec<Stats>> {
+        let quiesce: transports::qemu::Quiesce = quiesce.parse().map_err(to_py)?;
+        let compression: Compression = compression.parse().map_err(to_py)?;
+        let timeout = secs(timeout)?;
+        let (spec, vm) = (source.to_string(), vm.to_string());
+        let (disks, exclude) = (disks.unwrap_or_default(), exclude.unwrap_or_default());
+        let repo = &self.inner;
+        let runs = run_cancellable(py, progress, move |pfn| {
+            let sopts = transports::SourceOptions {
+                timeout: Some(timeout),
+                quiesce,
+                ..Default::default()
+            };
+            let opts = BackupOptions {
+                compression,
+                threads,
+                progress: Some(pfn),
+                full_if_needed,
+                ..BackupOptions::default()
+            };
+            transports::backup_vm(repo, &spec, &vm, &disks, &exclude, &sopts, &opts)
+        })?;
+        Ok(runs.iter().map(Stats::of_run).collect())
+    }
+
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
     /// a Point) to a new file (sparse), an existing block device, or a
     /// writable NBD export (`nbd://…`, `nbd+unix://…`).

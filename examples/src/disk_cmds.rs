@@ -54,8 +54,16 @@ pub struct BackupArgs {
     pub tls_certificates: Option<PathBuf>,
     /// VM sources: the disk to back up (node name, device or export id;
     /// `dm vm-disks` lists them).
-    #[arg(long, value_name = "NODE")]
+    #[arg(long, value_name = "NODE", conflicts_with = "all_disks")]
     pub disk: Option<String>,
+    /// libvirt VMs: every disk at one instant (one freeze, one backup job,
+    /// one checkpoint); --name is then the VM's name and each disk's point
+    /// is NAME/TARGET.
+    #[arg(long)]
+    pub all_disks: bool,
+    /// With --all-disks: leave this disk out (repeat).
+    #[arg(long, value_name = "TARGET", requires = "all_disks")]
+    pub exclude: Vec<String>,
     /// VM sources: transport mode: auto (san > hotadd > nbd), san (direct
     /// storage access), hotadd (attach to this proxy), nbd (network), or
     /// storage-snapshot.
@@ -104,6 +112,8 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         timeout,
         tls_certificates,
         disk: vm_disk,
+        all_disks,
+        exclude,
         transport,
         failover_to_network,
         snapshot_provider,
@@ -111,7 +121,6 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         format,
         json,
     } = args;
-    let disk: DiskName = name.parse()?;
     let kind: ChunkingKind = chunking.parse()?;
     let block_size = parse_size(&block_size)?;
     let compression: Compression = compression.parse()?;
@@ -137,59 +146,79 @@ pub fn backup(args: BackupArgs) -> Result<u8, Failure> {
         full_if_needed,
         ..BackupOptions::default()
     };
+    if all_disks {
+        let runs = transports::backup_vm(&r, &source, &name, &[], &exclude, &sopts, &opts);
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let runs = runs?;
+        if json {
+            let v: Vec<_> = runs.iter().map(transports::RunReport::of_run).collect();
+            println!("{}", json!(v));
+        } else {
+            for run in &runs {
+                print_run(run);
+            }
+        }
+        return Ok(0);
+    }
+    let disk: DiskName = name.parse()?;
     let run = transports::backup(&r, &source, &disk, &sopts, &opts);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     let run = run?;
-    for n in &run.notes {
-        if !json {
-            eprintln!("note: {n}");
-        }
-    }
-    let rep = &run.report;
-    let s = &rep.stats;
     if json {
         let v = json!(transports::RunReport::of_run(&run));
         println!("{v}");
     } else {
-        if let Some(why) = &rep.full_reason {
-            eprintln!("note: full backup: {why}");
-        }
-        if let (Some(p), Some(c)) = (rep.parent(), rep.bytes_changed()) {
-            println!(
-                "incremental from {p}: {} changed, {} read of {}",
-                human(c),
-                human(s.bytes_read),
-                human(s.bytes_total)
-            );
-        }
-        println!(
-            "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {}, compression {:.2}x; bottleneck: {}",
-            rep.disk,
-            rep.point,
-            human(s.bytes_total),
-            s.seconds,
-            s.mb_per_s(),
-            human(s.bytes_read),
-            human(s.bytes_new),
-            human(s.bytes_stored),
-            if s.bytes_new == 0 {
-                "all known".to_string()
-            } else {
-                format!("{:.2}x", s.dedupe_ratio())
-            },
-            s.compression_ratio(),
-            s.bottleneck()
-        );
-        if let Some(c) = &rep.meta.consistency {
-            match c.frozen_ms {
-                Some(ms) => println!("consistency: {} ({}; frozen {ms} ms)", c.level, c.reason),
-                None => println!("consistency: {} ({})", c.level, c.reason),
-            }
-        }
+        print_run(&run);
     }
     Ok(0)
+}
+
+/// A backup's outcome for a terminal: its notes, figures and consistency.
+fn print_run(run: &transports::BackupRun) {
+    for n in &run.notes {
+        eprintln!("note: {n}");
+    }
+    let rep = &run.report;
+    let s = &rep.stats;
+    if let Some(why) = &rep.full_reason {
+        eprintln!("note: full backup: {why}");
+    }
+    if let (Some(p), Some(c)) = (rep.parent(), rep.bytes_changed()) {
+        println!(
+            "incremental from {p}: {} changed, {} read of {}",
+            human(c),
+            human(s.bytes_read),
+            human(s.bytes_total)
+        );
+    }
+    println!(
+        "{}@{}: {} in {:.1} s ({:.0} MB/s); read {}, new {}, stored {}; dedupe {}, compression {:.2}x; bottleneck: {}",
+        rep.disk,
+        rep.point,
+        human(s.bytes_total),
+        s.seconds,
+        s.mb_per_s(),
+        human(s.bytes_read),
+        human(s.bytes_new),
+        human(s.bytes_stored),
+        if s.bytes_new == 0 {
+            "all known".to_string()
+        } else {
+            format!("{:.2}x", s.dedupe_ratio())
+        },
+        s.compression_ratio(),
+        s.bottleneck()
+    );
+    if let Some(c) = &rep.meta.consistency {
+        match c.frozen_ms {
+            Some(ms) => println!("consistency: {} ({}; frozen {ms} ms)", c.level, c.reason),
+            None => println!("consistency: {} ({})", c.level, c.reason),
+        }
+    }
 }
 
 /// Arguments of `dm vm-disks`.

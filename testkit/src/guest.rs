@@ -238,8 +238,9 @@ impl Guest {
     /// Define and start the guest as a libvirt domain (`type='qemu'`
     /// under TCG, `kvm` with VT-x/AMD-V) on `qemu:///system`, with
     /// libvirt's guest-agent channel; waits until its agent answers.
-    /// `dir` must be readable by libvirt's QEMU user.
-    pub fn libvirt(dir: &Path, name: &str, image: &Path, format: &str) -> Guest {
+    /// `dir` must be readable by libvirt's QEMU user. `data` are more
+    /// qcow2 disks (`vdb`, `vdc`, ...).
+    pub fn libvirt(dir: &Path, name: &str, image: &Path, format: &str, data: &[&Path]) -> Guest {
         let img = GuestImage::get();
         let (acc, _) = accel();
         let serial = dir.join(format!("{name}.log"));
@@ -249,7 +250,7 @@ impl Guest {
              <cmdline>root=/dev/vda rw console=ttyS0 init=/sbin/ga-init quiet</cmdline></os>\
              <cpu mode='{cpu}'/><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
-             <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             {extra}<channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <serial type='file'><source path='{s}'/><target port='0'/></serial></devices></domain>",
             k = img.dir.join("vmlinuz").display(),
             i = img.dir.join("initrd.img").display(),
@@ -261,6 +262,15 @@ impl Guest {
             },
             d = image.display(),
             s = serial.display(),
+            extra = data
+                .iter()
+                .zip(b'b'..)
+                .map(|(p, c)| format!(
+                    "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vd{}' bus='virtio'/></disk>",
+                    p.display(),
+                    char::from(c)
+                ))
+                .collect::<String>(),
         );
         let xml_file = dir.join(format!("{name}.xml"));
         std::fs::write(&xml_file, xml).expect("write domain XML");

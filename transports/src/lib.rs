@@ -201,6 +201,57 @@ pub fn backup(
     })
 }
 
+/// Back up several disks of a running VM at one instant (one freeze, one
+/// backup job, one checkpoint), each as a point `VM/TARGET`: `disks` names
+/// them (empty: every disk of the VM), `exclude` leaves some out. libvirt
+/// VMs only for now; a QMP VM's disks are backed up one by one.
+pub fn backup_vm(
+    repo: &dyn datamover::Store,
+    spec: &str,
+    vm: &str,
+    disks: &[String],
+    exclude: &[String],
+    opts: &SourceOptions,
+    backup: &datamover::BackupOptions,
+) -> datamover::Result<Vec<BackupRun>> {
+    if !libvirt::is_libvirt(spec) {
+        return Err(datamover::Error::Unsupported(format!(
+            "{spec}: backing several disks up at one instant is for libvirt VMs (libvirt:///DOMAIN); back a QMP VM's disks up one by one (--disk NODE)"
+        )));
+    }
+    let all: Vec<String> = if disks.is_empty() {
+        libvirt::disks(spec)?
+            .into_iter()
+            .map(|d| d.target)
+            .collect()
+    } else {
+        disks.to_vec()
+    };
+    let set = all
+        .into_iter()
+        .filter(|t| !exclude.contains(t))
+        .map(|t| Ok((t.clone(), format!("{vm}/{t}").parse()?)))
+        .collect::<datamover::Result<Vec<_>>>()?;
+    if set.is_empty() {
+        return Err(datamover::Error::InvalidArgument(format!(
+            "{spec}: every disk is excluded"
+        )));
+    }
+    let job = qemu::VmJob {
+        disk: &set[0].0,
+        choice: opts.transport,
+        failover: opts.failover_to_network,
+        provider: "auto",
+        nbd: nbd::ConnectOptions {
+            bitmap: None,
+            ..opts.nbd()
+        },
+        quiesce: opts.quiesce,
+        quiesce_limits: opts.quiesce_limits,
+    };
+    libvirt::backup_set(repo, spec, &set, &job, backup)
+}
+
 /// Open a source by address: `nbd://`, `nbds://`, `nbd+unix://`,
 /// `nbds+unix://` through the NBD client; paths and `file://` through the
 /// core (which refuses the schemes whose transports are not built yet).

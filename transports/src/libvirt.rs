@@ -494,6 +494,34 @@ pub(crate) fn backup(
     job: &VmJob<'_>,
     opts: &BackupOptions,
 ) -> Result<BackupRun> {
+    let mut runs = backup_set(
+        repo,
+        spec,
+        &[(job.disk.to_string(), name.clone())],
+        job,
+        opts,
+    )?;
+    runs.pop()
+        .ok_or_else(|| Error::Internal("a one-disk backup wrote no point".into()))
+}
+
+/// One disk of a set being backed up.
+struct Member {
+    disk: LibvirtDisk,
+    name: DiskName,
+    since: std::result::Result<String, String>,
+}
+
+/// Back up several disks of a running libvirt domain at one instant: one
+/// freeze, one backup job, one checkpoint for all of them; each disk gets
+/// its point (`set`: the disk's target and the point's name).
+pub(crate) fn backup_set(
+    repo: &dyn Store,
+    spec: &str,
+    set: &[(String, DiskName)],
+    job: &VmJob<'_>,
+    opts: &BackupOptions,
+) -> Result<Vec<BackupRun>> {
     let addr = LibvirtAddress::parse(spec)?;
     let mut notes = Vec::new();
     let mut failover = None;
@@ -525,19 +553,40 @@ pub(crate) fn backup(
     }
     let xml = dom.get_xml_desc(0).map_err(|e| lv_err("domain XML", e))?;
     let all = disks_of_xml(&xml)?;
-    let disk = all
-        .iter()
-        .find(|d| d.target == job.disk)
-        .cloned()
-        .ok_or_else(|| {
-            let known: Vec<&str> = all.iter().map(|d| d.target.as_str()).collect();
-            Error::InvalidArgument(format!(
-                "{spec}: domain {dname} has no disk {:?}; its disks: {}",
-                job.disk,
-                known.join(", ")
-            ))
-        })?;
-    let prefix = format!("{CHECKPOINT}{}-", disk.target);
+    if set.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{spec}: no disk to back up"
+        )));
+    }
+    let mut members = Vec::new();
+    for (target, name) in set {
+        let disk = all
+            .iter()
+            .find(|d| d.target == *target)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|d| d.target.as_str()).collect();
+                Error::InvalidArgument(format!(
+                    "{spec}: domain {dname} has no disk {target:?}; its disks: {}",
+                    known.join(", ")
+                ))
+            })?;
+        if members
+            .iter()
+            .any(|m: &Member| m.disk.target == disk.target)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{spec}: disk {target} named twice"
+            )));
+        }
+        members.push(Member {
+            disk,
+            name: name.clone(),
+            since: Err(String::new()),
+        });
+    }
+    let targets: Vec<String> = members.iter().map(|m| m.disk.target.clone()).collect();
+    let prefix = format!("{CHECKPOINT}{}-", targets.join("_"));
 
     // 1. What a killed run left.
     if backup_running(&dom)? {
@@ -545,24 +594,26 @@ pub(crate) fn backup(
         abort_job(&dom)?;
         notes.push("aborted a backup job an earlier run left".to_string());
     }
-    let since = match repo.latest_meta(name)? {
-        None => Err("the disk's first point".to_string()),
-        Some((p, meta)) => match meta.checkpoint {
-            None => Err(format!(
-                "the previous point {p} started no checkpoint (it was not taken from this VM)"
-            )),
-            Some(c) if checkpoints(&dom)?.contains(&c) => Ok(c),
-            Some(c) => Err(format!(
-                "checkpoint {c} of the previous point {p} is not in domain {dname} (deleted, or the domain was redefined)"
-            )),
-        },
-    };
-    for n in checkpoints(&dom)?
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix) && Some(n) != since.as_ref().ok())
-    {
-        tracing::warn!(checkpoint = %n, "deleting a checkpoint of the disk that is not its newest point's (a killed run's, or another repository's chain)");
-        delete_checkpoint(&dom, &n)?;
+    let existing = checkpoints(&dom)?;
+    for m in &mut members {
+        m.since = match repo.latest_meta(&m.name)? {
+            None => Err("the disk's first point".to_string()),
+            Some((p, meta)) => match meta.checkpoint {
+                None => Err(format!(
+                    "the previous point {p} started no checkpoint (it was not taken from this VM)"
+                )),
+                Some(c) if existing.contains(&c) => Ok(c),
+                Some(c) => Err(format!(
+                    "checkpoint {c} of the previous point {p} is not in domain {dname} (deleted, or the domain was redefined)"
+                )),
+            },
+        };
+    }
+    for n in existing.iter().filter(|n| {
+        n.starts_with(&prefix) && !members.iter().any(|m| m.since.as_ref().ok() == Some(*n))
+    }) {
+        tracing::warn!(checkpoint = %n, "deleting a checkpoint of the disks that is not their newest point's (a killed run's, or another repository's chain)");
+        delete_checkpoint(&dom, n)?;
     }
 
     // 2. The run's directory, where the VM's QEMU creates its socket.
@@ -575,35 +626,40 @@ pub(crate) fn backup(
     }
     let sock = dir.0.join("nbd.sock");
     let checkpoint = format!("{prefix}{st}");
-    let others: String = all
-        .iter()
-        .filter(|d| d.target != disk.target)
-        .map(|d| format!("<disk name='{}' backup='no'/>", xml_escape(&d.target)))
-        .collect();
-    let others_cp: String = all
-        .iter()
-        .filter(|d| d.target != disk.target)
-        .map(|d| format!("<disk name='{}' checkpoint='no'/>", xml_escape(&d.target)))
-        .collect();
+    let mut bdisks = String::new();
+    let mut cdisks = String::new();
+    for d in &all {
+        let t = xml_escape(&d.target);
+        match members.iter().find(|m| m.disk.target == d.target) {
+            Some(m) => {
+                let mode = match &m.since {
+                    Ok(c) => format!("backupmode='incremental' incremental='{}'", xml_escape(c)),
+                    Err(_) => "backupmode='full'".to_string(),
+                };
+                let scratch = xml_escape(
+                    &dir.0
+                        .join(format!("{}.scratch", d.target))
+                        .display()
+                        .to_string(),
+                );
+                bdisks.push_str(&format!(
+                    "<disk name='{t}' backup='yes' type='file' {mode}><scratch file='{scratch}'/></disk>"
+                ));
+                cdisks.push_str(&format!("<disk name='{t}' checkpoint='bitmap'/>"));
+            }
+            None => {
+                bdisks.push_str(&format!("<disk name='{t}' backup='no'/>"));
+                cdisks.push_str(&format!("<disk name='{t}' checkpoint='no'/>"));
+            }
+        }
+    }
     let backup_xml = format!(
-        "<domainbackup mode='pull'>{inc}<server transport='unix' socket='{sock}'/><disks><disk name='{t}' backup='yes' type='file'><scratch file='{scratch}'/></disk>{others}</disks></domainbackup>",
-        inc = since
-            .as_ref()
-            .map(|c| format!("<incremental>{}</incremental>", xml_escape(c)))
-            .unwrap_or_default(),
-        sock = xml_escape(&sock.display().to_string()),
-        t = xml_escape(&disk.target),
-        scratch = xml_escape(
-            &dir.0
-                .join(format!("{}.scratch", disk.target))
-                .display()
-                .to_string()
-        ),
+        "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{bdisks}</disks></domainbackup>",
+        xml_escape(&sock.display().to_string())
     );
     let checkpoint_xml = format!(
-        "<domaincheckpoint><name>{}</name><disks><disk name='{}' checkpoint='bitmap'/>{others_cp}</disks></domaincheckpoint>",
-        xml_escape(&checkpoint),
-        xml_escape(&disk.target)
+        "<domaincheckpoint><name>{}</name><disks>{cdisks}</disks></domaincheckpoint>",
+        xml_escape(&checkpoint)
     );
 
     // 3. Begin, with the guest frozen for that call only.
@@ -627,8 +683,8 @@ pub(crate) fn backup(
     notes.append(&mut quiescer.notes);
     if begun < 0 {
         return Err(last(&format!(
-            "starting the backup of {dname}/{}",
-            disk.target
+            "starting the backup of {dname} ({})",
+            targets.join(", ")
         )));
     }
     let pull = PullBackup {
@@ -648,60 +704,102 @@ pub(crate) fn backup(
             notes.push(format!("crash-consistent: {}", consistency.reason));
         }
     }
+    if members.len() > 1 {
+        notes.push(format!(
+            "disks {} were frozen together (one backup job, checkpoint {checkpoint})",
+            targets.join(", ")
+        ));
+    }
 
-    // 4. Read libvirt's export.
-    let uri = format!("nbd+unix:///{}?socket={}", disk.target, sock.display());
-    let inner = NbdSource::connect(&uri, &job.nbd)?;
-    let tracker = match &since {
-        Ok(c) => Some(VmTracker {
-            nbd: NbdSource::connect(
-                &uri,
-                &ConnectOptions {
-                    bitmap: Some(format!("backup-{}", disk.target)),
-                    connections: Some(1),
-                    ..job.nbd.clone()
-                },
-            )?,
-            since: c.clone(),
-        }),
-        Err(_) => None,
+    // 4. Read libvirt's export of each disk.
+    let read = |m: &Member| -> Result<datamover::BackupReport> {
+        let uri = format!("nbd+unix:///{}?socket={}", m.disk.target, sock.display());
+        let inner = NbdSource::connect(&uri, &job.nbd)?;
+        let tracker = match &m.since {
+            Ok(c) => Some(VmTracker {
+                nbd: NbdSource::connect(
+                    &uri,
+                    &ConnectOptions {
+                        bitmap: Some(format!("backup-{}", m.disk.target)),
+                        connections: Some(1),
+                        ..job.nbd.clone()
+                    },
+                )?,
+                since: c.clone(),
+            }),
+            Err(_) => None,
+        };
+        let src = LibvirtSource {
+            inner,
+            tracker,
+            unavailable: m
+                .since
+                .as_ref()
+                .err()
+                .filter(|_| repo_has_points(repo, &m.name))
+                .cloned(),
+            location: format!("{spec}#{}", m.disk.target),
+            checkpoint: checkpoint.clone(),
+            consistency: consistency.clone(),
+            definition: xml.clone(),
+        };
+        datamover::backup_to(repo, &src, &m.name, opts)
     };
-    let src = LibvirtSource {
-        inner,
-        tracker,
-        unavailable: since
-            .as_ref()
-            .err()
-            .filter(|_| repo_has_points(repo, name))
-            .cloned(),
-        location: format!("{spec}#{}", disk.target),
-        checkpoint,
-        consistency,
-        definition: xml,
-    };
-    let result = datamover::backup_to(repo, &src, name, opts);
-    drop(src);
-    let cleanup = pull.finish(result.is_ok(), &prefix);
-    let report = result?;
+    let mut reports = Vec::new();
+    let mut failed = None;
+    for m in &members {
+        match read(m) {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    // A point of a failed set names the deleted checkpoint: its disk's
+    // next backup reads it whole (and says why).
+    let cleanup = pull.finish(failed.is_none(), &prefix);
+    if let Some(e) = failed {
+        if reports.is_empty() {
+            return Err(e);
+        }
+        let done: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{}@{}", r.disk, r.point))
+            .collect();
+        return Err(Error::Transport {
+            address: spec.to_string(),
+            kind: TransportKind::Refused,
+            source: None,
+            detail: format!("{e} (points written before it: {})", done.join(", ")),
+        });
+    }
     if let Err(e) = cleanup {
+        let done: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{}@{}", r.disk, r.point))
+            .collect();
         return Err(Error::Transport {
             address: spec.to_string(),
             kind: TransportKind::Refused,
             source: None,
             detail: format!(
-                "point {} was written, but ending libvirt's backup job failed: {e}",
-                report.point
+                "points {} were written, but ending libvirt's backup job failed: {e}",
+                done.join(", ")
             ),
         });
     }
     if let Some(f) = &failover {
         notes.push(format!("{} not possible, used nbd: {}", f.from, f.reason));
     }
-    Ok(BackupRun {
-        report,
-        failover,
-        notes,
-    })
+    Ok(reports
+        .into_iter()
+        .map(|report| BackupRun {
+            report,
+            failover: failover.clone(),
+            notes: notes.clone(),
+        })
+        .collect())
 }
 
 fn repo_has_points(repo: &dyn Store, name: &DiskName) -> bool {

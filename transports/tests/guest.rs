@@ -412,7 +412,12 @@ fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental()
     let img = dir.join("lv.qcow2");
     GuestImage::get().copy_disk(&img);
     let dom = format!("dm-test-{}", std::process::id());
-    let g = Guest::libvirt(dir, &dom, &img, "qcow2");
+    let data = dir.join("data.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", data.to_str().unwrap(), "64M"],
+    );
+    let g = Guest::libvirt(dir, &dom, &img, "qcow2", &[&data]);
     let spec = g.spec();
     assert_eq!(
         datamover_transports::libvirt::disks(&spec).unwrap()[0].target,
@@ -530,7 +535,57 @@ fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental()
         vec![next.report.meta.checkpoint.clone().unwrap()]
     );
     assert_eq!(g.agent("guest-fsfreeze-status", json!({})), "thawed");
+
+    // The whole VM at one instant: one freeze, one job, one checkpoint.
+    let data_sum = g.sh(
+        "dd if=/dev/urandom of=/dev/vdb bs=1M count=8 status=none && sync && head -c 8388608 /dev/vdb | sha256sum | cut -d' ' -f1",
+    );
+    let vm = |disks: &[String], exclude: &[String]| {
+        datamover_transports::backup_vm(
+            &repo,
+            &spec,
+            "whole",
+            disks,
+            exclude,
+            &o,
+            &BackupOptions::default(),
+        )
+    };
+    let runs = vm(&[], &[]).unwrap();
+    let names: Vec<String> = runs.iter().map(|r| r.report.disk.to_string()).collect();
+    assert_eq!(names, ["whole/vda", "whole/vdb"]);
+    let c0 = runs[0].report.meta.consistency.clone().unwrap();
+    assert_eq!(c0.level, ConsistencyLevel::Application, "{c0:?}");
+    assert_eq!(
+        Some(c0),
+        runs[1].report.meta.consistency.clone(),
+        "one freeze for both"
+    );
+    assert_eq!(
+        runs[0].report.meta.checkpoint,
+        runs[1].report.meta.checkpoint
+    );
+    let set_cp = runs[0].report.meta.checkpoint.clone().unwrap();
+    assert!(set_cp.starts_with("dm-cp-vda_vdb-"), "{set_cp}");
+    assert!(checkpoints_of(&dom).contains(&set_cp));
+    // Excluding a disk: the other's chain goes on from the set's checkpoint.
+    let runs = vm(&[], &["vda".to_string()]).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].report.meta.cbt.as_ref().map(|c| c.tracker.clone()),
+        Some(format!("qemu:dirty-bitmap:{set_cp}"))
+    );
+    let e = vm(&["vdz".to_string()], &[]).unwrap_err();
+    assert!(e.to_string().contains("has no disk \"vdz\""), "{e}");
+    assert!(job_of(&dom).contains("None"), "{}", job_of(&dom));
     g.stop();
+    let out = dir.join("restored-vdb.raw");
+    restore(&repo, "whole/vdb", &runs[0].report.point.to_string(), &out);
+    let got = sh(Command::new("sh").arg("-c").arg(format!(
+        "head -c 8388608 {} | sha256sum | cut -d' ' -f1",
+        out.display()
+    )));
+    assert_eq!(got, data_sum, "the data disk's restore");
 
     // The incremental point restores to a disk that boots with the data.
     let out = dir.join("restored-lv.raw");

@@ -148,6 +148,22 @@ class Repository:
         nbd), and incremental from its checkpoint after the first point;
         ``failover_to_network`` falls back to NBD when the mode cannot read
         the disk (``Stats.failover_from`` says so)."""
+    def backup_vm(
+        self,
+        source: str,
+        vm: str,
+        *,
+        disks: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        quiesce: Literal["auto", "required", "off"] = "auto",
+        compression: str = "optimal",
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+        full_if_needed: bool = True,
+        timeout: float = 60.0,
+    ) -> list[Stats]:
+        """Back up several disks of a running libvirt VM at one instant
+        (one freeze, one backup job, one checkpoint), each as "VM/TARGET"."""
     def restore(
         self,
         point: Union[str, Point],

@@ -85,7 +85,7 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     let img = dir.join("lv.qcow2");
     GuestImage::get().copy_disk(&img);
     let dom = format!("dm-srv-{}", std::process::id());
-    let g = Guest::libvirt(&dir, &dom, &img, "qcow2");
+    let g = Guest::libvirt(&dir, &dom, &img, "qcow2", &[]);
 
     let out = dm(&c).args(["vms", "--json"]).output().unwrap();
     let vms: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -126,4 +126,30 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
         .as_str()
         .unwrap_or_default();
     assert!(def.contains(&format!("<name>{dom}</name>")), "{points}");
+
+    // `dm backup --all-disks`: the whole VM at one instant, a point per disk.
+    let repo2 = c.path("repo2");
+    assert!(dm(&c).arg("init").arg(&repo2).status().unwrap().success());
+    let out = dm(&c)
+        .args([
+            "backup",
+            &g.spec(),
+            "--name",
+            "whole",
+            "--all-disks",
+            "--json",
+            "--repo",
+        ])
+        .arg(&repo2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+    assert_eq!(runs[0]["disk"], "whole/vda");
+    assert_eq!(runs[0]["consistency"]["level"], "application", "{runs}");
 }
