@@ -87,9 +87,10 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
 fi
 dom=dm-bench
 chmod 755 "$work"; cp --sparse=always "$img/root.qcow2" "$work/vm.qcow2"
+cp "$img/vmlinuz" "$img/initrd.img" "$work/"   # where libvirt's QEMU user can read them
 cat >"$work/dom.xml" <<X
 <domain type='$([ $accel = kvm ] && echo kvm || echo qemu)'><name>$dom</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='pc'>hvm</type><kernel>$img/vmlinuz</kernel><initrd>$img/initrd.img</initrd>
+<os><type arch='x86_64' machine='pc'>hvm</type><kernel>$work/vmlinuz</kernel><initrd>$work/initrd.img</initrd>
 <cmdline>root=/dev/vda rw console=ttyS0 init=/sbin/ga-init quiet</cmdline></os><cpu mode='maximum'/>
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/vm.qcow2'/><target dev='vda' bus='virtio'/></disk>

@@ -244,6 +244,11 @@ impl Guest {
         let img = GuestImage::get();
         let (acc, _) = accel();
         let serial = dir.join(format!("{name}.log"));
+        // libvirt's QEMU user must reach the kernel: the image directory may
+        // lie under a directory it cannot enter (/root), `dir` does not.
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::copy(img.dir.join(f), dir.join(f)).expect("copy the guest kernel");
+        }
         let xml = format!(
             "<domain type='{dtype}'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>\
@@ -252,8 +257,8 @@ impl Guest {
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
              {extra}<channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <serial type='file'><source path='{s}'/><target port='0'/></serial></devices></domain>",
-            k = img.dir.join("vmlinuz").display(),
-            i = img.dir.join("initrd.img").display(),
+            k = dir.join("vmlinuz").display(),
+            i = dir.join("initrd.img").display(),
             dtype = if acc == "kvm" { "kvm" } else { "qemu" },
             cpu = if acc == "kvm" {
                 "host-passthrough"
