@@ -532,3 +532,20 @@ def test_image_files_are_read_as_their_disk(env):
         repo.backup(qcow, "vm/x", format="iso")
     with pytest.raises(ValueError, match="unknown quiesce mode"):
         repo.backup(qcow, "vm/x", quiesce="sometimes")
+
+
+def test_libvirt_front_doors_on_libvirts_test_driver(env):
+    """vms() and vm_disks() through libvirt's own in-process test driver
+    (test:///default, no daemon); backups of real libvirt guests are
+    tested in Rust against libvirtd."""
+    tmp, img, repo = env
+    doms = datamover.vms("libvirt:///?uri=test:///default")
+    assert [(d["name"], d["state"]) for d in doms] == [("test", "running")]
+    disks = datamover.vm_disks("libvirt:///test?uri=test:///default")
+    assert disks == [{"target": "vda", "format": "raw", "source": "/guest/diskimage1"}]
+    with pytest.raises(datamover.InvalidInputError, match="no domain"):
+        datamover.vm_disks("libvirt:///nope?uri=test:///default")
+    with pytest.raises(datamover.UnsupportedError, match="libvirt VMs"):
+        repo.backup_vm("qmp+unix:///run/vm.qmp", "vm")
+    with pytest.raises(ValueError, match="bad libvirt address"):
+        datamover.vms("libvirt:///a/b")
