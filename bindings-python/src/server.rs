@@ -91,6 +91,12 @@ impl Server {
         self.call(py, "GET", &datamover_control::api::paths::proxies(), None)
     }
 
+    /// The VM inventory: every hypervisor's VMs with their disks, as the
+    /// hypervisors' proxies last reported them. A job's ``vms`` names them.
+    fn vms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(py, "GET", &datamover_control::api::paths::vms(), None)
+    }
+
     /// Change a proxy's settings: slots, modes, site, disabled.
     #[pyo3(signature = (name, **settings))]
     fn set_proxy<'py>(
@@ -119,8 +125,10 @@ impl Server {
     /// Add a host; the answer's ``enrollment_token`` is for the host's
     /// ``dm-installer`` (or ``dm-proxy`` run by hand). ``roles=["proxy"]``
     /// makes its installer deploy and run the proxy; ``datastores`` are
-    /// the directories that proxy may read disks from and restore into.
-    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new(), datastores=Vec::new()))]
+    /// the directories that proxy may read disks from and restore into;
+    /// ``hypervisor`` (a libvirt URI, ``qemu:///system``) makes it a
+    /// hypervisor whose VMs enter the inventory (``vms()``).
+    #[pyo3(signature = (name, addresses=Vec::new(), *, roles=Vec::new(), datastores=Vec::new(), hypervisor=None))]
     fn add_host<'py>(
         &self,
         py: Python<'py>,
@@ -128,8 +136,12 @@ impl Server {
         addresses: Vec<String>,
         roles: Vec<String>,
         datastores: Vec<String>,
+        hypervisor: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles, "datastores": datastores});
+        let mut body = serde_json::json!({"name": name, "addresses": addresses, "roles": roles, "datastores": datastores});
+        if let Some(h) = hypervisor {
+            body["hypervisor"] = serde_json::Value::String(h);
+        }
         self.call(
             py,
             "POST",

@@ -498,6 +498,12 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
         with pytest.raises(datamover.InvalidInputError, match="absolute"):
             s.set_host_datastores("h1", ["/srv/../etc"])
         assert s.set_host_roles("h1", [])["roles"] == []
+        # A hypervisor: its proxy reports its VMs (none enrolled here).
+        kvm = s.add_host("kvm01", hypervisor="qemu:///system")
+        assert kvm["host"]["hypervisor"] == "qemu:///system"
+        assert s.vms() == []
+        with pytest.raises(datamover.InvalidInputError, match="libvirt connection URI"):
+            s.add_host("kvm02", hypervisor="not a uri")
         with pytest.raises(datamover.InvalidInputError, match="unknown variant"):
             s.set_host_roles("h1", ["mailserver"])
         # A repository held by a proxy names one the server knows.

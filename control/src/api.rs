@@ -38,6 +38,11 @@ pub struct NewHost {
     /// proxy gets no path tasks.
     #[serde(default)]
     pub datastores: Vec<String>,
+    /// A hypervisor: the libvirt connection URI its proxy lists and backs
+    /// up VMs through (`qemu:///system` for the host's own libvirtd). Its
+    /// VMs enter the server's inventory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
 }
 
 /// A role a managed host can be given.
@@ -101,6 +106,9 @@ pub struct Host {
     /// What its installer last reported, if one runs there.
     #[serde(default)]
     pub installer: Option<InstallerStatus>,
+    /// Its libvirt connection, when it is a hypervisor.
+    #[serde(default)]
+    pub hypervisor: Option<String>,
 }
 
 /// Changes to a host.
@@ -113,6 +121,62 @@ pub struct HostPatch {
     /// The datastores its proxy may use from now on.
     #[serde(default)]
     pub datastores: Option<Vec<String>>,
+    /// Its libvirt connection from now on (`""`: no longer a hypervisor).
+    #[serde(default)]
+    pub hypervisor: Option<String>,
+}
+
+/// A VM as a hypervisor's proxy reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmReport {
+    /// The libvirt domain's name.
+    pub name: String,
+    /// `running`, `paused`, `shut off`, ...
+    pub state: String,
+    /// Its disks.
+    pub disks: Vec<VmDisk>,
+}
+
+/// A disk of a VM in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDisk {
+    /// The target device (`vda`).
+    pub target: String,
+    /// The image format.
+    pub format: String,
+    /// The image file or device, as the hypervisor names it.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// A VM of the server's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryVm {
+    /// The hypervisor (host) it runs on.
+    pub host: String,
+    /// The domain's name.
+    pub name: String,
+    /// Its state when last reported.
+    pub state: String,
+    /// Its disks.
+    pub disks: Vec<VmDisk>,
+    /// When its host last reported it (RFC 3339).
+    pub seen: String,
+}
+
+/// A whole VM in a job: every disk of it becomes a task per run (from the
+/// inventory, when the run starts), but those `exclude` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobVm {
+    /// The VM's name in the inventory.
+    pub name: String,
+    /// Its hypervisor, when several have a VM of that name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Disks (targets, `vdb`) left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
 }
 
 /// A host's installer as the server last heard from it.
@@ -322,7 +386,12 @@ pub struct JobSpec {
     /// Target repository (by name).
     pub repository: String,
     /// Its disks; each becomes one task per run.
+    #[serde(default)]
     pub disks: Vec<JobDisk>,
+    /// Whole VMs of the inventory: each of their disks becomes one task
+    /// per run, named `VM/TARGET`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<JobVm>,
     /// Proxies it may use (empty: any).
     #[serde(default)]
     pub proxies: Vec<String>,
@@ -570,6 +639,10 @@ pub struct Heartbeat {
     /// The repositories its service offers now (as last ordered).
     #[serde(default)]
     pub serving: Vec<String>,
+    /// A hypervisor's VMs, listed through its libvirt connection (every
+    /// 30 s; absent in between: the last list stands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<VmReport>>,
 }
 
 /// Progress of a running task.
@@ -597,6 +670,10 @@ pub struct Orders {
     /// Repositories this proxy's repository service offers: name → path.
     #[serde(default)]
     pub serve: Vec<ServedRepository>,
+    /// When its host is a hypervisor: the libvirt connection whose VMs it
+    /// reports.
+    #[serde(default)]
+    pub hypervisor: Option<String>,
 }
 
 /// A repository a proxy serves.
@@ -810,6 +887,10 @@ pub mod paths {
     /// `/api/v1/hosts/{name}`.
     pub fn host(name: &str) -> String {
         format!("{API}/hosts/{name}")
+    }
+    /// `/api/v1/vms` (the VM inventory).
+    pub fn vms() -> String {
+        format!("{API}/vms")
     }
     /// `/api/v1/proxies`.
     pub fn proxies() -> String {

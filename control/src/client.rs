@@ -340,6 +340,10 @@ impl Client {
     pub fn proxies(&self) -> Result<Vec<Proxy>> {
         self.get(&paths::proxies())
     }
+    /// The VM inventory (what the hypervisors' proxies report).
+    pub fn vms(&self) -> Result<Vec<crate::api::InventoryVm>> {
+        self.get(&paths::vms())
+    }
     /// Change a proxy's settings.
     pub fn patch_proxy(&self, name: &str, p: &ProxyPatch) -> Result<Proxy> {
         self.patch(&paths::proxy(name), p)

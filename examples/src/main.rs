@@ -50,6 +50,9 @@ enum Cmd {
     /// Managed hosts of a server (--server): add (prints the enrollment token), list, remove.
     #[command(subcommand)]
     Host(remote::HostCmd),
+    /// The server's VM inventory (--server): list.
+    #[command(subcommand)]
+    Vm(remote::VmCmd),
     /// Proxies of a server (--server): list, set slots/modes/site, disable.
     #[command(subcommand)]
     Proxy(remote::ProxyCmd),
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),
         Cmd::Host(c) => remote::host(&cli.server, c),
+        Cmd::Vm(c) => remote::vm(&cli.server, c),
         Cmd::Proxy(c) => remote::proxy(&cli.server, c),
         Cmd::Repo(c) => remote::repo(&cli.server, c),
         Cmd::Job(c) => remote::job(&cli.server, c),

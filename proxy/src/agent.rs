@@ -77,6 +77,45 @@ impl Mover {
     }
 }
 
+/// How often a hypervisor's VMs are listed for the server's inventory.
+const INVENTORY_EVERY: Duration = Duration::from_secs(30);
+
+/// The VMs of the host's libvirt connection when it is a hypervisor and
+/// the last list is old; `None` otherwise (the server keeps the last).
+fn inventory(
+    hypervisor: &Option<String>,
+    listed: &mut Option<Instant>,
+) -> Option<Vec<datamover_control::api::VmReport>> {
+    let uri = hypervisor.as_deref()?;
+    if listed.is_some_and(|t| t.elapsed() < INVENTORY_EVERY) {
+        return None;
+    }
+    *listed = Some(Instant::now());
+    match transports::libvirt::domains(&format!("libvirt:///?uri={uri}")) {
+        Ok(doms) => Some(
+            doms.into_iter()
+                .map(|d| datamover_control::api::VmReport {
+                    name: d.name,
+                    state: d.state,
+                    disks: d
+                        .disks
+                        .into_iter()
+                        .map(|k| datamover_control::api::VmDisk {
+                            target: k.target,
+                            format: k.format,
+                            source: k.source,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        ),
+        Err(e) => {
+            tracing::warn!("listing the VMs of {uri}: {e}");
+            None
+        }
+    }
+}
+
 /// The datastores that exist, as the proxy reports them.
 fn visible(datastores: &[PathBuf]) -> Vec<String> {
     datastores
@@ -114,6 +153,10 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
         served: cfg.served.clone(),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
+    // The host's libvirt connection when the server made it a hypervisor,
+    // and when its VMs were last listed.
+    let mut hypervisor: Option<String> = None;
+    let mut listed: Option<Instant> = None;
     let mut next_beat = Instant::now();
     let mut failures = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -149,6 +192,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 datastores: visible(&cfg.datastores),
                 running: w.progress(),
                 service_port: cfg.service_port,
+                vms: inventory(&hypervisor, &mut listed),
                 serving: match cfg.service_port {
                     Some(_) => {
                         let mut v: Vec<String> = cfg
@@ -167,6 +211,10 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
             match client.post::<_, Orders>(&format!("{AGENT}/heartbeat"), &hb) {
                 Ok(o) => {
                     failures = 0;
+                    if o.hypervisor != hypervisor {
+                        hypervisor = o.hypervisor.clone();
+                        listed = None;
+                    }
                     w.apply(o);
                     // Renew the host's certificate when it is due.
                     cfg.identity.keep_fresh(&cfg.server, &mut client);

@@ -131,6 +131,10 @@ impl Engine {
             }
             catalog::hosts::set_roles(&tx, id, &roles)?;
         }
+        if let Some(h) = &p.hypervisor {
+            let h = crate::engine::inventory::check_hypervisor(h)?;
+            catalog::hosts::set_hypervisor(&tx, id, h.as_deref())?;
+        }
         if let Some(ds) = &p.datastores {
             let ds = crate::engine::inventory::check_datastores(ds)?;
             catalog::hosts::set_datastores(&tx, id, &ds)?;

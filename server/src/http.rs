@@ -319,6 +319,10 @@ pub fn router(engine: AppState) -> Router {
             get(|_: User, State(e): State<AppState>| blocking(move || e.proxies().map(Json))),
         )
         .route(
+            &format!("{a}/vms"),
+            get(|_: User, State(e): State<AppState>| blocking(move || e.vms().map(Json))),
+        )
+        .route(
             &format!("{a}/proxies/{{name}}"),
             axum::routing::patch(
                 |_: User,

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// Datastores the built-in proxy sees (none: it gets no path tasks).
     /// None may contain the data directory or lie inside it.
     pub builtin_datastores: Vec<PathBuf>,
+    /// The built-in proxy's host as a hypervisor: its libvirt connection.
+    pub builtin_hypervisor: Option<String>,
     /// Task life cycle timing.
     pub timing: Timing,
     /// The proxy component's package handed to installers (none: hosts
@@ -152,6 +154,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>(),
         )?;
+        engine.set_builtin_hypervisor(cfg.builtin_hypervisor.as_deref())?;
         Some(agent::spawn(AgentConfig {
             server: local,
             identity: datamover_proxy::identity::LiveIdentity::new(id, None),

@@ -34,6 +34,10 @@ struct Cli {
     /// A datastore directory the built-in proxy sees (SAN mode); repeat.
     #[arg(long)]
     datastore: Vec<PathBuf>,
+    /// Make the built-in proxy's host a hypervisor: the libvirt connection
+    /// whose VMs enter the inventory (qemu:///system for this host's libvirtd).
+    #[arg(long, value_name = "URI")]
+    hypervisor: Option<String>,
     /// Heartbeat interval proxies are told to use, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     heartbeat_ms: u64,
@@ -90,6 +94,7 @@ async fn main() -> ExitCode {
         names: c.name,
         builtin_proxy: !c.no_builtin_proxy,
         builtin_datastores: c.datastore,
+        builtin_hypervisor: c.hypervisor,
         timing: Timing {
             heartbeat: Duration::from_millis(c.heartbeat_ms.max(50)),
             dead_after: Duration::from_millis(c.dead_after_ms.max(200)),

@@ -97,6 +97,9 @@ pub fn why_unplaceable(t: &Pending, proxies: &[Slot]) -> Option<String> {
         (Location::Path(path), _) => format!(
             "no online proxy sees {path} (give a proxy its directory: dm-proxy run --datastore DIR)"
         ),
+        (Location::OnHost(host), _) => {
+            format!("no online proxy runs on {host}, the hypervisor whose libvirt holds this VM")
+        }
         (_, Some(m)) => format!(
             "no online proxy may use the pinned transport mode {} for this disk",
             m.name()

@@ -103,6 +103,9 @@ pub enum Location {
         /// The VM host's name.
         host: Option<String>,
     },
+    /// A VM that only a proxy on this host reaches (a libvirt domain of the
+    /// host's own libvirtd), read over NBD.
+    OnHost(String),
 }
 
 /// Whether a proxy with `datastores` sees `path`: the path is absolute,
@@ -217,6 +220,8 @@ pub fn modes_for(location: &Location, host: &str, datastores: &[String]) -> &'st
             &[Mode::HotAdd, Mode::StorageSnapshot, Mode::Nbd]
         }
         Location::Vm { .. } => &[Mode::Nbd],
+        Location::OnHost(h) if h == host => &[Mode::Nbd],
+        Location::OnHost(_) => &[],
     }
 }
 

@@ -19,13 +19,17 @@ pub enum HostCmd {
         /// (SAN mode); repeat. Without one the proxy gets no path tasks.
         #[arg(long)]
         datastore: Vec<String>,
+        /// Make it a hypervisor: the libvirt connection its proxy lists and
+        /// backs up VMs through (qemu:///system: the host's own libvirtd).
+        #[arg(long, value_name = "URI")]
+        hypervisor: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Change a host's roles (its installer follows within a poll) or
     /// its proxy's datastores.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["roles", "datastores"])))]
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["roles", "datastores", "hypervisor"])))]
     Set {
         /// Host name.
         name: String,
@@ -36,6 +40,9 @@ pub enum HostCmd {
         /// `--datastores ''` takes all away.
         #[arg(long, value_delimiter = ',')]
         datastores: Option<Vec<String>>,
+        /// Its libvirt connection from now on; `--hypervisor ''`: no longer one.
+        #[arg(long, value_name = "URI")]
+        hypervisor: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -73,6 +80,7 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
             address,
             role,
             datastore,
+            hypervisor,
             json,
         } => {
             let r: HostAdded = cl.add_host(&NewHost {
@@ -80,6 +88,7 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                 addresses: address,
                 roles: role,
                 datastores: datastore,
+                hypervisor,
             })?;
             if json {
                 return print_json(&r);
@@ -96,6 +105,7 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
             name,
             roles,
             datastores,
+            hypervisor,
             json,
         } => {
             let roles = roles
@@ -108,7 +118,14 @@ pub fn host(s: &ServerArgs, c: HostCmd) -> Result<u8, Failure> {
                 .transpose()?;
             let datastores =
                 datastores.map(|ds| ds.into_iter().filter(|d| !d.is_empty()).collect());
-            let h: Host = cl.patch_host(&name, &HostPatch { roles, datastores })?;
+            let h: Host = cl.patch_host(
+                &name,
+                &HostPatch {
+                    roles,
+                    datastores,
+                    hypervisor,
+                },
+            )?;
             if json {
                 return print_json(&h);
             }

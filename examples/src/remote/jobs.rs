@@ -20,8 +20,12 @@ pub enum JobCmd {
         repo: String,
         /// A disk: NAME=SOURCE (vm/disk=/path/img.raw, =nbd://…, =qmp+unix:///…);
         /// for restore jobs NAME=DESTINATION (a path or nbd:// export); repeat.
-        #[arg(long = "disk", required = true)]
+        #[arg(long = "disk", required_unless_present = "vm")]
         disks: Vec<String>,
+        /// A whole VM of the inventory (`dm vm list`): each of its disks is
+        /// a task per run; VM:vdb,vdc leaves those disks out; repeat.
+        #[arg(long = "vm")]
+        vm: Vec<String>,
         /// Restore jobs: NAME=POINT, the point to restore (default the newest); repeat.
         #[arg(long = "point")]
         points: Vec<String>,
@@ -99,6 +103,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             every_minutes,
             overwrite,
             quiesce,
+            vm,
             json,
         } => {
             let nodes = pairs("node", &nodes)?;
@@ -140,6 +145,21 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                 every_minutes,
                 overwrite,
                 quiesce,
+                vms: vm
+                    .iter()
+                    .map(|v| {
+                        let (name, exclude) = v.split_once(':').unwrap_or((v, ""));
+                        JobVm {
+                            name: name.to_string(),
+                            host: None,
+                            exclude: exclude
+                                .split(',')
+                                .filter(|x| !x.is_empty())
+                                .map(str::to_string)
+                                .collect(),
+                        }
+                    })
+                    .collect(),
             })?;
             if json {
                 return print_json(&j);

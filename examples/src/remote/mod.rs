@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use datamover_control::api::{
-    Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, NewHost, Proxy,
+    Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, JobVm, NewHost, Proxy,
     ProxyPatch, Repository, Session, State,
 };
 use datamover_control::client::{Auth, Client, ClientError};
@@ -21,6 +21,7 @@ mod proxies;
 mod repos;
 mod sessions;
 mod tokens;
+mod vms;
 
 pub use hosts::{HostCmd, host};
 pub use jobs::{JobCmd, job};
@@ -28,6 +29,7 @@ pub use proxies::{ProxyCmd, proxy};
 pub use repos::{RepoCmd, repo};
 pub use sessions::{SessionCmd, session};
 pub use tokens::{AuditArgs, TokenCmd, audit, token};
+pub use vms::{VmCmd, vm};
 
 /// How to reach the server.
 #[derive(Args, Debug, Clone)]

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Q;
 use super::ids::HostId;
 
-const COLUMNS: &str = "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen, datastores, cert_pem";
+const COLUMNS: &str = "name, addresses, cert_fingerprint IS NOT NULL, created, roles, installer, installer_seen, datastores, cert_pem, hypervisor";
 
 fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)> {
     let addresses: String = r.get(1)?;
@@ -36,6 +36,7 @@ fn host(r: &Row<'_>) -> rusqlite::Result<(Host, Option<String>, Option<String>)>
                 .and_then(|(_, end)| chrono::DateTime::from_timestamp(end, 0))
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             installer: None,
+            hypervisor: r.get(9)?,
         },
         r.get(5)?,
         r.get(6)?,
@@ -134,12 +135,42 @@ pub struct NewHostRow<'a> {
     pub roles: &'a [HostRole],
     /// The datastores its proxy may use.
     pub datastores: &'a [String],
+    /// Its libvirt connection, when it is a hypervisor.
+    pub hypervisor: Option<&'a str>,
+}
+
+/// The libvirt connection of host `id`, when it is a hypervisor.
+pub fn hypervisor(db: &Connection, id: HostId) -> Q<Option<String>> {
+    Ok(
+        db.query_row("SELECT hypervisor FROM hosts WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
+/// Make host `id` a hypervisor (`Some`) or not; without one its VMs leave
+/// the inventory.
+pub fn set_hypervisor(db: &Connection, id: HostId, uri: Option<&str>) -> Q<()> {
+    db.execute(
+        "UPDATE hosts SET hypervisor = ?1 WHERE id = ?2",
+        params![uri, id],
+    )?;
+    if uri.is_none() {
+        db.execute("DELETE FROM vms WHERE host_id = ?1", [id])?;
+    }
+    Ok(())
+}
+
+/// The built-in proxy's host as a hypervisor (the server's `--hypervisor`).
+pub fn set_builtin_hypervisor(db: &Connection, uri: Option<&str>) -> Q<()> {
+    db.execute("UPDATE hosts SET hypervisor = ?1 WHERE builtin = 1", [uri])?;
+    Ok(())
 }
 
 /// Add a managed host.
 pub fn insert(db: &Connection, h: &NewHostRow<'_>) -> Q<()> {
     db.execute(
-        "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles, datastores) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO hosts(name, addresses, enroll_hash, enroll_expires, created, roles, datastores, hypervisor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             h.name,
             serde_json::to_string(h.addresses)?,
@@ -147,7 +178,8 @@ pub fn insert(db: &Connection, h: &NewHostRow<'_>) -> Q<()> {
             h.enroll_expires,
             h.created,
             serde_json::to_string(h.roles)?,
-            serde_json::to_string(h.datastores)?
+            serde_json::to_string(h.datastores)?,
+            h.hypervisor
         ],
     )?;
     Ok(())

@@ -21,6 +21,7 @@ pub mod repositories;
 pub mod sessions;
 pub mod tasks;
 pub mod tokens;
+pub mod vms;
 
 use std::path::Path;
 
@@ -154,6 +155,19 @@ ALTER TABLE hosts ADD COLUMN prev_cert_pem TEXT;
     // 6: a task's point's consistency (JSON: level, reason, frozen_ms).
     r#"
 ALTER TABLE tasks ADD COLUMN consistency TEXT;
+"#,
+    // 7: hypervisors (a host's libvirt connection) and the VM inventory
+    // their proxies report.
+    r#"
+ALTER TABLE hosts ADD COLUMN hypervisor TEXT;
+CREATE TABLE vms (
+    host_id INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+    name    TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    disks   TEXT NOT NULL,
+    seen    TEXT NOT NULL,
+    PRIMARY KEY (host_id, name)
+);
 "#,
 ];
 

@@ -36,6 +36,10 @@ impl Engine {
                 refused.join(", ")
             );
         }
+        if let Some(vms) = &hb.vms {
+            catalog::vms::replace(&tx, host, vms, &self.clock.rfc3339())?;
+        }
+        let hypervisor = catalog::hosts::hypervisor(&tx, host)?;
         let report = catalog::proxies::Report {
             cores: hb.cores.max(1),
             datastores: &datastores,
@@ -76,7 +80,8 @@ impl Engine {
             )?;
         }
         self.place(&tx)?;
-        let orders = self.orders(&tx, pid, cancel)?;
+        let mut orders = self.orders(&tx, pid, cancel)?;
+        orders.hypervisor = hypervisor;
         tx.commit()?;
         Ok(orders)
     }
@@ -207,6 +212,7 @@ impl Engine {
             cancel,
             interval_ms: self.timing.heartbeat_ms(),
             serve,
+            hypervisor: None,
         })
     }
 }

@@ -25,6 +25,10 @@ impl Engine {
         let created = self.clock.rfc3339();
         let roles = crate::deploy::normal_roles(&h.roles);
         let datastores = check_datastores(&h.datastores)?;
+        let hypervisor = match &h.hypervisor {
+            Some(u) => check_hypervisor(u)?,
+            None => None,
+        };
         let row = catalog::hosts::NewHostRow {
             name: &h.name,
             addresses: &h.addresses,
@@ -33,6 +37,7 @@ impl Engine {
             created: &created,
             roles: &roles,
             datastores: &datastores,
+            hypervisor: hypervisor.as_deref(),
         };
         catalog::hosts::insert(&self.db(), &row).map_err(|e| match EngineError::from(e) {
             e if e.kind == ErrorKind::Conflict => {
@@ -54,10 +59,29 @@ impl Engine {
                 datastores,
                 cert_expires: None,
                 installer: None,
+                hypervisor,
             },
             enrollment_token: token.to_string(),
             expires,
         })
+    }
+
+    /// The VM inventory: what each hypervisor's proxy last reported.
+    pub fn vms(&self) -> R<Vec<datamover_control::api::InventoryVm>> {
+        Ok(catalog::vms::list(&self.db())?)
+    }
+
+    /// Make the built-in proxy's host a hypervisor (the server's
+    /// `--hypervisor`), or not.
+    pub fn set_builtin_hypervisor(&self, uri: Option<&str>) -> R<()> {
+        let uri = match uri {
+            Some(u) => check_hypervisor(u)?,
+            None => None,
+        };
+        Ok(catalog::hosts::set_builtin_hypervisor(
+            &self.db(),
+            uri.as_deref(),
+        )?)
     }
 
     /// Every host.
@@ -310,6 +334,30 @@ pub(crate) fn within_allowed(
 /// Whatever a proxy reports is kept only where it lies under one of
 /// these, and the proxy itself resolves every task path (symlinks
 /// included) against its own.
+/// A hypervisor's libvirt connection URI (`""`: none): a URI libvirt
+/// would take (`qemu:///system`, `qemu+ssh://host/system`, ...).
+pub(crate) fn check_hypervisor(uri: &str) -> R<Option<String>> {
+    if uri.is_empty() {
+        return Ok(None);
+    }
+    let ok = uri.len() <= 512
+        && uri.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-')
+        })
+        && !uri
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '&');
+    if !ok {
+        return Err(EngineError::bad(format!(
+            "hypervisor {uri:?}: give a libvirt connection URI, e.g. qemu:///system or qemu+ssh://kvm01/system"
+        )));
+    }
+    Ok(Some(uri.to_string()))
+}
+
 pub(crate) fn check_datastores(ds: &[String]) -> R<Vec<String>> {
     use std::path::{Component, Path};
     let mut out = Vec::new();

@@ -12,8 +12,32 @@ impl Engine {
     /// Create a job.
     pub fn create_job(&self, j: &JobSpec) -> R<Job> {
         check_name("job", &j.name)?;
-        if j.disks.is_empty() {
-            return Err(EngineError::bad("a job needs at least one disk"));
+        if j.disks.is_empty() && j.vms.is_empty() {
+            return Err(EngineError::bad(
+                "a job needs at least one disk or VM (\"disks\", \"vms\")",
+            ));
+        }
+        if !j.vms.is_empty()
+            && !matches!(
+                j.kind,
+                JobKind::Backup | JobKind::Copy | JobKind::Replication
+            )
+        {
+            return Err(EngineError::bad(
+                "\"vms\" are for backup, copy and replication jobs",
+            ));
+        }
+        for v in &j.vms {
+            if v.name.is_empty()
+                || v.name.len() > 200
+                || v.name.contains('/')
+                || v.name.chars().any(char::is_control)
+            {
+                return Err(EngineError::bad(format!(
+                    "VM name {:?} is not valid",
+                    v.name
+                )));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for d in &j.disks {
@@ -165,7 +189,8 @@ impl Engine {
                 )));
             }
             let created = self.clock.rfc3339();
-            let sid = catalog::sessions::start(&tx, id, spec.kind, &created, &spec.disks)?;
+            let disks = with_vm_disks(&tx, &spec)?;
+            let sid = catalog::sessions::start(&tx, id, spec.kind, &created, &disks)?;
             let next = spec
                 .every_minutes
                 .map(|m| self.clock.ms() + i64::from(m) * 60_000);
@@ -216,4 +241,67 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// A job's disks for a run: its own, and every disk of its VMs as the
+/// inventory shows them now (named `VM/TARGET`, read through the VM's
+/// hypervisor by a proxy on that host), but those excluded.
+fn with_vm_disks(db: &rusqlite::Connection, spec: &JobSpec) -> R<Vec<JobDisk>> {
+    let mut disks = spec.disks.clone();
+    if spec.vms.is_empty() {
+        return Ok(disks);
+    }
+    let inventory = catalog::vms::list(db)?;
+    for v in &spec.vms {
+        let found: Vec<&datamover_control::api::InventoryVm> = inventory
+            .iter()
+            .filter(|i| i.name == v.name && v.host.as_ref().is_none_or(|h| *h == i.host))
+            .collect();
+        let vm = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(EngineError::bad(format!(
+                    "VM {} is not in the inventory{}: `dm vm list` shows what the hypervisors report",
+                    v.name,
+                    v.host
+                        .as_ref()
+                        .map(|h| format!(" of {h}"))
+                        .unwrap_or_default()
+                )));
+            }
+            many => {
+                let hosts: Vec<&str> = many.iter().map(|i| i.host.as_str()).collect();
+                return Err(EngineError::bad(format!(
+                    "VM {} is on several hypervisors ({}): give its \"host\"",
+                    v.name,
+                    hosts.join(", ")
+                )));
+            }
+        };
+        if let Some(x) = v
+            .exclude
+            .iter()
+            .find(|x| !vm.disks.iter().any(|d| d.target == **x))
+        {
+            return Err(EngineError::bad(format!(
+                "VM {}: excluded disk {x} is not one of its disks",
+                v.name
+            )));
+        }
+        let uri = catalog::vms::hypervisor_of(db, &vm.host)?
+            .unwrap_or_else(|| "qemu:///system".to_string());
+        for d in vm.disks.iter().filter(|d| !v.exclude.contains(&d.target)) {
+            let name = format!("{}/{}", vm.name, d.target);
+            disks.push(JobDisk {
+                name: name.parse().map_err(|e| {
+                    EngineError::bad(format!("VM disk {name} cannot name a point: {e}"))
+                })?,
+                source: format!("libvirt:///{}?uri={uri}", vm.name),
+                point: None,
+                disk: Some(d.target.clone()),
+                vm_host: Some(vm.host.clone()),
+            });
+        }
+    }
+    Ok(disks)
 }

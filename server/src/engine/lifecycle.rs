@@ -30,6 +30,10 @@ pub(super) fn is_vm(source: &str) -> bool {
 }
 
 pub(super) fn location_of(d: &JobDisk) -> Location {
+    // A libvirt domain of a host's own libvirtd: only that host's proxy.
+    if let (Some(h), true) = (&d.vm_host, d.source.starts_with("libvirt:///")) {
+        return Location::OnHost(h.clone());
+    }
     if is_vm(&d.source) {
         Location::Vm {
             host: d.vm_host.clone(),

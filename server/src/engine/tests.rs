@@ -104,6 +104,7 @@ fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
         running: Vec::new(),
         service_port: None,
         serving: Vec::new(),
+        vms: None,
     };
     e.create_job(&job("j", "vault", &["/a.img"])).unwrap();
     let s = e.run_job("j").unwrap();
@@ -176,6 +177,7 @@ fn certificate_names_and_datastores_are_the_administrators() {
         running: Vec::new(),
         service_port: None,
         serving: Vec::new(),
+        vms: None,
     };
     e.heartbeat(host, &hb).unwrap();
     assert_eq!(
@@ -254,4 +256,93 @@ fn tokens_expire_are_revoked_and_are_checked_without_the_catalog() {
     });
     assert!(t.elapsed() < Duration::from_secs(1));
     drop(held);
+}
+
+/// A job naming a whole VM: at each run, every disk of the VM as its
+/// hypervisor last reported it becomes a task (but the excluded ones),
+/// read through that hypervisor's libvirt by a proxy on that host.
+#[test]
+fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
+    use datamover_control::api::{VmDisk, VmReport};
+    let (e, _dir) = engine();
+    repo(&e, "vault");
+    let h: datamover_control::api::NewHost = serde_json::from_value(serde_json::json!({
+        "name": "kvm01", "roles": ["proxy"], "hypervisor": "qemu:///system"
+    }))
+    .unwrap();
+    e.add_host(&h).unwrap();
+    let bad: datamover_control::api::NewHost = serde_json::from_value(serde_json::json!({
+        "name": "kvm02", "hypervisor": "not a uri"
+    }))
+    .unwrap();
+    assert_eq!(e.add_host(&bad).unwrap_err().kind, ErrorKind::BadInput);
+    let host = Engine::host_id(&e.db(), "kvm01").unwrap();
+    let disk = |t: &str| VmDisk {
+        target: t.into(),
+        format: "qcow2".into(),
+        source: Some(format!("/images/web01-{t}.qcow2")),
+    };
+    let hb = Heartbeat {
+        version: "t".into(),
+        cores: 2,
+        datastores: Vec::new(),
+        running: Vec::new(),
+        service_port: None,
+        serving: Vec::new(),
+        vms: Some(vec![VmReport {
+            name: "web01".into(),
+            state: "running".into(),
+            disks: vec![disk("vda"), disk("vdb")],
+        }]),
+    };
+    let orders = e.heartbeat(host, &hb).unwrap();
+    assert_eq!(orders.hypervisor.as_deref(), Some("qemu:///system"));
+    let inv = e.vms().unwrap();
+    assert_eq!(
+        (
+            inv[0].host.as_str(),
+            inv[0].name.as_str(),
+            inv[0].disks.len()
+        ),
+        ("kvm01", "web01", 2)
+    );
+
+    let spec = |job: &str, vm: &str, exclude: &[&str]| -> JobSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": job, "kind": "backup", "repository": "vault",
+            "vms": [{"name": vm, "exclude": exclude}],
+        }))
+        .unwrap()
+    };
+    e.create_job(&spec("web", "web01", &["vdb"])).unwrap();
+    let s = e.run_job("web").unwrap();
+    let names: Vec<String> = s.tasks.iter().map(|t| t.disk.to_string()).collect();
+    assert_eq!(names, ["web01/vda"]);
+    let orders = e
+        .heartbeat(
+            host,
+            &Heartbeat {
+                vms: None,
+                ..hb.clone()
+            },
+        )
+        .unwrap();
+    let t = &orders.assign[0];
+    assert_eq!(t.source, "libvirt:///web01?uri=qemu:///system");
+    assert_eq!(t.vm_disk.as_deref(), Some("vda"));
+
+    // Not in the inventory, or a disk it does not have: a clear refusal.
+    e.create_job(&spec("db", "db01", &[])).unwrap();
+    let err = e.run_job("db").unwrap_err();
+    assert!(err.to_string().contains("not in the inventory"), "{err}");
+    e.create_job(&spec("typo", "web01", &["vdz"])).unwrap();
+    let err = e.run_job("typo").unwrap_err();
+    assert!(err.to_string().contains("excluded disk vdz"), "{err}");
+    // A host that is no longer a hypervisor leaves the inventory.
+    e.patch_host(
+        "kvm01",
+        &serde_json::from_value(serde_json::json!({"hypervisor": ""})).unwrap(),
+    )
+    .unwrap();
+    assert!(e.vms().unwrap().is_empty());
 }

@@ -213,6 +213,7 @@ impl Cluster {
                     addresses: vec![address.into()],
                     roles,
                     datastores,
+                    hypervisor: None,
                 },
             )
             .unwrap()

@@ -25,6 +25,7 @@ fn heartbeat() -> Heartbeat {
         running: vec![],
         service_port: None,
         serving: vec![],
+        vms: None,
     }
 }
 
@@ -157,6 +158,7 @@ fn builtin_proxy_runs_jobs_and_every_refusal_is_a_clear_4xx() {
                 addresses: vec!["127.0.0.7".into()],
                 roles: vec![],
                 datastores: vec![],
+                hypervisor: None,
             },
         )
         .unwrap();

@@ -116,6 +116,7 @@ fn twelve_disks(net: Option<&Net>) {
                 every_minutes: None,
                 overwrite: false,
                 quiesce: "auto".into(),
+                vms: Vec::new(),
             },
         )
         .unwrap();

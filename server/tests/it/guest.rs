@@ -74,7 +74,8 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     ) {
         return;
     }
-    let c = Cluster::start(&[]);
+    // The built-in proxy's host is a hypervisor: its VMs enter the inventory.
+    let c = Cluster::start(&["--hypervisor", "qemu:///system"]);
     // libvirt's QEMU user reads the image and writes its console log here.
     let dir = c.path("lv");
     std::fs::create_dir_all(&dir).unwrap();
@@ -152,4 +153,39 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
     assert_eq!(runs[0]["disk"], "whole/vda");
     assert_eq!(runs[0]["consistency"]["level"], "application", "{runs}");
+
+    // The inventory: the domain as the hypervisor's proxy reports it, and a
+    // job naming the whole VM gets a task per disk.
+    let t = std::time::Instant::now();
+    let inventory = loop {
+        let out = dm(&c).args(["vm", "list", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v.as_array()
+            .is_some_and(|a| a.iter().any(|x| x["name"] == dom.as_str()))
+        {
+            break v;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "{dom} not in the inventory: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let me = inventory
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == dom.as_str())
+        .unwrap();
+    assert_eq!(
+        (me["state"].as_str(), me["disks"][0]["target"].as_str()),
+        (Some("running"), Some("vda"))
+    );
+    c.create_job(serde_json::json!({
+        "name": "whole", "kind": "backup", "repository": "main", "vms": [{"name": dom}],
+    }));
+    let s: Session = c.run_job("whole");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    let names: Vec<String> = s.tasks.iter().map(|t| t.disk.to_string()).collect();
+    assert_eq!(names, [format!("{dom}/vda")]);
 }

@@ -34,6 +34,7 @@ fn spec(name: &str, kind: JobKind, repo: &str, disks: Vec<JobDisk>) -> JobSpec {
         every_minutes: None,
         overwrite: false,
         quiesce: "auto".into(),
+        vms: Vec::new(),
     }
 }
 

@@ -117,6 +117,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
                 addresses: vec![net.addr(2)],
                 roles: vec![HostRole::Proxy],
                 datastores: vec![images.display().to_string()],
+                hypervisor: None,
             },
         )
         .unwrap();
@@ -182,6 +183,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         every_minutes: None,
         overwrite: false,
         quiesce: "auto".into(),
+        vms: Vec::new(),
     };
     let _: Job = api
         .post(

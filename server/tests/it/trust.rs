@@ -59,6 +59,7 @@ fn beat(
             running: vec![],
             service_port: None,
             serving: vec![],
+            vms: None,
         },
     )
 }
@@ -285,6 +286,7 @@ fn a_host_cannot_pose_as_a_proxy_nor_report_a_made_up_point() {
                 addresses: addresses.iter().map(|a| a.to_string()).collect(),
                 roles: vec![],
                 datastores: vec![],
+                hypervisor: None,
             },
         ));
         assert_eq!(st, 400, "{addresses:?}: {m}");
