@@ -468,12 +468,7 @@ impl BlockSource for LibvirtSource {
         Mode::Nbd.name()
     }
     fn change_tracking(&self) -> datamover::cbt::Tracking<'_> {
-        use datamover::cbt::Tracking;
-        match (&self.tracker, &self.unavailable) {
-            (Some(t), _) => Tracking::On(t),
-            (None, Some(why)) => Tracking::Unavailable(why.clone()),
-            (None, None) => Tracking::Off,
-        }
+        crate::qemu::tracking(&self.tracker, &self.unavailable)
     }
     fn checkpoint(&self) -> Option<String> {
         Some(self.checkpoint.clone())
@@ -759,14 +754,14 @@ pub(crate) fn backup_set(
     // A point of a failed set names the deleted checkpoint: its disk's
     // next backup reads it whole (and says why).
     let cleanup = pull.finish(failed.is_none(), &prefix);
+    let done: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{}@{}", r.disk, r.point))
+        .collect();
     if let Some(e) = failed {
         if reports.is_empty() {
             return Err(e);
         }
-        let done: Vec<String> = reports
-            .iter()
-            .map(|r| format!("{}@{}", r.disk, r.point))
-            .collect();
         return Err(Error::Transport {
             address: spec.to_string(),
             kind: TransportKind::Refused,
@@ -775,10 +770,6 @@ pub(crate) fn backup_set(
         });
     }
     if let Err(e) = cleanup {
-        let done: Vec<String> = reports
-            .iter()
-            .map(|r| format!("{}@{}", r.disk, r.point))
-            .collect();
         return Err(Error::Transport {
             address: spec.to_string(),
             kind: TransportKind::Refused,

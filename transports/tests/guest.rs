@@ -38,6 +38,14 @@ fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, tempfile::Te
     Some((guard, tempfile::tempdir().unwrap()))
 }
 
+/// A guest booted from a fresh copy of the image, and a new repository.
+fn guest_and_repo(dir: &Path, name: &str) -> (Guest, Repository) {
+    let img = dir.join(format!("{name}.qcow2"));
+    GuestImage::get().copy_disk(&img);
+    let g = Guest::boot(dir, name, &img, "qcow2");
+    (g, Repository::init(&dir.join("repo")).unwrap())
+}
+
 fn opts(quiesce: Quiesce) -> SourceOptions {
     SourceOptions {
         disk: Some("vblk0".into()),
@@ -175,10 +183,7 @@ fn a_running_guest_is_backed_up_quiesced_full_then_incremental_and_every_point_b
         return;
     };
     let dir = tmp.path();
-    let img = dir.join("vm.qcow2");
-    GuestImage::get().copy_disk(&img);
-    let g = Guest::boot(dir, "src", &img, "qcow2");
-    let repo = Repository::init(&dir.join("repo")).unwrap();
+    let (g, repo) = guest_and_repo(dir, "src");
     start_load(&g, 5);
 
     // Full, while the load runs.
@@ -267,10 +272,7 @@ fn a_guest_that_cannot_be_quiesced_gives_a_crash_point_or_with_required_none() {
         return;
     };
     let dir = tmp.path();
-    let img = dir.join("vm.qcow2");
-    GuestImage::get().copy_disk(&img);
-    let g = Guest::boot(dir, "q", &img, "qcow2");
-    let repo = Repository::init(&dir.join("repo")).unwrap();
+    let (g, repo) = guest_and_repo(dir, "q");
     let qmp_only = format!("qmp+unix://{}", g.qmp.display());
 
     // 1. No agent named: auto says why; required refuses and writes nothing.

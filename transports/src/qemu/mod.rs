@@ -195,17 +195,26 @@ impl BlockSource for VmSource {
         self.mode.name()
     }
     fn change_tracking(&self) -> Tracking<'_> {
-        match (&self.tracker, &self.unavailable) {
-            (Some(t), _) => Tracking::On(t),
-            (None, Some(why)) => Tracking::Unavailable(why.clone()),
-            (None, None) => Tracking::Off,
-        }
+        tracking(&self.tracker, &self.unavailable)
     }
     fn checkpoint(&self) -> Option<String> {
         Some(self.checkpoint.clone())
     }
     fn consistency(&self) -> Option<datamover::Consistency> {
         Some(self.consistency.clone())
+    }
+}
+
+/// A VM source's change tracking: its checkpoint's bitmap, or why there
+/// is none for this point.
+pub(crate) fn tracking<'a>(
+    tracker: &'a Option<VmTracker>,
+    unavailable: &Option<String>,
+) -> Tracking<'a> {
+    match (tracker, unavailable) {
+        (Some(t), _) => Tracking::On(t),
+        (None, Some(why)) => Tracking::Unavailable(why.clone()),
+        (None, None) => Tracking::Off,
     }
 }
 
