@@ -248,6 +248,28 @@ impl Repository {
         Ok(runs.iter().map(Stats::of_run).collect())
     }
 
+    /// Recreate a libvirt VM from its newest points: each disk "VM/TARGET"
+    /// restored as `to/NAME-TARGET.raw`, a domain `name` (default
+    /// "VM-restored") defined on `uri` from the definition the point
+    /// stored, and started unless `start=False`. Returns the image paths.
+    #[pyo3(signature = (vm, to, *, uri="qemu:///system", name=None, start=true))]
+    fn restore_vm(
+        &self,
+        py: Python<'_>,
+        vm: &str,
+        to: PathBuf,
+        uri: &str,
+        name: Option<String>,
+        start: bool,
+    ) -> PyResult<Vec<PathBuf>> {
+        let name = name.unwrap_or_else(|| format!("{vm}-restored"));
+        let (vm, uri) = (vm.to_string(), uri.to_string());
+        let repo = &self.inner;
+        run_cancellable(py, None, move |_| {
+            transports::libvirt::restore_vm(repo, &vm, &to, &uri, &name, start)
+        })
+    }
+
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
     /// a Point) to a new file (sparse), an existing block device, or a
     /// writable NBD export (`nbd://…`, `nbd+unix://…`).

@@ -555,3 +555,6 @@ def test_libvirt_front_doors_on_libvirts_test_driver(env):
         repo.backup_vm("qmp+unix:///run/vm.qmp", "vm")
     with pytest.raises(ValueError, match="bad libvirt address"):
         datamover.vms("libvirt:///a/b")
+    repo.backup(img, "plain/vda")
+    with pytest.raises(datamover.InvalidInputError, match="stores a VM definition"):
+        repo.restore_vm("plain", tmp, uri="test:///default")

@@ -318,6 +318,52 @@ pub fn vms(args: VmsArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// Arguments of `dm vm-restore`.
+#[derive(Args)]
+pub struct VmRestoreArgs {
+    /// The VM (its points are VM/TARGET, backed up from libvirt).
+    pub vm: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// Where the restored disk images go (NAME-TARGET.raw).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// The libvirt connection to define the VM on.
+    #[arg(long, default_value = "qemu:///system")]
+    pub uri: String,
+    /// The new domain's name (default: VM-restored).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Define the domain but do not start it.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+/// Recreate a libvirt VM from its newest points: every disk restored, the
+/// domain defined from the definition its point stored, and started.
+pub fn vm_restore(args: VmRestoreArgs) -> Result<u8, Failure> {
+    let VmRestoreArgs {
+        vm,
+        repo,
+        to,
+        uri,
+        name,
+        no_start,
+    } = args;
+    let r = Repository::open(&repo)?;
+    let name = name.unwrap_or_else(|| format!("{vm}-restored"));
+    let images = transports::libvirt::restore_vm(&r, &vm, &to, &uri, &name, !no_start)?;
+    for i in &images {
+        println!("restored {}", i.display());
+    }
+    println!(
+        "domain {name} defined on {uri}{}",
+        if no_start { "" } else { " and started" }
+    );
+    Ok(0)
+}
+
 /// Arguments of `dm vm-thaw`.
 #[derive(Args)]
 pub struct VmThawArgs {

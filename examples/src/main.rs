@@ -41,6 +41,9 @@ enum Cmd {
     Vms(disk_cmds::VmsArgs),
     /// Thaw a guest a killed backup left frozen (the next backup does it too).
     VmThaw(disk_cmds::VmThawArgs),
+    /// Recreate a libvirt VM from its newest points: disks restored, the
+    /// domain defined from its stored definition, started.
+    VmRestore(disk_cmds::VmRestoreArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
     Restore(disk_cmds::RestoreArgs),
     /// List restore points.
@@ -106,6 +109,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::VmDisks(a) => disk_cmds::vm_disks(a),
         Cmd::Vms(a) => disk_cmds::vms(a),
         Cmd::VmThaw(a) => disk_cmds::vm_thaw(a),
+        Cmd::VmRestore(a) => disk_cmds::vm_restore(a),
         Cmd::Restore(a) => disk_cmds::restore(a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),

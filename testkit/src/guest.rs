@@ -313,6 +313,25 @@ impl Guest {
         g
     }
 
+    /// A libvirt domain something else started: waits until its agent
+    /// answers; destroyed and undefined on drop.
+    pub fn libvirt_running(dir: &Path, name: &str) -> Guest {
+        let g = Guest {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            qmp: PathBuf::new(),
+            qga: PathBuf::new(),
+            serial: dir.join(format!("{name}.log")),
+            pid_file: PathBuf::new(),
+            domain: Some(name.into()),
+        };
+        crate::wait_until(&format!("{name}'s agent"), Duration::from_secs(180), || {
+            g.try_agent("guest-ping", json!({}), Duration::from_secs(1))
+                .is_ok()
+        });
+        g
+    }
+
     /// The VM address `dm` takes: QMP with the agent, or the domain.
     pub fn spec(&self) -> String {
         if let Some(d) = &self.domain {

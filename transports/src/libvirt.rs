@@ -547,6 +547,10 @@ pub(crate) fn backup_set(
         )));
     }
     let xml = dom.get_xml_desc(0).map_err(|e| lv_err("domain XML", e))?;
+    // What the point keeps: the definition, not the running state.
+    let definition = dom
+        .get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|e| lv_err("domain XML", e))?;
     let all = disks_of_xml(&xml)?;
     if set.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -736,7 +740,7 @@ pub(crate) fn backup_set(
             location: format!("{spec}#{}", m.disk.target),
             checkpoint: checkpoint.clone(),
             consistency: consistency.clone(),
-            definition: xml.clone(),
+            definition: definition.clone(),
         };
         datamover::backup_to(repo, &src, &m.name, opts)
     };
@@ -795,6 +799,124 @@ pub(crate) fn backup_set(
 
 fn repo_has_points(repo: &dyn Store, name: &DiskName) -> bool {
     repo.latest_meta(name).is_ok_and(|m| m.is_some())
+}
+
+/// A VM's definition for a new domain: named `name`, without the old
+/// domain's UUID and MAC addresses (libvirt makes new ones), each disk in
+/// `disks` (target, image path, format) pointing at its restored image,
+/// and the disks not in `disks` refused.
+pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)]) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| Error::InvalidArgument(format!("the point's domain XML: {e}")))?;
+    let root = doc.root_element();
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for n in root.children().filter(roxmltree::Node::is_element) {
+        match n.tag_name().name() {
+            "name" => edits.push((n.range(), format!("<name>{}</name>", xml_escape(name)))),
+            "uuid" => edits.push((n.range(), String::new())),
+            _ => {}
+        }
+    }
+    for mac in doc.descendants().filter(|n| n.has_tag_name("mac")) {
+        edits.push((mac.range(), String::new()));
+    }
+    let all = disks_of_xml(xml)?;
+    for d in &all {
+        let Some((_, path, format)) = disks.iter().find(|(t, _, _)| *t == d.target) else {
+            return Err(Error::InvalidArgument(format!(
+                "the VM's disk {} has no point to restore from: back it up, or leave it out of the definition",
+                d.target
+            )));
+        };
+        let node = doc
+            .descendants()
+            .find(|n| {
+                n.has_tag_name("disk")
+                    && n.children().any(|c| {
+                        c.has_tag_name("target") && c.attribute("dev") == Some(d.target.as_str())
+                    })
+            })
+            .ok_or_else(|| Error::Internal(format!("disk {} vanished from the XML", d.target)))?;
+        let target = node
+            .children()
+            .find(|c| c.has_tag_name("target"))
+            .map(|t| doc.input_text()[t.range()].to_string())
+            .unwrap_or_default();
+        edits.push((
+            node.range(),
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='{}'/><source file='{}'/>{target}</disk>",
+                xml_escape(format),
+                xml_escape(path)
+            ),
+        ));
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    Ok(out)
+}
+
+/// Recreate a VM from its points: each disk's newest point of `vm`
+/// (`VM/TARGET`) restored as a raw image `DIR/NAME-TARGET.raw`, a domain
+/// `name` defined on `uri` from the definition the newest point stored,
+/// and started unless `start` is false. Returns the images written.
+pub fn restore_vm(
+    repo: &datamover::Repository,
+    vm: &str,
+    dir: &std::path::Path,
+    uri: &str,
+    name: &str,
+    start: bool,
+) -> Result<Vec<PathBuf>> {
+    let prefix = format!("{vm}/");
+    let mut latest: Vec<(DiskName, datamover::PointMeta)> = Vec::new();
+    for d in repo.disks()? {
+        if d.to_string().starts_with(&prefix)
+            && let Some((_, meta)) = datamover::Store::latest_meta(repo, &d)?
+        {
+            latest.push((d, meta));
+        }
+    }
+    let newest = latest
+        .iter()
+        .filter(|(_, m)| m.vm_definition.is_some())
+        .max_by(|a, b| a.1.started.cmp(&b.1.started))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "no point of {vm}/* stores a VM definition (only libvirt backups do)"
+            ))
+        })?;
+    let xml = newest.1.vm_definition.clone().unwrap_or_default();
+    let mut disks = Vec::new();
+    let mut images = Vec::new();
+    for (d, _) in &latest {
+        let target = d.to_string()[prefix.len()..].to_string();
+        let path = dir.join(format!("{name}-{target}.raw"));
+        let id = repo.resolve_point(d, None)?;
+        let size = repo.point_meta(d, &id)?.meta.disk_size;
+        let t = datamover::target::open_local(&path, size, false)?;
+        datamover::restore(
+            repo,
+            d,
+            &id,
+            t.as_ref(),
+            &datamover::RestoreOptions::default(),
+        )?;
+        disks.push((target, path.display().to_string(), "raw".to_string()));
+        images.push(path);
+    }
+    let def = definition_for(&xml, name, &disks)?;
+    let conn = Connect::open(Some(uri)).map_err(|e| lv_err(&format!("connecting to {uri}"), e))?;
+    let dom =
+        Domain::define_xml(&conn, &def).map_err(|e| lv_err(&format!("defining {name}"), e))?;
+    if start {
+        dom.create()
+            .map_err(|e| lv_err(&format!("starting {name}"), e))?;
+    }
+    Ok(images)
 }
 
 #[cfg(test)]

@@ -589,6 +589,49 @@ fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental()
     )));
     assert_eq!(got, data_sum, "the data disk's restore");
 
+    // The whole VM recreated from its points: both disks restored, a new
+    // domain defined from the stored definition, booted, data checked inside.
+    let again = format!("{dom}-r");
+    let images = datamover_transports::libvirt::restore_vm(
+        &repo,
+        "whole",
+        dir,
+        "qemu:///system",
+        &again,
+        true,
+    )
+    .unwrap();
+    assert_eq!(images.len(), 2);
+    let r = Guest::libvirt_running(dir, &again);
+    assert_eq!(r.sh("sha256sum /root/blob | cut -d' ' -f1"), sum);
+    assert_eq!(
+        r.sh("head -c 8388608 /dev/vdb | sha256sum | cut -d' ' -f1"),
+        data_sum
+    );
+    assert_eq!(
+        r.sh(&format!("sqlite3 {DB} 'PRAGMA integrity_check'")),
+        "ok"
+    );
+    drop(r);
+    // A definition whose disk has no point is refused, not half-made.
+    let e = datamover_transports::libvirt::definition_for(
+        &repo
+            .point_meta(
+                &"whole/vda".parse().unwrap(),
+                &repo
+                    .resolve_point(&"whole/vda".parse().unwrap(), None)
+                    .unwrap(),
+            )
+            .unwrap()
+            .meta
+            .vm_definition
+            .unwrap(),
+        "x",
+        &[("vda".into(), "/x.raw".into(), "raw".into())],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("vdb has no point"), "{e}");
+
     // The incremental point restores to a disk that boots with the data.
     let out = dir.join("restored-lv.raw");
     restore(&repo, "lv/vda", &inc.report.point.to_string(), &out);

@@ -164,6 +164,17 @@ class Repository:
     ) -> list[Stats]:
         """Back up several disks of a running libvirt VM at one instant
         (one freeze, one backup job, one checkpoint), each as "VM/TARGET"."""
+    def restore_vm(
+        self,
+        vm: str,
+        to: Union[str, os.PathLike[str]],
+        *,
+        uri: str = "qemu:///system",
+        name: Optional[str] = None,
+        start: bool = True,
+    ) -> list[pathlib.Path]:
+        """Recreate a libvirt VM from its newest points (disks restored,
+        domain defined from the stored definition, started)."""
     def restore(
         self,
         point: Union[str, Point],

@@ -153,6 +153,30 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
     assert_eq!(runs[0]["disk"], "whole/vda");
     assert_eq!(runs[0]["consistency"]["level"], "application", "{runs}");
+    // `dm vm-restore`: the VM defined again from its point (not started here).
+    let again = format!("{dom}-again");
+    let out = dm(&c)
+        .args([
+            "vm-restore",
+            "whole",
+            "--name",
+            &again,
+            "--no-start",
+            "--repo",
+        ])
+        .arg(&repo2)
+        .arg("--to")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = datamover_testkit::guest::virsh(&["domblklist", &again]).unwrap();
+    let _ = datamover_testkit::guest::virsh(&["undefine", &again]);
+    assert!(info.contains(&format!("{again}-vda.raw")), "{info}");
 
     // The inventory: the domain as the hypervisor's proxy reports it, and a
     // job naming the whole VM gets a task per disk.
