@@ -279,15 +279,7 @@ impl Guest {
         );
         let xml_file = dir.join(format!("{name}.xml"));
         std::fs::write(&xml_file, xml).expect("write domain XML");
-        let g = Guest {
-            name: name.into(),
-            dir: dir.to_path_buf(),
-            qmp: PathBuf::new(),
-            qga: PathBuf::new(),
-            serial,
-            pid_file: PathBuf::new(),
-            domain: Some(name.into()),
-        };
+        let g = Guest::of_domain(dir, name);
         let _ = virsh(&["destroy", name]);
         let _ = virsh(&["undefine", name, "--checkpoints-metadata"]);
         sh(Command::new("virsh")
@@ -313,10 +305,9 @@ impl Guest {
         g
     }
 
-    /// A libvirt domain something else started: waits until its agent
-    /// answers; destroyed and undefined on drop.
-    pub fn libvirt_running(dir: &Path, name: &str) -> Guest {
-        let g = Guest {
+    /// The handle of libvirt domain `name` (console log `dir/NAME.log`).
+    fn of_domain(dir: &Path, name: &str) -> Guest {
+        Guest {
             name: name.into(),
             dir: dir.to_path_buf(),
             qmp: PathBuf::new(),
@@ -324,7 +315,13 @@ impl Guest {
             serial: dir.join(format!("{name}.log")),
             pid_file: PathBuf::new(),
             domain: Some(name.into()),
-        };
+        }
+    }
+
+    /// A libvirt domain something else started: waits until its agent
+    /// answers; destroyed and undefined on drop.
+    pub fn libvirt_running(dir: &Path, name: &str) -> Guest {
+        let g = Guest::of_domain(dir, name);
         crate::wait_until(&format!("{name}'s agent"), Duration::from_secs(180), || {
             g.try_agent("guest-ping", json!({}), Duration::from_secs(1))
                 .is_ok()

@@ -136,6 +136,23 @@ pub struct SourceOptions {
 }
 
 impl SourceOptions {
+    /// How to back up VM disk `disk` (the VM's own checkpoints track its
+    /// changes: no `bitmap`).
+    fn vm_job<'a>(&'a self, disk: &'a str) -> qemu::VmJob<'a> {
+        qemu::VmJob {
+            disk,
+            choice: self.transport,
+            failover: self.failover_to_network,
+            provider: self.snapshot_provider.as_deref().unwrap_or("auto"),
+            nbd: nbd::ConnectOptions {
+                bitmap: None,
+                ..self.nbd()
+            },
+            quiesce: self.quiesce,
+            quiesce_limits: self.quiesce_limits,
+        }
+    }
+
     fn nbd(&self) -> nbd::ConnectOptions {
         let mut c = nbd::ConnectOptions {
             bitmap: self.bitmap.clone(),
@@ -170,18 +187,7 @@ pub fn backup(
                 "{spec} is a VM: name its disk with --disk (Python: disk=); `dm vm-disks {spec}` lists them"
             ))
         })?;
-        let job = qemu::VmJob {
-            disk: vm_disk,
-            choice: opts.transport,
-            failover: opts.failover_to_network,
-            provider: opts.snapshot_provider.as_deref().unwrap_or("auto"),
-            nbd: nbd::ConnectOptions {
-                bitmap: None,
-                ..opts.nbd()
-            },
-            quiesce: opts.quiesce,
-            quiesce_limits: opts.quiesce_limits,
-        };
+        let job = opts.vm_job(vm_disk);
         if libvirt::is_libvirt(spec) {
             return libvirt::backup(repo, spec, disk, &job, backup);
         }
@@ -237,18 +243,7 @@ pub fn backup_vm(
             "{spec}: every disk is excluded"
         )));
     }
-    let job = qemu::VmJob {
-        disk: &set[0].0,
-        choice: opts.transport,
-        failover: opts.failover_to_network,
-        provider: "auto",
-        nbd: nbd::ConnectOptions {
-            bitmap: None,
-            ..opts.nbd()
-        },
-        quiesce: opts.quiesce,
-        quiesce_limits: opts.quiesce_limits,
-    };
+    let job = opts.vm_job(&set[0].0);
     libvirt::backup_set(repo, spec, &set, &job, backup)
 }
 

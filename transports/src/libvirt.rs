@@ -39,7 +39,7 @@ use virt::sys;
 
 use crate::nbd::{ConnectOptions, NbdSource};
 use crate::qemu::quiesce::GuestFreezer;
-use crate::qemu::{BackupRun, Failover, Mode, Quiescer, TransportChoice, VmJob, VmTracker};
+use crate::qemu::{BackupRun, Failover, Mode, Quiescer, Since, TransportChoice, VmJob, VmTracker};
 use datamover::format::manifest::SourceInfo;
 use datamover::source::BlockSource;
 use datamover::{BackupOptions, DiskName, Error, Result, Store, TransportKind};
@@ -504,7 +504,7 @@ pub(crate) fn backup(
 struct Member {
     disk: LibvirtDisk,
     name: DiskName,
-    since: std::result::Result<String, String>,
+    since: Since,
 }
 
 /// Back up several disks of a running libvirt domain at one instant: one
@@ -581,7 +581,7 @@ pub(crate) fn backup_set(
         members.push(Member {
             disk,
             name: name.clone(),
-            since: Err(String::new()),
+            since: Since::First,
         });
     }
     let targets: Vec<String> = members.iter().map(|m| m.disk.target.clone()).collect();
@@ -595,21 +595,18 @@ pub(crate) fn backup_set(
     }
     let existing = checkpoints(&dom)?;
     for m in &mut members {
-        m.since = match repo.latest_meta(&m.name)? {
-            None => Err("the disk's first point".to_string()),
-            Some((p, meta)) => match meta.checkpoint {
-                None => Err(format!(
-                    "the previous point {p} started no checkpoint (it was not taken from this VM)"
-                )),
-                Some(c) if existing.contains(&c) => Ok(c),
-                Some(c) => Err(format!(
-                    "checkpoint {c} of the previous point {p} is not in domain {dname} (deleted, or the domain was redefined)"
-                )),
-            },
-        };
+        m.since = Since::of(
+            repo,
+            &m.name,
+            |c| existing.iter().any(|e| e == c),
+            &format!("is not in domain {dname} (deleted, or the domain was redefined)"),
+        )?;
     }
     for n in existing.iter().filter(|n| {
-        n.starts_with(&prefix) && !members.iter().any(|m| m.since.as_ref().ok() == Some(*n))
+        n.starts_with(&prefix)
+            && !members
+                .iter()
+                .any(|m| m.since.checkpoint() == Some(n.as_str()))
     }) {
         tracing::warn!(checkpoint = %n, "deleting a checkpoint of the disks that is not their newest point's (a killed run's, or another repository's chain)");
         delete_checkpoint(&dom, n)?;
@@ -631,9 +628,9 @@ pub(crate) fn backup_set(
         let t = xml_escape(&d.target);
         match members.iter().find(|m| m.disk.target == d.target) {
             Some(m) => {
-                let mode = match &m.since {
-                    Ok(c) => format!("backupmode='incremental' incremental='{}'", xml_escape(c)),
-                    Err(_) => "backupmode='full'".to_string(),
+                let mode = match m.since.checkpoint() {
+                    Some(c) => format!("backupmode='incremental' incremental='{}'", xml_escape(c)),
+                    None => "backupmode='full'".to_string(),
                 };
                 let scratch = xml_escape(
                     &dir.0
@@ -691,16 +688,11 @@ pub(crate) fn backup_set(
         checkpoint: checkpoint.clone(),
         finished: false,
     };
-    if consistency.level == datamover::ConsistencyLevel::Crash {
-        if job.quiesce == crate::qemu::Quiesce::Required {
+    match quiescer.settle(&consistency) {
+        Ok(note) => notes.extend(note),
+        Err(e) => {
             drop(pull);
-            return Err(Error::Unsupported(format!(
-                "the guest cannot be quiesced (--quiesce required): {}",
-                consistency.reason
-            )));
-        }
-        if job.quiesce == crate::qemu::Quiesce::Auto {
-            notes.push(format!("crash-consistent: {}", consistency.reason));
+            return Err(e);
         }
     }
     if members.len() > 1 {
@@ -714,8 +706,8 @@ pub(crate) fn backup_set(
     let read = |m: &Member| -> Result<datamover::BackupReport> {
         let uri = format!("nbd+unix:///{}?socket={}", m.disk.target, sock.display());
         let inner = NbdSource::connect(&uri, &job.nbd)?;
-        let tracker = match &m.since {
-            Ok(c) => Some(VmTracker {
+        let tracker = match m.since.checkpoint() {
+            Some(c) => Some(VmTracker {
                 nbd: NbdSource::connect(
                     &uri,
                     &ConnectOptions {
@@ -724,19 +716,14 @@ pub(crate) fn backup_set(
                         ..job.nbd.clone()
                     },
                 )?,
-                since: c.clone(),
+                since: c.to_string(),
             }),
-            Err(_) => None,
+            None => None,
         };
         let src = LibvirtSource {
             inner,
             tracker,
-            unavailable: m
-                .since
-                .as_ref()
-                .err()
-                .filter(|_| repo_has_points(repo, &m.name))
-                .cloned(),
+            unavailable: m.since.missing(),
             location: format!("{spec}#{}", m.disk.target),
             checkpoint: checkpoint.clone(),
             consistency: consistency.clone(),
@@ -795,10 +782,6 @@ pub(crate) fn backup_set(
             notes: notes.clone(),
         })
         .collect())
-}
-
-fn repo_has_points(repo: &dyn Store, name: &DiskName) -> bool {
-    repo.latest_meta(name).is_ok_and(|m| m.is_some())
 }
 
 /// A VM's definition for a new domain: named `name`, without the old

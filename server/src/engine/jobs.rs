@@ -60,7 +60,7 @@ impl Engine {
                     d.name, d.source
                 )));
             }
-            if !["auto", "required", "off"].contains(&j.quiesce.as_str()) {
+            if j.quiesce.parse::<transports::qemu::Quiesce>().is_err() {
                 return Err(EngineError::bad(format!(
                     "unknown quiesce {:?}: use auto, required or off",
                     j.quiesce

@@ -221,16 +221,7 @@ impl Cluster {
 
     /// `dm repo add NAME PATH` (a repository on shared storage).
     pub fn dm_repo_add(&self, name: &str, path: &Path) {
-        let out = dm(self)
-            .args(["repo", "add", name])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        dm_ok(self, ["repo", "add", name, &path.display().to_string()]);
     }
 
     /// Create a job from its JSON spec.
@@ -294,6 +285,18 @@ pub fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
         Err(ClientError::Status { status, message }) => (status, message),
         other => panic!("expected an error status, got {other:?}"),
     }
+}
+
+/// Run `dm` against the cluster with `args`, asserting it succeeds; its
+/// standard output.
+pub fn dm_ok<const N: usize>(c: &Cluster, args: [&str; N]) -> Vec<u8> {
+    let out = dm(c).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// `dm` talking to the cluster's server as its admin.

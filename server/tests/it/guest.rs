@@ -2,7 +2,7 @@
 //! consistency (application, with the frozen time), and `dm session show`
 //! prints it.
 
-use crate::common::{Cluster, dm, serial};
+use crate::common::{Cluster, dm, dm_ok, serial};
 use datamover_control::api::{Session, State};
 use datamover_testkit::guest::GUEST_TOOLS;
 use datamover_testkit::{Guest, GuestImage, can_run};
@@ -131,8 +131,10 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     // `dm backup --all-disks`: the whole VM at one instant, a point per disk.
     let repo2 = c.path("repo2");
     assert!(dm(&c).arg("init").arg(&repo2).status().unwrap().success());
-    let out = dm(&c)
-        .args([
+    let repo2s = repo2.display().to_string();
+    let out = dm_ok(
+        &c,
+        [
             "backup",
             &g.spec(),
             "--name",
@@ -140,39 +142,29 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
             "--all-disks",
             "--json",
             "--repo",
-        ])
-        .arg(&repo2)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &repo2s,
+        ],
     );
-    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
     assert_eq!(runs[0]["disk"], "whole/vda");
     assert_eq!(runs[0]["consistency"]["level"], "application", "{runs}");
     // `dm vm-restore`: the VM defined again from its point (not started here).
     let again = format!("{dom}-again");
-    let out = dm(&c)
-        .args([
+    let dirs = dir.display().to_string();
+    dm_ok(
+        &c,
+        [
             "vm-restore",
             "whole",
             "--name",
             &again,
             "--no-start",
             "--repo",
-        ])
-        .arg(&repo2)
-        .arg("--to")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &repo2s,
+            "--to",
+            &dirs,
+        ],
     );
     let info = datamover_testkit::guest::virsh(&["domblklist", &again]).unwrap();
     let _ = datamover_testkit::guest::virsh(&["undefine", &again]);

@@ -232,10 +232,54 @@ pub(crate) struct VmJob<'a> {
 
 /// Whether the changes since the parent point can be read, and from
 /// which checkpoint.
-enum Since {
+pub(crate) enum Since {
+    /// The disk's first point.
     First,
+    /// From this checkpoint (the parent point's, still in the VM).
     Checkpoint(String),
+    /// Not possible, and why.
     Missing(String),
+}
+
+impl Since {
+    /// From `name`'s newest point: its checkpoint when `exists` says the
+    /// VM still has it, else why not (`gone` completes "checkpoint C of
+    /// the previous point P ...").
+    pub(crate) fn of(
+        repo: &dyn Store,
+        name: &DiskName,
+        exists: impl Fn(&str) -> bool,
+        gone: &str,
+    ) -> Result<Since> {
+        Ok(match repo.latest_meta(name)? {
+            None => Since::First,
+            Some((p, meta)) => match meta.checkpoint {
+                None => Since::Missing(format!(
+                    "the previous point {p} started no checkpoint (it was not taken from this VM)"
+                )),
+                Some(c) if exists(&c) => Since::Checkpoint(c),
+                Some(c) => {
+                    Since::Missing(format!("checkpoint {c} of the previous point {p} {gone}"))
+                }
+            },
+        })
+    }
+
+    /// The checkpoint to read changes from, if any.
+    pub(crate) fn checkpoint(&self) -> Option<&str> {
+        match self {
+            Since::Checkpoint(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Why changes cannot be read (none for a first point).
+    pub(crate) fn missing(&self) -> Option<String> {
+        match self {
+            Since::Missing(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
 }
 
 fn nbd_source(uri: &str, opts: &ConnectOptions) -> Result<Box<dyn BlockSource>> {
@@ -296,19 +340,15 @@ pub(crate) fn backup(
     let mut quiescer = Quiescer::open(job.quiesce, addr.agent.as_deref(), job.quiesce_limits)?;
     let mut notes = Vec::new();
 
-    let since = match repo.latest_meta(name)? {
-        None => Since::First,
-        Some((p, meta)) => match meta.checkpoint {
-            None => Since::Missing(format!(
-                "the previous point {p} started no checkpoint (it was not taken from a VM)"
-            )),
-            Some(c) if disk.bitmaps.iter().any(|b| b.name == c) => Since::Checkpoint(c),
-            Some(c) => Since::Missing(format!(
-                "checkpoint {c} of the previous point {p} is not on disk {} (the bitmap was removed, or the VM restarted with a raw disk, whose checkpoints are not persistent)",
-                disk.node
-            )),
-        },
-    };
+    let since = Since::of(
+        repo,
+        name,
+        |c| disk.bitmaps.iter().any(|b| b.name == c),
+        &format!(
+            "is not on disk {} (the bitmap was removed, or the VM restarted with a raw disk, whose checkpoints are not persistent)",
+            disk.node
+        ),
+    )?;
 
     let providers = snapshot::providers(job.provider)?;
     // Storage snapshots are only used when asked for: only then look.
@@ -355,24 +395,15 @@ pub(crate) fn backup(
         _ => vm::Hold::Overlay,
     };
 
-    let since_name = match &since {
-        Since::Checkpoint(c) => Some(c.as_str()),
-        _ => None,
-    };
-    let frozen = vm.freeze(&disk, hold, since_name, &mut quiescer);
+    let frozen = vm.freeze(&disk, hold, since.checkpoint(), &mut quiescer);
     notes.append(&mut quiescer.notes);
     let mut frozen = frozen?;
     let consistency = frozen.consistency().clone();
-    if consistency.level == datamover::ConsistencyLevel::Crash {
-        if job.quiesce == Quiesce::Required {
+    match quiescer.settle(&consistency) {
+        Ok(note) => notes.extend(note),
+        Err(e) => {
             let _ = frozen.finish(false);
-            return Err(Error::Unsupported(format!(
-                "the guest cannot be quiesced (--quiesce required): {}",
-                consistency.reason
-            )));
-        }
-        if job.quiesce == Quiesce::Auto {
-            notes.push(format!("crash-consistent: {}", consistency.reason));
+            return Err(e);
         }
     }
     let mut image = None;
@@ -414,10 +445,7 @@ pub(crate) fn backup(
         _ => None,
     };
     let mut tracker = tracker.map(|(since, nbd)| VmTracker { nbd, since });
-    let unavailable = match &since {
-        Since::Missing(why) => Some(why.clone()),
-        _ => None,
-    };
+    let unavailable = since.missing();
     let location = format!("{spec}#{}", disk.node);
     let result = loop {
         let attempt = open_mode(mode, &mut frozen, image.as_ref(), job).and_then(|(inner, att)| {

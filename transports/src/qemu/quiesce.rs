@@ -234,6 +234,23 @@ impl Quiescer {
         self.mode
     }
 
+    /// What a snapshot of consistency `c` means for the run: an error with
+    /// [`Quiesce::Required`] when it is only crash-consistent (the caller
+    /// undoes the snapshot), a note with [`Quiesce::Auto`], else nothing.
+    pub fn settle(&self, c: &Consistency) -> Result<Option<String>> {
+        if c.level != ConsistencyLevel::Crash {
+            return Ok(None);
+        }
+        match self.mode {
+            Quiesce::Required => Err(Error::Unsupported(format!(
+                "the guest cannot be quiesced (--quiesce required): {}",
+                c.reason
+            ))),
+            Quiesce::Auto => Ok(Some(format!("crash-consistent: {}", c.reason))),
+            Quiesce::Off => Ok(None),
+        }
+    }
+
     /// Run `snapshot` with the guest frozen, and thaw it. Returns what
     /// `snapshot` returned and the consistency reached. An error only comes
     /// before `snapshot` ran: with [`Quiesce::Required`], when the guest
