@@ -7,6 +7,13 @@
 //! whether an update was under way. An update that was interrupted leaves
 //! `"state": "applying"`; the next one then rewrites every extent instead
 //! of trusting the image, so a replica never silently mixes two points.
+//! (Untrusted images that exist are compared extent by extent and only
+//! what differs is written.)
+//!
+//! `"state": "failover"` marks a replica a VM runs on (a failover, or
+//! the end of a quick migration): an update would write under a running
+//! guest, so it is refused until the failover is undone (the guest's
+//! writes make the image untrusted: `applying`) or failed back.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,9 +34,12 @@ pub const STATE_SUFFIX: &str = ".dm-replica";
 pub struct ReplicaState {
     /// The point the image holds (`applied`) or is being brought to.
     pub point: String,
-    /// `applied` or `applying`.
+    /// `applied`, `applying` or `failover`.
     pub state: String,
 }
+
+/// The replica state of an image a VM runs on.
+pub const FAILOVER: &str = "failover";
 
 /// What an update did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +79,39 @@ pub fn read_state(img: &Path) -> Option<ReplicaState> {
     serde_json::from_slice(&b).ok()
 }
 
+/// Record that `img` holds `point` (`applied`), or is being changed
+/// (`applying`, untrusted), or runs a VM ([`FAILOVER`]).
+pub fn set_state(img: &Path, point: &str, state: &str) -> Result<()> {
+    write_state(
+        img,
+        &ReplicaState {
+            point: point.to_string(),
+            state: state.to_string(),
+        },
+    )
+}
+
+/// The replica images of `vm` under `root` (`root/VM/DISK.img`) whose
+/// disk `VM/DISK` the repository knows, in disk order, with their state.
+pub fn replicas_of(
+    repo: &Repository,
+    root: &Path,
+    vm: &str,
+) -> Result<Vec<(DiskName, PathBuf, Option<ReplicaState>)>> {
+    let mut out = Vec::new();
+    for d in repo.disks()? {
+        if d.vm() != vm {
+            continue;
+        }
+        let img = replica_path(root, &d);
+        if img.is_file() {
+            let st = read_state(&img);
+            out.push((d, img, st));
+        }
+    }
+    Ok(out)
+}
+
 fn write_state(img: &Path, st: &ReplicaState) -> Result<()> {
     let p = state_path(img);
     let tmp = p.with_extension("dm-replica.tmp");
@@ -99,12 +142,23 @@ pub fn apply(
     }
     let size = repo.point_meta(disk, point)?.meta.disk_size;
     let known: Vec<PointId> = repo.point_ids(disk)?;
-    let base = match read_state(img) {
+    let held = read_state(img);
+    if let Some(s) = held.as_ref().filter(|s| s.state == FAILOVER) {
+        return Err(Error::InvalidArgument(format!(
+            "replica {} is failed over (a VM runs on it, from point {}): fail back, or undo the failover, before it is updated again",
+            img.display(),
+            s.point
+        )));
+    }
+    let base = match held {
         Some(s) if s.state == "applied" && img.is_file() => {
             known.into_iter().find(|p| p.as_str() == s.point)
         }
         _ => None,
     };
+    // An image that exists but cannot be trusted is compared, not
+    // rewritten: a failover undone changed a few blocks, not the disk.
+    let compare = base.is_none() && std::fs::metadata(img).is_ok_and(|m| m.is_file());
     write_state(
         img,
         &ReplicaState {
@@ -112,12 +166,13 @@ pub fn apply(
             state: "applying".into(),
         },
     )?;
-    let target = match &base {
-        Some(_) => FileTarget::update(img, size)?,
-        None => FileTarget::create(img, size, true)?,
+    let target = match (&base, compare) {
+        (None, false) => FileTarget::create(img, size, true)?,
+        _ => FileTarget::update(img, size)?,
     };
     let opts = RestoreOptions {
         base: base.clone(),
+        compare,
         ..RestoreOptions::default()
     };
     let r = restore(repo, disk, point, &target, &opts)?;

@@ -31,6 +31,11 @@ pub struct RestoreOptions {
     /// The target holds this point of the same disk already: write only
     /// the extents that differ from it (a replica brought up to date).
     pub base: Option<PointId>,
+    /// The target holds something close to the point, but nothing says
+    /// what: read each extent back and write only those that differ (a
+    /// failback onto the original disk, a replica whose state is unknown).
+    /// Reads the whole target; writes only the differences.
+    pub compare: bool,
 }
 
 impl std::fmt::Debug for RestoreOptions {
@@ -38,6 +43,7 @@ impl std::fmt::Debug for RestoreOptions {
         f.debug_struct("RestoreOptions")
             .field("threads", &self.threads)
             .field("base", &self.base)
+            .field("compare", &self.compare)
             .finish()
     }
 }
@@ -98,6 +104,36 @@ pub struct RestoreReport {
     pub stats: RunStats,
 }
 
+/// Whether the target holds chunk `id` (`len` bytes) at `off` already.
+fn holds_chunk(
+    target: &dyn BlockTarget,
+    off: u64,
+    id: ChunkId,
+    len: u32,
+    b: &mut Vec<u8>,
+) -> Result<bool> {
+    b.resize(len as usize, 0);
+    Ok(target.read_at(off, b)? && ChunkId::of(b) == id)
+}
+
+/// Make `[off, off+len)` of the target read as zeros, zeroing only the
+/// 1 MiB pieces that do not already; returns the bytes zeroed.
+fn zero_differences(target: &dyn BlockTarget, mut off: u64, len: u64) -> Result<u64> {
+    const PIECE: u64 = 1 << 20;
+    let end = off + len;
+    let mut b = vec![0u8; PIECE.min(len) as usize];
+    let mut zeroed = 0;
+    while off < end {
+        let n = (end - off).min(PIECE) as usize;
+        if !target.read_at(off, &mut b[..n])? || b[..n].iter().any(|x| *x != 0) {
+            target.write_zeroes(off, n as u64)?;
+            zeroed += n as u64;
+        }
+        off += n as u64;
+    }
+    Ok(zeroed)
+}
+
 /// Restore `point` of `disk` into `target` (whose size was checked by the
 /// caller's open; it is checked again here).
 pub fn restore(
@@ -149,6 +185,9 @@ fn run(
     let done = AtomicU64::new(0);
     let busy_read = AtomicU64::new(0);
     let busy_write = AtomicU64::new(0);
+    // Bytes a compare found right already (written by nobody).
+    let alike = AtomicU64::new(0);
+    let compare = opts.compare;
     let (tx, rx) = bounded::<(u64, ChunkId, u32)>(threads * 4);
     // Decoded chunks go to one writer: parallel buffered writes into one
     // file only contend on the inode lock.
@@ -166,16 +205,30 @@ fn run(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let (rx, wtx, pool_rx) = (rx.clone(), wtx.clone(), pool_rx.clone());
-                let (index, reader, stop, at, busy_read) =
-                    (&index, &reader, &stop, &at, &busy_read);
+                let (index, reader, stop, at, busy_read, alike) =
+                    (&index, &reader, &stop, &at, &busy_read, &alike);
                 s.spawn(move || -> Result<()> {
                     let mut dec =
                         FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
+                    let mut back = Vec::new();
                     for (off, id, len) in rx {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let t = Instant::now();
+                        if compare {
+                            match holds_chunk(target, off, id, len, &mut back) {
+                                Ok(true) => {
+                                    alike.fetch_add(u64::from(len), Ordering::Relaxed);
+                                    continue;
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    stop.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                        }
                         let r = (|| {
                             let loc = index.get(&id).ok_or(Error::ChunkMissing {
                                 chunk: id,
@@ -273,14 +326,23 @@ fn run(
                         }
                     }
                     Extent::Zero { len } => {
-                        target.write_zeroes(off, len)?;
-                        zero_done += len;
+                        if compare {
+                            let z = zero_differences(target, off, len)?;
+                            alike.fetch_add(len - z, Ordering::Relaxed);
+                            zero_done += z;
+                        } else {
+                            target.write_zeroes(off, len)?;
+                            zero_done += len;
+                        }
                     }
                 }
                 off += e.len();
                 if !report(
                     &opts.progress,
-                    done.load(Ordering::Relaxed) + zero_done + *skipped,
+                    done.load(Ordering::Relaxed)
+                        + zero_done
+                        + *skipped
+                        + alike.load(Ordering::Relaxed),
                     size,
                 ) {
                     return Err(Error::Cancelled);
@@ -320,7 +382,7 @@ fn run(
         .sum();
     stats.bytes_read = size - zero;
     stats.bytes_zero = zero;
-    stats.bytes_new = size - skipped;
+    stats.bytes_new = size - skipped - alike.load(Ordering::Relaxed);
     stats.chunks = m.extents.len() as u64
         - m.extents
             .iter()

@@ -25,6 +25,17 @@ struct DirectFile {
 }
 
 impl DirectFile {
+    /// Read back through the page cache (the file is opened for reading
+    /// too; a target opened write-only says it cannot be read).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        match self.buffered.read_exact_at(buf, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(false),
+            Err(e) => Err(Error::io("read back", &self.path, e)),
+        }
+    }
+
     fn new(buffered: File, path: &Path) -> Self {
         let direct = OpenOptions::new()
             .write(true)
@@ -94,6 +105,12 @@ pub trait BlockTarget: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
     /// Make all writes durable.
     fn flush(&self) -> Result<()>;
+    /// Read back `buf.len()` bytes at `offset` (for a restore that writes
+    /// only what differs, [`crate::RestoreOptions::compare`]). `Ok(false)`:
+    /// this target cannot be read, so everything is written.
+    fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool> {
+        Ok(false)
+    }
     /// Called when a restore fails: remove what cannot be trusted (a new
     /// file is deleted; a device is left as it is).
     fn discard(&self) {}
@@ -178,6 +195,9 @@ impl BlockTarget for FileTarget {
     fn flush(&self) -> Result<()> {
         self.file.sync()
     }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.file.read_at(offset, buf)
+    }
     fn discard(&self) {
         if !self.fresh {
             return;
@@ -202,6 +222,7 @@ impl BlockDeviceTarget {
     /// Open the device for writing; it must hold at least `need` bytes.
     pub fn open(path: &Path, need: u64) -> Result<Self> {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(path)
             .ctx("open restore target", path)?;
@@ -239,6 +260,9 @@ impl BlockTarget for BlockDeviceTarget {
     }
     fn flush(&self) -> Result<()> {
         self.file.sync()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.file.read_at(offset, buf)
     }
 }
 

@@ -246,3 +246,74 @@ fn restore_where_direct_io_is_refused_falls_back_to_buffered() {
     restore(&repo, "vm/disk", None, &out).expect("restore to tmpfs");
     assert_eq!(hash_file(&out), hash_file(&img));
 }
+
+/// A restore with `compare` onto a disk that holds nearly the point
+/// writes only what differs, and the result is the point byte for byte;
+/// a replica whose state is untrusted is brought back the same way.
+#[test]
+fn a_compare_restore_writes_only_what_differs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        64 << 20,
+        &[
+            (0, 24 << 20, Fill::Random(5)),
+            (32 << 20, 8 << 20, Fill::Text),
+        ],
+    );
+    let repo = new_repo(dir.path());
+    let r = backup(&repo, &img, "vm/disk", &small_packs());
+    let disk: datamover::DiskName = "vm/disk".parse().expect("name");
+    let out = dir.path().join("out.raw");
+    std::fs::copy(&img, &out).expect("copy");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .expect("open");
+    // 1 MiB changed in data, 1 MiB written into a zero run.
+    crate::common::write_region(&f, 4 << 20, 1 << 20, Fill::Random(77));
+    crate::common::write_region(&f, 50 << 20, 1 << 20, Fill::Random(78));
+    drop(f);
+    let t = datamover::target::FileTarget::update(&out, 64 << 20).expect("target");
+    let res = datamover::restore(
+        &repo,
+        &disk,
+        &r.point,
+        &t,
+        &datamover::RestoreOptions {
+            compare: true,
+            ..Default::default()
+        },
+    )
+    .expect("restore");
+    assert!(
+        res.stats.bytes_new >= 2 << 20 && res.stats.bytes_new <= 6 << 20,
+        "written {}",
+        res.stats.bytes_new
+    );
+    assert_eq!(hash_file(&out), hash_file(&img));
+
+    // A replica left "applying" is compared, not rewritten.
+    let rep = dir.path().join("replica.img");
+    let full = datamover::replica::apply(&repo, &disk, &r.point, &rep).expect("apply");
+    assert_eq!(full.base, None);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rep)
+        .expect("open");
+    crate::common::write_region(&f, 10 << 20, 1 << 20, Fill::Random(79));
+    drop(f);
+    datamover::replica::set_state(&rep, r.point.as_str(), "applying").expect("state");
+    let again = datamover::replica::apply(&repo, &disk, &r.point, &rep).expect("apply");
+    assert!(
+        again.bytes_written >= 1 << 20 && again.bytes_written <= 4 << 20,
+        "{again:?}"
+    );
+    assert_eq!(hash_file(&rep), hash_file(&img));
+    // A replica a VM runs on is never written.
+    datamover::replica::set_state(&rep, r.point.as_str(), datamover::replica::FAILOVER)
+        .expect("state");
+    let e = datamover::replica::apply(&repo, &disk, &r.point, &rep).unwrap_err();
+    assert!(e.to_string().contains("failed over"), "{e}");
+}
