@@ -518,6 +518,7 @@ pub struct Libvirtd {
 impl Libvirtd {
     /// Make sure `qemu:///system` answers.
     pub fn ensure(dir: &Path) -> Libvirtd {
+        kvm_group_access();
         let mut started = Vec::new();
         if virsh(&["version"]).is_err() {
             for d in ["/var/log/libvirt", "/run/libvirt"] {
@@ -534,6 +535,28 @@ impl Libvirtd {
             });
         }
         Libvirtd { started }
+    }
+}
+
+/// Give `/dev/kvm` the owner Debian's udev rule gives it (`root:kvm`,
+/// 0660) where no udev ran (a container: `root:root` 0600). Otherwise
+/// libvirt finds KVM when it probes QEMU's capabilities (as root) and
+/// not for its QEMU user when it checks them, throws the cache away and
+/// probes again (about 30 s under TCG) at every domain define and start.
+fn kvm_group_access() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(m) = std::fs::metadata("/dev/kvm") else {
+        return;
+    };
+    if m.gid() != 0 || m.mode() & 0o060 != 0 {
+        return;
+    }
+    if Command::new("chgrp")
+        .args(["kvm", "/dev/kvm"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
     }
 }
 
