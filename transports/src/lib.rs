@@ -50,6 +50,7 @@ macro_rules! forward_reads {
 }
 pub(crate) use forward_reads;
 
+pub mod failover;
 pub mod image;
 pub mod libvirt;
 pub mod mode;

@@ -44,7 +44,7 @@ use datamover::format::manifest::SourceInfo;
 use datamover::source::BlockSource;
 use datamover::{BackupOptions, DiskName, Error, Result, Store, TransportKind};
 
-const CHECKPOINT: &str = "dm-cp-";
+pub(crate) const CHECKPOINT: &str = "dm-cp-";
 
 /// Whether `spec` names a libvirt VM or connection.
 pub fn is_libvirt(spec: &str) -> bool {
@@ -98,7 +98,7 @@ impl LibvirtAddress {
     }
 }
 
-fn lv_err(what: &str, e: virt::error::Error) -> Error {
+pub(crate) fn lv_err(what: &str, e: virt::error::Error) -> Error {
     Error::transport(
         "libvirt",
         TransportKind::Refused,
@@ -107,11 +107,11 @@ fn lv_err(what: &str, e: virt::error::Error) -> Error {
 }
 
 /// The last libvirt error, after a `sys` call failed.
-fn last(what: &str) -> Error {
+pub(crate) fn last(what: &str) -> Error {
     lv_err(what, virt::error::Error::last_error())
 }
 
-fn connect(addr: &LibvirtAddress) -> Result<Connect> {
+pub(crate) fn connect(addr: &LibvirtAddress) -> Result<Connect> {
     Connect::open(Some(&addr.uri)).map_err(|e| {
         Error::transport(
             addr.uri.clone(),
@@ -125,7 +125,7 @@ fn connect(addr: &LibvirtAddress) -> Result<Connect> {
     })
 }
 
-fn domain(conn: &Connect, addr: &LibvirtAddress) -> Result<Domain> {
+pub(crate) fn domain(conn: &Connect, addr: &LibvirtAddress) -> Result<Domain> {
     let name = addr.domain.as_deref().ok_or_else(|| {
         Error::InvalidArgument(format!(
             "{} names no domain: libvirt:///DOMAIN (`dm vms {}` lists them)",
@@ -241,7 +241,7 @@ pub fn disks(spec: &str) -> Result<Vec<LibvirtDisk>> {
 }
 
 /// The names of the domain's checkpoints.
-fn checkpoints(d: &Domain) -> Result<Vec<String>> {
+pub(crate) fn checkpoints(d: &Domain) -> Result<Vec<String>> {
     let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
     // SAFETY: libvirt fills `list` with `n` checkpoint pointers that we
     // own: each is read, then freed, and the array is freed with free(3).
@@ -273,7 +273,7 @@ fn checkpoints(d: &Domain) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn delete_checkpoint(d: &Domain, name: &str) -> Result<()> {
+pub(crate) fn delete_checkpoint(d: &Domain, name: &str) -> Result<()> {
     let c = CString::new(name).map_err(|_| Error::Internal("checkpoint name".into()))?;
     // SAFETY: valid domain and C string; the looked-up reference is freed.
     unsafe {
@@ -375,7 +375,7 @@ fn qemu_owner(xml: &str) -> Option<(u32, u32)> {
     ))
 }
 
-fn xml_escape(s: &str) -> String {
+pub(crate) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -787,7 +787,8 @@ pub(crate) fn backup_set(
 /// A VM's definition for a new domain: named `name`, without the old
 /// domain's UUID and MAC addresses (libvirt makes new ones), each disk in
 /// `disks` (target, image path, format) pointing at its restored image,
-/// and the disks not in `disks` refused.
+/// the disks not in `disks` refused, and consoles logged to a file given
+/// a file of their own (the old domain's name in it replaced).
 pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)]) -> Result<String> {
     let doc = roxmltree::Document::parse(xml)
         .map_err(|e| Error::InvalidArgument(format!("the point's domain XML: {e}")))?;
@@ -802,6 +803,40 @@ pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)])
     }
     for mac in doc.descendants().filter(|n| n.has_tag_name("mac")) {
         edits.push((mac.range(), String::new()));
+    }
+    // A console logged to a file gets its own file: the old domain may
+    // still run on this host (a migration, a failover test), and two
+    // QEMUs cannot log to one file.
+    let old = root
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .unwrap_or_default();
+    for dev in doc.descendants().filter(|n| {
+        (n.has_tag_name("serial") || n.has_tag_name("console"))
+            && n.attribute("type") == Some("file")
+    }) {
+        let Some(a) = dev
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .and_then(|s| s.attribute_node("path"))
+        else {
+            continue;
+        };
+        let path = std::path::Path::new(a.value());
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let renamed = if !old.is_empty() && file.contains(old) {
+            file.replacen(old, name, 1)
+        } else {
+            format!("{file}.{name}")
+        };
+        edits.push((
+            a.range_value(),
+            xml_escape(&path.with_file_name(renamed).display().to_string()),
+        ));
     }
     let all = disks_of_xml(xml)?;
     for d in &all {
@@ -929,6 +964,31 @@ mod tests {
         ] {
             assert!(LibvirtAddress::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_new_definition_renames_and_gives_file_consoles_their_own_file() {
+        let xml = "<domain type='qemu'><name>web</name><uuid>u</uuid><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/a.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+            <interface type='network'><mac address='52:54:00:00:00:01'/></interface>\
+            <serial type='file'><source path='/log/web.log' append='on'/><target port='0'/></serial>\
+            <console type='file'><source path='/log/other'/></console>\
+            </devices></domain>";
+        let d = definition_for(
+            xml,
+            "web-r",
+            &[("vda".into(), "/r/vda.img".into(), "raw".into())],
+        )
+        .expect("definition");
+        assert!(d.contains("<name>web-r</name>"), "{d}");
+        assert!(!d.contains("<uuid>") && !d.contains("<mac"), "{d}");
+        assert!(
+            d.contains("<source file='/r/vda.img'/>") && d.contains("type='raw'"),
+            "{d}"
+        );
+        assert!(d.contains("path='/log/web-r.log' append='on'"), "{d}");
+        assert!(d.contains("path='/log/other.web-r'"), "{d}");
+        assert!(definition_for(xml, "x", &[]).is_err());
     }
 
     #[test]

@@ -128,6 +128,27 @@ impl BlockTarget for NbdTarget {
         self.client.info().size
     }
 
+    /// Reads back (a compare visits each extent once, before any write
+    /// to it, so nothing queued overlaps).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let piece = PIECE.min(self.client.info().block.2 as usize).max(1);
+        for (i, b) in buf.chunks_mut(piece).enumerate() {
+            let off = offset + (i * piece) as u64;
+            let got = self
+                .rt
+                .block_on(self.client.read(off, b.len() as u32))
+                .map_err(|e| err(&self.uri, e))?;
+            if got.len() != b.len() {
+                return Err(err(
+                    &self.uri,
+                    NbdError::io_msg(format!("short read at {off}")),
+                ));
+            }
+            b.copy_from_slice(&got);
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let piece = PIECE.min(self.client.info().block.2 as usize).max(1);
         for (i, d) in data.chunks(piece).enumerate() {

@@ -90,6 +90,21 @@ impl LocalExport {
     /// it) read-only. Image locking is off: the VM holds the image, and
     /// the data read is frozen (a backing file or an internal snapshot).
     pub fn start(path: &Path, driver: &str, snapshot: Option<&str>) -> Result<LocalExport> {
+        Self::serve(path, driver, snapshot, false)
+    }
+
+    /// Serve `path` (format `driver`) writable, with QEMU's image locking
+    /// on: an image a running VM holds is refused, not written under it.
+    pub fn start_writable(path: &Path, driver: &str) -> Result<LocalExport> {
+        Self::serve(path, driver, None, true)
+    }
+
+    fn serve(
+        path: &Path,
+        driver: &str,
+        snapshot: Option<&str>,
+        writable: bool,
+    ) -> Result<LocalExport> {
         let dir = std::env::temp_dir().join(format!("dm-local-{}", super::vm::stamp()));
         std::fs::create_dir(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let mut me = LocalExport {
@@ -103,14 +118,17 @@ impl LocalExport {
             "file"
         };
         let image = format!(
-            "driver={driver},file.driver={proto},file.filename={},file.locking=off",
-            opt(path)
+            "driver={driver},file.driver={proto},file.filename={},file.locking={}",
+            opt(path),
+            if writable { "on" } else { "off" }
         );
         let mut cmd = Command::new("qemu-nbd");
         cmd.arg("--fork")
-            .arg(format!("--pid-file={}", me.dir.join("pid").display()))
-            .args(["-r", "-x", "disk", "-k"])
-            .arg(me.dir.join("nbd.sock"));
+            .arg(format!("--pid-file={}", me.dir.join("pid").display()));
+        if !writable {
+            cmd.arg("-r");
+        }
+        cmd.args(["-x", "disk", "-k"]).arg(me.dir.join("nbd.sock"));
         if let Some(s) = snapshot {
             cmd.arg("-l").arg(format!("snapshot.name={s}"));
         }
