@@ -11,6 +11,13 @@
 //! (calls off the GIL), [`repository`], [`stats`], [`vm`], [`server`].
 
 mod cancel;
+
+/// A report as Python values: the keys of the CLI's `--json`.
+fn as_py<'py, T: serde::Serialize>(py: Python<'py>, v: &T) -> PyResult<Bound<'py, PyAny>> {
+    let text = serde_json::to_string(v).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.import("json")?.getattr("loads")?.call1((text,))
+}
+
 mod errors;
 mod repository;
 mod server;

@@ -270,6 +270,141 @@ impl Repository {
         })
     }
 
+    /// Bring the replicas of `vm` under `replicas` (REPLICAS/VM/DISK.img)
+    /// to its newest points; only what differs is written. A list of
+    /// dicts (the keys of `dm replica sync --json`).
+    fn replica_sync<'py>(
+        &self,
+        py: Python<'py>,
+        vm: &str,
+        replicas: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (vm, repo) = (vm.to_string(), &self.inner);
+        let r = run_cancellable(py, None, move |_| {
+            transports::failover::sync(repo, &replicas, &vm)
+        })?;
+        as_py(py, &r)
+    }
+
+    /// The replicas of `vm` under `replicas`: dicts with "disk", "image"
+    /// and "state" (what each holds: "applied POINT", "failover POINT", …).
+    fn replicas<'py>(
+        &self,
+        py: Python<'py>,
+        vm: &str,
+        replicas: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let r = transports::failover::replicas(&self.inner, &replicas, vm).map_err(to_py)?;
+        let rows: Vec<serde_json::Value> = r
+            .into_iter()
+            .map(|(d, img, s)| serde_json::json!({"disk": d, "image": img, "state": s}))
+            .collect();
+        as_py(py, &rows)
+    }
+
+    /// Start `vm` on its replicas: a libvirt domain (`on`, default
+    /// "libvirt:///VM-replica") defined from the definition its points
+    /// stored; replication stops writing the replicas. A dict.
+    #[pyo3(signature = (vm, replicas, *, on="libvirt:///", start=true))]
+    fn failover<'py>(
+        &self,
+        py: Python<'py>,
+        vm: &str,
+        replicas: PathBuf,
+        on: &str,
+        start: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (vm, on, repo) = (vm.to_string(), on.to_string(), &self.inner);
+        let r = run_cancellable(py, None, move |_| {
+            transports::failover::failover(repo, &replicas, &vm, &on, start)
+        })?;
+        as_py(py, &r)
+    }
+
+    /// Undo a failover: the replica VM is stopped and removed; the next
+    /// `replica_sync` drops its writes. A dict.
+    #[pyo3(signature = (vm, replicas, *, on="libvirt:///"))]
+    fn undo_failover<'py>(
+        &self,
+        py: Python<'py>,
+        vm: &str,
+        replicas: PathBuf,
+        on: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (vm, on, repo) = (vm.to_string(), on.to_string(), &self.inner);
+        let r = run_cancellable(py, None, move |_| {
+            transports::failover::undo(repo, &replicas, &vm, &on)
+        })?;
+        as_py(py, &r)
+    }
+
+    /// Fail back: the replica VM's changes onto the original VM `to`
+    /// (libvirt:///DOMAIN, shut off), which is then started unless
+    /// `start=False`; the replica VM is removed. A dict.
+    #[pyo3(signature = (vm, replicas, to, *, on="libvirt:///", start=true))]
+    fn failback<'py>(
+        &self,
+        py: Python<'py>,
+        vm: &str,
+        replicas: PathBuf,
+        to: &str,
+        on: &str,
+        start: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (vm, on, to, repo) = (vm.to_string(), on.to_string(), to.to_string(), &self.inner);
+        let r = run_cancellable(py, None, move |_| {
+            transports::failover::failback(
+                repo,
+                &replicas,
+                &vm,
+                &on,
+                &to,
+                start,
+                &Default::default(),
+            )
+        })?;
+        as_py(py, &r)
+    }
+
+    /// Quick migration of the running libvirt VM `source` to `to`
+    /// (libvirt:///NAME) through this repository and the replicas under
+    /// `replicas`. A dict (the keys of `dm migrate --json`).
+    #[pyo3(signature = (source, to, replicas, *, vm=None, quiesce="auto"))]
+    fn migrate_vm<'py>(
+        &self,
+        py: Python<'py>,
+        source: &str,
+        to: &str,
+        replicas: PathBuf,
+        vm: Option<String>,
+        quiesce: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let vm = match vm {
+            Some(v) => v,
+            None => transports::libvirt::LibvirtAddress::parse(source)
+                .map_err(to_py)?
+                .domain
+                .ok_or_else(|| PyValueError::new_err(format!("{source} names no domain")))?,
+        };
+        let opts = transports::SourceOptions {
+            quiesce: quiesce.parse().map_err(to_py)?,
+            ..Default::default()
+        };
+        let (source, to, repo) = (source.to_string(), to.to_string(), &self.inner);
+        let r = run_cancellable(py, None, move |_| {
+            transports::failover::migrate(
+                repo,
+                &replicas,
+                &vm,
+                &source,
+                &to,
+                &opts,
+                &Default::default(),
+            )
+        })?;
+        as_py(py, &r)
+    }
+
     /// Restore a point ("vm/disk" for the newest, "vm/disk@id-or-prefix", or
     /// a Point) to a new file (sparse), an existing block device, or a
     /// writable NBD export (`nbd://…`, `nbd+unix://…`).

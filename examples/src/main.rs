@@ -9,6 +9,7 @@ use std::process::ExitCode;
 mod disk_cmds;
 mod output;
 mod remote;
+mod replica_cmds;
 mod repo_cmds;
 
 use output::Failure;
@@ -44,6 +45,13 @@ enum Cmd {
     /// Recreate a libvirt VM from its newest points: disks restored, the
     /// domain defined from its stored definition, started.
     VmRestore(disk_cmds::VmRestoreArgs),
+    /// VMs on replicas (libvirt): sync, list, failover, undo, failback.
+    #[command(subcommand)]
+    Replica(replica_cmds::ReplicaCmd),
+    /// Quick migration of a running libvirt VM through the repository: a
+    /// first pass while it runs, a final sync frozen and paused, the VM
+    /// started on its replicas at the target, the source powered off.
+    Migrate(replica_cmds::MigrateArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
     Restore(disk_cmds::RestoreArgs),
     /// List restore points.
@@ -111,6 +119,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::VmThaw(a) => disk_cmds::vm_thaw(a),
         Cmd::VmRestore(a) => disk_cmds::vm_restore(a),
         Cmd::Restore(a) => disk_cmds::restore(a),
+        Cmd::Replica(c) => replica_cmds::replica(c),
+        Cmd::Migrate(a) => replica_cmds::migrate(a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),

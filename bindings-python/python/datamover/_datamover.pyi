@@ -164,6 +164,49 @@ class Repository:
     ) -> list[Stats]:
         """Back up several disks of a running libvirt VM at one instant
         (one freeze, one backup job, one checkpoint), each as "VM/TARGET"."""
+    def replica_sync(
+        self, vm: str, replicas: Union[str, os.PathLike[str]]
+    ) -> list[dict[str, Any]]:
+        """Bring the VM's replicas (REPLICAS/VM/DISK.img) to its newest
+        points; only what differs is written."""
+    def replicas(
+        self, vm: str, replicas: Union[str, os.PathLike[str]]
+    ) -> list[dict[str, Any]]: ...
+    def failover(
+        self,
+        vm: str,
+        replicas: Union[str, os.PathLike[str]],
+        *,
+        on: str = "libvirt:///",
+        start: bool = True,
+    ) -> dict[str, Any]:
+        """Start the VM on its replicas (libvirt domain VM-replica unless
+        ``on`` names one)."""
+    def undo_failover(
+        self, vm: str, replicas: Union[str, os.PathLike[str]], *, on: str = "libvirt:///"
+    ) -> dict[str, Any]: ...
+    def failback(
+        self,
+        vm: str,
+        replicas: Union[str, os.PathLike[str]],
+        to: str,
+        *,
+        on: str = "libvirt:///",
+        start: bool = True,
+    ) -> dict[str, Any]:
+        """The replica VM's changes onto the original VM ``to`` (shut off),
+        which is started; the replica VM is removed."""
+    def migrate_vm(
+        self,
+        source: str,
+        to: str,
+        replicas: Union[str, os.PathLike[str]],
+        *,
+        vm: Optional[str] = None,
+        quiesce: Literal["auto", "required", "off"] = "auto",
+    ) -> dict[str, Any]:
+        """Quick migration of a running libvirt VM through this
+        repository and the replicas."""
     def restore_vm(
         self,
         vm: str,
@@ -240,5 +283,19 @@ class Server:
     def jobs(self) -> list[dict[str, Any]]: ...
     def create_job(self, spec: dict[str, Any]) -> dict[str, Any]: ...
     def run_job(self, name: str, *, wait: bool = False) -> dict[str, Any]: ...
+    def replica_operation(
+        self,
+        job: str,
+        vm: str,
+        action: Literal["failover", "undo", "failback"],
+        *,
+        on: Optional[str] = None,
+        to: Optional[str] = None,
+        start: bool = True,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Failover, undo or failback of a replication job's VM, run by the
+        proxy holding its replicas; with wait, the ended operation."""
+    def operations(self) -> list[dict[str, Any]]: ...
     def session(self, id: int) -> dict[str, Any]: ...
     def sessions(self, limit: int = 20) -> list[dict[str, Any]]: ...

@@ -1,0 +1,247 @@
+//! `dm replica …` and `dm migrate`: VMs on replicas (libvirt).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use datamover::Repository;
+
+use serde_json::json;
+use transports::failover;
+
+use crate::output::Failure;
+
+/// Where a VM's replicas are.
+#[derive(Args)]
+pub struct ReplicaPlace {
+    /// The VM (its points are VM/DISK).
+    pub vm: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// The replica directory (images REPLICAS/VM/DISK.img).
+    #[arg(long, value_name = "DIR")]
+    pub replicas: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dm replica`.
+#[derive(Subcommand)]
+pub enum ReplicaCmd {
+    /// Bring a VM's replicas to its newest points (only what differs is
+    /// written).
+    Sync(ReplicaPlace),
+    /// List a VM's replicas and what each holds.
+    List(ReplicaPlace),
+    /// Start the VM on its replicas (a libvirt domain defined from the
+    /// definition its points stored). Replication stops writing them.
+    Failover {
+        #[command(flatten)]
+        place: ReplicaPlace,
+        /// The domain to create: libvirt:///NAME[?uri=…] (default
+        /// libvirt:///VM-replica on qemu:///system).
+        #[arg(long, default_value = "libvirt:///")]
+        on: String,
+        /// Define the domain, do not start it.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Undo a failover: stop and remove the replica VM; its writes are
+    /// dropped at the next sync.
+    Undo {
+        #[command(flatten)]
+        place: ReplicaPlace,
+        /// The replica VM (default libvirt:///VM-replica).
+        #[arg(long, default_value = "libvirt:///")]
+        on: String,
+    },
+    /// Fail back: the replica VM's changes onto the original VM (shut
+    /// off), which is then started; the replica VM is removed.
+    Failback {
+        #[command(flatten)]
+        place: ReplicaPlace,
+        /// The replica VM (default libvirt:///VM-replica).
+        #[arg(long, default_value = "libvirt:///")]
+        on: String,
+        /// The original VM: libvirt:///DOMAIN[?uri=…].
+        #[arg(long)]
+        to: String,
+        /// Do not start the original VM.
+        #[arg(long)]
+        no_start: bool,
+    },
+}
+
+/// Arguments of `dm migrate`.
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The running VM: libvirt:///DOMAIN[?uri=…].
+    pub from: String,
+    /// Where it runs next: libvirt:///NAME[?uri=…] (default name: --vm).
+    #[arg(long)]
+    pub to: String,
+    /// The VM's name in the repository (default: the domain's).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// The replica directory the new VM runs from (storage the target
+    /// host sees).
+    #[arg(long, value_name = "DIR")]
+    pub replicas: PathBuf,
+    /// Quiesce the guest for the final sync: auto, required, off.
+    #[arg(long, default_value = "auto")]
+    pub quiesce: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce()) {
+    if json {
+        println!("{}", json!(v));
+    } else {
+        text();
+    }
+}
+
+/// `dm replica …`.
+pub fn replica(cmd: ReplicaCmd) -> Result<u8, Failure> {
+    match cmd {
+        ReplicaCmd::Sync(p) => {
+            let repo = Repository::open(&p.repo)?;
+            let r = failover::sync(&repo, &p.replicas, &p.vm)?;
+            print(p.json, &r, || {
+                for x in &r {
+                    println!(
+                        "{}: point {} ({} of {} bytes written{}) in {:.2} s",
+                        x.path,
+                        x.point,
+                        x.bytes_written,
+                        x.disk_size,
+                        x.base
+                            .as_ref()
+                            .map(|b| format!(", from {b}"))
+                            .unwrap_or_default(),
+                        x.seconds
+                    );
+                }
+            });
+        }
+        ReplicaCmd::List(p) => {
+            let repo = Repository::open(&p.repo)?;
+            let r = failover::replicas(&repo, &p.replicas, &p.vm)?;
+            let rows: Vec<_> = r
+                .iter()
+                .map(|(d, img, s)| json!({"disk": d, "image": img, "state": s}))
+                .collect();
+            print(p.json, &rows, || {
+                for (d, img, s) in &r {
+                    println!("{d}\t{}\t{s}", img.display());
+                }
+            });
+        }
+        ReplicaCmd::Failover {
+            place,
+            on,
+            no_start,
+        } => {
+            let repo = Repository::open(&place.repo)?;
+            let v = failover::failover(&repo, &place.replicas, &place.vm, &on, !no_start)?;
+            print(place.json, &v, || print_vm(&v, "failed over to"));
+        }
+        ReplicaCmd::Undo { place, on } => {
+            let repo = Repository::open(&place.repo)?;
+            let v = failover::undo(&repo, &place.replicas, &place.vm, &on)?;
+            print(place.json, &v, || {
+                println!(
+                    "domain {} stopped and removed; `dm replica sync {}` drops its writes",
+                    v.domain, v.vm
+                );
+            });
+        }
+        ReplicaCmd::Failback {
+            place,
+            on,
+            to,
+            no_start,
+        } => {
+            let repo = Repository::open(&place.repo)?;
+            let r = failover::failback(
+                &repo,
+                &place.replicas,
+                &place.vm,
+                &on,
+                &to,
+                !no_start,
+                &Default::default(),
+            )?;
+            print(place.json, &r, || {
+                for d in &r.disks {
+                    println!(
+                        "{} -> {}: point {}, {} bytes written of {}",
+                        d.disk, d.original, d.point, d.bytes_written, d.disk_size
+                    );
+                }
+                println!(
+                    "failed back to {} ({}; {:.1} s down, {:.1} s in all){}",
+                    r.domain,
+                    r.consistency,
+                    r.downtime_seconds,
+                    r.seconds,
+                    if r.started { ", started" } else { "" }
+                );
+            });
+        }
+    }
+    Ok(0)
+}
+
+fn print_vm(v: &failover::ReplicaVm, what: &str) {
+    for d in &v.disks {
+        println!("{}: {} (point {})", d.disk, d.image, d.point);
+    }
+    println!(
+        "{} {what} domain {} on {}{}",
+        v.vm,
+        v.domain,
+        v.uri,
+        if v.started { ", running" } else { "" }
+    );
+}
+
+/// `dm migrate`.
+pub fn migrate(a: MigrateArgs) -> Result<u8, Failure> {
+    let repo = Repository::open(&a.repo)?;
+    let vm = match a.vm {
+        Some(v) => v,
+        None => transports::libvirt::LibvirtAddress::parse(&a.from)?
+            .domain
+            .ok_or_else(|| {
+                datamover::Error::InvalidArgument(format!("{} names no domain", a.from))
+            })?,
+    };
+    let opts = transports::SourceOptions {
+        quiesce: a.quiesce.parse()?,
+        ..Default::default()
+    };
+    let r = failover::migrate(
+        &repo,
+        &a.replicas,
+        &vm,
+        &a.from,
+        &a.to,
+        &opts,
+        &Default::default(),
+    )?;
+    print(a.json, &r, || {
+        print_vm(&r.vm, "migrated to");
+        println!(
+            "first pass {} bytes, final sync {} bytes ({}), {:.1} s paused, {:.1} s in all",
+            r.first_pass_bytes, r.final_sync_bytes, r.consistency, r.downtime_seconds, r.seconds
+        );
+    });
+    Ok(0)
+}
