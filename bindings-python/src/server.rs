@@ -328,6 +328,62 @@ impl Server {
         py.import("json")?.getattr("loads")?.call1((v.to_string(),))
     }
 
+    /// An operation on the replicas of VM `vm` of replication job `job`:
+    /// "failover", "undo" or "failback", run by the proxy holding them.
+    /// With ``wait=True`` (the default) return the operation once it
+    /// ended (``state`` "done" with ``result``, or "failed" with ``error``).
+    #[pyo3(signature = (job, vm, action, *, on=None, to=None, start=true, wait=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn replica_operation<'py>(
+        &self,
+        py: Python<'py>,
+        job: &str,
+        vm: &str,
+        action: &str,
+        on: Option<String>,
+        to: Option<String>,
+        start: bool,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let action: datamover_control::api::ReplicaAction =
+            serde_json::from_value(serde_json::json!(action)).map_err(|_| {
+                PyValueError::new_err(format!("action {action:?}: use failover, undo or failback"))
+            })?;
+        let req = datamover_control::api::ReplicaRequest {
+            action,
+            vm: vm.to_string(),
+            on,
+            to,
+            start,
+        };
+        let (c, job) = (self.client.clone(), job.to_string());
+        let op = py
+            .detach(move || -> Result<_, Waited> {
+                let mut op = c.replica_operation(&job, &req).map_err(Waited::Client)?;
+                while wait && (op.state == "queued" || op.state == "running") {
+                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)?;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    op = c.operation(op.id).map_err(Waited::Client)?;
+                }
+                Ok(op)
+            })
+            .map_err(|e| match e {
+                Waited::Client(e) => client_err(e),
+                Waited::Interrupted(e) => e,
+            })?;
+        crate::as_py(py, &op)
+    }
+
+    /// Recent operations on VM replicas, newest first.
+    fn operations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::operations(),
+            None,
+        )
+    }
+
     /// One session: its tasks with state, proxy, mode, progress, attempts.
     fn session<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
         self.call(py, "GET", &datamover_control::api::paths::session(id), None)

@@ -643,6 +643,9 @@ pub struct Heartbeat {
     /// 30 s; absent in between: the last list stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<Vec<VmReport>>,
+    /// Operations on VM replicas it runs or has ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<OperationStatus>,
 }
 
 /// Progress of a running task.
@@ -674,6 +677,117 @@ pub struct Orders {
     /// reports.
     #[serde(default)]
     pub hypervisor: Option<String>,
+    /// Operations on VM replicas for this proxy to run (sent once).
+    #[serde(default)]
+    pub operations: Vec<OperationOrder>,
+}
+
+/// What to do with a VM's replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaAction {
+    /// Start the VM on its replicas.
+    Failover,
+    /// Stop and remove the VM a failover started; its writes are dropped
+    /// at the next update.
+    Undo,
+    /// Move the replica VM's changes back to the original VM and start it.
+    Failback,
+}
+
+impl ReplicaAction {
+    /// The name in the API and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaAction::Failover => "failover",
+            ReplicaAction::Undo => "undo",
+            ReplicaAction::Failback => "failback",
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/v1/jobs/{name}/replicas`: an operation on the replicas of
+/// one VM of a replication (or migration) job, run by the proxy that
+/// holds the job's repository, through its host's hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRequest {
+    /// failover, undo or failback.
+    pub action: ReplicaAction,
+    /// The VM (its disks are VM/DISK in the job's repository).
+    pub vm: String,
+    /// The replica VM: `libvirt:///NAME[?uri=…]` (default
+    /// `libvirt:///VM-replica` on the holding host's hypervisor).
+    #[serde(default)]
+    pub on: Option<String>,
+    /// Failback: the original VM (default: the VM where the inventory
+    /// shows it, through its hypervisor's connection).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Start the VM (failover, failback).
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+/// An operation on a VM's replicas, as the server tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    /// Id.
+    pub id: u64,
+    /// The job whose replicas it works on.
+    pub job: String,
+    /// What it does.
+    pub action: ReplicaAction,
+    /// The VM.
+    pub vm: String,
+    /// The proxy that runs it.
+    pub proxy: String,
+    /// queued, running, done, failed.
+    pub state: String,
+    /// When it was asked for (RFC 3339).
+    pub created: String,
+    /// When it ended.
+    pub finished: Option<String>,
+    /// What it did (done): the replica VM, or the failback report.
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// An operation a proxy is ordered to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationOrder {
+    /// Operation id.
+    pub id: u64,
+    /// What to do.
+    pub action: ReplicaAction,
+    /// The VM.
+    pub vm: String,
+    /// The repository's directory on the proxy (replicas beside it).
+    pub repository: String,
+    /// The replica VM's address.
+    pub on: String,
+    /// Failback: the original VM's address.
+    pub to: Option<String>,
+    /// Start the VM.
+    pub start: bool,
+}
+
+/// How an operation goes, in a proxy's heartbeat: every one it runs
+/// (`done` false), and each ended one until a heartbeat carried it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationStatus {
+    /// Operation id.
+    pub id: u64,
+    /// Ended.
+    pub done: bool,
+    /// What it did (ended well).
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// A repository a proxy serves.
@@ -915,6 +1029,18 @@ pub mod paths {
     /// `/api/v1/jobs/{name}/run`.
     pub fn job_run(name: &str) -> String {
         format!("{API}/jobs/{name}/run")
+    }
+    /// `/api/v1/jobs/{name}/replicas` (failover, undo, failback).
+    pub fn job_replicas(name: &str) -> String {
+        format!("{API}/jobs/{name}/replicas")
+    }
+    /// `/api/v1/operations`.
+    pub fn operations() -> String {
+        format!("{API}/operations")
+    }
+    /// `/api/v1/operations/{id}`.
+    pub fn operation(id: u64) -> String {
+        format!("{API}/operations/{id}")
     }
     /// `/api/v1/sessions?limit={limit}`.
     pub fn sessions(limit: u32) -> String {

@@ -368,6 +368,22 @@ impl Client {
     pub fn run_job(&self, name: &str) -> Result<Session> {
         self.post(&paths::job_run(name), &serde_json::json!({}))
     }
+    /// Ask for an operation on a VM's replicas (failover, undo, failback).
+    pub fn replica_operation(
+        &self,
+        job: &str,
+        r: &crate::api::ReplicaRequest,
+    ) -> Result<crate::api::Operation> {
+        self.post(&paths::job_replicas(job), r)
+    }
+    /// One operation.
+    pub fn operation(&self, id: u64) -> Result<crate::api::Operation> {
+        self.get(&paths::operation(id))
+    }
+    /// Recent operations, newest first.
+    pub fn operations(&self) -> Result<Vec<crate::api::Operation>> {
+        self.get(&paths::operations())
+    }
     /// Delete a job (refused while it runs).
     pub fn delete_job(&self, name: &str) -> Result<()> {
         self.delete(&paths::job(name))

@@ -19,7 +19,8 @@ use datamover::{BackupOptions, DiskName, Repository, Store};
 
 use crate::repo_service::{RemoteStore, Served, ServedMap};
 use datamover_control::api::{
-    AGENT, Heartbeat, JobKind, Orders, TaskOrder, TaskProgress, TaskResult,
+    AGENT, Heartbeat, JobKind, OperationOrder, OperationStatus, Orders, ReplicaAction, TaskOrder,
+    TaskProgress, TaskResult,
 };
 use datamover_control::client::Client;
 
@@ -151,6 +152,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
             datastores: cfg.datastores.clone(),
         }),
         served: cfg.served.clone(),
+        operations: Arc::new(std::sync::Mutex::new(HashMap::new())),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
     // The host's libvirt connection when the server made it a hypervisor,
@@ -193,6 +195,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 running: w.progress(),
                 service_port: cfg.service_port,
                 vms: inventory(&hypervisor, &mut listed),
+                operations: w.operation_statuses(),
                 serving: match cfg.service_port {
                     Some(_) => {
                         let mut v: Vec<String> = cfg
@@ -211,6 +214,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
             match client.post::<_, Orders>(&format!("{AGENT}/heartbeat"), &hb) {
                 Ok(o) => {
                     failures = 0;
+                    w.forget_reported(&hb.operations);
                     if o.hypervisor != hypervisor {
                         hypervisor = o.hypervisor.clone();
                         listed = None;
@@ -258,9 +262,77 @@ struct Tasks {
     interval: Duration,
     mover: Arc<Mover>,
     served: ServedMap,
+    /// Operations on VM replicas: running, or ended and not yet reported.
+    operations: Arc<std::sync::Mutex<HashMap<u64, OperationStatus>>>,
 }
 
 impl Tasks {
+    fn operation_statuses(&self) -> Vec<OperationStatus> {
+        let m = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<OperationStatus> = m.values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// A heartbeat carried these: the ended ones need not be sent again.
+    fn forget_reported(&self, sent: &[OperationStatus]) {
+        let mut m = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        for s in sent.iter().filter(|s| s.done) {
+            m.remove(&s.id);
+        }
+    }
+
+    /// Start an operation the server ordered (once), in its own thread.
+    fn start_operation(&self, o: OperationOrder) {
+        {
+            let mut m = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+            if m.contains_key(&o.id) {
+                return;
+            }
+            m.insert(
+                o.id,
+                OperationStatus {
+                    id: o.id,
+                    done: false,
+                    result: None,
+                    error: None,
+                },
+            );
+        }
+        tracing::info!("operation {}: {} of VM {}", o.id, o.action.name(), o.vm);
+        let (ops, id) = (self.operations.clone(), o.id);
+        let spawned = std::thread::Builder::new()
+            .name(format!("operation-{}", o.id))
+            .spawn(move || {
+                let r = run_operation(&o);
+                if let Err(e) = &r {
+                    tracing::warn!("operation {}: {e}", o.id);
+                }
+                let mut m = ops.lock().unwrap_or_else(|p| p.into_inner());
+                m.insert(
+                    o.id,
+                    OperationStatus {
+                        id: o.id,
+                        done: true,
+                        error: r.as_ref().err().map(ToString::to_string),
+                        result: r.ok(),
+                    },
+                );
+            });
+        if let Err(e) = spawned {
+            let mut m = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+            m.insert(
+                id,
+                OperationStatus {
+                    id,
+                    done: true,
+                    result: None,
+                    error: Some(format!("cannot start a thread: {e}")),
+                },
+            );
+        }
+    }
+
     fn progress(&self) -> Vec<TaskProgress> {
         self.running
             .iter()
@@ -300,6 +372,9 @@ impl Tasks {
         }
         *m = serve;
         drop(m);
+        for op in o.operations {
+            self.start_operation(op);
+        }
         for id in o.cancel {
             if let Some(r) = self.running.get(&id) {
                 tracing::info!("task {id}: cancelled by the server");
@@ -637,6 +712,39 @@ impl Drop for AgentHandle {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(j) = self.join.take() {
             let _ = j.join();
+        }
+    }
+}
+
+/// Run an operation on VM replicas: the repository's replicas, the
+/// addresses the server filled in.
+fn run_operation(o: &OperationOrder) -> datamover::Result<serde_json::Value> {
+    use transports::failover;
+    let repo = Repository::open(Path::new(&o.repository))?;
+    let root = crate::repo_service::replica_root(Path::new(&o.repository));
+    let json = |v: serde_json::Result<serde_json::Value>| {
+        v.map_err(|e| datamover::Error::Internal(e.to_string()))
+    };
+    match o.action {
+        ReplicaAction::Failover => json(serde_json::to_value(failover::failover(
+            &repo, &root, &o.vm, &o.on, o.start,
+        )?)),
+        ReplicaAction::Undo => json(serde_json::to_value(failover::undo(
+            &repo, &root, &o.vm, &o.on,
+        )?)),
+        ReplicaAction::Failback => {
+            let to = o.to.as_deref().ok_or_else(|| {
+                datamover::Error::InvalidArgument("a failback needs the original VM".into())
+            })?;
+            json(serde_json::to_value(failover::failback(
+                &repo,
+                &root,
+                &o.vm,
+                &o.on,
+                to,
+                o.start,
+                &BackupOptions::default(),
+            )?))
         }
     }
 }

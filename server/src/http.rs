@@ -382,6 +382,36 @@ pub fn router(engine: AppState) -> Router {
             ),
         )
         .route(
+            &format!("{a}/jobs/{{name}}/replicas"),
+            post(
+                |_: User,
+                 State(e): State<AppState>,
+                 Path(n): Path<String>,
+                 Body(r): Body<api::ReplicaRequest>| {
+                    blocking(move || {
+                        e.replica_operation(&n, &r)
+                            .map(|o| (StatusCode::ACCEPTED, Json(o)))
+                    })
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/operations"),
+            get(
+                |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {
+                    blocking(move || e.operations(l.limit.unwrap_or(50).min(1000)).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/operations/{{id}}"),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || e.operation(number("operation", &id)?).map(Json))
+                },
+            ),
+        )
+        .route(
             &format!("{a}/sessions"),
             get(
                 |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {

@@ -83,6 +83,96 @@ pub enum JobCmd {
         /// Job name.
         name: String,
     },
+    /// Start a VM on the replicas of a replication (or migration) job,
+    /// on the host of the proxy holding them.
+    Failover(ReplicaArgs),
+    /// Stop and remove a failed-over VM; its writes are dropped at the
+    /// next replication.
+    UndoFailover(ReplicaArgs),
+    /// Move a failed-over VM's changes back to the original VM (shut off)
+    /// and start it; the replica VM is removed.
+    Failback {
+        #[command(flatten)]
+        args: ReplicaArgs,
+        /// The original VM: libvirt:///DOMAIN?uri=… (default: where the
+        /// inventory shows it).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Recent failovers, undos and failbacks, newest first.
+    Operations {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which VM of which job, and how.
+#[derive(Args)]
+pub struct ReplicaArgs {
+    /// Job name.
+    pub job: String,
+    /// The VM.
+    pub vm: String,
+    /// The replica VM: libvirt:///NAME[?uri=…] (default
+    /// libvirt:///VM-replica on the holding host's hypervisor).
+    #[arg(long)]
+    pub on: Option<String>,
+    /// Do not start the VM.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Return once the operation is queued.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print JSON (the operation).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Ask for an operation on a VM's replicas; wait for its end unless told
+/// not to (exit 1 if it failed).
+fn replica_op(
+    cl: &Client,
+    a: ReplicaArgs,
+    action: ReplicaAction,
+    to: Option<String>,
+) -> Result<u8, Failure> {
+    let mut op = cl.replica_operation(
+        &a.job,
+        &ReplicaRequest {
+            action,
+            vm: a.vm.clone(),
+            on: a.on,
+            to,
+            start: !a.no_start,
+        },
+    )?;
+    if !a.no_wait {
+        while op.state == "queued" || op.state == "running" {
+            std::thread::sleep(Duration::from_millis(500));
+            op = cl.operation(op.id)?;
+        }
+    }
+    if a.json {
+        print_json(&op)?;
+    } else {
+        println!(
+            "operation {}: {} of VM {} on {}: {}{}",
+            op.id,
+            action.name(),
+            op.vm,
+            op.proxy,
+            op.state,
+            op.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        if let Some(r) = &op.result {
+            println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        }
+    }
+    Ok(u8::from(op.state == "failed"))
 }
 
 pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
@@ -210,6 +300,32 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
         JobCmd::Delete { name } => {
             cl.delete_job(&name)?;
             println!("deleted job {name}");
+        }
+        JobCmd::Failover(a) => return replica_op(&cl, a, ReplicaAction::Failover, None),
+        JobCmd::UndoFailover(a) => return replica_op(&cl, a, ReplicaAction::Undo, None),
+        JobCmd::Failback { args, to } => {
+            return replica_op(&cl, args, ReplicaAction::Failback, to);
+        }
+        JobCmd::Operations { json } => {
+            let ops = cl.operations()?;
+            if json {
+                return print_json(&ops);
+            }
+            println!(
+                "{:>4} {:<16} {:<9} {:<16} {:<8} CREATED",
+                "ID", "JOB", "ACTION", "VM", "STATE"
+            );
+            for o in ops {
+                println!(
+                    "{:>4} {:<16} {:<9} {:<16} {:<8} {}",
+                    o.id,
+                    o.job,
+                    o.action.name(),
+                    o.vm,
+                    o.state,
+                    o.created
+                );
+            }
         }
     }
     Ok(0)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use datamover_control::api::{
     Host, HostAdded, HostPatch, HostRole, Job, JobDisk, JobKind, JobSpec, JobVm, NewHost, Proxy,
-    ProxyPatch, Repository, Session, State,
+    ProxyPatch, ReplicaAction, ReplicaRequest, Repository, Session, State,
 };
 use datamover_control::client::{Auth, Client, ClientError};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};

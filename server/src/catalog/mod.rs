@@ -16,6 +16,7 @@ pub mod audit;
 pub mod hosts;
 pub mod ids;
 pub mod jobs;
+pub mod operations;
 pub mod proxies;
 pub mod repositories;
 pub mod sessions;
@@ -167,6 +168,24 @@ CREATE TABLE vms (
     disks   TEXT NOT NULL,
     seen    TEXT NOT NULL,
     PRIMARY KEY (host_id, name)
+);
+"#,
+    // 8: operations on VM replicas (failover, undo, failback), run by the
+    // proxy holding the job's repository.
+    r#"
+CREATE TABLE operations (
+    id       INTEGER PRIMARY KEY,
+    job      TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    vm       TEXT NOT NULL,
+    proxy_id INTEGER NOT NULL REFERENCES proxies(id) ON DELETE CASCADE,
+    proxy    TEXT NOT NULL,
+    request  TEXT NOT NULL,
+    state    TEXT NOT NULL DEFAULT 'queued',
+    created  TEXT NOT NULL,
+    finished TEXT,
+    result   TEXT,
+    error    TEXT
 );
 "#,
 ];

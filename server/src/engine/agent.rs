@@ -39,6 +39,9 @@ impl Engine {
         if let Some(vms) = &hb.vms {
             catalog::vms::replace(&tx, host, vms, &self.clock.rfc3339())?;
         }
+        if let Some(p) = Self::proxy_id(&tx, host)? {
+            self.operation_statuses(&tx, p, &hb.operations)?;
+        }
         let hypervisor = catalog::hosts::hypervisor(&tx, host)?;
         let report = catalog::proxies::Report {
             cores: hb.cores.max(1),
@@ -82,6 +85,7 @@ impl Engine {
         self.place(&tx)?;
         let mut orders = self.orders(&tx, pid, cancel)?;
         orders.hypervisor = hypervisor;
+        orders.operations = catalog::operations::take_queued(&tx, pid)?;
         tx.commit()?;
         Ok(orders)
     }
@@ -213,6 +217,7 @@ impl Engine {
             interval_ms: self.timing.heartbeat_ms(),
             serve,
             hypervisor: None,
+            operations: Vec::new(),
         })
     }
 }

@@ -28,6 +28,7 @@ pub mod error;
 pub(crate) mod inventory;
 mod jobs;
 mod lifecycle;
+mod operations;
 mod placement;
 #[cfg(test)]
 mod tests;

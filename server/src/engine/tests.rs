@@ -105,6 +105,7 @@ fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
         service_port: None,
         serving: Vec::new(),
         vms: None,
+        operations: Vec::new(),
     };
     e.create_job(&job("j", "vault", &["/a.img"])).unwrap();
     let s = e.run_job("j").unwrap();
@@ -178,6 +179,7 @@ fn certificate_names_and_datastores_are_the_administrators() {
         service_port: None,
         serving: Vec::new(),
         vms: None,
+        operations: Vec::new(),
     };
     e.heartbeat(host, &hb).unwrap();
     assert_eq!(
@@ -294,6 +296,7 @@ fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
             state: "running".into(),
             disks: vec![disk("vda"), disk("vdb")],
         }]),
+        operations: Vec::new(),
     };
     let orders = e.heartbeat(host, &hb).unwrap();
     assert_eq!(orders.hypervisor.as_deref(), Some("qemu:///system"));
@@ -323,6 +326,7 @@ fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
             host,
             &Heartbeat {
                 vms: None,
+                operations: Vec::new(),
                 ..hb.clone()
             },
         )
@@ -345,4 +349,115 @@ fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
     )
     .unwrap();
     assert!(e.vms().unwrap().is_empty());
+}
+
+/// Failover, undo and failback of a replication job's VM: checked when
+/// asked for, sent once to the proxy holding the replicas with the
+/// addresses filled in, ended by its report, and failed (never re-sent)
+/// when the proxy stops reporting it.
+#[test]
+fn replica_operations_go_once_to_the_proxy_holding_the_replicas() {
+    use datamover_control::api::{OperationStatus, ReplicaAction, ReplicaRequest};
+    let (e, _dir) = engine();
+    let h: NewHost = serde_json::from_value(serde_json::json!({
+        "name": "dr1", "roles": ["proxy"], "hypervisor": "qemu+ssh://dr1/system"
+    }))
+    .unwrap();
+    e.add_host(&h).unwrap();
+    e.add_repository(&api::Repository {
+        name: "drvault".into(),
+        path: "/srv/drvault".into(),
+        proxy: Some("dr1".into()),
+    })
+    .unwrap();
+    repo(&e, "shared");
+    let spec = |name: &str, kind: &str, repository: &str| -> JobSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "kind": kind, "repository": repository,
+            "disks": [{"name": "web01/vda", "source": "/images/web01.raw"}],
+        }))
+        .unwrap()
+    };
+    let host = Engine::host_id(&e.db(), "dr1").unwrap();
+    let beat = |ops: Vec<OperationStatus>| {
+        e.heartbeat(
+            host,
+            &Heartbeat {
+                version: "t".into(),
+                cores: 2,
+                datastores: Vec::new(),
+                running: Vec::new(),
+                service_port: None,
+                serving: Vec::new(),
+                vms: None,
+                operations: ops,
+            },
+        )
+        .unwrap()
+    };
+    beat(Vec::new());
+    e.create_job(&spec("rep", "replication", "drvault"))
+        .unwrap();
+    e.create_job(&spec("bk", "backup", "shared")).unwrap();
+    let ask = |job: &str, action: ReplicaAction, vm: &str| {
+        e.replica_operation(
+            job,
+            &ReplicaRequest {
+                action,
+                vm: vm.into(),
+                on: None,
+                to: None,
+                start: true,
+            },
+        )
+    };
+    let bad = ask("bk", ReplicaAction::Failover, "web01").unwrap_err();
+    assert!(bad.message.contains("backup job"), "{}", bad.message);
+    let bad = ask("rep", ReplicaAction::Failover, "db01").unwrap_err();
+    assert!(bad.message.contains("no VM db01"), "{}", bad.message);
+    // A failback needs the original: not in the inventory, so it is asked for.
+    let bad = ask("rep", ReplicaAction::Failback, "web01").unwrap_err();
+    assert!(bad.message.contains("\"to\""), "{}", bad.message);
+    let op = ask("rep", ReplicaAction::Failover, "web01").unwrap();
+    assert_eq!((op.state.as_str(), op.proxy.as_str()), ("queued", "dr1"));
+    assert_eq!(
+        ask("rep", ReplicaAction::Undo, "web01").unwrap_err().kind,
+        ErrorKind::Conflict
+    );
+    let o = beat(Vec::new());
+    assert_eq!(o.operations.len(), 1);
+    let order = &o.operations[0];
+    assert_eq!(
+        order.on,
+        "libvirt:///web01-replica?uri=qemu+ssh://dr1/system"
+    );
+    assert_eq!(order.repository, "/srv/drvault");
+    assert_eq!(e.operation(op.id).unwrap().state, "running");
+    let running = OperationStatus {
+        id: op.id,
+        done: false,
+        result: None,
+        error: None,
+    };
+    assert!(
+        beat(vec![running.clone()]).operations.is_empty(),
+        "sent once"
+    );
+    let done = OperationStatus {
+        done: true,
+        result: Some(serde_json::json!({"domain": "web01-replica"})),
+        ..running
+    };
+    beat(vec![done]);
+    let ended = e.operation(op.id).unwrap();
+    assert_eq!(ended.state, "done");
+    assert_eq!(ended.result.unwrap()["domain"], "web01-replica");
+    // An operation the proxy stops reporting fails; it is not re-sent.
+    let undo = ask("rep", ReplicaAction::Undo, "web01").unwrap();
+    assert_eq!(beat(Vec::new()).operations.len(), 1);
+    assert!(beat(Vec::new()).operations.is_empty());
+    let lost = e.operation(undo.id).unwrap();
+    assert_eq!(lost.state, "failed");
+    assert!(lost.error.unwrap().contains("no longer runs it"));
+    assert_eq!(e.operations(10).unwrap().len(), 2);
 }

@@ -26,6 +26,7 @@ fn heartbeat() -> Heartbeat {
         service_port: None,
         serving: vec![],
         vms: None,
+        operations: Vec::new(),
     }
 }
 

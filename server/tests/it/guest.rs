@@ -205,3 +205,128 @@ fn a_job_backs_up_a_libvirt_domain_and_dm_lists_its_vms() {
     let names: Vec<String> = s.tasks.iter().map(|t| t.disk.to_string()).collect();
     assert_eq!(names, [format!("{dom}/vda")]);
 }
+
+/// A libvirt VM replicated by a job to a repository another proxy holds;
+/// the VM fails over to its replicas there (`dm job failover`, run by that
+/// proxy through its host's hypervisor), the guest writes, and the VM
+/// fails back to the original (`dm job failback`): the original boots
+/// with the guest's writes.
+#[test]
+fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
+    let _s = serial();
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh", "qemu-nbd"]);
+    if !can_run(
+        "a_replicated_libvirt_vm_fails_over_and_back_through_the_server",
+        &tools,
+    ) {
+        return;
+    }
+    let mut c = Cluster::start(&["--no-builtin-proxy", "--heartbeat-ms", "200"]);
+    let dir = c.path("lv");
+    let drdir = c.path("drsite");
+    for d in [c.path(""), dir.clone(), drdir.clone()] {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let _libvirtd = datamover_testkit::guest::Libvirtd::ensure(&dir);
+    c.add_proxy("src", &[&dir], 1);
+    c.add_proxy("dr", &[&drdir], 1);
+    // Both hosts are hypervisors (here the same libvirtd).
+    for h in ["src", "dr"] {
+        dm_ok(&c, ["host", "set", h, "--hypervisor", "qemu:///system"]);
+    }
+    let img = dir.join("app.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let dom = format!("dm-dr-{}", std::process::id());
+    let g = Guest::libvirt(&dir, &dom, &img, "qcow2", &[]);
+    let before = g.sh(
+        "dd if=/dev/urandom of=/root/before bs=1M count=2 status=none && sync && sha256sum /root/before | cut -d' ' -f1",
+    );
+    let repo = drdir.join("repo");
+    dm_ok(
+        &c,
+        [
+            "repo",
+            "add",
+            "drrepo",
+            &repo.display().to_string(),
+            "--proxy",
+            "dr",
+        ],
+    );
+    let t = std::time::Instant::now();
+    while !String::from_utf8_lossy(&dm_ok(&c, ["vm", "list", "--json"])).contains(&dom) {
+        assert!(t.elapsed().as_secs() < 60, "{dom} not in the inventory");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    c.create_job(serde_json::json!({
+        "name": "rep", "kind": "replication", "repository": "drrepo",
+        "vms": [{"name": dom, "host": "src"}], "proxies": ["src"], "retries": 0,
+    }));
+    let s: Session = c.run_job("rep");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    let replica = repo.join("replicas").join(&dom).join("vda.img");
+    assert_eq!(
+        s.tasks[0].replica.as_deref(),
+        Some(replica.to_str().unwrap())
+    );
+
+    // The disaster: the original is gone. Failover on the DR proxy's host.
+    datamover_testkit::guest::virsh(&["destroy", &dom]).unwrap();
+    let out = dm(&c)
+        .args(["job", "failover", "rep", &dom, "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", c.logs());
+    let op: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(op["state"], "done", "{op}");
+    assert_eq!(op["proxy"], "dr");
+    let replica_dom = format!("{dom}-replica");
+    assert_eq!(op["result"]["domain"], replica_dom.as_str(), "{op}");
+    let r = Guest::libvirt_running(&dir, &replica_dom);
+    assert_eq!(r.sh("sha256sum /root/before | cut -d' ' -f1"), before);
+    let after = r.sh(
+        "dd if=/dev/urandom of=/root/after bs=1M count=3 status=none && sync && sha256sum /root/after | cut -d' ' -f1",
+    );
+    // Replication does not write under the failed-over VM.
+    assert_eq!(
+        datamover::replica::read_state(&replica).unwrap().state,
+        "failover"
+    );
+
+    // Failback onto the original (shut off), which starts with the writes.
+    let out = dm(&c)
+        .args([
+            "job",
+            "failback",
+            "rep",
+            &dom,
+            "--to",
+            &format!("libvirt:///{dom}?uri=qemu:///system"),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", c.logs());
+    let op: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(op["state"], "done", "{op}");
+    let written = op["result"]["disks"][0]["bytes_written"].as_u64().unwrap();
+    let size = op["result"]["disks"][0]["disk_size"].as_u64().unwrap();
+    assert!(written >= 3 << 20 && written < size / 8, "{op}");
+    drop(r);
+    assert!(datamover_testkit::guest::virsh(&["domstate", &replica_dom]).is_err());
+    let o = Guest::libvirt_running(&dir, &dom);
+    assert_eq!(o.sh("sha256sum /root/after | cut -d' ' -f1"), after);
+    assert_eq!(o.sh("sha256sum /root/before | cut -d' ' -f1"), before);
+    let listed = String::from_utf8_lossy(&dm_ok(&c, ["job", "operations"])).to_string();
+    assert!(
+        listed.contains("failover") && listed.contains("failback"),
+        "{listed}"
+    );
+    // Replication goes on from the failback's point.
+    let s: Session = c.run_job("rep");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    drop(o);
+    drop(g);
+}

@@ -60,6 +60,7 @@ fn beat(
             service_port: None,
             serving: vec![],
             vms: None,
+            operations: Vec::new(),
         },
     )
 }
