@@ -48,6 +48,7 @@ fn tasks(n: usize) -> Vec<Pending> {
             proxies: vec![],
             pinned: None,
             failover: false,
+            group: None,
         })
         .collect()
 }

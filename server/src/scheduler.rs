@@ -52,6 +52,11 @@ pub struct Pending {
     pub pinned: Option<Mode>,
     /// Failover to network mode.
     pub failover: bool,
+    /// Tasks with the same group (the disks of one VM in one session)
+    /// are placed together on one proxy or not at all, so that the proxy
+    /// reads them in one backup (one guest freeze). A group larger than a
+    /// proxy's slots takes the whole proxy when it is idle.
+    pub group: Option<String>,
 }
 
 /// One placement decision.
@@ -116,9 +121,40 @@ pub fn place(tasks: &[Pending], proxies: &mut [Slot]) -> Vec<Placement> {
         .iter()
         .map(|p| u64::from(p.slots.saturating_sub(p.running)))
         .sum();
+    let mut grouped: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for t in tasks {
         if free == 0 {
             break;
+        }
+        if let Some(g) = &t.group {
+            if !grouped.insert(g.as_str()) {
+                continue;
+            }
+            let members: Vec<&Pending> = tasks
+                .iter()
+                .filter(|x| x.group.as_deref() == Some(g.as_str()))
+                .collect();
+            let need = members.len() as u32;
+            let fits = |p: &Slot| {
+                let free_here = p.slots.saturating_sub(p.running);
+                free_here >= need || (p.running == 0 && p.slots > 0)
+            };
+            let best = proxies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| fits(p) && (t.proxies.is_empty() || t.proxies.contains(&p.id)))
+                .filter_map(|(i, p)| best_mode(t, p).map(|m| (m, p.running, p.name.clone(), i)))
+                .min();
+            if let Some((mode, _, _, i)) = best {
+                proxies[i].running += need;
+                free = free.saturating_sub(u64::from(need));
+                out.extend(members.iter().map(|m| Placement {
+                    task: m.id,
+                    proxy: proxies[i].id,
+                    mode,
+                }));
+            }
+            continue;
         }
         let mut best: Option<(usize, Mode)> = None;
         for (i, p) in proxies.iter().enumerate() {
@@ -177,7 +213,39 @@ mod tests {
             proxies: vec![],
             pinned: None,
             failover: false,
+            group: None,
         }
+    }
+
+    /// The disks of one VM go to one proxy together or wait together;
+    /// a VM with more disks than slots takes an idle proxy whole.
+    #[test]
+    fn a_vms_disks_are_placed_together_or_not_at_all() {
+        let vm = |id: i64, g: &str| Pending {
+            group: Some(g.into()),
+            ..task(id, Location::Network)
+        };
+        let mut slots = [slot(1, 2, &[]), slot(2, 3, &[])];
+        slots[0].running = 1;
+        let placed = place(
+            &[
+                vm(1, "a"),
+                task(2, Location::Network),
+                vm(3, "a"),
+                vm(4, "a"),
+            ],
+            &mut slots,
+        );
+        let on: Vec<(i64, i64)> = placed.iter().map(|p| (p.task, p.proxy)).collect();
+        // Group a needs 3 slots: only proxy 2 has them; task 2 takes proxy 1.
+        assert_eq!(on, vec![(1, 2), (3, 2), (4, 2), (2, 1)]);
+        // Too few free slots anywhere: the group waits whole.
+        let mut busy = [slot(1, 2, &[])];
+        busy[0].running = 1;
+        assert!(place(&[vm(1, "b"), vm(2, "b")], &mut busy).is_empty());
+        // A group larger than any proxy takes an idle one.
+        let mut idle = [slot(1, 1, &[])];
+        assert_eq!(place(&[vm(1, "c"), vm(2, "c")], &mut idle).len(), 2);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Queued {
     pub holder: Option<String>,
     /// Why it could not be placed last time.
     pub waiting: Option<String>,
+    /// Its session.
+    pub session: i64,
 }
 
 /// Queued tasks due at `now_ms`, in queue order. A task whose repository
@@ -42,7 +44,7 @@ pub struct Queued {
 /// heartbeat (which offers it).
 pub fn queued(db: &Connection, now_ms: i64) -> Q<Vec<Queued>> {
     let mut st = db.prepare(
-        "SELECT t.id, t.spec, j.spec, r.proxy, t.waiting FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
+        "SELECT t.id, t.spec, j.spec, r.proxy, t.waiting, s.id FROM tasks t JOIN sessions s ON s.id = t.session_id JOIN jobs j ON j.id = s.job_id
          LEFT JOIN repositories r ON r.name = json_extract(j.spec, '$.repository')
          LEFT JOIN hosts ph ON ph.name = r.proxy
          LEFT JOIN proxies pp ON pp.host_id = ph.id
@@ -58,16 +60,18 @@ pub fn queued(db: &Connection, now_ms: i64) -> Q<Vec<Queued>> {
             r.get::<_, String>(2)?,
             r.get::<_, Option<String>>(3)?,
             r.get::<_, Option<String>>(4)?,
+            r.get::<_, i64>(5)?,
         ))
     })?;
     rows.map(|r| {
-        let (id, disk, job_spec, holder, waiting) = r?;
+        let (id, disk, job_spec, holder, waiting, session) = r?;
         Ok(Queued {
             id,
             disk: serde_json::from_str(&disk)?,
             job_spec,
             holder,
             waiting,
+            session,
         })
     })
     .collect()

@@ -61,6 +61,10 @@ impl Engine {
                     .collect(),
                 pinned: j.transport.parse::<Mode>().ok(),
                 failover: j.failover_to_network,
+                // A libvirt VM's disks named by the job's `vms`: read in
+                // one backup (one freeze) by the proxy on its host.
+                group: (d.vm_host.is_some() && d.source.starts_with("libvirt:"))
+                    .then(|| format!("{}:{}", q.session, d.source)),
             });
         }
         let placed = scheduler::place(&pending, &mut slots);
