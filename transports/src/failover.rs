@@ -31,7 +31,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
@@ -383,17 +382,6 @@ fn freeze(dom: &Domain) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn thaw(dom: &Domain) {
-    // SAFETY: as in `freeze`.
-    let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-    if n < 0 {
-        tracing::warn!(
-            "thawing the guest failed: {}",
-            virt::error::Error::last_error().message()
-        );
-    }
-}
-
 fn consistency(frozen: &std::result::Result<(), String>) -> String {
     match frozen {
         Ok(()) => "application".into(),
@@ -635,8 +623,8 @@ pub fn migrate(
             to_addr.uri
         )));
     }
-    let src_conn: Connect = libvirt::connect(&src_addr)?;
-    let src = libvirt::domain(&src_conn, &src_addr)?;
+    // The source must exist before anything is read.
+    libvirt::domain(&libvirt::connect(&src_addr)?, &src_addr)?;
     let full = BackupOptions {
         full_if_needed: true,
         ..backup.clone()
@@ -654,40 +642,24 @@ pub fn migrate(
         }
     };
     // Final sync: frozen (when an agent answers) and paused.
-    let frozen = match opts.quiesce {
-        Quiesce::Off => Err("--quiesce off".to_string()),
-        _ => freeze(&src),
-    };
-    if let (Err(why), Quiesce::Required) = (&frozen, opts.quiesce) {
-        undefine(&defined);
-        return Err(Error::InvalidArgument(format!(
-            "the guest could not be quiesced for the final sync ({why}); nothing was stopped"
-        )));
-    }
     let down = Instant::now();
-    let resume = |src: &Domain| {
-        if let Err(e) = src.resume() {
-            tracing::error!("resuming the source VM failed: {}", e.message());
-        }
-        if frozen.is_ok() {
-            thaw(src);
+    let paused = match libvirt::pause(from, opts.quiesce) {
+        Ok(p) => p,
+        Err(e) => {
+            undefine(&defined);
+            return Err(e);
         }
     };
-    if let Err(e) = src.suspend() {
-        resume(&src);
-        undefine(&defined);
-        return Err(libvirt::lv_err("pausing the source VM", e));
-    }
-    let paused = SourceOptions {
+    let still = SourceOptions {
         quiesce: Quiesce::Off,
         ..opts.clone()
     };
-    let runs = match crate::backup_vm(repo, from, vm, &[], &[], &paused, &full)
+    let runs = match crate::backup_vm(repo, from, vm, &[], &[], &still, &full)
         .and_then(|runs| sync(repo, root, vm).map(|_| runs))
     {
         Ok(r) => r,
         Err(e) => {
-            resume(&src);
+            paused.resume();
             undefine(&defined);
             return Err(e);
         }
@@ -696,22 +668,19 @@ pub fn migrate(
     let started = match start_on(repo, root, vm, defined, true) {
         Ok(s) => s,
         Err(e) => {
-            resume(&src);
+            paused.resume();
             return Err(e);
         }
     };
     let downtime = down.elapsed().as_secs_f64();
-    if let Err(e) = src.destroy() {
-        tracing::warn!(
-            "the VM runs on the target, but powering the source off failed: {}",
-            e.message()
-        );
+    if let Err(e) = paused.power_off() {
+        tracing::warn!("the VM runs on the target, but: {e}");
     }
     Ok(MigrationReport {
         vm: started,
         first_pass_bytes: read_bytes(&first),
         final_sync_bytes: read_bytes(&runs),
-        consistency: consistency(&frozen),
+        consistency: paused.consistency(),
         downtime_seconds: downtime,
         seconds: t0.elapsed().as_secs_f64(),
     })

@@ -46,6 +46,10 @@ use datamover::{BackupOptions, DiskName, Error, Result, Store, TransportKind};
 
 pub(crate) const CHECKPOINT: &str = "dm-cp-";
 
+/// Where a TCP export's scratch files go on the hypervisor: libvirt's
+/// state directory for QEMU, which its QEMU user may write.
+const REMOTE_SCRATCH: &str = "/var/lib/libvirt/qemu";
+
 /// Whether `spec` names a libvirt VM or connection.
 pub fn is_libvirt(spec: &str) -> bool {
     spec.starts_with("libvirt://")
@@ -60,6 +64,44 @@ pub struct LibvirtAddress {
     pub uri: String,
     /// The domain, when the address names one.
     pub domain: Option<String>,
+    /// How libvirt's backup export reaches us.
+    pub export: Export,
+}
+
+/// Where libvirt serves a pull backup's NBD export (`?nbd=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    /// A unix socket in a directory of the run (`nbd=unix`, the default
+    /// for a local connection; for a remote one only when the hypervisor
+    /// runs on this machine, as for a proxy on its host).
+    Unix,
+    /// TCP at `host` (`nbd-host=`, default the connection's host), the
+    /// port libvirt picks; with TLS (`nbd=tls`, the default for a remote
+    /// connection: libvirt's `backup_tls_x509_cert_dir`, our
+    /// `--tls-certificates`) or without (`nbd=tcp`, a trusted network).
+    Tcp {
+        /// Host name or address the export listens at.
+        host: String,
+        /// TLS.
+        tls: bool,
+        /// The port (`nbd-port=`); by default one that is free here when
+        /// the host is this machine, else one of the dynamic range (an
+        /// address in use is retried with another).
+        port: Option<u16>,
+    },
+}
+
+/// The host of a libvirt connection URI (`qemu+ssh://user@kvm01:22/system`
+/// → `kvm01`), `None` for a local one.
+fn uri_host(uri: &str) -> Option<String> {
+    let rest = uri.split_once("://")?.1;
+    let auth = rest.split('/').next().unwrap_or_default();
+    let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    (!host.is_empty() && host != "localhost").then(|| host.to_string())
 }
 
 impl LibvirtAddress {
@@ -84,16 +126,53 @@ impl LibvirtAddress {
         } else {
             format!("qemu+ssh://{host}/system")
         };
+        let (mut nbd, mut nbd_host, mut port) = (None, None, None);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("uri", v)) if !v.is_empty() => uri = v.to_string(),
-                _ => return Err(bad(&format!("unknown or empty parameter {kv:?}"))),
+                Some(("nbd", v @ ("unix" | "tcp" | "tls"))) => nbd = Some(v),
+                Some(("nbd-port", v)) if v.parse::<u16>().is_ok_and(|p| p > 0) => {
+                    port = v.parse().ok();
+                }
+                Some(("nbd-host", v))
+                    if !v.is_empty()
+                        && v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || ".-:_".contains(c)) =>
+                {
+                    nbd_host = Some(v.to_string());
+                }
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown or empty parameter {kv:?} (uri=, nbd=unix|tcp|tls, nbd-host=, nbd-port=)"
+                    )));
+                }
             }
         }
+        let remote = uri_host(&uri);
+        let host = || {
+            nbd_host
+                .clone()
+                .or_else(|| remote.clone())
+                .unwrap_or_else(|| "127.0.0.1".into())
+        };
+        let export = match nbd.unwrap_or(if remote.is_some() { "tls" } else { "unix" }) {
+            "unix" => Export::Unix,
+            "tcp" => Export::Tcp {
+                host: host(),
+                tls: false,
+                port,
+            },
+            _ => Export::Tcp {
+                host: host(),
+                tls: true,
+                port,
+            },
+        };
         Ok(LibvirtAddress {
             spec: spec.to_string(),
             uri,
             domain: (!domain.is_empty()).then(|| domain.to_string()),
+            export,
         })
     }
 }
@@ -320,6 +399,35 @@ fn abort_job(d: &Domain) -> Result<()> {
         return Err(last("ending the backup job"));
     }
     Ok(())
+}
+
+/// The ports to offer libvirt for a TCP export, in order: the one asked
+/// for; else, for this machine, ports free here now; else ports of the
+/// dynamic range.
+fn export_ports(e: &Export) -> Vec<u16> {
+    let Export::Tcp { host, port, .. } = e else {
+        return vec![0];
+    };
+    if let Some(p) = port {
+        return vec![*p];
+    }
+    let local: Vec<u16> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpListener::bind((host.as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .ok()
+        })
+        .collect();
+    if !local.is_empty() {
+        return local;
+    }
+    let seed = crate::qemu::vm::stamp()
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    (0..4u32)
+        .map(|i| 49152 + ((seed.wrapping_add(i.wrapping_mul(7919))) % 16000) as u16)
+        .collect()
 }
 
 /// The guest's freeze through libvirt's agent integration.
@@ -612,15 +720,30 @@ pub(crate) fn backup_set(
         delete_checkpoint(&dom, n)?;
     }
 
-    // 2. The run's directory, where the VM's QEMU creates its socket.
-    let st = crate::qemu::vm::stamp();
-    let dir = RunDir(std::env::temp_dir().join(format!("dm-lv-{st}")));
-    std::fs::create_dir(&dir.0).map_err(|e| Error::io("create", &dir.0, e))?;
-    if let Some((uid, gid)) = qemu_owner(&xml) {
-        std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid))
-            .map_err(|e| Error::io("chown", &dir.0, e))?;
+    // 2. The run's directory, where the VM's QEMU creates its socket and
+    // scratch files (a TCP export's host may be another: libvirt then
+    // names the scratch files itself, there).
+    if let Export::Tcp { tls: true, .. } = &addr.export
+        && job.nbd.tls_certificates.is_none()
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{spec}: libvirt serves the backup over TLS (its backup_tls_x509_cert_dir): give --tls-certificates DIR with the CA and our client certificate (Python: tls_certificates=), or nbd=tcp on a trusted network"
+        )));
     }
-    let sock = dir.0.join("nbd.sock");
+    let st = crate::qemu::vm::stamp();
+    let dir = match addr.export {
+        Export::Unix => {
+            let d = RunDir(std::env::temp_dir().join(format!("dm-lv-{st}")));
+            std::fs::create_dir(&d.0).map_err(|e| Error::io("create", &d.0, e))?;
+            if let Some((uid, gid)) = qemu_owner(&xml) {
+                std::os::unix::fs::chown(&d.0, Some(uid), Some(gid))
+                    .map_err(|e| Error::io("chown", &d.0, e))?;
+            }
+            Some(d)
+        }
+        Export::Tcp { .. } => None,
+    };
+    let sock = dir.as_ref().map(|d| d.0.join("nbd.sock"));
     let checkpoint = format!("{prefix}{st}");
     let mut bdisks = String::new();
     let mut cdisks = String::new();
@@ -632,14 +755,22 @@ pub(crate) fn backup_set(
                     Some(c) => format!("backupmode='incremental' incremental='{}'", xml_escape(c)),
                     None => "backupmode='full'".to_string(),
                 };
-                let scratch = xml_escape(
-                    &dir.0
-                        .join(format!("{}.scratch", d.target))
-                        .display()
-                        .to_string(),
+                // Where the VM's QEMU keeps what the guest overwrites
+                // during the job: our run directory, or (a TCP export,
+                // maybe on another host) libvirt's own state directory
+                // there; libvirt creates the file and removes it.
+                let scratch = match &dir {
+                    Some(dir) => dir.0.join(format!("{}.scratch", d.target)),
+                    None => {
+                        PathBuf::from(REMOTE_SCRATCH).join(format!("dm-scratch-{st}-{}", d.target))
+                    }
+                };
+                let scratch = format!(
+                    "<scratch file='{}'/>",
+                    xml_escape(&scratch.display().to_string())
                 );
                 bdisks.push_str(&format!(
-                    "<disk name='{t}' backup='yes' type='file' {mode}><scratch file='{scratch}'/></disk>"
+                    "<disk name='{t}' backup='yes' type='file' {mode}>{scratch}</disk>"
                 ));
                 cdisks.push_str(&format!("<disk name='{t}' checkpoint='bitmap'/>"));
             }
@@ -649,10 +780,18 @@ pub(crate) fn backup_set(
             }
         }
     }
-    let backup_xml = format!(
-        "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{bdisks}</disks></domainbackup>",
-        xml_escape(&sock.display().to_string())
-    );
+    let server = |port: u16| match (&addr.export, &sock) {
+        (Export::Tcp { host, tls, .. }, _) => format!(
+            "<server transport='tcp' name='{}' port='{port}' tls='{}'/>",
+            xml_escape(host),
+            if *tls { "yes" } else { "no" }
+        ),
+        (Export::Unix, Some(s)) => format!(
+            "<server transport='unix' socket='{}'/>",
+            xml_escape(&s.display().to_string())
+        ),
+        (Export::Unix, None) => String::new(),
+    };
     let checkpoint_xml = format!(
         "<domaincheckpoint><name>{}</name><disks>{cdisks}</disks></domaincheckpoint>",
         xml_escape(&checkpoint)
@@ -670,19 +809,49 @@ pub(crate) fn backup_set(
         },
         job.quiesce_limits,
     )?;
-    let bx = CString::new(backup_xml).map_err(|_| Error::Internal("backup XML".into()))?;
     let cx = CString::new(checkpoint_xml).map_err(|_| Error::Internal("checkpoint XML".into()))?;
-    let (begun, consistency) = quiescer.around(|| {
-        // SAFETY: a valid domain and two C strings that outlive the call.
-        unsafe { sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cx.as_ptr(), 0) }
-    })?;
-    notes.append(&mut quiescer.notes);
-    if begun < 0 {
-        return Err(last(&format!(
-            "starting the backup of {dname} ({})",
-            targets.join(", ")
-        )));
-    }
+    // A TCP port in use is tried again with another (the guest is thawed
+    // in between: each attempt is its own freeze).
+    let ports = export_ports(&addr.export);
+    let mut tried = 0;
+    let (port, consistency) = loop {
+        let port = ports.get(tried).copied().unwrap_or(0);
+        tried += 1;
+        let backup_xml = format!(
+            "<domainbackup mode='pull'>{}<disks>{bdisks}</disks></domainbackup>",
+            server(port)
+        );
+        let bx = CString::new(backup_xml).map_err(|_| Error::Internal("backup XML".into()))?;
+        let (begun, consistency) = quiescer.around(|| {
+            // SAFETY: a valid domain and two C strings that outlive the call.
+            let r = unsafe { sys::virDomainBackupBegin(dom.as_ptr(), bx.as_ptr(), cx.as_ptr(), 0) };
+            // The thaw that follows would reset libvirt's last error.
+            (
+                r,
+                (r < 0).then(|| virt::error::Error::last_error().message().to_string()),
+            )
+        })?;
+        notes.append(&mut quiescer.notes);
+        match begun {
+            (r, _) if r >= 0 => break (port, consistency),
+            (_, Some(why))
+                if tried < ports.len() && why.to_lowercase().contains("address already in use") =>
+            {
+                tracing::info!("port {port} is in use on the hypervisor; trying another");
+            }
+            (_, why) => {
+                return Err(Error::transport(
+                    "libvirt",
+                    TransportKind::Refused,
+                    format!(
+                        "starting the backup of {dname} ({}): {}",
+                        targets.join(", "),
+                        why.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    };
     let pull = PullBackup {
         dom: &dom,
         checkpoint: checkpoint.clone(),
@@ -702,9 +871,26 @@ pub(crate) fn backup_set(
         ));
     }
 
-    // 4. Read libvirt's export of each disk.
+    // 4. Read libvirt's export of each disk (over TCP at the port libvirt
+    // picked, which its backup XML now names).
+    let base = match (&addr.export, &sock) {
+        (Export::Tcp { host, tls, .. }, _) => {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            format!("{}://{host}:{port}/", if *tls { "nbds" } else { "nbd" })
+        }
+        (Export::Unix, _) => String::new(),
+    };
     let read = |m: &Member| -> Result<datamover::BackupReport> {
-        let uri = format!("nbd+unix:///{}?socket={}", m.disk.target, sock.display());
+        let uri = match &sock {
+            Some(s) if base.is_empty() => {
+                format!("nbd+unix:///{}?socket={}", m.disk.target, s.display())
+            }
+            _ => format!("{base}{}", m.disk.target),
+        };
         let inner = NbdSource::connect(&uri, &job.nbd)?;
         let tracker = match m.since.checkpoint() {
             Some(c) => Some(VmTracker {
@@ -782,6 +968,89 @@ pub(crate) fn backup_set(
             notes: notes.clone(),
         })
         .collect())
+}
+
+/// A VM paused for a final sync (a quick migration): its guest frozen
+/// first when its agent answers, so what is on its disks is clean.
+#[derive(Debug)]
+pub struct Paused {
+    dom: Domain,
+    /// `Ok` when the guest was frozen, else why not.
+    pub frozen: std::result::Result<(), String>,
+}
+
+/// Freeze (unless `quiesce` is off; `required` fails when the guest
+/// cannot be frozen, before anything is paused) and pause the VM `spec`
+/// names. [`Paused::resume`] undoes both.
+pub fn pause(spec: &str, quiesce: crate::qemu::Quiesce) -> Result<Paused> {
+    use crate::qemu::Quiesce;
+    let addr = LibvirtAddress::parse(spec)?;
+    let conn = connect(&addr)?;
+    let dom = domain(&conn, &addr)?;
+    let frozen = match quiesce {
+        Quiesce::Off => Err("quiesce off".to_string()),
+        _ => {
+            // SAFETY: a valid domain; no mountpoints (all filesystems).
+            let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+            if n < 0 {
+                Err(virt::error::Error::last_error().message().to_string())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if let (Err(why), Quiesce::Required) = (&frozen, quiesce) {
+        return Err(Error::InvalidArgument(format!(
+            "{spec}: the guest could not be quiesced for the final sync ({why}); nothing was paused"
+        )));
+    }
+    let p = Paused { dom, frozen };
+    let state = p.dom.get_state().map(|s| s.0).unwrap_or(0);
+    if state != sys::VIR_DOMAIN_PAUSED
+        && let Err(e) = p.dom.suspend()
+    {
+        p.resume();
+        return Err(lv_err(&format!("pausing {spec}"), e));
+    }
+    Ok(p)
+}
+
+impl Paused {
+    /// What the guest's disks hold: `application` (frozen) or `crash`,
+    /// with why.
+    pub fn consistency(&self) -> String {
+        match &self.frozen {
+            Ok(()) => "application".into(),
+            Err(why) => format!("crash ({why})"),
+        }
+    }
+
+    /// Run the guest again and thaw it (errors are logged: this is the
+    /// way back from a failure).
+    pub fn resume(&self) {
+        if self.dom.get_state().map(|s| s.0).ok() == Some(sys::VIR_DOMAIN_PAUSED)
+            && let Err(e) = self.dom.resume()
+        {
+            tracing::error!("resuming the source VM failed: {}", e.message());
+        }
+        if self.frozen.is_ok() {
+            // SAFETY: a valid domain; no mountpoints (all filesystems).
+            let n = unsafe { sys::virDomainFSThaw(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+            if n < 0 {
+                tracing::error!(
+                    "thawing the guest failed: {}",
+                    virt::error::Error::last_error().message()
+                );
+            }
+        }
+    }
+
+    /// Power the paused VM off (it runs elsewhere now); it stays defined.
+    pub fn power_off(&self) -> Result<()> {
+        self.dom
+            .destroy()
+            .map_err(|e| lv_err("powering the source VM off", e))
+    }
 }
 
 /// A VM's definition for a new domain: named `name`, without the old
@@ -956,11 +1225,71 @@ mod tests {
             LibvirtAddress::parse("libvirt:///").expect("p").domain,
             None
         );
+        // The export: a socket for a local connection, TLS over TCP to a
+        // remote one (its host), plain TCP only when asked.
+        assert_eq!(
+            LibvirtAddress::parse("libvirt:///w").expect("p").export,
+            Export::Unix
+        );
+        assert_eq!(
+            LibvirtAddress::parse("libvirt://kvm01/w")
+                .expect("p")
+                .export,
+            Export::Tcp {
+                host: "kvm01".into(),
+                tls: true,
+                port: None
+            }
+        );
+        assert_eq!(
+            LibvirtAddress::parse("libvirt:///w?uri=qemu+ssh://root@[fd00::5]:2222/system")
+                .expect("p")
+                .export,
+            Export::Tcp {
+                host: "fd00::5".into(),
+                tls: true,
+                port: None
+            }
+        );
+        assert_eq!(
+            LibvirtAddress::parse("libvirt:///w?nbd=tcp&nbd-port=10809")
+                .expect("p")
+                .export,
+            Export::Tcp {
+                host: "127.0.0.1".into(),
+                tls: false,
+                port: Some(10809)
+            }
+        );
+        assert_eq!(
+            LibvirtAddress::parse("libvirt:///w?nbd=tcp")
+                .expect("p")
+                .export,
+            Export::Tcp {
+                host: "127.0.0.1".into(),
+                tls: false,
+                port: None
+            }
+        );
+        assert_eq!(
+            LibvirtAddress::parse("libvirt://kvm01/w?nbd=tls&nbd-host=10.0.0.31")
+                .expect("p")
+                .export,
+            Export::Tcp {
+                host: "10.0.0.31".into(),
+                tls: true,
+                port: None
+            }
+        );
         for bad in [
             "libvirt:///a/b",
             "libvirt:///a?x=1",
             "libvirt:///a?uri=",
             "qmp:///x",
+            "libvirt:///a?nbd=ftp",
+            "libvirt:///a?nbd-host=a/b",
+            "libvirt:///a?nbd-port=0",
+            "libvirt:///a?nbd-port=70000",
         ] {
             assert!(LibvirtAddress::parse(bad).is_err(), "{bad}");
         }

@@ -492,6 +492,40 @@ fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental()
         inc.report.meta.consistency.unwrap().frozen_ms
     );
 
+    // libvirt's export over TCP (what a remote hypervisor uses; here on
+    // loopback, without TLS): the same chain goes on, incremental.
+    let tcp = format!("{spec}?nbd=tcp");
+    g.sh("dd if=/dev/urandom of=/root/blob2 bs=1M count=2 status=none && sync");
+    let over_tcp = datamover_transports::backup(
+        &repo,
+        &tcp,
+        &"lv/vda".parse().unwrap(),
+        &o,
+        &BackupOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        over_tcp.report.parent(),
+        Some(inc.report.point.to_string().as_str())
+    );
+    let changed = over_tcp.report.bytes_changed().unwrap();
+    assert!(
+        changed >= 2 << 20
+            && over_tcp.report.stats.bytes_read < over_tcp.report.stats.bytes_total / 8,
+        "{:?}",
+        over_tcp.report.stats
+    );
+    // Over the network libvirt's export is TLS unless told otherwise.
+    let e = datamover_transports::backup(
+        &repo,
+        &format!("{spec}?nbd=tls"),
+        &"lv/vda".parse().unwrap(),
+        &o,
+        &BackupOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--tls-certificates"), "{e}");
+
     // Modes other than nbd: a clear error, or NBD with failover.
     let mut san = o.clone();
     san.transport = "san".parse().unwrap();
