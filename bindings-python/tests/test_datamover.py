@@ -511,6 +511,12 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
             s.add_repository("dr", str(tmp_path / "dr"), proxy="nobody")
         with pytest.raises(datamover.InvalidInputError, match="no job named nope"):
             s.run_job("nope")
+        # Failover and failback are for replication jobs' VMs.
+        with pytest.raises(datamover.InvalidInputError, match="backup job"):
+            s.replica_operation("j1", "web", "failover")
+        with pytest.raises(ValueError, match="failover, undo or failback"):
+            s.replica_operation("j1", "web", "explode")
+        assert s.operations() == []
         with pytest.raises(datamover.InvalidInputError, match="not valid"):
             datamover.Server(url, ca=data / "ca" / "ca.pem", token="wrong").jobs()
     finally:
@@ -558,3 +564,17 @@ def test_libvirt_front_doors_on_libvirts_test_driver(env):
     repo.backup(img, "plain/vda")
     with pytest.raises(datamover.InvalidInputError, match="stores a VM definition"):
         repo.restore_vm("plain", tmp, uri="test:///default")
+    # Replicas: synced (written whole, then nothing), listed; a VM starts
+    # on them only from a point that stored its definition.
+    replicas = tmp / "replicas"
+    first = repo.replica_sync("plain", replicas)
+    assert first[0]["bytes_written"] > 0 and first[0]["base"] is None
+    again = repo.replica_sync("plain", replicas)
+    assert again[0]["bytes_written"] == 0 and again[0]["base"] == first[0]["point"]
+    assert digest(replicas / "plain" / "vda.img") == digest(img)
+    listed = repo.replicas("plain", replicas)
+    assert listed[0]["disk"] == "plain/vda" and listed[0]["state"].startswith("applied ")
+    with pytest.raises(datamover.InvalidInputError, match="VM definition"):
+        repo.failover("plain", replicas, on="libvirt:///p?uri=test:///default")
+    with pytest.raises(ValueError, match="bad libvirt address"):
+        repo.migrate_vm("qmp+unix:///run/vm.qmp", "libvirt:///x", replicas, vm="plain")

@@ -177,6 +177,10 @@ pub struct JobVm {
     /// Disks (targets, `vdb`) left out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Migration jobs: the domain's name on the target (default: the
+    /// VM's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_as: Option<String>,
 }
 
 /// A host's installer as the server last heard from it.
@@ -373,6 +377,9 @@ pub struct JobDisk {
     /// The VM host the disk lives on (for HotAdd placement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_host: Option<String>,
+    /// Migration of a libvirt VM: the domain's name on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_as: Option<String>,
 }
 
 /// A job to create.
@@ -818,6 +825,10 @@ pub struct Grant {
     /// Whether its commits bring the disk's replica image up to date
     /// (replication and migration jobs).
     pub replica: bool,
+    /// A migration task: it may start its VM on the replicas (the
+    /// service's host's hypervisor) once its final sync is in.
+    #[serde(default)]
+    pub start: bool,
 }
 
 /// A task for a proxy.
@@ -861,6 +872,10 @@ pub struct TaskOrder {
     /// VM disks: `auto`, `required` or `off` (the job's `quiesce`).
     #[serde(default = "auto")]
     pub quiesce: String,
+    /// Migration of a libvirt VM: the domain's name on the target
+    /// (default: the VM's).
+    #[serde(default)]
+    pub start_as: Option<String>,
 }
 
 /// How a task ended on the proxy.

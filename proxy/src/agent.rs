@@ -359,6 +359,7 @@ impl Tasks {
                     Served {
                         path: PathBuf::from(&r.path),
                         grants: r.grants.clone(),
+                        hypervisor: o.hypervisor.clone(),
                     },
                 )
             })
@@ -381,6 +382,7 @@ impl Tasks {
                 r.cancel.store(true, Ordering::Relaxed);
             }
         }
+        let mut fresh: Vec<TaskOrder> = Vec::new();
         for t in o.assign {
             if self.running.contains_key(&t.task) || !self.ran.insert((t.task, t.attempt)) {
                 continue;
@@ -388,42 +390,254 @@ impl Tasks {
             if self.ran.len() > 100_000 {
                 self.ran.clear();
             }
-            let r = Running {
-                attempt: t.attempt,
-                done: Arc::new(AtomicU64::new(0)),
-                total: Arc::new(AtomicU64::new(0)),
-                cancel: Arc::new(AtomicBool::new(false)),
-            };
-            let (done, total, cancel, tx, id) = (
-                r.done.clone(),
-                r.total.clone(),
-                r.cancel.clone(),
-                self.tx.clone(),
-                self.mover.clone(),
-            );
-            self.running.insert(t.task, r);
-            tracing::info!(
-                "task {} ({}, attempt {}): starting",
-                t.task,
-                t.disk,
-                t.attempt
-            );
+            fresh.push(t);
+        }
+        // The disks of one libvirt VM ordered together are read in one
+        // backup: one guest freeze, one backup job, one checkpoint.
+        let mut groups: Vec<Vec<TaskOrder>> = Vec::new();
+        for t in fresh {
+            let joins = groupable(&t)
+                .then(|| {
+                    groups.iter_mut().find(|g| {
+                        g.first()
+                            .is_some_and(|f| f.source == t.source && f.kind == t.kind)
+                    })
+                })
+                .flatten();
+            match joins {
+                Some(g) => g.push(t),
+                None => groups.push(vec![t]),
+            }
+        }
+        for g in groups {
+            let runs: Vec<Running> = g
+                .iter()
+                .map(|t| Running {
+                    attempt: t.attempt,
+                    done: Arc::new(AtomicU64::new(0)),
+                    total: Arc::new(AtomicU64::new(0)),
+                    cancel: Arc::new(AtomicBool::new(false)),
+                })
+                .collect();
+            let counters: Vec<_> = runs
+                .iter()
+                .map(|r| (r.done.clone(), r.total.clone(), r.cancel.clone()))
+                .collect();
+            for (t, r) in g.iter().zip(runs) {
+                tracing::info!(
+                    "task {} ({}, attempt {}): starting",
+                    t.task,
+                    t.disk,
+                    t.attempt
+                );
+                self.running.insert(t.task, r);
+            }
+            let (tx, mover) = (self.tx.clone(), self.mover.clone());
             std::thread::spawn(move || {
-                let res = run_task(&t, &id, done, total, cancel);
-                let _ = tx.send(res);
+                let progress: datamover::ProgressFn = Arc::new(move |d, n| {
+                    for (done, total, _) in &counters {
+                        done.store(d, Ordering::Relaxed);
+                        total.store(n, Ordering::Relaxed);
+                    }
+                    !counters.iter().any(|(_, _, c)| c.load(Ordering::Relaxed))
+                });
+                for res in run_group(&g, &mover, progress) {
+                    let _ = tx.send(res);
+                }
             });
         }
     }
 }
 
-/// Run one task to its end; never panics, always yields a result.
-pub fn run_task(
-    t: &TaskOrder,
+/// Whether a task may share a backup with the other disks of its VM.
+fn groupable(t: &TaskOrder) -> bool {
+    t.kind != JobKind::Restore && t.vm_disk.is_some() && transports::libvirt::is_libvirt(&t.source)
+}
+
+/// Run tasks ordered together: one alone as before; the disks of one
+/// libvirt VM in one backup. Every task gets its result.
+fn run_group(g: &[TaskOrder], mover: &Mover, progress: datamover::ProgressFn) -> Vec<TaskResult> {
+    if let [t] = g
+        && !(groupable(t) && t.kind == JobKind::Migration)
+    {
+        return vec![run_task(t, mover, progress)];
+    }
+    match run_vm_tasks(g, mover, progress) {
+        Ok(outcomes) => g
+            .iter()
+            .zip(outcomes)
+            .map(|(t, o)| result_of(t, o.and_then(|o| sign_receipt(t, mover, o))))
+            .collect(),
+        Err(e) => {
+            let msg = e.to_string();
+            g.iter()
+                .map(|t| {
+                    result_of(
+                        t,
+                        Err(datamover::Error::transport(
+                            t.source.clone(),
+                            datamover::TransportKind::Refused,
+                            msg.clone(),
+                        )),
+                    )
+                })
+                .collect()
+        }
+    }
+}
+
+/// The rest of a libvirt VM's quick migration, after the first pass: the
+/// guest frozen (when its agent answers) and paused, the final sync of
+/// every disk, the VM started on its replicas by the target's repository
+/// service, the source powered off. On any failure before the VM runs on
+/// the target, the source is resumed and thawed.
+fn migrate_vm(
+    g: &[TaskOrder],
     mover: &Mover,
-    done: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
-    cancel: Arc<AtomicBool>,
-) -> TaskResult {
+    store: &dyn Store,
+    source: &str,
+    targets: &[String],
+    src: &transports::SourceOptions,
+    opts: &BackupOptions,
+) -> datamover::Result<Vec<transports::BackupRun>> {
+    let first = &g[0];
+    let vm = first.disk.vm();
+    let at = first.service.clone().ok_or_else(|| {
+        datamover::Error::Internal(
+            "a migration writes through the target's repository service".into(),
+        )
+    })?;
+    let paused = transports::libvirt::pause(source, src.quiesce)?;
+    tracing::info!(
+        "VM {vm}: paused ({}) for the final sync of {} disks",
+        paused.consistency(),
+        g.len()
+    );
+    let still = transports::SourceOptions {
+        quiesce: transports::qemu::Quiesce::Off,
+        ..src.clone()
+    };
+    let last =
+        transports::backup_vm(store, source, vm, targets, &[], &still, opts).and_then(|runs| {
+            let started = RemoteStore::new(at.clone(), &mover.identity.get())
+                .map_err(|e| {
+                    datamover::Error::InvalidArgument(format!(
+                        "repository service {}: {e:#}",
+                        at.address
+                    ))
+                })?
+                .start_vm(&first.disk, first.start_as.as_deref())?;
+            Ok((runs, started))
+        });
+    match last {
+        Ok((runs, started)) => {
+            tracing::info!("VM {vm}: running on the target: {started}");
+            if let Err(e) = paused.power_off() {
+                tracing::warn!("VM {vm} runs on the target, but: {e}");
+            }
+            Ok(runs)
+        }
+        Err(e) => {
+            paused.resume();
+            Err(e)
+        }
+    }
+}
+
+/// Points go where each task's repository is, by disk.
+struct ByDisk<'a>(Vec<(&'a DiskName, &'a dyn Store)>);
+
+impl ByDisk<'_> {
+    fn of(&self, disk: &DiskName) -> datamover::Result<&dyn Store> {
+        self.0
+            .iter()
+            .find(|(d, _)| *d == disk)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| datamover::Error::Internal(format!("no task writes {disk}")))
+    }
+}
+
+impl Store for ByDisk<'_> {
+    fn describe(&self) -> String {
+        self.0
+            .first()
+            .map(|(_, s)| s.describe())
+            .unwrap_or_default()
+    }
+    fn latest_meta(
+        &self,
+        disk: &DiskName,
+    ) -> datamover::Result<Option<(datamover::PointId, datamover::PointMeta)>> {
+        self.of(disk)?.latest_meta(disk)
+    }
+    fn begin<'s>(
+        &'s self,
+        disk: &DiskName,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> datamover::Result<Box<dyn datamover::StoreSession + 's>> {
+        self.of(disk)?.begin(disk, started)
+    }
+}
+
+/// The disks of one libvirt VM in one backup (a migration: a first pass,
+/// the VM paused, a final one); each task's outcome, in order.
+fn run_vm_tasks(
+    g: &[TaskOrder],
+    mover: &Mover,
+    progress: datamover::ProgressFn,
+) -> datamover::Result<Vec<datamover::Result<Outcome>>> {
+    let first = &g[0];
+    let source = mover.resolve(&first.source)?;
+    let dests: Vec<Dest> = g
+        .iter()
+        .map(|t| store_for(t, mover))
+        .collect::<datamover::Result<_>>()?;
+    let store = ByDisk(
+        g.iter()
+            .zip(&dests)
+            .map(|(t, d)| (&t.disk, d.store()))
+            .collect(),
+    );
+    let targets: Vec<String> = g.iter().filter_map(|t| t.vm_disk.clone()).collect();
+    let vm = first.disk.vm().to_string();
+    let src = transports::SourceOptions {
+        transport: first.transport.parse()?,
+        failover_to_network: first.failover_to_network,
+        quiesce: first.quiesce.parse()?,
+        ..Default::default()
+    };
+    let opts = BackupOptions {
+        progress: Some(progress),
+        full_if_needed: true,
+        full: first.kind == JobKind::Copy,
+        ..Default::default()
+    };
+    let mut runs = transports::backup_vm(&store, &source, &vm, &targets, &[], &src, &opts)?;
+    if first.kind == JobKind::Migration {
+        runs = migrate_vm(g, mover, &store, &source, &targets, &src, &opts)?;
+    }
+    Ok(g.iter()
+        .zip(&dests)
+        .map(|(t, d)| {
+            let run = runs
+                .iter()
+                .find(|r| r.report.disk == t.disk)
+                .ok_or_else(|| datamover::Error::Internal(format!("no point of {}", t.disk)))?;
+            finish_outcome(t, d, run)
+        })
+        .collect())
+}
+
+/// Run one task to its end; never panics, always yields a result.
+fn run_task(t: &TaskOrder, mover: &Mover, progress: datamover::ProgressFn) -> TaskResult {
+    result_of(
+        t,
+        run_kind(t, mover, progress).and_then(|o| sign_receipt(t, mover, o)),
+    )
+}
+
+/// A task's result as the server takes it.
+fn result_of(t: &TaskOrder, r: datamover::Result<Outcome>) -> TaskResult {
     let mut res = TaskResult {
         task: t.task,
         attempt: t.attempt,
@@ -440,12 +654,7 @@ pub fn run_task(
         receipt: None,
         consistency: None,
     };
-    let progress: datamover::ProgressFn = Arc::new(move |d, n| {
-        done.store(d, Ordering::Relaxed);
-        total.store(n, Ordering::Relaxed);
-        !cancel.load(Ordering::Relaxed)
-    });
-    match run_kind(t, mover, progress).and_then(|o| sign_receipt(t, mover, o)) {
+    match r {
         Ok(o) => {
             tracing::info!(
                 "task {}: {} {} ({})",
@@ -613,8 +822,18 @@ fn run_kind(
             run.report.stats.bytes_read
         );
     }
-    let mut o = Outcome::of(&run);
-    if let Dest::Remote(r) = &dest {
+    finish_outcome(t, &dest, &run)
+}
+
+/// A run's outcome with what its destination adds: the wire bytes, the
+/// receipt and the replica a repository service reports.
+fn finish_outcome(
+    t: &TaskOrder,
+    dest: &Dest,
+    run: &transports::BackupRun,
+) -> datamover::Result<Outcome> {
+    let mut o = Outcome::of(run);
+    if let Dest::Remote(r) = dest {
         let w = &r.wire;
         o.wire_bytes = w.sent.load(Ordering::Relaxed) + w.received.load(Ordering::Relaxed);
         let last = r.last.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -56,6 +56,7 @@ fn grant(id: &Identity, disk: &str, replica: bool) -> Grant {
         peer: fp(id),
         disk: disk.parse().unwrap(),
         replica,
+        start: false,
     }
 }
 
@@ -92,6 +93,7 @@ fn start_with(
             Served {
                 path: p.clone(),
                 grants: grants.to_vec(),
+                hypervisor: None,
             },
         );
     }
@@ -560,6 +562,7 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
         started: Some("2099-01-01T00:00:00.000Z".into()),
         replica: false,
         task: None,
+        start_as: None,
     };
     use repo_service::wire::{Msg, json, read_msg, write_msg};
     use std::io::Write;
@@ -675,4 +678,47 @@ fn connections_without_a_certificate_cannot_hold_the_service() {
     );
     backup(&remote(&svc, "vault", false, &src), &img, "vm/a").unwrap();
     assert_eq!(points(&vault, "vm/a"), 2);
+}
+
+/// A migration's last step: the service starts the VM on its replicas
+/// only for a migration task's grant, and only on a hypervisor host;
+/// anything else is refused with the reason and starts nothing.
+#[test]
+fn only_a_migration_grant_starts_a_vm_and_only_on_a_hypervisor() {
+    let d = tempfile::tempdir().unwrap();
+    let (tgt, src) = identities(d.path());
+    let root = d.path().join("dr");
+    let svc = start(&tgt, &[("dr", root.clone())], &[grant(&src, "vm/os", true)]);
+    let img = d.path().join("vm.raw");
+    make_disk(&img, 4 * MIB, 3);
+    let r = remote(&svc, "dr", true, &src);
+    backup(&r, &img, "vm/os").unwrap();
+    // A replication task's grant.
+    let e = r.start_vm(&"vm/os".parse().unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("only a migration task"), "{e}");
+    // A migration task's grant, on a host that is no hypervisor.
+    set_grants(
+        &svc,
+        "dr",
+        vec![Grant {
+            start: true,
+            ..grant(&src, "vm/os", true)
+        }],
+    );
+    let e = r.start_vm(&"vm/os".parse().unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("no hypervisor"), "{e}");
+    // A name that is no domain name.
+    svc.served
+        .write()
+        .unwrap()
+        .get_mut("dr")
+        .unwrap()
+        .hypervisor = Some("test:///default".into());
+    let e = r
+        .start_vm(&"vm/os".parse().unwrap(), Some("a/b"))
+        .unwrap_err();
+    assert!(e.to_string().contains("a/b"), "{e}");
+    // A disk without a grant.
+    let e = r.start_vm(&"vm/other".parse().unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("not granted"), "{e}");
 }

@@ -26,6 +26,10 @@ pub enum JobCmd {
         /// a task per run; VM:vdb,vdc leaves those disks out; repeat.
         #[arg(long = "vm")]
         vm: Vec<String>,
+        /// Migration jobs: VM=NAME, the VM's domain name on the target
+        /// (default: its own); repeat.
+        #[arg(long = "start-as")]
+        start_as: Vec<String>,
         /// Restore jobs: NAME=POINT, the point to restore (default the newest); repeat.
         #[arg(long = "point")]
         points: Vec<String>,
@@ -194,6 +198,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
             overwrite,
             quiesce,
             vm,
+            start_as,
             json,
         } => {
             let nodes = pairs("node", &nodes)?;
@@ -220,9 +225,11 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                         disk: nodes.get(n).cloned(),
                         vm_host: hosts.get(n).cloned(),
                         point: points.get(n).cloned(),
+                        start_as: None,
                     })
                 })
                 .collect::<Result<Vec<_>, Failure>>()?;
+            let renames = pairs("start-as", &start_as)?;
             let j: Job = cl.create_job(&JobSpec {
                 name,
                 kind,
@@ -241,6 +248,7 @@ pub fn job(s: &ServerArgs, c: JobCmd) -> Result<u8, Failure> {
                         let (name, exclude) = v.split_once(':').unwrap_or((v, ""));
                         JobVm {
                             name: name.to_string(),
+                            start_as: renames.get(name).cloned(),
                             host: None,
                             exclude: exclude
                                 .split(',')

@@ -111,7 +111,33 @@ impl RemoteStore {
         Error::transport(self.describe(), TransportKind::Refused, detail.to_string())
     }
 
+    /// A migration's last step: ask the service to start the VM of `disk`
+    /// on its replicas (as `start_as`); what it started.
+    pub fn start_vm(
+        &self,
+        disk: &DiskName,
+        start_as: Option<&str>,
+    ) -> datamover::Result<serde_json::Value> {
+        let hello = Hello {
+            op: Op::StartVm,
+            start_as: start_as.map(str::to_string),
+            ..self.hello(disk, Op::StartVm, None)
+        };
+        let mut s = self.open(&hello)?;
+        let b = self.expect(&mut s, Msg::Started)?;
+        serde_json::from_slice(&b).map_err(|e| self.err(format!("bad STARTED: {e}")))
+    }
+
     fn connect(&self, hello: &Hello) -> datamover::Result<(ClientStream, Ready)> {
+        let mut s = self.open(hello)?;
+        let b = self.expect(&mut s, Msg::Ready)?;
+        let ready: Ready =
+            serde_json::from_slice(&b).map_err(|e| self.err(format!("bad READY: {e}")))?;
+        Ok((s, ready))
+    }
+
+    /// Connect and send HELLO.
+    fn open(&self, hello: &Hello) -> datamover::Result<ClientStream> {
         let addr = self
             .at
             .address
@@ -139,10 +165,7 @@ impl RemoteStore {
         write_msg(&mut s, Msg::Hello, &json(hello).map_err(|e| self.err(e))?)
             .and_then(|_| s.flush())
             .map_err(|e| self.lost(e))?;
-        let b = self.expect(&mut s, Msg::Ready)?;
-        let ready: Ready =
-            serde_json::from_slice(&b).map_err(|e| self.err(format!("bad READY: {e}")))?;
-        Ok((s, ready))
+        Ok(s)
     }
 
     /// Read a message of type `want`; an ERROR becomes the service's message.
@@ -170,6 +193,7 @@ impl RemoteStore {
             started,
             replica: self.at.replica,
             task: self.at.task,
+            start_as: None,
         }
     }
 }

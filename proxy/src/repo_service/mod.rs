@@ -55,6 +55,10 @@ pub struct Served {
     /// (see [`datamover_control::api::Grant`]); nobody else is admitted.
     #[serde(default)]
     pub grants: Vec<datamover_control::api::Grant>,
+    /// Its host's libvirt connection when the host is a hypervisor (a
+    /// migration starts VMs there).
+    #[serde(default)]
+    pub hypervisor: Option<String>,
 }
 
 /// The repositories a service offers, by name; the agent updates it from

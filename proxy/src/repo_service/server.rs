@@ -323,6 +323,40 @@ fn not_granted(repo: &str, disk: &DiskName) -> Error {
     )
 }
 
+/// A migration's last step: start the disk's VM on its replicas here.
+fn start_vm(
+    s: &mut ServerStream,
+    hello: &Hello,
+    granted: &datamover_control::api::Grant,
+    target: &super::Served,
+    repo: &datamover::Repository,
+    disk: &DiskName,
+) -> Result<(), Error> {
+    let refused =
+        |d: String| Error::transport("repository service client", TransportKind::Refused, d);
+    if !granted.start {
+        return Err(refused(format!(
+            "task {} may not start VMs here (only a migration task may)",
+            granted.task
+        )));
+    }
+    let uri = target.hypervisor.as_deref().ok_or_else(|| {
+        refused("this proxy's host is no hypervisor: the server must give it one (dm host set HOST --hypervisor URI)".into())
+    })?;
+    let vm = disk.vm();
+    let name = hello.start_as.as_deref().unwrap_or(vm);
+    let on = format!("libvirt:///{name}?uri={uri}");
+    transports::libvirt::LibvirtAddress::parse(&on)?;
+    tracing::info!(
+        "repository service: starting VM {vm} as {name} on {uri} (task {})",
+        granted.task
+    );
+    let r =
+        transports::failover::failover(repo, &super::replica_root(&target.path), vm, &on, true)?;
+    write_msg(s, Msg::Started, &json(&r).map_err(net)?).map_err(net)?;
+    s.flush().map_err(net)
+}
+
 fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error> {
     let (served, limits) = (&ctx.served, &ctx.limits);
     // What the client sent breaks the protocol: a transport error of the
@@ -389,6 +423,9 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
         )));
     }
     let repo = crate::open_or_init(&target.path)?;
+    if hello.op == Op::StartVm {
+        return start_vm(s, &hello, &granted, &target, &repo, &disk);
+    }
     if hello.op == Op::Latest {
         let latest = Store::latest_meta(&repo, &disk)?;
         let ready = Ready {

@@ -31,6 +31,7 @@
 //! | 8 | FRAMES | c→s | whole chunk frames as stored in packs; no answer |
 //! | 10 | COMMIT | c→s | empty, after the manifest's parts |
 //! | 11 | COMMITTED | s→c | JSON [`Committed`] |
+//! | 12 | STARTED | s→c | JSON: the VM started on the replicas |
 //! | 255 | ERROR | s→c | JSON `{"error": …}`; the server then closes |
 //!
 //! A session: HELLO → READY; optionally GET_PARENT; any number of HAVE /
@@ -48,6 +49,12 @@
 //! a worker thread checks and stores the frames, so reading, checking and
 //! writing overlap. COMMIT waits for the worker. HELLO with `op: "latest"`
 //! gets READY and the connection ends.
+//!
+//! HELLO with `op: "start-vm"` (added by the issue "Real guests"; an older
+//! service refuses the op) ends a quick migration: from a peer whose
+//! grant for the disk says `start` (a migration task), the service starts
+//! the disk's VM on its replicas through its host's hypervisor (domain
+//! `start_as`, default the VM's name) and answers STARTED, or ERROR.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -109,6 +116,8 @@ pub enum Msg {
     Commit = 10,
     /// s→c: JSON [`Committed`].
     Committed = 11,
+    /// s→c: JSON, the VM a `start-vm` HELLO started on the replicas.
+    Started = 12,
     /// s→c: JSON `{"error": …}`; the server then closes.
     Error = 255,
 }
@@ -126,6 +135,7 @@ impl std::fmt::Display for Msg {
             Msg::Frames => "FRAMES",
             Msg::Commit => "COMMIT",
             Msg::Committed => "COMMITTED",
+            Msg::Started => "STARTED",
             Msg::Error => "ERROR",
         };
         write!(f, "{name} ({})", *self as u8)
@@ -146,6 +156,7 @@ impl Msg {
             8 => Msg::Frames,
             10 => Msg::Commit,
             11 => Msg::Committed,
+            12 => Msg::Started,
             255 => Msg::Error,
             _ => return None,
         })
@@ -160,6 +171,8 @@ pub enum Op {
     Backup,
     /// Only ask for the newest point's metadata.
     Latest,
+    /// Start the disk's VM on its replicas (a migration's last step).
+    StartVm,
 }
 
 /// The first message.
@@ -189,6 +202,9 @@ pub struct Hello {
     /// original one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<u64>,
+    /// `start-vm`: the domain's name on this host (default: the VM's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_as: Option<String>,
 }
 
 /// Answer to HELLO.
@@ -285,6 +301,7 @@ mod tests {
             started: Some("2026-11-28T00:00:00.000Z".into()),
             replica: true,
             task: None,
+            start_as: None,
         };
         let mut b = Vec::new();
         write_msg(&mut b, Msg::Hello, &json(&hello).unwrap()).unwrap();
@@ -303,6 +320,18 @@ mod tests {
         assert_eq!(json(&with_task).unwrap(), body.to_vec());
         let back: Hello = serde_json::from_slice(body).unwrap();
         assert_eq!(back.task, Some(7));
+        // A migration's last step (added by issue "Real guests").
+        let start = Hello {
+            op: Op::StartVm,
+            started: None,
+            task: Some(9),
+            start_as: Some("web01-new".into()),
+            ..with_task
+        };
+        let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"start-vm","started":null,"replica":true,"task":9,"start_as":"web01-new"}"#;
+        assert_eq!(json(&start).unwrap(), body.to_vec());
+        assert_eq!(Msg::Started as u8, 12);
+        assert_eq!(Msg::from_byte(12), Some(Msg::Started));
         let mut m = Vec::new();
         write_msg(&mut m, Msg::Missing, &[0b0000_0101]).unwrap();
         assert_eq!(m, [2, 0, 0, 0, 7, 0b0000_0101]);

@@ -67,6 +67,7 @@ pub fn grants(db: &Connection, name: &str) -> Q<Vec<datamover_control::api::Gran
             task: r.get::<_, i64>(0)? as u64,
             disk: super::parsed(r, 1)?,
             replica: kind == "replication" || kind == "migration",
+            start: kind == "migration",
             peer: r.get(3)?,
         })
     })?;

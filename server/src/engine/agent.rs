@@ -203,6 +203,7 @@ impl Engine {
                 failover_to_network: j.failover_to_network,
                 overwrite: j.overwrite,
                 quiesce: j.quiesce,
+                start_as: d.start_as,
                 receipt_for: (holder.is_some() && !remote).then(|| j.repository.clone()),
             });
         }

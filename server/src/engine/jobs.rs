@@ -17,26 +17,32 @@ impl Engine {
                 "a job needs at least one disk or VM (\"disks\", \"vms\")",
             ));
         }
-        if !j.vms.is_empty()
-            && !matches!(
-                j.kind,
-                JobKind::Backup | JobKind::Copy | JobKind::Replication
-            )
-        {
+        if !j.vms.is_empty() && j.kind == JobKind::Restore {
             return Err(EngineError::bad(
-                "\"vms\" are for backup, copy and replication jobs",
+                "\"vms\" are for backup, copy, replication and migration jobs",
             ));
         }
-        for v in &j.vms {
-            if v.name.is_empty()
-                || v.name.len() > 200
-                || v.name.contains('/')
-                || v.name.chars().any(char::is_control)
+        if let Some(v) = j
+            .vms
+            .iter()
+            .find(|v| v.start_as.is_some() && j.kind != JobKind::Migration)
+        {
+            return Err(EngineError::bad(format!(
+                "VM {}: \"start_as\" is for migration jobs",
+                v.name
+            )));
+        }
+        for name in j
+            .vms
+            .iter()
+            .flat_map(|v| std::iter::once(&v.name).chain(&v.start_as))
+        {
+            if name.is_empty()
+                || name.len() > 200
+                || name.contains('/')
+                || name.chars().any(char::is_control)
             {
-                return Err(EngineError::bad(format!(
-                    "VM name {:?} is not valid",
-                    v.name
-                )));
+                return Err(EngineError::bad(format!("VM name {name:?} is not valid")));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -296,10 +302,13 @@ fn with_vm_disks(db: &rusqlite::Connection, spec: &JobSpec) -> R<Vec<JobDisk>> {
                 name: name.parse().map_err(|e| {
                     EngineError::bad(format!("VM disk {name} cannot name a point: {e}"))
                 })?,
-                source: format!("libvirt:///{}?uri={uri}", vm.name),
+                // Read by the proxy on the VM's host: libvirt's export
+                // on a local socket, whatever the connection URI says.
+                source: format!("libvirt:///{}?uri={uri}&nbd=unix", vm.name),
                 point: None,
                 disk: Some(d.target.clone()),
                 vm_host: Some(vm.host.clone()),
+                start_as: v.start_as.clone(),
             });
         }
     }

@@ -332,7 +332,7 @@ fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
         )
         .unwrap();
     let t = &orders.assign[0];
-    assert_eq!(t.source, "libvirt:///web01?uri=qemu:///system");
+    assert_eq!(t.source, "libvirt:///web01?uri=qemu:///system&nbd=unix");
     assert_eq!(t.vm_disk.as_deref(), Some("vda"));
 
     // Not in the inventory, or a disk it does not have: a clear refusal.

@@ -80,6 +80,7 @@ fn twelve_disks(net: Option<&Net>) {
             source: uri,
             disk: None,
             vm_host: None,
+            start_as: None,
             point: None,
         })
         .collect();

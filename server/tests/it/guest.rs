@@ -256,8 +256,16 @@ fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
         ],
     );
     let t = std::time::Instant::now();
-    while !String::from_utf8_lossy(&dm_ok(&c, ["vm", "list", "--json"])).contains(&dom) {
-        assert!(t.elapsed().as_secs() < 60, "{dom} not in the inventory");
+    let on_src = |c: &Cluster| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&dm_ok(c, ["vm", "list", "--json"])).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["name"] == dom.as_str() && x["host"] == "src")
+        })
+    };
+    while !on_src(&c) {
+        assert!(t.elapsed().as_secs() < 60, "{dom} not in src's inventory");
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     c.create_job(serde_json::json!({
@@ -327,6 +335,41 @@ fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
     // Replication goes on from the failback's point.
     let s: Session = c.run_job("rep");
     assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+
+    // Quick migration to the DR host: a first pass, the guest frozen and
+    // paused, the final sync, the VM started there by the DR proxy's
+    // repository service, the source powered off.
+    let mig = drdir.join("mig");
+    dm_ok(
+        &c,
+        [
+            "repo",
+            "add",
+            "migrepo",
+            &mig.display().to_string(),
+            "--proxy",
+            "dr",
+        ],
+    );
+    let moved = format!("{dom}-moved");
+    c.create_job(serde_json::json!({
+        "name": "mig", "kind": "migration", "repository": "migrepo", "retries": 0,
+        "vms": [{"name": dom, "host": "src", "start_as": moved}], "proxies": ["src"],
+    }));
+    let s: Session = c.run_job("mig");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    assert_eq!(
+        datamover_testkit::guest::virsh(&["domstate", &dom]).unwrap(),
+        "shut off"
+    );
+    let m = Guest::libvirt_running(&dir, &moved);
+    assert_eq!(m.sh("sha256sum /root/after | cut -d' ' -f1"), after);
+    let img = mig.join("replicas").join(&dom).join("vda.img");
+    assert_eq!(
+        datamover::replica::read_state(&img).unwrap().state,
+        "failover"
+    );
+    drop(m);
     drop(o);
     drop(g);
 }

@@ -44,6 +44,7 @@ fn disk(name: &str, source: &Path) -> JobDisk {
         source: source.display().to_string(),
         disk: None,
         vm_host: None,
+        start_as: None,
         point: None,
     }
 }

@@ -169,6 +169,7 @@ fn hosts_in_namespaces_installer_deploys_upgrades_and_removes_the_proxy() {
         source: img.display().to_string(),
         disk: None,
         vm_host: None,
+        start_as: None,
         point: None,
     };
     let job = |name: &str, kind: JobKind, repo: &str| JobSpec {
