@@ -239,7 +239,12 @@ fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
     let img = dir.join("app.qcow2");
     GuestImage::get().copy_disk(&img);
     let dom = format!("dm-dr-{}", std::process::id());
-    let g = Guest::libvirt(&dir, &dom, &img, "qcow2", &[]);
+    let data = dir.join("data.qcow2");
+    datamover_testkit::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", data.to_str().unwrap(), "32M"],
+    );
+    let g = Guest::libvirt(&dir, &dom, &img, "qcow2", &[&data]);
     let before = g.sh(
         "dd if=/dev/urandom of=/root/before bs=1M count=2 status=none && sync && sha256sum /root/before | cut -d' ' -f1",
     );
@@ -278,6 +283,28 @@ fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
     assert_eq!(
         s.tasks[0].replica.as_deref(),
         Some(replica.to_str().unwrap())
+    );
+    // Both disks of the VM in one backup: one freeze, one checkpoint.
+    assert_eq!(s.tasks.len(), 2, "{s:#?}");
+    assert_eq!(s.tasks[0].consistency, s.tasks[1].consistency, "{s:#?}");
+    let r = datamover::Repository::open(&repo).unwrap();
+    let cps: Vec<Option<String>> = s
+        .tasks
+        .iter()
+        .map(|t| {
+            r.point_meta(&t.disk, t.point.as_ref().unwrap())
+                .unwrap()
+                .meta
+                .checkpoint
+        })
+        .collect();
+    assert_eq!(cps[0], cps[1]);
+    assert!(
+        cps[0]
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("dm-cp-vda_vdb-"),
+        "{cps:?}"
     );
 
     // The disaster: the original is gone. Failover on the DR proxy's host.
