@@ -123,8 +123,15 @@ fn zero_differences(target: &dyn BlockTarget, mut off: u64, len: u64) -> Result<
     let end = off + len;
     let mut b = vec![0u8; PIECE.min(len) as usize];
     let mut zeroed = 0;
+    if target.reads_zero(off, len)? {
+        return Ok(0);
+    }
     while off < end {
         let n = (end - off).min(PIECE) as usize;
+        if target.reads_zero(off, n as u64)? {
+            off += n as u64;
+            continue;
+        }
         if !target.read_at(off, &mut b[..n])? || b[..n].iter().any(|x| *x != 0) {
             target.write_zeroes(off, n as u64)?;
             zeroed += n as u64;

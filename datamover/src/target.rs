@@ -111,6 +111,12 @@ pub trait BlockTarget: Send + Sync {
     fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool> {
         Ok(false)
     }
+    /// Whether `[offset, offset+len)` is known to read as zeros without
+    /// reading it (a hole of a file, an extent an NBD server reports as
+    /// zero). `false`: unknown, read it.
+    fn reads_zero(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
     /// Called when a restore fails: remove what cannot be trusted (a new
     /// file is deleted; a device is left as it is).
     fn discard(&self) {}
@@ -197,6 +203,12 @@ impl BlockTarget for FileTarget {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         self.file.read_at(offset, buf)
+    }
+    fn reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        // No data from `offset` up to the range's end: a hole.
+        Ok(sys::seek_data(&self.file.buffered, offset)
+            .map(|d| d.is_none_or(|d| d >= offset + len))
+            .unwrap_or(false))
     }
     fn discard(&self) {
         if !self.fresh {

@@ -505,7 +505,7 @@ pub fn failback(
         let run = crate::backup(repo, &r.image, &disk, &src, &full)?;
         let point = run.report.point.clone();
         let size = run.report.meta.disk_size;
-        let (t, _export) = open_original(Path::new(path), format, size)?;
+        let (t, export) = open_original(Path::new(path), format, size)?;
         let res = datamover::restore(
             repo,
             &disk,
@@ -516,6 +516,10 @@ pub fn failback(
                 ..Default::default()
             },
         )?;
+        // Our connection ends before its qemu-nbd is stopped (which
+        // otherwise waits for it).
+        drop(t);
+        drop(export);
         replica::set_state(Path::new(&r.image), point.as_str(), "applied")?;
         out.push(FailbackDisk {
             disk: r.disk.clone(),

@@ -185,12 +185,20 @@ pub(crate) fn lv_err(what: &str, e: virt::error::Error) -> Error {
     )
 }
 
+/// libvirt prints every error to stderr unless told otherwise; ours are
+/// returned (or expected: a lookup of a name that must be free).
+fn quiet() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(virt::error::clear_error_callback);
+}
+
 /// The last libvirt error, after a `sys` call failed.
 pub(crate) fn last(what: &str) -> Error {
     lv_err(what, virt::error::Error::last_error())
 }
 
 pub(crate) fn connect(addr: &LibvirtAddress) -> Result<Connect> {
+    quiet();
     Connect::open(Some(&addr.uri)).map_err(|e| {
         Error::transport(
             addr.uri.clone(),
@@ -1196,6 +1204,7 @@ pub fn restore_vm(
         images.push(path);
     }
     let def = definition_for(&xml, name, &disks)?;
+    quiet();
     let conn = Connect::open(Some(uri)).map_err(|e| lv_err(&format!("connecting to {uri}"), e))?;
     let dom =
         Domain::define_xml(&conn, &def).map_err(|e| lv_err(&format!("defining {name}"), e))?;

@@ -128,6 +128,34 @@ impl BlockTarget for NbdTarget {
         self.client.info().size
     }
 
+    /// Zero as the server's `base:allocation` reports it.
+    fn reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        let Some(ctx) = self.client.info().context("base:allocation") else {
+            return Ok(false);
+        };
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let ask = (end - at).min(1 << 30) as u32;
+            let descs = self
+                .rt
+                .block_on(self.client.block_status(at, ask, ctx))
+                .map_err(|e| err(&self.uri, e))?;
+            if descs.is_empty() {
+                return Ok(false);
+            }
+            for (l, flags) in descs {
+                if l == 0 || flags & p::STATE_ZERO == 0 {
+                    return Ok(false);
+                }
+                at += u64::from(l);
+                if at >= end {
+                    break;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads back (a compare visits each extent once, before any write
     /// to it, so nothing queued overlaps).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {

@@ -149,6 +149,18 @@ impl LocalExport {
     }
 }
 
+/// Whether `pid` has exited but is not reaped yet (a zombie): qemu-nbd
+/// daemonizes, so its parent is whatever reaps orphans here, maybe late.
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
+}
+
 impl Drop for LocalExport {
     fn drop(&mut self) {
         if let Some(pid) = self.pid.take() {
@@ -156,7 +168,7 @@ impl Drop for LocalExport {
             unsafe { libc::kill(pid, libc::SIGTERM) };
             for _ in 0..200 {
                 // SAFETY: as above; signal 0 only checks the process exists.
-                if unsafe { libc::kill(pid, 0) } != 0 {
+                if unsafe { libc::kill(pid, 0) } != 0 || exited(pid) {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
