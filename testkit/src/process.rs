@@ -45,7 +45,17 @@ pub fn read_pid(pid_file: &Path) -> Option<i32> {
 /// Wait until process `pid` is gone, up to `timeout`; true if it is.
 pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    // A zombie has exited: whoever reaps orphans here may be late.
+    let zombie = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    while Path::new(&format!("/proc/{pid}")).exists() && !zombie() {
         if t.elapsed() > timeout {
             return false;
         }

@@ -96,7 +96,21 @@ pub fn open_target(
         Ok(Box::new(nbd::NbdTarget::connect(spec, size, &c)?))
     } else {
         match datamover::source::local_path(spec)? {
-            Some(path) => datamover::target::open_local(path, size, overwrite),
+            Some(path) => {
+                // Writing a raw disk over an image file would destroy the
+                // container, not restore the disk it holds.
+                if overwrite
+                    && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+                    && let Some(fmt) = image::probe(path)?
+                {
+                    return Err(datamover::Error::InvalidArgument(format!(
+                        "{} is a {fmt} image: a restore writes a raw disk and would overwrite its container; restore to a new file (then qemu-img convert it), or into an NBD export of the image (qemu-nbd -f {fmt} {})",
+                        path.display(),
+                        path.display()
+                    )));
+                }
+                datamover::target::open_local(path, size, overwrite)
+            }
             None => Err(datamover::Error::InvalidArgument(format!(
                 "unknown target scheme in {spec}: give a path, file:// or an NBD URI"
             ))),

@@ -101,6 +101,21 @@ fn image_files_are_read_as_the_disk_they_hold() {
         }
     }
     assert_eq!(datamover_transports::image::probe(&raw).unwrap(), None);
+    // A restore over an image file is refused: it would write a raw disk
+    // over the container.
+    let qcow2 = dir.join("disk.qcow2");
+    let before = hash_file(&qcow2);
+    let e = datamover_transports::restore(
+        &repo,
+        &"vm/qcow2".parse().unwrap(),
+        qcow2.to_str().unwrap(),
+        true,
+        &SourceOptions::default(),
+        &RestoreOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("is a qcow2 image"), "{e}");
+    assert_eq!(hash_file(&qcow2), before, "the image was touched");
 }
 
 #[test]
