@@ -19,6 +19,7 @@ fn as_py<'py, T: serde::Serialize>(py: Python<'py>, v: &T) -> PyResult<Bound<'py
 }
 
 mod errors;
+mod export;
 mod repository;
 mod server;
 mod stats;
@@ -53,6 +54,7 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<VerifyReport>()?;
     m.add_class::<PruneReport>()?;
     m.add_class::<Server>()?;
+    m.add_class::<export::Export>()?;
     m.add_function(wrap_pyfunction!(vm_disks, m)?)?;
     m.add_function(wrap_pyfunction!(vms, m)?)?;
     Ok(())

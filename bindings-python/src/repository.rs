@@ -270,6 +270,38 @@ impl Repository {
         })
     }
 
+    /// Serve a point ("vm/disk", "vm/disk@id", or a Point) over NBD at
+    /// `listen` ("unix:PATH" or "HOST:PORT"; port 0: any free one) until
+    /// the returned Export is stopped (`stop()`, or leaving a `with`
+    /// block). Writes go to the overlay file `writable` (else the export
+    /// is read-only); `tls_certificates` (server-cert.pem, server-key.pem,
+    /// optionally ca-cert.pem) makes TLS required.
+    #[pyo3(signature = (point, listen, *, writable=None, tls_certificates=None, cache_mib=64))]
+    fn export(
+        &self,
+        point: &Bound<'_, PyAny>,
+        listen: &str,
+        writable: Option<PathBuf>,
+        tls_certificates: Option<PathBuf>,
+        cache_mib: u64,
+    ) -> PyResult<crate::export::Export> {
+        let spec: String = match point.cast::<Point>() {
+            Ok(p) => p.get().__str__(),
+            Err(_) => point.extract()?,
+        };
+        let point: PointRef = spec.parse().map_err(to_py)?;
+        crate::export::Export::start(
+            self.inner.root().to_path_buf(),
+            point,
+            transports::export::Export {
+                listen: listen.to_string(),
+                writable,
+                tls_certificates,
+                cache_bytes: cache_mib.max(1) << 20,
+            },
+        )
+    }
+
     /// Bring the replicas of `vm` under `replicas` (REPLICAS/VM/DISK.img)
     /// to its newest points; only what differs is written. A list of
     /// dicts (the keys of `dm replica sync --json`).

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -578,3 +579,33 @@ def test_libvirt_front_doors_on_libvirts_test_driver(env):
         repo.failover("plain", replicas, on="libvirt:///p?uri=test:///default")
     with pytest.raises(ValueError, match="bad libvirt address"):
         repo.migrate_vm("qmp+unix:///run/vm.qmp", "libvirt:///x", replicas, vm="plain")
+
+
+def test_a_point_is_exported_over_nbd(env):
+    """Repository.export: a background NBD server of a point; read back
+    here through a second repository's backup of it (our NBD client), and
+    by nbdcopy where it is installed; writes go to an overlay."""
+    tmp, img, repo = env
+    repo.backup(img, "web01/vda")
+    sock = tmp / "e.sock"
+    with repo.export("web01/vda", f"unix:{sock}") as ex:
+        assert ex.uri.startswith("nbd+unix:///web01/vda?socket=")
+        other = datamover.Repository.init(tmp / "other")
+        st = other.backup(ex.uri, "copy/vda")
+        assert st.bytes_total == 32 << 20 and st.bytes_read == 16 << 20, "holes come as holes"
+        out = tmp / "copy.raw"
+        other.restore("copy/vda", out)
+        assert digest(out) == digest(img)
+        if shutil.which("nbdcopy"):
+            out2 = tmp / "nbdcopy.raw"
+            subprocess.run(["nbdcopy", ex.uri, str(out2)], check=True)
+            assert digest(out2) == digest(img)
+    assert not sock.exists()
+    got = ex.stop()
+    assert got is None  # already stopped by the with block
+    ro = repo.export("web01/vda", f"unix:{tmp / 'ro.sock'}")
+    with pytest.raises(datamover.InvalidInputError, match="read-only"):
+        repo.restore("web01/vda", ro.uri, force=True)
+    assert ro.stop()["chunks_loaded"] >= 0
+    with pytest.raises(datamover.InvalidInputError, match="no restore point|not found|no point"):
+        repo.export("web01/none", f"unix:{tmp / 'x.sock'}")

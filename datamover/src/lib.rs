@@ -47,6 +47,7 @@ pub mod format;
 pub mod ids;
 pub mod progress;
 pub mod prune;
+pub mod reader;
 pub mod replica;
 pub mod repo;
 pub mod restore;

@@ -52,6 +52,9 @@ enum Cmd {
     /// first pass while it runs, a final sync frozen and paused, the VM
     /// started on its replicas at the target, the source powered off.
     Migrate(replica_cmds::MigrateArgs),
+    /// Serve a point over NBD (read-only, or writes to an overlay) until
+    /// SIGINT or SIGTERM; prints the NBD URI to connect to.
+    Export(replica_cmds::ExportArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
     Restore(disk_cmds::RestoreArgs),
     /// List restore points.
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Restore(a) => disk_cmds::restore(a),
         Cmd::Replica(c) => replica_cmds::replica(c),
         Cmd::Migrate(a) => replica_cmds::migrate(a),
+        Cmd::Export(a) => replica_cmds::export(a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),

@@ -1,4 +1,5 @@
-//! `dm replica …` and `dm migrate`: VMs on replicas (libvirt).
+//! `dm replica …` and `dm migrate`: VMs on replicas (libvirt); `dm export`:
+//! a point served over NBD.
 
 use std::path::PathBuf;
 
@@ -243,5 +244,55 @@ pub fn migrate(a: MigrateArgs) -> Result<u8, Failure> {
             r.first_pass_bytes, r.final_sync_bytes, r.consistency, r.downtime_seconds, r.seconds
         );
     });
+    Ok(0)
+}
+
+/// Arguments of `dm export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The point: VM/DISK (the newest) or VM/DISK@POINT.
+    pub point: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: PathBuf,
+    /// Where to listen: unix:PATH or HOST:PORT (port 0: any free one).
+    #[arg(long)]
+    pub listen: String,
+    /// Take writes into this overlay file (sparse; the repository is
+    /// never written). Without it the export is read-only.
+    #[arg(long, value_name = "OVERLAY")]
+    pub writable: Option<PathBuf>,
+    /// Require TLS: a directory with server-cert.pem, server-key.pem and,
+    /// to admit only clients it signed, ca-cert.pem.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Chunk cache in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub cache_mib: u64,
+}
+
+/// `dm export`: serve a point over NBD until SIGINT or SIGTERM.
+pub fn export(a: ExportArgs) -> Result<u8, Failure> {
+    let repo = Repository::open(&a.repo)?;
+    let point: datamover::PointRef = a.point.parse()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure(1, format!("cannot handle signals: {e}")))?;
+    }
+    let how = transports::export::Export {
+        listen: a.listen,
+        writable: a.writable,
+        tls_certificates: a.tls_certificates,
+        cache_bytes: a.cache_mib.max(1) << 20,
+    };
+    let stats = transports::export::export(&repo, &point, &how, &stop, |uri| {
+        println!("{uri}");
+        eprintln!("serving {point} at {uri} until SIGINT or SIGTERM");
+    })?;
+    eprintln!(
+        "export ended: {} chunks read from the repository ({} bytes), {} cache hits",
+        stats.chunks_loaded, stats.bytes_loaded, stats.hits
+    );
     Ok(0)
 }

@@ -684,3 +684,65 @@ fn vm_backup_modes_and_failover() {
     assert_eq!(hash_file(&out), hash_file(&e.img));
     qsd.stop();
 }
+
+/// `dm export`: prints the URI, serves the point to nbdcopy, ends cleanly
+/// on SIGTERM (socket removed, a summary on stderr); a wrong point is a
+/// one-line error before anything listens.
+#[test]
+fn export_serves_a_point_until_sigterm() {
+    if !can_run("export_serves_a_point_until_sigterm", &["nbdcopy"]) {
+        return;
+    }
+    let e = env();
+    ok(&dm(&[
+        "backup",
+        s(&e.img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm/disk",
+    ]));
+    let sock = e.dir.path().join("x.sock");
+    let listen = format!("unix:{}", sock.display());
+    let (code, msg) = fails(&dm(&[
+        "export",
+        "vm/nope",
+        "--repo",
+        s(&e.repo),
+        "--listen",
+        &listen,
+    ]));
+    assert_eq!(code, 1, "{msg}");
+    assert!(msg.contains("no restore point") && !sock.exists(), "{msg}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dm"))
+        .args([
+            "export",
+            "vm/disk",
+            "--repo",
+            s(&e.repo),
+            "--listen",
+            &listen,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let uri = line.trim();
+    assert!(uri.starts_with("nbd+unix:///vm/disk?socket="), "{uri}");
+    let out = e.dir.path().join("copy.raw");
+    run("nbdcopy", &[uri, s(&out)]);
+    assert_eq!(hash_file(&out), hash_file(&e.img));
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(err.contains("export ended"), "{err}");
+    assert!(!sock.exists(), "socket left behind");
+}

@@ -16,6 +16,7 @@ pub mod env;
 pub mod guest;
 pub mod net;
 pub mod process;
+pub mod tls;
 
 pub use block::*;
 pub use disk::*;

@@ -50,6 +50,7 @@ macro_rules! forward_reads {
 }
 pub(crate) use forward_reads;
 
+pub mod export;
 pub mod failover;
 pub mod image;
 pub mod libvirt;

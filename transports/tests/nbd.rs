@@ -5,10 +5,11 @@
 
 use datamover_testkit as common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::tls::{issue, make_ca};
 use common::{Daemon, Fill, free_port, hash_file, make_image, qemu_nbd, run, wait_for};
 use datamover::{BackupOptions, DiskName, ErrorKind, Repository, RestoreOptions};
 use datamover_transports::nbd::{ConnectOptions, NbdSource};
@@ -622,98 +623,6 @@ fn restore_into_writable_exports() {
         }
         k.stop();
     }
-}
-
-/// A CA (in `dir/name-ca`) and certificates it signs, made with openssl.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    let ca = dir.join(format!("{name}-ca"));
-    std::fs::create_dir_all(&ca).unwrap();
-    let p = |f: &str| ca.join(f).to_str().unwrap().to_string();
-    run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p("ca-key.pem"),
-            "-out",
-            &p("ca-cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name} test CA"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    ca
-}
-
-/// `out/{role}-cert.pem` + `-key.pem` signed by `ca`, and `ca-cert.pem`.
-fn issue(ca: &Path, out: &Path, role: &str) {
-    std::fs::create_dir_all(out).unwrap();
-    let c = |f: &str| ca.join(f).to_str().unwrap().to_string();
-    let o = |f: &str| out.join(f).to_str().unwrap().to_string();
-    let ext = out.join(format!("{role}.ext"));
-    std::fs::write(
-        &ext,
-        if role == "server" {
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        } else {
-            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        },
-    )
-    .unwrap();
-    let (key, csr, cert) = (
-        o(&format!("{role}-key.pem")),
-        o(&format!("{role}.csr")),
-        o(&format!("{role}-cert.pem")),
-    );
-    run(
-        "openssl",
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={role}"),
-        ],
-    );
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &c("ca-cert.pem"),
-            "-CAkey",
-            &c("ca-key.pem"),
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().unwrap(),
-        ],
-    );
-    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
 }
 
 fn qemu_nbd_tls(dir: &Path, creds: &Path, verify_peer: bool, port: u16, img: &Path) -> Daemon {

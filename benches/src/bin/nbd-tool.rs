@@ -7,6 +7,9 @@
 //! * `nbd-tool apply-diff OLD NEW URI` writes every 64 KiB block where NEW
 //!   differs from OLD into the writable export URI (so a dirty bitmap on it
 //!   records exactly the change between two disk versions).
+//! * `nbd-tool randread URI SECONDS THREADS` reads 4 KiB at random
+//!   4 KiB-aligned offsets for SECONDS from THREADS connections, one read
+//!   in flight each, and prints the reads per second.
 #![allow(clippy::print_stdout)]
 
 use std::os::unix::fs::FileExt;
@@ -97,6 +100,39 @@ fn apply_diff(old: &str, new: &str, uri: &str) {
     println!("{{\"bytes_changed\": {changed}}}");
 }
 
+fn randread(uri: &str, seconds: &str, threads: &str) {
+    let secs: f64 = seconds.parse().unwrap_or_else(|_| fail("SECONDS".into()));
+    let n: usize = threads.parse().unwrap_or_else(|_| fail("THREADS".into()));
+    let t = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || {
+                    let src = open_source(uri).unwrap_or_else(|e| fail(e.to_string()));
+                    let blocks = src.size() / 4096;
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1);
+                    let mut buf = vec![0u8; 4096];
+                    let mut done = 0u64;
+                    while t.elapsed().as_secs_f64() < secs {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        src.read_at((x % blocks) * 4096, &mut buf)
+                            .unwrap_or_else(|e| fail(e.to_string()));
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    println!(
+        "{{\"reads\": {total}, \"iops\": {:.0}}}",
+        total as f64 / t.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -107,6 +143,7 @@ fn main() {
     {
         ["read", uri] => read(uri),
         ["apply-diff", old, new, uri] => apply_diff(old, new, uri),
+        ["randread", uri, secs, threads] => randread(uri, secs, threads),
         _ => fail("usage: nbd-tool read URI | nbd-tool apply-diff OLD NEW URI".into()),
     }
 }

@@ -18,6 +18,7 @@ callback cancels them cleanly (no partial point is written).
 """
 
 from ._datamover import (
+    Export,
     Point,
     PruneReport,
     Repository,
@@ -40,6 +41,7 @@ from ._errors import (
 __all__ = [
     "Repository",
     "Server",
+    "Export",
     "Stats",
     "Point",
     "VerifyReport",

@@ -164,6 +164,17 @@ class Repository:
     ) -> list[Stats]:
         """Back up several disks of a running libvirt VM at one instant
         (one freeze, one backup job, one checkpoint), each as "VM/TARGET"."""
+    def export(
+        self,
+        point: Union[str, Point],
+        listen: str,
+        *,
+        writable: Optional[Union[str, os.PathLike[str]]] = None,
+        tls_certificates: Optional[Union[str, os.PathLike[str]]] = None,
+        cache_mib: int = 64,
+    ) -> Export:
+        """Serve a point over NBD at ``listen`` ("unix:PATH" or
+        "HOST:PORT") until stopped; writes go to the overlay ``writable``."""
     def replica_sync(
         self, vm: str, replicas: Union[str, os.PathLike[str]]
     ) -> list[dict[str, Any]]:
@@ -245,6 +256,17 @@ class Repository:
         dry_run: bool = False,
     ) -> PruneReport:
         """Forget points outside the keep rules and free their space."""
+
+class Export:
+    """A point served over NBD (``Repository.export``); a context manager."""
+
+    uri: str
+    """The NBD URI clients connect to."""
+    def stop(self) -> Optional[dict[str, int]]:
+        """Stop serving; what it read (chunks_loaded, bytes_loaded, hits),
+        or None when it was stopped already."""
+    def __enter__(self) -> "Export": ...
+    def __exit__(self, *args: object) -> bool: ...
 
 class Server:
     """A dm-server through its REST API (the same calls as ``dm --server``).

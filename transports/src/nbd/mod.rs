@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod server;
 pub mod source;
 pub mod target;
 pub mod tls;

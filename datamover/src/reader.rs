@@ -1,0 +1,317 @@
+//! Random access to a restore point: what an NBD export of a point (and an
+//! instant recovery) reads. Every chunk is checked as a restore checks it
+//! (the frame's CRC, the BLAKE3 of the plain bytes against the chunk's id)
+//! and kept in a cache bounded by bytes; a damaged or missing chunk is an
+//! error for the reads that touch it, never wrong data. Zero runs are
+//! answered without touching the repository.
+//!
+//! Invariant: the reader holds the repository's shared lock, so garbage
+//! collection cannot remove a chunk of the point while it is served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::format::frame::FrameDecoder;
+use crate::format::manifest::Extent;
+use crate::ids::{ChunkId, DiskName, PointId};
+use crate::repo::Index;
+use crate::repo::{PackReader, RepoLock, Repository};
+use crate::sys::LockMode;
+
+/// Default cache size.
+pub const DEFAULT_CACHE: u64 = 64 << 20;
+
+/// Chunks decoded, for a benchmark or a test to see what a read cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Chunks read from packs (and checked).
+    pub chunks_loaded: u64,
+    /// Their plain bytes.
+    pub bytes_loaded: u64,
+    /// Reads of a chunk the cache held.
+    pub hits: u64,
+}
+
+/// A bounded LRU of decoded chunks.
+struct Cache {
+    max: u64,
+    bytes: u64,
+    tick: u64,
+    map: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
+}
+
+impl Cache {
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(id).map(|(b, used)| {
+            *used = t;
+            b.clone()
+        })
+    }
+
+    fn put(&mut self, id: ChunkId, b: Arc<Vec<u8>>) {
+        let len = b.len() as u64;
+        if len > self.max {
+            return;
+        }
+        while self.bytes + len > self.max {
+            let Some(old) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, u))| *u)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some((b, _)) = self.map.remove(&old) {
+                self.bytes -= b.len() as u64;
+            }
+        }
+        self.tick += 1;
+        if self.map.insert(id, (b, self.tick)).is_none() {
+            self.bytes += len;
+        }
+    }
+}
+
+/// A point opened for reads at any offset.
+pub struct PointReader<'r> {
+    disk: DiskName,
+    point: PointId,
+    size: u64,
+    /// (offset, extent), in disk order.
+    at: Vec<(u64, Extent)>,
+    index: Index,
+    packs: PackReader<'r>,
+    cache: Mutex<Cache>,
+    loaded: AtomicU64,
+    loaded_bytes: AtomicU64,
+    hits: AtomicU64,
+    _lock: Option<RepoLock>,
+}
+
+impl std::fmt::Debug for PointReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PointReader")
+            .field("disk", &self.disk)
+            .field("point", &self.point)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl<'r> PointReader<'r> {
+    /// Open `point` of `disk` with a chunk cache of at most `cache_bytes`.
+    pub fn open(
+        repo: &'r Repository,
+        disk: &DiskName,
+        point: &PointId,
+        cache_bytes: u64,
+    ) -> Result<Self> {
+        let lock = repo.lock(LockMode::Shared, true)?;
+        let m = repo.read_point(disk, point)?;
+        let mut off = 0u64;
+        let at = m
+            .extents
+            .iter()
+            .map(|e| {
+                let r = (off, *e);
+                off += e.len();
+                r
+            })
+            .collect();
+        Ok(PointReader {
+            disk: disk.clone(),
+            point: point.clone(),
+            size: m.meta.disk_size,
+            at,
+            index: repo.load_index()?,
+            packs: PackReader::new(repo),
+            cache: Mutex::new(Cache {
+                max: cache_bytes,
+                bytes: 0,
+                tick: 0,
+                map: HashMap::new(),
+            }),
+            loaded: AtomicU64::new(0),
+            loaded_bytes: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            _lock: lock,
+        })
+    }
+
+    /// The disk's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The disk.
+    pub fn disk(&self) -> &DiskName {
+        &self.disk
+    }
+
+    /// The point.
+    pub fn point(&self) -> &PointId {
+        &self.point
+    }
+
+    /// What reads cost so far.
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            chunks_loaded: self.loaded.load(Ordering::Relaxed),
+            bytes_loaded: self.loaded_bytes.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The extent holding `off` (which is below the size).
+    fn find(&self, off: u64) -> usize {
+        self.at
+            .partition_point(|(o, _)| *o <= off)
+            .saturating_sub(1)
+    }
+
+    fn out_of_range(&self, off: u64, len: u64) -> Option<Error> {
+        (off.checked_add(len).is_none_or(|end| end > self.size)).then(|| {
+            Error::InvalidArgument(format!(
+                "read of {len} bytes at {off} is beyond the disk's {} bytes",
+                self.size
+            ))
+        })
+    }
+
+    /// Read `buf.len()` bytes at `off`.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(e) = self.out_of_range(off, buf.len() as u64) {
+            return Err(e);
+        }
+        let mut done = 0usize;
+        let mut i = self.find(off);
+        while done < buf.len() {
+            let (start, e) = self.at[i];
+            let pos = off + done as u64;
+            let skip = (pos - start) as usize;
+            let n = ((e.len() - skip as u64) as usize).min(buf.len() - done);
+            match e {
+                Extent::Zero { .. } => buf[done..done + n].fill(0),
+                Extent::Chunk { id, len } => {
+                    let c = self.chunk(id, len, start)?;
+                    buf[done..done + n].copy_from_slice(&c[skip..skip + n]);
+                }
+            }
+            done += n;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn chunk(&self, id: ChunkId, len: u32, at: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        let where_ = || format!("{}@{}, disk offset {at}", self.disk, self.point);
+        let loc = self.index.get(&id).ok_or(Error::ChunkMissing {
+            chunk: id,
+            at: Some(where_()),
+        })?;
+        if loc.plain_len != len {
+            return Err(Error::ChunkDamaged {
+                chunk: id,
+                pack: loc.pack,
+                pack_offset: loc.offset,
+                at: Some(where_()),
+                detail: format!("the manifest says {len} bytes, the index {}", loc.plain_len),
+            });
+        }
+        let mut dec = FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
+        let mut out = vec![0u8; len as usize];
+        let n = self
+            .packs
+            .read_chunk_into(&mut dec, id, &loc, &mut out)
+            .map_err(|e| match e {
+                Error::ChunkDamaged {
+                    chunk,
+                    pack,
+                    pack_offset,
+                    detail,
+                    ..
+                } => Error::ChunkDamaged {
+                    chunk,
+                    pack,
+                    pack_offset,
+                    at: Some(where_()),
+                    detail,
+                },
+                e => e,
+            })?;
+        out.truncate(n);
+        let b = Arc::new(out);
+        self.loaded.fetch_add(1, Ordering::Relaxed);
+        self.loaded_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(id, b.clone());
+        Ok(b)
+    }
+
+    /// The allocation of `[off, off+len)`: runs of (length, zero), merged,
+    /// covering the range (clipped to the disk).
+    pub fn runs(&self, off: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = off.saturating_add(len).min(self.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        if off >= end {
+            return out;
+        }
+        let mut i = self.find(off);
+        let mut pos = off;
+        while pos < end && i < self.at.len() {
+            let (start, e) = self.at[i];
+            let n = (start + e.len()).min(end) - pos;
+            let zero = matches!(e, Extent::Zero { .. });
+            match out.last_mut() {
+                Some((l, z)) if *z == zero => *l += n,
+                _ => out.push((n, zero)),
+            }
+            pos += n;
+            i += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_the_most_recent_within_its_bytes() {
+        let mut c = Cache {
+            max: 10,
+            bytes: 0,
+            tick: 0,
+            map: HashMap::new(),
+        };
+        let id = |n: u8| ChunkId::of(&[n]);
+        c.put(id(1), Arc::new(vec![0; 4]));
+        c.put(id(2), Arc::new(vec![0; 4]));
+        assert!(c.get(&id(1)).is_some());
+        c.put(id(3), Arc::new(vec![0; 4]));
+        // 2 was the least recently used.
+        assert!(c.get(&id(2)).is_none());
+        assert!(c.get(&id(1)).is_some() && c.get(&id(3)).is_some());
+        assert_eq!(c.bytes, 8);
+        c.put(id(4), Arc::new(vec![0; 11]));
+        assert!(c.get(&id(4)).is_none(), "larger than the cache");
+    }
+}
