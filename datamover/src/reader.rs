@@ -232,11 +232,21 @@ impl<'r> PointReader<'r> {
                 detail: format!("the manifest says {len} bytes, the index {}", loc.plain_len),
             });
         }
-        let mut dec = FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?;
         let mut out = vec![0u8; len as usize];
-        let n = self
-            .packs
-            .read_chunk_into(&mut dec, id, &loc, &mut out)
+        // One decoder per thread: making one per chunk costs as much as a
+        // small chunk's read.
+        thread_local! {
+            static DEC: std::cell::RefCell<Option<FrameDecoder>> = const { std::cell::RefCell::new(None) };
+        }
+        let n = DEC
+            .with(|d| -> Result<usize> {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?);
+                }
+                let dec = d.as_mut().ok_or_else(|| Error::Internal("decoder".into()))?;
+                self.packs.read_chunk_into(dec, id, &loc, &mut out)
+            })
             .map_err(|e| match e {
                 Error::ChunkDamaged {
                     chunk,

@@ -731,15 +731,17 @@ fn transmission(
                 buf.resize(len as usize, 0);
                 match disk.read_at(off, &mut buf) {
                     Ok(()) if a.structured => {
-                        let mut pl = Vec::with_capacity(8 + buf.len());
-                        pl.extend_from_slice(&off.to_be_bytes());
-                        pl.extend_from_slice(&buf);
-                        s.write_all(&p::structured_chunk(
-                            p::REPLY_FLAG_DONE,
-                            p::REPLY_TYPE_OFFSET_DATA,
-                            cookie,
-                            &pl,
-                        ))?;
+                        // The chunk's header and offset, then the data as
+                        // it is (no copy into one payload).
+                        let mut h = Vec::with_capacity(28);
+                        h.extend_from_slice(&p::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                        h.extend_from_slice(&p::REPLY_FLAG_DONE.to_be_bytes());
+                        h.extend_from_slice(&p::REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+                        h.extend_from_slice(&cookie.to_be_bytes());
+                        h.extend_from_slice(&(8 + len).to_be_bytes());
+                        h.extend_from_slice(&off.to_be_bytes());
+                        s.write_all(&h)?;
+                        s.write_all(&buf)?;
                         s.flush()?;
                     }
                     Ok(()) => simple(s, cookie, 0, &buf)?,
