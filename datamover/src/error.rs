@@ -213,6 +213,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// A damaged chunk's error with where the chunk is used ("vm/disk@point,
+    /// disk offset N"); other errors as they are.
+    pub fn used_at(self, at: String) -> Error {
+        match self {
+            Error::ChunkDamaged {
+                chunk,
+                pack,
+                pack_offset,
+                detail,
+                ..
+            } => Error::ChunkDamaged {
+                chunk,
+                pack,
+                pack_offset,
+                at: Some(at),
+                detail,
+            },
+            e => e,
+        }
+    }
+
     /// The coarse category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -244,25 +244,12 @@ impl<'r> PointReader<'r> {
                 if d.is_none() {
                     *d = Some(FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?);
                 }
-                let dec = d.as_mut().ok_or_else(|| Error::Internal("decoder".into()))?;
+                let dec = d
+                    .as_mut()
+                    .ok_or_else(|| Error::Internal("decoder".into()))?;
                 self.packs.read_chunk_into(dec, id, &loc, &mut out)
             })
-            .map_err(|e| match e {
-                Error::ChunkDamaged {
-                    chunk,
-                    pack,
-                    pack_offset,
-                    detail,
-                    ..
-                } => Error::ChunkDamaged {
-                    chunk,
-                    pack,
-                    pack_offset,
-                    at: Some(where_()),
-                    detail,
-                },
-                e => e,
-            })?;
+            .map_err(|e| e.used_at(where_()))?;
         out.truncate(n);
         let b = Arc::new(out);
         self.loaded.fetch_add(1, Ordering::Relaxed);

@@ -262,22 +262,7 @@ fn run(
                                         (off % DIRECT_ALIGN as u64) as usize,
                                     ),
                                 )
-                                .map_err(|e| match e {
-                                    Error::ChunkDamaged {
-                                        chunk,
-                                        pack,
-                                        pack_offset,
-                                        detail,
-                                        ..
-                                    } => Error::ChunkDamaged {
-                                        chunk,
-                                        pack,
-                                        pack_offset,
-                                        at: Some(at(off)),
-                                        detail,
-                                    },
-                                    e => e,
-                                })?;
+                                .map_err(|e| e.used_at(at(off)))?;
                             buf.set_len(n);
                             Ok(buf)
                         })();

@@ -29,6 +29,9 @@ pub const GUEST_TOOLS: &[&str] = &[
     "flock",
 ];
 
+/// The write load's SQLite database in the guest.
+pub const GUEST_DB: &str = "/var/lib/dm-load/load.db";
+
 /// The guest image: kernel, initramfs and root disk (qcow2, ext4).
 #[derive(Debug)]
 pub struct GuestImage {
@@ -327,6 +330,33 @@ impl Guest {
                 .is_ok()
         });
         g
+    }
+
+    /// Check the guest's database (the write load's): SQLite's
+    /// integrity check says `ok`, and it holds at least the rows its
+    /// freeze hook logged before the last freeze, and `min_rows`, and one.
+    /// Returns (rows, rows logged at the freeze).
+    pub fn check_database(&self, min_rows: u64) -> (u64, u64) {
+        assert_eq!(
+            self.sh(&format!("sqlite3 {GUEST_DB} 'PRAGMA integrity_check'")),
+            "ok",
+            "{}: database",
+            self.name
+        );
+        let n: u64 = self
+            .sh(&format!("sqlite3 {GUEST_DB} 'SELECT count(*) FROM t'"))
+            .parse()
+            .expect("a row count");
+        let logged: u64 = self
+            .sh("cat /var/lib/dm-load/rows-at-freeze 2>/dev/null || echo 0")
+            .parse()
+            .expect("a row count");
+        assert!(
+            n >= logged.max(min_rows) && n > 0,
+            "{}: {n} rows, but the guest had committed {logged} (hook) / {min_rows} before the freeze",
+            self.name
+        );
+        (n, logged)
     }
 
     /// The VM address `dm` takes: QMP with the agent, or the domain.

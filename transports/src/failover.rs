@@ -321,16 +321,7 @@ pub fn undo(repo: &Repository, root: &Path, vm: &str, on: &str) -> Result<Replic
     let (addr, name) = target(on, vm)?;
     let conn = libvirt::connect(&addr)?;
     let dom = libvirt::domain(&conn, &addr)?;
-    let mut disks = Vec::new();
-    for (d, img, st) in replica::replicas_of(repo, root, vm)? {
-        if let Some(s) = st.filter(|s| s.state == FAILOVER) {
-            disks.push(ReplicaDisk {
-                disk: d.to_string(),
-                image: img.display().to_string(),
-                point: s.point,
-            });
-        }
-    }
+    let disks = failed_over(repo, root, vm)?;
     check_runs_on(&dom, &name, &disks)?;
     remove_domain(&dom, &name)?;
     for r in &disks {
@@ -343,6 +334,20 @@ pub fn undo(repo: &Repository, root: &Path, vm: &str, on: &str) -> Result<Replic
         started: false,
         disks,
     })
+}
+
+/// The replicas of `vm` a VM runs on (marked failed over).
+fn failed_over(repo: &Repository, root: &Path, vm: &str) -> Result<Vec<ReplicaDisk>> {
+    Ok(replica::replicas_of(repo, root, vm)?
+        .into_iter()
+        .filter_map(|(d, img, st)| {
+            st.filter(|s| s.state == FAILOVER).map(|s| ReplicaDisk {
+                disk: d.to_string(),
+                image: img.display().to_string(),
+                point: s.point,
+            })
+        })
+        .collect())
 }
 
 /// Refuse to touch a domain that does not run on these replicas.
@@ -449,16 +454,7 @@ pub fn failback(
     let orig_disks = libvirt::disks_of_xml(&orig_xml)?;
     let conn = libvirt::connect(&addr)?;
     let dom = libvirt::domain(&conn, &addr)?;
-    let mut disks = Vec::new();
-    for (d, img, st) in replica::replicas_of(repo, root, vm)? {
-        if let Some(s) = st.filter(|s| s.state == FAILOVER) {
-            disks.push(ReplicaDisk {
-                disk: d.to_string(),
-                image: img.display().to_string(),
-                point: s.point,
-            });
-        }
-    }
+    let disks = failed_over(repo, root, vm)?;
     check_runs_on(&dom, &name, &disks)?;
     // Every replicated disk needs its original before anything stops.
     let mut pairs = Vec::new();

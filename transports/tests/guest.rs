@@ -144,22 +144,7 @@ fn check_filesystem(image: &Path, quiesced: bool) {
 /// files in `sums` (path, sha256).
 fn boot_and_check(dir: &Path, name: &str, image: &Path, min_rows: u64, sums: &[(&str, &str)]) {
     let g = Guest::boot(dir, name, image, "raw");
-    assert_eq!(
-        g.sh(&format!("sqlite3 {DB} 'PRAGMA integrity_check'")),
-        "ok"
-    );
-    let n: u64 = g
-        .sh(&format!("sqlite3 {DB} 'SELECT count(*) FROM t'"))
-        .parse()
-        .unwrap();
-    let logged: u64 = g
-        .sh("cat /var/lib/dm-load/rows-at-freeze 2>/dev/null || echo 0")
-        .parse()
-        .unwrap();
-    assert!(
-        n >= logged.max(min_rows) && n > 0,
-        "{name}: {n} rows, but the guest had committed {logged} (hook) / {min_rows} before the freeze"
-    );
+    let (n, logged) = g.check_database(min_rows);
     // Every line of the log: "N md5("row N")"; a quiesced point has no torn line.
     let bad = g.sh(
         "n=0; while read i s; do [ \"$(echo \"row $i\" | md5sum | cut -c1-32)\" = \"$s\" ] || n=$((n+1)); done </var/lib/dm-load/log; echo $n",
