@@ -6,6 +6,8 @@
 # both served on unix sockets, warm page cache, medians of ROUNDS
 # interleaved rounds:
 #   sequential  `nbdcopy URI null:` (four connections): MB/s
+#   single      the same with one connection and one request in flight
+#               (a reader that waits for each answer: read-ahead matters)
 #   random      4 KiB reads at random offsets from 4 connections, one in
 #               flight each, for 5 s: reads per second
 #
@@ -45,19 +47,21 @@ for _ in $(seq 100); do [ -s dm.uri ] && break; sleep 0.1; done
 qemu_uri="nbd+unix:///disk?socket=$work/qemu.sock"
 dm_uri=$(head -1 dm.uri)
 
-declare -A S R
+declare -A S R Q
 for r in $(seq "$rounds"); do
   for who in qemu dm; do
     uri=qemu_uri; [ $who = dm ] && uri=dm_uri
     t0=$(date +%s.%N); nbdcopy "${!uri}" null: ; t1=$(date +%s.%N)
     S[$who]+="$(python3 -c "print(round($data / ($t1 - $t0) / 1e6))") "
+    t0=$(date +%s.%N); nbdcopy --connections=1 --requests=1 "${!uri}" null: ; t1=$(date +%s.%N)
+    Q[$who]+="$(python3 -c "print(round($data / ($t1 - $t0) / 1e6))") "
     R[$who]+="$("$tool" randread "${!uri}" 5 4 | python3 -c 'import json,sys; print(json.load(sys.stdin)["iops"])') "
   done
 done
 med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "1 GiB disk of data, unix sockets, warm cache, medians of $rounds rounds"
-printf '%-10s %16s %18s\n' server "sequential MB/s" "random 4K reads/s"
+printf '%-10s %16s %16s %18s\n' server "sequential MB/s" "single MB/s" "random 4K reads/s"
 for who in qemu dm; do
-  printf '%-10s %16s %18s\n' "$([ $who = qemu ] && echo qemu-nbd || echo 'dm export')" "$(med "${S[$who]}")" "$(med "${R[$who]}")"
+  printf '%-10s %16s %16s %18s\n' "$([ $who = qemu ] && echo qemu-nbd || echo 'dm export')" "$(med "${S[$who]}")" "$(med "${Q[$who]}")" "$(med "${R[$who]}")"
 done
-echo "dm/qemu-nbd: sequential $(python3 -c "print(round($(med "${S[dm]}") / $(med "${S[qemu]}"), 2))")x, random $(python3 -c "print(round($(med "${R[dm]}") / $(med "${R[qemu]}"), 2))")x"
+echo "dm/qemu-nbd: sequential $(python3 -c "print(round($(med "${S[dm]}") / $(med "${S[qemu]}"), 2))")x, single $(python3 -c "print(round($(med "${Q[dm]}") / $(med "${Q[qemu]}"), 2))")x, random $(python3 -c "print(round($(med "${R[dm]}") / $(med "${R[qemu]}"), 2))")x"

@@ -5,6 +5,11 @@
 //! error for the reads that touch it, never wrong data. Zero runs are
 //! answered without touching the repository.
 //!
+//! Read-ahead: a read that starts where a recent one ended continues a
+//! sequential run; the chunks after it (up to [`READ_AHEAD`] bytes) are
+//! queued for [`PointReader::prefetcher`], a worker the caller runs, which
+//! loads them into the cache while the client takes the data it has.
+//!
 //! Invariant: the reader holds the repository's shared lock, so garbage
 //! collection cannot remove a chunk of the point while it is served.
 
@@ -22,6 +27,10 @@ use crate::sys::LockMode;
 
 /// Default cache size.
 pub const DEFAULT_CACHE: u64 = 64 << 20;
+/// How far ahead of a sequential run chunks are loaded.
+pub const READ_AHEAD: u64 = 8 << 20;
+/// Sequential runs followed at once (the ends of the latest reads).
+const RUNS: usize = 16;
 
 /// Chunks decoded, for a benchmark or a test to see what a read cost.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +99,13 @@ pub struct PointReader<'r> {
     loaded: AtomicU64,
     loaded_bytes: AtomicU64,
     hits: AtomicU64,
+    /// Where the latest reads ended (sequential runs continue there).
+    ends: Mutex<[u64; RUNS]>,
+    /// Chunks (extent indices) to load ahead; bounded, a full queue drops.
+    ahead: (
+        crossbeam_channel::Sender<usize>,
+        crossbeam_channel::Receiver<usize>,
+    ),
     _lock: Option<RepoLock>,
 }
 
@@ -139,6 +155,8 @@ impl<'r> PointReader<'r> {
             loaded: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            ends: Mutex::new([u64::MAX; RUNS]),
+            ahead: crossbeam_channel::bounded(64),
             _lock: lock,
         })
     }
@@ -188,6 +206,7 @@ impl<'r> PointReader<'r> {
         if let Some(e) = self.out_of_range(off, buf.len() as u64) {
             return Err(e);
         }
+        self.follow(off, off + buf.len() as u64);
         let mut done = 0usize;
         let mut i = self.find(off);
         while done < buf.len() {
@@ -259,6 +278,68 @@ impl<'r> PointReader<'r> {
             .unwrap_or_else(|p| p.into_inner())
             .put(id, b.clone());
         Ok(b)
+    }
+
+    /// Note a read of `[off, end)`: when it continues a recent one, queue
+    /// the chunks after it that the cache lacks.
+    fn follow(&self, off: u64, end: u64) {
+        let sequential = {
+            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+            let hit = ends.iter().position(|e| *e == off);
+            let slot = hit.unwrap_or_else(|| {
+                // Replace the oldest: the ends are kept in recency order.
+                ends.len() - 1
+            });
+            ends.copy_within(0..slot, 1);
+            ends[0] = end;
+            hit.is_some()
+        };
+        if !sequential || end >= self.size {
+            return;
+        }
+        let mut i = self.find(end);
+        let stop = end.saturating_add(READ_AHEAD);
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        while i < self.at.len() && self.at[i].0 < stop {
+            if let Extent::Chunk { id, .. } = self.at[i].1
+                && !cache.map.contains_key(&id)
+                && self.ahead.0.try_send(i).is_err()
+            {
+                break;
+            }
+            i += 1;
+        }
+    }
+
+    /// Load the chunks reads ahead queued, until `stop` is set: run it in
+    /// a thread of its own beside the reads (a damaged chunk is left for
+    /// the read that needs it to report).
+    pub fn prefetcher(&self, stop: &std::sync::atomic::AtomicBool) {
+        let mut last = usize::MAX;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(i) = self
+                .ahead
+                .1
+                .recv_timeout(std::time::Duration::from_millis(100))
+            else {
+                continue;
+            };
+            if i == last {
+                continue;
+            }
+            last = i;
+            if let Some((start, Extent::Chunk { id, len })) = self.at.get(i).copied() {
+                let cached = self
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map
+                    .contains_key(&id);
+                if !cached && let Err(e) = self.chunk(id, len, start) {
+                    tracing::debug!("read-ahead: {e}");
+                }
+            }
+        }
     }
 
     /// The allocation of `[off, off+len)`: runs of (length, zero), merged,

@@ -305,7 +305,11 @@ pub fn export(
     let listener = Listener::bind(&how.listen)?;
     ready(&listener.uri(&name, tls.is_some()));
     let opts = ExportOptions { name, tls };
-    let r = server::serve(&listener, &disk, &opts, stop);
+    // Read-ahead loads beside the connections' threads.
+    let r = std::thread::scope(|s| {
+        s.spawn(|| disk.reader().prefetcher(stop));
+        server::serve(&listener, &disk, &opts, stop)
+    });
     if let Some(path) = how.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(path);
     }

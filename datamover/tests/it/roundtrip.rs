@@ -317,3 +317,66 @@ fn a_compare_restore_writes_only_what_differs() {
     let e = datamover::replica::apply(&repo, &disk, &r.point, &rep).unwrap_err();
     assert!(e.to_string().contains("failed over"), "{e}");
 }
+
+/// Random access to a point: every read equals the disk, zero runs cost
+/// no chunk, and a sequential run is read ahead by the prefetcher (the
+/// chunks after it are loaded before they are asked for).
+#[test]
+fn a_point_reader_reads_anywhere_and_reads_ahead_of_sequential_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(
+        &img,
+        32 << 20,
+        &[
+            (0, 16 << 20, Fill::Random(9)),
+            (24 << 20, 2 << 20, Fill::Text),
+        ],
+    );
+    let repo = new_repo(dir.path());
+    let r = backup(&repo, &img, "vm/disk", &BackupOptions::default());
+    let disk: datamover::DiskName = "vm/disk".parse().expect("name");
+    let reader =
+        datamover::reader::PointReader::open(&repo, &disk, &r.point, 64 << 20).expect("open");
+    let want = std::fs::read(&img).expect("read");
+    let mut b = vec![0u8; 5000];
+    for off in [0u64, 1_048_000, 20 << 20, 25 << 20, (32 << 20) - 5000] {
+        reader.read_at(off, &mut b).expect("read");
+        assert!(b[..] == want[off as usize..off as usize + 5000], "at {off}");
+    }
+    assert!(
+        reader.read_at((32 << 20) - 10, &mut b).is_err(),
+        "beyond the end"
+    );
+    let runs = reader.runs(16 << 20, 16 << 20);
+    assert_eq!(
+        runs,
+        vec![(8 << 20, true), (2 << 20, false), (6 << 20, true)]
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| reader.prefetcher(&stop));
+        let before = reader.stats();
+        let mut piece = vec![0u8; 256 << 10];
+        // A sequential run from 4 MiB: reads ahead of it load the next chunks.
+        reader.read_at(4 << 20, &mut piece).expect("read");
+        reader
+            .read_at((4 << 20) + (256 << 10), &mut piece)
+            .expect("read");
+        let t = std::time::Instant::now();
+        while reader.stats().chunks_loaded < before.chunks_loaded + 4
+            && t.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            reader.stats().chunks_loaded >= before.chunks_loaded + 4,
+            "{:?}",
+            reader.stats()
+        );
+        let hits = reader.stats().hits;
+        reader.read_at(7 << 20, &mut piece).expect("read");
+        assert!(reader.stats().hits > hits, "read ahead, then a cache hit");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
