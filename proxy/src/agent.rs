@@ -514,7 +514,7 @@ fn migrate_vm(
         g.len()
     );
     let still = transports::SourceOptions {
-        quiesce: transports::qemu::Quiesce::Off,
+        quiesce: paused.held(),
         ..src.clone()
     };
     let last =

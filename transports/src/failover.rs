@@ -35,7 +35,6 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::libvirt::{self, LibvirtAddress};
-use crate::qemu::Quiesce;
 use crate::{BackupRun, SourceOptions};
 use datamover::replica::{self, FAILOVER, ReplicaReport};
 use datamover::{BackupOptions, DiskName, Error, Repository, Result};
@@ -651,7 +650,7 @@ pub fn migrate(
         }
     };
     let still = SourceOptions {
-        quiesce: Quiesce::Off,
+        quiesce: paused.held(),
         ..opts.clone()
     };
     let runs = match crate::backup_vm(repo, from, vm, &[], &[], &still, &full)

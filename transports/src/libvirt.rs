@@ -996,7 +996,7 @@ pub fn pause(spec: &str, quiesce: crate::qemu::Quiesce) -> Result<Paused> {
     let conn = connect(&addr)?;
     let dom = domain(&conn, &addr)?;
     let frozen = match quiesce {
-        Quiesce::Off => Err("quiesce off".to_string()),
+        Quiesce::Off | Quiesce::Held => Err("quiesce off".to_string()),
         _ => {
             // SAFETY: a valid domain; no mountpoints (all filesystems).
             let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
@@ -1030,6 +1030,15 @@ impl Paused {
         match &self.frozen {
             Ok(()) => "application".into(),
             Err(why) => format!("crash ({why})"),
+        }
+    }
+
+    /// How a snapshot of the paused VM is quiesced: held (frozen before
+    /// the pause), or off.
+    pub fn held(&self) -> crate::qemu::Quiesce {
+        match self.frozen {
+            Ok(()) => crate::qemu::Quiesce::Held,
+            Err(_) => crate::qemu::Quiesce::Off,
         }
     }
 

@@ -96,6 +96,17 @@ fn a_libvirt_guest_migrates_to_its_replicas_fails_back_and_a_failover_is_undone(
         m.first_pass_bytes
     );
     assert_eq!(state(&dom), "shut off");
+    // The final sync's points say what they are: taken frozen and paused.
+    let vda: datamover::DiskName = "app/vda".parse().unwrap();
+    let newest = repo.resolve_point(&vda, None).unwrap();
+    let c = repo
+        .point_meta(&vda, &newest)
+        .unwrap()
+        .meta
+        .consistency
+        .unwrap();
+    assert_eq!(c.level, datamover::ConsistencyLevel::Application, "{c:?}");
+    assert!(c.reason.contains("paused"), "{c:?}");
     let t = Guest::libvirt_running(dir, &target);
     assert_eq!(sum(&t, "/root/before"), before);
     assert_eq!(

@@ -35,6 +35,10 @@ pub enum Quiesce {
     Required,
     /// Never ask the guest (crash-consistent points).
     Off,
+    /// The caller froze the guest and keeps it frozen (and paused) over
+    /// the snapshot, as a migration's final sync does: the agent is not
+    /// asked and points are application-consistent. Not a user's choice.
+    Held,
 }
 
 impl Quiesce {
@@ -44,6 +48,7 @@ impl Quiesce {
             Quiesce::Auto => "auto",
             Quiesce::Required => "required",
             Quiesce::Off => "off",
+            Quiesce::Held => "held",
         }
     }
 }
@@ -208,6 +213,9 @@ impl Quiescer {
             q.why_not = Some("quiescing is off".into());
             return Ok(q);
         }
+        if mode == Quiesce::Held {
+            return Ok(q);
+        }
         let reached = reach(&limits).and_then(|mut g| match g.thaw_leftover() {
             Ok(0) => Ok(g),
             Ok(n) => {
@@ -247,7 +255,7 @@ impl Quiescer {
                 c.reason
             ))),
             Quiesce::Auto => Ok(Some(format!("crash-consistent: {}", c.reason))),
-            Quiesce::Off => Ok(None),
+            Quiesce::Off | Quiesce::Held => Ok(None),
         }
     }
 
@@ -256,6 +264,18 @@ impl Quiescer {
     /// before `snapshot` ran: with [`Quiesce::Required`], when the guest
     /// could not be frozen (it is left thawed).
     pub fn around<T>(&mut self, snapshot: impl FnOnce() -> T) -> Result<(T, Consistency)> {
+        if self.mode == Quiesce::Held {
+            return Ok((
+                snapshot(),
+                Consistency {
+                    level: ConsistencyLevel::Application,
+                    reason:
+                        "the guest was frozen through its agent and paused before this snapshot"
+                            .into(),
+                    frozen_ms: None,
+                },
+            ));
+        }
         let Some(mut agent) = self.agent.take() else {
             let why = self.why_not.clone().unwrap_or_default();
             return Ok((snapshot(), Consistency::crash(why)));
