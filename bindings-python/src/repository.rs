@@ -327,11 +327,7 @@ impl Repository {
         replicas: PathBuf,
     ) -> PyResult<Bound<'py, PyAny>> {
         let r = transports::failover::replicas(&self.inner, &replicas, vm).map_err(to_py)?;
-        let rows: Vec<serde_json::Value> = r
-            .into_iter()
-            .map(|(d, img, s)| serde_json::json!({"disk": d, "image": img, "state": s}))
-            .collect();
-        as_py(py, &rows)
+        as_py(py, &r)
     }
 
     /// Start `vm` on its replicas: a libvirt domain (`on`, default
@@ -411,13 +407,6 @@ impl Repository {
         vm: Option<String>,
         quiesce: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let vm = match vm {
-            Some(v) => v,
-            None => transports::libvirt::LibvirtAddress::parse(source)
-                .map_err(to_py)?
-                .domain
-                .ok_or_else(|| PyValueError::new_err(format!("{source} names no domain")))?,
-        };
         let opts = transports::SourceOptions {
             quiesce: quiesce.parse().map_err(to_py)?,
             ..Default::default()
@@ -427,7 +416,7 @@ impl Repository {
             transports::failover::migrate(
                 repo,
                 &replicas,
-                &vm,
+                vm.as_deref(),
                 &source,
                 &to,
                 &opts,

@@ -359,13 +359,13 @@ impl Server {
         let (c, job) = (self.client.clone(), job.to_string());
         let op = py
             .detach(move || -> Result<_, Waited> {
-                let mut op = c.replica_operation(&job, &req).map_err(Waited::Client)?;
-                while wait && (op.state == "queued" || op.state == "running") {
-                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)?;
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    op = c.operation(op.id).map_err(Waited::Client)?;
+                let op = c.replica_operation(&job, &req).map_err(Waited::Client)?;
+                if !wait {
+                    return Ok(op);
                 }
-                Ok(op)
+                c.wait_operation(op.id, || {
+                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)
+                })
             })
             .map_err(|e| match e {
                 Waited::Client(e) => client_err(e),

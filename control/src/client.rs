@@ -430,6 +430,24 @@ impl Client {
             std::thread::sleep(SESSION_POLL);
         }
     }
+
+    /// Poll operation `id` every [`SESSION_POLL`] until it is done or
+    /// failed, calling `each` between polls (a check for Ctrl-C); an error
+    /// from `each` stops the wait. Returns the ended operation.
+    pub fn wait_operation<E: From<ClientError>>(
+        &self,
+        id: u64,
+        mut each: impl FnMut() -> std::result::Result<(), E>,
+    ) -> std::result::Result<crate::api::Operation, E> {
+        loop {
+            let o = self.operation(id)?;
+            if o.state != "queued" && o.state != "running" {
+                return Ok(o);
+            }
+            each()?;
+            std::thread::sleep(SESSION_POLL);
+        }
+    }
 }
 
 /// How often [`Client::wait_session`] asks for a session's state.

@@ -134,13 +134,9 @@ pub fn replica(cmd: ReplicaCmd) -> Result<u8, Failure> {
         ReplicaCmd::List(p) => {
             let repo = Repository::open(&p.repo)?;
             let r = failover::replicas(&repo, &p.replicas, &p.vm)?;
-            let rows: Vec<_> = r
-                .iter()
-                .map(|(d, img, s)| json!({"disk": d, "image": img, "state": s}))
-                .collect();
-            print(p.json, &rows, || {
-                for (d, img, s) in &r {
-                    println!("{d}\t{}\t{s}", img.display());
+            print(p.json, &r, || {
+                for x in &r {
+                    println!("{}\t{}\t{}", x.disk, x.image, x.state);
                 }
             });
         }
@@ -216,14 +212,6 @@ fn print_vm(v: &failover::ReplicaVm, what: &str) {
 /// `dm migrate`.
 pub fn migrate(a: MigrateArgs) -> Result<u8, Failure> {
     let repo = Repository::open(&a.repo)?;
-    let vm = match a.vm {
-        Some(v) => v,
-        None => transports::libvirt::LibvirtAddress::parse(&a.from)?
-            .domain
-            .ok_or_else(|| {
-                datamover::Error::InvalidArgument(format!("{} names no domain", a.from))
-            })?,
-    };
     let opts = transports::SourceOptions {
         quiesce: a.quiesce.parse()?,
         ..Default::default()
@@ -231,7 +219,7 @@ pub fn migrate(a: MigrateArgs) -> Result<u8, Failure> {
     let r = failover::migrate(
         &repo,
         &a.replicas,
-        &vm,
+        a.vm.as_deref(),
         &a.from,
         &a.to,
         &opts,

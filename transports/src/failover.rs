@@ -26,8 +26,7 @@
 //!   anything fails before the target runs, the source is resumed and
 //!   thawed: a migration never leaves both or neither VM running.
 
-use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -375,24 +374,6 @@ fn check_runs_on(dom: &Domain, name: &str, disks: &[ReplicaDisk]) -> Result<()> 
     Ok(())
 }
 
-/// Freeze the guest's filesystems through libvirt's agent integration so
-/// that what is on its disks is clean; `Err(reason)` when it cannot be.
-fn freeze(dom: &Domain) -> std::result::Result<(), String> {
-    // SAFETY: a valid domain; no mountpoints (all filesystems).
-    let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-    if n < 0 {
-        return Err(virt::error::Error::last_error().message().to_string());
-    }
-    Ok(())
-}
-
-fn consistency(frozen: &std::result::Result<(), String>) -> String {
-    match frozen {
-        Ok(()) => "application".into(),
-        Err(why) => format!("crash ({why})"),
-    }
-}
-
 /// Open a VM's own disk for writing, as its format needs: a raw file or
 /// a device in place, another format through a writable local qemu-nbd
 /// (QEMU's image locking refuses an image a VM holds).
@@ -472,7 +453,7 @@ pub fn failback(
     }
     // Quiesce, then power off: the replicas now hold the guest's state.
     let frozen = if dom.is_active().unwrap_or(false) {
-        freeze(&dom)
+        libvirt::fs_freeze(&dom).map(|_| ())
     } else {
         Err("the replica VM was not running".into())
     };
@@ -533,7 +514,11 @@ pub fn failback(
         if libvirt::delete_checkpoint(&orig, &c).is_err() {
             // libvirt deletes checkpoints of running domains only: drop
             // the metadata, and the bitmap from each qcow2 disk ourselves.
-            delete_checkpoint_metadata(&orig, &c)?;
+            libvirt::delete_checkpoint_with(
+                &orig,
+                &c,
+                sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY,
+            )?;
             for (_, (path, format)) in pairs.iter().filter(|(_, (_, f))| f == "qcow2") {
                 remove_bitmap(Path::new(path), format, &c);
             }
@@ -547,7 +532,7 @@ pub fn failback(
     Ok(FailbackReport {
         domain: orig_name,
         started: start,
-        consistency: consistency(&frozen),
+        consistency: libvirt::consistency_of(&frozen),
         disks: out,
         downtime_seconds: down.elapsed().as_secs_f64(),
         seconds: t0.elapsed().as_secs_f64(),
@@ -573,23 +558,6 @@ fn remove_bitmap(path: &Path, format: &str, name: &str) {
     }
 }
 
-fn delete_checkpoint_metadata(d: &Domain, name: &str) -> Result<()> {
-    let c = CString::new(name).map_err(|_| Error::Internal("checkpoint name".into()))?;
-    // SAFETY: valid domain and C string; the looked-up reference is freed.
-    unsafe {
-        let cp = sys::virDomainCheckpointLookupByName(d.as_ptr(), c.as_ptr(), 0);
-        if cp.is_null() {
-            return Err(libvirt::last(&format!("checkpoint {name}")));
-        }
-        let r = sys::virDomainCheckpointDelete(cp, sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
-        sys::virDomainCheckpointFree(cp);
-        if r < 0 {
-            return Err(libvirt::last(&format!("deleting checkpoint {name}")));
-        }
-    }
-    Ok(())
-}
-
 fn read_bytes(runs: &[BackupRun]) -> u64 {
     runs.iter().map(|r| r.report.stats.bytes_read).sum()
 }
@@ -597,11 +565,12 @@ fn read_bytes(runs: &[BackupRun]) -> u64 {
 /// Quick migration of the libvirt VM `from` to `to` (`libvirt:///NAME`,
 /// any connection; default name: the VM's), through the repository and
 /// the replicas under `root` (on storage `to`'s host sees). See the
-/// module comment. `vm` names its disks in the repository.
+/// module comment. `vm` names its disks in the repository (default: the
+/// source domain's name).
 pub fn migrate(
     repo: &Repository,
     root: &Path,
-    vm: &str,
+    vm: Option<&str>,
     from: &str,
     to: &str,
     opts: &SourceOptions,
@@ -609,6 +578,12 @@ pub fn migrate(
 ) -> Result<MigrationReport> {
     let t0 = Instant::now();
     let src_addr = LibvirtAddress::parse(from)?;
+    let vm = match vm {
+        Some(v) => v,
+        None => src_addr.domain.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(format!("{from} names no domain (libvirt:///DOMAIN)"))
+        })?,
+    };
     let (to_addr, name) = {
         let mut a = LibvirtAddress::parse(to)?;
         let n = a.domain.clone().unwrap_or_else(|| vm.to_string());
@@ -685,20 +660,29 @@ pub fn migrate(
     })
 }
 
+/// A replica as `dm replica list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaInfo {
+    /// `VM/DISK`.
+    pub disk: String,
+    /// The image.
+    pub image: String,
+    /// What it holds: `applied POINT`, `applying POINT`, `failover POINT`,
+    /// or `unknown` (no state file).
+    pub state: String,
+}
+
 /// The replicas of `vm` under `root`, with what each holds.
-pub fn replicas(
-    repo: &Repository,
-    root: &Path,
-    vm: &str,
-) -> Result<Vec<(String, PathBuf, String)>> {
+pub fn replicas(repo: &Repository, root: &Path, vm: &str) -> Result<Vec<ReplicaInfo>> {
     Ok(replica::replicas_of(repo, root, vm)?
         .into_iter()
-        .map(|(d, img, st)| {
-            let s = st.map_or_else(
+        .map(|(d, img, st)| ReplicaInfo {
+            disk: d.to_string(),
+            image: img.display().to_string(),
+            state: st.map_or_else(
                 || "unknown".to_string(),
                 |s| format!("{} {}", s.state, s.point),
-            );
-            (d.to_string(), img, s)
+            ),
         })
         .collect())
 }

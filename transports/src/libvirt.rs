@@ -361,6 +361,12 @@ pub(crate) fn checkpoints(d: &Domain) -> Result<Vec<String>> {
 }
 
 pub(crate) fn delete_checkpoint(d: &Domain, name: &str) -> Result<()> {
+    delete_checkpoint_with(d, name, 0)
+}
+
+/// Delete a checkpoint with `virDomainCheckpointDelete` flags (`0`, or
+/// `VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY` for a domain that is off).
+pub(crate) fn delete_checkpoint_with(d: &Domain, name: &str, flags: u32) -> Result<()> {
     let c = CString::new(name).map_err(|_| Error::Internal("checkpoint name".into()))?;
     // SAFETY: valid domain and C string; the looked-up reference is freed.
     unsafe {
@@ -368,7 +374,7 @@ pub(crate) fn delete_checkpoint(d: &Domain, name: &str) -> Result<()> {
         if cp.is_null() {
             return Err(last(&format!("checkpoint {name}")));
         }
-        let r = sys::virDomainCheckpointDelete(cp, 0);
+        let r = sys::virDomainCheckpointDelete(cp, flags);
         sys::virDomainCheckpointFree(cp);
         if r < 0 {
             return Err(last(&format!("deleting checkpoint {name}")));
@@ -438,6 +444,36 @@ fn export_ports(e: &Export) -> Vec<u16> {
         .collect()
 }
 
+/// Freeze the guest's filesystems through libvirt's agent integration:
+/// how many, or why not (the agent's or libvirt's message).
+pub(crate) fn fs_freeze(dom: &Domain) -> std::result::Result<u64, String> {
+    // SAFETY: a valid domain; no mountpoints (all filesystems).
+    let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error().message().to_string());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Thaw the guest's filesystems: how many were thawed.
+pub(crate) fn fs_thaw(dom: &Domain) -> Result<u64> {
+    // SAFETY: a valid domain; no mountpoints (all filesystems).
+    let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(last("thawing the guest"));
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// What a guest's disks hold after a freeze that went (`application`) or
+/// did not (`crash (why)`), as the migration and failback reports say.
+pub(crate) fn consistency_of(frozen: &std::result::Result<(), String>) -> String {
+    match frozen {
+        Ok(()) => "application".into(),
+        Err(why) => format!("crash ({why})"),
+    }
+}
+
 /// The guest's freeze through libvirt's agent integration.
 struct LibvirtFreezer {
     dom: Domain,
@@ -455,20 +491,10 @@ impl GuestFreezer for LibvirtFreezer {
         &mut self,
         _timeout: std::time::Duration,
     ) -> Result<std::result::Result<u64, String>> {
-        // SAFETY: a valid domain; no mountpoints (all filesystems).
-        let n = unsafe { sys::virDomainFSFreeze(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-        if n < 0 {
-            return Ok(Err(virt::error::Error::last_error().message().to_string()));
-        }
-        Ok(Ok(u64::try_from(n).unwrap_or(0)))
+        Ok(fs_freeze(&self.dom))
     }
     fn thaw(&mut self) -> Result<u64> {
-        // SAFETY: a valid domain; no mountpoints (all filesystems).
-        let n = unsafe { sys::virDomainFSThaw(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-        if n < 0 {
-            return Err(last("thawing the guest"));
-        }
-        Ok(u64::try_from(n).unwrap_or(0))
+        fs_thaw(&self.dom)
     }
     fn recover(&mut self) -> Result<()> {
         self.thaw().map(|_| ())
@@ -997,15 +1023,7 @@ pub fn pause(spec: &str, quiesce: crate::qemu::Quiesce) -> Result<Paused> {
     let dom = domain(&conn, &addr)?;
     let frozen = match quiesce {
         Quiesce::Off | Quiesce::Held => Err("quiesce off".to_string()),
-        _ => {
-            // SAFETY: a valid domain; no mountpoints (all filesystems).
-            let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-            if n < 0 {
-                Err(virt::error::Error::last_error().message().to_string())
-            } else {
-                Ok(())
-            }
-        }
+        _ => fs_freeze(&dom).map(|_| ()),
     };
     if let (Err(why), Quiesce::Required) = (&frozen, quiesce) {
         return Err(Error::InvalidArgument(format!(
@@ -1027,10 +1045,7 @@ impl Paused {
     /// What the guest's disks hold: `application` (frozen) or `crash`,
     /// with why.
     pub fn consistency(&self) -> String {
-        match &self.frozen {
-            Ok(()) => "application".into(),
-            Err(why) => format!("crash ({why})"),
-        }
+        consistency_of(&self.frozen)
     }
 
     /// How a snapshot of the paused VM is quiesced: held (frozen before
@@ -1050,15 +1065,10 @@ impl Paused {
         {
             tracing::error!("resuming the source VM failed: {}", e.message());
         }
-        if self.frozen.is_ok() {
-            // SAFETY: a valid domain; no mountpoints (all filesystems).
-            let n = unsafe { sys::virDomainFSThaw(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
-            if n < 0 {
-                tracing::error!(
-                    "thawing the guest failed: {}",
-                    virt::error::Error::last_error().message()
-                );
-            }
+        if self.frozen.is_ok()
+            && let Err(e) = fs_thaw(&self.dom)
+        {
+            tracing::error!("{e}");
         }
     }
 

@@ -78,7 +78,7 @@ fn a_libvirt_guest_migrates_to_its_replicas_fails_back_and_a_failover_is_undone(
     let m = failover::migrate(
         &repo,
         &root,
-        "app",
+        Some("app"),
         &g.spec(),
         &format!("libvirt:///{target}"),
         &opts,

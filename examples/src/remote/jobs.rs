@@ -152,10 +152,7 @@ fn replica_op(
         },
     )?;
     if !a.no_wait {
-        while op.state == "queued" || op.state == "running" {
-            std::thread::sleep(Duration::from_millis(500));
-            op = cl.operation(op.id)?;
-        }
+        op = cl.wait_operation(op.id, || Ok::<(), Failure>(()))?;
     }
     if a.json {
         print_json(&op)?;

@@ -21,6 +21,20 @@ fn repo(e: &Engine, name: &str) {
     .unwrap();
 }
 
+/// A heartbeat of a 2-core proxy that runs nothing and reports nothing.
+fn quiet_heartbeat() -> Heartbeat {
+    Heartbeat {
+        version: "t".into(),
+        cores: 2,
+        datastores: Vec::new(),
+        running: Vec::new(),
+        service_port: None,
+        serving: Vec::new(),
+        vms: None,
+        operations: Vec::new(),
+    }
+}
+
 fn job(name: &str, repository: &str, sources: &[&str]) -> JobSpec {
     serde_json::from_value(serde_json::json!({
         "name": name,
@@ -98,14 +112,8 @@ fn a_silent_proxy_is_declared_dead_when_the_clock_says_so() {
     e.add_host(&h).unwrap();
     let host = Engine::host_id(&e.db(), "p1").unwrap();
     let hb = Heartbeat {
-        version: "t".into(),
-        cores: 2,
         datastores: vec!["/".into()],
-        running: Vec::new(),
-        service_port: None,
-        serving: Vec::new(),
-        vms: None,
-        operations: Vec::new(),
+        ..quiet_heartbeat()
     };
     e.create_job(&job("j", "vault", &["/a.img"])).unwrap();
     let s = e.run_job("j").unwrap();
@@ -172,14 +180,8 @@ fn certificate_names_and_datastores_are_the_administrators() {
     // /srv/a/vm is kept.
     let host = Engine::host_id(&e.db(), "kvm1").unwrap();
     let hb = Heartbeat {
-        version: "t".into(),
-        cores: 2,
         datastores: vec!["/".into(), "/srv/a/vm".into(), "/srv/b".into()],
-        running: Vec::new(),
-        service_port: None,
-        serving: Vec::new(),
-        vms: None,
-        operations: Vec::new(),
+        ..quiet_heartbeat()
     };
     e.heartbeat(host, &hb).unwrap();
     assert_eq!(
@@ -285,18 +287,12 @@ fn a_job_of_whole_vms_expands_to_their_disks_from_the_inventory() {
         source: Some(format!("/images/web01-{t}.qcow2")),
     };
     let hb = Heartbeat {
-        version: "t".into(),
-        cores: 2,
-        datastores: Vec::new(),
-        running: Vec::new(),
-        service_port: None,
-        serving: Vec::new(),
         vms: Some(vec![VmReport {
             name: "web01".into(),
             state: "running".into(),
             disks: vec![disk("vda"), disk("vdb")],
         }]),
-        operations: Vec::new(),
+        ..quiet_heartbeat()
     };
     let orders = e.heartbeat(host, &hb).unwrap();
     assert_eq!(orders.hypervisor.as_deref(), Some("qemu:///system"));
@@ -383,14 +379,8 @@ fn replica_operations_go_once_to_the_proxy_holding_the_replicas() {
         e.heartbeat(
             host,
             &Heartbeat {
-                version: "t".into(),
-                cores: 2,
-                datastores: Vec::new(),
-                running: Vec::new(),
-                service_port: None,
-                serving: Vec::new(),
-                vms: None,
                 operations: ops,
+                ..quiet_heartbeat()
             },
         )
         .unwrap()
