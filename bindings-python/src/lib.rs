@@ -55,6 +55,10 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PruneReport>()?;
     m.add_class::<Server>()?;
     m.add_class::<export::Export>()?;
+    m.add_class::<export::InstantRecovery>()?;
+    m.add_function(wrap_pyfunction!(export::instant_migrate, m)?)?;
+    m.add_function(wrap_pyfunction!(export::instant_discard, m)?)?;
+    m.add_function(wrap_pyfunction!(export::instant_sessions, m)?)?;
     m.add_function(wrap_pyfunction!(vm_disks, m)?)?;
     m.add_function(wrap_pyfunction!(vms, m)?)?;
     Ok(())

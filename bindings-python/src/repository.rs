@@ -302,6 +302,31 @@ impl Repository {
         )
     }
 
+    /// Instant VM recovery (libvirt): start the VM whose points `points`
+    /// name ("vm/disk[@id]", or "vm" for each disk's newest) as domain
+    /// `on` (default "libvirt:///VM-instant"), its disks served from the
+    /// repository by a background thread, its writes to overlays under
+    /// `dir`. Returns once the VM runs; migrate with
+    /// `datamover.instant_migrate`, or discard.
+    #[pyo3(signature = (points, *, on="libvirt:///", dir=None, cache_mib=64))]
+    fn instant_recover(
+        &self,
+        points: Vec<String>,
+        on: &str,
+        dir: Option<PathBuf>,
+        cache_mib: u64,
+    ) -> PyResult<crate::export::InstantRecovery> {
+        crate::export::InstantRecovery::start(
+            self.inner.root().to_path_buf(),
+            points,
+            transports::instant::Recover {
+                on: on.to_string(),
+                dir: dir.unwrap_or_else(|| PathBuf::from(transports::instant::DEFAULT_DIR)),
+                cache_bytes: cache_mib.max(1) << 20,
+            },
+        )
+    }
+
     /// Bring the replicas of `vm` under `replicas` (REPLICAS/VM/DISK.img)
     /// to its newest points; only what differs is written. A list of
     /// dicts (the keys of `dm replica sync --json`).

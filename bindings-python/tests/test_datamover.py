@@ -609,3 +609,25 @@ def test_a_point_is_exported_over_nbd(env):
     assert ro.stop()["chunks_loaded"] >= 0
     with pytest.raises(datamover.InvalidInputError, match="no restore point|not found|no point"):
         repo.export("web01/none", f"unix:{tmp / 'x.sock'}")
+
+
+def test_instant_recovery_front_door(env):
+    """Repository.instant_recover and the session calls: what a point
+    without a VM definition, an unknown VM or session get; sessions of an
+    empty directory. A real guest's recovery, migration and discard run
+    through the same library calls in the Rust tests (transports and the
+    CLI) against libvirtd."""
+    tmp, img, repo = env
+    repo.backup(img, "plain/vda")
+    sessions = tmp / "sessions"
+    assert datamover.instant_sessions(dir=sessions) == []
+    with pytest.raises(datamover.InvalidInputError, match="stores a VM definition"):
+        repo.instant_recover(["plain"], on="libvirt:///p?uri=test:///default", dir=sessions)
+    with pytest.raises(datamover.InvalidInputError, match="no disk of VM nope"):
+        repo.instant_recover(["nope"], dir=sessions)
+    with pytest.raises(datamover.InvalidInputError, match="no instant recovery session"):
+        datamover.instant_migrate("x", tmp / "prod", dir=sessions)
+    with pytest.raises(datamover.InvalidInputError, match="no instant recovery session"):
+        datamover.instant_discard("x", dir=sessions)
+    with pytest.raises(datamover.InvalidInputError, match="cannot name"):
+        datamover.instant_discard("../etc", dir=sessions)

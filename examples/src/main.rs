@@ -55,6 +55,10 @@ enum Cmd {
     /// Serve a point over NBD (read-only, or writes to an overlay) until
     /// SIGINT or SIGTERM; prints the NBD URI to connect to.
     Export(replica_cmds::ExportArgs),
+    /// Instant VM recovery (libvirt): start a VM from its points, served
+    /// by this process, its writes to an overlay; then --migrate it to
+    /// production storage while it runs, or --discard it.
+    InstantRecover(replica_cmds::InstantArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
     Restore(disk_cmds::RestoreArgs),
     /// List restore points.
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Replica(c) => replica_cmds::replica(c),
         Cmd::Migrate(a) => replica_cmds::migrate(a),
         Cmd::Export(a) => replica_cmds::export(a),
+        Cmd::InstantRecover(a) => replica_cmds::instant_recover(a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),

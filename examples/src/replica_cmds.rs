@@ -284,3 +284,153 @@ pub fn export(a: ExportArgs) -> Result<u8, Failure> {
     );
     Ok(0)
 }
+
+/// `dm instant-recover`.
+#[derive(Args)]
+pub struct InstantArgs {
+    /// The points: VM/DISK[@POINT]..., or VM for each disk's newest.
+    pub points: Vec<String>,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO")]
+    pub repo: Option<PathBuf>,
+    /// The domain to start: libvirt:///NAME[?uri=…] (default
+    /// libvirt:///VM-instant on qemu:///system).
+    #[arg(long, default_value = "libvirt:///")]
+    pub on: String,
+    /// A session (its domain's name), for --migrate and --discard.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Copy the session's disks to images in this directory while the VM
+    /// runs, switch the VM to them, define it there, end the session.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "session",
+        conflicts_with = "discard"
+    )]
+    pub migrate: Option<PathBuf>,
+    /// Format of the migrated images: raw or qcow2.
+    #[arg(long, default_value = "raw", requires = "migrate")]
+    pub format: String,
+    /// Power off the session's VM and drop its writes.
+    #[arg(long, requires = "session")]
+    pub discard: bool,
+    /// List the sessions.
+    #[arg(long, conflicts_with_all = ["migrate", "discard"])]
+    pub list: bool,
+    /// Where sessions (sockets, overlays) live.
+    #[arg(long, value_name = "DIR", default_value = transports::instant::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Chunk cache per disk in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub cache_mib: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn show_session(s: &transports::instant::Session, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+        return;
+    }
+    let pct = if s.state == transports::instant::State::Migrating {
+        format!(" {}%", s.percent)
+    } else {
+        String::new()
+    };
+    println!(
+        "{}\t{}{pct}\t{}\t{}",
+        s.name,
+        s.state.name(),
+        s.disks
+            .iter()
+            .map(|d| format!("{}@{}", d.disk, d.point))
+            .collect::<Vec<_>>()
+            .join(","),
+        s.message.as_deref().unwrap_or("")
+    );
+}
+
+/// `dm instant-recover`: start a VM from its points and serve it (until
+/// it is migrated or discarded, or SIGINT/SIGTERM), or migrate, discard
+/// or list sessions.
+pub fn instant_recover(a: InstantArgs) -> Result<u8, Failure> {
+    use transports::instant;
+    if a.list {
+        let all = instant::sessions(&a.dir)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+        } else {
+            for s in &all {
+                show_session(s, false);
+            }
+        }
+        return Ok(0);
+    }
+    if let (Some(name), Some(to)) = (&a.session, &a.migrate) {
+        let how = instant::Migrate {
+            to: to.clone(),
+            format: a.format.clone(),
+        };
+        let s = instant::migrate(&a.dir, name, &how, |p| eprintln!("migrating {name}: {p}%"))?;
+        eprintln!(
+            "{name} runs from {} (paused {} ms for the switch)",
+            to.display(),
+            s.downtime_ms.unwrap_or_default()
+        );
+        show_session(&s, a.json);
+        return Ok(0);
+    }
+    if let (Some(name), true) = (&a.session, a.discard) {
+        let s = instant::discard(&a.dir, name)?;
+        eprintln!("{name}: powered off, its writes dropped");
+        show_session(&s, a.json);
+        return Ok(0);
+    }
+    if a.session.is_some() {
+        return Err(Failure(
+            2,
+            "--session goes with --migrate DIR or --discard".into(),
+        ));
+    }
+    let repo_dir = a
+        .repo
+        .ok_or_else(|| Failure(2, "--repo (or DM_REPO) is required to recover".into()))?;
+    if a.points.is_empty() {
+        return Err(Failure(2, "name the VM (or its disks) to recover".into()));
+    }
+    let repo = Repository::open(&repo_dir)?;
+    let points = instant::points_named(&repo, &a.points)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure(1, format!("cannot handle signals: {e}")))?;
+    }
+    let how = instant::Recover {
+        on: a.on,
+        dir: a.dir.clone(),
+        cache_bytes: a.cache_mib.max(1) << 20,
+    };
+    let json = a.json;
+    let s = instant::recover(&repo, &points, &how, &stop, |s| {
+        show_session(s, json);
+        eprintln!(
+            "{} runs from the repository; its writes go to {}.\n  migrate: dm instant-recover --session {} --migrate DIR\n  discard: dm instant-recover --session {} --discard\n(SIGINT or SIGTERM powers it off and keeps its writes)",
+            s.name,
+            a.dir.join(&s.name).display(),
+            s.name,
+            s.name
+        );
+    })?;
+    eprintln!(
+        "session {} ended: {}{}",
+        s.name,
+        s.state.name(),
+        s.message
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
+    Ok(0)
+}

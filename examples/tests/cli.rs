@@ -746,3 +746,137 @@ fn export_serves_a_point_until_sigterm() {
     assert!(err.contains("export ended"), "{err}");
     assert!(!sock.exists(), "socket left behind");
 }
+
+/// `dm instant-recover --list --json`.
+fn sessions(dir: &Path) -> Vec<serde_json::Value> {
+    let v = json(&dm(&[
+        "instant-recover",
+        "--list",
+        "--json",
+        "--dir",
+        s(dir),
+    ]));
+    v.as_array().expect("a list").clone()
+}
+
+#[test]
+fn instant_recover_serves_until_stopped_resumes_its_writes_and_discards() {
+    let mut tools = common::guest::GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh"]);
+    let test = "instant_recover_serves_until_stopped_resumes_its_writes_and_discards";
+    if !can_run(test, &tools) {
+        return;
+    }
+    common::GuestImage::get();
+    let e = env();
+    let d = e.dir.path();
+    run("chmod", &["0755", s(d)]);
+    let _libvirtd = common::guest::Libvirtd::ensure(d);
+    let img = d.join("src.qcow2");
+    common::GuestImage::get().copy_disk(&img);
+    let dom = format!("dm-cli-ir-{}", std::process::id());
+    let g = common::Guest::libvirt(d, &dom, &img, "qcow2", &[]);
+    ok(&dm(&[
+        "backup",
+        &g.spec(),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "app",
+        "--all-disks",
+    ]));
+    drop(g);
+    let sdir = d.join("sessions");
+    let name = format!("{dom}-i");
+    let on = format!("libvirt:///{name}");
+    let (code, msg) = fails(&dm(&[
+        "instant-recover",
+        "nope",
+        "--repo",
+        s(&e.repo),
+        "--dir",
+        s(&sdir),
+    ]));
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("no disk of VM nope"), "{msg}");
+    let (code, msg) = fails(&dm(&[
+        "instant-recover",
+        "--session",
+        &name,
+        "--discard",
+        "--dir",
+        s(&sdir),
+    ]));
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("no instant recovery session"), "{msg}");
+    assert!(sessions(&sdir).is_empty());
+
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_dm"))
+            .args([
+                "instant-recover",
+                "app",
+                "--repo",
+                s(&e.repo),
+                "--on",
+                &on,
+                "--dir",
+                s(&sdir),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let serving = || {
+        let t = Instant::now();
+        while !sessions(&sdir)
+            .first()
+            .is_some_and(|x| x["state"] == "serving")
+        {
+            assert!(t.elapsed() < Duration::from_secs(120), "no session serves");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // Served by a process of its own; stopped by SIGTERM: the VM is
+    // powered off and its writes kept.
+    let child = start();
+    serving();
+    let r = common::Guest::libvirt_running(d, &name);
+    let sum = r.sh(
+        "dd if=/dev/urandom of=/root/mine bs=1M count=1 status=none && sync && sha256sum /root/mine | cut -d' ' -f1",
+    );
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(err.contains("ended: stopped"), "{err}");
+    let listed = sessions(&sdir);
+    assert_eq!(listed[0]["state"], "stopped", "{listed:?}");
+    assert!(common::guest::virsh(&["domstate", &name]).is_err());
+    // Recovered again under its name: the guest's writes are back.
+    let child = start();
+    serving();
+    let r2 = common::Guest::libvirt_running(d, &name);
+    assert_eq!(r2.sh("sha256sum /root/mine | cut -d' ' -f1"), sum);
+    std::mem::forget(r); // the domain of the first run is gone; r2 owns the name
+    // Discarded from another process: the server ends, nothing is left.
+    let out = ok(&dm(&[
+        "instant-recover",
+        "--session",
+        &name,
+        "--discard",
+        "--dir",
+        s(&sdir),
+    ]));
+    assert!(out.contains(&name), "{out}");
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    assert!(common::guest::virsh(&["domstate", &name]).is_err());
+    assert!(sessions(&sdir).is_empty());
+    assert!(std::fs::read_dir(&sdir).unwrap().next().is_none());
+    drop(r2);
+    let v = ok(&dm(&["verify", "--read-data", "--repo", s(&e.repo)]));
+    assert!(!v.is_empty());
+}

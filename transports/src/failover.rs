@@ -137,10 +137,7 @@ pub fn sync(repo: &Repository, root: &Path, vm: &str) -> Result<Vec<ReplicaRepor
 /// The domain and connection an address names, or `VM-replica` on the
 /// local `qemu:///system` when it names no domain.
 fn target(on: &str, vm: &str) -> Result<(LibvirtAddress, String)> {
-    let mut a = LibvirtAddress::parse(on)?;
-    let name = a.domain.clone().unwrap_or_else(|| format!("{vm}-replica"));
-    a.domain = Some(name.clone());
-    Ok((a, name))
+    LibvirtAddress::named(on, &format!("{vm}-replica"))
 }
 
 /// The replicas of `vm` a VM can start on: every one holds a whole point.
@@ -173,18 +170,11 @@ fn ready_replicas(repo: &Repository, root: &Path, vm: &str) -> Result<Vec<Replic
 
 /// The newest definition among the points the replicas hold.
 fn definition(repo: &Repository, disks: &[ReplicaDisk]) -> Result<String> {
-    let mut best: Option<(String, String)> = None;
-    for r in disks {
-        let d: DiskName = r.disk.parse()?;
-        let id = repo.resolve_point(&d, Some(&r.point))?;
-        let m = repo.point_meta(&d, &id)?.meta;
-        if let Some(x) = m.vm_definition
-            && best.as_ref().is_none_or(|(s, _)| m.started > *s)
-        {
-            best = Some((m.started, x));
-        }
-    }
-    best.map(|(_, x)| x).ok_or_else(|| {
+    let points = disks
+        .iter()
+        .map(|r| Ok((r.disk.parse()?, r.point.clone())))
+        .collect::<Result<Vec<_>>>()?;
+    libvirt::newest_definition(repo, &points)?.ok_or_else(|| {
         Error::InvalidArgument(
             "no point the replicas hold stores a VM definition (only libvirt backups do): start a VM on the images by hand".into(),
         )
@@ -209,13 +199,12 @@ fn define(repo: &Repository, root: &Path, vm: &str, on: &str) -> Result<Defined>
     let (addr, name) = target(on, vm)?;
     let disks = ready_replicas(repo, root, vm)?;
     let xml = definition(repo, &disks)?;
-    let files: Vec<(String, String, String)> = disks
+    let files: Vec<(String, libvirt::NewDisk)> = disks
         .iter()
         .map(|r| {
             (
                 target_of(&r.disk).to_string(),
-                r.image.clone(),
-                "raw".into(),
+                libvirt::NewDisk::raw(r.image.clone()),
             )
         })
         .collect();

@@ -53,6 +53,7 @@ pub(crate) use forward_reads;
 pub mod export;
 pub mod failover;
 pub mod image;
+pub mod instant;
 pub mod libvirt;
 pub mod mode;
 pub mod nbd;

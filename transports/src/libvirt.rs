@@ -105,6 +105,15 @@ fn uri_host(uri: &str) -> Option<String> {
 }
 
 impl LibvirtAddress {
+    /// `on` parsed, its domain `default` when it names none: the address
+    /// and the domain's name.
+    pub fn named(on: &str, default: &str) -> Result<(LibvirtAddress, String)> {
+        let mut a = LibvirtAddress::parse(on)?;
+        let name = a.domain.clone().unwrap_or_else(|| default.to_string());
+        a.domain = Some(name.clone());
+        Ok((a, name))
+    }
+
     /// Parse `libvirt:///DOMAIN`, `libvirt://HOST/DOMAIN`, with `?uri=`.
     pub fn parse(spec: &str) -> Result<LibvirtAddress> {
         let bad = |why: &str| {
@@ -510,11 +519,7 @@ fn qemu_owner(xml: &str) -> Option<(u32, u32)> {
         .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
         .find_map(|n| n.children().find(|c| c.has_tag_name("label")))?
         .text()?;
-    let (u, g) = label.split_once(':')?;
-    Some((
-        u.trim_start_matches('+').parse().ok()?,
-        g.trim_start_matches('+').parse().ok()?,
-    ))
+    parse_label(label)
 }
 
 pub(crate) fn xml_escape(s: &str) -> String {
@@ -1080,12 +1085,56 @@ impl Paused {
     }
 }
 
+/// Where a disk of a new domain reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewDisk {
+    /// An image file in `format` (raw, qcow2).
+    File {
+        /// The image.
+        path: String,
+        /// Its format.
+        format: String,
+    },
+    /// An NBD export on a unix socket (instant recovery), raw.
+    Nbd {
+        /// The socket.
+        socket: String,
+        /// The export's name.
+        export: String,
+    },
+}
+
+impl NewDisk {
+    /// A raw image file.
+    pub fn raw(path: impl Into<String>) -> NewDisk {
+        NewDisk::File {
+            path: path.into(),
+            format: "raw".into(),
+        }
+    }
+
+    fn xml(&self, target: &str) -> String {
+        match self {
+            NewDisk::File { path, format } => format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='{}'/><source file='{}'/>{target}</disk>",
+                xml_escape(format),
+                xml_escape(path)
+            ),
+            NewDisk::Nbd { socket, export } => format!(
+                "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='{}'><host transport='unix' socket='{}'/></source>{target}</disk>",
+                xml_escape(export),
+                xml_escape(socket)
+            ),
+        }
+    }
+}
+
 /// A VM's definition for a new domain: named `name`, without the old
 /// domain's UUID and MAC addresses (libvirt makes new ones), each disk in
-/// `disks` (target, image path, format) pointing at its restored image,
+/// `disks` (target, source) reading from its restored image or export,
 /// the disks not in `disks` refused, and consoles logged to a file given
 /// a file of their own (the old domain's name in it replaced).
-pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)]) -> Result<String> {
+pub fn definition_for(xml: &str, name: &str, disks: &[(String, NewDisk)]) -> Result<String> {
     let doc = roxmltree::Document::parse(xml)
         .map_err(|e| Error::InvalidArgument(format!("the point's domain XML: {e}")))?;
     let root = doc.root_element();
@@ -1136,7 +1185,7 @@ pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)])
     }
     let all = disks_of_xml(xml)?;
     for d in &all {
-        let Some((_, path, format)) = disks.iter().find(|(t, _, _)| *t == d.target) else {
+        let Some((_, source)) = disks.iter().find(|(t, _)| *t == d.target) else {
             return Err(Error::InvalidArgument(format!(
                 "the VM's disk {} has no point to restore from: back it up, or leave it out of the definition",
                 d.target
@@ -1156,14 +1205,7 @@ pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)])
             .find(|c| c.has_tag_name("target"))
             .map(|t| doc.input_text()[t.range()].to_string())
             .unwrap_or_default();
-        edits.push((
-            node.range(),
-            format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='{}'/><source file='{}'/>{target}</disk>",
-                xml_escape(format),
-                xml_escape(path)
-            ),
-        ));
+        edits.push((node.range(), source.xml(&target)));
     }
     edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
     let mut out = xml.to_string();
@@ -1171,6 +1213,114 @@ pub fn definition_for(xml: &str, name: &str, disks: &[(String, String, String)])
         out.replace_range(r, &text);
     }
     Ok(out)
+}
+
+/// Start copying disk `target` of `d` to the disk `dest` describes
+/// (`virDomainBlockCopy`).
+pub(crate) fn block_copy(d: &Domain, target: &str, dest: &str, flags: u32) -> Result<()> {
+    let (t, x) = (cstring(target)?, cstring(dest)?);
+    // SAFETY: valid domain and C strings; no typed parameters.
+    let r = unsafe {
+        sys::virDomainBlockCopy(
+            d.as_ptr(),
+            t.as_ptr(),
+            x.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            flags,
+        )
+    };
+    if r < 0 {
+        return Err(last(&format!("copying disk {target}")));
+    }
+    Ok(())
+}
+
+/// The block job on disk `target`: (bytes done, bytes to do), equal once
+/// a copy is ready to pivot; `None` when no job runs.
+pub(crate) fn block_job(d: &Domain, target: &str) -> Result<Option<(u64, u64)>> {
+    let t = cstring(target)?;
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: valid domain, C string and an info struct we own.
+    let r = unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), t.as_ptr(), &mut info, 0) };
+    match r {
+        r if r < 0 => Err(last(&format!("the block job of {target}"))),
+        0 => Ok(None),
+        _ => Ok(Some((info.cur, info.end))),
+    }
+}
+
+/// End the block job on disk `target`: with `pivot`, switch the disk to
+/// the copy (synchronously); else drop the copy.
+pub(crate) fn block_job_end(d: &Domain, target: &str, pivot: bool) -> Result<()> {
+    let t = cstring(target)?;
+    let flags = if pivot {
+        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+    } else {
+        0
+    };
+    // SAFETY: valid domain and C string.
+    if unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), t.as_ptr(), flags) } < 0 {
+        return Err(last(&format!(
+            "{} the copy of {target}",
+            if pivot { "switching to" } else { "ending" }
+        )));
+    }
+    Ok(())
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidArgument(format!("{s:?} holds a NUL byte")))
+}
+
+/// The newest VM definition the points (disk, point id or prefix) stored.
+pub(crate) fn newest_definition(
+    repo: &datamover::Repository,
+    points: &[(DiskName, String)],
+) -> Result<Option<String>> {
+    let mut best: Option<(String, String)> = None;
+    for (d, p) in points {
+        let id = repo.resolve_point(d, Some(p))?;
+        let m = repo.point_meta(d, &id)?.meta;
+        if let Some(x) = m.vm_definition
+            && best.as_ref().is_none_or(|(s, _)| m.started > *s)
+        {
+            best = Some((m.started, x));
+        }
+    }
+    Ok(best.map(|(_, x)| x))
+}
+
+/// The user and group libvirt runs QEMU as on `conn` (its DAC security
+/// model's base label for `domain_type`), to hand it a socket.
+pub(crate) fn qemu_user(conn: &Connect, domain_type: &str) -> Option<(u32, u32)> {
+    let caps = conn.get_capabilities().ok()?;
+    let doc = roxmltree::Document::parse(&caps).ok()?;
+    let model = doc.descendants().find(|n| {
+        n.has_tag_name("secmodel")
+            && n.children()
+                .any(|c| c.has_tag_name("model") && c.text() == Some("dac"))
+    })?;
+    let label = model
+        .children()
+        .filter(|c| c.has_tag_name("baselabel"))
+        .find(|c| c.attribute("type") == Some(domain_type))
+        .or_else(|| model.children().find(|c| c.has_tag_name("baselabel")))?
+        .text()?;
+    parse_label(label)
+}
+
+fn parse_label(label: &str) -> Option<(u32, u32)> {
+    let (u, g) = label.split_once(':')?;
+    Some((
+        u.trim_start_matches('+').parse().ok()?,
+        g.trim_start_matches('+').parse().ok()?,
+    ))
 }
 
 /// Recreate a VM from its points: each disk's newest point of `vm`
@@ -1219,7 +1369,7 @@ pub fn restore_vm(
             t.as_ref(),
             &datamover::RestoreOptions::default(),
         )?;
-        disks.push((target, path.display().to_string(), "raw".to_string()));
+        disks.push((target, NewDisk::raw(path.display().to_string())));
         images.push(path);
     }
     let def = definition_for(&xml, name, &disks)?;
@@ -1331,12 +1481,8 @@ mod tests {
             <serial type='file'><source path='/log/web.log' append='on'/><target port='0'/></serial>\
             <console type='file'><source path='/log/other'/></console>\
             </devices></domain>";
-        let d = definition_for(
-            xml,
-            "web-r",
-            &[("vda".into(), "/r/vda.img".into(), "raw".into())],
-        )
-        .expect("definition");
+        let d = definition_for(xml, "web-r", &[("vda".into(), NewDisk::raw("/r/vda.img"))])
+            .expect("definition");
         assert!(d.contains("<name>web-r</name>"), "{d}");
         assert!(!d.contains("<uuid>") && !d.contains("<mac"), "{d}");
         assert!(

@@ -646,7 +646,10 @@ fn a_libvirt_guest_is_backed_up_through_libvirt_quiesced_full_then_incremental()
             .vm_definition
             .unwrap(),
         "x",
-        &[("vda".into(), "/x.raw".into(), "raw".into())],
+        &[(
+            "vda".into(),
+            datamover_transports::libvirt::NewDisk::raw("/x.raw"),
+        )],
     )
     .unwrap_err();
     assert!(e.to_string().contains("vdb has no point"), "{e}");

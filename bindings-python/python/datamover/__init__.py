@@ -19,6 +19,7 @@ callback cancels them cleanly (no partial point is written).
 
 from ._datamover import (
     Export,
+    InstantRecovery,
     Point,
     PruneReport,
     Repository,
@@ -26,6 +27,9 @@ from ._datamover import (
     Stats,
     VerifyReport,
     __version__,
+    instant_discard,
+    instant_migrate,
+    instant_sessions,
     vm_disks,
     vms,
 )
@@ -42,6 +46,10 @@ __all__ = [
     "Repository",
     "Server",
     "Export",
+    "InstantRecovery",
+    "instant_migrate",
+    "instant_discard",
+    "instant_sessions",
     "Stats",
     "Point",
     "VerifyReport",

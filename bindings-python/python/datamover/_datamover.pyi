@@ -57,6 +57,27 @@ def vm_disks(address: str, *, timeout: float = 60.0) -> list[dict[str, object]]:
 def vms(address: str = "libvirt:///") -> list[dict[str, object]]:
     """The libvirt domains of a connection: name, state, disks."""
 
+def instant_migrate(
+    name: str,
+    to: Union[str, os.PathLike[str]],
+    *,
+    dir: Optional[Union[str, os.PathLike[str]]] = None,
+    format: Literal["raw", "qcow2"] = "raw",
+) -> dict[str, Any]:
+    """Copy instant recovery session ``name``'s disks to images in ``to``
+    while its VM runs, switch the VM to them (paused for the switch only)
+    and define it there; the session as it ended."""
+
+def instant_discard(
+    name: str, *, dir: Optional[Union[str, os.PathLike[str]]] = None
+) -> dict[str, Any]:
+    """Power off session ``name``'s VM and drop its writes."""
+
+def instant_sessions(
+    *, dir: Optional[Union[str, os.PathLike[str]]] = None
+) -> list[dict[str, Any]]:
+    """The instant recovery sessions (name, state, percent, disks, ...)."""
+
 class Point:
     """One restore point of a disk. ``str(point)`` is ``"vm/disk@id"``."""
 
@@ -175,6 +196,16 @@ class Repository:
     ) -> Export:
         """Serve a point over NBD at ``listen`` ("unix:PATH" or
         "HOST:PORT") until stopped; writes go to the overlay ``writable``."""
+    def instant_recover(
+        self,
+        points: list[str],
+        *,
+        on: str = "libvirt:///",
+        dir: Optional[Union[str, os.PathLike[str]]] = None,
+        cache_mib: int = 64,
+    ) -> InstantRecovery:
+        """Start the VM the points name ("vm/disk[@id]" or "vm") from the
+        repository as domain ``on``; returns once it runs."""
     def replica_sync(
         self, vm: str, replicas: Union[str, os.PathLike[str]]
     ) -> list[dict[str, Any]]:
@@ -256,6 +287,20 @@ class Repository:
         dry_run: bool = False,
     ) -> PruneReport:
         """Forget points outside the keep rules and free their space."""
+
+class InstantRecovery:
+    """A VM running from its points (``Repository.instant_recover``),
+    served by a background thread; a context manager."""
+
+    name: str
+    """The session's (and the domain's) name."""
+    session: dict[str, Any]
+    """The session as it started."""
+    def stop(self) -> Optional[dict[str, Any]]:
+        """Stop serving (the VM is powered off unless it was migrated or
+        discarded); the session as it ended, or None when stopped already."""
+    def __enter__(self) -> "InstantRecovery": ...
+    def __exit__(self, *args: object) -> bool: ...
 
 class Export:
     """A point served over NBD (``Repository.export``); a context manager."""

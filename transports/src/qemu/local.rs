@@ -151,7 +151,7 @@ impl LocalExport {
 
 /// Whether `pid` has exited but is not reaped yet (a zombie): qemu-nbd
 /// daemonizes, so its parent is whatever reaps orphans here, maybe late.
-fn exited(pid: i32) -> bool {
+pub(crate) fn exited(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

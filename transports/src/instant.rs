@@ -1,0 +1,873 @@
+//! Instant VM recovery (libvirt): a VM started straight from its restore
+//! points, its disks served from the repository while it runs, then moved
+//! to production storage without stopping it.
+//!
+//! * **Recover** ([`recover`]): each disk's point is served over NBD on a
+//!   unix socket by this process (the *mount server*: [`crate::export`],
+//!   every chunk checked, a bounded cache with read-ahead), the guest's
+//!   writes going to a sparse overlay next to the socket; a transient
+//!   libvirt domain is started from the definition the points stored (new
+//!   name, UUID and MACs) with its disks on those sockets. The repository
+//!   is never written. The mount server runs until the VM is migrated or
+//!   the session discarded, or until it is stopped (the VM is then
+//!   powered off and the overlays kept: recovering the same points under
+//!   the same name resumes over them).
+//! * **Migrate** ([`migrate`]): libvirt's block copy (QEMU's mirror job,
+//!   writes mirrored synchronously so it converges under load) copies
+//!   each disk to an image in production storage while the guest runs;
+//!   once every copy is in step, the VM is paused, each disk switched
+//!   (pivot) to its copy, and resumed: the downtime is that pause. The
+//!   domain is then defined persistently on its new images, and the
+//!   mount server ends and the session's files go.
+//! * **Discard** ([`discard`]): the VM is powered off, the mount server
+//!   ends, and the session's overlays and sockets are removed.
+//!
+//! A session lives in `DIR/NAME/` (default [`DEFAULT_DIR`]): `session.json`
+//! (its state, which the mount server follows: see [`Session`]), and per
+//! disk `TARGET.sock` (owned by libvirt's QEMU user, mode 0600) and
+//! `TARGET.overlay` (mode 0600). `DIR/NAME` is mode 0711, so QEMU reaches
+//! its sockets by name and lists nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::export::PointDisk;
+use crate::libvirt::{self, LibvirtAddress, NewDisk};
+use crate::nbd::server::{self, ExportOptions, Listener};
+use datamover::{Error, PointRef, Repository, Result};
+
+/// Where sessions live unless told otherwise.
+pub const DEFAULT_DIR: &str = "/var/lib/datamover/instant";
+
+/// The version of `session.json`.
+pub const SESSION_VERSION: u32 = 1;
+
+const SESSION_FILE: &str = "session.json";
+
+/// How often the mount server looks at its session and its VM.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The exports are up, the VM starting.
+    Starting,
+    /// The VM runs from the repository.
+    Serving,
+    /// Its disks are being copied to production storage.
+    Migrating,
+    /// It runs from production storage; the session is over.
+    Migrated,
+    /// Being discarded: the mount server is told to end.
+    Stopping,
+    /// No mount server: the VM is off, the overlays kept.
+    Stopped,
+}
+
+impl State {
+    /// The state's name, as in `session.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Migrating => "migrating",
+            State::Migrated => "migrated",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// One disk of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDisk {
+    /// `VM/DISK`.
+    pub disk: String,
+    /// The point served.
+    pub point: String,
+    /// The disk's target in the domain (`vda`).
+    pub target: String,
+    /// The export's socket.
+    pub socket: String,
+    /// The guest's writes.
+    pub overlay: String,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// The production image it was migrated to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<String>,
+}
+
+/// An instant recovery session (`DIR/NAME/session.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// [`SESSION_VERSION`].
+    pub version: u32,
+    /// The domain's name, and the session's.
+    pub name: String,
+    /// The VM the points are of.
+    pub vm: String,
+    /// The libvirt connection.
+    pub uri: String,
+    /// The repository served from.
+    pub repo: String,
+    /// Where it stands.
+    pub state: State,
+    /// Migration progress, percent of the bytes to copy.
+    pub percent: u8,
+    /// The mount server's process while it serves.
+    pub server_pid: Option<u32>,
+    /// When the session started (RFC 3339).
+    pub started: String,
+    /// What happened last, when worth saying.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The migration's pause, in milliseconds.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Its disks.
+    pub disks: Vec<SessionDisk>,
+}
+
+impl Session {
+    /// Whether a live mount server serves the session.
+    pub fn served(&self) -> bool {
+        self.server_pid.is_some_and(alive)
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(p) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    (unsafe { libc::kill(p, 0) } == 0) && !crate::qemu::local::exited(p)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{name:?} cannot name an instant recovery session: use letters, digits, '.', '_' and '-' (at most 64)"
+        )))
+    }
+}
+
+fn session_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    check_name(name)?;
+    Ok(dir.join(name))
+}
+
+/// The session `name` under `dir`.
+pub fn load(dir: &Path, name: &str) -> Result<Session> {
+    let path = session_dir(dir, name)?.join(SESSION_FILE);
+    let b = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::InvalidArgument(format!(
+                "no instant recovery session {name} under {} (`dm instant-recover --list` shows them)",
+                dir.display()
+            )));
+        }
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let s: Session = serde_json::from_slice(&b).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{} is damaged ({e}): power off domain {name} if it runs, then remove {} by hand",
+            path.display(),
+            path.parent().unwrap_or(dir).display()
+        ))
+    })?;
+    if s.version != SESSION_VERSION {
+        return Err(Error::Unsupported(format!(
+            "{}: session version {} (this dm knows {SESSION_VERSION})",
+            path.display(),
+            s.version
+        )));
+    }
+    Ok(s)
+}
+
+fn save(dir: &Path, s: &Session) -> Result<()> {
+    let sdir = session_dir(dir, &s.name)?;
+    let tmp = sdir.join(format!(".{SESSION_FILE}.{}", std::process::id()));
+    let b = serde_json::to_vec_pretty(s).map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(&tmp, b).map_err(|e| Error::io("write", &tmp, e))?;
+    let path = sdir.join(SESSION_FILE);
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("write", &path, e))
+}
+
+/// Every session under `dir`; one whose mount server is gone shows as
+/// stopped.
+pub fn sessions(dir: &Path) -> Result<Vec<Session>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io("list", dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if check_name(&name).is_err() || !e.path().join(SESSION_FILE).exists() {
+            continue;
+        }
+        let mut s = load(dir, &name)?;
+        if !s.served() && s.state != State::Stopped {
+            s.message = Some(format!("its mount server is gone (was {})", s.state.name()));
+            s.state = State::Stopped;
+            s.server_pid = None;
+        }
+        out.push(s);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The points `specs` name: `VM/DISK[@POINT]`, or `VM` for the newest
+/// point of each of its disks.
+pub fn points_named(repo: &Repository, specs: &[String]) -> Result<Vec<PointRef>> {
+    let mut out = Vec::new();
+    for s in specs {
+        if s.contains('/') {
+            out.push(s.parse()?);
+            continue;
+        }
+        let mut any = false;
+        for d in repo.disks()?.into_iter().filter(|d| d.vm() == s) {
+            any = true;
+            out.push(PointRef { disk: d, at: None });
+        }
+        if !any {
+            return Err(Error::InvalidArgument(format!(
+                "the repository holds no disk of VM {s} (`dm points` lists them)"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// How to recover.
+#[derive(Debug, Clone)]
+pub struct Recover {
+    /// `libvirt:///NAME` (`?uri=` for another connection); without a
+    /// name the domain is `VM-instant`.
+    pub on: String,
+    /// Where sessions live ([`DEFAULT_DIR`]).
+    pub dir: PathBuf,
+    /// Chunk cache bytes per disk (0: the default).
+    pub cache_bytes: u64,
+}
+
+impl Default for Recover {
+    fn default() -> Self {
+        Recover {
+            on: "libvirt:///".into(),
+            dir: PathBuf::from(DEFAULT_DIR),
+            cache_bytes: 0,
+        }
+    }
+}
+
+/// A disk ready to serve.
+struct Served<'r> {
+    disk: PointDisk<'r>,
+    listener: Listener,
+    name: String,
+}
+
+/// Start the VM whose disks `points` name (every disk of its definition,
+/// one VM) from the repository, and serve it until it is migrated,
+/// discarded, shut down, or `stop` is set (the VM is then powered off).
+/// `ready` gets the session once the VM runs. Returns the session as it
+/// ended.
+pub fn recover(
+    repo: &Repository,
+    points: &[PointRef],
+    how: &Recover,
+    stop: &AtomicBool,
+    ready: impl FnOnce(&Session),
+) -> Result<Session> {
+    let first = points
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("name the VM's disks to recover".into()))?;
+    let vm = first.disk.vm().to_string();
+    let mut resolved = Vec::new();
+    for p in points {
+        if p.disk.vm() != vm {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a disk of {vm}: recover one VM at a time",
+                p.disk
+            )));
+        }
+        if resolved
+            .iter()
+            .any(|(d, _): &(datamover::DiskName, String)| d == &p.disk)
+        {
+            return Err(Error::InvalidArgument(format!("{} is named twice", p.disk)));
+        }
+        let id = repo.resolve_point(&p.disk, p.at.as_deref())?;
+        resolved.push((p.disk.clone(), id.to_string()));
+    }
+    let xml = libvirt::newest_definition(repo, &resolved)?.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "no point of {vm} given stores a VM definition (only libvirt backups do): serve the disks with `dm export` and start a VM on them by hand"
+        ))
+    })?;
+    let (addr, name) = LibvirtAddress::named(&how.on, &format!("{vm}-instant"))?;
+    let sdir = session_dir(&how.dir, &name)?;
+    let conn = libvirt::connect(&addr)?;
+    if Domain::lookup_by_name(&conn, &name).is_ok() {
+        return Err(Error::InvalidArgument(format!(
+            "a domain {name} exists at {} already: give another name (libvirt:///NAME)",
+            addr.uri
+        )));
+    }
+    let disks: Vec<SessionDisk> = resolved
+        .iter()
+        .map(|(d, id)| SessionDisk {
+            disk: d.to_string(),
+            point: id.clone(),
+            target: d.disk().to_string(),
+            socket: sdir
+                .join(format!("{}.sock", d.disk()))
+                .display()
+                .to_string(),
+            overlay: sdir
+                .join(format!("{}.overlay", d.disk()))
+                .display()
+                .to_string(),
+            size: 0,
+            migrated_to: None,
+        })
+        .collect();
+    // A stopped session of the same points resumes over its overlays.
+    if sdir.join(SESSION_FILE).exists() {
+        let old = load(&how.dir, &name)?;
+        if old.served() {
+            return Err(Error::InvalidArgument(format!(
+                "session {name} is served already (pid {})",
+                old.server_pid.unwrap_or_default()
+            )));
+        }
+        let same = |a: &[SessionDisk], b: &[SessionDisk]| {
+            a.len() == b.len()
+                && a.iter()
+                    .all(|x| b.iter().any(|y| x.disk == y.disk && x.point == y.point))
+        };
+        if !same(&old.disks, &disks) {
+            return Err(Error::InvalidArgument(format!(
+                "session {name} holds the guest's writes over other points: discard it (`dm instant-recover --discard {name}`) or give another name"
+            )));
+        }
+    }
+    std::fs::create_dir_all(&sdir).map_err(|e| Error::io("create", &sdir, e))?;
+    std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| Error::io("set mode of", &sdir, e))?;
+    let domain_type = roxmltree::Document::parse(&xml)
+        .ok()
+        .and_then(|d| d.root_element().attribute("type").map(str::to_string))
+        .unwrap_or_else(|| "qemu".into());
+    let owner = libvirt::qemu_user(&conn, &domain_type);
+
+    let mut served = Vec::new();
+    let mut session = Session {
+        version: SESSION_VERSION,
+        name: name.clone(),
+        vm: vm.clone(),
+        uri: addr.uri.clone(),
+        repo: repo.root().display().to_string(),
+        state: State::Starting,
+        percent: 0,
+        server_pid: Some(std::process::id()),
+        started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        message: None,
+        downtime_ms: None,
+        disks,
+    };
+    let cache = if how.cache_bytes == 0 {
+        datamover::reader::DEFAULT_CACHE
+    } else {
+        how.cache_bytes
+    };
+    for (d, p) in session.disks.iter_mut().zip(points) {
+        let overlay = Path::new(&d.overlay);
+        let disk = PointDisk::open(repo, p, Some(overlay), cache)?;
+        for f in [
+            overlay.to_path_buf(),
+            overlay.with_extension("overlay.dm-overlay"),
+        ] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io("set mode of", &f, e))?;
+        }
+        d.size = server::Disk::size(&disk);
+        let sock = Path::new(&d.socket);
+        let _ = std::fs::remove_file(sock);
+        let listener = Listener::bind(&format!("unix:{}", d.socket))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(sock, Some(uid), Some(gid))
+                .map_err(|e| Error::io("hand to QEMU's user", sock, e))?;
+        }
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io("set mode of", sock, e))?;
+        served.push(Served {
+            disk,
+            listener,
+            name: d.disk.clone(),
+        });
+    }
+    let nbd: Vec<(String, NewDisk)> = session
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.target.clone(),
+                NewDisk::Nbd {
+                    socket: d.socket.clone(),
+                    export: d.disk.clone(),
+                },
+            )
+        })
+        .collect();
+    let def = libvirt::definition_for(&xml, &name, &nbd)?;
+    save(&how.dir, &session)?;
+
+    let done = AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        for sv in &served {
+            let done = &done;
+            s.spawn(move || sv.disk.reader().prefetcher(done));
+            s.spawn(move || {
+                let opts = ExportOptions {
+                    name: sv.name.clone(),
+                    tls: None,
+                };
+                if let Err(e) = server::serve(&sv.listener, &sv.disk, &opts, done) {
+                    tracing::error!("serving {}: {e}", sv.name);
+                }
+            });
+        }
+        let r = run(&conn, &def, &how.dir, &mut session, stop, ready);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    for d in &session.disks {
+        let _ = std::fs::remove_file(&d.socket);
+    }
+    // What the controlling command wrote last, with the server gone.
+    let mut last = load(&how.dir, &name).unwrap_or(session);
+    last.server_pid = None;
+    if !matches!(last.state, State::Migrated | State::Stopping) {
+        last.state = State::Stopped;
+    }
+    if let Err(e) = &outcome {
+        last.message = Some(e.to_string());
+    }
+    // A migrated or discarded session's directory goes with it.
+    if sdir.exists() {
+        save(&how.dir, &last)?;
+    }
+    outcome.map(|()| last)
+}
+
+/// Start the domain and follow the session until it ends.
+fn run(
+    conn: &virt::connect::Connect,
+    def: &str,
+    dir: &Path,
+    session: &mut Session,
+    stop: &AtomicBool,
+    ready: impl FnOnce(&Session),
+) -> Result<()> {
+    let dom = Domain::create_xml(conn, def, 0)
+        .map_err(|e| libvirt::lv_err(&format!("starting {}", session.name), e))?;
+    session.state = State::Serving;
+    save(dir, session)?;
+    ready(session);
+    let mut checked = Instant::now();
+    loop {
+        std::thread::sleep(POLL);
+        if stop.load(Ordering::Relaxed) {
+            if uses_session(&dom, session) {
+                let _ = dom.destroy();
+            }
+            let mut s = load(dir, &session.name)?;
+            s.message = Some(
+                "stopped: the VM was powered off and its overlays kept (recover the same points under this name to resume, or discard)".into(),
+            );
+            s.state = State::Stopped;
+            save(dir, &s)?;
+            return Ok(());
+        }
+        let s = load(dir, &session.name)?;
+        match s.state {
+            State::Migrated | State::Stopping => return Ok(()),
+            State::Migrating => continue,
+            _ => {}
+        }
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            if !dom.is_active().unwrap_or(false) {
+                let mut s = s;
+                s.state = State::Stopped;
+                s.message = Some("the VM was shut down; its overlays are kept".into());
+                save(dir, &s)?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Whether the running domain still reads a disk from the session.
+fn uses_session(dom: &Domain, s: &Session) -> bool {
+    dom.get_xml_desc(0)
+        .map(|x| s.disks.iter().any(|d| x.contains(&d.socket)))
+        .unwrap_or(false)
+}
+
+/// Wait until no mount server serves the session (at most `limit`).
+fn wait_unserved(dir: &Path, name: &str, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let s = load(dir, name)?;
+        if !s.served() {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            return Err(Error::Internal(format!(
+                "the mount server of {name} (pid {}) did not end within {} s",
+                s.server_pid.unwrap_or_default(),
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct Migrate {
+    /// The directory the production images go to (`NAME-TARGET.FORMAT`).
+    pub to: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+}
+
+/// Copy the disks of the running session `name` to production storage,
+/// switch the VM over (paused for the switch only), define it there, and
+/// end the session. `progress` gets the percent copied.
+pub fn migrate(
+    dir: &Path,
+    name: &str,
+    how: &Migrate,
+    mut progress: impl FnMut(u8),
+) -> Result<Session> {
+    let mut s = load(dir, name)?;
+    if !s.served() || s.state != State::Serving {
+        return Err(Error::InvalidArgument(format!(
+            "session {name} is {}{}: only a served session migrates",
+            s.state.name(),
+            if s.served() {
+                ""
+            } else {
+                " with no mount server (recover it again to resume)"
+            }
+        )));
+    }
+    if !matches!(how.format.as_str(), "raw" | "qcow2") {
+        return Err(Error::InvalidArgument(format!(
+            "format {:?}: raw or qcow2",
+            how.format
+        )));
+    }
+    std::fs::create_dir_all(&how.to).map_err(|e| Error::io("create", &how.to, e))?;
+    let to = how
+        .to
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", &how.to, e))?;
+    let dests: Vec<PathBuf> = s
+        .disks
+        .iter()
+        .map(|d| to.join(format!("{name}-{}.{}", d.target, how.format)))
+        .collect();
+    if let Some(d) = dests.iter().find(|d| d.exists()) {
+        return Err(Error::InvalidArgument(format!(
+            "{} exists: migrate to another directory, or move it away",
+            d.display()
+        )));
+    }
+    let (addr, _) = LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)?;
+    let conn = libvirt::connect(&addr)?;
+    let dom = libvirt::domain(&conn, &addr)?;
+    if !uses_session(&dom, &s) {
+        return Err(Error::InvalidArgument(format!(
+            "domain {name} does not run from session {name}'s exports"
+        )));
+    }
+    s.state = State::Migrating;
+    s.percent = 0;
+    save(dir, &s)?;
+    let copied = copy_and_switch(&dom, &s, &dests, dir, &mut progress);
+    let downtime = match copied {
+        Ok(t) => t,
+        Err(e) => {
+            for d in &dests {
+                let _ = std::fs::remove_file(d);
+            }
+            let mut now = load(dir, name)?;
+            if now.state == State::Migrating {
+                now.state = State::Serving;
+            }
+            now.percent = 0;
+            now.message = Some(format!("migration failed: {e}"));
+            save(dir, &now)?;
+            return Err(e);
+        }
+    };
+    // The VM runs from production storage: define it there.
+    let defined = dom
+        .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+        .map_err(|e| libvirt::lv_err("domain XML", e))
+        .and_then(|x| {
+            Domain::define_xml(&conn, &x)
+                .map_err(|e| libvirt::lv_err(&format!("defining {name}"), e))
+        });
+    for (d, p) in s.disks.iter_mut().zip(&dests) {
+        d.migrated_to = Some(p.display().to_string());
+    }
+    s.state = State::Migrated;
+    s.percent = 100;
+    s.downtime_ms = Some(downtime.as_millis() as u64);
+    s.message = defined.as_ref().err().map(|e| {
+        format!("the VM runs from production storage but is not defined persistently: {e}")
+    });
+    save(dir, &s)?;
+    progress(100);
+    wait_unserved(dir, name, Duration::from_secs(60))?;
+    let sdir = session_dir(dir, name)?;
+    std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e))?;
+    defined?;
+    s.server_pid = None;
+    Ok(s)
+}
+
+/// Mirror every disk to its destination, wait until all are in step,
+/// then pause, switch, resume: the pause's length.
+fn copy_and_switch(
+    dom: &Domain,
+    s: &Session,
+    dests: &[PathBuf],
+    dir: &Path,
+    progress: &mut impl FnMut(u8),
+) -> Result<Duration> {
+    let mut started = Vec::new();
+    let abort = |started: &[&str]| {
+        for t in started {
+            let _ = libvirt::block_job_end(dom, t, false);
+        }
+    };
+    let flags =
+        sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB | sys::VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES;
+    for (d, p) in s.disks.iter().zip(dests) {
+        let fmt = p.extension().and_then(|e| e.to_str()).unwrap_or("raw");
+        let xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='{fmt}'/></disk>",
+            libvirt::xml_escape(&p.display().to_string())
+        );
+        if let Err(e) = libvirt::block_copy(dom, &d.target, &xml, flags) {
+            abort(&started);
+            return Err(e);
+        }
+        started.push(d.target.as_str());
+    }
+    let mut shown = 0u8;
+    loop {
+        let mut ready = true;
+        let (mut cur, mut end) = (0u64, 0u64);
+        for t in &started {
+            match libvirt::block_job(dom, t) {
+                Ok(Some((c, e))) => {
+                    cur += c;
+                    end += e;
+                    ready &= e > 0 && c == e;
+                }
+                Ok(None) => {
+                    abort(&started);
+                    return Err(Error::Internal(format!(
+                        "the copy of {t} ended by itself (see libvirt's log)"
+                    )));
+                }
+                Err(e) => {
+                    abort(&started);
+                    return Err(e);
+                }
+            }
+        }
+        let pct = cur
+            .saturating_mul(100)
+            .checked_div(end)
+            .map_or(0, |p| p.min(99) as u8);
+        if pct != shown {
+            shown = pct;
+            progress(pct);
+            let mut now = load(dir, &s.name)?;
+            if now.state != State::Migrating {
+                abort(&started);
+                return Err(Error::InvalidArgument(format!(
+                    "session {} became {} during the migration",
+                    s.name,
+                    now.state.name()
+                )));
+            }
+            now.percent = pct;
+            save(dir, &now)?;
+        }
+        if ready {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let t = Instant::now();
+    dom.suspend()
+        .map_err(|e| libvirt::lv_err("pausing the VM to switch its disks", e))?;
+    let mut switched = Vec::new();
+    let mut failed = None;
+    for tg in &started {
+        match libvirt::block_job_end(dom, tg, true) {
+            Ok(()) => switched.push(*tg),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        let rest: Vec<&str> = started
+            .iter()
+            .filter(|t| !switched.contains(t))
+            .copied()
+            .collect();
+        abort(&rest);
+        let _ = dom.resume();
+        return Err(if switched.is_empty() {
+            e
+        } else {
+            Error::Internal(format!(
+                "{e}; disks {} run from production storage already, the others from the repository: keep the session served and retry",
+                switched.join(", ")
+            ))
+        });
+    }
+    dom.resume()
+        .map_err(|e| libvirt::lv_err("resuming the VM after the switch", e))?;
+    Ok(t.elapsed())
+}
+
+/// Power off session `name`'s VM (if it still runs from the session),
+/// end its mount server and remove its overlays and sockets.
+pub fn discard(dir: &Path, name: &str) -> Result<Session> {
+    let mut s = load(dir, name)?;
+    if s.state == State::Migrating && s.served() {
+        return Err(Error::InvalidArgument(format!(
+            "session {name} is migrating: wait for it (or stop the migration) first"
+        )));
+    }
+    if let Ok((addr, _)) = LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)
+        && let Ok(conn) = libvirt::connect(&addr)
+        && let Ok(dom) = Domain::lookup_by_name(&conn, name)
+        && uses_session(&dom, &s)
+    {
+        dom.destroy()
+            .map_err(|e| libvirt::lv_err(&format!("powering off {name}"), e))?;
+    }
+    if s.served() {
+        s.state = State::Stopping;
+        save(dir, &s)?;
+        wait_unserved(dir, name, Duration::from_secs(60))?;
+    }
+    let sdir = session_dir(dir, name)?;
+    std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e))?;
+    s.state = State::Stopped;
+    s.server_pid = None;
+    s.message = Some("discarded".into());
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_are_plain_file_names() {
+        for ok in ["web01-instant", "a.b_c", "x"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_session_file_round_trips_and_a_gone_server_shows_stopped() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let s = Session {
+            version: SESSION_VERSION,
+            name: "web-instant".into(),
+            vm: "web".into(),
+            uri: "qemu:///system".into(),
+            repo: "/r".into(),
+            state: State::Serving,
+            percent: 0,
+            // No process has pid 0x7fff_fff0.
+            server_pid: Some(0x7fff_fff0),
+            started: "2026-12-01T00:00:00Z".into(),
+            message: None,
+            downtime_ms: None,
+            disks: vec![SessionDisk {
+                disk: "web/vda".into(),
+                point: "p".into(),
+                target: "vda".into(),
+                socket: "/s".into(),
+                overlay: "/o".into(),
+                size: 1 << 30,
+                migrated_to: None,
+            }],
+        };
+        std::fs::create_dir_all(tmp.path().join("web-instant")).expect("mkdir");
+        save(tmp.path(), &s).expect("save");
+        assert_eq!(load(tmp.path(), "web-instant").expect("load"), s);
+        let text = std::fs::read_to_string(tmp.path().join("web-instant/session.json")).expect("r");
+        assert!(text.contains("\"state\": \"serving\""), "{text}");
+        let all = sessions(tmp.path()).expect("list");
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].state, State::Stopped);
+        assert!(!all[0].served());
+        assert!(load(tmp.path(), "other").is_err());
+        assert!(
+            sessions(&tmp.path().join("none"))
+                .expect("empty")
+                .is_empty()
+        );
+        // Another version is refused, not misread.
+        std::fs::write(
+            tmp.path().join("web-instant/session.json"),
+            text.replace("\"version\": 1", "\"version\": 9"),
+        )
+        .expect("w");
+        assert!(load(tmp.path(), "web-instant").is_err());
+    }
+}

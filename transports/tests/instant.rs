@@ -1,0 +1,252 @@
+//! Instant VM recovery of a real libvirt guest: booted from its points
+//! (served by us over NBD, its writes to an overlay), the guest sees the
+//! point's data and writes more, is migrated to production images while
+//! it runs, and those images hold its writes; the repository is
+//! unchanged and verifies. A discarded session leaves nothing behind.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test crate: a panic is a failed test
+
+use datamover_testkit as common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::guest::{GUEST_TOOLS, virsh};
+use common::{Guest, GuestImage, can_run, sh};
+use datamover::{BackupOptions, PointRef, Repository};
+use datamover_transports::SourceOptions;
+use datamover_transports::instant::{self, Migrate, Recover, State};
+use datamover_transports::qemu::{Quiesce, QuiesceLimits};
+
+fn sum(g: &Guest, path: &str) -> String {
+    g.sh(&format!("sha256sum {path} | cut -d' ' -f1"))
+}
+
+/// The sha256 of `path` in the ext4 filesystem of image `img`, read
+/// offline with debugfs.
+fn offline_sum(img: &Path, path: &str) -> String {
+    let out = sh(Command::new("sh").arg("-c").arg(format!(
+        "debugfs -R 'cat {path}' {} 2>/dev/null | sha256sum | cut -d' ' -f1",
+        img.display()
+    )));
+    out.trim().to_string()
+}
+
+/// Ends a mount server when the test fails.
+struct StopOnDrop<'a>(&'a AtomicBool);
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn points(repo: &Repository) -> Vec<(String, Vec<String>)> {
+    repo.disks()
+        .unwrap()
+        .into_iter()
+        .map(|d| {
+            let ids = repo
+                .point_ids(&d)
+                .unwrap()
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            (d.to_string(), ids)
+        })
+        .collect()
+}
+
+#[test]
+fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_leaves_nothing() {
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh", "debugfs"]);
+    let test =
+        "a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_leaves_nothing";
+    if !can_run(test, &tools) {
+        return;
+    }
+    GuestImage::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    sh(Command::new("chmod").arg("0755").arg(dir));
+    let _libvirtd = common::guest::Libvirtd::ensure(dir);
+    let img = dir.join("src.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let data = dir.join("data.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", data.to_str().unwrap(), "64M"],
+    );
+    let dom = format!("dm-ir-{}", std::process::id());
+    let g = Guest::libvirt(dir, &dom, &img, "qcow2", &[&data]);
+    let repo = Repository::init(&dir.join("repo")).unwrap();
+    g.spawn("dm-load");
+    let before = g.sh(
+        "dd if=/dev/urandom of=/root/before bs=1M count=2 status=none && sync && sha256sum /root/before | cut -d' ' -f1",
+    );
+    let vdb = g.sh(
+        "dd if=/dev/urandom of=/dev/vdb bs=1M count=4 status=none && sync && head -c 4194304 /dev/vdb | sha256sum | cut -d' ' -f1",
+    );
+    let opts = SourceOptions {
+        quiesce: Quiesce::Auto,
+        quiesce_limits: QuiesceLimits {
+            agent: Duration::from_secs(5),
+            ..QuiesceLimits::default()
+        },
+        timeout: Some(Duration::from_secs(60)),
+        ..SourceOptions::default()
+    };
+    datamover_transports::backup_vm(
+        &repo,
+        &g.spec(),
+        "app",
+        &["vda".to_string(), "vdb".to_string()],
+        &[],
+        &opts,
+        &BackupOptions::default(),
+    )
+    .unwrap();
+    // The original is gone (a lost host); the recovery must not need it.
+    drop(g);
+    let held = points(&repo);
+    let wanted: Vec<PointRef> = ["app/vda", "app/vdb"]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let sessions = dir.join("sessions");
+    let name = format!("{dom}-ir");
+    let how = Recover {
+        on: format!("libvirt:///{name}"),
+        dir: sessions.clone(),
+        cache_bytes: 0,
+    };
+
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let (tx, rx) = mpsc::channel();
+        let server = s.spawn(|| {
+            instant::recover(&repo, &wanted, &how, &stop, move |x| {
+                tx.send(x.clone()).unwrap();
+            })
+        });
+        let started = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the VM starts from its points");
+        assert_eq!(started.state, State::Serving);
+        assert_eq!(started.disks.len(), 2);
+        let sock = Path::new(&started.disks[0].socket);
+        let mode = std::os::unix::fs::PermissionsExt::mode(&sock.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "the export is QEMU's alone");
+        // A second recovery under the same name is refused.
+        let e =
+            instant::recover(&repo, &wanted, &how, &AtomicBool::new(false), |_| {}).unwrap_err();
+        assert!(e.to_string().contains("exists"), "{e}");
+
+        // The guest sees exactly the point's data, and writes more.
+        let r = Guest::libvirt_running(dir, &name);
+        assert_eq!(sum(&r, "/root/before"), before);
+        assert_eq!(
+            r.sh("head -c 4194304 /dev/vdb | sha256sum | cut -d' ' -f1"),
+            vdb
+        );
+        r.check_database(0);
+        let after = r.sh(
+            "dd if=/dev/urandom of=/root/after bs=1M count=3 status=none && sync && sha256sum /root/after | cut -d' ' -f1",
+        );
+        let overlay = Path::new(&started.disks[0].overlay);
+        assert!(
+            std::fs::metadata(overlay).unwrap().len() > 0 && overlay.exists(),
+            "writes go to the overlay"
+        );
+        // The guest keeps writing while its disks move.
+        r.spawn("dm-load");
+
+        // Migration to production storage while it runs.
+        let prod = dir.join("prod");
+        let mut seen = Vec::new();
+        let m = instant::migrate(
+            &sessions,
+            &name,
+            &Migrate {
+                to: prod.clone(),
+                format: "raw".into(),
+            },
+            |p| seen.push(p),
+        )
+        .unwrap();
+        eprintln!("migration: {m:?}, progress {seen:?}");
+        assert_eq!(m.state, State::Migrated);
+        assert_eq!(seen.last(), Some(&100));
+        let ended = server.join().unwrap().unwrap();
+        assert_eq!(ended.state, State::Migrated);
+        assert!(
+            !sessions.join(&name).exists(),
+            "the session's files are gone"
+        );
+        let blk = virsh(&["domblklist", &name]).unwrap();
+        let vda_prod = prod.join(format!("{name}-vda.raw"));
+        assert!(blk.contains(vda_prod.to_str().unwrap()), "{blk}");
+        assert!(!blk.contains(".sock"), "{blk}");
+        let info = virsh(&["dominfo", &name]).unwrap();
+        assert!(
+            info.lines()
+                .any(|l| l.starts_with("Persistent:") && l.ends_with("yes")),
+            "{info}"
+        );
+        // The guest runs on, from production storage.
+        assert_eq!(sum(&r, "/root/after"), after);
+        r.sh("sync");
+        r.check_database(0);
+        drop(r);
+        assert_eq!(offline_sum(&vda_prod, "/root/after"), after);
+        assert_eq!(offline_sum(&vda_prod, "/root/before"), before);
+        let vdb_prod = prod.join(format!("{name}-vdb.raw"));
+        let head = sh(Command::new("sh").arg("-c").arg(format!(
+            "head -c 4194304 {} | sha256sum | cut -d' ' -f1",
+            vdb_prod.display()
+        )));
+        assert_eq!(head.trim(), vdb);
+    });
+    assert_eq!(points(&repo), held, "the repository's points are unchanged");
+    let v = datamover::verify(&repo, true).unwrap();
+    assert!(v.is_ok(), "{:?}", v.problems);
+
+    // A discarded session: the VM off and undefined, nothing left.
+    let name2 = format!("{dom}-d");
+    let how2 = Recover {
+        on: format!("libvirt:///{name2}"),
+        ..how.clone()
+    };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let (tx, rx) = mpsc::channel();
+        let server = s.spawn(|| {
+            instant::recover(&repo, &wanted, &how2, &stop, move |x| {
+                tx.send(x.clone()).unwrap();
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("the VM starts");
+        assert_eq!(
+            instant::sessions(&sessions).unwrap()[0].state,
+            State::Serving
+        );
+        let d = instant::discard(&sessions, &name2).unwrap();
+        assert_eq!(d.state, State::Stopped);
+        let ended = server.join().unwrap().unwrap();
+        assert_eq!(ended.state, State::Stopping);
+    });
+    assert!(virsh(&["domstate", &name2]).is_err(), "the domain is gone");
+    assert!(
+        std::fs::read_dir(&sessions).unwrap().next().is_none(),
+        "a discard leaves nothing behind"
+    );
+    assert!(instant::discard(&sessions, &name2).is_err());
+    let _ = virsh(&["destroy", &name]);
+    let _ = virsh(&["undefine", &name]);
+    assert_eq!(points(&repo), held);
+}
