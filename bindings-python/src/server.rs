@@ -22,6 +22,36 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// `ask` a recovery of the server, then, with `wait`, poll it until
+    /// `until` holds or it ended (Ctrl-C stops the wait).
+    fn recovery_call<'py>(
+        &self,
+        py: Python<'py>,
+        wait: bool,
+        until: fn(&datamover_control::api::Recovery) -> bool,
+        ask: impl FnOnce(
+            &datamover_control::client::Client,
+        ) -> datamover_control::client::Result<datamover_control::api::Recovery>
+        + Send,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.client.clone();
+        let r = py
+            .detach(move || -> Result<_, Waited> {
+                let r = ask(&c)?;
+                if !wait {
+                    return Ok(r);
+                }
+                c.wait_recovery(r.id, until, |_| {
+                    Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)
+                })
+            })
+            .map_err(|e| match e {
+                Waited::Client(e) => client_err(e),
+                Waited::Interrupted(e) => e,
+            })?;
+        crate::as_py(py, &r)
+    }
+
     fn call<'py>(
         &self,
         py: Python<'py>,
@@ -372,6 +402,94 @@ impl Server {
                 Waited::Interrupted(e) => e,
             })?;
         crate::as_py(py, &op)
+    }
+
+    /// Instant VM recovery: the proxy holding `repository` starts `vm`
+    /// from its points (each disk's newest, or `points`: "vm/disk[@id]")
+    /// as domain `on` (default "libvirt:///VM-instant" on its hypervisor).
+    /// With `wait`, returns once it serves (or failed).
+    #[pyo3(signature = (repository, vm, *, points=None, on=None, wait=true))]
+    fn start_recovery<'py>(
+        &self,
+        py: Python<'py>,
+        repository: &str,
+        vm: &str,
+        points: Option<Vec<String>>,
+        on: Option<String>,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let req = datamover_control::api::RecoveryRequest {
+            repository: repository.to_string(),
+            vm: vm.to_string(),
+            points: points.unwrap_or_default(),
+            on,
+        };
+        self.recovery_call(
+            py,
+            wait,
+            datamover_control::api::Recovery::serves,
+            move |c| c.create_recovery(&req),
+        )
+    }
+
+    /// Instant recoveries, newest first.
+    fn recoveries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::recoveries(),
+            None,
+        )
+    }
+
+    /// One instant recovery, with its session.
+    fn recovery<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Bound<'py, PyAny>> {
+        self.call(
+            py,
+            "GET",
+            &datamover_control::api::paths::recovery(id),
+            None,
+        )
+    }
+
+    /// Move recovery `id`'s VM to images in directory `to` (in its
+    /// proxy's datastores) while it runs. With `wait`, returns when it
+    /// is migrated, or the migration failed (it serves on, with `error`).
+    #[pyo3(signature = (id, to, *, format="raw", wait=true))]
+    fn migrate_recovery<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+        to: &str,
+        format: &str,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let m = datamover_control::api::RecoveryMigrate {
+            to: to.to_string(),
+            format: format.to_string(),
+        };
+        self.recovery_call(
+            py,
+            wait,
+            datamover_control::api::Recovery::control_failed,
+            move |c| c.migrate_recovery(id, &m),
+        )
+    }
+
+    /// Power recovery `id`'s VM off and drop its writes.
+    #[pyo3(signature = (id, *, wait=true))]
+    fn discard_recovery<'py>(
+        &self,
+        py: Python<'py>,
+        id: u64,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.recovery_call(
+            py,
+            wait,
+            datamover_control::api::Recovery::control_failed,
+            move |c| c.discard_recovery(id),
+        )
     }
 
     /// Recent operations on VM replicas, newest first.

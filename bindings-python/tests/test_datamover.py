@@ -518,6 +518,16 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
         with pytest.raises(ValueError, match="failover, undo or failback"):
             s.replica_operation("j1", "web", "explode")
         assert s.operations() == []
+        # Instant recovery is the proxy holding the repository's to serve.
+        assert s.recoveries() == []
+        with pytest.raises(datamover.InvalidInputError, match="no repository named nope"):
+            s.start_recovery("nope", "web")
+        with pytest.raises(datamover.InvalidInputError, match="not of VM web"):
+            s.start_recovery("main", "web", points=["db/vda"])
+        with pytest.raises(datamover.InvalidInputError, match="no recovery"):
+            s.migrate_recovery(7, "/srv/prod")
+        with pytest.raises(datamover.InvalidInputError, match="no recovery"):
+            s.discard_recovery(7)
         with pytest.raises(datamover.InvalidInputError, match="not valid"):
             datamover.Server(url, ca=data / "ca" / "ca.pem", token="wrong").jobs()
     finally:

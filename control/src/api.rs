@@ -653,6 +653,9 @@ pub struct Heartbeat {
     /// Operations on VM replicas it runs or has ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<OperationStatus>,
+    /// Instant recoveries it serves or has ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<RecoveryStatus>,
 }
 
 /// Progress of a running task.
@@ -687,6 +690,146 @@ pub struct Orders {
     /// Operations on VM replicas for this proxy to run (sent once).
     #[serde(default)]
     pub operations: Vec<OperationOrder>,
+    /// Instant recovery orders for this proxy (each sent once).
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryOrder>,
+}
+
+/// Asks for an instant recovery (`POST /api/v1/recoveries`): the VM
+/// started from its points by the proxy holding the repository, through
+/// its host's hypervisor, its disks served from the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryRequest {
+    /// The repository (held by a proxy).
+    pub repository: String,
+    /// The VM (its disks are VM/DISK).
+    pub vm: String,
+    /// Which points: `VM/DISK[@POINT]` each (default: each disk's newest).
+    #[serde(default)]
+    pub points: Vec<String>,
+    /// The domain to start: `libvirt:///NAME[?uri=…]` (default
+    /// `libvirt:///VM-instant` on the holding host's hypervisor).
+    #[serde(default)]
+    pub on: Option<String>,
+}
+
+/// Moves a recovered VM to production storage while it runs
+/// (`POST /api/v1/recoveries/{id}/migrate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryMigrate {
+    /// A directory in one of the proxy's datastores.
+    pub to: String,
+    /// `raw` (default) or `qcow2`.
+    #[serde(default = "raw")]
+    pub format: String,
+}
+
+fn raw() -> String {
+    "raw".into()
+}
+
+/// An instant recovery as the server tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// Id.
+    pub id: u64,
+    /// The repository.
+    pub repository: String,
+    /// The VM.
+    pub vm: String,
+    /// The proxy serving it (its mount server).
+    pub proxy: String,
+    /// queued, starting, serving, migrating, stopping (being discarded);
+    /// ended: migrated, stopped, discarded, failed.
+    pub state: String,
+    /// Migration progress (percent).
+    pub percent: u8,
+    /// A control sent to the proxy and not yet done (migrate, discard).
+    pub pending: Option<String>,
+    /// When it was asked for (RFC 3339).
+    pub created: String,
+    /// When it ended.
+    pub finished: Option<String>,
+    /// The proxy's session (domain, disks, points, overlays, migrated
+    /// images, downtime).
+    pub session: Option<serde_json::Value>,
+    /// What went wrong last (a failed migration leaves it serving).
+    pub error: Option<String>,
+}
+
+impl Recovery {
+    /// Whether it has ended.
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "migrated" | "stopped" | "discarded" | "failed"
+        )
+    }
+
+    /// Whether its VM runs from the repository.
+    pub fn serves(&self) -> bool {
+        self.state == "serving"
+    }
+
+    /// Whether the control last asked for (migrate, discard) failed: sent,
+    /// and the recovery serves on with an error.
+    pub fn control_failed(&self) -> bool {
+        self.pending.is_none() && self.serves() && self.error.is_some()
+    }
+}
+
+/// What a proxy is to do for a recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoveryAction {
+    /// Start the VM and serve it.
+    Start,
+    /// Move it to production storage.
+    Migrate,
+    /// Power it off and drop its writes.
+    Discard,
+}
+
+/// An instant recovery order (each sent once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryOrder {
+    /// Recovery id.
+    pub id: u64,
+    /// What to do.
+    pub action: RecoveryAction,
+    /// Start: the repository's directory on the proxy.
+    #[serde(default)]
+    pub repository: String,
+    /// Start: the points.
+    #[serde(default)]
+    pub points: Vec<String>,
+    /// Start: the domain's address.
+    #[serde(default)]
+    pub on: String,
+    /// Migrate: where to.
+    #[serde(default)]
+    pub to: Option<RecoveryMigrate>,
+}
+
+/// How a recovery goes, in a proxy's heartbeat: every one it serves, and
+/// each ended one until a heartbeat carried it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// Recovery id.
+    pub id: u64,
+    /// The session's state (starting, serving, migrating, stopping;
+    /// ended: migrated, stopped, discarded, failed).
+    pub state: String,
+    /// Migration progress.
+    pub percent: u8,
+    /// Ended: no longer served.
+    pub done: bool,
+    /// The session.
+    pub session: Option<serde_json::Value>,
+    /// What went wrong last.
+    pub error: Option<String>,
 }
 
 /// What to do with a VM's replicas.
@@ -1048,6 +1191,18 @@ pub mod paths {
     /// `/api/v1/jobs/{name}/replicas` (failover, undo, failback).
     pub fn job_replicas(name: &str) -> String {
         format!("{API}/jobs/{name}/replicas")
+    }
+    /// `/api/v1/recoveries`.
+    pub fn recoveries() -> String {
+        format!("{API}/recoveries")
+    }
+    /// `/api/v1/recoveries/{id}`.
+    pub fn recovery(id: u64) -> String {
+        format!("{API}/recoveries/{id}")
+    }
+    /// `/api/v1/recoveries/{id}/{action}` (migrate, discard).
+    pub fn recovery_action(id: u64, action: &str) -> String {
+        format!("{API}/recoveries/{id}/{action}")
     }
     /// `/api/v1/operations`.
     pub fn operations() -> String {

@@ -384,6 +384,33 @@ impl Client {
     pub fn operations(&self) -> Result<Vec<crate::api::Operation>> {
         self.get(&paths::operations())
     }
+    /// Ask for an instant recovery.
+    pub fn create_recovery(&self, r: &crate::api::RecoveryRequest) -> Result<crate::api::Recovery> {
+        self.post(&paths::recoveries(), r)
+    }
+    /// One instant recovery.
+    pub fn recovery(&self, id: u64) -> Result<crate::api::Recovery> {
+        self.get(&paths::recovery(id))
+    }
+    /// Instant recoveries, newest first.
+    pub fn recoveries(&self) -> Result<Vec<crate::api::Recovery>> {
+        self.get(&paths::recoveries())
+    }
+    /// Move a recovered VM to production storage while it runs.
+    pub fn migrate_recovery(
+        &self,
+        id: u64,
+        m: &crate::api::RecoveryMigrate,
+    ) -> Result<crate::api::Recovery> {
+        self.post(&paths::recovery_action(id, "migrate"), m)
+    }
+    /// Power a recovered VM off and drop its writes.
+    pub fn discard_recovery(&self, id: u64) -> Result<crate::api::Recovery> {
+        self.post(
+            &paths::recovery_action(id, "discard"),
+            &serde_json::json!({}),
+        )
+    }
     /// Delete a job (refused while it runs).
     pub fn delete_job(&self, name: &str) -> Result<()> {
         self.delete(&paths::job(name))
@@ -445,6 +472,27 @@ impl Client {
                 return Ok(o);
             }
             each()?;
+            std::thread::sleep(SESSION_POLL);
+        }
+    }
+}
+
+impl Client {
+    /// Poll recovery `id` every [`SESSION_POLL`] until `until` holds of
+    /// it or it ended, calling `each` with every state seen; an error
+    /// from `each` stops the wait.
+    pub fn wait_recovery<E: From<ClientError>>(
+        &self,
+        id: u64,
+        until: impl Fn(&crate::api::Recovery) -> bool,
+        mut each: impl FnMut(&crate::api::Recovery) -> std::result::Result<(), E>,
+    ) -> std::result::Result<crate::api::Recovery, E> {
+        loop {
+            let r = self.recovery(id)?;
+            each(&r)?;
+            if r.ended() || until(&r) {
+                return Ok(r);
+            }
             std::thread::sleep(SESSION_POLL);
         }
     }

@@ -80,6 +80,10 @@ enum Cmd {
     /// Jobs of a server (--server): create, list, run, delete.
     #[command(subcommand)]
     Job(remote::JobCmd),
+    /// Instant VM recoveries through a server (--server): start, list,
+    /// show, migrate, discard.
+    #[command(subcommand)]
+    Recovery(remote::RecoveryCmd),
     /// Sessions (job runs) of a server (--server): list, show, watch.
     #[command(subcommand)]
     Session(remote::SessionCmd),
@@ -139,6 +143,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Repo(c) => remote::repo(&cli.server, c),
         Cmd::Job(c) => remote::job(&cli.server, c),
         Cmd::Session(c) => remote::session(&cli.server, c),
+        Cmd::Recovery(c) => remote::recovery(&cli.server, c),
         Cmd::Token(c) => remote::token(&cli.server, c),
         Cmd::Audit(a) => remote::audit(&cli.server, a),
     }

@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// are kept for the next backup of the same disk (none: fetched each
     /// time).
     pub manifest_cache: Option<PathBuf>,
+    /// Where the instant recoveries this proxy serves keep their sessions
+    /// (sockets, overlays).
+    pub recoveries: PathBuf,
 }
 
 /// What a task needs of its proxy besides the order.
@@ -153,6 +156,10 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
         }),
         served: cfg.served.clone(),
         operations: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        recoveries: crate::recoveries::Recoveries::new(
+            cfg.recoveries.clone(),
+            cfg.datastores.clone(),
+        ),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
     // The host's libvirt connection when the server made it a hypervisor,
@@ -196,6 +203,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 service_port: cfg.service_port,
                 vms: inventory(&hypervisor, &mut listed),
                 operations: w.operation_statuses(),
+                recoveries: w.recoveries.statuses(),
                 serving: match cfg.service_port {
                     Some(_) => {
                         let mut v: Vec<String> = cfg
@@ -215,6 +223,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 Ok(o) => {
                     failures = 0;
                     w.forget_reported(&hb.operations);
+                    w.recoveries.forget_reported(&hb.recoveries);
                     if o.hypervisor != hypervisor {
                         hypervisor = o.hypervisor.clone();
                         listed = None;
@@ -250,6 +259,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
     for r in w.running.values() {
         r.cancel.store(true, Ordering::Relaxed);
     }
+    w.recoveries.stop_all();
     Ok(())
 }
 
@@ -264,6 +274,8 @@ struct Tasks {
     served: ServedMap,
     /// Operations on VM replicas: running, or ended and not yet reported.
     operations: Arc<std::sync::Mutex<HashMap<u64, OperationStatus>>>,
+    /// Instant recoveries this proxy serves.
+    recoveries: crate::recoveries::Recoveries,
 }
 
 impl Tasks {
@@ -375,6 +387,9 @@ impl Tasks {
         drop(m);
         for op in o.operations {
             self.start_operation(op);
+        }
+        for r in o.recoveries {
+            self.recoveries.apply(r);
         }
         for id in o.cancel {
             if let Some(r) = self.running.get(&id) {

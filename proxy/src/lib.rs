@@ -20,6 +20,7 @@ pub mod agent;
 pub mod error;
 pub mod identity;
 pub mod installer;
+mod recoveries;
 pub mod repo_service;
 
 use std::path::Path;

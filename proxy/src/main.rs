@@ -65,6 +65,12 @@ enum Cmd {
         /// this one); `off` runs none.
         #[arg(long, default_value = "0.0.0.0:8444")]
         repo_listen: String,
+        /// Where instant recoveries this proxy serves keep their sessions
+        /// (NBD sockets libvirt's QEMU user connects to, and the guests'
+        /// overlays): not under the state directory, which only root
+        /// may enter.
+        #[arg(long, value_name = "DIR", default_value = transports::instant::DEFAULT_DIR)]
+        instant_dir: PathBuf,
     },
 }
 
@@ -93,6 +99,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             token,
             server,
             repo_listen,
+            instant_dir,
         } => {
             datamover_proxy::check_datastores_outside(&datastore, &cli.dir)?;
             let server = datamover_proxy::join(&cli.dir, server.as_deref(), token.as_deref())?;
@@ -140,6 +147,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 served,
                 service_port,
                 manifest_cache: Some(cli.dir.join("cache").join("manifests")),
+                recoveries: instant_dir,
             };
             Ok(agent::run(&cfg, &stop)?)
         }

@@ -412,6 +412,55 @@ pub fn router(engine: AppState) -> Router {
             ),
         )
         .route(
+            &format!("{a}/recoveries"),
+            get(
+                |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {
+                    blocking(move || e.recoveries(l.limit.unwrap_or(50).min(1000)).map(Json))
+                },
+            )
+            .post(
+                |_: User, State(e): State<AppState>, Body(r): Body<api::RecoveryRequest>| {
+                    blocking(move || {
+                        e.create_recovery(&r)
+                            .map(|o| (StatusCode::ACCEPTED, Json(o)))
+                    })
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/recoveries/{{id}}"),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || e.recovery(number("recovery", &id)?).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/recoveries/{{id}}/migrate"),
+            post(
+                |_: User,
+                 State(e): State<AppState>,
+                 Path(id): Path<String>,
+                 Body(m): Body<api::RecoveryMigrate>| {
+                    blocking(move || {
+                        e.migrate_recovery(number("recovery", &id)?, &m)
+                            .map(|o| (StatusCode::ACCEPTED, Json(o)))
+                    })
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/recoveries/{{id}}/discard"),
+            post(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || {
+                        e.discard_recovery(number("recovery", &id)?)
+                            .map(|o| (StatusCode::ACCEPTED, Json(o)))
+                    })
+                },
+            ),
+        )
+        .route(
             &format!("{a}/sessions"),
             get(
                 |_: User, State(e): State<AppState>, Query(l): Query<Limit>| {

@@ -165,6 +165,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
             served: Default::default(),
             service_port: None,
             manifest_cache: None,
+            recoveries: std::path::PathBuf::from(transports::instant::DEFAULT_DIR),
         }))
     } else {
         None

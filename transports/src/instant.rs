@@ -283,6 +283,16 @@ impl Default for Recover {
     }
 }
 
+/// A new session's directory, removed on drop while armed.
+struct FreshDir(Option<PathBuf>);
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// A disk ready to serve.
 struct Served<'r> {
     disk: PointDisk<'r>,
@@ -356,7 +366,8 @@ pub fn recover(
         })
         .collect();
     // A stopped session of the same points resumes over its overlays.
-    if sdir.join(SESSION_FILE).exists() {
+    let resumed = sdir.join(SESSION_FILE).exists();
+    if resumed {
         let old = load(&how.dir, &name)?;
         if old.served() {
             return Err(Error::InvalidArgument(format!(
@@ -376,6 +387,9 @@ pub fn recover(
         }
     }
     std::fs::create_dir_all(&sdir).map_err(|e| Error::io("create", &sdir, e))?;
+    // Until the VM is asked to start, a failure takes a new session's
+    // directory with it.
+    let mut fresh = FreshDir(Some(sdir.clone()).filter(|_| !resumed));
     std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o711))
         .map_err(|e| Error::io("set mode of", &sdir, e))?;
     let domain_type = roxmltree::Document::parse(&xml)
@@ -383,6 +397,14 @@ pub fn recover(
         .and_then(|d| d.root_element().attribute("type").map(str::to_string))
         .unwrap_or_else(|| "qemu".into());
     let owner = libvirt::qemu_user(&conn, &domain_type);
+    if let Some((uid, gid)) = owner
+        && let Some(blocked) = unreachable_by(&sdir, uid, gid)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "libvirt's QEMU user ({uid}:{gid}) cannot enter {} to reach the session's sockets: let it (chmod o+x), or keep sessions elsewhere (--dir)",
+            blocked.display()
+        )));
+    }
 
     let mut served = Vec::new();
     let mut session = Session {
@@ -445,6 +467,7 @@ pub fn recover(
         .collect();
     let def = libvirt::definition_for(&xml, &name, &nbd)?;
     save(&how.dir, &session)?;
+    fresh.0 = None;
 
     let done = AtomicBool::new(false);
     let outcome = std::thread::scope(|s| {
@@ -468,6 +491,8 @@ pub fn recover(
     for d in &session.disks {
         let _ = std::fs::remove_file(&d.socket);
     }
+    // A new session whose VM never ran holds nothing worth keeping.
+    let never_ran = !resumed && session.state == State::Starting;
     // What the controlling command wrote last, with the server gone.
     let mut last = load(&how.dir, &name).unwrap_or(session);
     last.server_pid = None;
@@ -477,11 +502,35 @@ pub fn recover(
     if let Err(e) = &outcome {
         last.message = Some(e.to_string());
     }
-    // A migrated or discarded session's directory goes with it.
-    if sdir.exists() {
+    if never_ran || matches!(last.state, State::Migrated | State::Stopping) {
+        // Migrated or discarded: its files go with it (the controlling
+        // command waits for that).
+        std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e))?;
+    } else {
         save(&how.dir, &last)?;
     }
     outcome.map(|()| last)
+}
+
+/// The first directory above `path` (itself excluded) that `uid:gid`
+/// may not search, if any.
+fn unreachable_by(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return None;
+    }
+    path.ancestors().skip(1).find_map(|d| {
+        let m = std::fs::metadata(d).ok()?;
+        let mode = m.mode();
+        let may = if m.uid() == uid {
+            mode & 0o100 != 0
+        } else if m.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        (!may).then(|| d.to_path_buf())
+    })
 }
 
 /// Start the domain and follow the session until it ends.
@@ -539,13 +588,18 @@ fn uses_session(dom: &Domain, s: &Session) -> bool {
         .unwrap_or(false)
 }
 
-/// Wait until no mount server serves the session (at most `limit`).
+/// Wait until no mount server serves the session (at most `limit`): it
+/// removed the session, or it is gone (the session is then removed here).
 fn wait_unserved(dir: &Path, name: &str, limit: Duration) -> Result<()> {
     let t = Instant::now();
+    let sdir = session_dir(dir, name)?;
     loop {
+        if !sdir.join(SESSION_FILE).exists() {
+            return Ok(());
+        }
         let s = load(dir, name)?;
         if !s.served() {
-            return Ok(());
+            return std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e));
         }
         if t.elapsed() > limit {
             return Err(Error::Internal(format!(
@@ -658,8 +712,6 @@ pub fn migrate(
     save(dir, &s)?;
     progress(100);
     wait_unserved(dir, name, Duration::from_secs(60))?;
-    let sdir = session_dir(dir, name)?;
-    std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e))?;
     defined?;
     s.server_pid = None;
     Ok(s)
@@ -797,10 +849,8 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
     if s.served() {
         s.state = State::Stopping;
         save(dir, &s)?;
-        wait_unserved(dir, name, Duration::from_secs(60))?;
     }
-    let sdir = session_dir(dir, name)?;
-    std::fs::remove_dir_all(&sdir).map_err(|e| Error::io("remove", &sdir, e))?;
+    wait_unserved(dir, name, Duration::from_secs(60))?;
     s.state = State::Stopped;
     s.server_pid = None;
     s.message = Some("discarded".into());

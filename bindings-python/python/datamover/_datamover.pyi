@@ -364,5 +364,31 @@ class Server:
         """Failover, undo or failback of a replication job's VM, run by the
         proxy holding its replicas; with wait, the ended operation."""
     def operations(self) -> list[dict[str, Any]]: ...
+    def start_recovery(
+        self,
+        repository: str,
+        vm: str,
+        *,
+        points: Optional[list[str]] = None,
+        on: Optional[str] = None,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Instant VM recovery by the proxy holding the repository; with
+        wait, returns once it serves (or failed)."""
+    def recoveries(self) -> list[dict[str, Any]]: ...
+    def recovery(self, id: int) -> dict[str, Any]: ...
+    def migrate_recovery(
+        self,
+        id: int,
+        to: str,
+        *,
+        format: Literal["raw", "qcow2"] = "raw",
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Move a recovered VM to images in ``to`` (a directory in the
+        proxy's datastores) while it runs; with wait, until migrated or
+        the migration failed (``error``, it serves on)."""
+    def discard_recovery(self, id: int, *, wait: bool = True) -> dict[str, Any]:
+        """Power a recovered VM off and drop its writes."""
     def session(self, id: int) -> dict[str, Any]: ...
     def sessions(self, limit: int = 20) -> list[dict[str, Any]]: ...

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod jobs;
 pub mod operations;
 pub mod proxies;
+pub mod recoveries;
 pub mod repositories;
 pub mod sessions;
 pub mod tasks;
@@ -186,6 +187,25 @@ CREATE TABLE operations (
     finished TEXT,
     result   TEXT,
     error    TEXT
+);
+"#,
+    // 9: instant VM recoveries, served by the proxy holding the
+    // repository.
+    r#"
+CREATE TABLE recoveries (
+    id         INTEGER PRIMARY KEY,
+    repository TEXT NOT NULL,
+    vm         TEXT NOT NULL,
+    proxy_id   INTEGER NOT NULL REFERENCES proxies(id) ON DELETE CASCADE,
+    proxy      TEXT NOT NULL,
+    request    TEXT NOT NULL,
+    state      TEXT NOT NULL DEFAULT 'queued',
+    percent    INTEGER NOT NULL DEFAULT 0,
+    pending    TEXT,
+    created    TEXT NOT NULL,
+    finished   TEXT,
+    session    TEXT,
+    error      TEXT
 );
 "#,
 ];

@@ -41,6 +41,7 @@ impl Engine {
         }
         if let Some(p) = Self::proxy_id(&tx, host)? {
             self.operation_statuses(&tx, p, &hb.operations)?;
+            catalog::recoveries::statuses(&tx, p, &hb.recoveries, &self.clock.rfc3339())?;
         }
         let hypervisor = catalog::hosts::hypervisor(&tx, host)?;
         let report = catalog::proxies::Report {
@@ -86,6 +87,7 @@ impl Engine {
         let mut orders = self.orders(&tx, pid, cancel)?;
         orders.hypervisor = hypervisor;
         orders.operations = catalog::operations::take_queued(&tx, pid)?;
+        orders.recoveries = catalog::recoveries::take_orders(&tx, pid)?;
         tx.commit()?;
         Ok(orders)
     }
@@ -219,6 +221,7 @@ impl Engine {
             serve,
             hypervisor: None,
             operations: Vec::new(),
+            recoveries: Vec::new(),
         })
     }
 }

@@ -30,6 +30,7 @@ mod jobs;
 mod lifecycle;
 mod operations;
 mod placement;
+mod recoveries;
 #[cfg(test)]
 mod tests;
 mod tick;

@@ -120,7 +120,7 @@ impl Engine {
 }
 
 /// A libvirt address as the proxy will parse it.
-fn check_libvirt(a: &str) -> R<String> {
+pub(super) fn check_libvirt(a: &str) -> R<String> {
     transports::libvirt::LibvirtAddress::parse(a)
         .map(|_| a.to_string())
         .map_err(|e| EngineError::bad(e.to_string()))

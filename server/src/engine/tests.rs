@@ -32,6 +32,7 @@ fn quiet_heartbeat() -> Heartbeat {
         serving: Vec::new(),
         vms: None,
         operations: Vec::new(),
+        recoveries: Vec::new(),
     }
 }
 
@@ -450,4 +451,149 @@ fn replica_operations_go_once_to_the_proxy_holding_the_replicas() {
     assert_eq!(lost.state, "failed");
     assert!(lost.error.unwrap().contains("no longer runs it"));
     assert_eq!(e.operations(10).unwrap().len(), 2);
+}
+
+/// Instant recoveries: checked when asked for, started once on the proxy
+/// holding the repository (the domain filled in from its hypervisor),
+/// its state and progress as the proxy reports them, controls sent once,
+/// and failed (never restarted) when the proxy stops reporting it.
+#[test]
+fn recoveries_start_once_on_the_holding_proxy_and_controls_follow() {
+    use datamover_control::api::{
+        RecoveryAction, RecoveryMigrate, RecoveryRequest, RecoveryStatus,
+    };
+    let (e, _dir) = engine();
+    let h: NewHost = serde_json::from_value(serde_json::json!({
+        "name": "kvm1", "roles": ["proxy"], "hypervisor": "qemu:///system"
+    }))
+    .unwrap();
+    e.add_host(&h).unwrap();
+    e.add_repository(&api::Repository {
+        name: "vault".into(),
+        path: "/srv/vault".into(),
+        proxy: Some("kvm1".into()),
+    })
+    .unwrap();
+    repo(&e, "shared");
+    let host = Engine::host_id(&e.db(), "kvm1").unwrap();
+    let beat = |st: Vec<RecoveryStatus>| {
+        e.heartbeat(
+            host,
+            &Heartbeat {
+                recoveries: st,
+                ..quiet_heartbeat()
+            },
+        )
+        .unwrap()
+    };
+    beat(Vec::new());
+    let ask = |repository: &str, vm: &str, points: &[&str]| {
+        e.create_recovery(&RecoveryRequest {
+            repository: repository.into(),
+            vm: vm.into(),
+            points: points.iter().map(|p| p.to_string()).collect(),
+            on: None,
+        })
+    };
+    let bad = ask("shared", "web01", &[]).unwrap_err();
+    assert!(
+        bad.message.contains("not held by a proxy"),
+        "{}",
+        bad.message
+    );
+    let bad = ask("vault", "web01", &["db01/vda"]).unwrap_err();
+    assert!(bad.message.contains("not of VM web01"), "{}", bad.message);
+    assert_eq!(
+        ask("nope", "web01", &[]).unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    let r = ask("vault", "web01", &[]).unwrap();
+    assert_eq!((r.state.as_str(), r.proxy.as_str()), ("queued", "kvm1"));
+    assert_eq!(
+        ask("vault", "web01", &[]).unwrap_err().kind,
+        ErrorKind::Conflict
+    );
+    let migrate = RecoveryMigrate {
+        to: "/srv/prod".into(),
+        format: "raw".into(),
+    };
+    assert_eq!(
+        e.migrate_recovery(r.id, &migrate).unwrap_err().kind,
+        ErrorKind::Conflict,
+        "only a serving recovery migrates"
+    );
+    let o = beat(Vec::new());
+    assert_eq!(o.recoveries.len(), 1);
+    let start = &o.recoveries[0];
+    assert_eq!(start.action, RecoveryAction::Start);
+    assert_eq!(start.on, "libvirt:///web01-instant?uri=qemu:///system");
+    assert_eq!(start.repository, "/srv/vault");
+    assert_eq!(start.points, ["web01"]);
+    assert_eq!(e.recovery(r.id).unwrap().state, "starting");
+    let serving = RecoveryStatus {
+        id: r.id,
+        state: "serving".into(),
+        percent: 0,
+        done: false,
+        session: Some(serde_json::json!({"name": "web01-instant"})),
+        error: None,
+    };
+    assert!(
+        beat(vec![serving.clone()]).recoveries.is_empty(),
+        "sent once"
+    );
+    assert!(e.recovery(r.id).unwrap().serves());
+    let bad = e
+        .migrate_recovery(
+            r.id,
+            &RecoveryMigrate {
+                format: "vmdk".into(),
+                ..migrate.clone()
+            },
+        )
+        .unwrap_err();
+    assert!(bad.message.contains("raw or qcow2"), "{}", bad.message);
+    let m = e.migrate_recovery(r.id, &migrate).unwrap();
+    assert_eq!(m.pending.as_deref(), Some("migrate"));
+    assert!(!m.control_failed());
+    let o = beat(vec![serving.clone()]);
+    assert_eq!(o.recoveries[0].action, RecoveryAction::Migrate);
+    assert_eq!(o.recoveries[0].to.as_ref(), Some(&migrate));
+    let migrating = RecoveryStatus {
+        state: "migrating".into(),
+        percent: 40,
+        ..serving.clone()
+    };
+    assert!(beat(vec![migrating]).recoveries.is_empty());
+    let now = e.recovery(r.id).unwrap();
+    assert_eq!(
+        (now.state.as_str(), now.percent, now.pending),
+        ("migrating", 40, None)
+    );
+    assert_eq!(
+        e.discard_recovery(r.id).unwrap_err().kind,
+        ErrorKind::Conflict,
+        "not while it migrates"
+    );
+    beat(vec![RecoveryStatus {
+        state: "migrated".into(),
+        percent: 100,
+        done: true,
+        ..serving.clone()
+    }]);
+    let ended = e.recovery(r.id).unwrap();
+    assert!(ended.ended() && ended.finished.is_some(), "{ended:?}");
+    assert_eq!(ended.session.unwrap()["name"], "web01-instant");
+
+    // One the proxy stops reporting fails; a queued one is discarded here.
+    let lost = ask("vault", "web01", &["web01/vda"]).unwrap();
+    assert_eq!(beat(Vec::new()).recoveries.len(), 1);
+    assert!(beat(Vec::new()).recoveries.is_empty());
+    let lost = e.recovery(lost.id).unwrap();
+    assert_eq!(lost.state, "failed");
+    assert!(lost.error.unwrap().contains("no longer serves it"));
+    let q = ask("vault", "web01", &[]).unwrap();
+    assert_eq!(e.discard_recovery(q.id).unwrap().state, "discarded");
+    assert!(beat(Vec::new()).recoveries.is_empty(), "never started");
+    assert_eq!(e.recoveries(10).unwrap().len(), 3);
 }

@@ -162,7 +162,9 @@ impl Cluster {
             .arg("run")
             .args(["--server", &self.url, "--token", &added.enrollment_token])
             .args(["--interval-ms", "200"])
-            .args(["--repo-listen", &format!("{address}:0")]);
+            .args(["--repo-listen", &format!("{address}:0")])
+            .arg("--instant-dir")
+            .arg(self.dir.path().join(format!("instant-{name}")));
         for d in datastores {
             cmd.arg("--datastore").arg(d);
         }

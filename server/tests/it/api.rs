@@ -27,6 +27,7 @@ fn heartbeat() -> Heartbeat {
         serving: vec![],
         vms: None,
         operations: Vec::new(),
+        recoveries: Vec::new(),
     }
 }
 

@@ -400,3 +400,160 @@ fn a_replicated_libvirt_vm_fails_over_and_back_through_the_server() {
     drop(o);
     drop(g);
 }
+
+/// A VM backed up by a job is recovered instantly by the proxy holding
+/// the repository (`dm recovery start`), the guest sees its data and
+/// writes, is moved to production storage while it runs (`dm recovery
+/// migrate`, progress in the recovery), and a second recovery is
+/// discarded; operators may look but not start one.
+#[test]
+fn a_vm_is_recovered_instantly_through_the_server_migrated_and_discarded() {
+    let _s = serial();
+    let mut tools = GUEST_TOOLS.to_vec();
+    tools.extend(["libvirtd", "virtlogd", "virsh", "debugfs"]);
+    if !can_run(
+        "a_vm_is_recovered_instantly_through_the_server_migrated_and_discarded",
+        &tools,
+    ) {
+        return;
+    }
+    let mut c = Cluster::start(&["--no-builtin-proxy", "--heartbeat-ms", "200"]);
+    let dir = c.path("lv");
+    for d in [c.path(""), dir.clone()] {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let _libvirtd = datamover_testkit::guest::Libvirtd::ensure(&dir);
+    c.add_proxy("kvm", &[&dir], 1);
+    dm_ok(&c, ["host", "set", "kvm", "--hypervisor", "qemu:///system"]);
+    let img = dir.join("app.qcow2");
+    GuestImage::get().copy_disk(&img);
+    let dom = format!("dm-ir-srv-{}", std::process::id());
+    let g = Guest::libvirt(&dir, &dom, &img, "qcow2", &[]);
+    let before = g.sh(
+        "dd if=/dev/urandom of=/root/before bs=1M count=2 status=none && sync && sha256sum /root/before | cut -d' ' -f1",
+    );
+    let repo = dir.join("repo");
+    dm_ok(
+        &c,
+        [
+            "repo",
+            "add",
+            "main",
+            &repo.display().to_string(),
+            "--proxy",
+            "kvm",
+        ],
+    );
+    c.create_job(serde_json::json!({
+        "name": "b", "kind": "backup", "repository": "main",
+        "disks": [{"name": format!("{dom}/vda"), "source": g.spec(), "disk": "vda"}],
+    }));
+    let s: Session = c.run_job("b");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+    drop(g);
+
+    let json = |out: Vec<u8>| -> serde_json::Value { serde_json::from_slice(&out).unwrap() };
+    let r = json(dm_ok(&c, ["recovery", "start", "main", &dom, "--json"]));
+    assert_eq!(r["state"], "serving", "{r}\n{}", c.logs());
+    assert_eq!(r["proxy"], "kvm");
+    let name = format!("{dom}-instant");
+    assert_eq!(r["session"]["name"], name.as_str(), "{r}");
+    let id = r["id"].as_u64().unwrap().to_string();
+    let v = Guest::libvirt_running(&dir, &name);
+    assert_eq!(v.sh("sha256sum /root/before | cut -d' ' -f1"), before);
+    let after = v.sh(
+        "dd if=/dev/urandom of=/root/after bs=1M count=3 status=none && sync && sha256sum /root/after | cut -d' ' -f1",
+    );
+    // A second recovery of the same domain is refused while it serves.
+    let out = dm(&c)
+        .args(["recovery", "start", "main", &dom])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Migration only into the proxy's datastores.
+    let out = dm(&c)
+        .args(["recovery", "migrate", &id, "--to", "/etc/dm-x", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r = json(out.stdout);
+    assert_eq!(r["state"], "serving", "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("datastore"),
+        "{r}"
+    );
+    let prod = dir.join("prod");
+    let out = dm(&c)
+        .args([
+            "recovery",
+            "migrate",
+            &id,
+            "--to",
+            prod.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", c.logs());
+    let r = json(out.stdout);
+    assert_eq!(r["state"], "migrated", "{r}");
+    assert_eq!(r["percent"], 100, "{r}");
+    assert!(r["session"]["downtime_ms"].as_u64().is_some(), "{r}");
+    let image = prod.join(format!("{name}-vda.raw"));
+    assert_eq!(
+        r["session"]["disks"][0]["migrated_to"],
+        image.to_str().unwrap(),
+        "{r}"
+    );
+    assert_eq!(v.sh("sha256sum /root/after | cut -d' ' -f1"), after);
+    drop(v);
+    let sum = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "debugfs -R 'cat /root/after' {} 2>/dev/null | sha256sum | cut -d' ' -f1",
+            image.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&sum.stdout).trim(), after);
+
+    // A recovery discarded: its VM gone, nothing left on the proxy.
+    let other = format!("{dom}-d");
+    let r = json(dm_ok(
+        &c,
+        [
+            "recovery",
+            "start",
+            "main",
+            &dom,
+            "--on",
+            &format!("libvirt:///{other}?uri=qemu:///system"),
+            "--json",
+        ],
+    ));
+    assert_eq!(r["state"], "serving", "{r}\n{}", c.logs());
+    let id2 = r["id"].as_u64().unwrap().to_string();
+    let r = json(dm_ok(&c, ["recovery", "discard", &id2, "--json"]));
+    assert_eq!(r["state"], "discarded", "{r}");
+    assert!(datamover_testkit::guest::virsh(&["domstate", &other]).is_err());
+    let left: Vec<_> = std::fs::read_dir(c.path("instant-kvm")).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "{left:?}: {:?}\n{}",
+        std::fs::read_dir(c.path(&format!("instant-kvm/{other}")))
+            .map(|d| d.map(|e| e.map(|e| e.file_name())).collect::<Vec<_>>()),
+        c.logs()
+    );
+    let listed = String::from_utf8_lossy(&dm_ok(&c, ["recovery", "list"])).to_string();
+    assert!(
+        listed.contains("migrated") && listed.contains("discarded"),
+        "{listed}"
+    );
+    let out = dm(&c).args(["recovery", "discard", &id2]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "an ended recovery: {out:?}");
+    let _ = datamover_testkit::guest::virsh(&["destroy", &name]);
+    let _ = datamover_testkit::guest::virsh(&["undefine", &name]);
+    let v = datamover::verify(&datamover::Repository::open(&repo).unwrap(), true).unwrap();
+    assert!(v.is_ok(), "{:?}", v.problems);
+}

@@ -61,6 +61,7 @@ fn beat(
             serving: vec![],
             vms: None,
             operations: Vec::new(),
+            recoveries: Vec::new(),
         },
     )
 }

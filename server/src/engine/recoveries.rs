@@ -1,0 +1,133 @@
+//! Instant VM recoveries: asked for through the API, served by the proxy
+//! holding the repository (its mount server) through its host's
+//! hypervisor; migrate and discard reach that proxy as one-shot orders.
+
+use super::*;
+use datamover_control::api::{Recovery, RecoveryAction, RecoveryMigrate, RecoveryRequest};
+
+impl Engine {
+    /// Ask for an instant recovery of a VM from repository `req.repository`.
+    pub fn create_recovery(&self, req: &RecoveryRequest) -> R<Recovery> {
+        format!("{}/x", req.vm)
+            .parse::<datamover::DiskName>()
+            .map_err(|e| EngineError::bad(format!("VM {:?}: {e}", req.vm)))?;
+        for p in &req.points {
+            let r: datamover::PointRef = p
+                .parse()
+                .map_err(|e| EngineError::bad(format!("point {p:?}: {e}")))?;
+            if r.disk.vm() != req.vm {
+                return Err(EngineError::bad(format!(
+                    "point {p} is not of VM {}",
+                    req.vm
+                )));
+            }
+        }
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let holder = catalog::repositories::holder(&tx, &req.repository)?
+            .ok_or_else(|| EngineError::not_found("repository", &req.repository))?
+            .ok_or_else(|| {
+                EngineError::bad(format!(
+                    "repository {} is not held by a proxy: a VM is recovered by the proxy holding its repository",
+                    req.repository
+                ))
+            })?;
+        let host = Self::host_id(&tx, &holder)?;
+        let pid = Self::proxy_id(&tx, host)?
+            .ok_or_else(|| EngineError::bad(format!("host {holder} runs no proxy")))?;
+        let on = match (&req.on, catalog::hosts::hypervisor(&tx, host)?) {
+            (Some(on), _) => super::operations::check_libvirt(on)?,
+            (None, Some(uri)) => format!("libvirt:///{}-instant?uri={uri}", req.vm),
+            (None, None) => {
+                return Err(EngineError::bad(format!(
+                    "host {holder} (holding repository {}) is no hypervisor: dm host set {holder} --hypervisor URI, or give \"on\"",
+                    req.repository
+                )));
+            }
+        };
+        if let Some(id) = catalog::recoveries::live_on(&tx, &on)? {
+            return Err(EngineError::conflict(format!(
+                "recovery {id} serves {on} already"
+            )));
+        }
+        let filled = RecoveryRequest {
+            on: Some(on),
+            ..req.clone()
+        };
+        let id = catalog::recoveries::insert(&tx, &filled, (pid, &holder), &self.clock.rfc3339())?;
+        tx.commit()?;
+        drop(db);
+        self.recovery(id)
+    }
+
+    /// One recovery.
+    pub fn recovery(&self, id: u64) -> R<Recovery> {
+        catalog::recoveries::get(&self.db(), id)?
+            .ok_or_else(|| EngineError::not_found("recovery", id))
+    }
+
+    /// The newest recoveries.
+    pub fn recoveries(&self, limit: u32) -> R<Vec<Recovery>> {
+        Ok(catalog::recoveries::newest(&self.db(), limit)?)
+    }
+
+    /// Move recovery `id`'s VM to `m.to` (a directory in one of its
+    /// proxy's datastores) while it runs.
+    pub fn migrate_recovery(&self, id: u64, m: &RecoveryMigrate) -> R<Recovery> {
+        if !matches!(m.format.as_str(), "raw" | "qcow2") {
+            return Err(EngineError::bad(format!(
+                "format {:?}: raw or qcow2",
+                m.format
+            )));
+        }
+        if !m.to.starts_with('/') {
+            return Err(EngineError::bad(format!(
+                "{:?}: give an absolute directory in one of the proxy's datastores",
+                m.to
+            )));
+        }
+        let db = self.db();
+        let r = catalog::recoveries::get(&db, id)?
+            .ok_or_else(|| EngineError::not_found("recovery", id))?;
+        if r.state != "serving" || r.pending.is_some() {
+            return Err(EngineError::conflict(format!(
+                "recovery {id} is {}{}: only a serving recovery migrates",
+                r.state,
+                r.pending
+                    .as_deref()
+                    .map(|p| format!(" ({p} asked)"))
+                    .unwrap_or_default()
+            )));
+        }
+        catalog::recoveries::set_pending(&db, id, RecoveryAction::Migrate, Some(m))?;
+        drop(db);
+        self.recovery(id)
+    }
+
+    /// Power recovery `id`'s VM off and drop its writes.
+    pub fn discard_recovery(&self, id: u64) -> R<Recovery> {
+        let db = self.db();
+        let r = catalog::recoveries::get(&db, id)?
+            .ok_or_else(|| EngineError::not_found("recovery", id))?;
+        match r.state.as_str() {
+            "queued" => {
+                catalog::recoveries::end(&db, id, "discarded", &self.clock.rfc3339())?;
+            }
+            "starting" | "serving" => {
+                catalog::recoveries::set_pending(&db, id, RecoveryAction::Discard, None)?;
+            }
+            s => {
+                return Err(EngineError::conflict(format!(
+                    "recovery {id} is {s}: {}",
+                    if s == "migrating" {
+                        "wait for its migration"
+                    } else {
+                        "it has ended"
+                    }
+                )));
+            }
+        }
+        drop(db);
+        self.recovery(id)
+    }
+}
