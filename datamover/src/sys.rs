@@ -122,3 +122,59 @@ pub fn flock(f: &File, mode: LockMode, wait: bool) -> io::Result<bool> {
         }
     }
 }
+
+fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Set extended attribute `name` of `path` (of a symlink itself, not its
+/// target).
+pub fn lsetxattr(path: &std::path::Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let p = c_path(path)?;
+    let n =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C strings and a buffer of `value.len()` bytes.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Set the access and modification times (seconds, nanoseconds) of
+/// `path`, of a symlink itself.
+pub fn set_times_nofollow(
+    path: &std::path::Path,
+    atime: (i64, i64),
+    mtime: (i64, i64),
+) -> io::Result<()> {
+    let p = c_path(path)?;
+    let ts = |(s, n): (i64, i64)| libc::timespec {
+        tv_sec: s as libc::time_t,
+        tv_nsec: n.clamp(0, 999_999_999) as libc::c_long,
+    };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: a valid C string and an array of two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

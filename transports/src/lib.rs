@@ -52,6 +52,7 @@ pub(crate) use forward_reads;
 
 pub mod export;
 pub mod failover;
+pub mod files;
 pub mod image;
 pub mod instant;
 pub mod libvirt;
