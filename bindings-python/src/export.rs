@@ -265,3 +265,99 @@ pub(crate) fn instant_sessions<'py>(
     let s = transports::instant::sessions(&dir).map_err(to_py)?;
     crate::as_py(py, &s)
 }
+
+/// A point's files (`Repository.files`): one libguestfs appliance serves
+/// every call until `close()` (or the end of a `with` block).
+#[pyclass(module = "datamover")]
+pub(crate) struct Files {
+    session: Mutex<Option<transports::files::Session>>,
+}
+
+impl Files {
+    pub(crate) fn open(
+        py: Python<'_>,
+        root: std::path::PathBuf,
+        point: datamover::PointRef,
+        opts: transports::files::FilesOptions,
+    ) -> PyResult<Files> {
+        let s = py
+            .detach(move || transports::files::Session::open(root, point, opts))
+            .map_err(to_py)?;
+        Ok(Files {
+            session: Mutex::new(Some(s)),
+        })
+    }
+
+    fn with<'py, T: serde::Serialize + Send>(
+        &self,
+        py: Python<'py>,
+        f: impl FnOnce(&transports::files::Session) -> datamover::Result<T> + Send,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let g = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let s = g
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("the Files object is closed"))?;
+        let v = py.detach(|| f(s)).map_err(to_py)?;
+        crate::as_py(py, &v)
+    }
+}
+
+#[pymethods]
+impl Files {
+    /// The point's filesystems: name, device, fstype, size, error.
+    fn filesystems<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.with(py, |s| s.filesystems())
+    }
+
+    /// List "/" (the filesystems), a directory or a file
+    /// ("/FILESYSTEM/PATH"): dicts with name, path, kind, size, mode,
+    /// uid, gid, mtime, mtime_nsec, target.
+    #[pyo3(signature = (path="/"))]
+    fn ls<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyAny>> {
+        self.with(py, |s| s.list(path))
+    }
+
+    /// Copy `paths` into directory `to` with their metadata; what was
+    /// extracted (files, dirs, symlinks, bytes, bytes_loaded, ...).
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        paths: Vec<String>,
+        to: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.with(py, |s| s.get(&paths, &to))
+    }
+
+    /// Write `paths` as a tar archive to the new file `file`.
+    fn tar<'py>(
+        &self,
+        py: Python<'py>,
+        paths: Vec<String>,
+        file: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.with(py, |s| s.tar_to(&paths, &file))
+    }
+
+    /// Stop the appliance.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match s {
+            Some(s) => py.detach(move || s.close()).map_err(to_py),
+            None => Ok(()),
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+}

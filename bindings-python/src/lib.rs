@@ -56,6 +56,7 @@ fn _datamover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Server>()?;
     m.add_class::<export::Export>()?;
     m.add_class::<export::InstantRecovery>()?;
+    m.add_class::<export::Files>()?;
     m.add_function(wrap_pyfunction!(export::instant_migrate, m)?)?;
     m.add_function(wrap_pyfunction!(export::instant_discard, m)?)?;
     m.add_function(wrap_pyfunction!(export::instant_sessions, m)?)?;

@@ -302,6 +302,33 @@ impl Repository {
         )
     }
 
+    /// A point's files ("vm/disk[@id]" or a Point), read by a libguestfs
+    /// appliance through an export of the point; returns once its
+    /// filesystems are mounted. Use `ls`, `get`, `tar`, then `close()`
+    /// (or a `with` block).
+    #[pyo3(signature = (point, *, appliance_mib=512))]
+    fn files(
+        &self,
+        py: Python<'_>,
+        point: &Bound<'_, PyAny>,
+        appliance_mib: i32,
+    ) -> PyResult<crate::export::Files> {
+        let spec: String = match point.cast::<Point>() {
+            Ok(p) => p.get().__str__(),
+            Err(_) => point.extract()?,
+        };
+        let point: PointRef = spec.parse().map_err(to_py)?;
+        crate::export::Files::open(
+            py,
+            self.inner.root().to_path_buf(),
+            point,
+            transports::files::FilesOptions {
+                appliance_mib: appliance_mib.max(256),
+                ..Default::default()
+            },
+        )
+    }
+
     /// Instant VM recovery (libvirt): start the VM whose points `points`
     /// name ("vm/disk[@id]", or "vm" for each disk's newest) as domain
     /// `on` (default "libvirt:///VM-instant"), its disks served from the

@@ -641,3 +641,56 @@ def test_instant_recovery_front_door(env):
         datamover.instant_discard("x", dir=sessions)
     with pytest.raises(datamover.InvalidInputError, match="cannot name"):
         datamover.instant_discard("../etc", dir=sessions)
+
+
+@pytest.mark.skipif(
+    not shutil.which("guestfish") or not shutil.which("mkfs.ext4"),
+    reason="needs libguestfs (guestfish) and e2fsprogs",
+)
+def test_files_of_a_point(tmp_path):
+    """Repository.files: an ext4 disk made with mkfs.ext4 -d (no mount),
+    read by one libguestfs appliance: listed, copied with its mode and
+    times, and written as a tar archive."""
+    import os
+    import tarfile
+
+    src = tmp_path / "tree"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "a.txt").write_bytes(b"hello from a point\n")
+    os.chmod(src / "dir" / "a.txt", 0o640)
+    os.utime(src / "dir" / "a.txt", (1_600_000_000, 1_600_000_000))
+    os.symlink("a.txt", src / "dir" / "link")
+    img = tmp_path / "fs.raw"
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-d", str(src), str(img), "32M"], check=True
+    )
+    repo = datamover.Repository.init(tmp_path / "repo")
+    repo.backup(img, "vm/data")
+    with repo.files("vm/data") as f:
+        fss = f.filesystems()
+        assert [(x["name"], x["fstype"]) for x in fss] == [("sda", "ext4")]
+        top = f.ls()
+        assert top[0]["kind"] == "filesystem"
+        names = {e["name"]: e for e in f.ls("/dir")}
+        assert names["a.txt"]["mode"] == 0o640 and names["a.txt"]["size"] == 19
+        assert names["link"]["kind"] == "symlink" and names["link"]["target"] == "a.txt"
+        out = tmp_path / "out"
+        out.mkdir()
+        got = f.get(["/dir"], out)
+        assert got["files"] == 1 and got["symlinks"] == 1
+        assert (out / "dir" / "a.txt").read_bytes() == b"hello from a point\n"
+        st = os.stat(out / "dir" / "a.txt")
+        assert (st.st_mode & 0o7777, int(st.st_mtime)) == (0o640, 1_600_000_000)
+        assert os.readlink(out / "dir" / "link") == "a.txt"
+        with pytest.raises(datamover.InvalidInputError, match="exists"):
+            f.get(["/dir"], out)
+        with pytest.raises(datamover.InvalidInputError, match="no such file"):
+            f.ls("/nope")
+        f.tar(["/dir"], tmp_path / "dir.tar")
+        with tarfile.open(tmp_path / "dir.tar") as t:
+            members = {m.name: m for m in t.getmembers()}
+            assert set(members) == {"dir", "dir/a.txt", "dir/link"}
+            assert members["dir/a.txt"].mode == 0o640
+            assert t.extractfile("dir/a.txt").read() == b"hello from a point\n"
+    with pytest.raises(ValueError, match="closed"):
+        f.ls("/")

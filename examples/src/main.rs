@@ -59,6 +59,9 @@ enum Cmd {
     /// by this process, its writes to an overlay; then --migrate it to
     /// production storage while it runs, or --discard it.
     InstantRecover(replica_cmds::InstantArgs),
+    /// File-level restore: list or copy files out of a point (partitions,
+    /// LVM, ext4/XFS/Btrfs/vfat/NTFS), read by a libguestfs appliance.
+    Files(replica_cmds::FilesArgs),
     /// Restore a point (the newest without @POINT) to a file or block device.
     Restore(disk_cmds::RestoreArgs),
     /// List restore points.
@@ -134,6 +137,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Migrate(a) => replica_cmds::migrate(a),
         Cmd::Export(a) => replica_cmds::export(a),
         Cmd::InstantRecover(a) => replica_cmds::instant_recover(a),
+        Cmd::Files(a) => replica_cmds::files(a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),

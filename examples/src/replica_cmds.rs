@@ -434,3 +434,186 @@ pub fn instant_recover(a: InstantArgs) -> Result<u8, Failure> {
     );
     Ok(0)
 }
+
+/// `dm files`.
+#[derive(Args)]
+pub struct FilesArgs {
+    /// The point: VM/DISK (the newest) or VM/DISK@POINT.
+    pub point: String,
+    /// Repository directory.
+    #[arg(long, env = "DM_REPO", global = true)]
+    pub repo: Option<PathBuf>,
+    /// The appliance's memory in MiB.
+    #[arg(long, default_value_t = 512, global = true)]
+    pub appliance_mib: i32,
+    #[command(subcommand)]
+    pub op: FilesOp,
+}
+
+/// What to do with a point's files.
+#[derive(Subcommand)]
+pub enum FilesOp {
+    /// List the filesystems (no PATH), a directory, or a file:
+    /// /FILESYSTEM/PATH (with one filesystem, /PATH).
+    Ls {
+        /// The path.
+        path: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy files, symlinks and whole directories out, with their mode,
+    /// owner, times and extended attributes.
+    Get {
+        /// The paths (/FILESYSTEM/PATH).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Into this directory (made if missing; nothing in it is
+        /// overwritten).
+        #[arg(
+            long,
+            value_name = "DIR",
+            conflicts_with = "tar",
+            required_unless_present = "tar"
+        )]
+        to: Option<PathBuf>,
+        /// As a tar archive (PAX: extended attributes, exact times) to
+        /// this file, or - for standard output.
+        #[arg(long, value_name = "FILE")]
+        tar: Option<String>,
+        /// Print JSON (what was extracted).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn ls_line(e: &transports::files::Entry) -> String {
+    use transports::files::Kind;
+    let t = match e.kind {
+        Kind::Filesystem => 'F',
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::Char => 'c',
+        Kind::Block => 'b',
+        Kind::Fifo => 'p',
+        Kind::Socket => 's',
+        Kind::File => '-',
+    };
+    if e.kind == Kind::Filesystem {
+        return format!(
+            "{t} {:<8} {:>10} {}{}",
+            e.fstype.as_deref().unwrap_or(""),
+            crate::output::human(e.size),
+            e.name,
+            e.error
+                .as_deref()
+                .map(|x| format!("  (unreadable: {x})"))
+                .unwrap_or_default()
+        );
+    }
+    let bits = |m: u32, s: [char; 3]| -> String {
+        (0..3)
+            .map(|i| if m & (4 >> i) != 0 { s[i] } else { '-' })
+            .collect()
+    };
+    let time = chrono::DateTime::from_timestamp(e.mtime, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default();
+    format!(
+        "{t}{}{}{} {:>5} {:>5} {:>12} {time} {}{}",
+        bits(e.mode >> 6, ['r', 'w', 'x']),
+        bits(e.mode >> 3, ['r', 'w', 'x']),
+        bits(e.mode, ['r', 'w', 'x']),
+        e.uid,
+        e.gid,
+        e.size,
+        e.name,
+        e.target
+            .as_deref()
+            .map(|x| format!(" -> {x}"))
+            .unwrap_or_default()
+    )
+}
+
+/// `dm files`: list or copy a point's files (a libguestfs appliance reads
+/// the point's filesystems through an NBD export of it).
+pub fn files(a: FilesArgs) -> Result<u8, Failure> {
+    use transports::files::{FilesOptions, browse};
+    let repo_dir = a
+        .repo
+        .ok_or_else(|| Failure(2, "--repo (or DM_REPO) is required".into()))?;
+    let repo = Repository::open(&repo_dir)?;
+    let point: datamover::PointRef = a.point.parse()?;
+    let opts = FilesOptions {
+        appliance_mib: a.appliance_mib.max(256),
+        ..FilesOptions::default()
+    };
+    let t = std::time::Instant::now();
+    match a.op {
+        FilesOp::Ls { path, json } => {
+            let path = path.unwrap_or_else(|| "/".into());
+            let entries = browse(&repo, &point, &opts, |b| b.list(&path))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&entries).unwrap_or_default()
+                );
+            } else {
+                for e in &entries {
+                    println!("{}", ls_line(e));
+                }
+            }
+        }
+        FilesOp::Get {
+            paths,
+            to,
+            tar,
+            json,
+        } => {
+            let x = browse(&repo, &point, &opts, |b| match (&to, tar.as_deref()) {
+                (Some(dir), _) => {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| datamover::Error::io("create", dir, e))?;
+                    b.get(&paths, dir)
+                }
+                (None, Some("-")) => {
+                    b.tar(&paths, std::io::BufWriter::new(std::io::stdout().lock()))
+                }
+                (None, Some(file)) => {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(file)
+                        .map_err(|e| {
+                            datamover::Error::io("create", std::path::Path::new(file), e)
+                        })?;
+                    b.tar(&paths, std::io::BufWriter::new(f))
+                }
+                (None, None) => Err(datamover::Error::InvalidArgument(
+                    "give --to DIR or --tar FILE".into(),
+                )),
+            })?;
+            if json {
+                eprintln!("{}", serde_json::to_string_pretty(&x).unwrap_or_default());
+            }
+            eprintln!(
+                "{} file(s), {} dir(s), {} symlink(s), {} bytes in {:.1} s; {} bytes read from the repository{}",
+                x.files,
+                x.dirs,
+                x.symlinks,
+                x.bytes,
+                t.elapsed().as_secs_f64(),
+                x.bytes_loaded,
+                if x.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; left out: {}", x.skipped.join(", "))
+                }
+            );
+            for w in &x.xattr_errors {
+                eprintln!("warning: extended attribute not set: {w}");
+            }
+        }
+    }
+    Ok(0)
+}

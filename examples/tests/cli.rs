@@ -880,3 +880,101 @@ fn instant_recover_serves_until_stopped_resumes_its_writes_and_discards() {
     let v = ok(&dm(&["verify", "--read-data", "--repo", s(&e.repo)]));
     assert!(!v.is_empty());
 }
+
+#[test]
+fn files_lists_and_copies_out_of_a_point() {
+    if !can_run(
+        "files_lists_and_copies_out_of_a_point",
+        &["guestfish", "mkfs.ext4", "tar"],
+    ) {
+        return;
+    }
+    let e = env();
+    let d = e.dir.path();
+    let tree = d.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), b"welcome\n").unwrap();
+    std::os::unix::fs::symlink("motd", tree.join("etc/issue")).unwrap();
+    let img = d.join("fs.raw");
+    run("mkfs.ext4", &["-q", "-d", s(&tree), s(&img), "16M"]);
+    ok(&dm(&[
+        "backup",
+        s(&img),
+        "--repo",
+        s(&e.repo),
+        "--name",
+        "vm/root",
+    ]));
+    let out = ok(&dm(&[
+        "files",
+        "vm/root",
+        "ls",
+        "/etc",
+        "--repo",
+        s(&e.repo),
+    ]));
+    assert!(
+        out.contains(" motd") && out.contains("issue -> motd"),
+        "{out}"
+    );
+    let to = d.join("out");
+    ok(&dm(&[
+        "files",
+        "vm/root",
+        "get",
+        "/etc/motd",
+        "/etc/issue",
+        "--to",
+        s(&to),
+        "--repo",
+        s(&e.repo),
+    ]));
+    assert_eq!(std::fs::read(to.join("motd")).unwrap(), b"welcome\n");
+    assert_eq!(
+        std::fs::read_link(to.join("issue")).unwrap(),
+        Path::new("motd")
+    );
+    let tar = d.join("etc.tar");
+    ok(&dm(&[
+        "files",
+        "vm/root",
+        "get",
+        "/etc",
+        "--tar",
+        s(&tar),
+        "--repo",
+        s(&e.repo),
+    ]));
+    let listed = String::from_utf8_lossy(
+        &Command::new("tar")
+            .arg("-tf")
+            .arg(&tar)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    assert_eq!(listed.lines().collect::<Vec<_>>().len(), 3, "{listed}");
+    let (code, msg) = fails(&dm(&[
+        "files",
+        "vm/root",
+        "ls",
+        "/nope",
+        "--repo",
+        s(&e.repo),
+    ]));
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("no such file or directory"), "{msg}");
+    let (code, msg) = fails(&dm(&[
+        "files",
+        "vm/root",
+        "get",
+        "/etc/motd",
+        "--to",
+        s(&to),
+        "--repo",
+        s(&e.repo),
+    ]));
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("exists"), "{msg}");
+}

@@ -19,6 +19,7 @@ callback cancels them cleanly (no partial point is written).
 
 from ._datamover import (
     Export,
+    Files,
     InstantRecovery,
     Point,
     PruneReport,
@@ -46,6 +47,7 @@ __all__ = [
     "Repository",
     "Server",
     "Export",
+    "Files",
     "InstantRecovery",
     "instant_migrate",
     "instant_discard",

@@ -196,6 +196,8 @@ class Repository:
     ) -> Export:
         """Serve a point over NBD at ``listen`` ("unix:PATH" or
         "HOST:PORT") until stopped; writes go to the overlay ``writable``."""
+    def files(self, point: Union[str, Point], *, appliance_mib: int = 512) -> Files:
+        """A point's files, read by a libguestfs appliance."""
     def instant_recover(
         self,
         points: list[str],
@@ -287,6 +289,26 @@ class Repository:
         dry_run: bool = False,
     ) -> PruneReport:
         """Forget points outside the keep rules and free their space."""
+
+class Files:
+    """A point's files (``Repository.files``), read by one libguestfs
+    appliance until ``close()``; a context manager. Paths are
+    ``/FILESYSTEM/PATH`` (with one filesystem, ``/PATH``)."""
+
+    def filesystems(self) -> list[dict[str, Any]]: ...
+    def ls(self, path: str = "/") -> list[dict[str, Any]]: ...
+    def get(
+        self, paths: list[str], to: Union[str, os.PathLike[str]]
+    ) -> dict[str, Any]:
+        """Copy files, symlinks and directories into ``to`` with mode,
+        owner, times and extended attributes."""
+    def tar(
+        self, paths: list[str], file: Union[str, os.PathLike[str]]
+    ) -> dict[str, Any]:
+        """Write them as a tar archive (PAX xattrs) to the new ``file``."""
+    def close(self) -> None: ...
+    def __enter__(self) -> "Files": ...
+    def __exit__(self, *args: object) -> bool: ...
 
 class InstantRecovery:
     """A VM running from its points (``Repository.instant_recover``),

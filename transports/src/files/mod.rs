@@ -478,7 +478,16 @@ impl Browser<'_> {
                 "name a filesystem or a path in one".into(),
             )),
             Resolved::In(fs, inner) => {
-                let st = self.g.lstat(&inner)?;
+                let st = self.g.lstat(&inner).map_err(|e| {
+                    if e.to_string().ends_with("No such file or directory") {
+                        Error::InvalidArgument(format!(
+                            "{}: no such file or directory in this point",
+                            lossy(path)
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
                 let (dir, name) = match inner.iter().rposition(|b| *b == b'/') {
                     Some(i) if i > 0 => (inner[..i].to_vec(), inner[i + 1..].to_vec()),
                     _ => (Vec::new(), fs.name.clone().into_bytes()),
@@ -772,5 +781,135 @@ impl Browser<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A request to a [`Session`]'s appliance thread.
+enum Req {
+    Filesystems(std::sync::mpsc::Sender<Vec<Filesystem>>),
+    List(String, std::sync::mpsc::Sender<Result<Vec<Entry>>>),
+    Get(
+        Vec<String>,
+        PathBuf,
+        std::sync::mpsc::Sender<Result<Extracted>>,
+    ),
+    Tar(
+        Vec<String>,
+        PathBuf,
+        std::sync::mpsc::Sender<Result<Extracted>>,
+    ),
+}
+
+/// A [`Browser`] kept on a thread of its own, for callers that make many
+/// calls over time (Python, the proxy): one appliance serves them all
+/// until [`Session::close`] (or drop).
+#[derive(Debug)]
+pub struct Session {
+    tx: Option<std::sync::mpsc::Sender<Req>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Session {
+    /// Open `point` of the repository at `root`; returns once its
+    /// filesystems are mounted (or with why not).
+    pub fn open(root: PathBuf, point: PointRef, opts: FilesOptions) -> Result<Session> {
+        let (tx, rx) = std::sync::mpsc::channel::<Req>();
+        let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("dm-files".into())
+            .spawn(move || {
+                let repo = Repository::open(&root)?;
+                browse(&repo, &point, &opts, |b| {
+                    let _ = up_tx.send(());
+                    for r in rx {
+                        match r {
+                            Req::Filesystems(reply) => {
+                                let _ = reply.send(b.filesystems().to_vec());
+                            }
+                            Req::List(p, reply) => {
+                                let _ = reply.send(b.list(&p));
+                            }
+                            Req::Get(paths, to, reply) => {
+                                let _ = reply.send(b.get(&paths, &to));
+                            }
+                            Req::Tar(paths, file, reply) => {
+                                let r = std::fs::OpenOptions::new()
+                                    .write(true)
+                                    .create_new(true)
+                                    .open(&file)
+                                    .map_err(|e| Error::io("create", &file, e))
+                                    .and_then(|f| b.tar(&paths, std::io::BufWriter::new(f)));
+                                let _ = reply.send(r);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+        let mut s = Session {
+            tx: Some(tx),
+            thread: Some(thread),
+        };
+        if up_rx.recv().is_err() {
+            // The thread ended before the appliance was up: its error.
+            return Err(s
+                .end()
+                .err()
+                .unwrap_or_else(|| Error::Internal("the appliance thread ended early".into())));
+        }
+        Ok(s)
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(std::sync::mpsc::Sender<T>) -> Req) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gone = || Error::Internal("the appliance session has ended".into());
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(make(tx))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())
+    }
+
+    /// The point's filesystems.
+    pub fn filesystems(&self) -> Result<Vec<Filesystem>> {
+        self.ask(Req::Filesystems)
+    }
+
+    /// [`Browser::list`].
+    pub fn list(&self, path: &str) -> Result<Vec<Entry>> {
+        self.ask(|r| Req::List(path.to_string(), r))?
+    }
+
+    /// [`Browser::get`].
+    pub fn get(&self, paths: &[String], to: &Path) -> Result<Extracted> {
+        self.ask(|r| Req::Get(paths.to_vec(), to.to_path_buf(), r))?
+    }
+
+    /// [`Browser::tar`] into a new file `file`.
+    pub fn tar_to(&self, paths: &[String], file: &Path) -> Result<Extracted> {
+        self.ask(|r| Req::Tar(paths.to_vec(), file.to_path_buf(), r))?
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Internal("the appliance thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Stop the appliance and the export.
+    pub fn close(mut self) -> Result<()> {
+        self.end()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.end();
     }
 }
