@@ -861,6 +861,38 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
 mod tests {
     use super::*;
 
+    /// `session.json` version 1, byte for byte: a change here is a
+    /// format change (a new version, and a reader for the old one).
+    #[test]
+    fn session_file_golden() {
+        let s = Session {
+            version: SESSION_VERSION,
+            name: "web-instant".into(),
+            vm: "web".into(),
+            uri: "qemu:///system".into(),
+            repo: "/r".into(),
+            state: State::Migrating,
+            percent: 42,
+            server_pid: Some(7),
+            started: "2026-12-01T00:00:00Z".into(),
+            message: None,
+            downtime_ms: None,
+            disks: vec![SessionDisk {
+                disk: "web/vda".into(),
+                point: "20261201T000000.000Z-abcdef".into(),
+                target: "vda".into(),
+                socket: "/d/web-instant/vda.sock".into(),
+                overlay: "/d/web-instant/vda.overlay".into(),
+                size: 1 << 30,
+                migrated_to: Some("/p/web-instant-vda.raw".into()),
+            }],
+        };
+        let golden = r#"{"version":1,"name":"web-instant","vm":"web","uri":"qemu:///system","repo":"/r","state":"migrating","percent":42,"server_pid":7,"started":"2026-12-01T00:00:00Z","message":null,"downtime_ms":null,"disks":[{"disk":"web/vda","point":"20261201T000000.000Z-abcdef","target":"vda","socket":"/d/web-instant/vda.sock","overlay":"/d/web-instant/vda.overlay","size":1073741824,"migrated_to":"/p/web-instant-vda.raw"}]}"#;
+        assert_eq!(serde_json::to_string(&s).expect("json"), golden);
+        let back: Session = serde_json::from_str(golden).expect("parse");
+        assert_eq!(back, s);
+    }
+
     #[test]
     fn session_names_are_plain_file_names() {
         for ok in ["web01-instant", "a.b_c", "x"] {

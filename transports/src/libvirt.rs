@@ -1354,6 +1354,7 @@ pub fn restore_vm(
             ))
         })?;
     let xml = newest.1.vm_definition.clone().unwrap_or_default();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
     let mut disks = Vec::new();
     let mut images = Vec::new();
     for (d, _) in &latest {
