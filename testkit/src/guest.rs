@@ -332,6 +332,15 @@ impl Guest {
         g
     }
 
+    /// Write `mib` MiB of random bytes to `path` (a file or a disk) and
+    /// sync: the sha256 of what was written.
+    pub fn write_random(&self, path: &str, mib: u32) -> String {
+        self.sh(&format!(
+            "dd if=/dev/urandom of={path} bs=1M count={mib} status=none && sync && head -c {} {path} | sha256sum | cut -d' ' -f1",
+            u64::from(mib) << 20
+        ))
+    }
+
     /// Check the guest's database (the write load's): SQLite's
     /// integrity check says `ok`, and it holds at least the rows its
     /// freeze hook logged before the last freeze, and `min_rows`, and one.
@@ -536,6 +545,24 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
+}
+
+/// A libvirt guest `name` in `dir` (made searchable for libvirt's QEMU
+/// user) with libvirtd running until the returned guard drops: its root
+/// disk a copy of the image (qcow2), and a new `data_mib` qcow2 data disk
+/// as `vdb`.
+pub fn libvirt_with_data(dir: &Path, name: &str, data_mib: u32) -> (Libvirtd, Guest) {
+    sh(Command::new("chmod").arg("0755").arg(dir));
+    let libvirtd = Libvirtd::ensure(dir);
+    let img = dir.join(format!("{name}-root.qcow2"));
+    GuestImage::get().copy_disk(&img);
+    let data = dir.join(format!("{name}-data.qcow2"));
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&data)
+        .arg(format!("{data_mib}M")));
+    let g = Guest::libvirt(dir, name, &img, "qcow2", &[&data]);
+    (libvirtd, g)
 }
 
 /// libvirtd (and virtlogd) for a test: started here unless they already

@@ -861,32 +861,45 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
 mod tests {
     use super::*;
 
-    /// `session.json` version 1, byte for byte: a change here is a
-    /// format change (a new version, and a reader for the old one).
-    #[test]
-    fn session_file_golden() {
-        let s = Session {
+    fn sample() -> Session {
+        Session {
             version: SESSION_VERSION,
             name: "web-instant".into(),
             vm: "web".into(),
             uri: "qemu:///system".into(),
             repo: "/r".into(),
-            state: State::Migrating,
-            percent: 42,
-            server_pid: Some(7),
+            state: State::Serving,
+            percent: 0,
+            server_pid: None,
             started: "2026-12-01T00:00:00Z".into(),
             message: None,
             downtime_ms: None,
             disks: vec![SessionDisk {
                 disk: "web/vda".into(),
-                point: "20261201T000000.000Z-abcdef".into(),
+                point: "p".into(),
                 target: "vda".into(),
-                socket: "/d/web-instant/vda.sock".into(),
-                overlay: "/d/web-instant/vda.overlay".into(),
+                socket: "/s".into(),
+                overlay: "/o".into(),
                 size: 1 << 30,
-                migrated_to: Some("/p/web-instant-vda.raw".into()),
+                migrated_to: None,
             }],
+        }
+    }
+
+    /// `session.json` version 1, byte for byte: a change here is a
+    /// format change (a new version, and a reader for the old one).
+    #[test]
+    fn session_file_golden() {
+        let mut s = Session {
+            state: State::Migrating,
+            percent: 42,
+            server_pid: Some(7),
+            ..sample()
         };
+        s.disks[0].point = "20261201T000000.000Z-abcdef".into();
+        s.disks[0].socket = "/d/web-instant/vda.sock".into();
+        s.disks[0].overlay = "/d/web-instant/vda.overlay".into();
+        s.disks[0].migrated_to = Some("/p/web-instant-vda.raw".into());
         let golden = r#"{"version":1,"name":"web-instant","vm":"web","uri":"qemu:///system","repo":"/r","state":"migrating","percent":42,"server_pid":7,"started":"2026-12-01T00:00:00Z","message":null,"downtime_ms":null,"disks":[{"disk":"web/vda","point":"20261201T000000.000Z-abcdef","target":"vda","socket":"/d/web-instant/vda.sock","overlay":"/d/web-instant/vda.overlay","size":1073741824,"migrated_to":"/p/web-instant-vda.raw"}]}"#;
         assert_eq!(serde_json::to_string(&s).expect("json"), golden);
         let back: Session = serde_json::from_str(golden).expect("parse");
@@ -907,27 +920,9 @@ mod tests {
     fn a_session_file_round_trips_and_a_gone_server_shows_stopped() {
         let tmp = tempfile::tempdir().expect("tmp");
         let s = Session {
-            version: SESSION_VERSION,
-            name: "web-instant".into(),
-            vm: "web".into(),
-            uri: "qemu:///system".into(),
-            repo: "/r".into(),
-            state: State::Serving,
-            percent: 0,
             // No process has pid 0x7fff_fff0.
             server_pid: Some(0x7fff_fff0),
-            started: "2026-12-01T00:00:00Z".into(),
-            message: None,
-            downtime_ms: None,
-            disks: vec![SessionDisk {
-                disk: "web/vda".into(),
-                point: "p".into(),
-                target: "vda".into(),
-                socket: "/s".into(),
-                overlay: "/o".into(),
-                size: 1 << 30,
-                migrated_to: None,
-            }],
+            ..sample()
         };
         std::fs::create_dir_all(tmp.path().join("web-instant")).expect("mkdir");
         save(tmp.path(), &s).expect("save");

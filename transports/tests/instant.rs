@@ -70,25 +70,12 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
     GuestImage::get();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    sh(Command::new("chmod").arg("0755").arg(dir));
-    let _libvirtd = common::guest::Libvirtd::ensure(dir);
-    let img = dir.join("src.qcow2");
-    GuestImage::get().copy_disk(&img);
-    let data = dir.join("data.qcow2");
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", data.to_str().unwrap(), "64M"],
-    );
     let dom = format!("dm-ir-{}", std::process::id());
-    let g = Guest::libvirt(dir, &dom, &img, "qcow2", &[&data]);
+    let (_libvirtd, g) = common::guest::libvirt_with_data(dir, &dom, 64);
     let repo = Repository::init(&dir.join("repo")).unwrap();
     g.spawn("dm-load");
-    let before = g.sh(
-        "dd if=/dev/urandom of=/root/before bs=1M count=2 status=none && sync && sha256sum /root/before | cut -d' ' -f1",
-    );
-    let vdb = g.sh(
-        "dd if=/dev/urandom of=/dev/vdb bs=1M count=4 status=none && sync && head -c 4194304 /dev/vdb | sha256sum | cut -d' ' -f1",
-    );
+    let before = g.write_random("/root/before", 2);
+    let vdb = g.write_random("/dev/vdb", 4);
     let opts = SourceOptions {
         quiesce: Quiesce::Auto,
         quiesce_limits: QuiesceLimits {

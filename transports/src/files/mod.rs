@@ -184,6 +184,17 @@ pub struct Extracted {
 /// The deepest directory nesting followed.
 const MAX_DEPTH: usize = 1024;
 
+/// Refuse to follow `e` past [`MAX_DEPTH`] directories down.
+fn too_deep(e: &Entry, depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::InvalidArgument(format!(
+            "{}: nested deeper than {MAX_DEPTH} directories",
+            e.path
+        )));
+    }
+    Ok(())
+}
+
 /// Names asked about per libguestfs call.
 const BATCH: usize = 512;
 
@@ -471,6 +482,20 @@ impl Browser<'_> {
         Ok(out)
     }
 
+    /// The entries of directory `inner`, each with its appliance path.
+    fn children(&self, inner: &[u8]) -> Result<Vec<(Entry, Vec<u8>)>> {
+        Ok(self
+            .entries(inner)?
+            .into_iter()
+            .map(|c| {
+                let mut ci = inner.to_vec();
+                ci.push(b'/');
+                ci.extend_from_slice(&c.raw.name);
+                (c, ci)
+            })
+            .collect())
+    }
+
     /// The entry `path` names (a file, link or directory itself).
     fn stat(&self, path: &[u8]) -> Result<Entry> {
         match self.resolve(path)? {
@@ -574,12 +599,7 @@ impl Browser<'_> {
         x: &mut Extracted,
         depth: usize,
     ) -> Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(Error::InvalidArgument(format!(
-                "{}: nested deeper than {MAX_DEPTH} directories",
-                e.path
-            )));
-        }
+        too_deep(e, depth)?;
         let dest = to.join(OsStr::from_bytes(&e.raw.name));
         if std::fs::symlink_metadata(&dest).is_ok() {
             return Err(Error::InvalidArgument(format!(
@@ -591,10 +611,7 @@ impl Browser<'_> {
             Kind::Dir | Kind::Filesystem => {
                 std::fs::create_dir(&dest).map_err(|err| Error::io("create", &dest, err))?;
                 x.dirs += 1;
-                for c in self.entries(inner)? {
-                    let mut ci = inner.to_vec();
-                    ci.push(b'/');
-                    ci.extend_from_slice(&c.raw.name);
+                for (c, ci) in self.children(inner)? {
                     self.extract(&c, &ci, &dest, x, depth + 1)?;
                 }
             }
@@ -699,12 +716,7 @@ impl Browser<'_> {
         x: &mut Extracted,
         depth: usize,
     ) -> Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(Error::InvalidArgument(format!(
-                "{}: nested deeper than {MAX_DEPTH} directories",
-                e.path
-            )));
-        }
+        too_deep(e, depth)?;
         let io = |err: std::io::Error| Error::io("write the archive", Path::new("-"), err);
         let mut pax: Vec<(String, Vec<u8>)> = vec![
             (
@@ -748,10 +760,7 @@ impl Browser<'_> {
                 h.set_size(0);
                 b.append_data(&mut h, name, std::io::empty()).map_err(io)?;
                 x.dirs += 1;
-                for c in self.entries(inner)? {
-                    let mut ci = inner.to_vec();
-                    ci.push(b'/');
-                    ci.extend_from_slice(&c.raw.name);
+                for (c, ci) in self.children(inner)? {
                     let cn = name.join(OsStr::from_bytes(&c.raw.name));
                     self.tar_one(b, &c, &ci, &cn, x, depth + 1)?;
                 }
