@@ -1,5 +1,6 @@
 //! File-level restore from points of real disk images: GPT with ext4,
-//! XFS, Btrfs, vfat and an ext4 LV in LVM, plus a damaged ext4; and MBR.
+//! XFS, Btrfs, vfat, NTFS and an ext4 LV in LVM, plus a damaged ext4; and
+//! MBR.
 //! The images are built by the filesystems' own tools and kernel drivers
 //! (in a libguestfs appliance: this host's kernel has no device-mapper
 //! for LVM). Listings and extracted files (content, mode, owner, times,
@@ -126,18 +127,19 @@ fn files_come_out_of_gpt_lvm_and_mbr_points_with_their_metadata() {
     let img = d.join("gpt.raw");
     std::fs::File::create(&img)
         .unwrap()
-        .set_len(600 << 20)
+        .set_len(640 << 20)
         .unwrap();
     let mut script = String::from(
         "run\npart-init /dev/sda gpt\n\
          part-add /dev/sda p 2048 67583\npart-add /dev/sda p 67584 722943\n\
          part-add /dev/sda p 722944 1001471\npart-add /dev/sda p 1001472 1067007\n\
          part-add /dev/sda p 1067008 1165311\npart-add /dev/sda p 1165312 1198079\n\
+         part-add /dev/sda p 1198080 1263615\nmkfs ntfs /dev/sda7\nmkmountpoint /n\n\
          mkfs ext4 /dev/sda1\nmkfs xfs /dev/sda2\nmkfs btrfs /dev/sda3\nmkfs vfat /dev/sda4\n\
          pvcreate /dev/sda5\nvgcreate vg0 /dev/sda5\nlvcreate data vg0 24\nmkfs ext4 /dev/vg0/data\n\
          mkfs ext4 /dev/sda6\n\
          mkmountpoint /e\nmkmountpoint /x\nmkmountpoint /b\nmkmountpoint /v\nmkmountpoint /l\n\
-         mount /dev/sda1 /e\nmount /dev/sda2 /x\nmount /dev/sda3 /b\nmount /dev/sda4 /v\nmount /dev/vg0/data /l\n",
+         mount /dev/sda1 /e\nmount /dev/sda2 /x\nmount /dev/sda3 /b\nmount /dev/sda4 /v\nmount /dev/vg0/data /l\nmount /dev/sda7 /n\n",
     );
     for (at, posix) in [
         ("/e", true),
@@ -145,6 +147,7 @@ fn files_come_out_of_gpt_lvm_and_mbr_points_with_their_metadata() {
         ("/b", true),
         ("/v", false),
         ("/l", true),
+        ("/n", false),
     ] {
         script.push_str(&populate(at, &host, posix));
     }
@@ -156,7 +159,7 @@ fn files_come_out_of_gpt_lvm_and_mbr_points_with_their_metadata() {
     let src = datamover::open_source(&img).unwrap();
     let disk: datamover::DiskName = "vm/gpt".parse().unwrap();
     datamover::backup(&repo, src.as_ref(), &disk, &BackupOptions::default()).unwrap();
-    let image_size = 600u64 << 20;
+    let image_size = 640u64 << 20;
 
     let out = d.join("out");
     std::fs::create_dir(&out).unwrap();
@@ -177,6 +180,7 @@ fn files_come_out_of_gpt_lvm_and_mbr_points_with_their_metadata() {
                 ("sda3", "btrfs"),
                 ("sda4", "vfat"),
                 ("sda6", "ext4"),
+                ("sda7", "ntfs"),
                 ("vg0-data", "ext4"),
             ],
             "{top:#?}"
@@ -216,6 +220,7 @@ fn files_come_out_of_gpt_lvm_and_mbr_points_with_their_metadata() {
             ("sda2", true),
             ("sda3", true),
             ("sda4", false),
+            ("sda7", false),
             ("vg0-data", true),
         ] {
             let to = out.join(fs);
