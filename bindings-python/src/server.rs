@@ -22,6 +22,24 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// Ask for `req` and wait for its end (Ctrl-C stops the wait).
+    fn files_call(
+        &self,
+        py: Python<'_>,
+        req: datamover_control::api::FilesRequest,
+    ) -> PyResult<datamover_control::api::FilesJob> {
+        let c = self.client.clone();
+        py.detach(move || {
+            c.files(&req, || {
+                Python::attach(|py| py.check_signals()).map_err(Waited::Interrupted)
+            })
+        })
+        .map_err(|e| match e {
+            Waited::Client(e) => client_err(e),
+            Waited::Interrupted(e) => e,
+        })
+    }
+
     /// `ask` a recovery of the server, then, with `wait`, poll it until
     /// `until` holds or it ended (Ctrl-C stops the wait).
     fn recovery_call<'py>(
@@ -430,6 +448,62 @@ impl Server {
             datamover_control::api::Recovery::serves,
             move |c| c.create_recovery(&req),
         )
+    }
+
+    /// List `path` ("/FILESYSTEM/PATH"; "/" lists the filesystems) of
+    /// `point` ("vm/disk[@id]") in `repository`, read by the proxy
+    /// holding it: the entries.
+    #[pyo3(signature = (repository, point, path="/"))]
+    fn files_ls<'py>(
+        &self,
+        py: Python<'py>,
+        repository: &str,
+        point: &str,
+        path: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let req = datamover_control::api::FilesRequest {
+            repository: repository.to_string(),
+            point: point.to_string(),
+            op: datamover_control::api::FilesOp::Ls,
+            paths: vec![path.to_string()],
+        };
+        let j = self.files_call(py, req)?;
+        crate::as_py(py, &j.entries.unwrap_or_default())
+    }
+
+    /// Download a tar archive of `paths` of `point` in `repository` to the
+    /// new file `file`: its size.
+    fn files_tar(
+        &self,
+        py: Python<'_>,
+        repository: &str,
+        point: &str,
+        paths: Vec<String>,
+        file: PathBuf,
+    ) -> PyResult<u64> {
+        let req = datamover_control::api::FilesRequest {
+            repository: repository.to_string(),
+            point: point.to_string(),
+            op: datamover_control::api::FilesOp::Tar,
+            paths,
+        };
+        let j = self.files_call(py, req)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(|e| PyValueError::new_err(format!("{}: {e}", file.display())))?;
+        let c = self.client.clone();
+        let (n, _) = py
+            .detach(move || {
+                c.download(
+                    &datamover_control::api::paths::files_content(j.id),
+                    &mut f,
+                    j.size.unwrap_or(0),
+                )
+            })
+            .map_err(client_err)?;
+        Ok(n)
     }
 
     /// Instant recoveries, newest first.

@@ -528,6 +528,11 @@ def test_server_runs_a_job_on_its_builtin_proxy(tmp_path):
             s.migrate_recovery(7, "/srv/prod")
         with pytest.raises(datamover.InvalidInputError, match="no recovery"):
             s.discard_recovery(7)
+        # A point's files are read by the proxy holding the repository.
+        with pytest.raises(datamover.InvalidInputError, match="not held by a proxy"):
+            s.files_ls("main", "web/vda", "/")
+        with pytest.raises(datamover.InvalidInputError, match="no repository named nope"):
+            s.files_tar("nope", "web/vda", ["/etc"], tmp_path / "x.tar")
         with pytest.raises(datamover.InvalidInputError, match="not valid"):
             datamover.Server(url, ca=data / "ca" / "ca.pem", token="wrong").jobs()
     finally:

@@ -656,6 +656,9 @@ pub struct Heartbeat {
     /// Instant recoveries it serves or has ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recoveries: Vec<RecoveryStatus>,
+    /// File requests it runs or has ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FilesStatus>,
 }
 
 /// Progress of a running task.
@@ -693,6 +696,91 @@ pub struct Orders {
     /// Instant recovery orders for this proxy (each sent once).
     #[serde(default)]
     pub recoveries: Vec<RecoveryOrder>,
+    /// File requests for this proxy (each sent once).
+    #[serde(default)]
+    pub files: Vec<FilesOrder>,
+}
+
+/// What to do with a point's files through the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilesOp {
+    /// List one path (`/` lists the filesystems).
+    Ls,
+    /// A tar archive of paths, to download from the server.
+    Tar,
+}
+
+/// Asks for a point's files (`POST /api/v1/files`): the proxy holding the
+/// repository reads them in its file-level restore appliance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesRequest {
+    /// The repository (held by a proxy).
+    pub repository: String,
+    /// `VM/DISK[@POINT]`.
+    pub point: String,
+    /// ls or tar.
+    pub op: FilesOp,
+    /// ls: the path (one; default `/`); tar: the paths (`/FILESYSTEM/PATH`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// A file request as the server tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilesJob {
+    /// Id.
+    pub id: u64,
+    /// What was asked.
+    pub request: FilesRequest,
+    /// The proxy that runs it.
+    pub proxy: String,
+    /// queued, running, done, failed.
+    pub state: String,
+    /// When it was asked for (RFC 3339).
+    pub created: String,
+    /// When it ended.
+    pub finished: Option<String>,
+    /// ls: the entries (name, path, kind, size, mode, uid, gid, mtime, …).
+    pub entries: Option<serde_json::Value>,
+    /// tar: the archive's size, to download at `/api/v1/files/{id}/content`.
+    pub size: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl FilesJob {
+    /// Whether it has ended.
+    pub fn ended(&self) -> bool {
+        matches!(self.state.as_str(), "done" | "failed")
+    }
+}
+
+/// A file request for a proxy (sent once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesOrder {
+    /// Request id.
+    pub id: u64,
+    /// The repository's directory on the proxy.
+    pub repository: String,
+    /// What to do.
+    pub request: FilesRequest,
+}
+
+/// How a file request goes, in a proxy's heartbeat (until one carried
+/// its end). A tar archive is uploaded before its request is reported
+/// done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilesStatus {
+    /// Request id.
+    pub id: u64,
+    /// Ended.
+    pub done: bool,
+    /// ls: the entries.
+    pub entries: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// Asks for an instant recovery (`POST /api/v1/recoveries`): the VM
@@ -1191,6 +1279,22 @@ pub mod paths {
     /// `/api/v1/jobs/{name}/replicas` (failover, undo, failback).
     pub fn job_replicas(name: &str) -> String {
         format!("{API}/jobs/{name}/replicas")
+    }
+    /// `/api/v1/files`.
+    pub fn files() -> String {
+        format!("{API}/files")
+    }
+    /// `/api/v1/files/{id}`.
+    pub fn files_job(id: u64) -> String {
+        format!("{API}/files/{id}")
+    }
+    /// `/api/v1/files/{id}/content` (a tar request's archive).
+    pub fn files_content(id: u64) -> String {
+        format!("{API}/files/{id}/content")
+    }
+    /// `/agent/v1/files/{id}/content`: where the proxy uploads it.
+    pub fn agent_files_content(id: u64) -> String {
+        format!("{}/files/{id}/content", super::AGENT)
     }
     /// `/api/v1/recoveries`.
     pub fn recoveries() -> String {

@@ -259,6 +259,36 @@ impl Client {
         self.call("PATCH", path, Some(b))
     }
 
+    /// PUT file `file` as the body of `path`, streamed (a file request's
+    /// archive; a 30-minute time limit instead of the API's).
+    pub fn upload(&self, path: &str, file: &std::path::Path) -> Result<()> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| ClientError::Unreachable {
+            url: url.clone(),
+            source: e,
+        };
+        let f = std::fs::File::open(file).map_err(|e| unreachable(Box::new(e)))?;
+        let mut req = self
+            .agent
+            .put(&url)
+            .config()
+            .timeout_global(Some(Duration::from_secs(1800)))
+            .build()
+            .header("Content-Type", "application/x-tar");
+        if let Auth::Token(t) = &self.auth {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.send(f).map_err(|e| unreachable(Box::new(e)))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(|e| unreachable(Box::new(e)))?;
+        Self::check(status, &bytes)
+    }
+
     /// GET `path` as bytes streamed into `out` (a package: no size limit
     /// but `max`, and a 30-minute time limit instead of the API's).
     /// Returns the length and the SHA-256 (hex) of what was written.
@@ -383,6 +413,36 @@ impl Client {
     /// Recent operations, newest first.
     pub fn operations(&self) -> Result<Vec<crate::api::Operation>> {
         self.get(&paths::operations())
+    }
+    /// Ask for a point's files (a listing, or a tar archive to download).
+    pub fn create_files_job(&self, r: &crate::api::FilesRequest) -> Result<crate::api::FilesJob> {
+        self.post(&paths::files(), r)
+    }
+    /// One file request.
+    pub fn files_job(&self, id: u64) -> Result<crate::api::FilesJob> {
+        self.get(&paths::files_job(id))
+    }
+    /// Ask for a point's files and wait for the answer (`each` between
+    /// polls: a check for Ctrl-C); a failed request is an error.
+    pub fn files<E: From<ClientError>>(
+        &self,
+        r: &crate::api::FilesRequest,
+        mut each: impl FnMut() -> std::result::Result<(), E>,
+    ) -> std::result::Result<crate::api::FilesJob, E> {
+        let mut j = self.create_files_job(r)?;
+        while !j.ended() {
+            each()?;
+            std::thread::sleep(SESSION_POLL);
+            j = self.files_job(j.id)?;
+        }
+        if j.state == "failed" {
+            return Err(ClientError::Status {
+                status: 422,
+                message: j.error.unwrap_or_else(|| "the file request failed".into()),
+            }
+            .into());
+        }
+        Ok(j)
     }
     /// Ask for an instant recovery.
     pub fn create_recovery(&self, r: &crate::api::RecoveryRequest) -> Result<crate::api::Recovery> {

@@ -137,7 +137,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Cmd::Migrate(a) => replica_cmds::migrate(a),
         Cmd::Export(a) => replica_cmds::export(a),
         Cmd::InstantRecover(a) => replica_cmds::instant_recover(a),
-        Cmd::Files(a) => replica_cmds::files(a),
+        Cmd::Files(a) => replica_cmds::files(&cli.server, a),
         Cmd::Points(a) => repo_cmds::points(a),
         Cmd::Verify(a) => repo_cmds::verify(a),
         Cmd::Prune(a) => repo_cmds::prune(a),

@@ -443,6 +443,10 @@ pub struct FilesArgs {
     /// Repository directory.
     #[arg(long, env = "DM_REPO", global = true)]
     pub repo: Option<PathBuf>,
+    /// Through a server (--server): the repository of that name, read by
+    /// the proxy holding it (get: as a tar archive, --tar).
+    #[arg(long, value_name = "NAME", global = true, conflicts_with = "repo")]
+    pub server_repo: Option<String>,
     /// The appliance's memory in MiB.
     #[arg(long, default_value_t = 512, global = true)]
     pub appliance_mib: i32,
@@ -535,10 +539,62 @@ fn ls_line(e: &transports::files::Entry) -> String {
     )
 }
 
+/// `dm files … --server-repo NAME`.
+fn remote_files(
+    server: &crate::remote::ServerArgs,
+    name: &str,
+    a: &FilesArgs,
+) -> Result<u8, Failure> {
+    match &a.op {
+        FilesOp::Ls { path, json } => {
+            let v =
+                crate::remote::files_ls(server, name, &a.point, path.as_deref().unwrap_or("/"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let entries: Vec<transports::files::Entry> = serde_json::from_value(v)
+                    .map_err(|e| Failure(1, format!("the server's listing: {e}")))?;
+                for e in &entries {
+                    println!("{}", ls_line(e));
+                }
+            }
+        }
+        FilesOp::Get { paths, tar, to, .. } => {
+            let (Some(file), None) = (tar, to) else {
+                return Err(Failure(
+                    2,
+                    "through a server, files come as a tar archive: give --tar FILE (or -)".into(),
+                ));
+            };
+            let n = if file == "-" {
+                crate::remote::files_tar(
+                    server,
+                    name,
+                    &a.point,
+                    paths,
+                    &mut std::io::stdout().lock(),
+                )?
+            } else {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(file)
+                    .map_err(|e| Failure(1, format!("{file}: {e}")))?;
+                crate::remote::files_tar(server, name, &a.point, paths, &mut f)?
+            };
+            eprintln!("{n} bytes of tar archive from the server");
+        }
+    }
+    Ok(0)
+}
+
 /// `dm files`: list or copy a point's files (a libguestfs appliance reads
 /// the point's filesystems through an NBD export of it).
-pub fn files(a: FilesArgs) -> Result<u8, Failure> {
+pub fn files(server: &crate::remote::ServerArgs, a: FilesArgs) -> Result<u8, Failure> {
     use transports::files::{FilesOptions, browse};
+    if let Some(name) = &a.server_repo {
+        return remote_files(server, name, &a);
+    }
     let repo_dir = a
         .repo
         .ok_or_else(|| Failure(2, "--repo (or DM_REPO) is required".into()))?;

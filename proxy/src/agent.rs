@@ -160,6 +160,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
             cfg.recoveries.clone(),
             cfg.datastores.clone(),
         ),
+        files: crate::files::FileRequests::new(cfg.server.clone(), cfg.identity.clone()),
     };
     let mut unsent: Vec<TaskResult> = Vec::new();
     // The host's libvirt connection when the server made it a hypervisor,
@@ -204,6 +205,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                 vms: inventory(&hypervisor, &mut listed),
                 operations: w.operation_statuses(),
                 recoveries: w.recoveries.statuses(),
+                files: w.files.statuses(),
                 serving: match cfg.service_port {
                     Some(_) => {
                         let mut v: Vec<String> = cfg
@@ -224,6 +226,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
                     failures = 0;
                     w.forget_reported(&hb.operations);
                     w.recoveries.forget_reported(&hb.recoveries);
+                    w.files.forget_reported(&hb.files);
                     if o.hypervisor != hypervisor {
                         hypervisor = o.hypervisor.clone();
                         listed = None;
@@ -276,6 +279,8 @@ struct Tasks {
     operations: Arc<std::sync::Mutex<HashMap<u64, OperationStatus>>>,
     /// Instant recoveries this proxy serves.
     recoveries: crate::recoveries::Recoveries,
+    /// File requests: listings and archives of points' files.
+    files: crate::files::FileRequests,
 }
 
 impl Tasks {
@@ -390,6 +395,9 @@ impl Tasks {
         }
         for r in o.recoveries {
             self.recoveries.apply(r);
+        }
+        for f in o.files {
+            self.files.apply(f);
         }
         for id in o.cancel {
             if let Some(r) = self.running.get(&id) {

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod error;
+mod files;
 pub mod identity;
 pub mod installer;
 mod recoveries;

@@ -114,6 +114,10 @@ pub fn allowed(role: TokenRole, method: &axum::http::Method, route: &str) -> boo
     use axum::http::Method;
     let a = api::API;
     let reads = method == Method::GET || method == Method::HEAD;
+    // A point's files are its data: administrators only.
+    if route.starts_with(&format!("{a}/files")) {
+        return role == TokenRole::Admin;
+    }
     match role {
         TokenRole::Admin => true,
         TokenRole::Auditor => reads,
@@ -510,6 +514,51 @@ pub fn router(engine: AppState) -> Router {
             ),
         )
         .route(
+            &format!("{g}/files/{{id}}/content"),
+            axum::routing::put(
+                |h: HostPeer,
+                 State(e): State<AppState>,
+                 Path(id): Path<String>,
+                 body: axum::body::Body| async move {
+                    let id = number("file request", &id)?;
+                    let e2 = e.clone();
+                    let (part, done) = blocking(move || e2.files_upload_to(h.id, id)).await?;
+                    let size = receive_file(body, &part, &done).await?;
+                    blocking(move || e.files_uploaded(id, size)).await?;
+                    Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/files"),
+            post(
+                |_: User, State(e): State<AppState>, Body(r): Body<api::FilesRequest>| {
+                    blocking(move || {
+                        e.create_files_job(&r)
+                            .map(|j| (StatusCode::ACCEPTED, Json(j)))
+                    })
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/files/{{id}}"),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| {
+                    blocking(move || e.files_job(number("file request", &id)?).map(Json))
+                },
+            ),
+        )
+        .route(
+            &format!("{a}/files/{{id}}/content"),
+            get(
+                |_: User, State(e): State<AppState>, Path(id): Path<String>| async move {
+                    let pkg =
+                        blocking(move || e.files_archive(number("file request", &id)?)).await?;
+                    stream_file(pkg)
+                },
+            ),
+        )
+        .route(
             &format!("{g}/renew"),
             post(
                 |h: HostPeer, State(e): State<AppState>, Body(r): Body<api::RenewRequest>| {
@@ -578,6 +627,57 @@ pub fn router(engine: AppState) -> Router {
 /// A package as the body of an answer, read in 1 MiB pieces by a
 /// blocking thread (it may be large). If the file changes meanwhile, the
 /// installer's checksum refuses what it got.
+/// The largest archive a proxy may upload.
+const MAX_ARCHIVE: u64 = 64 << 30;
+
+/// How long an upload may take.
+const UPLOAD_TIME: Duration = Duration::from_secs(1800);
+
+/// Write a request body to `part`, then rename it to `done`: its size.
+async fn receive_file(
+    body: axum::body::Body,
+    part: &std::path::Path,
+    done: &std::path::Path,
+) -> Result<u64, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = |e: std::io::Error| ApiError::from(EngineError::unavailable(format!("archive: {e}")));
+    let mut f = tokio::fs::File::create(part).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut size = 0u64;
+    let read = tokio::time::timeout(UPLOAD_TIME, async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| EngineError::bad(format!("the upload broke: {e}")))?;
+            size += chunk.len() as u64;
+            if size > MAX_ARCHIVE {
+                return Err(EngineError::bad(format!(
+                    "archives are at most {MAX_ARCHIVE} bytes"
+                )));
+            }
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| EngineError::unavailable(format!("archive: {e}")))?;
+        }
+        f.sync_all()
+            .await
+            .map_err(|e| EngineError::unavailable(format!("archive: {e}")))
+    })
+    .await;
+    let r = match read {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the archive did not arrive within {UPLOAD_TIME:?}"),
+        }),
+    };
+    if let Err(e) = r {
+        let _ = tokio::fs::remove_file(part).await;
+        return Err(e);
+    }
+    tokio::fs::rename(part, done).await.map_err(io)?;
+    Ok(size)
+}
+
 fn stream_file(pkg: crate::deploy::Package) -> Result<Response, ApiError> {
     use std::io::Read;
     let mut f = std::fs::File::open(&pkg.path)

@@ -106,7 +106,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartError> {
     check_builtin_datastores(&cfg.builtin_datastores, &cfg.data)?;
     let ca = Ca::load_or_create(&cfg.data.join("ca"), &host_name())?;
     let db = catalog::open(&cfg.data.join("catalog.sqlite"))?;
-    let mut engine = Engine::new(db, ca, cfg.timing.clone());
+    let mut engine = Engine::new(db, ca, cfg.timing.clone()).with_files_dir(cfg.data.join("files"));
     if let Some(p) = &cfg.proxy_package {
         engine = engine.with_proxy_package(p.clone());
     }

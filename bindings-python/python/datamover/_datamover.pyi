@@ -397,6 +397,18 @@ class Server:
     ) -> dict[str, Any]:
         """Instant VM recovery by the proxy holding the repository; with
         wait, returns once it serves (or failed)."""
+    def files_ls(
+        self, repository: str, point: str, path: str = "/"
+    ) -> list[dict[str, Any]]:
+        """List a point's files, read by the proxy holding the repository."""
+    def files_tar(
+        self,
+        repository: str,
+        point: str,
+        paths: list[str],
+        file: Union[str, os.PathLike[str]],
+    ) -> int:
+        """Download a tar archive of a point's files to the new ``file``."""
     def recoveries(self) -> list[dict[str, Any]]: ...
     def recovery(self, id: int) -> dict[str, Any]: ...
     def migrate_recovery(

@@ -15,6 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::Failure;
 
+mod files;
 mod hosts;
 mod jobs;
 mod proxies;
@@ -24,6 +25,7 @@ mod sessions;
 mod tokens;
 mod vms;
 
+pub use files::{files_ls, files_tar};
 pub use hosts::{HostCmd, host};
 pub use jobs::{JobCmd, job};
 pub use proxies::{ProxyCmd, proxy};

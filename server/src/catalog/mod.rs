@@ -13,6 +13,7 @@
 //! never read the clock: times come from the engine.
 
 pub mod audit;
+pub mod files;
 pub mod hosts;
 pub mod ids;
 pub mod jobs;
@@ -206,6 +207,22 @@ CREATE TABLE recoveries (
     finished   TEXT,
     session    TEXT,
     error      TEXT
+);
+"#,
+    // 10: a point's files asked for through the API (a listing, or a tar
+    // archive the proxy uploads to the server).
+    r#"
+CREATE TABLE file_jobs (
+    id       INTEGER PRIMARY KEY,
+    request  TEXT NOT NULL,
+    proxy_id INTEGER NOT NULL REFERENCES proxies(id) ON DELETE CASCADE,
+    proxy    TEXT NOT NULL,
+    state    TEXT NOT NULL DEFAULT 'queued',
+    created  TEXT NOT NULL,
+    finished TEXT,
+    entries  TEXT,
+    size     INTEGER,
+    error    TEXT
 );
 "#,
 ];

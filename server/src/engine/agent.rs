@@ -42,6 +42,7 @@ impl Engine {
         if let Some(p) = Self::proxy_id(&tx, host)? {
             self.operation_statuses(&tx, p, &hb.operations)?;
             catalog::recoveries::statuses(&tx, p, &hb.recoveries, &self.clock.rfc3339())?;
+            catalog::files::statuses(&tx, p, &hb.files, &self.clock.rfc3339())?;
         }
         let hypervisor = catalog::hosts::hypervisor(&tx, host)?;
         let report = catalog::proxies::Report {
@@ -88,6 +89,7 @@ impl Engine {
         orders.hypervisor = hypervisor;
         orders.operations = catalog::operations::take_queued(&tx, pid)?;
         orders.recoveries = catalog::recoveries::take_orders(&tx, pid)?;
+        orders.files = catalog::files::take_queued(&tx, pid)?;
         tx.commit()?;
         Ok(orders)
     }
@@ -222,6 +224,7 @@ impl Engine {
             hypervisor: None,
             operations: Vec::new(),
             recoveries: Vec::new(),
+            files: Vec::new(),
         })
     }
 }

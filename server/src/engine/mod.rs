@@ -25,6 +25,7 @@ pub mod access;
 mod agent;
 pub mod clock;
 pub mod error;
+mod files;
 pub(crate) mod inventory;
 mod jobs;
 mod lifecycle;
@@ -143,6 +144,8 @@ pub struct Engine {
     server_names: Mutex<Vec<String>>,
     /// Tokens and certificates, read from the catalog after each change.
     access: std::sync::RwLock<Option<access::Access>>,
+    /// Where archives of file requests are kept (none: refused).
+    files_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -166,7 +169,14 @@ impl Engine {
             packages: crate::deploy::Packages::default(),
             server_names: Mutex::new(Vec::new()),
             access: std::sync::RwLock::new(None),
+            files_dir: None,
         }
+    }
+
+    /// Keep the archives of file requests in `dir` (made if missing).
+    pub fn with_files_dir(mut self, dir: std::path::PathBuf) -> Engine {
+        self.files_dir = Some(dir);
+        self
     }
 
     /// Read time from `clock` (tests move it by hand).

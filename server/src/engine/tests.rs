@@ -33,6 +33,7 @@ fn quiet_heartbeat() -> Heartbeat {
         vms: None,
         operations: Vec::new(),
         recoveries: Vec::new(),
+        files: Vec::new(),
     }
 }
 
@@ -596,4 +597,132 @@ fn recoveries_start_once_on_the_holding_proxy_and_controls_follow() {
     assert_eq!(e.discard_recovery(q.id).unwrap().state, "discarded");
     assert!(beat(Vec::new()).recoveries.is_empty(), "never started");
     assert_eq!(e.recoveries(10).unwrap().len(), 3);
+}
+
+/// File requests: checked when asked for, sent once to the proxy holding
+/// the repository, a tar request done only with its archive uploaded (by
+/// that proxy alone), and failed when the proxy stops reporting it.
+#[test]
+fn file_requests_go_once_to_the_holding_proxy_and_archives_come_back() {
+    use datamover_control::api::{FilesOp, FilesRequest, FilesStatus};
+    let (e, dir) = engine();
+    let e = e.with_files_dir(dir.path().join("files"));
+    for h in ["kvm1", "other"] {
+        let h: NewHost =
+            serde_json::from_value(serde_json::json!({"name": h, "roles": ["proxy"]})).unwrap();
+        e.add_host(&h).unwrap();
+    }
+    e.add_repository(&api::Repository {
+        name: "vault".into(),
+        path: "/srv/vault".into(),
+        proxy: Some("kvm1".into()),
+    })
+    .unwrap();
+    repo(&e, "shared");
+    let host = Engine::host_id(&e.db(), "kvm1").unwrap();
+    let other = Engine::host_id(&e.db(), "other").unwrap();
+    let beat = |h, st: Vec<FilesStatus>| {
+        e.heartbeat(
+            h,
+            &Heartbeat {
+                files: st,
+                ..quiet_heartbeat()
+            },
+        )
+        .unwrap()
+    };
+    beat(host, Vec::new());
+    beat(other, Vec::new());
+    let ask = |repository: &str, op, paths: &[&str]| {
+        e.create_files_job(&FilesRequest {
+            repository: repository.into(),
+            point: "web01/vda".into(),
+            op,
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        })
+    };
+    let bad = ask("shared", FilesOp::Ls, &[]).unwrap_err();
+    assert!(
+        bad.message.contains("not held by a proxy"),
+        "{}",
+        bad.message
+    );
+    assert!(ask("vault", FilesOp::Tar, &[]).is_err());
+    assert!(ask("vault", FilesOp::Ls, &["/a", "/b"]).is_err());
+    assert!(ask("vault", FilesOp::Ls, &["relative"]).is_err());
+    let ls = ask("vault", FilesOp::Ls, &["/sda1/etc"]).unwrap();
+    let tar = ask("vault", FilesOp::Tar, &["/sda1/etc"]).unwrap();
+    assert_eq!(ls.state, "queued");
+    let o = beat(host, Vec::new());
+    assert_eq!(o.files.len(), 2);
+    assert_eq!(o.files[0].repository, "/srv/vault");
+    let running = |id| FilesStatus {
+        id,
+        done: false,
+        entries: None,
+        error: None,
+    };
+    assert!(
+        beat(host, vec![running(ls.id), running(tar.id)])
+            .files
+            .is_empty(),
+        "sent once"
+    );
+    assert_eq!(e.files_job(ls.id).unwrap().state, "running");
+    // Only the proxy running a tar request may upload its archive.
+    assert_eq!(
+        e.files_upload_to(other, tar.id).unwrap_err().kind,
+        ErrorKind::Forbidden
+    );
+    assert!(e.files_upload_to(host, ls.id).is_err(), "ls has no archive");
+    let (part, done) = e.files_upload_to(host, tar.id).unwrap();
+    std::fs::write(&part, b"tar").unwrap();
+    std::fs::rename(&part, &done).unwrap();
+    e.files_uploaded(tar.id, 3).unwrap();
+    assert_eq!(
+        e.files_archive(tar.id).unwrap_err().kind,
+        ErrorKind::Conflict,
+        "not before the proxy reports it done"
+    );
+    beat(
+        host,
+        vec![
+            FilesStatus {
+                done: true,
+                entries: Some(serde_json::json!([{"name": "fstab"}])),
+                ..running(ls.id)
+            },
+            FilesStatus {
+                done: true,
+                ..running(tar.id)
+            },
+        ],
+    );
+    let l = e.files_job(ls.id).unwrap();
+    assert_eq!(l.state, "done");
+    assert_eq!(l.entries.unwrap()[0]["name"], "fstab");
+    let a = e.files_archive(tar.id).unwrap();
+    assert_eq!(
+        (a.size, std::fs::read(&a.path).unwrap()),
+        (3, b"tar".to_vec())
+    );
+    // A tar request reported done without its archive fails.
+    let t2 = ask("vault", FilesOp::Tar, &["/x"]).unwrap();
+    beat(host, Vec::new());
+    beat(
+        host,
+        vec![FilesStatus {
+            done: true,
+            ..running(t2.id)
+        }],
+    );
+    let t2 = e.files_job(t2.id).unwrap();
+    assert_eq!(t2.state, "failed");
+    assert!(t2.error.unwrap().contains("never uploaded"));
+    // One the proxy stops reporting fails.
+    let t3 = ask("vault", FilesOp::Ls, &[]).unwrap();
+    assert_eq!(beat(host, Vec::new()).files.len(), 1);
+    beat(host, Vec::new());
+    let t3 = e.files_job(t3.id).unwrap();
+    assert!(t3.error.unwrap().contains("no longer runs it"));
 }

@@ -28,6 +28,7 @@ fn heartbeat() -> Heartbeat {
         vms: None,
         operations: Vec::new(),
         recoveries: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -557,3 +557,119 @@ fn a_vm_is_recovered_instantly_through_the_server_migrated_and_discarded() {
     let v = datamover::verify(&datamover::Repository::open(&repo).unwrap(), true).unwrap();
     assert!(v.is_ok(), "{:?}", v.problems);
 }
+
+/// A point's files through the server: listed and downloaded as a tar
+/// archive (`dm files … --server-repo`), read by the proxy holding the
+/// repository in its libguestfs appliance; an operator may not.
+#[test]
+fn a_points_files_are_listed_and_downloaded_through_the_server() {
+    let _s = serial();
+    if !can_run(
+        "a_points_files_are_listed_and_downloaded_through_the_server",
+        &["guestfish", "mkfs.ext4", "tar"],
+    ) {
+        return;
+    }
+    let mut c = Cluster::start(&["--no-builtin-proxy", "--heartbeat-ms", "200"]);
+    let ds = c.path("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    c.add_proxy("p1", &[&ds], 1);
+    let tree = c.path("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), b"served by the proxy\n").unwrap();
+    let img = ds.join("root.raw");
+    datamover_testkit::run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    dm_ok(
+        &c,
+        [
+            "repo",
+            "add",
+            "main",
+            &ds.join("repo").display().to_string(),
+            "--proxy",
+            "p1",
+        ],
+    );
+    c.create_job(serde_json::json!({
+        "name": "b", "kind": "backup", "repository": "main",
+        "disks": [{"name": "vm/root", "source": img.display().to_string()}],
+    }));
+    let s: Session = c.run_job("b");
+    assert_eq!(s.state, State::Success, "{s:#?}\n{}", c.logs());
+
+    let out = dm(&c)
+        .args([
+            "files",
+            "vm/root",
+            "ls",
+            "/etc",
+            "--server-repo",
+            "main",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", c.logs());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "motd", "{v}");
+    assert_eq!(v[0]["size"], 20, "{v}");
+    let tar = c.path("etc.tar");
+    dm_ok(
+        &c,
+        [
+            "files",
+            "vm/root",
+            "get",
+            "/etc",
+            "--tar",
+            tar.to_str().unwrap(),
+            "--server-repo",
+            "main",
+        ],
+    );
+    let x = c.path("x");
+    std::fs::create_dir_all(&x).unwrap();
+    datamover_testkit::run(
+        "tar",
+        &["-xf", tar.to_str().unwrap(), "-C", x.to_str().unwrap()],
+    );
+    assert_eq!(
+        std::fs::read(x.join("etc/motd")).unwrap(),
+        b"served by the proxy\n"
+    );
+    // A missing path: the proxy's clear error, through the server.
+    let out = dm(&c)
+        .args(["files", "vm/root", "ls", "/nope", "--server-repo", "main"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no such file"),
+        "{err}"
+    );
+    // A point's files are its data: not for an operator's token.
+    let op = json_of(dm_ok(
+        &c,
+        ["token", "create", "op1", "--role", "operator", "--json"],
+    ));
+    let out = dm(&c)
+        .env("DM_TOKEN", op["secret"].as_str().unwrap())
+        .args(["files", "vm/root", "ls", "/", "--server-repo", "main"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("may not"), "{err}");
+}
+
+fn json_of(b: Vec<u8>) -> serde_json::Value {
+    serde_json::from_slice(&b).unwrap()
+}

@@ -62,6 +62,7 @@ fn beat(
             vms: None,
             operations: Vec::new(),
             recoveries: Vec::new(),
+            files: Vec::new(),
         },
     )
 }

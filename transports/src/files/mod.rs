@@ -71,7 +71,7 @@ pub struct Filesystem {
 }
 
 /// What a path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A filesystem of the point (the top level).
@@ -120,8 +120,9 @@ impl Kind {
     }
 }
 
-/// One name in a listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One name in a listing (deserialized from a server's answer, it has no
+/// bytes to extract).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Its name (not valid UTF-8: shown with U+FFFD; `get` keeps the bytes).
     pub name: String,
@@ -142,13 +143,13 @@ pub struct Entry {
     /// Nanoseconds of `mtime`.
     pub mtime_nsec: u32,
     /// A symlink's target.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     /// A filesystem's type.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fstype: Option<String>,
     /// A filesystem that cannot be read: why.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip)]
     raw: Raw,
