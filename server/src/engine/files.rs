@@ -43,17 +43,11 @@ impl Engine {
         }
         let mut db = self.db();
         let tx = db.transaction()?;
-        let holder = catalog::repositories::holder(&tx, &req.repository)?
-            .ok_or_else(|| EngineError::not_found("repository", &req.repository))?
-            .ok_or_else(|| {
-                EngineError::bad(format!(
-                    "repository {} is not held by a proxy: files are read by the proxy holding the repository",
-                    req.repository
-                ))
-            })?;
-        let host = Self::host_id(&tx, &holder)?;
-        let pid = Self::proxy_id(&tx, host)?
-            .ok_or_else(|| EngineError::bad(format!("host {holder} runs no proxy")))?;
+        let (holder, _, pid) = Self::holding_proxy(
+            &tx,
+            &req.repository,
+            "files are read by the proxy holding the repository",
+        )?;
         let id = catalog::files::insert(&tx, req, (pid, &holder), &self.clock.rfc3339())?;
         tx.commit()?;
         drop(db);

@@ -23,17 +23,11 @@ impl Engine {
         if !names_vm {
             return Err(EngineError::bad(format!("job {job} has no VM {}", req.vm)));
         }
-        let holder = catalog::repositories::holder(&tx, &spec.repository)?
-            .flatten()
-            .ok_or_else(|| {
-                EngineError::bad(format!(
-                    "repository {} is not held by a proxy: replicas live beside a repository a proxy holds",
-                    spec.repository
-                ))
-            })?;
-        let host = Self::host_id(&tx, &holder)?;
-        let pid = Self::proxy_id(&tx, host)?
-            .ok_or_else(|| EngineError::bad(format!("host {holder} runs no proxy")))?;
+        let (holder, host, pid) = Self::holding_proxy(
+            &tx,
+            &spec.repository,
+            "replicas live beside a repository a proxy holds",
+        )?;
         let hv = catalog::hosts::hypervisor(&tx, host)?;
         let on = match (&req.on, &hv) {
             (Some(on), _) => check_libvirt(on)?,
@@ -116,6 +110,28 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The proxy holding `repository`: its host's name and id, and its
+    /// id; `why` says why one is needed when none holds it.
+    pub(super) fn holding_proxy(
+        db: &Connection,
+        repository: &str,
+        why: &str,
+    ) -> R<(String, HostId, ProxyId)> {
+        let holder = catalog::repositories::holder(db, repository)?
+            .ok_or_else(|| EngineError::not_found("repository", repository))?
+            .ok_or_else(|| {
+                EngineError::bad(format!(
+                    "repository {repository} is not held by a proxy: {why}"
+                ))
+            })?;
+        let host = Self::host_id(db, &holder)?;
+        let pid = Self::proxy_id(db, host)?
+            .ok_or_else(|| EngineError::bad(format!("host {holder} runs no proxy")))?;
+        Ok((holder, host, pid))
     }
 }
 

@@ -24,17 +24,11 @@ impl Engine {
         }
         let mut db = self.db();
         let tx = db.transaction()?;
-        let holder = catalog::repositories::holder(&tx, &req.repository)?
-            .ok_or_else(|| EngineError::not_found("repository", &req.repository))?
-            .ok_or_else(|| {
-                EngineError::bad(format!(
-                    "repository {} is not held by a proxy: a VM is recovered by the proxy holding its repository",
-                    req.repository
-                ))
-            })?;
-        let host = Self::host_id(&tx, &holder)?;
-        let pid = Self::proxy_id(&tx, host)?
-            .ok_or_else(|| EngineError::bad(format!("host {holder} runs no proxy")))?;
+        let (holder, host, pid) = Self::holding_proxy(
+            &tx,
+            &req.repository,
+            "a VM is recovered by the proxy holding its repository",
+        )?;
         let on = match (&req.on, catalog::hosts::hypervisor(&tx, host)?) {
             (Some(on), _) => super::operations::check_libvirt(on)?,
             (None, Some(uri)) => format!("libvirt:///{}-instant?uri={uri}", req.vm),
