@@ -331,7 +331,8 @@ impl Repository {
 
     /// Instant VM recovery (libvirt): start the VM whose points `points`
     /// name ("vm/disk[@id]", or "vm" for each disk's newest) as domain
-    /// `on` (default "libvirt:///VM-instant"), its disks served from the
+    /// `on` (default "libvirt:///VM-instant"; "qmp[:///NAME]" for a QEMU
+    /// of our own), its disks served from the
     /// repository by a background thread, its writes to overlays under
     /// `dir`. Returns once the VM runs; migrate with
     /// `datamover.instant_migrate`, or discard.

@@ -55,7 +55,7 @@ enum Cmd {
     /// Serve a point over NBD (read-only, or writes to an overlay) until
     /// SIGINT or SIGTERM; prints the NBD URI to connect to.
     Export(replica_cmds::ExportArgs),
-    /// Instant VM recovery (libvirt): start a VM from its points, served
+    /// Instant VM recovery (libvirt or a QEMU of ours): start a VM from its points, served
     /// by this process, its writes to an overlay; then --migrate it to
     /// production storage while it runs, or --discard it.
     InstantRecover(replica_cmds::InstantArgs),

@@ -293,8 +293,9 @@ pub struct InstantArgs {
     /// Repository directory.
     #[arg(long, env = "DM_REPO")]
     pub repo: Option<PathBuf>,
-    /// The domain to start: libvirt:///NAME[?uri=…] (default
-    /// libvirt:///VM-instant on qemu:///system).
+    /// What runs the VM: libvirt:///NAME[?uri=…] (a transient domain;
+    /// default libvirt:///VM-instant on qemu:///system), or qmp[:///NAME]
+    /// (a QEMU of our own, its QMP socket in DIR/NAME.vm).
     #[arg(long, default_value = "libvirt:///")]
     pub on: String,
     /// A session (its domain's name), for --migrate and --discard.

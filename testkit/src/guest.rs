@@ -321,6 +321,26 @@ impl Guest {
         }
     }
 
+    /// A QEMU something else started with this kit's file names in `dir`
+    /// (`NAME.qmp`, `NAME.qga`, `NAME.log`, `NAME.pid`): waits until its
+    /// agent answers; stopped on drop.
+    pub fn attach(dir: &Path, name: &str) -> Guest {
+        let g = Guest {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            qmp: dir.join(format!("{name}.qmp")),
+            qga: dir.join(format!("{name}.qga")),
+            serial: dir.join(format!("{name}.log")),
+            pid_file: dir.join(format!("{name}.pid")),
+            domain: None,
+        };
+        crate::wait_until(&format!("{name}'s agent"), Duration::from_secs(180), || {
+            g.try_agent("guest-ping", json!({}), Duration::from_secs(1))
+                .is_ok()
+        });
+        g
+    }
+
     /// A libvirt domain something else started: waits until its agent
     /// answers; destroyed and undefined on drop.
     pub fn libvirt_running(dir: &Path, name: &str) -> Guest {
@@ -347,13 +367,17 @@ impl Guest {
     /// Returns (rows, rows logged at the freeze).
     pub fn check_database(&self, min_rows: u64) -> (u64, u64) {
         assert_eq!(
-            self.sh(&format!("sqlite3 {GUEST_DB} 'PRAGMA integrity_check'")),
+            self.sh(&format!(
+                "sqlite3 -cmd '.timeout 10000' {GUEST_DB} 'PRAGMA integrity_check'"
+            )),
             "ok",
             "{}: database",
             self.name
         );
         let n: u64 = self
-            .sh(&format!("sqlite3 {GUEST_DB} 'SELECT count(*) FROM t'"))
+            .sh(&format!(
+                "sqlite3 -cmd '.timeout 10000' {GUEST_DB} 'SELECT count(*) FROM t'"
+            ))
             .parse()
             .expect("a row count");
         let logged: u64 = self

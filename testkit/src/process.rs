@@ -45,15 +45,17 @@ pub fn read_pid(pid_file: &Path) -> Option<i32> {
 /// Wait until process `pid` is gone, up to `timeout`; true if it is.
 pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let t = Instant::now();
-    // A zombie has exited: whoever reaps orphans here may be late.
+    // A zombie has exited: whoever reaps orphans here may be late. (Its
+    // leader alone: a leader shows Z while its other threads still run.)
     let zombie = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let z = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| {
                 s.rsplit_once(')')
                     .map(|(_, r)| r.trim_start().starts_with('Z'))
             })
-            .unwrap_or(false)
+            .unwrap_or(false);
+        z && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count) <= 1
     };
     while Path::new(&format!("/proc/{pid}")).exists() && !zombie() {
         if t.elapsed() > timeout {

@@ -1,13 +1,17 @@
-//! Instant VM recovery (libvirt): a VM started straight from its restore
-//! points, its disks served from the repository while it runs, then moved
-//! to production storage without stopping it.
+//! Instant VM recovery: a VM started straight from its restore points,
+//! its disks served from the repository while it runs, then moved to
+//! production storage without stopping it. The VM is a transient libvirt
+//! domain, or (`--on qmp`, [`Runner::Qemu`]) a QEMU this process starts
+//! itself; the steps below say libvirt's calls, and QEMU's are the same
+//! over QMP (`drive-mirror`, `block-job-complete`, `stop`/`cont`).
 //!
 //! * **Recover** ([`recover`]): each disk's point is served over NBD on a
 //!   unix socket by this process (the *mount server*: [`crate::export`],
 //!   every chunk checked, a bounded cache with read-ahead), the guest's
 //!   writes going to a sparse overlay next to the socket; a transient
 //!   libvirt domain is started from the definition the points stored (new
-//!   name, UUID and MACs) with its disks on those sockets. The repository
+//!   name, UUID and MACs) with its disks on those sockets (or our QEMU,
+//!   from that definition's memory, CPUs and kernel when there is one). The repository
 //!   is never written. The mount server runs until the VM is migrated or
 //!   the session discarded, or until it is stopped (the VM is then
 //!   powered off and the overlays kept: recovering the same points under
@@ -134,6 +138,178 @@ pub struct Session {
     pub downtime_ms: Option<u64>,
     /// Its disks.
     pub disks: Vec<SessionDisk>,
+    /// What runs the VM.
+    #[serde(default, skip_serializing_if = "Runner::is_libvirt")]
+    pub runner: Runner,
+    /// A QEMU run by us: its process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_pid: Option<u32>,
+}
+
+/// What runs a recovered VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runner {
+    /// A transient libvirt domain.
+    #[default]
+    Libvirt,
+    /// A QEMU process started by the mount server (`--on qmp`): its QMP
+    /// socket, guest-agent socket, console log and pid file are
+    /// `DIR/NAME.vm/NAME.{qmp,qga,log,pid}`.
+    Qemu,
+}
+
+impl Runner {
+    fn is_libvirt(&self) -> bool {
+        *self == Runner::Libvirt
+    }
+}
+
+/// Where a QEMU run by us keeps its sockets, log and pid file.
+pub fn vm_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.vm"))
+}
+
+/// The QEMU command line of a recovered VM: memory, CPUs, machine and
+/// direct kernel boot from the stored libvirt definition when there is
+/// one (else 1 GiB, one CPU, BIOS boot from the first disk); each disk a
+/// virtio disk on its export; the guest agent's channel; no network.
+fn qemu_args(name: &str, xml: Option<&str>, disks: &[SessionDisk], vdir: &Path) -> Vec<String> {
+    let doc = xml.and_then(|x| roxmltree::Document::parse(x).ok());
+    let text = |tag: &str| {
+        doc.as_ref().and_then(|d| {
+            d.descendants()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(str::to_string)
+        })
+    };
+    let mib = doc
+        .as_ref()
+        .and_then(|d| d.descendants().find(|n| n.has_tag_name("memory")))
+        .and_then(|n| {
+            let v: u64 = n.text()?.trim().parse().ok()?;
+            Some(match n.attribute("unit").unwrap_or("KiB") {
+                "MiB" | "M" => v,
+                "GiB" | "G" => v << 10,
+                "b" | "bytes" => v >> 20,
+                _ => v >> 10,
+            })
+        })
+        .unwrap_or(1024)
+        .max(128);
+    let cpus = text("vcpu")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let kvm = crate::qemu::kvm_usable();
+    let f = |ext: &str| vdir.join(format!("{name}.{ext}")).display().to_string();
+    let esc = |s: &str| s.replace(',', ",,");
+    let mut a: Vec<String> = [
+        "-name",
+        name,
+        "-machine",
+        &format!("pc,accel={}", if kvm { "kvm" } else { "tcg" }),
+        "-cpu",
+        if kvm { "host" } else { "max" },
+        "-m",
+        &mib.to_string(),
+        "-smp",
+        &cpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-daemonize",
+        "-pidfile",
+        &f("pid"),
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", esc(&f("qmp"))),
+        "-serial",
+        &format!("file:{}", esc(&f("log"))),
+        "-chardev",
+        &format!("socket,path={},server=on,wait=off,id=qga0", esc(&f("qga"))),
+        "-device",
+        "virtio-serial",
+        "-device",
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-nic",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut sorted: Vec<&SessionDisk> = disks.iter().collect();
+    sorted.sort_by(|x, y| x.target.cmp(&y.target));
+    for d in sorted {
+        a.push("-blockdev".into());
+        a.push(format!(
+            "driver=nbd,node-name=disk-{},server.type=unix,server.path={},export={}",
+            esc(&d.target),
+            esc(&d.socket),
+            esc(&d.disk)
+        ));
+        a.push("-device".into());
+        a.push(format!(
+            "virtio-blk-pci,drive=disk-{0},id=dev-{0}",
+            esc(&d.target)
+        ));
+    }
+    for (tag, opt) in [
+        ("kernel", "-kernel"),
+        ("initrd", "-initrd"),
+        ("cmdline", "-append"),
+    ] {
+        if let Some(v) = text(tag) {
+            a.push(opt.into());
+            a.push(v);
+        }
+    }
+    a
+}
+
+/// Start a QEMU with `args` (it daemonizes): its pid.
+fn start_qemu(args: &[String], vdir: &Path, name: &str) -> Result<u32> {
+    let out = std::process::Command::new("qemu-system-x86_64")
+        .args(args)
+        .output()
+        .map_err(|e| {
+            Error::transport(
+                "qemu-system-x86_64",
+                datamover::TransportKind::Tool,
+                format!("cannot run it: {e}"),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(Error::transport(
+            "qemu-system-x86_64",
+            datamover::TransportKind::Tool,
+            format!(
+                "starting {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let pidfile = vdir.join(format!("{name}.pid"));
+    std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| Error::Internal(format!("QEMU left no pid in {}", pidfile.display())))
+}
+
+/// End process `pid`: SIGTERM, then SIGKILL after 10 s.
+fn kill_wait(pid: u32) {
+    let Ok(p) = i32::try_from(pid) else { return };
+    for (sig, wait) in [(libc::SIGTERM, 100), (libc::SIGKILL, 100)] {
+        // SAFETY: kill(2) on a process this session started.
+        unsafe { libc::kill(p, sig) };
+        for _ in 0..wait {
+            if !alive(pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 impl Session {
@@ -333,20 +509,53 @@ pub fn recover(
         let id = repo.resolve_point(&p.disk, p.at.as_deref())?;
         resolved.push((p.disk.clone(), id.to_string()));
     }
-    let xml = libvirt::newest_definition(repo, &resolved)?.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "no point of {vm} given stores a VM definition (only libvirt backups do): serve the disks with `dm export` and start a VM on them by hand"
-        ))
-    })?;
-    let (addr, name) = LibvirtAddress::named(&how.on, &format!("{vm}-instant"))?;
+    let xml = libvirt::newest_definition(repo, &resolved)?;
+    let default_name = format!("{vm}-instant");
+    let runner = if how.on == "qmp" || how.on.starts_with("qmp:") {
+        Runner::Qemu
+    } else {
+        Runner::Libvirt
+    };
+    let (name, uri, conn) = match runner {
+        Runner::Qemu => {
+            let name = match how.on.as_str() {
+                "qmp" | "qmp:///" => default_name,
+                on => on
+                    .strip_prefix("qmp:///")
+                    .filter(|n| !n.contains('/'))
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "{on}: give qmp (a QEMU named {default_name}) or qmp:///NAME"
+                        ))
+                    })?
+                    .to_string(),
+            };
+            check_name(&name)?;
+            if let Some(pid) = qemu_running(&how.dir, &name) {
+                return Err(Error::InvalidArgument(format!(
+                    "a QEMU named {name} runs already (pid {pid}): give another name (qmp:///NAME)"
+                )));
+            }
+            (name, "qmp".to_string(), None)
+        }
+        Runner::Libvirt => {
+            if xml.is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "no point of {vm} given stores a VM definition (only libvirt backups do): recover it with --on qmp (a QEMU of our own), or serve the disks with `dm export`"
+                )));
+            }
+            let (addr, name) = LibvirtAddress::named(&how.on, &default_name)?;
+            let conn = libvirt::connect(&addr)?;
+            if Domain::lookup_by_name(&conn, &name).is_ok() {
+                return Err(Error::InvalidArgument(format!(
+                    "a domain {name} exists at {} already: give another name (libvirt:///NAME)",
+                    addr.uri
+                )));
+            }
+            (name, addr.uri, Some(conn))
+        }
+    };
     let sdir = session_dir(&how.dir, &name)?;
-    let conn = libvirt::connect(&addr)?;
-    if Domain::lookup_by_name(&conn, &name).is_ok() {
-        return Err(Error::InvalidArgument(format!(
-            "a domain {name} exists at {} already: give another name (libvirt:///NAME)",
-            addr.uri
-        )));
-    }
     let disks: Vec<SessionDisk> = resolved
         .iter()
         .map(|(d, id)| SessionDisk {
@@ -392,11 +601,15 @@ pub fn recover(
     let mut fresh = FreshDir(Some(sdir.clone()).filter(|_| !resumed));
     std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o711))
         .map_err(|e| Error::io("set mode of", &sdir, e))?;
-    let domain_type = roxmltree::Document::parse(&xml)
-        .ok()
+    let domain_type = xml
+        .as_deref()
+        .and_then(|x| roxmltree::Document::parse(x).ok())
         .and_then(|d| d.root_element().attribute("type").map(str::to_string))
         .unwrap_or_else(|| "qemu".into());
-    let owner = libvirt::qemu_user(&conn, &domain_type);
+    // Our own QEMU runs as this process's user; libvirt's as its QEMU user.
+    let owner = conn
+        .as_ref()
+        .and_then(|c| libvirt::qemu_user(c, &domain_type));
     if let Some((uid, gid)) = owner
         && let Some(blocked) = unreachable_by(&sdir, uid, gid)
     {
@@ -411,7 +624,7 @@ pub fn recover(
         version: SESSION_VERSION,
         name: name.clone(),
         vm: vm.clone(),
-        uri: addr.uri.clone(),
+        uri,
         repo: repo.root().display().to_string(),
         state: State::Starting,
         percent: 0,
@@ -420,6 +633,8 @@ pub fn recover(
         message: None,
         downtime_ms: None,
         disks,
+        runner,
+        qemu_pid: None,
     };
     let cache = if how.cache_bytes == 0 {
         datamover::reader::DEFAULT_CACHE
@@ -452,20 +667,31 @@ pub fn recover(
             name: d.disk.clone(),
         });
     }
-    let nbd: Vec<(String, NewDisk)> = session
-        .disks
-        .iter()
-        .map(|d| {
-            (
-                d.target.clone(),
-                NewDisk::Nbd {
-                    socket: d.socket.clone(),
-                    export: d.disk.clone(),
-                },
+    let start = match (&conn, &xml) {
+        (Some(conn), Some(xml)) => {
+            let nbd: Vec<(String, NewDisk)> = session
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.target.clone(),
+                        NewDisk::Nbd {
+                            socket: d.socket.clone(),
+                            export: d.disk.clone(),
+                        },
+                    )
+                })
+                .collect();
+            Start::Domain(conn, libvirt::definition_for(xml, &name, &nbd)?)
+        }
+        _ => {
+            let vdir = vm_dir(&how.dir, &name);
+            Start::Qemu(
+                qemu_args(&name, xml.as_deref(), &session.disks, &vdir),
+                vdir,
             )
-        })
-        .collect();
-    let def = libvirt::definition_for(&xml, &name, &nbd)?;
+        }
+    };
     save(&how.dir, &session)?;
     fresh.0 = None;
 
@@ -484,7 +710,7 @@ pub fn recover(
                 }
             });
         }
-        let r = run(&conn, &def, &how.dir, &mut session, stop, ready);
+        let r = run(start, &how.dir, &mut session, stop, ready);
         done.store(true, Ordering::Relaxed);
         r
     });
@@ -533,17 +759,71 @@ fn unreachable_by(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
     })
 }
 
-/// Start the domain and follow the session until it ends.
+/// How to start a session's VM.
+enum Start<'c> {
+    /// A transient libvirt domain of this definition.
+    Domain(&'c virt::connect::Connect, String),
+    /// QEMU with these arguments, its files in this directory.
+    Qemu(Vec<String>, PathBuf),
+}
+
+/// A session's running VM.
+enum Vm {
+    Domain(Domain),
+    Qemu(u32),
+}
+
+impl Vm {
+    fn running(&self) -> bool {
+        match self {
+            Vm::Domain(d) => d.is_active().unwrap_or(false),
+            Vm::Qemu(pid) => alive(*pid),
+        }
+    }
+
+    /// Power it off (a domain only while it runs from the session).
+    fn power_off(&self, s: &Session) {
+        match self {
+            Vm::Domain(d) => {
+                if uses_session(d, s) {
+                    let _ = d.destroy();
+                }
+            }
+            Vm::Qemu(pid) => kill_wait(*pid),
+        }
+    }
+}
+
+/// The QEMU of ours named `name` that runs, if any.
+fn qemu_running(dir: &Path, name: &str) -> Option<u32> {
+    let pidfile = vm_dir(dir, name).join(format!("{name}.pid"));
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    alive(pid).then_some(pid)
+}
+
+/// Start the VM and follow the session until it ends.
 fn run(
-    conn: &virt::connect::Connect,
-    def: &str,
+    start: Start<'_>,
     dir: &Path,
     session: &mut Session,
     stop: &AtomicBool,
     ready: impl FnOnce(&Session),
 ) -> Result<()> {
-    let dom = Domain::create_xml(conn, def, 0)
-        .map_err(|e| libvirt::lv_err(&format!("starting {}", session.name), e))?;
+    let vm = match start {
+        Start::Domain(conn, def) => Vm::Domain(
+            Domain::create_xml(conn, &def, 0)
+                .map_err(|e| libvirt::lv_err(&format!("starting {}", session.name), e))?,
+        ),
+        Start::Qemu(args, vdir) => {
+            let _ = std::fs::remove_dir_all(&vdir);
+            std::fs::create_dir_all(&vdir).map_err(|e| Error::io("create", &vdir, e))?;
+            std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("set mode of", &vdir, e))?;
+            let pid = start_qemu(&args, &vdir, &session.name)?;
+            session.qemu_pid = Some(pid);
+            Vm::Qemu(pid)
+        }
+    };
     session.state = State::Serving;
     save(dir, session)?;
     ready(session);
@@ -551,9 +831,7 @@ fn run(
     loop {
         std::thread::sleep(POLL);
         if stop.load(Ordering::Relaxed) {
-            if uses_session(&dom, session) {
-                let _ = dom.destroy();
-            }
+            vm.power_off(session);
             let mut s = load(dir, &session.name)?;
             s.message = Some(
                 "stopped: the VM was powered off and its overlays kept (recover the same points under this name to resume, or discard)".into(),
@@ -570,7 +848,7 @@ fn run(
         }
         if checked.elapsed() >= Duration::from_secs(1) {
             checked = Instant::now();
-            if !dom.is_active().unwrap_or(false) {
+            if !vm.running() {
                 let mut s = s;
                 s.state = State::Stopped;
                 s.message = Some("the VM was shut down; its overlays are kept".into());
@@ -664,18 +942,42 @@ pub fn migrate(
             d.display()
         )));
     }
-    let (addr, _) = LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)?;
-    let conn = libvirt::connect(&addr)?;
-    let dom = libvirt::domain(&conn, &addr)?;
-    if !uses_session(&dom, &s) {
-        return Err(Error::InvalidArgument(format!(
-            "domain {name} does not run from session {name}'s exports"
-        )));
-    }
+    // libvirt: the domain, checked to run from the session; ours: QMP.
+    let domain = match s.runner {
+        Runner::Libvirt => {
+            let (addr, _) =
+                LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)?;
+            let conn = libvirt::connect(&addr)?;
+            let dom = libvirt::domain(&conn, &addr)?;
+            if !uses_session(&dom, &s) {
+                return Err(Error::InvalidArgument(format!(
+                    "domain {name} does not run from session {name}'s exports"
+                )));
+            }
+            Some((conn, dom))
+        }
+        Runner::Qemu => None,
+    };
+    let mut mirror: Box<dyn Mirror + '_> = match &domain {
+        Some((_, dom)) => Box::new(LibvirtMirror(dom)),
+        None => {
+            if !s.qemu_pid.is_some_and(alive) {
+                return Err(Error::InvalidArgument(format!(
+                    "the QEMU of session {name} does not run"
+                )));
+            }
+            let qmp = vm_dir(dir, name).join(format!("{name}.qmp"));
+            Box::new(QmpMirror(crate::qemu::qmp::Qmp::connect(
+                &crate::qemu::qmp::QmpAddr::Unix(qmp),
+                Duration::from_secs(10),
+            )?))
+        }
+    };
     s.state = State::Migrating;
     s.percent = 0;
     save(dir, &s)?;
-    let copied = copy_and_switch(&dom, &s, &dests, dir, &mut progress);
+    let copied = copy_and_switch(mirror.as_mut(), &s, &dests, dir, &mut progress);
+    drop(mirror);
     let downtime = match copied {
         Ok(t) => t,
         Err(e) => {
@@ -692,23 +994,36 @@ pub fn migrate(
             return Err(e);
         }
     };
-    // The VM runs from production storage: define it there.
-    let defined = dom
-        .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
-        .map_err(|e| libvirt::lv_err("domain XML", e))
-        .and_then(|x| {
-            Domain::define_xml(&conn, &x)
-                .map_err(|e| libvirt::lv_err(&format!("defining {name}"), e))
-        });
+    // The VM runs from production storage: a domain is defined there; our
+    // QEMU runs on (its QMP socket and pid file stay in DIR/NAME.vm).
+    let defined = match &domain {
+        Some((conn, dom)) => dom
+            .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+            .map_err(|e| libvirt::lv_err("domain XML", e))
+            .and_then(|x| {
+                Domain::define_xml(conn, &x)
+                    .map(|_| ())
+                    .map_err(|e| libvirt::lv_err(&format!("defining {name}"), e))
+            }),
+        None => Ok(()),
+    };
     for (d, p) in s.disks.iter_mut().zip(&dests) {
         d.migrated_to = Some(p.display().to_string());
     }
     s.state = State::Migrated;
     s.percent = 100;
     s.downtime_ms = Some(downtime.as_millis() as u64);
-    s.message = defined.as_ref().err().map(|e| {
-        format!("the VM runs from production storage but is not defined persistently: {e}")
-    });
+    s.message = match (&defined, s.runner) {
+        (Err(e), _) => Some(format!(
+            "the VM runs from production storage but is not defined persistently: {e}"
+        )),
+        (Ok(()), Runner::Qemu) => Some(format!(
+            "it runs on as QEMU pid {}, QMP at {}",
+            s.qemu_pid.unwrap_or_default(),
+            vm_dir(dir, name).join(format!("{name}.qmp")).display()
+        )),
+        (Ok(()), Runner::Libvirt) => None,
+    };
     save(dir, &s)?;
     progress(100);
     wait_unserved(dir, name, Duration::from_secs(60))?;
@@ -717,31 +1032,142 @@ pub fn migrate(
     Ok(s)
 }
 
+/// What a migration needs of the VM's hypervisor: a mirror job per disk
+/// (named by the disk's target), to follow, abandon, or switch to.
+trait Mirror {
+    /// Start copying disk `target` to the image `dest` (format `fmt`),
+    /// guest writes mirrored synchronously.
+    fn start(&mut self, target: &str, dest: &Path, fmt: &str) -> Result<()>;
+    /// (bytes done, bytes to do, in step); `None` once the job is gone.
+    fn status(&mut self, target: &str) -> Result<Option<(u64, u64, bool)>>;
+    /// Drop the copy (the disk stays where it was).
+    fn abandon(&mut self, target: &str);
+    /// Pause the VM.
+    fn pause(&mut self) -> Result<()>;
+    /// Switch disk `target` to its copy (the VM paused).
+    fn switch(&mut self, target: &str) -> Result<()>;
+    /// Resume the VM.
+    fn resume(&mut self) -> Result<()>;
+}
+
+/// libvirt's block copy (`virDomainBlockCopy`, pivot).
+struct LibvirtMirror<'d>(&'d Domain);
+
+impl Mirror for LibvirtMirror<'_> {
+    fn start(&mut self, target: &str, dest: &Path, fmt: &str) -> Result<()> {
+        let xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='{fmt}'/></disk>",
+            libvirt::xml_escape(&dest.display().to_string())
+        );
+        let flags = sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+            | sys::VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES;
+        libvirt::block_copy(self.0, target, &xml, flags)
+    }
+    fn status(&mut self, target: &str) -> Result<Option<(u64, u64, bool)>> {
+        Ok(libvirt::block_job(self.0, target)?.map(|(c, e)| (c, e, e > 0 && c == e)))
+    }
+    fn abandon(&mut self, target: &str) {
+        let _ = libvirt::block_job_end(self.0, target, false);
+    }
+    fn pause(&mut self) -> Result<()> {
+        self.0
+            .suspend()
+            .map(|_| ())
+            .map_err(|e| libvirt::lv_err("pausing the VM to switch its disks", e))
+    }
+    fn switch(&mut self, target: &str) -> Result<()> {
+        libvirt::block_job_end(self.0, target, true)
+    }
+    fn resume(&mut self) -> Result<()> {
+        self.0
+            .resume()
+            .map(|_| ())
+            .map_err(|e| libvirt::lv_err("resuming the VM after the switch", e))
+    }
+}
+
+/// QEMU's mirror job over QMP (`drive-mirror`, `block-job-complete`).
+struct QmpMirror(crate::qemu::qmp::Qmp);
+
+fn job_id(target: &str) -> String {
+    format!("dm-mirror-{target}")
+}
+
+impl Mirror for QmpMirror {
+    fn start(&mut self, target: &str, dest: &Path, fmt: &str) -> Result<()> {
+        self.0
+            .execute(
+                "drive-mirror",
+                serde_json::json!({
+                    "job-id": job_id(target), "device": format!("disk-{target}"),
+                    "target": dest.display().to_string(), "format": fmt, "sync": "full",
+                    "mode": "absolute-paths", "copy-mode": "write-blocking",
+                }),
+            )
+            .map(|_| ())
+    }
+    fn status(&mut self, target: &str) -> Result<Option<(u64, u64, bool)>> {
+        let v = self.0.execute("query-block-jobs", serde_json::json!({}))?;
+        let id = job_id(target);
+        Ok(v.as_array().and_then(|jobs| {
+            jobs.iter().find(|j| j["device"] == id.as_str()).map(|j| {
+                (
+                    j["offset"].as_u64().unwrap_or(0),
+                    j["len"].as_u64().unwrap_or(0),
+                    j["ready"].as_bool().unwrap_or(false),
+                )
+            })
+        }))
+    }
+    fn abandon(&mut self, target: &str) {
+        let _ = self.0.execute(
+            "block-job-cancel",
+            serde_json::json!({"device": job_id(target), "force": true}),
+        );
+    }
+    fn pause(&mut self) -> Result<()> {
+        self.0.execute("stop", serde_json::json!({})).map(|_| ())
+    }
+    fn switch(&mut self, target: &str) -> Result<()> {
+        self.0.execute(
+            "block-job-complete",
+            serde_json::json!({"device": job_id(target)}),
+        )?;
+        // Complete: the job goes once the disk reads from its copy.
+        for _ in 0..1000 {
+            if self.status(target)?.is_none() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(Error::Internal(format!(
+            "the copy of {target} did not complete in 10 s"
+        )))
+    }
+    fn resume(&mut self) -> Result<()> {
+        self.0.execute("cont", serde_json::json!({})).map(|_| ())
+    }
+}
+
 /// Mirror every disk to its destination, wait until all are in step,
 /// then pause, switch, resume: the pause's length.
 fn copy_and_switch(
-    dom: &Domain,
+    m: &mut dyn Mirror,
     s: &Session,
     dests: &[PathBuf],
     dir: &Path,
     progress: &mut impl FnMut(u8),
 ) -> Result<Duration> {
-    let mut started = Vec::new();
-    let abort = |started: &[&str]| {
+    let mut started: Vec<&str> = Vec::new();
+    let abort = |m: &mut dyn Mirror, started: &[&str]| {
         for t in started {
-            let _ = libvirt::block_job_end(dom, t, false);
+            m.abandon(t);
         }
     };
-    let flags =
-        sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB | sys::VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES;
     for (d, p) in s.disks.iter().zip(dests) {
         let fmt = p.extension().and_then(|e| e.to_str()).unwrap_or("raw");
-        let xml = format!(
-            "<disk type='file'><source file='{}'/><driver type='{fmt}'/></disk>",
-            libvirt::xml_escape(&p.display().to_string())
-        );
-        if let Err(e) = libvirt::block_copy(dom, &d.target, &xml, flags) {
-            abort(&started);
+        if let Err(e) = m.start(&d.target, p, fmt) {
+            abort(m, &started);
             return Err(e);
         }
         started.push(d.target.as_str());
@@ -750,21 +1176,21 @@ fn copy_and_switch(
     loop {
         let mut ready = true;
         let (mut cur, mut end) = (0u64, 0u64);
-        for t in &started {
-            match libvirt::block_job(dom, t) {
-                Ok(Some((c, e))) => {
+        for t in started.clone() {
+            match m.status(t) {
+                Ok(Some((c, e, r))) => {
                     cur += c;
                     end += e;
-                    ready &= e > 0 && c == e;
+                    ready &= r;
                 }
                 Ok(None) => {
-                    abort(&started);
+                    abort(m, &started);
                     return Err(Error::Internal(format!(
-                        "the copy of {t} ended by itself (see libvirt's log)"
+                        "the copy of {t} ended by itself (see the hypervisor's log)"
                     )));
                 }
                 Err(e) => {
-                    abort(&started);
+                    abort(m, &started);
                     return Err(e);
                 }
             }
@@ -778,7 +1204,7 @@ fn copy_and_switch(
             progress(pct);
             let mut now = load(dir, &s.name)?;
             if now.state != State::Migrating {
-                abort(&started);
+                abort(m, &started);
                 return Err(Error::InvalidArgument(format!(
                     "session {} became {} during the migration",
                     s.name,
@@ -794,12 +1220,14 @@ fn copy_and_switch(
         std::thread::sleep(POLL);
     }
     let t = Instant::now();
-    dom.suspend()
-        .map_err(|e| libvirt::lv_err("pausing the VM to switch its disks", e))?;
+    if let Err(e) = m.pause() {
+        abort(m, &started);
+        return Err(e);
+    }
     let mut switched = Vec::new();
     let mut failed = None;
     for tg in &started {
-        match libvirt::block_job_end(dom, tg, true) {
+        match m.switch(tg) {
             Ok(()) => switched.push(*tg),
             Err(e) => {
                 failed = Some(e);
@@ -813,8 +1241,8 @@ fn copy_and_switch(
             .filter(|t| !switched.contains(t))
             .copied()
             .collect();
-        abort(&rest);
-        let _ = dom.resume();
+        abort(m, &rest);
+        let _ = m.resume();
         return Err(if switched.is_empty() {
             e
         } else {
@@ -824,8 +1252,7 @@ fn copy_and_switch(
             ))
         });
     }
-    dom.resume()
-        .map_err(|e| libvirt::lv_err("resuming the VM after the switch", e))?;
+    m.resume()?;
     Ok(t.elapsed())
 }
 
@@ -838,19 +1265,33 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
             "session {name} is migrating: wait for it (or stop the migration) first"
         )));
     }
-    if let Ok((addr, _)) = LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)
-        && let Ok(conn) = libvirt::connect(&addr)
-        && let Ok(dom) = Domain::lookup_by_name(&conn, name)
-        && uses_session(&dom, &s)
-    {
-        dom.destroy()
-            .map_err(|e| libvirt::lv_err(&format!("powering off {name}"), e))?;
+    match s.runner {
+        Runner::Libvirt => {
+            if let Ok((addr, _)) =
+                LibvirtAddress::named(&format!("libvirt:///{name}?uri={}", s.uri), name)
+                && let Ok(conn) = libvirt::connect(&addr)
+                && let Ok(dom) = Domain::lookup_by_name(&conn, name)
+                && uses_session(&dom, &s)
+            {
+                dom.destroy()
+                    .map_err(|e| libvirt::lv_err(&format!("powering off {name}"), e))?;
+            }
+        }
+        Runner::Qemu => {
+            if let Some(pid) = s.qemu_pid.filter(|p| alive(*p)) {
+                kill_wait(pid);
+            }
+        }
     }
     if s.served() {
         s.state = State::Stopping;
         save(dir, &s)?;
     }
     wait_unserved(dir, name, Duration::from_secs(60))?;
+    if s.runner == Runner::Qemu {
+        let v = vm_dir(dir, name);
+        let _ = std::fs::remove_dir_all(&v);
+    }
     s.state = State::Stopped;
     s.server_pid = None;
     s.message = Some("discarded".into());
@@ -883,6 +1324,8 @@ mod tests {
                 size: 1 << 30,
                 migrated_to: None,
             }],
+            runner: Runner::Libvirt,
+            qemu_pid: None,
         }
     }
 
@@ -904,6 +1347,15 @@ mod tests {
         assert_eq!(serde_json::to_string(&s).expect("json"), golden);
         let back: Session = serde_json::from_str(golden).expect("parse");
         assert_eq!(back, s);
+        // A QEMU of ours: two more fields.
+        let q = Session {
+            runner: Runner::Qemu,
+            qemu_pid: Some(9),
+            ..sample()
+        };
+        let text = serde_json::to_string(&q).expect("json");
+        assert!(text.ends_with(r#""runner":"qemu","qemu_pid":9}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Session>(&text).expect("parse"), q);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use common::guest::{GUEST_TOOLS, virsh};
 use common::{Guest, GuestImage, can_run, sh};
 use datamover::{BackupOptions, PointRef, Repository};
 use datamover_transports::SourceOptions;
-use datamover_transports::instant::{self, Migrate, Recover, State};
+use datamover_transports::instant::{self, Migrate, Recover, Runner, State};
 use datamover_transports::qemu::{Quiesce, QuiesceLimits};
 
 fn sum(g: &Guest, path: &str) -> String {
@@ -235,5 +235,87 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
     assert!(instant::discard(&sessions, &name2).is_err());
     let _ = virsh(&["destroy", &name]);
     let _ = virsh(&["undefine", &name]);
+
+    // A QEMU of our own (`--on qmp`), from the stored definition's kernel:
+    // the point's data, writes, a migration to qcow2 images while it
+    // runs; and one discarded.
+    let name3 = format!("{dom}-q");
+    let how3 = Recover {
+        on: format!("qmp:///{name3}"),
+        ..how.clone()
+    };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let (tx, rx) = mpsc::channel();
+        let server = s.spawn(|| {
+            instant::recover(&repo, &wanted, &how3, &stop, move |x| {
+                tx.send(x.clone()).unwrap();
+            })
+        });
+        let started = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("QEMU starts from the points");
+        assert_eq!(started.runner, Runner::Qemu);
+        let q = Guest::attach(&instant::vm_dir(&sessions, &name3), &name3);
+        assert_eq!(sum(&q, "/root/before"), before);
+        let mine = q.write_random("/root/q", 2);
+        let m = instant::migrate(
+            &sessions,
+            &name3,
+            &Migrate {
+                to: dir.join("prod-q"),
+                format: "qcow2".into(),
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(m.state, State::Migrated);
+        assert!(m.message.unwrap_or_default().contains("QMP at"));
+        assert_eq!(server.join().unwrap().unwrap().state, State::Migrated);
+        // It runs on, from the qcow2 copies.
+        assert_eq!(sum(&q, "/root/q"), mine);
+        q.sh("sync");
+        drop(q);
+        let raw = dir.join("q.raw");
+        common::run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                dir.join("prod-q")
+                    .join(format!("{name3}-vda.qcow2"))
+                    .to_str()
+                    .unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(offline_sum(&raw, "/root/q"), mine);
+    });
+    let stop = AtomicBool::new(false);
+    let name4 = format!("{dom}-qd");
+    let how4 = Recover {
+        on: format!("qmp:///{name4}"),
+        ..how.clone()
+    };
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let (tx, rx) = mpsc::channel();
+        let server = s.spawn(|| {
+            instant::recover(&repo, &wanted, &how4, &stop, move |x| {
+                tx.send(x.clone()).unwrap();
+            })
+        });
+        let started = rx.recv_timeout(Duration::from_secs(120)).expect("starts");
+        let pid = started.qemu_pid.unwrap();
+        instant::discard(&sessions, &name4).unwrap();
+        assert_eq!(server.join().unwrap().unwrap().state, State::Stopping);
+        assert!(
+            common::wait_gone(pid as i32, Duration::from_secs(10)),
+            "QEMU is gone"
+        );
+    });
+    assert!(!sessions.join(&name4).exists() && !instant::vm_dir(&sessions, &name4).exists());
     assert_eq!(points(&repo), held);
 }

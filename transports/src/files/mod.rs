@@ -213,21 +213,6 @@ impl std::fmt::Debug for Browser<'_> {
     }
 }
 
-/// Whether KVM can run a guest here (else the appliance runs under TCG).
-fn kvm_usable() -> bool {
-    let writable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    writable
-        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-}
-
 /// Open `point`'s filesystems and run `f` on them; the appliance and the
 /// export end with it.
 pub fn browse<T>(
@@ -265,7 +250,7 @@ pub fn browse<T>(
         });
         (|| {
             let g = Guestfs::new()?;
-            g.configure(!kvm_usable(), opts.appliance_mib)?;
+            g.configure(!crate::qemu::kvm_usable(), opts.appliance_mib)?;
             g.add_nbd(&name, &sock.display().to_string())?;
             g.launch()?;
             let fs = mount_all(&g)?;

@@ -152,13 +152,15 @@ impl LocalExport {
 /// Whether `pid` has exited but is not reaped yet (a zombie): qemu-nbd
 /// daemonizes, so its parent is whatever reaps orphans here, maybe late.
 pub(crate) fn exited(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             s.rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
         })
-        .unwrap_or(false)
+        .unwrap_or(false);
+    // A leader shows Z while its other threads still run (and hold files).
+    zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count) <= 1
 }
 
 impl Drop for LocalExport {

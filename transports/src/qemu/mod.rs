@@ -524,3 +524,19 @@ pub fn pause(spec: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether KVM can run a guest here: `/dev/kvm` writable and the CPU
+/// shows VT-x/AMD-V (else QEMU runs under TCG).
+pub(crate) fn kvm_usable() -> bool {
+    let writable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    writable
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+}
