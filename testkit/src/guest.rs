@@ -154,15 +154,7 @@ impl Guest {
     /// the guest's init to report on the console.
     pub fn boot_with(dir: &Path, name: &str, blockdev: &[String], agent: bool) -> Guest {
         let img = GuestImage::get();
-        let g = Guest {
-            name: name.into(),
-            dir: dir.to_path_buf(),
-            qmp: dir.join(format!("{name}.qmp")),
-            qga: dir.join(format!("{name}.qga")),
-            serial: dir.join(format!("{name}.log")),
-            pid_file: dir.join(format!("{name}.pid")),
-            domain: None,
-        };
+        let g = Guest::named(dir, name);
         for p in [&g.qmp, &g.qga, &g.serial, &g.pid_file] {
             let _ = std::fs::remove_file(p);
         }
@@ -321,11 +313,9 @@ impl Guest {
         }
     }
 
-    /// A QEMU something else started with this kit's file names in `dir`
-    /// (`NAME.qmp`, `NAME.qga`, `NAME.log`, `NAME.pid`): waits until its
-    /// agent answers; stopped on drop.
-    pub fn attach(dir: &Path, name: &str) -> Guest {
-        let g = Guest {
+    /// The files of a QEMU guest `name` in `dir`.
+    fn named(dir: &Path, name: &str) -> Guest {
+        Guest {
             name: name.into(),
             dir: dir.to_path_buf(),
             qmp: dir.join(format!("{name}.qmp")),
@@ -333,7 +323,14 @@ impl Guest {
             serial: dir.join(format!("{name}.log")),
             pid_file: dir.join(format!("{name}.pid")),
             domain: None,
-        };
+        }
+    }
+
+    /// A QEMU something else started with this kit's file names in `dir`
+    /// (`NAME.qmp`, `NAME.qga`, `NAME.log`, `NAME.pid`): waits until its
+    /// agent answers; stopped on drop.
+    pub fn attach(dir: &Path, name: &str) -> Guest {
+        let g = Guest::named(dir, name);
         crate::wait_until(&format!("{name}'s agent"), Duration::from_secs(180), || {
             g.try_agent("guest-ping", json!({}), Duration::from_secs(1))
                 .is_ok()

@@ -42,6 +42,37 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Run a mount server for `how` while `f` works with the session it
+/// started (the server is stopped if `f` fails); the session as the
+/// server ended it.
+fn with_server(
+    repo: &Repository,
+    wanted: &[PointRef],
+    how: &Recover,
+    f: impl FnOnce(&instant::Session),
+) -> instant::Session {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        let server = s.spawn(|| {
+            instant::recover(repo, wanted, how, &stop, move |x| {
+                let _ = tx.send(x.clone());
+            })
+        });
+        {
+            let _stop = StopOnDrop(&stop);
+            let started = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the VM starts from its points");
+            f(&started);
+        }
+        server
+            .join()
+            .expect("the server thread")
+            .expect("the server")
+    })
+}
+
 fn points(repo: &Repository) -> Vec<(String, Vec<String>)> {
     repo.disks()
         .unwrap()
@@ -110,18 +141,7 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         cache_bytes: 0,
     };
 
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        let (tx, rx) = mpsc::channel();
-        let server = s.spawn(|| {
-            instant::recover(&repo, &wanted, &how, &stop, move |x| {
-                tx.send(x.clone()).unwrap();
-            })
-        });
-        let started = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the VM starts from its points");
+    let ended = with_server(&repo, &wanted, &how, |started| {
         assert_eq!(started.state, State::Serving);
         assert_eq!(started.disks.len(), 2);
         let sock = Path::new(&started.disks[0].socket);
@@ -167,8 +187,6 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         eprintln!("migration: {m:?}, progress {seen:?}");
         assert_eq!(m.state, State::Migrated);
         assert_eq!(seen.last(), Some(&100));
-        let ended = server.join().unwrap().unwrap();
-        assert_eq!(ended.state, State::Migrated);
         assert!(
             !sessions.join(&name).exists(),
             "the session's files are gone"
@@ -197,6 +215,7 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         )));
         assert_eq!(head.trim(), vdb);
     });
+    assert_eq!(ended.state, State::Migrated);
     assert_eq!(points(&repo), held, "the repository's points are unchanged");
     let v = datamover::verify(&repo, true).unwrap();
     assert!(v.is_ok(), "{:?}", v.problems);
@@ -207,26 +226,15 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         on: format!("libvirt:///{name2}"),
         ..how.clone()
     };
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        let (tx, rx) = mpsc::channel();
-        let server = s.spawn(|| {
-            instant::recover(&repo, &wanted, &how2, &stop, move |x| {
-                tx.send(x.clone()).unwrap();
-            })
-        });
-        rx.recv_timeout(Duration::from_secs(120))
-            .expect("the VM starts");
+    let ended = with_server(&repo, &wanted, &how2, |_| {
         assert_eq!(
             instant::sessions(&sessions).unwrap()[0].state,
             State::Serving
         );
         let d = instant::discard(&sessions, &name2).unwrap();
         assert_eq!(d.state, State::Stopped);
-        let ended = server.join().unwrap().unwrap();
-        assert_eq!(ended.state, State::Stopping);
     });
+    assert_eq!(ended.state, State::Stopping);
     assert!(virsh(&["domstate", &name2]).is_err(), "the domain is gone");
     assert!(
         std::fs::read_dir(&sessions).unwrap().next().is_none(),
@@ -244,18 +252,7 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         on: format!("qmp:///{name3}"),
         ..how.clone()
     };
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        let (tx, rx) = mpsc::channel();
-        let server = s.spawn(|| {
-            instant::recover(&repo, &wanted, &how3, &stop, move |x| {
-                tx.send(x.clone()).unwrap();
-            })
-        });
-        let started = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("QEMU starts from the points");
+    let ended = with_server(&repo, &wanted, &how3, |started| {
         assert_eq!(started.runner, Runner::Qemu);
         let q = Guest::attach(&instant::vm_dir(&sessions, &name3), &name3);
         assert_eq!(sum(&q, "/root/before"), before);
@@ -272,7 +269,6 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         .unwrap();
         assert_eq!(m.state, State::Migrated);
         assert!(m.message.unwrap_or_default().contains("QMP at"));
-        assert_eq!(server.join().unwrap().unwrap().state, State::Migrated);
         // It runs on, from the qcow2 copies.
         assert_eq!(sum(&q, "/root/q"), mine);
         q.sh("sync");
@@ -293,29 +289,21 @@ fn a_libvirt_guest_boots_from_its_points_migrates_while_running_and_a_discard_le
         );
         assert_eq!(offline_sum(&raw, "/root/q"), mine);
     });
-    let stop = AtomicBool::new(false);
+    assert_eq!(ended.state, State::Migrated);
     let name4 = format!("{dom}-qd");
     let how4 = Recover {
         on: format!("qmp:///{name4}"),
         ..how.clone()
     };
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        let (tx, rx) = mpsc::channel();
-        let server = s.spawn(|| {
-            instant::recover(&repo, &wanted, &how4, &stop, move |x| {
-                tx.send(x.clone()).unwrap();
-            })
-        });
-        let started = rx.recv_timeout(Duration::from_secs(120)).expect("starts");
+    let ended = with_server(&repo, &wanted, &how4, |started| {
         let pid = started.qemu_pid.unwrap();
         instant::discard(&sessions, &name4).unwrap();
-        assert_eq!(server.join().unwrap().unwrap().state, State::Stopping);
         assert!(
             common::wait_gone(pid as i32, Duration::from_secs(10)),
             "QEMU is gone"
         );
     });
+    assert_eq!(ended.state, State::Stopping);
     assert!(!sessions.join(&name4).exists() && !instant::vm_dir(&sessions, &name4).exists());
     assert_eq!(points(&repo), held);
 }
