@@ -547,8 +547,7 @@ impl Browser<'_> {
         }
         let mut x = Extracted::default();
         for p in paths {
-            let e = self.entry_of(p)?;
-            let inner = self.inner(p)?;
+            let (e, inner) = self.entry_of(p)?;
             self.extract(&e, &inner, to, &mut x, 0)?;
         }
         x.bytes_loaded = self.bytes_loaded();
@@ -557,24 +556,19 @@ impl Browser<'_> {
 
     /// The entry of a path given by the caller (a filesystem's top as a
     /// directory named after it).
-    fn entry_of(&self, p: &str) -> Result<Entry> {
+    /// With its appliance path, resolved once.
+    fn entry_of(&self, p: &str) -> Result<(Entry, Vec<u8>)> {
         let mut e = self.stat(p.as_bytes())?;
-        if let Resolved::In(fs, inner) = self.resolve(p.as_bytes())?
-            && inner == format!("/{}", fs.name).into_bytes()
-        {
+        let Resolved::In(fs, inner) = self.resolve(p.as_bytes())? else {
+            return Err(Error::InvalidArgument(
+                "name a filesystem or a path in one".into(),
+            ));
+        };
+        if inner == format!("/{}", fs.name).into_bytes() {
             e.raw.name = fs.name.clone().into_bytes();
             e.name = fs.name.clone();
         }
-        Ok(e)
-    }
-
-    fn inner(&self, p: &str) -> Result<Vec<u8>> {
-        match self.resolve(p.as_bytes())? {
-            Resolved::In(_, inner) => Ok(inner),
-            Resolved::Top => Err(Error::InvalidArgument(
-                "name a filesystem or a path in one".into(),
-            )),
-        }
+        Ok((e, inner))
     }
 
     fn extract(
@@ -676,8 +670,7 @@ impl Browser<'_> {
         let mut b = tar::Builder::new(w);
         let mut x = Extracted::default();
         for p in paths {
-            let e = self.entry_of(p)?;
-            let inner = self.inner(p)?;
+            let (e, inner) = self.entry_of(p)?;
             self.tar_one(
                 &mut b,
                 &e,
