@@ -842,14 +842,23 @@ fn run(
         }
         let s = load(dir, &session.name)?;
         match s.state {
-            State::Migrated | State::Stopping => return Ok(()),
+            State::Migrated => return Ok(()),
+            // Discarded: the VM goes before the server reports its end.
+            State::Stopping => {
+                vm.power_off(session);
+                return Ok(());
+            }
             State::Migrating => continue,
             _ => {}
         }
         if checked.elapsed() >= Duration::from_secs(1) {
             checked = Instant::now();
             if !vm.running() {
-                let mut s = s;
+                // A discard marks the session before it powers the VM off.
+                let mut s = load(dir, &session.name)?;
+                if matches!(s.state, State::Migrated | State::Stopping) {
+                    return Ok(());
+                }
                 s.state = State::Stopped;
                 s.message = Some("the VM was shut down; its overlays are kept".into());
                 save(dir, &s)?;
@@ -1265,6 +1274,12 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
             "session {name} is migrating: wait for it (or stop the migration) first"
         )));
     }
+    // Marked first: the mount server then takes the VM's end for the
+    // discard it is, not for a shutdown.
+    if s.served() {
+        s.state = State::Stopping;
+        save(dir, &s)?;
+    }
     match s.runner {
         Runner::Libvirt => {
             if let Ok((addr, _)) =
@@ -1282,10 +1297,6 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
                 kill_wait(pid);
             }
         }
-    }
-    if s.served() {
-        s.state = State::Stopping;
-        save(dir, &s)?;
     }
     wait_unserved(dir, name, Duration::from_secs(60))?;
     if s.runner == Runner::Qemu {
