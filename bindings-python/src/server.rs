@@ -422,11 +422,14 @@ impl Server {
         crate::as_py(py, &op)
     }
 
-    /// Instant VM recovery: the proxy holding `repository` starts `vm`
-    /// from its points (each disk's newest, or `points`: "vm/disk[@id]")
-    /// as domain `on` (default "libvirt:///VM-instant" on its hypervisor).
-    /// With `wait`, returns once it serves (or failed).
-    #[pyo3(signature = (repository, vm, *, points=None, on=None, wait=true))]
+    /// Instant VM recovery: the proxy holding `repository` (or `proxy`,
+    /// which reads the points from the holder's repository service; then
+    /// name each disk in `points`) starts `vm` from its points (each
+    /// disk's newest, or `points`: "vm/disk[@id]") as domain `on`
+    /// (default "libvirt:///VM-instant" on its hypervisor). With `wait`,
+    /// returns once it serves (or failed).
+    #[pyo3(signature = (repository, vm, *, points=None, on=None, proxy=None, wait=true))]
+    #[allow(clippy::too_many_arguments)]
     fn start_recovery<'py>(
         &self,
         py: Python<'py>,
@@ -434,6 +437,7 @@ impl Server {
         vm: &str,
         points: Option<Vec<String>>,
         on: Option<String>,
+        proxy: Option<String>,
         wait: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let req = datamover_control::api::RecoveryRequest {
@@ -441,6 +445,7 @@ impl Server {
             vm: vm.to_string(),
             points: points.unwrap_or_default(),
             on,
+            proxy,
         };
         self.recovery_call(
             py,

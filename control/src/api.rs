@@ -797,9 +797,15 @@ pub struct RecoveryRequest {
     #[serde(default)]
     pub points: Vec<String>,
     /// The domain to start: `libvirt:///NAME[?uri=…]` (default
-    /// `libvirt:///VM-instant` on the holding host's hypervisor).
+    /// `libvirt:///VM-instant` on the mount server's host's hypervisor).
     #[serde(default)]
     pub on: Option<String>,
+    /// The proxy to be the mount server (default: the one holding the
+    /// repository). Another proxy reads the points from the holder's
+    /// repository service, the chunks it reads and no more; then each
+    /// point is named `VM/DISK[@POINT]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 /// Moves a recovered VM to production storage while it runs
@@ -896,6 +902,10 @@ pub struct RecoveryOrder {
     /// Start: the domain's address.
     #[serde(default)]
     pub on: String,
+    /// Start: the points are read from this repository service (the
+    /// repository is another proxy's); `repository` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceAddress>,
     /// Migrate: where to.
     #[serde(default)]
     pub to: Option<RecoveryMigrate>,
@@ -1060,6 +1070,14 @@ pub struct Grant {
     /// service's host's hypervisor) once its final sync is in.
     #[serde(default)]
     pub start: bool,
+    /// A read grant (an instant recovery another proxy serves; `task` is
+    /// the recovery's id): the peer may read the disk's points (only
+    /// `point`, when set) and write nothing. No other grant reads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read: bool,
+    /// The point a read grant is for (an id or its prefix, as asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
 }
 
 /// A task for a proxy.

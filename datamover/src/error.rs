@@ -230,6 +230,10 @@ impl Error {
                 at: Some(at),
                 detail,
             },
+            Error::ChunkMissing { chunk, .. } => Error::ChunkMissing {
+                chunk,
+                at: Some(at),
+            },
             e => e,
         }
     }

@@ -10,8 +10,16 @@
 //! queued for [`PointReader::prefetcher`], a worker the caller runs, which
 //! loads them into the cache while the client takes the data it has.
 //!
-//! Invariant: the reader holds the repository's shared lock, so garbage
-//! collection cannot remove a chunk of the point while it is served.
+//! Where the chunks come from is a [`ChunkSource`]: a repository on this
+//! host ([`PointReader::open`]), or a repository service holding one (the
+//! proxy's client, through [`PointReader::new`]), which is asked for the
+//! chunks read and nothing else. Either way the frames are checked here.
+//! [`PointSource`] is what an export or an instant recovery opens points
+//! through.
+//!
+//! Invariant: the chunk source holds the repository's shared lock (here,
+//! or in the service's session), so garbage collection cannot remove a
+//! chunk of the point while it is served.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::format::frame::FrameDecoder;
-use crate::format::manifest::Extent;
+use crate::format::manifest::{Extent, Manifest, PointMeta};
 use crate::ids::{ChunkId, DiskName, PointId};
 use crate::repo::Index;
 use crate::repo::{PackReader, RepoLock, Repository};
@@ -86,6 +94,96 @@ impl Cache {
     }
 }
 
+/// Where a point's chunks are read from.
+pub trait ChunkSource: Send + Sync {
+    /// Decode chunk `id` (`len` plain bytes, as the manifest says) into
+    /// `out` with `dec`, which checks the frame's CRC and the BLAKE3 of
+    /// the plain bytes against `id`; the bytes decoded.
+    fn read_chunk(
+        &self,
+        dec: &mut FrameDecoder,
+        id: ChunkId,
+        len: u32,
+        out: &mut [u8],
+    ) -> Result<usize>;
+}
+
+/// The chunks of a repository on this host, under its shared lock.
+struct LocalChunks<'r> {
+    index: Index,
+    packs: PackReader<'r>,
+    _lock: Option<RepoLock>,
+}
+
+impl ChunkSource for LocalChunks<'_> {
+    fn read_chunk(
+        &self,
+        dec: &mut FrameDecoder,
+        id: ChunkId,
+        len: u32,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        let loc = self.index.get(&id).ok_or(Error::ChunkMissing {
+            chunk: id,
+            at: None,
+        })?;
+        if loc.plain_len != len {
+            return Err(Error::ChunkDamaged {
+                chunk: id,
+                pack: loc.pack,
+                pack_offset: loc.offset,
+                at: None,
+                detail: format!("the manifest says {len} bytes, the index {}", loc.plain_len),
+            });
+        }
+        self.packs.read_chunk_into(dec, id, &loc, out)
+    }
+}
+
+/// Points to open for reads: a repository on this host, or one a
+/// repository service holds.
+pub trait PointSource: Sync {
+    /// Where the points are, for messages and the session's record.
+    fn describe(&self) -> String;
+    /// The disks whose points it holds.
+    fn disks(&self) -> Result<Vec<DiskName>>;
+    /// The point of `disk` that `wanted` names (an id or its prefix; none:
+    /// the newest).
+    fn resolve(&self, disk: &DiskName, wanted: Option<&str>) -> Result<PointId>;
+    /// The metadata of a point.
+    fn meta(&self, disk: &DiskName, point: &PointId) -> Result<PointMeta>;
+    /// Open a point for reads, with a chunk cache of at most `cache_bytes`.
+    fn open_point(
+        &self,
+        disk: &DiskName,
+        point: &PointId,
+        cache_bytes: u64,
+    ) -> Result<PointReader<'_>>;
+}
+
+impl PointSource for Repository {
+    fn describe(&self) -> String {
+        self.root().display().to_string()
+    }
+    fn disks(&self) -> Result<Vec<DiskName>> {
+        Repository::disks(self)
+    }
+    fn resolve(&self, disk: &DiskName, wanted: Option<&str>) -> Result<PointId> {
+        self.resolve_point(disk, wanted)
+    }
+    fn meta(&self, disk: &DiskName, point: &PointId) -> Result<PointMeta> {
+        Ok(self.point_meta(disk, point)?.meta)
+    }
+    fn open_point(
+        &self,
+        disk: &DiskName,
+        point: &PointId,
+        cache_bytes: u64,
+    ) -> Result<PointReader<'_>> {
+        PointReader::open(self, disk, point, cache_bytes)
+    }
+}
+
 /// A point opened for reads at any offset.
 pub struct PointReader<'r> {
     disk: DiskName,
@@ -93,8 +191,7 @@ pub struct PointReader<'r> {
     size: u64,
     /// (offset, extent), in disk order.
     at: Vec<(u64, Extent)>,
-    index: Index,
-    packs: PackReader<'r>,
+    chunks: Box<dyn ChunkSource + 'r>,
     cache: Mutex<Cache>,
     loaded: AtomicU64,
     loaded_bytes: AtomicU64,
@@ -106,7 +203,6 @@ pub struct PointReader<'r> {
         crossbeam_channel::Sender<usize>,
         crossbeam_channel::Receiver<usize>,
     ),
-    _lock: Option<RepoLock>,
 }
 
 impl std::fmt::Debug for PointReader<'_> {
@@ -129,6 +225,19 @@ impl<'r> PointReader<'r> {
     ) -> Result<Self> {
         let lock = repo.lock(LockMode::Shared, true)?;
         let m = repo.read_point(disk, point)?;
+        let chunks = LocalChunks {
+            index: repo.load_index()?,
+            packs: PackReader::new(repo),
+            _lock: lock,
+        };
+        PointReader::new(m, Box::new(chunks), cache_bytes)
+    }
+
+    /// Point `m` (its manifest, checked as decoded) with its chunks read
+    /// from `chunks`, and a chunk cache of at most `cache_bytes`.
+    pub fn new(m: Manifest, chunks: Box<dyn ChunkSource + 'r>, cache_bytes: u64) -> Result<Self> {
+        let disk: DiskName = m.meta.name.parse()?;
+        let point: PointId = m.meta.point.parse()?;
         let mut off = 0u64;
         let at = m
             .extents
@@ -140,12 +249,11 @@ impl<'r> PointReader<'r> {
             })
             .collect();
         Ok(PointReader {
-            disk: disk.clone(),
-            point: point.clone(),
             size: m.meta.disk_size,
+            disk,
+            point,
             at,
-            index: repo.load_index()?,
-            packs: PackReader::new(repo),
+            chunks,
             cache: Mutex::new(Cache {
                 max: cache_bytes,
                 bytes: 0,
@@ -157,7 +265,6 @@ impl<'r> PointReader<'r> {
             hits: AtomicU64::new(0),
             ends: Mutex::new([u64::MAX; RUNS]),
             ahead: crossbeam_channel::bounded(64),
-            _lock: lock,
         })
     }
 
@@ -238,19 +345,6 @@ impl<'r> PointReader<'r> {
             return Ok(b);
         }
         let where_ = || format!("{}@{}, disk offset {at}", self.disk, self.point);
-        let loc = self.index.get(&id).ok_or(Error::ChunkMissing {
-            chunk: id,
-            at: Some(where_()),
-        })?;
-        if loc.plain_len != len {
-            return Err(Error::ChunkDamaged {
-                chunk: id,
-                pack: loc.pack,
-                pack_offset: loc.offset,
-                at: Some(where_()),
-                detail: format!("the manifest says {len} bytes, the index {}", loc.plain_len),
-            });
-        }
         let mut out = vec![0u8; len as usize];
         // One decoder per thread: making one per chunk costs as much as a
         // small chunk's read.
@@ -266,10 +360,16 @@ impl<'r> PointReader<'r> {
                 let dec = d
                     .as_mut()
                     .ok_or_else(|| Error::Internal("decoder".into()))?;
-                self.packs.read_chunk_into(dec, id, &loc, &mut out)
+                self.chunks.read_chunk(dec, id, len, &mut out)
             })
             .map_err(|e| e.used_at(where_()))?;
-        out.truncate(n);
+        if n != len as usize {
+            return Err(Error::corrupt(
+                "chunk",
+                std::path::PathBuf::from(where_()),
+                format!("{} holds {n} bytes, the manifest says {len}", id.short()),
+            ));
+        }
         let b = Arc::new(out);
         self.loaded.fetch_add(1, Ordering::Relaxed);
         self.loaded_bytes.fetch_add(n as u64, Ordering::Relaxed);

@@ -159,6 +159,7 @@ pub fn run(cfg: &AgentConfig, stop: &AtomicBool) -> Result<(), crate::error::Pro
         recoveries: crate::recoveries::Recoveries::new(
             cfg.recoveries.clone(),
             cfg.datastores.clone(),
+            cfg.identity.clone(),
         ),
         files: crate::files::FileRequests::new(cfg.server.clone(), cfg.identity.clone()),
     };

@@ -2,13 +2,17 @@
 //! server ([`transports::instant`]), each served from a thread of its own
 //! until migrated, discarded or stopped; migrate and discard run in
 //! threads of their own beside it. The state each heartbeat reports is
-//! the session's, as its file says.
+//! the session's, as its file says. The points come from the repository
+//! this proxy holds, or, when the order names another proxy's repository
+//! service, from that service ([`RemotePoints`]: only the chunks read).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::repo_service::RemotePoints;
+use datamover::reader::PointSource;
 use datamover_control::api::{RecoveryAction, RecoveryOrder, RecoveryStatus};
 use transports::instant::{self, State};
 
@@ -27,6 +31,8 @@ pub(crate) struct Recoveries {
     dir: PathBuf,
     datastores: Vec<PathBuf>,
     live: Arc<Mutex<HashMap<u64, Live>>>,
+    /// This host's identity: a remote repository service admits it.
+    identity: crate::identity::LiveIdentity,
 }
 
 /// The state the server shows: a session still served is not ended,
@@ -42,11 +48,16 @@ fn state_name(s: State, done: bool) -> &'static str {
 
 impl Recoveries {
     /// Sessions under `dir`; migrations only into `datastores`.
-    pub(crate) fn new(dir: PathBuf, datastores: Vec<PathBuf>) -> Recoveries {
+    pub(crate) fn new(
+        dir: PathBuf,
+        datastores: Vec<PathBuf>,
+        identity: crate::identity::LiveIdentity,
+    ) -> Recoveries {
         Recoveries {
             dir,
             datastores,
             live: Arc::default(),
+            identity,
         }
     }
 
@@ -148,16 +159,28 @@ impl Recoveries {
                     dir: me.dir.clone(),
                     cache_bytes: 0,
                 };
-                let r = datamover::Repository::open(Path::new(&o.repository)).and_then(|repo| {
-                    let points = instant::points_named(&repo, &o.points)?;
-                    instant::recover(&repo, &points, &how, &stop, |s| {
+                let serve = |repo: &dyn PointSource| {
+                    let points = instant::points_named(repo, &o.points)?;
+                    instant::recover(repo, &points, &how, &stop, |s| {
                         me.set(o.id, |l| {
                             l.name = Some(s.name.clone());
                             l.status.state = state_name(s.state, false).to_string();
                             l.status.session = serde_json::to_value(s).ok();
                         });
                     })
-                });
+                };
+                let r = match &o.service {
+                    Some(at) => RemotePoints::new(at.clone(), &me.identity.get())
+                        .map_err(|e| {
+                            datamover::Error::InvalidArgument(format!(
+                                "this host's identity cannot reach {}: {e}",
+                                at.address
+                            ))
+                        })
+                        .and_then(|repo| serve(&repo)),
+                    None => datamover::Repository::open(Path::new(&o.repository))
+                        .and_then(|repo| serve(&repo)),
+                };
                 me.set(o.id, |l| {
                     l.status.done = true;
                     match r {

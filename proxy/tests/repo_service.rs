@@ -2,7 +2,8 @@
 //! writes through `RemoteStore` exactly as into a local repository; only
 //! missing chunks cross the wire; replicas are updated by delta; a source
 //! that sends damaged frames, skips frames or disconnects leaves no point;
-//! a client of another CA is refused.
+//! a client of another CA is refused; a point is read (exported) through
+//! the service under a read grant only, fetching the chunks read.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::TcpListener;
@@ -57,6 +58,8 @@ fn grant(id: &Identity, disk: &str, replica: bool) -> Grant {
         disk: disk.parse().unwrap(),
         replica,
         start: false,
+        read: false,
+        point: None,
     }
 }
 
@@ -563,6 +566,7 @@ fn only_granted_peers_use_a_repository_and_the_service_dates_the_point() {
         replica: false,
         task: None,
         start_as: None,
+        point: None,
     };
     use repo_service::wire::{Msg, json, read_msg, write_msg};
     use std::io::Write;
@@ -721,4 +725,165 @@ fn only_a_migration_grant_starts_a_vm_and_only_on_a_hypervisor() {
     // A disk without a grant.
     let e = r.start_vm(&"vm/other".parse().unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("not granted"), "{e}");
+}
+
+/// A read grant for `id` (an instant recovery on another proxy).
+fn read_grant(id: &Identity, disk: &str, point: Option<&str>) -> Grant {
+    Grant {
+        task: 7,
+        read: true,
+        point: point.map(str::to_string),
+        ..grant(id, disk, false)
+    }
+}
+
+#[test]
+fn a_point_is_exported_through_the_service_under_a_read_grant_only() {
+    use datamover::reader::PointSource;
+    use std::os::unix::fs::FileExt;
+    if !datamover_testkit::can_run(
+        "a_point_is_exported_through_the_service_under_a_read_grant_only",
+        &["qemu-img", "nbdcopy"],
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (tgt, src) = identities(d.path());
+    let vault = d.path().join("vault");
+    let img = d.path().join("a.raw");
+    datamover_testkit::make_image(
+        &img,
+        64 * MIB as u64,
+        &[
+            (0, 8 * MIB as u64, datamover_testkit::Fill::Random(5)),
+            (
+                32 * MIB as u64,
+                4 * MIB as u64,
+                datamover_testkit::Fill::Text,
+            ),
+        ],
+    );
+    let repo = Repository::init(&vault).unwrap();
+    let disk: DiskName = "vm/a".parse().unwrap();
+    let first = datamover::backup(
+        &repo,
+        datamover::open_source(&img).unwrap().as_ref(),
+        &disk,
+        &BackupOptions::default(),
+    )
+    .unwrap()
+    .point;
+    change(&img, 2 * MIB, 9);
+    let second = datamover::backup(
+        &repo,
+        datamover::open_source(&img).unwrap().as_ref(),
+        &disk,
+        &BackupOptions::default(),
+    )
+    .unwrap()
+    .point;
+    // A writer's grant reads nothing.
+    let svc = start(
+        &tgt,
+        &[("vault", vault.clone())],
+        &[grant(&src, "vm/a", false)],
+    );
+    let points =
+        repo_service::RemotePoints::new(address(&svc, "vault", false, None), &src).unwrap();
+    let e = points.resolve(&disk, None).unwrap_err().to_string();
+    assert!(e.contains("not granted"), "{e}");
+    // A read grant for the first point reads that one only.
+    set_grants(
+        &svc,
+        "vault",
+        vec![read_grant(&src, "vm/a", Some(first.as_str()))],
+    );
+    let e = points.resolve(&disk, None).unwrap_err().to_string();
+    assert!(
+        e.contains("not granted") && e.contains(first.as_str()),
+        "{e}"
+    );
+    assert_eq!(points.resolve(&disk, Some(first.as_str())).unwrap(), first);
+    // ... and writes nothing.
+    let e = backup(&remote(&svc, "vault", false, &src), &img, "vm/a")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not granted"), "{e}");
+    // A read grant for the disk: the newest point, a few reads fetch
+    // about the chunks they touch.
+    set_grants(&svc, "vault", vec![read_grant(&src, "vm/a", None)]);
+    assert_eq!(points.resolve(&disk, None).unwrap(), second);
+    assert_eq!(
+        points.meta(&disk, &second).unwrap().disk_size,
+        64 * MIB as u64
+    );
+    let before = points.wire_bytes();
+    {
+        let r = points.open_point(&disk, &second, 16 << 20).unwrap();
+        let mut buf = vec![0u8; 4096];
+        r.read_at(33 * MIB as u64, &mut buf).unwrap();
+        let mut want = vec![0u8; 4096];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut want, 33 * MIB as u64)
+            .unwrap();
+        assert_eq!(buf, want);
+        // Holes cost nothing.
+        r.read_at(50 * MIB as u64, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        assert_eq!(r.stats().chunks_loaded, 1);
+    }
+    let spent = points.wire_bytes() - before;
+    assert!(
+        spent < 4 * MIB as u64,
+        "{spent} bytes on the wire for one chunk of text"
+    );
+    // Exported: reference clients read the point byte for byte.
+    let stop = AtomicBool::new(false);
+    let sock = d.path().join("x.sock");
+    let point: datamover::PointRef = "vm/a".parse().unwrap();
+    let how = transports::export::Export {
+        listen: format!("unix:{}", sock.display()),
+        ..Default::default()
+    };
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = s.spawn(|| {
+            transports::export::export(&points, &point, &how, &stop, move |u| {
+                tx.send(u.to_string()).unwrap()
+            })
+        });
+        let uri = rx.recv().expect("the export did not start");
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap()])
+            .arg(format!("nbd+unix:///vm/a?socket={}", sock.display()))
+            .output()
+            .unwrap();
+        let _ = uri;
+        assert!(out.status.success(), "{out:?}");
+        // A damaged chunk fails its reads only.
+        let r = Repository::open(&vault).unwrap();
+        let m = r.read_point(&disk, &second).unwrap();
+        let datamover::format::manifest::Extent::Chunk { id, .. } = m.extents[0] else {
+            panic!("the first extent holds data")
+        };
+        let loc = r.load_index().unwrap().get(&id).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(r.pack_path(&loc.pack))
+            .unwrap();
+        let at = loc.offset + u64::from(loc.frame_len) / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+        drop(f);
+        let again = points.open_point(&disk, &second, 16 << 20).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = again.read_at(0, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), datamover::ErrorKind::Corrupt, "{e}");
+        again.read_at(33 * MIB as u64, &mut buf).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap().unwrap();
+    });
 }

@@ -19,8 +19,8 @@ use std::sync::atomic::AtomicBool;
 use serde::{Deserialize, Serialize};
 
 use crate::nbd::server::{self, Disk, ExportOptions, Listener};
-use datamover::reader::PointReader;
-use datamover::{DiskName, Error, PointId, PointRef, Repository, Result};
+use datamover::reader::{PointReader, PointSource};
+use datamover::{DiskName, Error, PointId, PointRef, Result};
 
 /// Overlay block size.
 const BLOCK: u64 = 4096;
@@ -136,13 +136,13 @@ impl std::fmt::Debug for PointDisk<'_> {
 impl<'r> PointDisk<'r> {
     /// The point `point` names, with writes to `overlay` if given.
     pub fn open(
-        repo: &'r Repository,
+        repo: &'r dyn PointSource,
         point: &PointRef,
         overlay: Option<&Path>,
         cache_bytes: u64,
     ) -> Result<Self> {
-        let id = repo.resolve_point(&point.disk, point.at.as_deref())?;
-        let reader = PointReader::open(repo, &point.disk, &id, cache_bytes)?;
+        let id = repo.resolve(&point.disk, point.at.as_deref())?;
+        let reader = repo.open_point(&point.disk, &id, cache_bytes)?;
         let overlay = overlay
             .map(|p| Overlay::open(p, &point.disk, &id, reader.size()))
             .transpose()?;
@@ -284,7 +284,7 @@ pub struct Export {
 /// Serve `point` until `stop` is set; `ready` gets the NBD URI clients
 /// connect to once the export listens.
 pub fn export(
-    repo: &Repository,
+    repo: &dyn PointSource,
     point: &PointRef,
     how: &Export,
     stop: &AtomicBool,

@@ -44,7 +44,8 @@ use virt::sys;
 use crate::export::PointDisk;
 use crate::libvirt::{self, LibvirtAddress, NewDisk};
 use crate::nbd::server::{self, ExportOptions, Listener};
-use datamover::{Error, PointRef, Repository, Result};
+use datamover::reader::PointSource;
+use datamover::{Error, PointRef, Result};
 
 /// Where sessions live unless told otherwise.
 pub const DEFAULT_DIR: &str = "/var/lib/datamover/instant";
@@ -416,7 +417,7 @@ pub fn sessions(dir: &Path) -> Result<Vec<Session>> {
 
 /// The points `specs` name: `VM/DISK[@POINT]`, or `VM` for the newest
 /// point of each of its disks.
-pub fn points_named(repo: &Repository, specs: &[String]) -> Result<Vec<PointRef>> {
+pub fn points_named(repo: &dyn PointSource, specs: &[String]) -> Result<Vec<PointRef>> {
     let mut out = Vec::new();
     for s in specs {
         if s.contains('/') {
@@ -482,7 +483,7 @@ struct Served<'r> {
 /// `ready` gets the session once the VM runs. Returns the session as it
 /// ended.
 pub fn recover(
-    repo: &Repository,
+    repo: &dyn PointSource,
     points: &[PointRef],
     how: &Recover,
     stop: &AtomicBool,
@@ -506,7 +507,7 @@ pub fn recover(
         {
             return Err(Error::InvalidArgument(format!("{} is named twice", p.disk)));
         }
-        let id = repo.resolve_point(&p.disk, p.at.as_deref())?;
+        let id = repo.resolve(&p.disk, p.at.as_deref())?;
         resolved.push((p.disk.clone(), id.to_string()));
     }
     let xml = libvirt::newest_definition(repo, &resolved)?;
@@ -625,7 +626,7 @@ pub fn recover(
         name: name.clone(),
         vm: vm.clone(),
         uri,
-        repo: repo.root().display().to_string(),
+        repo: repo.describe(),
         state: State::Starting,
         percent: 0,
         server_pid: Some(std::process::id()),

@@ -1280,13 +1280,13 @@ fn cstring(s: &str) -> Result<CString> {
 
 /// The newest VM definition the points (disk, point id or prefix) stored.
 pub(crate) fn newest_definition(
-    repo: &datamover::Repository,
+    repo: &dyn datamover::reader::PointSource,
     points: &[(DiskName, String)],
 ) -> Result<Option<String>> {
     let mut best: Option<(String, String)> = None;
     for (d, p) in points {
-        let id = repo.resolve_point(d, Some(p))?;
-        let m = repo.point_meta(d, &id)?.meta;
+        let id = repo.resolve(d, Some(p))?;
+        let m = repo.meta(d, &id)?;
         if let Some(x) = m.vm_definition
             && best.as_ref().is_none_or(|(s, _)| m.started > *s)
         {

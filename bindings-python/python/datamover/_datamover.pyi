@@ -393,10 +393,13 @@ class Server:
         *,
         points: Optional[list[str]] = None,
         on: Optional[str] = None,
+        proxy: Optional[str] = None,
         wait: bool = True,
     ) -> dict[str, Any]:
-        """Instant VM recovery by the proxy holding the repository; with
-        wait, returns once it serves (or failed)."""
+        """Instant VM recovery by the proxy holding the repository, or by
+        `proxy` reading the points from the holder's repository service
+        (name each disk in `points`); with wait, returns once it serves
+        (or failed)."""
     def files_ls(
         self, repository: str, point: str, path: str = "/"
     ) -> list[dict[str, Any]]:

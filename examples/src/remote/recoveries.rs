@@ -1,5 +1,7 @@
 //! `dm recovery`: instant VM recoveries through a server: the proxy
-//! holding the repository starts the VM from its points and serves it.
+//! holding the repository (or another one, reading the points from the
+//! holder's repository service) starts the VM from its points and serves
+//! it.
 
 use super::*;
 use datamover_control::api::{Recovery, RecoveryMigrate, RecoveryRequest};
@@ -8,8 +10,8 @@ use datamover_control::api::{Recovery, RecoveryMigrate, RecoveryRequest};
 #[derive(Subcommand)]
 pub enum RecoveryCmd {
     /// Start a VM from its points (each disk's newest, or --point), on
-    /// the hypervisor of the proxy holding the repository; waits until
-    /// it serves (or fails) unless --no-wait.
+    /// the hypervisor of the proxy holding the repository (or of
+    /// --proxy); waits until it serves (or fails) unless --no-wait.
     Start {
         /// The repository (held by a proxy).
         repo: String,
@@ -23,6 +25,12 @@ pub enum RecoveryCmd {
         /// libvirt:///VM-instant on the proxy's hypervisor).
         #[arg(long)]
         on: Option<String>,
+        /// The proxy to serve it (default: the one holding the
+        /// repository); another one reads the points from the holder's
+        /// repository service, only the chunks it reads (name each disk
+        /// with --point VM/DISK[@POINT]).
+        #[arg(long)]
+        proxy: Option<String>,
         /// Return at once.
         #[arg(long)]
         no_wait: bool,
@@ -127,6 +135,7 @@ pub fn recovery(s: &ServerArgs, c: RecoveryCmd) -> Result<u8, Failure> {
             vm,
             points,
             on,
+            proxy,
             no_wait,
             json,
         } => {
@@ -135,6 +144,7 @@ pub fn recovery(s: &ServerArgs, c: RecoveryCmd) -> Result<u8, Failure> {
                 vm,
                 points,
                 on,
+                proxy,
             })?;
             if !no_wait {
                 r = wait(&cl, r.id, Recovery::serves)?;

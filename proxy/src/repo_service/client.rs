@@ -39,7 +39,7 @@ pub struct RemoteStore {
     cache: Option<PathBuf>,
 }
 
-type ClientStream = rustls::StreamOwned<rustls::ClientConnection, Counted<TcpStream>>;
+pub(super) type ClientStream = rustls::StreamOwned<rustls::ClientConnection, Counted<TcpStream>>;
 
 impl RemoteStore {
     /// A store writing to `at` as `identity`.
@@ -92,12 +92,12 @@ impl RemoteStore {
     }
 
     /// The service broke the protocol.
-    fn err(&self, detail: impl std::fmt::Display) -> Error {
+    pub(super) fn err(&self, detail: impl std::fmt::Display) -> Error {
         Error::transport(self.describe(), TransportKind::Protocol, detail.to_string())
     }
 
     /// No connection, or it broke.
-    fn lost(&self, detail: impl std::fmt::Display) -> Error {
+    pub(super) fn lost(&self, detail: impl std::fmt::Display) -> Error {
         Error::transport(self.describe(), TransportKind::Connect, detail.to_string())
     }
 
@@ -128,12 +128,63 @@ impl RemoteStore {
         serde_json::from_slice(&b).map_err(|e| self.err(format!("bad STARTED: {e}")))
     }
 
-    fn connect(&self, hello: &Hello) -> datamover::Result<(ClientStream, Ready)> {
+    pub(super) fn connect(&self, hello: &Hello) -> datamover::Result<(ClientStream, Ready)> {
         let mut s = self.open(hello)?;
         let b = self.expect(&mut s, Msg::Ready)?;
         let ready: Ready =
             serde_json::from_slice(&b).map_err(|e| self.err(format!("bad READY: {e}")))?;
         Ok((s, ready))
+    }
+
+    /// Ask with `ask` for the manifest of point `id` of `disk`, and read
+    /// it (bounded, decoded, and checked to be that point's).
+    pub(super) fn manifest(
+        &self,
+        s: &mut ClientStream,
+        ask: Msg,
+        disk: &DiskName,
+        id: &PointId,
+    ) -> datamover::Result<Manifest> {
+        write_msg(s, ask, &[])
+            .and_then(|_| s.flush())
+            .map_err(|e| self.lost(e))?;
+        let mut bytes = Vec::new();
+        loop {
+            let (ty, b) = read_msg(s).map_err(|e| self.lost(format!("connection lost: {e}")))?;
+            match ty {
+                Msg::ManifestPart => {
+                    if (bytes.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
+                        return Err(self.err("manifest beyond the 1 GiB limit"));
+                    }
+                    bytes.extend_from_slice(&b);
+                }
+                Msg::ManifestEnd => break,
+                Msg::Error => return Err(self.refusal(&b)),
+                t => return Err(self.err(format!("unexpected message type {t}"))),
+            }
+        }
+        let m = manifest::decode(&bytes).map_err(|e| {
+            Error::corrupt(
+                "point manifest",
+                PathBuf::from(self.describe()),
+                format!("{e:?}"),
+            )
+        })?;
+        if m.meta.point != id.as_str() || m.meta.name != disk.to_string() {
+            return Err(self.err(format!(
+                "sent the manifest of {}@{}, not {disk}@{id}",
+                m.meta.name, m.meta.point
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The service's ERROR message, as the error it is.
+    pub(super) fn refusal(&self, b: &[u8]) -> Error {
+        let m: ErrorMsg = serde_json::from_slice(b).unwrap_or(ErrorMsg {
+            error: String::from_utf8_lossy(b).into_owned(),
+        });
+        self.refused(format!("the repository service refused: {}", m.error))
     }
 
     /// Connect and send HELLO.
@@ -169,21 +220,16 @@ impl RemoteStore {
     }
 
     /// Read a message of type `want`; an ERROR becomes the service's message.
-    fn expect(&self, s: &mut ClientStream, want: Msg) -> datamover::Result<Vec<u8>> {
+    pub(super) fn expect(&self, s: &mut ClientStream, want: Msg) -> datamover::Result<Vec<u8>> {
         let (ty, b) = read_msg(s).map_err(|e| self.lost(format!("connection lost: {e}")))?;
         match ty {
             t if t == want => Ok(b),
-            Msg::Error => {
-                let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
-                    error: String::from_utf8_lossy(&b).into_owned(),
-                });
-                Err(self.refused(format!("the repository service refused: {}", m.error)))
-            }
+            Msg::Error => Err(self.refusal(&b)),
             t => Err(self.err(format!("unexpected message {t} (wanted {want})"))),
         }
     }
 
-    fn hello(&self, disk: &DiskName, op: Op, started: Option<String>) -> Hello {
+    pub(super) fn hello(&self, disk: &DiskName, op: Op, started: Option<String>) -> Hello {
         Hello {
             magic: MAGIC.into(),
             version: VERSION,
@@ -194,6 +240,7 @@ impl RemoteStore {
             replica: self.at.replica,
             task: self.at.task,
             start_as: None,
+            point: None,
         }
     }
 }
@@ -282,43 +329,8 @@ impl RemoteSession<'_> {
 
     /// The parent's manifest from the service.
     fn fetch_parent(&self, id: &PointId) -> datamover::Result<Manifest> {
-        let st = self.store;
-        let mut s = self.conn();
-        write_msg(&mut *s, Msg::GetParent, &[])
-            .and_then(|_| s.flush())
-            .map_err(|e| st.lost(e))?;
-        let mut bytes = Vec::new();
-        loop {
-            let (ty, b) =
-                read_msg(&mut *s).map_err(|e| st.lost(format!("connection lost: {e}")))?;
-            match ty {
-                Msg::ManifestPart => {
-                    if (bytes.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
-                        return Err(st.err("parent manifest beyond the 1 GiB limit"));
-                    }
-                    bytes.extend_from_slice(&b);
-                }
-                Msg::ManifestEnd => break,
-                Msg::Error => {
-                    let m: ErrorMsg = serde_json::from_slice(&b).unwrap_or(ErrorMsg {
-                        error: String::from_utf8_lossy(&b).into_owned(),
-                    });
-                    return Err(st.refused(format!("the repository service refused: {}", m.error)));
-                }
-                t => return Err(st.err(format!("unexpected message type {t}"))),
-            }
-        }
-        let m = manifest::decode(&bytes).map_err(|e| {
-            Error::corrupt(
-                "point manifest",
-                PathBuf::from(st.describe()),
-                format!("{e:?}"),
-            )
-        })?;
-        if m.meta.point != id.as_str() {
-            return Err(st.err(format!("sent the manifest of {}, not {id}", m.meta.point)));
-        }
-        Ok(m)
+        self.store
+            .manifest(&mut self.conn(), Msg::GetParent, &self.disk, id)
     }
 
     /// Keep `bytes` (the committed point's manifest) as this disk's

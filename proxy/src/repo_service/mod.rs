@@ -31,6 +31,7 @@
 //! gets READY and the connection ends.
 
 pub mod client;
+pub mod read;
 pub mod server;
 pub mod wire;
 
@@ -43,6 +44,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub use client::RemoteStore;
+pub use read::RemotePoints;
 pub use server::serve;
 pub use wire::{ALPN, Committed, Hello, MAGIC, MAX_MESSAGE, Op, Ready, VERSION};
 

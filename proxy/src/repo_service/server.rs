@@ -302,6 +302,7 @@ fn grant(
     peer: &str,
     disk: &DiskName,
     task: Option<u64>,
+    read: bool,
 ) -> Option<datamover_control::api::Grant> {
     served
         .read()
@@ -309,7 +310,9 @@ fn grant(
         .get(repo)?
         .grants
         .iter()
-        .find(|g| g.peer == peer && &g.disk == disk && task.is_none_or(|t| t == g.task))
+        .find(|g| {
+            g.peer == peer && &g.disk == disk && g.read == read && task.is_none_or(|t| t == g.task)
+        })
         .cloned()
 }
 
@@ -355,6 +358,86 @@ fn start_vm(
         transports::failover::failover(repo, &super::replica_root(&target.path), vm, &on, true)?;
     write_msg(s, Msg::Started, &json(&r).map_err(net)?).map_err(net)?;
     s.flush().map_err(net)
+}
+
+/// A read session: one point of `disk`, its manifest and its chunks as
+/// asked, under the repository's shared lock, until the client closes.
+fn read_point(
+    s: &mut ServerStream,
+    hello: &Hello,
+    granted: &datamover_control::api::Grant,
+    repo: &datamover::Repository,
+    disk: &DiskName,
+) -> Result<(), Error> {
+    let bad = |d: String| Error::transport("repository service client", TransportKind::Protocol, d);
+    let _lock = repo.lock(datamover::sys::LockMode::Shared, true)?;
+    let point = repo.resolve_point(disk, hello.point.as_deref())?;
+    if let Some(p) = &granted.point
+        && repo.resolve_point(disk, Some(p))? != point
+    {
+        return Err(Error::transport(
+            "repository service client",
+            TransportKind::Refused,
+            format!(
+                "not granted: recovery {} may read point {p} of {disk}, not {point}",
+                granted.task
+            ),
+        ));
+    }
+    let meta = repo.point_meta(disk, &point)?.meta;
+    let ready = Ready {
+        point: Some(point.to_string()),
+        parent: None,
+        parent_meta: Some(meta),
+    };
+    write_msg(s, Msg::Ready, &json(&ready).map_err(net)?).map_err(net)?;
+    s.flush().map_err(net)?;
+    let index = repo.load_index()?;
+    let packs = datamover::repo::PackReader::new(repo);
+    loop {
+        let (ty, b) = match read_msg(s) {
+            Ok(m) => m,
+            // The client is done with the point.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(net(e)),
+        };
+        match ty {
+            Msg::GetManifest => {
+                let bytes = datamover::store::read_manifest_file(&repo.point_path(disk, &point))?;
+                for part in bytes.chunks(PART) {
+                    write_msg(s, Msg::ManifestPart, part).map_err(net)?;
+                }
+                write_msg(s, Msg::ManifestEnd, &[]).map_err(net)?;
+            }
+            Msg::GetChunk => {
+                let id: [u8; 32] = b
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad(format!("GET_CHUNK of {} bytes, not one id", b.len())))?;
+                let id = ChunkId(id);
+                let answer = match index.get(&id) {
+                    None => vec![ChunkStatus::Missing as u8],
+                    Some(loc) => match packs.read_frame(id, &loc) {
+                        Ok(frame) => {
+                            let mut a = Vec::with_capacity(frame.len() + 1);
+                            a.push(ChunkStatus::Frame as u8);
+                            a.extend_from_slice(&frame);
+                            a
+                        }
+                        Err(e) => {
+                            tracing::warn!("repository service: chunk {id} of {disk}@{point}: {e}");
+                            let mut a = vec![ChunkStatus::Unreadable as u8];
+                            a.extend_from_slice(e.to_string().as_bytes());
+                            a
+                        }
+                    },
+                };
+                write_msg(s, Msg::Chunk, &answer).map_err(net)?;
+            }
+            t => return Err(bad(format!("unexpected message {t} in a read session"))),
+        }
+        s.flush().map_err(net)?;
+    }
 }
 
 fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error> {
@@ -403,7 +486,8 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
     let peer = peer_fingerprint(s).ok_or_else(|| not_granted(&hello.repository, &disk))?;
     let waited = std::time::Instant::now();
     let granted = loop {
-        if let Some(g) = grant(served, &hello.repository, &peer, &disk, hello.task) {
+        let read = hello.op == Op::Read;
+        if let Some(g) = grant(served, &hello.repository, &peer, &disk, hello.task, read) {
             break g;
         }
         if waited.elapsed() >= limits.grant_wait {
@@ -421,6 +505,10 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
             "HELLO asks for replica={} but task {} is granted replica={}",
             hello.replica, granted.task, granted.replica
         )));
+    }
+    if hello.op == Op::Read {
+        let repo = datamover::Repository::open(&target.path)?;
+        return read_point(s, &hello, &granted, &repo, &disk);
     }
     let repo = crate::open_or_init(&target.path)?;
     if hello.op == Op::StartVm {
@@ -470,7 +558,7 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
             let (ty, b) = read_msg(s).map_err(net)?;
             // Every message is still granted: a host removed mid-session
             // is cut off within a heartbeat, not at its COMMIT.
-            if grant(served, &hello.repository, &peer, &disk, hello.task).is_none() {
+            if grant(served, &hello.repository, &peer, &disk, hello.task, false).is_none() {
                 drop(tx.take());
                 let _ = join(worker);
                 return Err(not_granted(&hello.repository, &disk));
@@ -527,7 +615,7 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                     let ingest = join(worker)?;
                     // Still granted (the host or its task may have been
                     // removed while it sent).
-                    let g = grant(served, &hello.repository, &peer, &disk, hello.task)
+                    let g = grant(served, &hello.repository, &peer, &disk, hello.task, false)
                         .ok_or_else(|| not_granted(&hello.repository, &disk))?;
                     return commit(s, &hello, &g, &target, &repo, &disk, ingest, &manifest, ctx);
                 }

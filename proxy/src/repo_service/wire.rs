@@ -32,6 +32,9 @@
 //! | 10 | COMMIT | c→s | empty, after the manifest's parts |
 //! | 11 | COMMITTED | s→c | JSON [`Committed`] |
 //! | 12 | STARTED | s→c | JSON: the VM started on the replicas |
+//! | 13 | GET_CHUNK | c→s | one 32-byte chunk id (op `read`) |
+//! | 14 | CHUNK | s→c | u8 status, then: 0 the frame as stored; 1 (the repository lacks it) nothing; 2 (it cannot be read) the reason, UTF-8 |
+//! | 15 | GET_MANIFEST | c→s | empty (op `read`): the point's manifest follows as MANIFEST_PART…, MANIFEST_END |
 //! | 255 | ERROR | s→c | JSON `{"error": …}`; the server then closes |
 //!
 //! A session: HELLO → READY; optionally GET_PARENT; any number of HAVE /
@@ -55,6 +58,16 @@
 //! grant for the disk says `start` (a migration task), the service starts
 //! the disk's VM on its replicas through its host's hypervisor (domain
 //! `start_as`, default the VM's name) and answers STARTED, or ERROR.
+//!
+//! HELLO with `op: "read"` (added by the issue "Instant VM recovery"; an
+//! older service refuses the op) reads one point: `point` names it (an id
+//! or its prefix; none: the newest). It needs a read grant for the disk
+//! (and that point, when the grant names one), which no backup grant is,
+//! and a read grant writes nothing. READY names the point (`point`) and
+//! carries its metadata (`parent_meta`); then GET_MANIFEST and GET_CHUNK,
+//! each answered at once, until the client closes. The session holds the
+//! repository's shared lock, so no collection removes a chunk it reads.
+//! The client checks every frame (CRC, BLAKE3 against the id) itself.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -118,6 +131,12 @@ pub enum Msg {
     Committed = 11,
     /// s→c: JSON, the VM a `start-vm` HELLO started on the replicas.
     Started = 12,
+    /// c→s (op `read`): one 32-byte chunk id.
+    GetChunk = 13,
+    /// s→c: [`ChunkStatus`], then the frame (or the reason it is not).
+    Chunk = 14,
+    /// c→s (op `read`): empty; the point's manifest follows.
+    GetManifest = 15,
     /// s→c: JSON `{"error": …}`; the server then closes.
     Error = 255,
 }
@@ -136,6 +155,9 @@ impl std::fmt::Display for Msg {
             Msg::Commit => "COMMIT",
             Msg::Committed => "COMMITTED",
             Msg::Started => "STARTED",
+            Msg::GetChunk => "GET_CHUNK",
+            Msg::Chunk => "CHUNK",
+            Msg::GetManifest => "GET_MANIFEST",
             Msg::Error => "ERROR",
         };
         write!(f, "{name} ({})", *self as u8)
@@ -157,6 +179,9 @@ impl Msg {
             10 => Msg::Commit,
             11 => Msg::Committed,
             12 => Msg::Started,
+            13 => Msg::GetChunk,
+            14 => Msg::Chunk,
+            15 => Msg::GetManifest,
             255 => Msg::Error,
             _ => return None,
         })
@@ -173,6 +198,32 @@ pub enum Op {
     Latest,
     /// Start the disk's VM on its replicas (a migration's last step).
     StartVm,
+    /// Read one point (an export or an instant recovery on another host).
+    Read,
+}
+
+/// The first byte of a CHUNK answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkStatus {
+    /// The frame as stored follows.
+    Frame = 0,
+    /// The repository's index lacks the chunk.
+    Missing = 1,
+    /// It could not be read; the reason follows.
+    Unreadable = 2,
+}
+
+impl ChunkStatus {
+    /// The status byte `b` names, if any.
+    pub fn from_byte(b: u8) -> Option<ChunkStatus> {
+        Some(match b {
+            0 => ChunkStatus::Frame,
+            1 => ChunkStatus::Missing,
+            2 => ChunkStatus::Unreadable,
+            _ => return None,
+        })
+    }
 }
 
 /// The first message.
@@ -205,6 +256,9 @@ pub struct Hello {
     /// `start-vm`: the domain's name on this host (default: the VM's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_as: Option<String>,
+    /// `read`: the point (an id or its prefix; none: the newest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
 }
 
 /// Answer to HELLO.
@@ -302,6 +356,7 @@ mod tests {
             replica: true,
             task: None,
             start_as: None,
+            point: None,
         };
         let mut b = Vec::new();
         write_msg(&mut b, Msg::Hello, &json(&hello).unwrap()).unwrap();
@@ -330,6 +385,34 @@ mod tests {
         };
         let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"start-vm","started":null,"replica":true,"task":9,"start_as":"web01-new"}"#;
         assert_eq!(json(&start).unwrap(), body.to_vec());
+        // Reading a point (added by issue "Instant VM recovery").
+        let read = Hello {
+            op: Op::Read,
+            started: None,
+            replica: false,
+            task: None,
+            start_as: None,
+            point: Some("20261201T000000".into()),
+            ..start
+        };
+        let body = br#"{"magic":"DMRS","version":1,"repository":"vault","disk":"web01/vda","op":"read","started":null,"replica":false,"point":"20261201T000000"}"#;
+        assert_eq!(json(&read).unwrap(), body.to_vec());
+        assert_eq!(
+            (
+                Msg::GetChunk as u8,
+                Msg::Chunk as u8,
+                Msg::GetManifest as u8
+            ),
+            (13, 14, 15)
+        );
+        for (s, b) in [
+            (ChunkStatus::Frame, 0),
+            (ChunkStatus::Missing, 1),
+            (ChunkStatus::Unreadable, 2),
+        ] {
+            assert_eq!((s as u8, ChunkStatus::from_byte(b)), (b, Some(s)));
+        }
+        assert_eq!(ChunkStatus::from_byte(3), None);
         assert_eq!(Msg::Started as u8, 12);
         assert_eq!(Msg::from_byte(12), Some(Msg::Started));
         let mut m = Vec::new();

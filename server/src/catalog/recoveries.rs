@@ -122,6 +122,7 @@ pub fn set_pending(
         repository: String::new(),
         points: Vec::new(),
         on: String::new(),
+        service: None,
         to: to.cloned(),
     };
     db.execute(
@@ -144,27 +145,55 @@ pub fn end(db: &Connection, id: u64, state: &str, at: &str) -> Q<()> {
 /// marked starting) and pending controls (cleared); each sent once.
 pub fn take_orders(db: &Connection, proxy: ProxyId) -> Q<Vec<RecoveryOrder>> {
     let mut st = db.prepare(
-        "SELECT c.id, c.request, r.path FROM recoveries c
+        "SELECT c.id, c.request, r.path, c.proxy IS NOT r.proxy FROM recoveries c
          LEFT JOIN repositories r ON r.name = c.repository
          WHERE c.proxy_id = ?1 AND c.state = 'queued' ORDER BY c.id",
     )?;
-    let rows: Vec<(i64, String, Option<String>)> = st
-        .query_map([proxy], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    let rows: Vec<(i64, String, Option<String>, bool)> = st
+        .query_map([proxy], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let mut out = Vec::new();
-    for (id, request, path) in rows {
+    for (id, request, path, remote) in rows {
         let req: RecoveryRequest = serde_json::from_str(&request)?;
         let points = if req.points.is_empty() {
             vec![req.vm.clone()]
         } else {
             req.points
         };
+        // Another proxy's repository is read through its service, which
+        // admits this proxy for the recovery's disks (`read_grants`).
+        let service = if remote {
+            let at = super::repositories::service(db, &req.repository)?
+                .ok_or_else(|| format!("repository {} is gone", req.repository))
+                .and_then(|(h, addrs, port)| {
+                    super::repositories::service_address(&req.repository, &h, &addrs, port)
+                });
+            match at {
+                Ok(at) => Some(at),
+                Err(e) => {
+                    db.execute(
+                        "UPDATE recoveries SET state = 'failed', error = ?2 WHERE id = ?1",
+                        params![id, e],
+                    )?;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         out.push(RecoveryOrder {
             id: id as u64,
             action: RecoveryAction::Start,
-            repository: path.unwrap_or_default(),
+            repository: if remote {
+                String::new()
+            } else {
+                path.unwrap_or_default()
+            },
             points,
             on: req.on.unwrap_or_default(),
+            service,
             to: None,
         });
         db.execute(
@@ -185,6 +214,43 @@ pub fn take_orders(db: &Connection, proxy: ProxyId) -> Q<Vec<RecoveryOrder>> {
             "UPDATE recoveries SET pending = NULL, error = NULL WHERE id = ?1",
             [id],
         )?;
+    }
+    Ok(out)
+}
+
+/// The read grants of repository `name`: the mount server of each live
+/// recovery from it that is not its holder may read the recovery's
+/// disks (its points, when named), as long as the recovery lives.
+pub fn read_grants(db: &Connection, name: &str) -> Q<Vec<datamover_control::api::Grant>> {
+    let mut st = db.prepare(&format!(
+        "SELECT c.id, c.request, h.cert_fingerprint FROM recoveries c
+         JOIN proxies p ON p.id = c.proxy_id JOIN hosts h ON h.id = p.host_id
+         JOIN repositories r ON r.name = c.repository
+         WHERE c.repository = ?1 AND c.state IN {LIVE} AND c.proxy IS NOT r.proxy
+           AND h.cert_fingerprint IS NOT NULL
+         ORDER BY c.id"
+    ))?;
+    let rows: Vec<(i64, String, String)> = st
+        .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    for (id, request, peer) in rows {
+        let req: RecoveryRequest = serde_json::from_str(&request)?;
+        for p in &req.points {
+            // Checked when the recovery was asked for.
+            let Ok(p) = p.parse::<datamover::PointRef>() else {
+                continue;
+            };
+            out.push(datamover_control::api::Grant {
+                task: id as u64,
+                peer: peer.clone(),
+                disk: p.disk,
+                replica: false,
+                start: false,
+                read: true,
+                point: p.at,
+            });
+        }
     }
     Ok(out)
 }

@@ -69,9 +69,63 @@ pub fn grants(db: &Connection, name: &str) -> Q<Vec<datamover_control::api::Gran
             replica: kind == "replication" || kind == "migration",
             start: kind == "migration",
             peer: r.get(3)?,
+            read: false,
+            point: None,
         })
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut out: Vec<_> = rows.collect::<Result<_, _>>()?;
+    out.extend(super::recoveries::read_grants(db, name)?);
+    Ok(out)
+}
+
+/// Where repository `repository`'s service is, held by `holder` at its
+/// `addresses` with its service on `port`; or why it cannot be reached.
+pub fn service_address(
+    repository: &str,
+    holder: &str,
+    addresses: &[String],
+    port: Option<u16>,
+) -> Result<datamover_control::api::ServiceAddress, String> {
+    match (addresses.first(), port) {
+        (Some(a), Some(port)) => Ok(datamover_control::api::ServiceAddress {
+            address: if a.contains(':') {
+                format!("[{a}]:{port}")
+            } else {
+                format!("{a}:{port}")
+            },
+            server_name: a.clone(),
+            repository: repository.to_string(),
+            replica: false,
+            task: None,
+        }),
+        (None, _) => Err(format!(
+            "repository {repository} is held by {holder}, which has no address to reach it at (dm host add {holder} --address …)"
+        )),
+        (_, None) => Err(format!(
+            "repository {repository} is held by {holder}, whose repository service is not running (dm-proxy run --repo-listen ADDR)"
+        )),
+    }
+}
+
+/// A repository's holder, its host's addresses and its service's port.
+pub type HolderService = (String, Vec<String>, Option<u16>);
+
+/// Where repository `name`'s holder serves it: the holder, its host's
+/// addresses and its service's port (none while it runs no service);
+/// none for a repository no proxy holds.
+pub fn service(db: &Connection, name: &str) -> Q<Option<HolderService>> {
+    use rusqlite::OptionalExtension;
+    let row: Option<(String, String, Option<u16>)> = db
+        .query_row(
+            "SELECT r.proxy, h.addresses, p.service_port FROM repositories r
+             JOIN hosts h ON h.name = r.proxy LEFT JOIN proxies p ON p.host_id = h.id
+             WHERE r.name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    row.map(|(holder, addrs, port)| Ok((holder, serde_json::from_str(&addrs)?, port)))
+        .transpose()
 }
 
 /// The holder of repository `name`: none if there is no such repository,

@@ -163,33 +163,20 @@ impl Engine {
                 && (j.kind.replicates() || (j.kind != JobKind::Restore && holder != me));
             let (mut service, mut service_error) = (None, None);
             if let (true, Some(h)) = (remote, &holder) {
-                match (t.holder_addresses.first(), port) {
-                    (Some(a), Some(port)) => {
-                        let host = if a.contains(':') {
-                            format!("[{a}]")
-                        } else {
-                            a.clone()
-                        };
+                match catalog::repositories::service_address(
+                    &j.repository,
+                    h,
+                    &t.holder_addresses,
+                    port,
+                ) {
+                    Ok(at) => {
                         service = Some(datamover_control::api::ServiceAddress {
-                            address: format!("{host}:{port}"),
-                            server_name: a.clone(),
-                            repository: j.repository.clone(),
                             replica: j.kind.replicates(),
                             task: Some(t.id.api()),
-                        });
+                            ..at
+                        })
                     }
-                    (None, _) => {
-                        service_error = Some(format!(
-                            "repository {} is held by {h}, which has no address to reach it at (dm host add {h} --address …)",
-                            j.repository
-                        ));
-                    }
-                    (_, None) => {
-                        service_error = Some(format!(
-                            "repository {} is held by {h}, whose repository service is not running (dm-proxy run --repo-listen ADDR)",
-                            j.repository
-                        ));
-                    }
+                    Err(e) => service_error = Some(e),
                 }
             }
             assign.push(TaskOrder {

@@ -1,6 +1,8 @@
-//! Instant VM recoveries: asked for through the API, served by the proxy
-//! holding the repository (its mount server) through its host's
-//! hypervisor; migrate and discard reach that proxy as one-shot orders.
+//! Instant VM recoveries: asked for through the API, served by a proxy
+//! (the mount server: the one holding the repository, or another one,
+//! which reads the points from the holder's repository service under a
+//! read grant for the recovery's disks) through its host's hypervisor;
+//! migrate and discard reach that proxy as one-shot orders.
 
 use super::*;
 use datamover_control::api::{Recovery, RecoveryAction, RecoveryMigrate, RecoveryRequest};
@@ -27,14 +29,34 @@ impl Engine {
         let (holder, host, pid) = Self::holding_proxy(
             &tx,
             &req.repository,
-            "a VM is recovered by the proxy holding its repository",
+            "a VM is recovered by a proxy from a repository a proxy holds",
         )?;
+        let (mount, host, pid) = match req.proxy.as_deref() {
+            Some(p) if p != holder => {
+                if req.points.is_empty() {
+                    return Err(EngineError::bad(format!(
+                        "name the VM's disks (VM/DISK[@POINT]) for {p} to read from {holder}'s repository service"
+                    )));
+                }
+                let (h, port) = catalog::repositories::service(&tx, &req.repository)?
+                    .map(|(_, addrs, port)| (addrs, port))
+                    .unwrap_or_default();
+                catalog::repositories::service_address(&req.repository, &holder, &h, port)
+                    .map_err(EngineError::bad)?;
+                let host = Self::host_id(&tx, p)?;
+                let pid = Self::proxy_id(&tx, host)?
+                    .ok_or_else(|| EngineError::bad(format!("host {p} runs no proxy")))?;
+                (p.to_string(), host, pid)
+            }
+            _ => (holder, host, pid),
+        };
+        let holder = mount;
         let on = match (&req.on, catalog::hosts::hypervisor(&tx, host)?) {
             (Some(on), _) => super::operations::check_libvirt(on)?,
             (None, Some(uri)) => format!("libvirt:///{}-instant?uri={uri}", req.vm),
             (None, None) => {
                 return Err(EngineError::bad(format!(
-                    "host {holder} (holding repository {}) is no hypervisor: dm host set {holder} --hypervisor URI, or give \"on\"",
+                    "host {holder} (the mount server of repository {}) is no hypervisor: dm host set {holder} --hypervisor URI, or give \"on\"",
                     req.repository
                 )));
             }

@@ -494,6 +494,7 @@ fn recoveries_start_once_on_the_holding_proxy_and_controls_follow() {
             vm: vm.into(),
             points: points.iter().map(|p| p.to_string()).collect(),
             on: None,
+            proxy: None,
         })
     };
     let bad = ask("shared", "web01", &[]).unwrap_err();
@@ -597,6 +598,90 @@ fn recoveries_start_once_on_the_holding_proxy_and_controls_follow() {
     assert_eq!(e.discard_recovery(q.id).unwrap().state, "discarded");
     assert!(beat(Vec::new()).recoveries.is_empty(), "never started");
     assert_eq!(e.recoveries(10).unwrap().len(), 3);
+
+    // Another proxy as the mount server: it names each disk, reads from
+    // the holder's repository service, and the holder grants it reads of
+    // those disks while the recovery lives.
+    let h: NewHost = serde_json::from_value(serde_json::json!({
+        "name": "kvm2", "roles": ["proxy"], "hypervisor": "qemu:///system"
+    }))
+    .unwrap();
+    e.add_host(&h).unwrap();
+    let kvm2 = Engine::host_id(&e.db(), "kvm2").unwrap();
+    e.heartbeat(kvm2, &quiet_heartbeat()).unwrap();
+    e.db()
+        .execute(
+            "UPDATE hosts SET addresses = '[\"10.0.0.1\"]', cert_fingerprint = 'aa' WHERE name = 'kvm1'",
+            [],
+        )
+        .unwrap();
+    e.db()
+        .execute(
+            "UPDATE hosts SET cert_fingerprint = 'bb' WHERE name = 'kvm2'",
+            [],
+        )
+        .unwrap();
+    let far = |points: &[&str]| {
+        e.create_recovery(&RecoveryRequest {
+            repository: "vault".into(),
+            vm: "web01".into(),
+            points: points.iter().map(|p| p.to_string()).collect(),
+            on: None,
+            proxy: Some("kvm2".into()),
+        })
+    };
+    let bad = far(&[]).unwrap_err();
+    assert!(
+        bad.message.contains("name the VM's disks"),
+        "{}",
+        bad.message
+    );
+    let bad = far(&["web01/vda"]).unwrap_err();
+    assert!(
+        bad.message.contains("repository service is not running"),
+        "{}",
+        bad.message
+    );
+    let serving = Heartbeat {
+        service_port: Some(7443),
+        ..quiet_heartbeat()
+    };
+    e.heartbeat(host, &serving).unwrap();
+    let r = far(&["web01/vda@2026"]).unwrap();
+    assert_eq!(r.proxy, "kvm2");
+    let served = |h| {
+        e.heartbeat(h, &serving)
+            .unwrap()
+            .serve
+            .into_iter()
+            .flat_map(|s| s.grants)
+            .filter(|g| g.read)
+            .collect::<Vec<_>>()
+    };
+    let grants = served(host);
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(
+        (
+            grants[0].peer.as_str(),
+            grants[0].disk.to_string(),
+            grants[0].point.as_deref(),
+            grants[0].task
+        ),
+        ("bb", "web01/vda".to_string(), Some("2026"), r.id)
+    );
+    let o = e.heartbeat(kvm2, &quiet_heartbeat()).unwrap();
+    let start = &o.recoveries[0];
+    assert_eq!(start.repository, "", "not a path on kvm2");
+    let at = start.service.as_ref().unwrap();
+    assert_eq!(
+        (at.address.as_str(), at.repository.as_str(), at.replica),
+        ("10.0.0.1:7443", "vault", false)
+    );
+    assert_eq!(start.points, ["web01/vda@2026"]);
+    // Ended (kvm2 stopped reporting it): no grant is left.
+    e.heartbeat(kvm2, &quiet_heartbeat()).unwrap();
+    assert_eq!(e.recovery(r.id).unwrap().state, "failed");
+    assert!(served(host).is_empty());
 }
 
 /// File requests: checked when asked for, sent once to the proxy holding

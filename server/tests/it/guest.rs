@@ -554,6 +554,54 @@ fn a_vm_is_recovered_instantly_through_the_server_migrated_and_discarded() {
     assert_eq!(out.status.code(), Some(2), "an ended recovery: {out:?}");
     let _ = datamover_testkit::guest::virsh(&["destroy", &name]);
     let _ = datamover_testkit::guest::virsh(&["undefine", &name]);
+
+    // Another proxy as the mount server: it reads the point from kvm's
+    // repository service, under a read grant for the recovery's disk.
+    c.add_proxy("kvm2", &[&dir], 1);
+    dm_ok(
+        &c,
+        ["host", "set", "kvm2", "--hypervisor", "qemu:///system"],
+    );
+    let out = dm(&c)
+        .args(["recovery", "start", "main", &dom, "--proxy", "kvm2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "disks not named: {out:?}");
+    let far = format!("{dom}-r");
+    let r = json(dm_ok(
+        &c,
+        [
+            "recovery",
+            "start",
+            "main",
+            &dom,
+            "--proxy",
+            "kvm2",
+            "--point",
+            &format!("{dom}/vda"),
+            "--on",
+            &format!("libvirt:///{far}?uri=qemu:///system"),
+            "--json",
+        ],
+    ));
+    assert_eq!(r["state"], "serving", "{r}\n{}", c.logs());
+    assert_eq!(r["proxy"], "kvm2");
+    assert!(
+        r["session"]["repo"]
+            .as_str()
+            .unwrap()
+            .starts_with("dmrs://"),
+        "{r}"
+    );
+    let id3 = r["id"].as_u64().unwrap().to_string();
+    let v = Guest::libvirt_running(&dir, &far);
+    assert_eq!(v.sh("sha256sum /root/before | cut -d' ' -f1"), before);
+    let r = json(dm_ok(&c, ["recovery", "discard", &id3, "--json"]));
+    assert_eq!(r["state"], "discarded", "{r}");
+    drop(v);
+    assert!(datamover_testkit::guest::virsh(&["domstate", &far]).is_err());
+    let left: Vec<_> = std::fs::read_dir(c.path("instant-kvm2")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
     let v = datamover::verify(&datamover::Repository::open(&repo).unwrap(), true).unwrap();
     assert!(v.is_ok(), "{:?}", v.problems);
 }

@@ -216,7 +216,7 @@ impl std::fmt::Debug for Browser<'_> {
 /// Open `point`'s filesystems and run `f` on them; the appliance and the
 /// export end with it.
 pub fn browse<T>(
-    repo: &Repository,
+    repo: &dyn datamover::reader::PointSource,
     point: &PointRef,
     opts: &FilesOptions,
     f: impl FnOnce(&Browser<'_>) -> Result<T>,
