@@ -10,6 +10,9 @@
 #               (a reader that waits for each answer: read-ahead matters)
 #   random      4 KiB reads at random offsets from 4 connections, one in
 #               flight each, for 5 s: reads per second
+# for the point backed up with the default 1 MiB blocks and with 256 KiB
+# blocks (`--block-size 256K`): a random read checks (decompresses and
+# hashes) the whole block it falls in, so the block size sets its cost.
 #
 #   bash benches/export.sh [WORKDIR] [ROUNDS]   (default /var/tmp/dm-export-bench, 3)
 set -euo pipefail
@@ -34,6 +37,8 @@ with open("disk.raw", "wb") as f:
 P
 "$dm" init repo >/dev/null
 "$dm" backup disk.raw --repo repo --name vm/disk >/dev/null
+"$dm" init repo256 >/dev/null
+"$dm" backup disk.raw --repo repo256 --name vm/disk --block-size 256K >/dev/null
 "$dm" restore vm/disk restored.raw --repo repo >/dev/null
 data=$((1 << 30))
 pids=()
@@ -43,14 +48,17 @@ qemu-nbd --fork --pid-file=qemu.pid -k "$work/qemu.sock" -x disk -t -r -f raw re
 pids+=("$(cat qemu.pid)")
 "$dm" export vm/disk --repo repo --listen "unix:$work/dm.sock" >dm.uri 2>dm.log &
 pids+=($!)
-for _ in $(seq 100); do [ -s dm.uri ] && break; sleep 0.1; done
+"$dm" export vm/disk --repo repo256 --listen "unix:$work/dm256.sock" >dm256.uri 2>dm256.log &
+pids+=($!)
+for _ in $(seq 100); do [ -s dm.uri ] && [ -s dm256.uri ] && break; sleep 0.1; done
 qemu_uri="nbd+unix:///disk?socket=$work/qemu.sock"
 dm_uri=$(head -1 dm.uri)
+dm256_uri=$(head -1 dm256.uri)
 
 declare -A S R Q
 for r in $(seq "$rounds"); do
-  for who in qemu dm; do
-    uri=qemu_uri; [ $who = dm ] && uri=dm_uri
+  for who in qemu dm dm256; do
+    uri=${who}_uri
     t0=$(date +%s.%N); nbdcopy "${!uri}" null: ; t1=$(date +%s.%N)
     S[$who]+="$(python3 -c "print(round($data / ($t1 - $t0) / 1e6))") "
     t0=$(date +%s.%N); nbdcopy --connections=1 --requests=1 "${!uri}" null: ; t1=$(date +%s.%N)
@@ -61,7 +69,11 @@ done
 med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "1 GiB disk of data, unix sockets, warm cache, medians of $rounds rounds"
 printf '%-10s %16s %16s %18s\n' server "sequential MB/s" "single MB/s" "random 4K reads/s"
-for who in qemu dm; do
-  printf '%-10s %16s %16s %18s\n' "$([ $who = qemu ] && echo qemu-nbd || echo 'dm export')" "$(med "${S[$who]}")" "$(med "${Q[$who]}")" "$(med "${R[$who]}")"
+declare -A NAME=([qemu]=qemu-nbd [dm]="dm export" [dm256]="dm, 256K")
+for who in qemu dm dm256; do
+  printf '%-10s %16s %16s %18s\n' "${NAME[$who]}" "$(med "${S[$who]}")" "$(med "${Q[$who]}")" "$(med "${R[$who]}")"
 done
-echo "dm/qemu-nbd: sequential $(python3 -c "print(round($(med "${S[dm]}") / $(med "${S[qemu]}"), 2))")x, single $(python3 -c "print(round($(med "${Q[dm]}") / $(med "${Q[qemu]}"), 2))")x, random $(python3 -c "print(round($(med "${R[dm]}") / $(med "${R[qemu]}"), 2))")x"
+ratio() { python3 -c "print(round($(med "$1") / $(med "$2"), 2))"; }
+for who in dm dm256; do
+  echo "${NAME[$who]}/qemu-nbd: sequential $(ratio "${S[$who]}" "${S[qemu]}")x, single $(ratio "${Q[$who]}" "${Q[qemu]}")x, random $(ratio "${R[$who]}" "${R[qemu]}")x"
+done

@@ -81,6 +81,43 @@ pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Read `a.len() + b.len()` bytes at `off` into `a` then `b`, in one
+/// `preadv` when it reads them all (a short read is finished by plain
+/// reads); end of file before that is `UnexpectedEof`.
+pub fn read_exact_at2(f: &File, off: u64, a: &mut [u8], b: &mut [u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let o = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let iov = [
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        },
+    ];
+    let n = loop {
+        // SAFETY: both iovecs describe live, exclusively borrowed buffers
+        // of their lengths, which outlive the call.
+        let r = unsafe { libc::preadv(f.as_raw_fd(), iov.as_ptr(), 2, o) };
+        if r >= 0 {
+            break r as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if n < a.len() {
+        f.read_exact_at(&mut a[n..], off + n as u64)?;
+        f.read_exact_at(b, off + a.len() as u64)
+    } else {
+        let m = n - a.len();
+        f.read_exact_at(&mut b[m..], off + n as u64)
+    }
+}
+
 /// Advise the kernel of sequential access (a hint; errors are ignored).
 pub fn advise_sequential(f: &File) {
     // SAFETY: posix_fadvise has no memory effects.

@@ -222,6 +222,54 @@ impl FrameDecoder {
         Ok(out)
     }
 
+    /// Check a frame read in two parts: its `header`, and its payload,
+    /// already in `out` (the header's stored length of it); a raw chunk is
+    /// then checked where it lies, a compressed one is decompressed into
+    /// `out`. Returns the chunk's length, as [`FrameDecoder::decode_into`].
+    pub fn decode_in_place(
+        &mut self,
+        header: &[u8],
+        expect: Option<ChunkId>,
+        out: &mut [u8],
+    ) -> Result<usize, String> {
+        let h = FrameHeader::parse(header)?;
+        let stored = h.stored_len as usize;
+        let payload = out
+            .get(..stored)
+            .ok_or_else(|| format!("payload of {stored} bytes beyond the buffer"))?;
+        if frame_crc(header, payload) != h.crc {
+            return Err("CRC mismatch (stored bytes damaged)".into());
+        }
+        if expect.is_some_and(|e| e != h.id) {
+            return Err(format!("frame holds chunk {} instead", h.id.short()));
+        }
+        let plain_len = h.plain_len as usize;
+        let n = match h.codec {
+            Codec::Raw if stored == plain_len => plain_len,
+            Codec::Raw => {
+                return Err(format!(
+                    "raw payload of {stored} bytes, header says {plain_len}"
+                ));
+            }
+            Codec::Zstd => {
+                let payload = payload.to_vec();
+                let out = out.get_mut(..plain_len).ok_or_else(|| {
+                    format!("output buffer smaller than the chunk ({plain_len} bytes)")
+                })?;
+                self.zstd
+                    .decompress_to_buffer(&payload, out)
+                    .map_err(|e| format!("zstd payload does not decompress: {e}"))?
+            }
+        };
+        if n != plain_len {
+            return Err(format!("decoded {n} bytes, header says {plain_len}"));
+        }
+        if ChunkId::of(&out[..n]) != h.id {
+            return Err("BLAKE3 mismatch (content differs from its id)".into());
+        }
+        Ok(n)
+    }
+
     /// Like [`FrameDecoder::decode`], into `out` (at least the header's
     /// plain length); returns the number of bytes written.
     pub fn decode_into(

@@ -2,7 +2,7 @@
 //! input and mutations of valid encodings must give an error, never a
 //! panic, a hang or a huge allocation, and never a wrong "success".
 use datamover::ChunkId;
-use datamover::format::frame::{FrameDecoder, FrameEncoder, FrameHeader};
+use datamover::format::frame::{FRAME_HEADER_LEN, FrameDecoder, FrameEncoder, FrameHeader};
 use datamover::format::{index, manifest, pack};
 use proptest::prelude::*;
 
@@ -81,6 +81,29 @@ proptest! {
             Err(_) => {}
             Ok(d) => prop_assert!(false, "flip at bit {bit} undetected ({} bytes)", d.len()),
         }
+        // The same frame read in two parts (header; payload where the
+        // chunk goes, as a raw chunk is read): caught too.
+        let (h, payload) = f.split_at(FRAME_HEADER_LEN);
+        let mut out = payload.to_vec();
+        out.resize(payload.len().max(data.len()), 0);
+        match FrameDecoder::new().expect("dec").decode_in_place(h, Some(id), &mut out) {
+            Err(_) => {}
+            Ok(n) => prop_assert!(false, "in place: flip at bit {bit} undetected ({n} bytes)"),
+        }
+    }
+
+    #[test]
+    fn a_frame_read_in_two_parts_decodes_to_its_chunk(data in proptest::collection::vec(any::<u8>(), 1..3000),
+                                                      compress in any::<bool>()) {
+        let (id, f) = valid_frame(&data, compress.then_some(3));
+        let (h, payload) = f.split_at(FRAME_HEADER_LEN);
+        let mut out = payload.to_vec();
+        out.resize(payload.len().max(data.len()), 0);
+        let n = FrameDecoder::new().expect("dec").decode_in_place(h, Some(id), &mut out).expect("decodes");
+        prop_assert_eq!(&out[..n], &data[..]);
+        // A payload beyond the buffer is an error, not a panic.
+        let mut short = vec![0u8; payload.len() - 1];
+        prop_assert!(FrameDecoder::new().expect("dec").decode_in_place(h, Some(id), &mut short).is_err());
     }
 
     #[test]
