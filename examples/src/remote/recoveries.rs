@@ -22,7 +22,8 @@ pub enum RecoveryCmd {
         #[arg(long = "point")]
         points: Vec<String>,
         /// The domain: libvirt:///NAME[?uri=…] (default
-        /// libvirt:///VM-instant on the proxy's hypervisor).
+        /// libvirt:///VM-instant on the proxy's hypervisor), or
+        /// qmp[:///NAME] for a QEMU of the proxy's own.
         #[arg(long)]
         on: Option<String>,
         /// The proxy to serve it (default: the one holding the

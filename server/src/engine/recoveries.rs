@@ -52,6 +52,19 @@ impl Engine {
         };
         let holder = mount;
         let on = match (&req.on, catalog::hosts::hypervisor(&tx, host)?) {
+            // A QEMU of the proxy's own (no libvirt needed on its host).
+            (Some(on), _) if on == "qmp" || on.starts_with("qmp:") => {
+                if on != "qmp"
+                    && on
+                        .strip_prefix("qmp:///")
+                        .is_none_or(|n| n.is_empty() || n.contains('/'))
+                {
+                    return Err(EngineError::bad(format!(
+                        "{on:?}: give qmp (a QEMU named VM-instant) or qmp:///NAME"
+                    )));
+                }
+                on.clone()
+            }
             (Some(on), _) => super::operations::check_libvirt(on)?,
             (None, Some(uri)) => format!("libvirt:///{}-instant?uri={uri}", req.vm),
             (None, None) => {

@@ -596,8 +596,24 @@ fn recoveries_start_once_on_the_holding_proxy_and_controls_follow() {
     assert!(lost.error.unwrap().contains("no longer serves it"));
     let q = ask("vault", "web01", &[]).unwrap();
     assert_eq!(e.discard_recovery(q.id).unwrap().state, "discarded");
+    // A QEMU of the proxy's own instead of a libvirt domain.
+    let own = |on: &str| {
+        e.create_recovery(&RecoveryRequest {
+            repository: "vault".into(),
+            vm: "web01".into(),
+            points: Vec::new(),
+            on: Some(on.into()),
+            proxy: None,
+        })
+    };
+    let bad = own("qmp:///a/b").unwrap_err();
+    assert!(bad.message.contains("qmp:///NAME"), "{}", bad.message);
+    let q = own("qmp:///web01-q").unwrap();
+    assert_eq!(beat(Vec::new()).recoveries[0].on, "qmp:///web01-q");
+    assert_eq!(e.discard_recovery(q.id).unwrap().state, "starting");
+    beat(Vec::new());
     assert!(beat(Vec::new()).recoveries.is_empty(), "never started");
-    assert_eq!(e.recoveries(10).unwrap().len(), 3);
+    assert_eq!(e.recoveries(10).unwrap().len(), 4);
 
     // Another proxy as the mount server: it names each disk, reads from
     // the holder's repository service, and the holder grants it reads of
