@@ -74,9 +74,10 @@ pub trait BlockSource: Send + Sync {
     /// receive data into buffers of their own (network) return those
     /// without a copy; the default reads into a new buffer.
     fn read_bytes(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
-        let mut buf = bytes::BytesMut::zeroed(len);
+        let pool = crate::buffer::pool();
+        let mut buf = pool.filled(len);
         self.read_at(offset, &mut buf)?;
-        Ok(buf.freeze())
+        Ok(pool.bytes(buf))
     }
     /// A hint: `read_at(offset, len)` will be called soon (sequential
     /// read-ahead). Network sources start fetching; the default ignores it.

@@ -13,6 +13,10 @@ use super::*;
 use crate::chunker::Chunker;
 use crate::stats::StageBusy;
 
+/// Bytes of reads queued for the chunker, at most (in reads of the
+/// source's preferred size, 2 to 8 of them).
+const READ_QUEUE_BYTES: usize = 32 << 20;
+
 /// One backup's pipeline.
 pub(super) struct Pipeline<'a, 's> {
     /// The disk being read.
@@ -53,7 +57,9 @@ impl<'s> Pipeline<'_, 's> {
             self.opts,
         );
         let size = source.size();
-        let (read_tx, read_rx) = bounded::<ReadMsg>(8);
+        // The reads queued for the chunker are bounded by bytes.
+        let io = source.preferred_io_size().max(1);
+        let (read_tx, read_rx) = bounded::<ReadMsg>((READ_QUEUE_BYTES / io).clamp(2, 8));
         let (work_tx, work_rx) = bounded::<Work>(threads * 2 + 2);
         let (done_tx, done_rx) = bounded::<Done>(threads * 2 + 2);
         let inflight = Mutex::new(HashSet::<ChunkId>::new());

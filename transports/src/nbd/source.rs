@@ -23,8 +23,13 @@ use super::uri::NbdUri;
 
 /// Bytes per read request; a pipeline read is split into several in flight.
 const PIECE: u32 = 1 << 20;
+/// Bytes per pipeline read.
+const IO_SIZE: usize = 8 << 20;
+/// Bytes fetched ahead of the read being served, at most: read-ahead is
+/// bounded by bytes, so memory is whatever the read size.
+pub const READ_AHEAD_BYTES: usize = 32 << 20;
 /// Pipeline reads fetched ahead of the one being served.
-pub const READ_AHEAD: usize = 8;
+pub const READ_AHEAD: usize = READ_AHEAD_BYTES / IO_SIZE;
 /// Connections opened over TCP when the server allows several (CAN_MULTI_CONN).
 pub const MULTI_CONN: usize = 4;
 
@@ -183,17 +188,25 @@ impl NbdSource {
         let first = self.next.fetch_add(len.div_ceil(piece), Ordering::Relaxed);
         let clients = self.pool();
         async move {
-            let mut whole = BytesMut::with_capacity(len);
+            let mut whole = datamover::buffer::pool().empty(len);
             let mut set = tokio::task::JoinSet::new();
+            let count = len.div_ceil(piece);
             for (i, s) in (0..len).step_by(piece).enumerate() {
                 let c = clients[(first + i) % clients.len()].clone();
                 let n = piece.min(len - s);
-                // This part is [s, s+n) of the one allocation; the rest follows.
-                let rest = whole.split_off(n.min(whole.capacity()));
-                let part = std::mem::replace(&mut whole, rest);
+                // This part is [s, s+n) of the one allocation; the rest
+                // follows. The last keeps the rest of the capacity, so the
+                // parts joined are the whole buffer again (a pooled one is
+                // reused whole, not as a view of its first bytes).
+                let part = if i + 1 == count {
+                    std::mem::take(&mut whole)
+                } else {
+                    let rest = whole.split_off(n.min(whole.capacity()));
+                    std::mem::replace(&mut whole, rest)
+                };
                 set.spawn(async move { (i, c.read_into(offset + s as u64, n as u32, part).await) });
             }
-            let mut parts: Vec<Option<BytesMut>> = vec![None; len.div_ceil(piece)];
+            let mut parts: Vec<Option<BytesMut>> = vec![None; count];
             while let Some(r) = set.join_next().await {
                 let (i, data) =
                     r.map_err(|e| NbdError::io_msg(format!("read task failed: {e}")))?;
@@ -213,7 +226,7 @@ impl BlockSource for NbdSource {
         self.client.info().size
     }
     fn preferred_io_size(&self) -> usize {
-        8 << 20
+        IO_SIZE
     }
     fn capabilities(&self) -> Capabilities {
         Capabilities {
@@ -271,12 +284,13 @@ impl BlockSource for NbdSource {
                 NbdError::Protocol(format!("read {} bytes of {len}", data.len())),
             ));
         }
-        Ok(data.freeze())
+        Ok(datamover::buffer::pool().bytes(data))
     }
 
     fn will_read(&self, offset: u64, len: usize) {
         let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
-        if ahead.len() < READ_AHEAD * 2 && !ahead.contains_key(&offset) {
+        let held: usize = ahead.values().map(|(l, _)| *l).sum();
+        if held + len <= READ_AHEAD_BYTES && !ahead.contains_key(&offset) {
             let h = self.rt.spawn(self.fetch(offset, len));
             ahead.insert(offset, (len, h));
         }
