@@ -28,14 +28,18 @@ fn read(uri: &str) {
     let t = Instant::now();
     let (size, io, window) = (src.size(), 8u64 << 20, 64u64 << 20);
     let mut total = 0u64;
-    let mut win = 0u64;
-    while win < size {
+    // The data pieces of the window at `win`, as the backup's reader cuts
+    // them; the next window's are asked for before this one's are read,
+    // so read-ahead runs on over the windows' edges (as in a backup).
+    let pieces_of = |win: u64| -> Vec<(u64, usize)> {
+        if win >= size {
+            return Vec::new();
+        }
         let wend = size.min(win + window);
         let exts = src
             .extents(win, wend - win)
             .unwrap_or_else(|e| fail(e.to_string()));
-        let pieces: Vec<(u64, usize)> = exts
-            .iter()
+        exts.iter()
             .filter(|e| e.kind == ExtentKind::Data)
             .flat_map(|e| {
                 let end = e.offset + e.len;
@@ -48,9 +52,19 @@ fn read(uri: &str) {
                 }
                 v
             })
-            .collect();
+            .collect()
+    };
+    let mut win = 0u64;
+    let mut pieces = pieces_of(win);
+    while win < size {
+        let next = pieces_of(win + window);
         for (i, &(off, len)) in pieces.iter().enumerate() {
-            for &(o, l) in pieces.iter().skip(i + 1).take(src.read_ahead()) {
+            for &(o, l) in pieces
+                .iter()
+                .chain(&next)
+                .skip(i + 1)
+                .take(src.read_ahead())
+            {
                 src.will_read(o, l);
             }
             let b = src
@@ -58,7 +72,8 @@ fn read(uri: &str) {
                 .unwrap_or_else(|e| fail(e.to_string()));
             total += b.len() as u64;
         }
-        win = wend;
+        win += window;
+        pieces = next;
     }
     let s = t.elapsed().as_secs_f64();
     println!(

@@ -45,6 +45,9 @@ pub(super) struct Scanner<'a> {
     /// Extents (holes left out) of the window `[win.0, win.1)`.
     pub(super) exts: Vec<SourceExtent>,
     pub(super) win: (u64, u64),
+    /// The next window's extents, asked for early when reads ahead reach
+    /// it, so read-ahead does not stall at every window's edge.
+    pub(super) next: Option<(u64, u64, Vec<SourceExtent>)>,
     pub(super) reported: u64,
     /// Reads announced with `will_read` end here.
     pub(super) hinted: u64,
@@ -64,6 +67,7 @@ impl<'a> Scanner<'a> {
             io,
             exts: Vec::new(),
             win: (0, 0),
+            next: None,
             reported: 0,
             hinted: 0,
             st: ReadStats::default(),
@@ -89,26 +93,52 @@ impl<'a> Scanner<'a> {
         }
         let mut p = self.hinted.max(end);
         let horizon = limit.min(end + n as u64 * self.io);
-        let mut i = self.exts.partition_point(|e| e.offset + e.len <= p);
-        while p < horizon {
-            let Some(e) = self.exts.get(i).copied() else {
-                break;
-            };
-            if e.kind != ExtentKind::Data || e.offset + e.len <= p {
-                i += 1;
-                continue;
-            }
-            p = p.max(e.offset);
+        let (ws, we) = (self.win.1, self.size.min(self.win.1 + WINDOW.max(self.io)));
+        if horizon > ws && ws < limit && self.next.as_ref().is_none_or(|x| x.0 != ws) {
+            // An error is left for the step that enters the window.
+            self.next = self.load(ws, we).ok().map(|x| (ws, we, x));
+        }
+        let next = self.next.as_ref().map_or(&[][..], |x| x.2.as_slice());
+        let i = self.exts.partition_point(|e| e.offset + e.len <= p);
+        for e in self.exts[i..].iter().chain(next) {
             if p >= horizon {
                 break;
             }
-            let to = (e.offset + e.len)
-                .min((p / self.io + 1) * self.io)
-                .min(limit);
-            self.src.will_read(p, (to - p) as usize);
-            p = to;
+            if e.kind != ExtentKind::Data || e.offset + e.len <= p {
+                continue;
+            }
+            p = p.max(e.offset);
+            while p < horizon && p < e.offset + e.len {
+                let to = (e.offset + e.len)
+                    .min((p / self.io + 1) * self.io)
+                    .min(limit);
+                self.src.will_read(p, (to - p) as usize);
+                p = to;
+            }
         }
         self.hinted = p.max(self.hinted);
+    }
+
+    /// The extents of `[from, to)` as the source gives them, checked to
+    /// tile the range in order.
+    fn load(&mut self, from: u64, to: u64) -> Result<Vec<SourceExtent>> {
+        let t = Instant::now();
+        let exts = self.src.extents(from, to - from)?;
+        self.st.busy += t.elapsed().as_secs_f64();
+        let mut at = from;
+        for e in &exts {
+            if e.offset < at || e.len == 0 || e.offset + e.len > to {
+                return Err(Error::Internal(format!(
+                    "source reported extent {}+{} outside window {at}..{to}",
+                    e.offset, e.len
+                )));
+            }
+            at = e.offset + e.len;
+        }
+        Ok(exts
+            .into_iter()
+            .filter(|e| e.kind != ExtentKind::Hole)
+            .collect())
     }
 
     /// Describe the disk from `pos` on (at most to the next preferred-size
@@ -118,26 +148,15 @@ impl<'a> Scanner<'a> {
             // Windows (and reads) sit on a grid of absolute offsets, so a
             // region read from the middle of the disk sees the same pieces
             // as a full read: same zero runs, same chunks.
-            let w = WINDOW.max(self.io);
-            let wend = self.size.min((pos / w + 1) * w);
-            let t = Instant::now();
-            let exts = self.src.extents(pos, wend - pos)?;
-            self.st.busy += t.elapsed().as_secs_f64();
-            let mut at = pos;
-            for e in &exts {
-                if e.offset < at || e.len == 0 || e.offset + e.len > wend {
-                    return Err(Error::Internal(format!(
-                        "source reported extent {}+{} outside window {at}..{wend}",
-                        e.offset, e.len
-                    )));
-                }
-                at = e.offset + e.len;
+            if let Some((s, e, x)) = self.next.take_if(|x| x.0 <= pos && pos < x.1) {
+                self.exts = x;
+                self.win = (s, e);
+            } else {
+                let w = WINDOW.max(self.io);
+                let wend = self.size.min((pos / w + 1) * w);
+                self.exts = self.load(pos, wend)?;
+                self.win = (pos, wend);
             }
-            self.exts = exts
-                .into_iter()
-                .filter(|e| e.kind != ExtentKind::Hole)
-                .collect();
-            self.win = (pos, wend);
         }
         let i = self.exts.partition_point(|e| e.offset + e.len <= pos);
         Ok(match self.exts.get(i).copied() {

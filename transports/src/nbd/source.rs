@@ -22,7 +22,11 @@ use super::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use super::uri::NbdUri;
 
 /// Bytes per read request; a pipeline read is split into several in flight.
-const PIECE: u32 = 1 << 20;
+/// 256 KiB, as nbdcopy asks: qemu-nbd serves a read from a buffer it
+/// allocates per request, and 1 MiB ones (40 in flight) cost it page
+/// faults and clears on every request, twice its CPU time, and us 0.6x
+/// nbdcopy's speed; at 256 KiB we read as fast as nbdcopy.
+const PIECE: u32 = 256 << 10;
 /// Bytes per pipeline read.
 const IO_SIZE: usize = 8 << 20;
 /// Bytes fetched ahead of the read being served, at most: read-ahead is
