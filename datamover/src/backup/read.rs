@@ -14,8 +14,11 @@ pub(super) enum ReadMsg {
     Data(u64, Bytes),
     /// Zeros: (offset, length).
     Zero(u64, u64),
-    /// An unchanged extent of the parent point, taken as it is.
-    Reuse(Extent),
+    /// Unchanged extents of the parent point, taken as they are: a run of
+    /// them in one message (an incremental of a large disk sends about
+    /// one extent per MiB of it; one message, and one wake-up of each
+    /// stage, per extent was most of its cost).
+    Reuse(Vec<Extent>),
 }
 
 impl ReadMsg {
@@ -24,7 +27,7 @@ impl ReadMsg {
         match self {
             ReadMsg::Data(o, b) => (*o, b.len() as u64),
             ReadMsg::Zero(o, l) => (*o, *l),
-            ReadMsg::Reuse(e) => (0, e.len()),
+            ReadMsg::Reuse(v) => (0, v.iter().map(Extent::len).sum()),
         }
     }
 }
@@ -161,26 +164,43 @@ impl<'a> Scanner<'a> {
         let i = self.exts.partition_point(|e| e.offset + e.len <= pos);
         Ok(match self.exts.get(i).copied() {
             Some(e) if e.offset <= pos && e.kind == ExtentKind::Data => {
-                let end = (e.offset + e.len)
-                    .min((pos / self.io + 1) * self.io)
-                    .min(limit);
-                // From the zero block's start, so a read that starts inside
-                // one (an incremental region) judges it as a full read does.
+                // Where a full read's piece ends.
+                let natural = (e.offset + e.len).min((pos / self.io + 1) * self.io);
+                let end = natural.min(limit);
+                // From the zero block's start and to its end, so a read that
+                // starts or stops inside one (an incremental region) judges
+                // it as a full read does; what lies outside is dropped.
                 let from = e.offset.max(pos - pos % ZERO_BLOCK as u64);
+                let to = natural.min(end.next_multiple_of(ZERO_BLOCK as u64));
                 self.hint(end, limit);
                 let t = Instant::now();
-                let buf = self.src.read_bytes(from, (end - from) as usize)?;
+                let buf = self.src.read_bytes(from, (to - from) as usize)?;
                 self.st.busy += t.elapsed().as_secs_f64();
-                if buf.len() as u64 != end - from {
+                if buf.len() as u64 != to - from {
                     return Err(Error::Internal(format!(
                         "source returned {} bytes for a read of {}",
                         buf.len(),
-                        end - from
+                        to - from
                     )));
                 }
-                self.st.bytes_read += end - from;
+                self.st.bytes_read += to - from;
                 let first = out.len();
                 split_zero(from, buf, out);
+                if to > end {
+                    let read: Vec<ReadMsg> = out.drain(first..).collect();
+                    for m in read {
+                        let (o, l) = m.span();
+                        if o >= end {
+                            continue;
+                        }
+                        let keep = (end - o).min(l);
+                        out.push(match m {
+                            ReadMsg::Data(o, b) => ReadMsg::Data(o, b.slice(..keep as usize)),
+                            ReadMsg::Zero(o, _) => ReadMsg::Zero(o, keep),
+                            r @ ReadMsg::Reuse(_) => r,
+                        });
+                    }
+                }
                 if from < pos {
                     let read: Vec<ReadMsg> = out.drain(first..).collect();
                     for m in read {
@@ -270,6 +290,26 @@ impl<'a> ParentExtents<'a> {
                 && b % ZERO_BLOCK as u64 == 0)
     }
 
+    /// Where changes must begin for the boundary `b` to stay a cut of the
+    /// new stream. When a zero run starts at `b` off the fixed-block grid
+    /// (or with content-defined chunks), a change in its first zero block
+    /// makes that block data, and the data before `b` then runs on with
+    /// no cut at `b`: such a change counts as one before `b`.
+    pub(super) fn guard(&self, b: u64, chunking: ChunkingInfo) -> u64 {
+        let size = self.starts[self.extents.len()];
+        let on_grid =
+            chunking.kind == ChunkingKind::Fixed && b % u64::from(chunking.block_size.max(1)) == 0;
+        if b == 0 || b >= size || on_grid {
+            return b;
+        }
+        let i = self.extent_at(b);
+        if self.starts[i] == b && matches!(self.extents[i], Extent::Zero { .. }) {
+            ((b / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64).min(size)
+        } else {
+            b
+        }
+    }
+
     /// The first boundary after `after`, if any.
     pub(super) fn next_boundary(&self, after: u64) -> Option<u64> {
         let i = self.starts.partition_point(|s| *s <= after);
@@ -283,10 +323,10 @@ impl<'a> ParentExtents<'a> {
         next
     }
 
-    /// The parent's extents from `pos` (a boundary) to the end of the
-    /// extent holding it: the extent itself, or the rest of a zero run.
-    pub(super) fn from(&self, pos: u64) -> (Extent, u64) {
-        let i = self.extent_at(pos);
+    /// The parent's extent `i` (which holds `pos`, a boundary) from `pos`
+    /// to its end: the extent itself, or the rest of a zero run; and
+    /// where it ends.
+    pub(super) fn at(&self, i: usize, pos: u64) -> (Extent, u64) {
         let end = self.starts[i + 1];
         match self.extents[i] {
             Extent::Zero { .. } => (Extent::Zero { len: end - pos }, end),
@@ -314,21 +354,30 @@ pub(super) fn read_incremental(
     }
     let mut pos = 0u64;
     sc.report(0)?;
+    let mut run: Vec<Extent> = Vec::new();
+    // Send the run of reused extents; false when the receiver is gone.
+    let flush = |run: &mut Vec<Extent>| {
+        run.is_empty() || tx.send(ReadMsg::Reuse(std::mem::take(run))).is_ok()
+    };
     loop {
         let next = dirty.next_range()?;
         let ds = next.map_or(size, |r| r.0);
+        let mut i = parent.extent_at(pos.min(size.saturating_sub(1)));
         while pos < size {
-            let (e, end) = parent.from(pos);
-            if end > ds {
+            let (e, end) = parent.at(i, pos);
+            // Not past the change, nor up to a cut the change removes.
+            if end > ds || ds < parent.guard(end, chunking) {
                 break;
             }
-            if tx.send(ReadMsg::Reuse(e)).is_err() {
+            run.push(e);
+            if run.len() >= REUSE_RUN && !flush(&mut run) {
                 return Ok(());
             }
             if end / WINDOW != pos / WINDOW {
                 sc.report(end)?;
             }
             pos = end;
+            i += 1;
         }
         let Some((_, de)) = next else { break };
         // A change inside a zero run: keep the zeros up to the zero block
@@ -336,22 +385,26 @@ pub(super) fn read_incremental(
         if let Extent::Zero { .. } = parent.extents[parent.extent_at(pos)] {
             let z = ds - ds % ZERO_BLOCK as u64;
             if z > pos {
-                if tx
-                    .send(ReadMsg::Reuse(Extent::Zero { len: z - pos }))
-                    .is_err()
-                {
-                    return Ok(());
-                }
+                run.push(Extent::Zero { len: z - pos });
                 pos = z;
             }
+        }
+        if !flush(&mut run) {
+            return Ok(());
         }
         match read_region(sc, dirty, parent, pos, de, chunking, tx)? {
             Some(b) => pos = b,
             None => return Ok(()),
         }
     }
+    if !flush(&mut run) {
+        return Ok(());
+    }
     sc.report(size)
 }
+
+/// Reused extents sent in one message, at most.
+const REUSE_RUN: usize = 4096;
 
 /// Follows the cuts a chunker makes on the stream the reader produces:
 /// where every chunk ends and where zero runs lie.
@@ -489,8 +542,9 @@ pub(super) fn read_region(
                 Some(end).filter(|b| parent.is_boundary(*b))
             };
             while let Some(b) = cand.filter(|b| *b <= end) {
+                let guard = parent.guard(b, chunking);
                 while let Some((s, e)) = dirty.peek()? {
-                    if s >= b {
+                    if s >= guard {
                         break;
                     }
                     de = de.max(e);

@@ -9,7 +9,8 @@ use super::*;
 pub(super) enum Work {
     Chunk(u64, Bytes),
     Zero(u64, u64),
-    Known(u64, ChunkId, u32),
+    /// Extents of the parent point, as they are.
+    Reused(u64, Vec<Extent>),
 }
 
 pub(super) enum Done {
@@ -28,6 +29,16 @@ pub(super) enum Done {
         seq: u64,
         len: u64,
     },
+    Reused {
+        seq: u64,
+        extents: Vec<Extent>,
+    },
+}
+
+/// What the writer holds for the manifest until its turn comes.
+enum Item {
+    One(Extent),
+    Run(Vec<Extent>),
 }
 
 #[derive(Default)]
@@ -88,13 +99,10 @@ pub(super) fn chunk_stage(
                 next_data = None;
                 em.send(|s| Work::Zero(s, len));
             }
-            ReadMsg::Reuse(e) => {
+            ReadMsg::Reuse(v) => {
                 chunker.finish(&mut |c| em.chunk(c));
                 next_data = None;
-                match e {
-                    Extent::Chunk { id, len } => em.send(|s| Work::Known(s, id, len)),
-                    Extent::Zero { len } => em.send(|s| Work::Zero(s, len)),
-                }
+                em.send(|s| Work::Reused(s, v));
             }
         }
         busy += t.elapsed().as_secs_f64();
@@ -120,7 +128,7 @@ pub(super) fn hash_stage(
         let t = Instant::now();
         let d = match w {
             Work::Zero(seq, len) => Done::Zero { seq, len },
-            Work::Known(seq, id, len) => Done::Known { seq, id, len },
+            Work::Reused(seq, extents) => Done::Reused { seq, extents },
             Work::Chunk(seq, b) => {
                 let id = ChunkId::of(&b);
                 let len = b.len() as u32;
@@ -161,7 +169,7 @@ pub(super) fn write_stage(
     rx: Receiver<Done>,
 ) -> Result<(ManifestOut, WriteStats)> {
     let mut st = WriteStats::default();
-    let mut pending: BTreeMap<u64, Extent> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, Item> = BTreeMap::new();
     let mut next = 0u64;
     for d in rx {
         let (seq, e) = match d {
@@ -178,21 +186,37 @@ pub(super) fn write_stage(
                 st.bytes_new += u64::from(len);
                 st.chunks_new += 1;
                 st.chunks += 1;
-                (seq, Extent::Chunk { id, len })
+                (seq, Item::One(Extent::Chunk { id, len }))
             }
             Done::Known { seq, id, len } => {
                 st.chunks += 1;
-                (seq, Extent::Chunk { id, len })
+                (seq, Item::One(Extent::Chunk { id, len }))
             }
             Done::Zero { seq, len } => {
                 st.bytes_zero += len;
-                (seq, Extent::Zero { len })
+                (seq, Item::One(Extent::Zero { len }))
+            }
+            Done::Reused { seq, extents } => {
+                for e in &extents {
+                    match e {
+                        Extent::Chunk { .. } => st.chunks += 1,
+                        Extent::Zero { len } => st.bytes_zero += len,
+                    }
+                }
+                (seq, Item::Run(extents))
             }
         };
         pending.insert(seq, e);
-        while let Some(e) = pending.remove(&next) {
-            mw.push(e)
-                .map_err(|e| Error::io("write", PathBuf::from("point manifest"), e))?;
+        let manifest_err = |e| Error::io("write", PathBuf::from("point manifest"), e);
+        while let Some(item) = pending.remove(&next) {
+            match item {
+                Item::One(e) => mw.push(e).map_err(manifest_err)?,
+                Item::Run(v) => {
+                    for e in v {
+                        mw.push(e).map_err(manifest_err)?;
+                    }
+                }
+            }
             next += 1;
         }
     }
