@@ -55,11 +55,14 @@ s=$work/server; rm -rf "$s" "$work/p-src" "$work/p-tgt" "$work/vault" "$work/sha
 for _ in $(seq 100); do [ -f "$s/server.url" ] && break; sleep 0.1; done
 export DM_SERVER=$(cat "$s/server.url") DM_TOKEN=$(cat "$s/admin.token") DM_CA=$s/ca/ca.pem
 api() { curl -sf --cacert "$DM_CA" -H "Authorization: Bearer $DM_TOKEN" "$DM_SERVER/api/v1/$1"; }
-token() { "$bin/dm" host add "$1" --address 127.0.0.1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["enrollment_token"])'; }
-"$bin/dm-proxy" --dir "$work/p-src" run --server "$DM_SERVER" --token "$(token src)" \
+# Each host has an address of its own (127.0.0.1 is the server's).
+# Hosts are proxies by role; the source's datastore holds the disk.
+token() { "$bin/dm" host add "$@" --role proxy --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["enrollment_token"])'; }
+"$bin/dm-proxy" --dir "$work/p-src" run --server "$DM_SERVER" \
+  --token "$(token src --address 127.0.0.2 --datastore "$(dirname "$disk")")" \
   --datastore "$(dirname "$disk")" --repo-listen off 2> "$work/src.log" & pids+=($!); src_pid=$!
-"$bin/dm-proxy" --dir "$work/p-tgt" run --server "$DM_SERVER" --token "$(token tgt)" \
-  --repo-listen 127.0.0.1:0 2> "$work/tgt.log" & pids+=($!); tgt_pid=$!
+"$bin/dm-proxy" --dir "$work/p-tgt" run --server "$DM_SERVER" --token "$(token tgt --address 127.0.0.3)" \
+  --repo-listen 127.0.0.3:0 2> "$work/tgt.log" & pids+=($!); tgt_pid=$!
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat"; }
 for _ in $(seq 100); do
