@@ -765,23 +765,15 @@ fn a_point_is_exported_through_the_service_under_a_read_grant_only() {
     );
     let repo = Repository::init(&vault).unwrap();
     let disk: DiskName = "vm/a".parse().unwrap();
-    let first = datamover::backup(
-        &repo,
-        datamover::open_source(&img).unwrap().as_ref(),
-        &disk,
-        &BackupOptions::default(),
-    )
-    .unwrap()
-    .point;
+    let back_up = || {
+        let src = datamover::open_source(&img).unwrap();
+        datamover::backup(&repo, src.as_ref(), &disk, &BackupOptions::default())
+            .unwrap()
+            .point
+    };
+    let first = back_up();
     change(&img, 2 * MIB, 9);
-    let second = datamover::backup(
-        &repo,
-        datamover::open_source(&img).unwrap().as_ref(),
-        &disk,
-        &BackupOptions::default(),
-    )
-    .unwrap()
-    .point;
+    let second = back_up();
     // A writer's grant reads nothing.
     let svc = start(
         &tgt,
