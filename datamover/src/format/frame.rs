@@ -237,12 +237,7 @@ impl FrameDecoder {
         let payload = out
             .get(..stored)
             .ok_or_else(|| format!("payload of {stored} bytes beyond the buffer"))?;
-        if frame_crc(header, payload) != h.crc {
-            return Err("CRC mismatch (stored bytes damaged)".into());
-        }
-        if expect.is_some_and(|e| e != h.id) {
-            return Err(format!("frame holds chunk {} instead", h.id.short()));
-        }
+        check_stored(&h, header, payload, expect)?;
         let plain_len = h.plain_len as usize;
         let n = match h.codec {
             Codec::Raw if stored == plain_len => plain_len,
@@ -261,13 +256,7 @@ impl FrameDecoder {
                     .map_err(|e| format!("zstd payload does not decompress: {e}"))?
             }
         };
-        if n != plain_len {
-            return Err(format!("decoded {n} bytes, header says {plain_len}"));
-        }
-        if ChunkId::of(&out[..n]) != h.id {
-            return Err("BLAKE3 mismatch (content differs from its id)".into());
-        }
-        Ok(n)
+        check_plain(&h, &out[..n.min(out.len())])
     }
 
     /// Like [`FrameDecoder::decode`], into `out` (at least the header's
@@ -284,14 +273,7 @@ impl FrameDecoder {
             return Err(format!("frame truncated ({} of {end} bytes)", frame.len()));
         }
         let payload = &frame[FRAME_HEADER_LEN..end];
-        if frame_crc(frame, payload) != h.crc {
-            return Err("CRC mismatch (stored bytes damaged)".into());
-        }
-        if let Some(e) = expect {
-            if e != h.id {
-                return Err(format!("frame holds chunk {} instead", h.id.short()));
-            }
-        }
+        check_stored(&h, frame, payload, expect)?;
         let plain_len = h.plain_len as usize;
         let out = out
             .get_mut(..plain_len)
@@ -306,12 +288,38 @@ impl FrameDecoder {
                 .decompress_to_buffer(payload, out)
                 .map_err(|e| format!("zstd payload does not decompress: {e}"))?,
         };
-        if n != plain_len {
-            return Err(format!("decoded {n} bytes, header says {plain_len}"));
-        }
-        if ChunkId::of(out) != h.id {
-            return Err("BLAKE3 mismatch (content differs from its id)".into());
-        }
-        Ok(n)
+        check_plain(&h, &out[..n])
     }
+}
+
+/// The stored bytes against the header's CRC, and the chunk it names
+/// against `expect`.
+fn check_stored(
+    h: &FrameHeader,
+    header: &[u8],
+    payload: &[u8],
+    expect: Option<ChunkId>,
+) -> Result<(), String> {
+    if frame_crc(header, payload) != h.crc {
+        return Err("CRC mismatch (stored bytes damaged)".into());
+    }
+    if expect.is_some_and(|e| e != h.id) {
+        return Err(format!("frame holds chunk {} instead", h.id.short()));
+    }
+    Ok(())
+}
+
+/// The decoded bytes against the header's length and id; their length.
+fn check_plain(h: &FrameHeader, plain: &[u8]) -> Result<usize, String> {
+    if plain.len() != h.plain_len as usize {
+        return Err(format!(
+            "decoded {} bytes, header says {}",
+            plain.len(),
+            h.plain_len
+        ));
+    }
+    if ChunkId::of(plain) != h.id {
+        return Err("BLAKE3 mismatch (content differs from its id)".into());
+    }
+    Ok(plain.len())
 }
