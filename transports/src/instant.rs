@@ -415,6 +415,29 @@ pub fn sessions(dir: &Path) -> Result<Vec<Session>> {
     Ok(out)
 }
 
+/// The QEMU of our own that `on` names (`qmp` for `default`, or
+/// `qmp:///NAME`), its name checked; none when `on` names a libvirt
+/// domain.
+pub fn own_qemu(on: &str, default: &str) -> Result<Option<String>> {
+    if on != "qmp" && !on.starts_with("qmp:") {
+        return Ok(None);
+    }
+    let name = match on {
+        "qmp" | "qmp:///" => default.to_string(),
+        on => on
+            .strip_prefix("qmp:///")
+            .filter(|n| !n.contains('/'))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{on}: give qmp (a QEMU named {default}) or qmp:///NAME"
+                ))
+            })?
+            .to_string(),
+    };
+    check_name(&name)?;
+    Ok(Some(name))
+}
+
 /// The points `specs` name: `VM/DISK[@POINT]`, or `VM` for the newest
 /// point of each of its disks.
 pub fn points_named(repo: &dyn PointSource, specs: &[String]) -> Result<Vec<PointRef>> {
@@ -512,26 +535,14 @@ pub fn recover(
     }
     let xml = libvirt::newest_definition(repo, &resolved)?;
     let default_name = format!("{vm}-instant");
-    let runner = if how.on == "qmp" || how.on.starts_with("qmp:") {
+    let own = own_qemu(&how.on, &default_name)?;
+    let runner = if own.is_some() {
         Runner::Qemu
     } else {
         Runner::Libvirt
     };
-    let (name, uri, conn) = match runner {
-        Runner::Qemu => {
-            let name = match how.on.as_str() {
-                "qmp" | "qmp:///" => default_name,
-                on => on
-                    .strip_prefix("qmp:///")
-                    .filter(|n| !n.contains('/'))
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "{on}: give qmp (a QEMU named {default_name}) or qmp:///NAME"
-                        ))
-                    })?
-                    .to_string(),
-            };
-            check_name(&name)?;
+    let (name, uri, conn) = match own {
+        Some(name) => {
             if let Some(pid) = qemu_running(&how.dir, &name) {
                 return Err(Error::InvalidArgument(format!(
                     "a QEMU named {name} runs already (pid {pid}): give another name (qmp:///NAME)"
@@ -539,7 +550,7 @@ pub fn recover(
             }
             (name, "qmp".to_string(), None)
         }
-        Runner::Libvirt => {
+        None => {
             if xml.is_none() {
                 return Err(Error::InvalidArgument(format!(
                     "no point of {vm} given stores a VM definition (only libvirt backups do): recover it with --on qmp (a QEMU of our own), or serve the disks with `dm export`"

@@ -50,26 +50,19 @@ impl Engine {
             }
             _ => (holder, host, pid),
         };
-        let holder = mount;
+        // A QEMU of the proxy's own needs no libvirt on its host.
+        let own = match &req.on {
+            Some(on) => transports::instant::own_qemu(on, &format!("{}-instant", req.vm))
+                .map_err(|e| EngineError::bad(e.to_string()))?,
+            None => None,
+        };
         let on = match (&req.on, catalog::hosts::hypervisor(&tx, host)?) {
-            // A QEMU of the proxy's own (no libvirt needed on its host).
-            (Some(on), _) if on == "qmp" || on.starts_with("qmp:") => {
-                if on != "qmp"
-                    && on
-                        .strip_prefix("qmp:///")
-                        .is_none_or(|n| n.is_empty() || n.contains('/'))
-                {
-                    return Err(EngineError::bad(format!(
-                        "{on:?}: give qmp (a QEMU named VM-instant) or qmp:///NAME"
-                    )));
-                }
-                on.clone()
-            }
+            (Some(on), _) if own.is_some() => on.clone(),
             (Some(on), _) => super::operations::check_libvirt(on)?,
             (None, Some(uri)) => format!("libvirt:///{}-instant?uri={uri}", req.vm),
             (None, None) => {
                 return Err(EngineError::bad(format!(
-                    "host {holder} (the mount server of repository {}) is no hypervisor: dm host set {holder} --hypervisor URI, or give \"on\"",
+                    "host {mount} (the mount server of repository {}) is no hypervisor: dm host set {mount} --hypervisor URI, or give \"on\"",
                     req.repository
                 )));
             }
@@ -83,7 +76,7 @@ impl Engine {
             on: Some(on),
             ..req.clone()
         };
-        let id = catalog::recoveries::insert(&tx, &filled, (pid, &holder), &self.clock.rfc3339())?;
+        let id = catalog::recoveries::insert(&tx, &filled, (pid, &mount), &self.clock.rfc3339())?;
         tx.commit()?;
         drop(db);
         self.recovery(id)
