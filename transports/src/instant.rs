@@ -1300,8 +1300,20 @@ pub fn discard(dir: &Path, name: &str) -> Result<Session> {
                 && let Ok(dom) = Domain::lookup_by_name(&conn, name)
                 && uses_session(&dom, &s)
             {
-                dom.destroy()
-                    .map_err(|e| libvirt::lv_err(&format!("powering off {name}"), e))?;
+                // The mount server may power it off first (it saw the
+                // session stopping): a domain already gone is the goal.
+                match dom.destroy() {
+                    Err(e)
+                        if !matches!(
+                            e.code(),
+                            virt::error::ErrorNumber::NoDomain
+                                | virt::error::ErrorNumber::OperationInvalid
+                        ) =>
+                    {
+                        return Err(libvirt::lv_err(&format!("powering off {name}"), e));
+                    }
+                    _ => {}
+                }
             }
         }
         Runner::Qemu => {
