@@ -252,8 +252,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         let mut sound = true;
         for (id, loc) in chunks {
             match reader.read_frame(*id, loc).and_then(|f| {
-                dec.decode(&f, Some(*id))
-                    .map(|_| f)
+                dec.check(&f, Some(*id))
+                    .map(|()| f)
                     .map_err(Error::Internal)
             }) {
                 Ok(f) => frames.push((*id, loc.plain_len, f)),

@@ -295,7 +295,7 @@ impl<'r> Ingest<'r> {
                 Error::Corrupt { detail, .. } => bad(format!("frame {}: {detail}", self.frames)),
                 e => e,
             })?;
-            self.dec.decode(frame, Some(h.id)).map_err(|d| {
+            self.dec.check(frame, Some(h.id)).map_err(|d| {
                 bad(format!(
                     "frame {} (chunk {}): {d}",
                     self.frames,

@@ -195,6 +195,8 @@ impl FrameEncoder {
 /// Decodes frames, reusing one zstd context.
 pub struct FrameDecoder {
     zstd: zstd::bulk::Decompressor<'static>,
+    /// Where [`FrameDecoder::check`] decompresses, kept for the next frame.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for FrameDecoder {
@@ -208,7 +210,35 @@ impl FrameDecoder {
     pub fn new() -> std::io::Result<Self> {
         Ok(FrameDecoder {
             zstd: zstd::bulk::Decompressor::new()?,
+            scratch: Vec::new(),
         })
+    }
+
+    /// Check a complete frame as [`FrameDecoder::decode`] does, keeping
+    /// nothing: a raw chunk is hashed where it lies, a compressed one is
+    /// decompressed into a buffer this decoder keeps for the next frame.
+    pub fn check(&mut self, frame: &[u8], expect: Option<ChunkId>) -> Result<(), String> {
+        let h = FrameHeader::parse(frame)?;
+        let end = FRAME_HEADER_LEN + h.stored_len as usize;
+        let payload = frame
+            .get(FRAME_HEADER_LEN..end)
+            .ok_or_else(|| format!("frame truncated ({} of {end} bytes)", frame.len()))?;
+        check_stored(&h, frame, payload, expect)?;
+        match h.codec {
+            Codec::Raw => check_plain(&h, payload)?,
+            Codec::Zstd => {
+                let mut out = std::mem::take(&mut self.scratch);
+                out.resize(h.plain_len as usize, 0);
+                let r = self
+                    .zstd
+                    .decompress_to_buffer(payload, &mut out[..])
+                    .map_err(|e| format!("zstd payload does not decompress: {e}"))
+                    .and_then(|n| check_plain(&h, &out[..n]));
+                self.scratch = out;
+                r?
+            }
+        };
+        Ok(())
     }
 
     /// Check a complete frame (header + payload) and return its plain bytes.

@@ -61,7 +61,8 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = FrameHeader::parse(&b);
-        let _ = FrameDecoder::new().expect("dec").decode(&b, None);
+        let mut dec = FrameDecoder::new().expect("dec");
+        prop_assert_eq!(dec.decode(&b, None).is_ok(), dec.check(&b, None).is_ok());
         let _ = index::decode(&b);
         let _ = manifest::decode(&b);
         let _ = pack::check_header(&b);
@@ -81,6 +82,11 @@ proptest! {
             Err(_) => {}
             Ok(d) => prop_assert!(false, "flip at bit {bit} undetected ({} bytes)", d.len()),
         }
+        // Checked without keeping the chunk (as the repository service
+        // checks what it receives): caught too; the frame as written passes.
+        let mut dec = FrameDecoder::new().expect("dec");
+        prop_assert!(dec.check(&f, Some(id)).is_err(), "check: flip at bit {bit} undetected");
+        prop_assert_eq!(dec.check(&valid_frame(&data, compress.then_some(3)).1, Some(id)), Ok(()));
         // The same frame read in two parts (header; payload where the
         // chunk goes, as a raw chunk is read): caught too.
         let (h, payload) = f.split_at(FRAME_HEADER_LEN);
