@@ -543,11 +543,14 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
     // is what the worker will hold once it has caught up.
     let held = ingest.held_at_begin();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE);
+    // The worker hands each checked message's buffer back for the next.
+    let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE + 1);
     std::thread::scope(|sc| {
         let worker = sc.spawn(move || -> Result<Ingest<'_>, Error> {
             let mut ingest = ingest;
             for b in rx {
                 ingest.add_frames(&b)?;
+                let _ = back.try_send(b);
             }
             Ok(ingest)
         });
@@ -555,7 +558,8 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
         let mut forwarded: HashSet<ChunkId> = HashSet::new();
         let mut manifest: Vec<u8> = Vec::new();
         loop {
-            let (ty, b) = read_msg(s).map_err(net)?;
+            let mut b = spare.try_recv().unwrap_or_default();
+            let ty = read_msg_into(s, &mut b).map_err(net)?;
             // Every message is still granted: a host removed mid-session
             // is cut off within a heartbeat, not at its COMMIT.
             if grant(served, &hello.repository, &peer, &disk, hello.task, false).is_none() {

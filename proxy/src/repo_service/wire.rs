@@ -299,18 +299,35 @@ pub struct ErrorMsg {
 
 /// Write one message.
 pub fn write_msg(w: &mut impl Write, ty: Msg, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len() + 1)
+    write_msg_parts(w, ty, &[payload])
+}
+
+/// Write one message whose payload is `parts` one after the other (frames
+/// go to the stream from where they lie, not through a copy).
+pub fn write_msg_parts(w: &mut impl Write, ty: Msg, parts: &[&[u8]]) -> io::Result<()> {
+    let len = u32::try_from(parts.iter().map(|p| p.len()).sum::<usize>() + 1)
         .ok()
         .filter(|n| *n as usize <= MAX_MESSAGE)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message too long"))?;
     w.write_all(&len.to_le_bytes())?;
     w.write_all(&[ty as u8])?;
-    w.write_all(payload)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
     Ok(())
 }
 
 /// Read one message; its length is checked before anything is allocated.
 pub fn read_msg(r: &mut impl Read) -> io::Result<(Msg, Vec<u8>)> {
+    let mut b = Vec::new();
+    let ty = read_msg_into(r, &mut b)?;
+    Ok((ty, b))
+}
+
+/// Read one message's payload into `b`, reusing its allocation (a buffer
+/// the last message's consumer handed back: no fresh pages to fault in and
+/// zero for every message of frames).
+pub fn read_msg_into(r: &mut impl Read, b: &mut Vec<u8>) -> io::Result<Msg> {
     let mut h = [0u8; 5];
     r.read_exact(&mut h)?;
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
@@ -326,9 +343,14 @@ pub fn read_msg(r: &mut impl Read) -> io::Result<(Msg, Vec<u8>)> {
             format!("unknown message type {}", h[4]),
         )
     })?;
-    let mut b = vec![0u8; len - 1];
-    r.read_exact(&mut b)?;
-    Ok((ty, b))
+    // What is kept of the old contents is overwritten by the read.
+    if b.len() >= len - 1 {
+        b.truncate(len - 1);
+    } else {
+        b.resize(len - 1, 0);
+    }
+    r.read_exact(b)?;
+    Ok(ty)
 }
 
 /// A JSON body.
