@@ -385,6 +385,7 @@ impl StoreSession for RemoteSession<'_> {
             session: self,
             batch: Vec::new(),
             bytes: 0,
+            asked: Vec::new(),
         }))
     }
 
@@ -423,43 +424,60 @@ impl StoreSession for RemoteSession<'_> {
     }
 }
 
+/// Frames go in batches of about [`BATCH_BYTES`]: a HAVE asks which
+/// of a batch's chunks the repository lacks, a MISSING answers, the
+/// lacking frames follow. One batch is always asked ahead: its HAVE
+/// goes out before the frames of the batch before it, so the answer's
+/// round trip (and the service's work on the frames queued before it)
+/// overlaps the making of the next batch instead of stalling it. A
+/// chunk in both batches may then be sent twice; the service keeps one.
 struct RemoteSink<'a> {
     session: &'a RemoteSession<'a>,
     batch: Vec<(ChunkId, Vec<u8>)>,
     bytes: usize,
+    /// The batch whose HAVE is out, its answer not yet read.
+    asked: Vec<(ChunkId, Vec<u8>)>,
 }
 
 impl RemoteSink<'_> {
-    /// Ask which frames of the batch the repository lacks; send those.
+    /// Send the asked batch's lacking frames; ask about the current
+    /// batch (which becomes the asked one).
     fn flush(&mut self) -> datamover::Result<()> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
         let st = self.session.store;
         let mut s = self.session.conn();
-        let ids: Vec<u8> = self.batch.iter().flat_map(|(id, _)| id.0).collect();
-        write_msg(&mut *s, Msg::Have, &ids)
-            .and_then(|_| s.flush())
-            .map_err(|e| st.lost(e))?;
+        if !self.batch.is_empty() {
+            let ids: Vec<u8> = self.batch.iter().flat_map(|(id, _)| id.0).collect();
+            write_msg(&mut *s, Msg::Have, &ids)
+                .and_then(|_| s.flush())
+                .map_err(|e| st.lost(e))?;
+        }
+        let asked = std::mem::replace(&mut self.asked, std::mem::take(&mut self.batch));
+        self.bytes = 0;
+        if asked.is_empty() {
+            return Ok(());
+        }
         let bits = st.expect(&mut s, Msg::Missing)?;
-        if bits.len() != self.batch.len().div_ceil(8) {
+        if bits.len() != asked.len().div_ceil(8) {
             return Err(st.err("MISSING answer of the wrong length"));
         }
-        let mut out = Vec::with_capacity(self.bytes);
-        for (i, (_, frame)) in self.batch.iter().enumerate() {
+        // The missing frames, in messages of at most MAX_MESSAGE, each
+        // frame written from where it lies.
+        let mut out: Vec<&[u8]> = Vec::with_capacity(asked.len());
+        let mut len = 0;
+        for (i, (_, frame)) in asked.iter().enumerate() {
             if bits[i / 8] & (1 << (i % 8)) != 0 {
-                if out.len() + frame.len() > MAX_MESSAGE - 1 {
-                    write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
+                if len + frame.len() > MAX_MESSAGE - 1 {
+                    write_msg_parts(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
                     out.clear();
+                    len = 0;
                 }
-                out.extend_from_slice(frame);
+                out.push(frame);
+                len += frame.len();
             }
         }
         if !out.is_empty() {
-            write_msg(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
+            write_msg_parts(&mut *s, Msg::Frames, &out).map_err(|e| st.lost(e))?;
         }
-        self.batch.clear();
-        self.bytes = 0;
         Ok(())
     }
 }
@@ -475,6 +493,8 @@ impl FrameSink for RemoteSink<'_> {
     }
 
     fn finish(mut self: Box<Self>) -> datamover::Result<()> {
+        // The last batch asked, then answered and sent.
+        self.flush()?;
         self.flush()?;
         let st = self.session.store;
         self.session.conn().flush().map_err(|e| st.lost(e))
