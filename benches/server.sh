@@ -9,7 +9,7 @@
 # and, for 3, the bytes on the wire of a second full backup of the
 # unchanged disk against the size of its manifest (the point file).
 #
-#   bash benches/server.sh [WORKDIR] [DISK]   (default /var/tmp/dm-server-bench;
+#   [ROUNDS=3] [PERF=DIR] bash benches/server.sh [WORKDIR] [DISK]   (default /var/tmp/dm-server-bench;
 #                                             DISK: a 2 GiB mixed image made there)
 #
 # Task time is the data mover's (task started -> finished, as the server
@@ -107,7 +107,17 @@ for r in $(seq "$rounds"); do
   read -r t _ _ _ <<< "$(run viashared)"; SH+=("$t"); rm -rf "$work/shared"
   rm -rf "$work/vault"
   c0_src=$(cpu "$src_pid"); c0_tgt=$(cpu "$tgt_pid")
+  # PERF=DIR: profiles of both proxies during the last round's job
+  # (perf report -i DIR/src.data, DIR/tgt.data).
+  prof=()
+  if [ -n "${PERF:-}" ] && [ "$r" = "$rounds" ]; then
+    mkdir -p "$PERF"
+    perf record -q ${PERF_CG:--g} -p "$src_pid" -o "$PERF/src.data" 2>/dev/null & prof+=($!)
+    perf record -q ${PERF_CG:--g} -p "$tgt_pid" -o "$PERF/tgt.data" 2>/dev/null & prof+=($!)
+    sleep 0.5
+  fi
   read -r t _ sv_wire sv_stored <<< "$(run viaservice)"; SV+=("$t")
+  for p in "${prof[@]}"; do kill -INT "$p"; wait "$p" || true; done
   SRC+=("$(python3 -c "print(f'{$(cpu "$src_pid")-$c0_src:.2f}')")")
   TGT+=("$(python3 -c "print(f'{$(cpu "$tgt_pid")-$c0_tgt:.2f}')")")
 done
