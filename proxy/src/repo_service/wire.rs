@@ -343,12 +343,8 @@ pub fn read_msg_into(r: &mut impl Read, b: &mut Vec<u8>) -> io::Result<Msg> {
             format!("unknown message type {}", h[4]),
         )
     })?;
-    // What is kept of the old contents is overwritten by the read.
-    if b.len() >= len - 1 {
-        b.truncate(len - 1);
-    } else {
-        b.resize(len - 1, 0);
-    }
+    // Only bytes beyond the old length are zeroed; the read overwrites all.
+    b.resize(len - 1, 0);
     r.read_exact(b)?;
     Ok(ty)
 }
