@@ -31,14 +31,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-serve() { # serve NAME ARGS... -> exports "disk" on $b/NAME.sock
-  local name=$1; shift
-  rm -f "$b/$name.sock" "$b/$name.pid"
-  qemu-nbd --fork --pid-file="$b/$name.pid" -k "$b/$name.sock" -x disk -t "$@"
-  pids+=("$(cat "$b/$name.pid")")
-}
-stop() { local p; p=$(cat "$b/$1.pid"); kill "$p"; while [ -e "/proc/$p" ]; do sleep 0.05; done; }
-uri() { echo "nbd+unix:///disk?socket=$b/$1.sock"; }
+nbd_dir=$b
+source "$here/benches/lib/nbd.sh"
 secs() { python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["seconds"])'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
 now() { date +%s.%N; }
