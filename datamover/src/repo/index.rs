@@ -1,6 +1,10 @@
 //! The in-memory chunk index: the union of every index file, as one sorted
-//! array (48 bytes a chunk, binary search), so a million chunks load in a
-//! fraction of a second and take about 50 MB.
+//! array (48 bytes a chunk), so a million chunks load in a fraction of a
+//! second and take about 50 MB. A lookup starts from a fan-out table of
+//! where each 16-bit id prefix begins (ids are hashes, so a million chunks
+//! leave about 16 per prefix): a few cache misses instead of the twenty
+//! of a binary search over the whole array, which made checking a 1 TiB
+//! parent point's million chunks cost a second.
 //!
 //! Invariant: `entries` is sorted by chunk id with no duplicate id; a chunk
 //! stored twice (two concurrent backups) keeps one location.
@@ -30,6 +34,16 @@ pub struct Index {
     packs: Vec<PackId>,
     entries: Vec<IndexEntry>,
     files: Vec<PathBuf>,
+    /// `fanout[p]`: the first entry whose id's 16-bit prefix is at least
+    /// `p` (65,537 of them); empty for small indexes.
+    fanout: Vec<u32>,
+}
+
+/// Indexes smaller than this are searched without a fan-out table.
+const FANOUT_MIN: usize = 1 << 14;
+
+fn prefix(id: &ChunkId) -> usize {
+    usize::from(u16::from_be_bytes([id.0[0], id.0[1]]))
 }
 
 /// Every (chunk, location) of every index file, and the files read.
@@ -102,6 +116,7 @@ impl Index {
     pub fn load(dir: &Path) -> Result<(Index, Vec<BadIndexFile>)> {
         let (mut idx, bad) = Self::load_unmerged(dir)?;
         idx.entries.dedup_by(|a, b| a.id == b.id);
+        idx.build_fanout();
         Ok((idx, bad))
     }
 
@@ -116,10 +131,36 @@ impl Index {
         Ok((all, idx.files))
     }
 
+    fn build_fanout(&mut self) {
+        self.fanout.clear();
+        if self.entries.len() < FANOUT_MIN || self.entries.len() > u32::MAX as usize {
+            return;
+        }
+        self.fanout.reserve(65_537);
+        let mut i = 0usize;
+        for p in 0..=65_536usize {
+            while i < self.entries.len() && prefix(&self.entries[i].id) < p {
+                i += 1;
+            }
+            self.fanout.push(i as u32);
+        }
+    }
+
+    /// The entry of `id`, if any.
+    fn find(&self, id: &ChunkId) -> Option<&IndexEntry> {
+        let p = prefix(id);
+        let (lo, hi) = match (self.fanout.get(p), self.fanout.get(p + 1)) {
+            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
+            _ => (0, self.entries.len()),
+        };
+        let part = self.entries.get(lo..hi)?;
+        let i = part.binary_search_by(|e| e.id.cmp(id)).ok()?;
+        part.get(i)
+    }
+
     /// Where `id` is stored, if anywhere.
     pub fn get(&self, id: &ChunkId) -> Option<Location> {
-        let i = self.entries.binary_search_by(|e| e.id.cmp(id)).ok()?;
-        let e = &self.entries[i];
+        let e = self.find(id)?;
         Some(Location {
             pack: self.packs[e.pack as usize],
             offset: u64::from(e.offset),
@@ -130,7 +171,7 @@ impl Index {
 
     /// Whether `id` is stored.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.entries.binary_search_by(|e| e.id.cmp(id)).is_ok()
+        self.find(id).is_some()
     }
 
     /// Number of distinct chunks.
@@ -161,5 +202,58 @@ impl Index {
                 },
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn index(ids: &[ChunkId]) -> Index {
+        let mut entries: Vec<IndexEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| IndexEntry {
+                id: *id,
+                pack: 0,
+                offset: n as u32,
+                frame_len: 1,
+                plain_len: 1,
+            })
+            .collect();
+        entries.sort_unstable_by_key(|e| e.id);
+        let mut idx = Index {
+            packs: vec![PackId([7; 16])],
+            entries,
+            ..Index::default()
+        };
+        idx.build_fanout();
+        idx
+    }
+
+    #[test]
+    fn lookups_find_every_chunk_with_or_without_fan_out() {
+        for n in [0usize, 1, 100, FANOUT_MIN + 1000] {
+            let mut ids: Vec<ChunkId> = (0..n as u32)
+                .map(|i| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+                .collect();
+            // The first and last prefixes.
+            ids.push(ChunkId([0; 32]));
+            ids.push(ChunkId([0xff; 32]));
+            let idx = index(&ids);
+            assert_eq!(idx.fanout.is_empty(), ids.len() < FANOUT_MIN);
+            for id in &ids {
+                let loc = idx.get(id).unwrap();
+                assert_eq!(ids[loc.offset as usize], *id);
+            }
+            for i in 0..1000u32 {
+                let absent = ChunkId(*blake3::hash(&(i + 1_000_000).to_le_bytes()).as_bytes());
+                assert!(!idx.contains(&absent));
+            }
+            let mut edge = [0xff; 32];
+            edge[31] = 0xfe;
+            assert!(!idx.contains(&ChunkId(edge)));
+        }
     }
 }
