@@ -139,6 +139,29 @@ fn reference_clients_read_the_point_byte_for_byte_with_its_holes() {
             "{map}"
         );
         assert!(holes.len() >= 3, "{map}");
+        // One extent when asked for one (NBD_CMD_FLAG_REQ_ONE), all of
+        // them otherwise.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let parsed = datamover_transports::nbd::uri::NbdUri::parse(uri).unwrap();
+        let c = rt
+            .block_on(datamover_transports::nbd::NbdClient::connect(
+                &parsed,
+                &Default::default(),
+            ))
+            .unwrap();
+        let ctx = c.info().context("base:allocation").unwrap();
+        let one = rt
+            .block_on(c.block_status_one(0, 64 * MIB as u32, ctx))
+            .unwrap();
+        assert_eq!(one, vec![(MIB as u32, p::STATE_HOLE | p::STATE_ZERO)]);
+        let all = rt
+            .block_on(c.block_status(0, 64 * MIB as u32, ctx))
+            .unwrap();
+        assert!(all.len() >= 6 && all[0] == one[0], "{all:?}");
+        rt.block_on(c.disconnect());
         let info = ok(sh("nbdinfo", &["--json", uri]));
         assert!(info.contains("\"can_multi_conn\": true"), "{info}");
         assert!(info.contains("\"is_read_only\": true"), "{info}");

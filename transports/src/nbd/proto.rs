@@ -97,6 +97,8 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 /// Block status.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+/// Command flag (block status): one extent per meta context.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Command flag: fail fast (ENOTSUP) rather than zero slowly.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 

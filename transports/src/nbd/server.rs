@@ -714,6 +714,7 @@ fn transmission(
         if magic != p::REQUEST_MAGIC {
             return Err(violation(format!("bad request magic {magic:#x}")));
         }
+        let cmd_flags = u16::from_be_bytes([h[4], h[5]]);
         let cmd = u16::from_be_bytes([h[6], h[7]]);
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
         let off = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default());
@@ -805,7 +806,12 @@ fn transmission(
                     continue;
                 }
                 let mut pl = ALLOCATION_ID.to_be_bytes().to_vec();
-                for (l, zero) in disk.runs(off, u64::from(len)).into_iter().take(1024) {
+                let most = if cmd_flags & p::CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    1024
+                };
+                for (l, zero) in disk.runs(off, u64::from(len)).into_iter().take(most) {
                     let l = u32::try_from(l).unwrap_or(u32::MAX);
                     let flags = if zero {
                         p::STATE_HOLE | p::STATE_ZERO

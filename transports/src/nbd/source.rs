@@ -34,6 +34,9 @@ const IO_SIZE: usize = 8 << 20;
 pub const READ_AHEAD_BYTES: usize = 32 << 20;
 /// Pipeline reads fetched ahead of the one being served.
 pub const READ_AHEAD: usize = READ_AHEAD_BYTES / IO_SIZE;
+/// Dirty bitmap requests of one extent each per window of changes asked
+/// for, before the rest of the window is asked for in one request.
+const ONE_EXTENT_ASKS: usize = 16;
 /// Connections opened over TCP when the server allows several (CAN_MULTI_CONN).
 pub const MULTI_CONN: usize = 4;
 
@@ -402,14 +405,52 @@ impl ChangeTracker for NbdSource {
             return Err(Error::Internal("no dirty bitmap negotiated".into()));
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
-        self.walk_status(*ctx, offset, len, |pos, l, flags| {
+        let mut push = |pos: u64, l: u64, flags: u32| {
             if flags & STATE_DIRTY != 0 {
                 match out.last_mut() {
                     Some(r) if r.0 + r.1 == pos => r.1 += l,
                     _ => out.push((pos, l)),
                 }
             }
-        })?;
+        };
+        // A server answers for every negotiated context, so a plain request
+        // for the bitmap of a window also makes it work out the window's
+        // allocation: for qemu on a qcow2 that is a walk of the window's L2
+        // tables (35 s of qemu-nbd CPU per incremental of a 1 TiB disk
+        // with 4 KiB clusters). One extent per request costs it one extent
+        // of each; sparse changes take a few such requests per window.
+        // Dense ones would take many round trips, so after ONE_EXTENT_ASKS
+        // the rest of the window is asked for plainly.
+        let end = offset + len;
+        let mut pos = offset;
+        for _ in 0..ONE_EXTENT_ASKS {
+            if pos >= end {
+                return Ok(out);
+            }
+            let ask = u32::try_from(end - pos).unwrap_or(!0xfff);
+            let ds = self
+                .rt
+                .block_on(self.client.block_status_one(pos, ask, *ctx))
+                .map_err(|e| err(&self.uri, e))?;
+            let Some(&(l, flags)) = ds.first() else {
+                return Err(err(
+                    &self.uri,
+                    NbdError::Protocol("block status without descriptors".into()),
+                ));
+            };
+            if l == 0 {
+                return Err(err(
+                    &self.uri,
+                    NbdError::Protocol("block status descriptor of length 0".into()),
+                ));
+            }
+            let l = u64::from(l).min(end - pos);
+            push(pos, l, flags);
+            pos += l;
+        }
+        if pos < end {
+            self.walk_status(*ctx, pos, end - pos, push)?;
+        }
         Ok(out)
     }
     fn describe(&self) -> String {
