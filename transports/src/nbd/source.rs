@@ -316,7 +316,7 @@ impl BlockSource for NbdSource {
             }]);
         };
         let mut out: Vec<SourceExtent> = Vec::new();
-        self.walk_status(ctx, offset, len, |pos, l, flags| {
+        self.walk_status(ctx, offset, len, 0, |pos, l, flags| {
             let kind = if flags & STATE_HOLE != 0 {
                 ExtentKind::Hole
             } else if flags & STATE_ZERO != 0 {
@@ -356,22 +356,28 @@ fn same_export(a: &super::client::ExportInfo, b: &super::client::ExportInfo) -> 
 
 impl NbdSource {
     /// Walk block status of `[offset, offset+len)` in meta context `ctx`,
-    /// calling `f(offset, len, flags)` for each descriptor, in order.
+    /// calling `f(offset, len, flags)` for each descriptor, in order; the
+    /// first `one_extent` requests ask for one extent each (REQ_ONE).
     fn walk_status(
         &self,
         ctx: u32,
         offset: u64,
         len: u64,
+        mut one_extent: usize,
         mut f: impl FnMut(u64, u64, u32),
     ) -> Result<()> {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let ask = u32::try_from(end - pos).unwrap_or(!0xfff);
-            let ds = self
-                .rt
-                .block_on(self.client.block_status(pos, ask, ctx))
-                .map_err(|e| err(&self.uri, e))?;
+            let c = &self.client;
+            let ds = if one_extent > 0 {
+                one_extent -= 1;
+                self.rt.block_on(c.block_status_one(pos, ask, ctx))
+            } else {
+                self.rt.block_on(c.block_status(pos, ask, ctx))
+            }
+            .map_err(|e| err(&self.uri, e))?;
             if ds.is_empty() {
                 return Err(err(
                     &self.uri,
@@ -405,14 +411,6 @@ impl ChangeTracker for NbdSource {
             return Err(Error::Internal("no dirty bitmap negotiated".into()));
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut push = |pos: u64, l: u64, flags: u32| {
-            if flags & STATE_DIRTY != 0 {
-                match out.last_mut() {
-                    Some(r) if r.0 + r.1 == pos => r.1 += l,
-                    _ => out.push((pos, l)),
-                }
-            }
-        };
         // A server answers for every negotiated context, so a plain request
         // for the bitmap of a window also makes it work out the window's
         // allocation: for qemu on a qcow2 that is a walk of the window's L2
@@ -421,36 +419,14 @@ impl ChangeTracker for NbdSource {
         // of each; sparse changes take a few such requests per window.
         // Dense ones would take many round trips, so after ONE_EXTENT_ASKS
         // the rest of the window is asked for plainly.
-        let end = offset + len;
-        let mut pos = offset;
-        for _ in 0..ONE_EXTENT_ASKS {
-            if pos >= end {
-                return Ok(out);
+        self.walk_status(*ctx, offset, len, ONE_EXTENT_ASKS, |pos, l, flags| {
+            if flags & STATE_DIRTY != 0 {
+                match out.last_mut() {
+                    Some(r) if r.0 + r.1 == pos => r.1 += l,
+                    _ => out.push((pos, l)),
+                }
             }
-            let ask = u32::try_from(end - pos).unwrap_or(!0xfff);
-            let ds = self
-                .rt
-                .block_on(self.client.block_status_one(pos, ask, *ctx))
-                .map_err(|e| err(&self.uri, e))?;
-            let Some(&(l, flags)) = ds.first() else {
-                return Err(err(
-                    &self.uri,
-                    NbdError::Protocol("block status without descriptors".into()),
-                ));
-            };
-            if l == 0 {
-                return Err(err(
-                    &self.uri,
-                    NbdError::Protocol("block status descriptor of length 0".into()),
-                ));
-            }
-            let l = u64::from(l).min(end - pos);
-            push(pos, l, flags);
-            pos += l;
-        }
-        if pos < end {
-            self.walk_status(*ctx, pos, end - pos, push)?;
-        }
+        })?;
         Ok(out)
     }
     fn describe(&self) -> String {
