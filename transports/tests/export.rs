@@ -154,11 +154,11 @@ fn reference_clients_read_the_point_byte_for_byte_with_its_holes() {
             .unwrap();
         let ctx = c.info().context("base:allocation").unwrap();
         let one = rt
-            .block_on(c.block_status_one(0, 64 * MIB as u32, ctx))
+            .block_on(c.block_status(0, 64 * MIB as u32, ctx, true))
             .unwrap();
         assert_eq!(one, vec![(MIB as u32, p::STATE_HOLE | p::STATE_ZERO)]);
         let all = rt
-            .block_on(c.block_status(0, 64 * MIB as u32, ctx))
+            .block_on(c.block_status(0, 64 * MIB as u32, ctx, false))
             .unwrap();
         assert!(all.len() >= 6 && all[0] == one[0], "{all:?}");
         rt.block_on(c.disconnect());

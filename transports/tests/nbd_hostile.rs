@@ -665,7 +665,7 @@ fn block_status_violations_fail_the_request() {
         let ctx = c.info().context("base:allocation").unwrap();
         let t = Instant::now();
         let r = rt
-            .block_on(c.block_status(0, 1 << 20, ctx))
+            .block_on(c.block_status(0, 1 << 20, ctx, false))
             .map(drop)
             .map_err(|e| e.to_string());
         assert_violation(what, r, expect, t);

@@ -80,7 +80,6 @@ impl<'s> Pipeline<'_, 's> {
                     } => {
                         let mut dirty = DirtyRanges::new(*tracker, size, CHANGE_WINDOW);
                         let parent = ParentExtents::new(extents);
-                        sc.narrow = true;
                         read_incremental(&mut sc, &mut dirty, &parent, chunking, &read_tx)
                             .map(|()| Some(dirty.bytes))
                     }

@@ -371,6 +371,7 @@ pub(super) fn read_incremental(
             "parent point does not cover the disk".into(),
         ));
     }
+    sc.narrow = true;
     let mut pos = 0u64;
     sc.report(0)?;
     let mut run: Vec<Extent> = Vec::new();

@@ -370,14 +370,12 @@ impl NbdSource {
         let mut pos = offset;
         while pos < end {
             let ask = u32::try_from(end - pos).unwrap_or(!0xfff);
-            let c = &self.client;
-            let ds = if one_extent > 0 {
-                one_extent -= 1;
-                self.rt.block_on(c.block_status_one(pos, ask, ctx))
-            } else {
-                self.rt.block_on(c.block_status(pos, ask, ctx))
-            }
-            .map_err(|e| err(&self.uri, e))?;
+            let one = one_extent > 0;
+            one_extent = one_extent.saturating_sub(1);
+            let ds = self
+                .rt
+                .block_on(self.client.block_status(pos, ask, ctx, one))
+                .map_err(|e| err(&self.uri, e))?;
             if ds.is_empty() {
                 return Err(err(
                     &self.uri,

@@ -138,7 +138,7 @@ impl BlockTarget for NbdTarget {
             let ask = (end - at).min(1 << 30) as u32;
             let descs = self
                 .rt
-                .block_on(self.client.block_status(at, ask, ctx))
+                .block_on(self.client.block_status(at, ask, ctx, false))
                 .map_err(|e| err(&self.uri, e))?;
             if descs.is_empty() {
                 return Ok(false);

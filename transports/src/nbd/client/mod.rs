@@ -277,34 +277,16 @@ impl NbdClient {
 
     /// Block status of `[offset, offset+len)` in meta context `context`:
     /// (length, flags) descriptors from `offset` on; may cover less than asked.
+    /// With `one_extent` (`NBD_CMD_FLAG_REQ_ONE`) the server works out one
+    /// extent per context, not every extent of `len` bytes in each.
     pub async fn block_status(
         &self,
         offset: u64,
         len: u32,
         context: u32,
+        one_extent: bool,
     ) -> Result<Vec<(u32, u32)>, NbdError> {
-        self.status(offset, len, context, 0).await
-    }
-
-    /// Block status of the first extent from `offset` only
-    /// (`NBD_CMD_FLAG_REQ_ONE`): the server works out one extent per
-    /// context, not every extent of `len` bytes in each.
-    pub async fn block_status_one(
-        &self,
-        offset: u64,
-        len: u32,
-        context: u32,
-    ) -> Result<Vec<(u32, u32)>, NbdError> {
-        self.status(offset, len, context, p::CMD_FLAG_REQ_ONE).await
-    }
-
-    async fn status(
-        &self,
-        offset: u64,
-        len: u32,
-        context: u32,
-        flags: u16,
-    ) -> Result<Vec<(u32, u32)>, NbdError> {
+        let flags = if one_extent { p::CMD_FLAG_REQ_ONE } else { 0 };
         match self
             .submit(
                 p::CMD_BLOCK_STATUS,
