@@ -10,7 +10,8 @@
 # zeros; v2.raw, 5 % of it changed), built once in WORKDIR/img; and, for
 # the cost of an incremental as the disk grows, qcow2 disks of each
 # INC_SIZES (sizes as 16G, 1T) with 4 KiB written in every MiB (4 KiB
-# clusters), built once (1 TiB: about 5 minutes).
+# clusters), built once (for 1 TiB, a raw file converted and a full backup
+# of a million chunks: minutes).
 #
 # ROUNDS rounds, each measuring everything once in the same order
 # (interleaved: a slow minute of this VM hits dm and its peer alike); the
