@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::frame::{FrameDecoder, FrameHeader};
-use crate::format::manifest::{self, Extent, Manifest, PointMeta};
+use crate::format::manifest::{self, Extent, PointMeta};
 use crate::ids::{ChunkId, DiskName, PointId};
-use crate::repo::{Index, PackWriter, RepoLock, Repository};
+use crate::repo::{Index, PackWriter, PointFile, RepoLock, Repository};
 use crate::sys::LockMode;
 
 /// Somewhere points can be written.
@@ -43,15 +43,15 @@ pub trait Store: Sync {
 pub trait StoreSession: Sync {
     /// The new point's id.
     fn point(&self) -> &PointId;
-    /// The disk's newest point (its manifest), to build on and dedupe
-    /// against.
-    fn parent(&self) -> Result<Option<(PointId, Manifest)>>;
+    /// The disk's newest point (its manifest, open, its extents read as
+    /// they are needed), to build on and dedupe against.
+    fn parent(&self) -> Result<Option<(PointId, PointFile)>>;
     /// Whether the store holds chunk `id` already (`false` when unsure: the
     /// sink may still find it there and skip sending it).
     fn has(&self, id: &ChunkId) -> bool;
     /// A chunk of `m` the store is known to lack (a parent that cannot be
-    /// built on), or `None`.
-    fn missing_of(&self, m: &Manifest) -> Option<ChunkId>;
+    /// built on), or `None`; reading `m` through checks it.
+    fn missing_of(&self, m: &PointFile) -> Result<Option<ChunkId>>;
     /// Where new frames go (one sink per session).
     fn sink(&self, pack_target: u64) -> Result<Box<dyn FrameSink + '_>>;
     /// A temp file for the new manifest.
@@ -127,11 +127,11 @@ impl StoreSession for LocalSession<'_> {
     fn point(&self) -> &PointId {
         &self.point
     }
-    fn parent(&self) -> Result<Option<(PointId, Manifest)>> {
+    fn parent(&self) -> Result<Option<(PointId, PointFile)>> {
         match self.repo.point_ids(&self.disk)?.pop() {
             None => Ok(None),
             Some(p) => {
-                let m = self.repo.read_point(&self.disk, &p)?;
+                let m = self.repo.open_point(&self.disk, &p)?;
                 Ok(Some((p, m)))
             }
         }
@@ -139,11 +139,14 @@ impl StoreSession for LocalSession<'_> {
     fn has(&self, id: &ChunkId) -> bool {
         self.index.contains(id)
     }
-    fn missing_of(&self, m: &Manifest) -> Option<ChunkId> {
-        m.extents.iter().find_map(|e| match e {
-            Extent::Chunk { id, .. } if !self.index.contains(id) => Some(*id),
-            _ => None,
-        })
+    fn missing_of(&self, m: &PointFile) -> Result<Option<ChunkId>> {
+        for e in m.extents()? {
+            match e? {
+                Extent::Chunk { id, .. } if !self.index.contains(&id) => return Ok(Some(id)),
+                _ => {}
+            }
+        }
+        Ok(None)
     }
     fn sink(&self, pack_target: u64) -> Result<Box<dyn FrameSink + '_>> {
         Ok(Box::new(PackWriter::with_target(self.repo, pack_target)))
@@ -259,7 +262,7 @@ impl<'r> Ingest<'r> {
     }
 
     /// The disk's newest point.
-    pub fn parent(&self) -> Result<Option<(PointId, Manifest)>> {
+    pub fn parent(&self) -> Result<Option<(PointId, PointFile)>> {
         self.session.parent()
     }
 

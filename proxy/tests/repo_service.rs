@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use datamover::format::manifest::{Manifest, PointMeta};
+use datamover::format::manifest::PointMeta;
+use datamover::repo::PointFile;
 use datamover::{
     BackupOptions, ChunkId, DiskName, FrameSink, PointId, Repository, Store, StoreSession,
 };
@@ -414,13 +415,13 @@ impl StoreSession for FaultySession<'_> {
     fn point(&self) -> &PointId {
         self.0.point()
     }
-    fn parent(&self) -> datamover::Result<Option<(PointId, Manifest)>> {
+    fn parent(&self) -> datamover::Result<Option<(PointId, PointFile)>> {
         self.0.parent()
     }
     fn has(&self, id: &ChunkId) -> bool {
         self.0.has(id)
     }
-    fn missing_of(&self, m: &Manifest) -> Option<ChunkId> {
+    fn missing_of(&self, m: &PointFile) -> datamover::Result<Option<ChunkId>> {
         self.0.missing_of(m)
     }
     fn sink(&self, t: u64) -> datamover::Result<Box<dyn FrameSink + '_>> {

@@ -53,7 +53,7 @@ use crate::format::manifest::{
 };
 use crate::ids::{ChunkId, DiskName, PointId};
 use crate::progress::{ProgressFn, report};
-use crate::repo::Repository;
+use crate::repo::{PointFile, Repository};
 use crate::source::{BlockSource, ExtentKind, SourceExtent};
 use crate::stats::RunStats;
 use crate::store::{FrameSink, Store, StoreSession};

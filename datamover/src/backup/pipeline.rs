@@ -76,13 +76,13 @@ impl<'s> Pipeline<'_, 's> {
                 let changed = match &plan {
                     Plan::Full => read_full(&mut sc, &read_tx).map(|()| None),
                     Plan::Incremental {
-                        extents, tracker, ..
-                    } => {
+                        manifest, tracker, ..
+                    } => manifest.extents().and_then(|extents| {
                         let mut dirty = DirtyRanges::new(*tracker, size, CHANGE_WINDOW);
-                        let parent = ParentExtents::new(extents);
-                        read_incremental(&mut sc, &mut dirty, &parent, chunking, &read_tx)
+                        let mut parent = ParentExtents::new(extents, manifest.meta.disk_size);
+                        read_incremental(&mut sc, &mut dirty, &mut parent, chunking, &read_tx)
                             .map(|()| Some(dirty.bytes))
-                    }
+                    }),
                 };
                 drop(read_tx);
                 changed.map(|c| (sc.st, c))

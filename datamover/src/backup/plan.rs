@@ -14,7 +14,8 @@ pub(super) enum Plan<'s> {
     /// Read what changed; take the rest from the parent point.
     Incremental {
         parent: PointId,
-        extents: Vec<Extent>,
+        /// Its manifest, read as the run goes.
+        manifest: Box<PointFile>,
         tracker: &'s dyn ChangeTracker,
     },
 }
@@ -54,7 +55,7 @@ pub(super) fn plan<'s>(
                         "the disk is {size} bytes but its previous point {parent} is {} bytes",
                         m.meta.disk_size
                     )
-                } else if let Some(id) = session.missing_of(&m) {
+                } else if let Some(id) = session.missing_of(&m)? {
                     format!(
                         "chunk {} of the previous point {parent} is missing from the repository (run `dm verify`)",
                         id.short()
@@ -64,7 +65,7 @@ pub(super) fn plan<'s>(
                     return Ok((
                         Plan::Incremental {
                             parent,
-                            extents: m.extents,
+                            manifest: Box::new(m),
                             tracker,
                         },
                         chunking,

@@ -275,38 +275,103 @@ pub(super) fn read_full(sc: &mut Scanner<'_>, tx: &Sender<ReadMsg>) -> Result<()
     Ok(())
 }
 
-/// The parent point's extents with their disk offsets.
-pub(super) struct ParentExtents<'a> {
-    pub(super) extents: &'a [Extent],
-    /// `starts[i]` is where extent `i` begins; `starts[n]` is the disk size.
-    pub(super) starts: Vec<u64>,
+/// The parent point's extents with their disk offsets, read from its
+/// manifest as the run moves along the disk: only the extents between the
+/// run's position and the furthest place it has looked at are held, so
+/// memory does not grow with the disk. Every question is about a place at
+/// or past the last [`ParentExtents::release`].
+pub(super) struct ParentExtents<I> {
+    src: I,
+    /// The disk size (the sum of the parent's extents).
+    size: u64,
+    /// Extents held, with where each starts, in disk order.
+    win: VecDeque<(u64, Extent)>,
+    /// Where the next extent to read starts.
+    end: u64,
+    /// Extents ending at or before this were released.
+    released: u64,
 }
 
-impl<'a> ParentExtents<'a> {
-    pub(super) fn new(extents: &'a [Extent]) -> Self {
-        let mut starts = Vec::with_capacity(extents.len() + 1);
-        let mut at = 0u64;
-        starts.push(0);
-        for e in extents {
-            at += e.len();
-            starts.push(at);
+impl<I: Iterator<Item = Result<Extent>>> ParentExtents<I> {
+    pub(super) fn new(src: I, size: u64) -> Self {
+        ParentExtents {
+            src,
+            size,
+            win: VecDeque::new(),
+            end: 0,
+            released: 0,
         }
-        ParentExtents { extents, starts }
     }
 
-    /// Index of the extent holding `b` (`n` at the disk's end).
-    pub(super) fn extent_at(&self, b: u64) -> usize {
-        self.starts.partition_point(|s| *s <= b).saturating_sub(1)
+    /// The extent holding `b` and where it starts; `None` at the disk's end.
+    fn holding(&mut self, b: u64) -> Result<Option<(u64, Extent)>> {
+        if b >= self.size {
+            return Ok(None);
+        }
+        if b < self.released {
+            return Err(Error::Internal(format!(
+                "incremental asked about {b}, before {} (released)",
+                self.released
+            )));
+        }
+        while self.end <= b {
+            let e = match self.src.next() {
+                Some(e) => e?,
+                None => {
+                    return Err(Error::Internal(format!(
+                        "the parent point ends at {} of {} bytes",
+                        self.end, self.size
+                    )));
+                }
+            };
+            self.win.push_back((self.end, e));
+            self.end += e.len();
+        }
+        let i = self.win.partition_point(|(s, _)| *s <= b);
+        Ok(i.checked_sub(1).and_then(|i| self.win.get(i)).copied())
+    }
+
+    /// Forget the extents that end at or before `pos`.
+    pub(super) fn release(&mut self, pos: u64) {
+        while let Some((s, e)) = self.win.front() {
+            if s + e.len() > pos {
+                break;
+            }
+            self.win.pop_front();
+        }
+        self.released = self.released.max(pos);
+    }
+
+    /// Read the rest of the manifest, so that its checks (the CRC, the
+    /// count and size in its footer) vouch for every extent taken.
+    pub(super) fn finish(&mut self) -> Result<()> {
+        self.win.clear();
+        for e in self.src.by_ref() {
+            self.end += e?.len();
+        }
+        if self.end != self.size {
+            return Err(Error::Internal(
+                "parent point does not cover the disk".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `b` is a zero run of the parent.
+    pub(super) fn is_zero(&mut self, b: u64) -> Result<bool> {
+        Ok(matches!(self.holding(b)?, Some((_, Extent::Zero { .. }))))
     }
 
     /// Where the parent's extents may be taken up again: its extent
     /// starts, and every zero block inside its zero runs (a zero run can
     /// be split anywhere a full read would cut it).
-    pub(super) fn is_boundary(&self, b: u64) -> bool {
-        let i = self.extent_at(b);
-        self.starts[i] == b
-            || (matches!(self.extents.get(i), Some(Extent::Zero { .. }))
-                && b % ZERO_BLOCK as u64 == 0)
+    pub(super) fn is_boundary(&mut self, b: u64) -> Result<bool> {
+        Ok(match self.holding(b)? {
+            None => true,
+            Some((s, e)) => {
+                s == b || (matches!(e, Extent::Zero { .. }) && b % ZERO_BLOCK as u64 == 0)
+            }
+        })
     }
 
     /// Where changes must begin for the boundary `b` to stay a cut of the
@@ -314,42 +379,54 @@ impl<'a> ParentExtents<'a> {
     /// (or with content-defined chunks), a change in its first zero block
     /// makes that block data, and the data before `b` then runs on with
     /// no cut at `b`: such a change counts as one before `b`.
-    pub(super) fn guard(&self, b: u64, chunking: ChunkingInfo) -> u64 {
-        let size = self.starts[self.extents.len()];
+    pub(super) fn guard(&mut self, b: u64, chunking: ChunkingInfo) -> Result<u64> {
+        let size = self.size;
         let on_grid =
             chunking.kind == ChunkingKind::Fixed && b % u64::from(chunking.block_size.max(1)) == 0;
         if b == 0 || b >= size || on_grid {
-            return b;
+            return Ok(b);
         }
-        let i = self.extent_at(b);
-        if self.starts[i] == b && matches!(self.extents[i], Extent::Zero { .. }) {
-            ((b / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64).min(size)
-        } else {
-            b
-        }
+        Ok(match self.holding(b)? {
+            Some((s, Extent::Zero { .. })) if s == b => {
+                ((b / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64).min(size)
+            }
+            _ => b,
+        })
     }
 
     /// The first boundary after `after`, if any.
-    pub(super) fn next_boundary(&self, after: u64) -> Option<u64> {
-        let i = self.starts.partition_point(|s| *s <= after);
-        let next = self.starts.get(i).copied();
-        if let Some(Extent::Zero { .. }) = i.checked_sub(1).and_then(|j| self.extents.get(j)) {
+    pub(super) fn next_boundary(&mut self, after: u64) -> Result<Option<u64>> {
+        let Some((s, e)) = self.holding(after)? else {
+            return Ok(None);
+        };
+        let next = s + e.len();
+        if let Extent::Zero { .. } = e {
             let z = (after / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64;
-            if next.is_none_or(|n| z < n) {
-                return Some(z);
+            if z < next {
+                return Ok(Some(z));
             }
         }
-        next
+        Ok(Some(next))
     }
 
-    /// The parent's extent `i` (which holds `pos`, a boundary) from `pos`
-    /// to its end: the extent itself, or the rest of a zero run; and
-    /// where it ends.
-    pub(super) fn at(&self, i: usize, pos: u64) -> (Extent, u64) {
-        let end = self.starts[i + 1];
-        match self.extents[i] {
-            Extent::Zero { .. } => (Extent::Zero { len: end - pos }, end),
-            e => (e, end),
+    /// The parent's extent holding `pos` (a boundary) from `pos` to its
+    /// end: the extent itself, or the rest of a zero run; and where it
+    /// ends.
+    pub(super) fn at(&mut self, pos: u64) -> Result<(Extent, u64)> {
+        match self.holding(pos)? {
+            Some((s, e)) => {
+                let end = s + e.len();
+                match e {
+                    Extent::Zero { .. } => Ok((Extent::Zero { len: end - pos }, end)),
+                    e if s == pos => Ok((e, end)),
+                    _ => Err(Error::Internal(format!(
+                        "incremental asked for the parent's chunk at {pos}, inside it"
+                    ))),
+                }
+            }
+            None => Err(Error::Internal(format!(
+                "incremental asked for the parent's extent at the disk's end ({pos})"
+            ))),
         }
     }
 }
@@ -357,16 +434,15 @@ impl<'a> ParentExtents<'a> {
 /// An incremental run: unchanged parent extents are sent as they are;
 /// from the parent extent where a change starts, the disk is read and
 /// chunked again (see [`read_region`]).
-pub(super) fn read_incremental(
+pub(super) fn read_incremental<I: Iterator<Item = Result<Extent>>>(
     sc: &mut Scanner<'_>,
     dirty: &mut DirtyRanges<'_>,
-    parent: &ParentExtents<'_>,
+    parent: &mut ParentExtents<I>,
     chunking: ChunkingInfo,
     tx: &Sender<ReadMsg>,
 ) -> Result<()> {
     let size = sc.size;
-    let n = parent.extents.len();
-    if parent.starts[n] != size {
+    if parent.size != size {
         return Err(Error::Internal(
             "parent point does not cover the disk".into(),
         ));
@@ -382,11 +458,10 @@ pub(super) fn read_incremental(
     loop {
         let next = dirty.next_range()?;
         let ds = next.map_or(size, |r| r.0);
-        let mut i = parent.extent_at(pos.min(size.saturating_sub(1)));
         while pos < size {
-            let (e, end) = parent.at(i, pos);
+            let (e, end) = parent.at(pos)?;
             // Not past the change, nor up to a cut the change removes.
-            if end > ds || ds < parent.guard(end, chunking) {
+            if end > ds || ds < parent.guard(end, chunking)? {
                 break;
             }
             run.push(e);
@@ -397,12 +472,12 @@ pub(super) fn read_incremental(
                 sc.report(end)?;
             }
             pos = end;
-            i += 1;
+            parent.release(pos);
         }
         let Some((_, de)) = next else { break };
         // A change inside a zero run: keep the zeros up to the zero block
         // holding the change (a full read cuts there too), read from there.
-        if let Extent::Zero { .. } = parent.extents[parent.extent_at(pos)] {
+        if parent.is_zero(pos)? {
             let z = ds - ds % ZERO_BLOCK as u64;
             if z > pos {
                 run.push(Extent::Zero { len: z - pos });
@@ -420,6 +495,9 @@ pub(super) fn read_incremental(
     if !flush(&mut run) {
         return Ok(());
     }
+    // The point is written only after this: a damaged parent manifest
+    // fails the run here, before anything taken from it is committed.
+    parent.finish()?;
     sc.report(size)
 }
 
@@ -515,10 +593,10 @@ pub(super) fn send_upto(q: &mut VecDeque<ReadMsg>, limit: u64, tx: &Sender<ReadM
 /// much is read again and how well it dedupes. Messages are held back only
 /// while the chunker has not decided its cuts (at most a maximum chunk
 /// plus one read), so memory stays bounded however long a region runs.
-pub(super) fn read_region(
+pub(super) fn read_region<I: Iterator<Item = Result<Extent>>>(
     sc: &mut Scanner<'_>,
     dirty: &mut DirtyRanges<'_>,
-    parent: &ParentExtents<'_>,
+    parent: &mut ParentExtents<I>,
     start: u64,
     mut de: u64,
     chunking: ChunkingInfo,
@@ -539,10 +617,10 @@ pub(super) fn read_region(
             // Read no further than the first parent boundary at or past the
             // changes: with fixed chunks that is where the new cut lands.
             let want = de.max(read_pos + 1);
-            let limit = if parent.is_boundary(want) {
+            let limit = if parent.is_boundary(want)? {
                 want
             } else {
-                parent.next_boundary(want).unwrap_or(size)
+                parent.next_boundary(want)?.unwrap_or(size)
             };
             read_pos = sc.step(read_pos, limit, &mut out)?;
             for m in out.drain(..) {
@@ -557,12 +635,14 @@ pub(super) fn read_region(
             // Candidates: after a zero stretch, every boundary up to its end;
             // after a chunk, only its end.
             let mut cand = if zeros {
-                parent.next_boundary(decided)
+                parent.next_boundary(decided)?
+            } else if parent.is_boundary(end)? {
+                Some(end)
             } else {
-                Some(end).filter(|b| parent.is_boundary(*b))
+                None
             };
             while let Some(b) = cand.filter(|b| *b <= end) {
-                let guard = parent.guard(b, chunking);
+                let guard = parent.guard(b, chunking)?;
                 while let Some((s, e)) = dirty.peek()? {
                     if s >= guard {
                         break;
@@ -577,13 +657,15 @@ pub(super) fn read_region(
                     return Ok(Some(b));
                 }
                 cand = if zeros {
-                    parent.next_boundary(de - 1)
+                    parent.next_boundary(de - 1)?
                 } else {
                     None
                 };
             }
             decided = end;
         }
+        // Nothing before what is decided is asked about again.
+        parent.release(decided);
         if !send_upto(&mut queue, decided, tx) {
             return Ok(None);
         }
@@ -625,4 +707,77 @@ pub(super) fn split_zero(offset: u64, buf: Bytes, out: &mut Vec<ReadMsg>) {
         i = end;
     }
     push(run_start, buf.len(), run_zero);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parent of a million extents (a 4 KiB chunk, then 1 MiB - 4 KiB
+    /// of zeros, over and over), made as it is read.
+    fn parent(n: u64) -> impl Iterator<Item = Result<Extent>> {
+        (0..2 * n).map(|i| {
+            Ok(if i % 2 == 0 {
+                Extent::Chunk {
+                    id: crate::ids::ChunkId([(i % 251) as u8; 32]),
+                    len: 4096,
+                }
+            } else {
+                Extent::Zero {
+                    len: (1 << 20) - 4096,
+                }
+            })
+        })
+    }
+
+    #[test]
+    fn the_parent_is_held_only_around_the_place_the_run_is_at() {
+        let n = 1 << 20;
+        let size = n << 20;
+        let mut p = ParentExtents::new(parent(n), size);
+        let (mut pos, mut most) = (0u64, 0usize);
+        let cdc = ChunkingInfo {
+            kind: ChunkingKind::Cdc,
+            block_size: 1 << 20,
+        };
+        while pos < size {
+            let (e, end) = p.at(pos).expect("extent");
+            assert_eq!(e.len(), end - pos);
+            // What read_incremental and read_region ask about next.
+            assert!(p.guard(end, cdc).expect("guard") >= end);
+            assert!(p.is_boundary(end).expect("boundary"));
+            most = most.max(p.win.len());
+            pos = end;
+            p.release(pos);
+        }
+        assert!(most <= 2, "held {most} extents at once");
+        p.finish().expect("whole parent");
+        // A zero run is a boundary at every zero block inside it.
+        let mut p = ParentExtents::new(parent(4), 4 << 20);
+        assert_eq!(p.next_boundary(0).expect("next"), Some(4096));
+        let z = ZERO_BLOCK as u64;
+        assert_eq!(p.next_boundary(4096).expect("next"), Some(z));
+        assert_eq!(p.next_boundary(z).expect("next"), Some(2 * z));
+        assert!(p.is_boundary(z).expect("boundary") && p.is_zero(z).expect("zero"));
+        assert!(!p.is_boundary(z + 4096).expect("boundary"));
+        p.release(1 << 20);
+        let e = p.at(4096).expect_err("released");
+        assert!(e.to_string().contains("released"), "{e}");
+    }
+
+    #[test]
+    fn a_parent_that_ends_early_or_is_damaged_is_an_error() {
+        let mut p = ParentExtents::new(parent(2), 4 << 20);
+        let e = p.at(3 << 20).expect_err("short");
+        assert!(e.to_string().contains("ends at"), "{e}");
+        let damaged = parent(2).chain(std::iter::once(Err(Error::corrupt(
+            "point manifest",
+            std::path::Path::new("p"),
+            "CRC mismatch in the extent list",
+        ))));
+        let mut p = ParentExtents::new(damaged, 2 << 20);
+        p.at(0).expect("first");
+        let e = p.finish().expect_err("damaged");
+        assert!(e.to_string().contains("CRC mismatch"), "{e}");
+    }
 }

@@ -426,69 +426,149 @@ pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
     }
     let footer = parse_footer(&b[b.len() - FOOTER_LEN..])?;
     let meta_end = b.len() - FOOTER_LEN;
-    let meta_start = meta_end
-        .checked_sub(footer.meta_len as usize)
-        .filter(|s| *s > HEADER_LEN)
-        .ok_or_else(|| bad("metadata length beyond file"))?;
+    let meta_start = body_len(b.len() as u64, &footer)? as usize;
     let meta = parse_meta(&footer, &b[meta_start..meta_end])?;
-    let body = &b[..meta_start];
-    if crc32fast::hash(body) != footer.body_crc {
-        return Err(bad("CRC mismatch in the extent list"));
-    }
-    // Each record is at least 9 bytes, so the count is bounded by the file.
-    if footer.extents > (body.len() / 9) as u64 {
-        return Err(bad("extent count beyond file size"));
-    }
+    // Records::new bounds the count by the file's size.
+    let records = Records::new(&b[..meta_start], &footer, meta_start as u64)?;
     let mut extents = Vec::with_capacity(footer.extents as usize);
-    let mut at = HEADER_LEN;
-    let mut size = 0u64;
-    let mut last_zero = false;
-    loop {
-        let tag = *body
-            .get(at)
-            .ok_or_else(|| bad("extent list has no end marker"))?;
-        at += 1;
+    for e in records {
+        extents.push(e?);
+    }
+    Ok(Manifest { meta, extents })
+}
+
+/// Where the records end and the metadata starts in a manifest file of
+/// `file_len` bytes (the header, records and end marker come before it).
+pub fn body_len(file_len: u64, footer: &Footer) -> Result<u64, ManifestError> {
+    file_len
+        .checked_sub(FOOTER_LEN as u64 + u64::from(footer.meta_len))
+        .filter(|s| *s > HEADER_LEN as u64)
+        .ok_or_else(|| bad("metadata length beyond file"))
+}
+
+/// The extents of a manifest, decoded one at a time from its first
+/// `body_len` bytes (header, records, end marker): memory stays bounded
+/// whatever the disk size. Every invariant [`decode`] checks is checked
+/// here, as the records go by; the CRC and the count and size in the
+/// footer when the end marker is reached, so a consumer must read to the
+/// end (`None`) before it trusts what it took. After an error the
+/// iterator ends.
+#[derive(Debug)]
+pub struct Records<R: std::io::Read> {
+    r: R,
+    crc: crc32fast::Hasher,
+    left: u64,
+    expect: Footer,
+    count: u64,
+    size: u64,
+    last_zero: bool,
+    done: bool,
+}
+
+impl<R: std::io::Read> Records<R> {
+    /// Start reading `r` (positioned at the file's first byte); checks
+    /// the header. `footer` and `body_len` come from the file's end.
+    pub fn new(mut r: R, footer: &Footer, body_len: u64) -> Result<Self, ManifestError> {
+        // Each record is at least 9 bytes, so the count is bounded by the file.
+        if footer.extents > body_len / 9 {
+            return Err(bad("extent count beyond file size"));
+        }
+        let left = body_len
+            .checked_sub(HEADER_LEN as u64)
+            .ok_or_else(|| bad("truncated"))?;
+        let mut h = [0u8; HEADER_LEN];
+        r.read_exact(&mut h).map_err(|_| bad("truncated"))?;
+        check_header(&h)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        Ok(Records {
+            r,
+            crc,
+            left,
+            expect: *footer,
+            count: 0,
+            size: 0,
+            last_zero: false,
+            done: false,
+        })
+    }
+
+    fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ManifestError> {
+        let mut a = [0u8; N];
+        if self.left < N as u64 {
+            return Err(bad(format!("truncated {what}")));
+        }
+        self.r
+            .read_exact(&mut a)
+            .map_err(|e| bad(format!("truncated {what}: {e}")))?;
+        self.left -= N as u64;
+        self.crc.update(&a);
+        Ok(a)
+    }
+
+    fn record(&mut self) -> Result<Option<Extent>, ManifestError> {
+        let [tag] = self
+            .take::<1>("record")
+            .map_err(|_| bad("extent list has no end marker"))?;
         let e = match tag {
-            TAG_END => break,
+            TAG_END => {
+                if self.left != 0 {
+                    return Err(bad("bytes after the end marker"));
+                }
+                if self.crc.clone().finalize() != self.expect.body_crc {
+                    return Err(bad("CRC mismatch in the extent list"));
+                }
+                if self.count != self.expect.extents || self.size != self.expect.disk_size {
+                    return Err(bad("extent list disagrees with the footer"));
+                }
+                return Ok(None);
+            }
             TAG_CHUNK => {
-                let r = body
-                    .get(at..at + 36)
-                    .ok_or_else(|| bad("truncated chunk record"))?;
-                at += 36;
-                let len = super::le32(r, 0);
+                let r = self.take::<36>("chunk record")?;
+                let len = super::le32(&r, 0);
                 if len == 0 || len > MAX_CHUNK_LEN {
                     return Err(bad(format!("chunk record with length {len}")));
                 }
-                last_zero = false;
+                self.last_zero = false;
                 Extent::Chunk {
-                    id: ChunkId(super::arr32(r, 4)),
+                    id: ChunkId(super::arr32(&r, 4)),
                     len,
                 }
             }
             TAG_ZERO => {
-                let r = body
-                    .get(at..at + 8)
-                    .ok_or_else(|| bad("truncated zero record"))?;
-                at += 8;
-                let len = super::le64(r, 0);
-                if len == 0 || last_zero {
+                let r = self.take::<8>("zero record")?;
+                let len = super::le64(&r, 0);
+                if len == 0 || self.last_zero {
                     return Err(bad("empty or unmerged zero record"));
                 }
-                last_zero = true;
+                self.last_zero = true;
                 Extent::Zero { len }
             }
             t => return Err(bad(format!("unknown record tag {t}"))),
         };
-        size = size
+        self.size = self
+            .size
             .checked_add(e.len())
-            .ok_or_else(|| bad("extent lengths overflow"))?;
-        extents.push(e);
+            .filter(|s| *s <= self.expect.disk_size)
+            .ok_or_else(|| bad("extent lengths beyond the disk size"))?;
+        self.count += 1;
+        if self.count > self.expect.extents {
+            return Err(bad("more extents than the footer counts"));
+        }
+        Ok(Some(e))
     }
-    if at != body.len() {
-        return Err(bad("bytes after the end marker"));
+}
+
+impl<R: std::io::Read> Iterator for Records<R> {
+    type Item = Result<Extent, ManifestError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.record();
+        if !matches!(r, Ok(Some(_))) {
+            self.done = true;
+        }
+        r.transpose()
     }
-    if extents.len() as u64 != footer.extents || size != footer.disk_size {
-        return Err(bad("extent list disagrees with the footer"));
-    }
-    Ok(Manifest { meta, extents })
 }

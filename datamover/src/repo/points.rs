@@ -4,13 +4,14 @@
 //! `tmp/` and renamed); ids sort by time, so the newest is the last.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{
-    self, FOOTER_LEN, MANIFEST_VERSION, Manifest, ManifestError, PointMeta,
+    self, Extent, FOOTER_LEN, Footer, MANIFEST_VERSION, Manifest, ManifestError, PointMeta,
 };
 use crate::ids::{DiskName, PointId};
 
@@ -115,36 +116,27 @@ impl Repository {
 
     /// Read only a point's metadata (footer + JSON).
     pub fn point_meta(&self, disk: &DiskName, id: &PointId) -> Result<PointSummary> {
-        let path = self.point_path(disk, id);
-        let mut f = File::open(&path).ctx("open", &path)?;
-        let len = f.metadata().ctx("stat", &path)?.len();
-        let mut head = [0u8; manifest::HEADER_LEN];
-        f.read_exact(&mut head)
-            .map_err(|_| Error::corrupt("point manifest", &path, "truncated"))?;
-        manifest::check_header(&head).map_err(|e| map_err(&path, e))?;
-        if len < (manifest::HEADER_LEN + 1 + FOOTER_LEN) as u64 {
-            return Err(Error::corrupt("point manifest", &path, "truncated"));
-        }
-        let mut foot = [0u8; FOOTER_LEN];
-        f.seek(SeekFrom::Start(len - FOOTER_LEN as u64))
-            .ctx("seek", &path)?;
-        f.read_exact(&mut foot).ctx("read", &path)?;
-        let footer = manifest::parse_footer(&foot).map_err(|e| map_err(&path, e))?;
-        let start = (len - FOOTER_LEN as u64)
-            .checked_sub(u64::from(footer.meta_len))
-            .ok_or_else(|| {
-                Error::corrupt("point manifest", &path, "metadata length beyond file")
-            })?;
-        let mut meta = vec![0u8; footer.meta_len as usize];
-        f.seek(SeekFrom::Start(start)).ctx("seek", &path)?;
-        f.read_exact(&mut meta).ctx("read", &path)?;
-        let meta = manifest::parse_meta(&footer, &meta).map_err(|e| map_err(&path, e))?;
+        let p = self.open_point(disk, id)?;
         Ok(PointSummary {
             disk: disk.clone(),
             id: id.clone(),
-            meta,
-            manifest_len: len,
+            manifest_len: p.len,
+            meta: p.meta,
         })
+    }
+
+    /// Open a point's manifest: its metadata read and checked (it must
+    /// name this disk and point), its extents left on disk to stream.
+    pub fn open_point(&self, disk: &DiskName, id: &PointId) -> Result<PointFile> {
+        let p = PointFile::open(&self.point_path(disk, id))?;
+        if p.meta.name != disk.to_string() || p.meta.point != id.as_str() {
+            return Err(Error::corrupt(
+                "point manifest",
+                &p.path,
+                "names another disk or point",
+            ));
+        }
+        Ok(p)
     }
 
     /// List points (of one disk, or all), oldest first per disk. Manifests
@@ -166,29 +158,28 @@ impl Repository {
         Ok((ok, bad))
     }
 
-    /// Read and check a whole manifest.
+    /// Read and check a whole manifest into memory (at most
+    /// [`manifest::MAX_MANIFEST_LEN`] bytes of it); [`Self::open_point`]
+    /// streams the extents instead.
     pub fn read_point(&self, disk: &DiskName, id: &PointId) -> Result<Manifest> {
-        let path = self.point_path(disk, id);
-        let mut f = File::open(&path).ctx("open", &path)?;
-        let len = f.metadata().ctx("stat", &path)?.len();
-        if len > manifest::MAX_MANIFEST_LEN {
+        let p = self.open_point(disk, id)?;
+        if p.len > manifest::MAX_MANIFEST_LEN {
             return Err(Error::corrupt(
                 "point manifest",
-                &path,
+                &p.path,
                 "larger than the 1 GiB limit",
             ));
         }
-        let mut b = Vec::with_capacity(len as usize);
-        f.read_to_end(&mut b).ctx("read", &path)?;
-        let m = manifest::decode(&b).map_err(|e| map_err(&path, e))?;
-        if m.meta.name != disk.to_string() || m.meta.point != id.as_str() {
-            return Err(Error::corrupt(
-                "point manifest",
-                &path,
-                "names another disk or point",
-            ));
+        // extents() bounds the count by the file's size.
+        let records = p.extents()?;
+        let mut extents = Vec::with_capacity(p.footer.extents as usize);
+        for e in records {
+            extents.push(e?);
         }
-        Ok(m)
+        Ok(Manifest {
+            meta: p.meta,
+            extents,
+        })
     }
 
     /// Find a point: `None` or "latest" is the newest, otherwise an id or a
@@ -213,5 +204,117 @@ impl Repository {
                 }
             }
         }
+    }
+}
+
+/// A point's manifest file, open: its metadata read and checked, its
+/// extents read on demand ([`PointFile::extents`], as often as needed), so
+/// a manifest of any size costs bounded memory. The file stays open, so a
+/// point removed meanwhile (by prune) still reads to its end.
+#[derive(Debug)]
+pub struct PointFile {
+    file: File,
+    path: PathBuf,
+    footer: Footer,
+    body_len: u64,
+    len: u64,
+    /// Its metadata.
+    pub meta: PointMeta,
+}
+
+impl PointFile {
+    /// Open the manifest at `path`.
+    pub fn open(path: &Path) -> Result<PointFile> {
+        PointFile::from_file(File::open(path).ctx("open", path)?, path)
+    }
+
+    /// Take an open manifest file (`path` names it in messages): check its
+    /// header, footer and metadata.
+    pub fn from_file(file: File, path: &Path) -> Result<PointFile> {
+        let len = file.metadata().ctx("stat", path)?.len();
+        let trunc = || Error::corrupt("point manifest", path, "truncated");
+        let mut head = [0u8; manifest::HEADER_LEN];
+        file.read_exact_at(&mut head, 0).map_err(|_| trunc())?;
+        manifest::check_header(&head).map_err(|e| map_err(path, e))?;
+        if len < (manifest::HEADER_LEN + 1 + FOOTER_LEN) as u64 {
+            return Err(trunc());
+        }
+        let mut foot = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut foot, len - FOOTER_LEN as u64)
+            .ctx("read", path)?;
+        let footer = manifest::parse_footer(&foot).map_err(|e| map_err(path, e))?;
+        let body_len = manifest::body_len(len, &footer).map_err(|e| map_err(path, e))?;
+        let mut meta = vec![0u8; footer.meta_len as usize];
+        file.read_exact_at(&mut meta, body_len).ctx("read", path)?;
+        let meta = manifest::parse_meta(&footer, &meta).map_err(|e| map_err(path, e))?;
+        Ok(PointFile {
+            file,
+            path: path.to_path_buf(),
+            footer,
+            body_len,
+            len,
+            meta,
+        })
+    }
+
+    /// The file's size.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true: a manifest has a header and a footer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of extents.
+    pub fn extent_count(&self) -> u64 {
+        self.footer.extents
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read the extents through once, checking them all (CRC, count and
+    /// size against the footer): an error here means the manifest is
+    /// damaged.
+    pub fn check(&self) -> Result<()> {
+        for e in self.extents()? {
+            e?;
+        }
+        Ok(())
+    }
+
+    /// The extents in disk order, read from the file as they are taken.
+    /// Their CRC is checked at the end: trust what was taken only once the
+    /// iterator returned `None`.
+    pub fn extents(&self) -> Result<impl Iterator<Item = Result<Extent>> + '_> {
+        let r = std::io::BufReader::with_capacity(
+            64 << 10,
+            ReadAt {
+                file: &self.file,
+                at: 0,
+            },
+        );
+        let records = manifest::Records::new(r, &self.footer, self.body_len)
+            .map_err(|e| map_err(&self.path, e))?;
+        Ok(records.map(|r| r.map_err(|e| map_err(&self.path, e))))
+    }
+}
+
+/// Reads a file from `at` on without moving its shared offset, so several
+/// readers of one open file do not disturb each other.
+struct ReadAt<'f> {
+    file: &'f File,
+    at: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
     }
 }

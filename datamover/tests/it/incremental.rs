@@ -381,3 +381,35 @@ fn an_incremental_asks_only_for_the_extents_of_changed_chunks() {
     restore(&repo, "vm/disk", None, &out).expect("restore");
     assert_eq!(hash_file(&img), hash_file(&out));
 }
+
+/// The parent's extents are read as the run goes, their CRC checked at
+/// the end: a damaged parent fails the run, which leaves no point.
+#[test]
+fn an_incremental_on_a_damaged_parent_fails_and_leaves_no_point() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("disk.raw");
+    make_image(&img, 8 << 20, &[(0, 6 << 20, Fill::Random(7))]);
+    let repo = new_repo(dir.path());
+    let full = backup(&repo, &img, "vm/disk", &small_packs());
+    let path = repo.point_path(&full.disk, &full.point);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    let len = f.metadata().expect("stat").len();
+    // The footer's CRC of the extent list (bytes 24..28 of the footer).
+    let at = len - 32 + 24;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0x40], at).expect("damage");
+    let changes = apply(&img, &[(1 << 20, 4096, Fill::Random(8))]);
+    let e = incremental(&repo, &img, changes, &small_packs()).expect_err("damaged parent");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains("CRC mismatch in the extent list"),
+        "{e}"
+    );
+    assert_eq!(repo.point_ids(&full.disk).expect("ids"), vec![full.point]);
+}

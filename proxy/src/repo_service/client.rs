@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use datamover::format::manifest::{self, Manifest, PointMeta};
+use datamover::repo::PointFile;
 use datamover::{ChunkId, DiskName, Error, FrameSink, PointId, Store, StoreSession, TransportKind};
 use rustls::pki_types::ServerName;
 
@@ -136,6 +137,75 @@ impl RemoteStore {
         Ok((s, ready))
     }
 
+    /// Ask with `ask` for a manifest and write its parts to `out`, at
+    /// most [`manifest::MAX_MANIFEST_LEN`] bytes.
+    fn receive(
+        &self,
+        s: &mut ClientStream,
+        ask: Msg,
+        out: &mut dyn Write,
+    ) -> datamover::Result<()> {
+        write_msg(s, ask, &[])
+            .and_then(|_| s.flush())
+            .map_err(|e| self.lost(e))?;
+        let mut len = 0u64;
+        loop {
+            let (ty, b) = read_msg(s).map_err(|e| self.lost(format!("connection lost: {e}")))?;
+            match ty {
+                Msg::ManifestPart => {
+                    len += b.len() as u64;
+                    if len > manifest::MAX_MANIFEST_LEN {
+                        return Err(self.err("manifest beyond the 1 GiB limit"));
+                    }
+                    out.write_all(&b)
+                        .map_err(|e| Error::io("write", std::env::temp_dir(), e))?;
+                }
+                Msg::ManifestEnd => return Ok(()),
+                Msg::Error => return Err(self.refusal(&b)),
+                t => return Err(self.err(format!("unexpected message type {t}"))),
+            }
+        }
+    }
+
+    /// The service sent `name`@`point` when asked for `disk`@`id`.
+    fn check_names(
+        &self,
+        name: &str,
+        point: &str,
+        disk: &DiskName,
+        id: &PointId,
+    ) -> datamover::Result<()> {
+        if point != id.as_str() || name != disk.to_string() {
+            return Err(self.err(format!(
+                "sent the manifest of {name}@{point}, not {disk}@{id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ask with `ask` for the manifest of point `id` of `disk` into a
+    /// temp file (removed once closed): bounded memory at any disk size.
+    /// Its metadata is checked to be that point's; its extents are
+    /// checked as they are read.
+    pub(super) fn manifest_file(
+        &self,
+        s: &mut ClientStream,
+        ask: Msg,
+        disk: &DiskName,
+        id: &PointId,
+    ) -> datamover::Result<PointFile> {
+        let tmp = std::env::temp_dir();
+        let f = tempfile::tempfile().map_err(|e| Error::io("create", &tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        self.receive(s, ask, &mut w)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io("write", &tmp, e.into_error()))?;
+        let m = PointFile::from_file(f, &PathBuf::from(self.describe()))?;
+        self.check_names(&m.meta.name, &m.meta.point, disk, id)?;
+        Ok(m)
+    }
+
     /// Ask with `ask` for the manifest of point `id` of `disk`, and read
     /// it (bounded, decoded, and checked to be that point's).
     pub(super) fn manifest(
@@ -145,24 +215,8 @@ impl RemoteStore {
         disk: &DiskName,
         id: &PointId,
     ) -> datamover::Result<Manifest> {
-        write_msg(s, ask, &[])
-            .and_then(|_| s.flush())
-            .map_err(|e| self.lost(e))?;
         let mut bytes = Vec::new();
-        loop {
-            let (ty, b) = read_msg(s).map_err(|e| self.lost(format!("connection lost: {e}")))?;
-            match ty {
-                Msg::ManifestPart => {
-                    if (bytes.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
-                        return Err(self.err("manifest beyond the 1 GiB limit"));
-                    }
-                    bytes.extend_from_slice(&b);
-                }
-                Msg::ManifestEnd => break,
-                Msg::Error => return Err(self.refusal(&b)),
-                t => return Err(self.err(format!("unexpected message type {t}"))),
-            }
-        }
+        self.receive(s, ask, &mut bytes)?;
         let m = manifest::decode(&bytes).map_err(|e| {
             Error::corrupt(
                 "point manifest",
@@ -170,12 +224,7 @@ impl RemoteStore {
                 format!("{e:?}"),
             )
         })?;
-        if m.meta.point != id.as_str() || m.meta.name != disk.to_string() {
-            return Err(self.err(format!(
-                "sent the manifest of {}@{}, not {disk}@{id}",
-                m.meta.name, m.meta.point
-            )));
-        }
+        self.check_names(&m.meta.name, &m.meta.point, disk, id)?;
         Ok(m)
     }
 
@@ -281,13 +330,8 @@ impl Store for RemoteStore {
         };
         // The parent's chunks from the cache, if it holds the parent: a
         // full read then asks the service about none of them.
-        if let Some(m) = session
-            .parent
-            .as_deref()
-            .and_then(|p| p.parse().ok())
-            .and_then(|p| session.cached_parent(&p))
-        {
-            session.learn(&m);
+        if let Some(p) = session.parent.as_deref().and_then(|p| p.parse().ok()) {
+            session.cached_parent(&p);
         }
         Ok(Box::new(session))
     }
@@ -310,27 +354,36 @@ impl RemoteSession<'_> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The chunks of `m` (the parent) are held by the repository.
-    fn learn(&self, m: &Manifest) {
+    /// The chunks of `m` (the parent) are held by the repository; reading
+    /// them all checks `m` (nothing is learnt from a damaged one).
+    fn learn(&self, m: &PointFile) -> datamover::Result<()> {
+        let mut ids = HashSet::new();
+        for e in m.extents()? {
+            if let manifest::Extent::Chunk { id, .. } = e? {
+                ids.insert(id);
+            }
+        }
         let mut k = self.known.write().unwrap_or_else(|p| p.into_inner());
-        k.extend(m.extents.iter().filter_map(|e| match e {
-            manifest::Extent::Chunk { id, .. } => Some(*id),
-            manifest::Extent::Zero { .. } => None,
-        }));
+        k.extend(ids);
+        Ok(())
     }
 
-    /// The parent's manifest from the cache, if it is that point's.
-    fn cached_parent(&self, id: &PointId) -> Option<Manifest> {
+    /// The parent's manifest from the cache, if it is that point's and
+    /// reads whole.
+    fn cached_parent(&self, id: &PointId) -> Option<PointFile> {
         let path = self.cache.as_ref()?;
-        let bytes = datamover::store::read_manifest_file(path).ok()?;
-        let m = manifest::decode(&bytes).ok()?;
-        (m.meta.point == id.as_str() && m.meta.name == self.disk.to_string()).then_some(m)
+        let m = PointFile::open(path).ok()?;
+        let ours = m.meta.point == id.as_str() && m.meta.name == self.disk.to_string();
+        (ours && self.learn(&m).is_ok()).then_some(m)
     }
 
     /// The parent's manifest from the service.
-    fn fetch_parent(&self, id: &PointId) -> datamover::Result<Manifest> {
-        self.store
-            .manifest(&mut self.conn(), Msg::GetParent, &self.disk, id)
+    fn fetch_parent(&self, id: &PointId) -> datamover::Result<PointFile> {
+        let m = self
+            .store
+            .manifest_file(&mut self.conn(), Msg::GetParent, &self.disk, id)?;
+        self.learn(&m)?;
+        Ok(m)
     }
 
     /// Keep `bytes` (the committed point's manifest) as this disk's
@@ -355,7 +408,7 @@ impl StoreSession for RemoteSession<'_> {
         &self.point
     }
 
-    fn parent(&self) -> datamover::Result<Option<(PointId, Manifest)>> {
+    fn parent(&self) -> datamover::Result<Option<(PointId, PointFile)>> {
         let Some(p) = &self.parent else {
             return Ok(None);
         };
@@ -364,7 +417,6 @@ impl StoreSession for RemoteSession<'_> {
             Some(m) => m,
             None => self.fetch_parent(&id)?,
         };
-        self.learn(&m);
         Ok(Some((id, m)))
     }
 
@@ -375,9 +427,9 @@ impl StoreSession for RemoteSession<'_> {
             .contains(id)
     }
 
-    fn missing_of(&self, _m: &Manifest) -> Option<ChunkId> {
+    fn missing_of(&self, _m: &PointFile) -> datamover::Result<Option<ChunkId>> {
         // The service checks every chunk a manifest names at commit.
-        None
+        Ok(None)
     }
 
     fn sink(&self, _pack_target: u64) -> datamover::Result<Box<dyn FrameSink + '_>> {
