@@ -48,46 +48,56 @@ impl std::fmt::Debug for RestoreOptions {
     }
 }
 
-/// Where a base point (already on the target) holds the same extent.
-#[derive(Default)]
-struct Unchanged {
-    /// (offset, extent) of the base, in disk order.
-    at: Vec<(u64, Extent)>,
+/// Where a base point (already on the target) holds the same extent; its
+/// extents are read as the restore moves along the disk (asked in disk
+/// order), so only the one at the current place is held.
+struct Unchanged<I> {
+    src: Option<I>,
+    /// The base's extent last read, and where it starts.
+    cur: Option<(u64, Extent)>,
+    /// Where the next extent to read starts.
+    next: u64,
 }
 
-impl Unchanged {
-    fn of(extents: &[Extent]) -> Self {
-        let mut off = 0;
-        let at = extents
-            .iter()
-            .map(|e| {
-                let r = (off, *e);
-                off += e.len();
-                r
-            })
-            .collect();
-        Unchanged { at }
+impl<I: Iterator<Item = Result<Extent>>> Unchanged<I> {
+    fn of(src: Option<I>) -> Self {
+        Unchanged {
+            src,
+            cur: None,
+            next: 0,
+        }
+    }
+
+    /// The base's extent holding `off`, if any.
+    fn at(&mut self, off: u64) -> Result<Option<(u64, Extent)>> {
+        while self.cur.is_none_or(|(o, x)| o + x.len() <= off) {
+            let Some(e) = self.src.as_mut().and_then(Iterator::next) else {
+                self.cur = None;
+                return Ok(None);
+            };
+            let e = e?;
+            self.cur = Some((self.next, e));
+            self.next += e.len();
+        }
+        Ok(self.cur)
     }
 
     /// Whether the base reads the same as extent `e` at `off`: the same
-    /// chunk at the same offset, or zeros over the whole range.
-    fn holds(&self, off: u64, e: &Extent) -> bool {
-        let i = self.at.partition_point(|(o, x)| o + x.len() <= off);
+    /// chunk at the same offset, or zeros over the whole range. Asked in
+    /// disk order.
+    fn holds(&mut self, off: u64, e: &Extent) -> Result<bool> {
         match e {
-            Extent::Chunk { .. } => self.at.get(i).is_some_and(|(o, x)| *o == off && x == e),
+            Extent::Chunk { .. } => Ok(self.at(off)?.is_some_and(|(o, x)| o == off && x == *e)),
             Extent::Zero { len } => {
                 let end = off + len;
-                let mut covered = off;
-                for (o, x) in self.at.get(i..).unwrap_or_default() {
-                    if *o >= end {
-                        break;
+                let mut at = off;
+                while let Some((o, x @ Extent::Zero { .. })) = self.at(at)? {
+                    at = o + x.len();
+                    if at >= end {
+                        return Ok(true);
                     }
-                    if !matches!(x, Extent::Zero { .. }) {
-                        return false;
-                    }
-                    covered = o + x.len();
                 }
-                covered >= end
+                Ok(false)
             }
         }
     }
@@ -166,7 +176,10 @@ fn run(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     let t0 = Instant::now();
-    let m = repo.read_point(disk, point)?;
+    // The manifests are read through once first: their CRCs vouch for them
+    // before anything is written, then their extents stream.
+    let m = repo.open_point(disk, point)?;
+    m.check()?;
     let size = m.meta.disk_size;
     if target.size() < size {
         return Err(Error::TargetTooSmall {
@@ -175,10 +188,17 @@ fn run(
             have: target.size(),
         });
     }
-    let same = match &opts.base {
-        Some(b) => Unchanged::of(&repo.read_point(disk, b)?.extents),
-        None => Unchanged::default(),
+    let base = match &opts.base {
+        Some(b) => {
+            let f = repo.open_point(disk, b)?;
+            f.check()?;
+            Some(f)
+        }
+        None => None,
     };
+    let mut same = Unchanged::of(base.as_ref().map(|b| b.extents()).transpose()?);
+    let extents = m.extents()?;
+    let (mut zero, mut chunks) = (0u64, 0u64);
     let index = repo.load_index()?;
     let reader = PackReader::new(repo);
     let threads = match opts.threads {
@@ -302,11 +322,17 @@ fn run(
             let mut off = 0u64;
             let mut zero_done = 0u64;
             let skipped = &mut skipped;
-            for e in &m.extents {
+            let (zero, chunks) = (&mut zero, &mut chunks);
+            for e in extents {
+                let e = &e?;
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                if same.holds(off, e) {
+                match e {
+                    Extent::Zero { len } => *zero += len,
+                    Extent::Chunk { .. } => *chunks += 1,
+                }
+                if same.holds(off, e)? {
                     *skipped += e.len();
                     off += e.len();
                     continue;
@@ -366,20 +392,10 @@ fn run(
     }
     target.flush()?;
     report(&opts.progress, size, size);
-    let zero: u64 = m
-        .extents
-        .iter()
-        .filter(|e| matches!(e, Extent::Zero { .. }))
-        .map(Extent::len)
-        .sum();
     stats.bytes_read = size - zero;
     stats.bytes_zero = zero;
     stats.bytes_new = size - skipped - alike.load(Ordering::Relaxed);
-    stats.chunks = m.extents.len() as u64
-        - m.extents
-            .iter()
-            .filter(|e| matches!(e, Extent::Zero { .. }))
-            .count() as u64;
+    stats.chunks = chunks;
     stats.seconds = t0.elapsed().as_secs_f64();
     stats.busy = StageBusy {
         read: busy_read.load(Ordering::Relaxed) as f64 / 1e9,
