@@ -446,6 +446,9 @@ pub fn body_len(file_len: u64, footer: &Footer) -> Result<u64, ManifestError> {
         .ok_or_else(|| bad("metadata length beyond file"))
 }
 
+/// Bytes of a manifest's records read at once.
+const READ_AHEAD: u64 = 64 << 10;
+
 /// The extents of a manifest, decoded one at a time from its first
 /// `body_len` bytes (header, records, end marker): memory stays bounded
 /// whatever the disk size. Every invariant [`decode`] checks is checked
@@ -457,7 +460,12 @@ pub fn body_len(file_len: u64, footer: &Footer) -> Result<u64, ManifestError> {
 pub struct Records<R: std::io::Read> {
     r: R,
     crc: crc32fast::Hasher,
+    /// Bytes of the body not read yet.
     left: u64,
+    /// Read ahead (CRC taken as it is read): `buf[at..filled]` not parsed.
+    buf: Vec<u8>,
+    at: usize,
+    filled: usize,
     expect: Footer,
     count: u64,
     size: u64,
@@ -485,6 +493,9 @@ impl<R: std::io::Read> Records<R> {
             r,
             crc,
             left,
+            buf: vec![0; left.min(READ_AHEAD) as usize],
+            at: 0,
+            filled: 0,
             expect: *footer,
             count: 0,
             size: 0,
@@ -494,15 +505,27 @@ impl<R: std::io::Read> Records<R> {
     }
 
     fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ManifestError> {
-        let mut a = [0u8; N];
-        if self.left < N as u64 {
-            return Err(bad(format!("truncated {what}")));
+        if self.filled - self.at < N {
+            self.buf.copy_within(self.at..self.filled, 0);
+            self.filled -= self.at;
+            self.at = 0;
+            while self.filled < N {
+                let room = (self.buf.len() - self.filled) as u64;
+                let want = self.filled + room.min(self.left) as usize;
+                let n = match self.r.read(&mut self.buf[self.filled..want]) {
+                    Ok(0) => return Err(bad(format!("truncated {what}"))),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(bad(format!("truncated {what}: {e}"))),
+                };
+                self.crc.update(&self.buf[self.filled..self.filled + n]);
+                self.filled += n;
+                self.left -= n as u64;
+            }
         }
-        self.r
-            .read_exact(&mut a)
-            .map_err(|e| bad(format!("truncated {what}: {e}")))?;
-        self.left -= N as u64;
-        self.crc.update(&a);
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.buf[self.at..self.at + N]);
+        self.at += N;
         Ok(a)
     }
 
@@ -512,7 +535,7 @@ impl<R: std::io::Read> Records<R> {
             .map_err(|_| bad("extent list has no end marker"))?;
         let e = match tag {
             TAG_END => {
-                if self.left != 0 {
+                if self.left != 0 || self.at != self.filled {
                     return Err(bad("bytes after the end marker"));
                 }
                 if self.crc.clone().finalize() != self.expect.body_crc {

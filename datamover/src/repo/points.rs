@@ -291,13 +291,10 @@ impl PointFile {
     /// Their CRC is checked at the end: trust what was taken only once the
     /// iterator returned `None`.
     pub fn extents(&self) -> Result<impl Iterator<Item = Result<Extent>> + '_> {
-        let r = std::io::BufReader::with_capacity(
-            64 << 10,
-            ReadAt {
-                file: &self.file,
-                at: 0,
-            },
-        );
+        let r = ReadAt {
+            file: &self.file,
+            at: 0,
+        };
         let records = manifest::Records::new(r, &self.footer, self.body_len)
             .map_err(|e| map_err(&self.path, e))?;
         Ok(records.map(|r| r.map_err(|e| map_err(&self.path, e))))
