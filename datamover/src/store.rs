@@ -316,60 +316,77 @@ impl<'r> Ingest<'r> {
         Ok(())
     }
 
-    /// Check the manifest (its disk, its point, every chunk it names is
-    /// held), make every frame durable, then publish the point.
-    pub fn commit(self, manifest_bytes: &[u8]) -> Result<PointMeta> {
+    /// A temp file in the repository for the manifest to be received
+    /// (written as its parts arrive, then given to [`Ingest::commit`]).
+    pub fn manifest_temp(&self) -> Result<(File, PathBuf)> {
+        self.session.manifest_temp()
+    }
+
+    /// Check the manifest received into `path` (a file of
+    /// [`Ingest::manifest_temp`], written and synced): its disk, its point,
+    /// every extent, every chunk it names is held. Then make every frame
+    /// durable and publish the point. The file is read a piece at a time,
+    /// whatever the disk's size, and is gone afterwards, published or
+    /// removed.
+    pub fn commit(self, path: &Path) -> Result<PointMeta> {
+        let r = self.commit_file(path);
+        if r.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    fn commit_file(self, path: &Path) -> Result<PointMeta> {
         let Ingest {
             session,
             sink,
             added,
             ..
         } = self;
-        let path = PathBuf::from("received manifest");
-        let m =
-            manifest::decode(manifest_bytes).map_err(|e| crate::repo::points::map_err(&path, e))?;
+        // Messages name what it is, not the temp file.
+        let named = PathBuf::from("received manifest");
+        let m = PointFile::from_file(File::open(path).ctx("open", path)?, &named)?;
         if m.meta.name != session.disk.to_string() || m.meta.point != session.point.as_str() {
             return Err(Error::corrupt(
                 "point manifest",
-                &path,
+                &named,
                 format!(
                     "it names {}@{}, this session writes {}@{}",
                     m.meta.name, m.meta.point, session.disk, session.point
                 ),
             ));
         }
-        if let Some(id) = m.extents.iter().find_map(|e| match e {
-            Extent::Chunk { id, .. } if !session.index.contains(id) && !added.contains(id) => {
-                Some(*id)
+        for e in m.extents()? {
+            if let Extent::Chunk { id, .. } = e? {
+                if !session.index.contains(&id) && !added.contains(&id) {
+                    return Err(Error::ChunkMissing {
+                        chunk: id,
+                        at: Some(format!(
+                            "the manifest of {}@{}",
+                            session.disk, session.point
+                        )),
+                    });
+                }
             }
-            _ => None,
-        }) {
-            return Err(Error::ChunkMissing {
-                chunk: id,
-                at: Some(format!(
-                    "the manifest of {}@{}",
-                    session.disk, session.point
-                )),
-            });
         }
         sink.commit()?;
-        let (mut f, tmp) = session.manifest_temp()?;
-        let r = std::io::Write::write_all(&mut f, manifest_bytes).and_then(|_| f.sync_all());
-        drop(f);
-        if let Err(e) = r {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io("write", &tmp, e));
-        }
-        Box::new(session).commit(&tmp).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })?;
-        Ok(m.meta)
+        let meta = m.meta;
+        Box::new(session).commit(path)?;
+        Ok(meta)
     }
 }
 
-/// Read a manifest file of at most [`manifest::MAX_MANIFEST_LEN`] bytes.
-pub fn read_manifest_file(path: &Path) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path).ctx("stat", path)?.len();
+/// Read the manifest file at `path` (at most
+/// [`manifest::MAX_MANIFEST_LEN`] bytes) `part` bytes at a time, handing
+/// each piece to `f`: what a manifest sent over the wire costs in memory.
+pub fn manifest_parts(
+    path: &Path,
+    part: usize,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::io::Read;
+    let mut file = File::open(path).ctx("open", path)?;
+    let len = file.metadata().ctx("stat", path)?.len();
     if len > manifest::MAX_MANIFEST_LEN {
         return Err(Error::corrupt(
             "point manifest",
@@ -377,5 +394,13 @@ pub fn read_manifest_file(path: &Path) -> Result<Vec<u8>> {
             "larger than the 1 GiB limit",
         ));
     }
-    std::fs::read(path).ctx("read", path)
+    let mut buf = vec![0u8; part.max(1).min(len as usize)];
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        file.read_exact(&mut buf[..n]).ctx("read", path)?;
+        f(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }

@@ -386,15 +386,15 @@ impl RemoteSession<'_> {
         Ok(m)
     }
 
-    /// Keep `bytes` (the committed point's manifest) as this disk's
-    /// cached one; a failure only costs a fetch next time.
-    fn keep(&self, bytes: &[u8]) {
+    /// Keep a copy of `src` (the committed point's manifest) as this
+    /// disk's cached one; a failure only costs a fetch next time.
+    fn keep(&self, src: &Path) {
         let Some(path) = &self.cache else { return };
         let tmp = path.with_extension("tmp");
         let r = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::copy(src, &tmp).map(drop))
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = r {
             tracing::debug!("manifest cache {}: {e}", path.display());
@@ -454,12 +454,10 @@ impl StoreSession for RemoteSession<'_> {
 
     fn commit(self: Box<Self>, path: &Path) -> datamover::Result<()> {
         let st = self.store;
-        let bytes = datamover::store::read_manifest_file(path)?;
-        let _ = std::fs::remove_file(path);
         let mut s = self.conn();
-        for part in bytes.chunks(PART) {
-            write_msg(&mut *s, Msg::ManifestPart, part).map_err(|e| st.lost(e))?;
-        }
+        datamover::store::manifest_parts(path, PART, |part| {
+            write_msg(&mut *s, Msg::ManifestPart, part).map_err(|e| st.lost(e))
+        })?;
         write_msg(&mut *s, Msg::Commit, &[])
             .and_then(|_| s.flush())
             .map_err(|e| st.lost(e))?;
@@ -470,7 +468,8 @@ impl StoreSession for RemoteSession<'_> {
             return Err(st.err(format!("committed {}, not {}", c.point, self.point)));
         }
         drop(s);
-        self.keep(&bytes);
+        self.keep(path);
+        let _ = std::fs::remove_file(path);
         *st.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         Ok(())
     }

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -403,11 +404,7 @@ fn read_point(
         };
         match ty {
             Msg::GetManifest => {
-                let bytes = datamover::store::read_manifest_file(&repo.point_path(disk, &point))?;
-                for part in bytes.chunks(PART) {
-                    write_msg(s, Msg::ManifestPart, part).map_err(net)?;
-                }
-                write_msg(s, Msg::ManifestEnd, &[]).map_err(net)?;
+                send_manifest(s, &repo.point_path(disk, &point))?;
             }
             Msg::GetChunk => {
                 let id: [u8; 32] = b
@@ -542,6 +539,9 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
     // was at the start and the ids of every frame forwarded so far, which
     // is what the worker will hold once it has caught up.
     let held = ingest.held_at_begin();
+    // The manifest goes to a file as its parts arrive (removed unless the
+    // commit takes it).
+    let mut manifest = Received::new(ingest.manifest_temp()?)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE);
     // The worker hands each checked message's buffer back for the next.
     let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE + 1);
@@ -556,7 +556,6 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
         });
         let mut tx = Some(tx);
         let mut forwarded: HashSet<ChunkId> = HashSet::new();
-        let mut manifest: Vec<u8> = Vec::new();
         loop {
             let mut b = spare.try_recv().unwrap_or_default();
             let ty = read_msg_into(s, &mut b).map_err(net)?;
@@ -569,14 +568,10 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
             }
             match ty {
                 Msg::GetParent => {
-                    if let Some((p, _)) = &parent {
-                        let bytes =
-                            datamover::store::read_manifest_file(&repo.point_path(&disk, p))?;
-                        for part in bytes.chunks(PART) {
-                            write_msg(s, Msg::ManifestPart, part).map_err(net)?;
-                        }
+                    match &parent {
+                        Some((p, _)) => send_manifest(s, &repo.point_path(&disk, p))?,
+                        None => write_msg(s, Msg::ManifestEnd, &[]).map_err(net)?,
                     }
-                    write_msg(s, Msg::ManifestEnd, &[]).map_err(net)?;
                     s.flush().map_err(net)?;
                 }
                 Msg::Have => {
@@ -609,10 +604,10 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                     }
                 }
                 Msg::ManifestPart => {
-                    if (manifest.len() + b.len()) as u64 > manifest::MAX_MANIFEST_LEN {
+                    if manifest.len + b.len() as u64 > manifest::MAX_MANIFEST_LEN {
                         return Err(bad("manifest beyond the 1 GiB limit".into()));
                     }
-                    manifest.extend_from_slice(&b);
+                    manifest.write(&b)?;
                 }
                 Msg::Commit => {
                     drop(tx.take());
@@ -621,12 +616,65 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                     // removed while it sent).
                     let g = grant(served, &hello.repository, &peer, &disk, hello.task, false)
                         .ok_or_else(|| not_granted(&hello.repository, &disk))?;
-                    return commit(s, &hello, &g, &target, &repo, &disk, ingest, &manifest, ctx);
+                    let path = manifest.done()?;
+                    return commit(s, &hello, &g, &target, &repo, &disk, ingest, &path, ctx);
                 }
                 t => return Err(bad(format!("unexpected message type {t}"))),
             }
         }
     })
+}
+
+/// A manifest being received into a temp file of the repository; the file
+/// is removed unless [`Received::done`] hands it on.
+struct Received {
+    out: Option<io::BufWriter<std::fs::File>>,
+    path: PathBuf,
+    len: u64,
+}
+
+impl Received {
+    fn new((file, path): (std::fs::File, PathBuf)) -> Result<Self, Error> {
+        Ok(Received {
+            out: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            path,
+            len: 0,
+        })
+    }
+
+    fn write(&mut self, b: &[u8]) -> Result<(), Error> {
+        if let Some(o) = &mut self.out {
+            o.write_all(b).map_err(|e| Error::io("write", &self.path, e))?;
+        }
+        self.len += b.len() as u64;
+        Ok(())
+    }
+
+    /// The file, written and synced; the caller removes it from now on.
+    fn done(mut self) -> Result<PathBuf, Error> {
+        let out = self.out.take().ok_or_else(|| Error::Internal("manifest received twice".into()))?;
+        let f = out
+            .into_inner()
+            .map_err(|e| Error::io("write", &self.path, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io("sync", &self.path, e))?;
+        Ok(std::mem::take(&mut self.path))
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Send the manifest at `path` in parts, then MANIFEST_END.
+fn send_manifest(s: &mut ServerStream, path: &Path) -> Result<(), Error> {
+    datamover::store::manifest_parts(path, PART, |part| {
+        write_msg(s, Msg::ManifestPart, part).map_err(net)
+    })?;
+    write_msg(s, Msg::ManifestEnd, &[]).map_err(net)
 }
 
 /// Publish the point (every frame is stored), bring the replica up to
@@ -640,7 +688,7 @@ fn commit(
     repo: &datamover::Repository,
     disk: &DiskName,
     ingest: Ingest<'_>,
-    manifest: &[u8],
+    manifest: &Path,
     ctx: &Ctx,
 ) -> Result<(), Error> {
     let replica = grant.replica;
