@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::format::frame::FrameDecoder;
-use crate::format::manifest::{Extent, Manifest, PointMeta};
+use crate::format::manifest::{Extent, Place, PointMeta};
 use crate::ids::{ChunkId, DiskName, PointId};
 use crate::repo::Index;
-use crate::repo::{PackReader, RepoLock, Repository};
+use crate::repo::{PackReader, PointFile, RepoLock, Repository};
 use crate::sys::LockMode;
 
 /// Default cache size.
@@ -214,8 +214,8 @@ pub struct PointReader<'r> {
     disk: DiskName,
     point: PointId,
     size: u64,
-    /// (offset, extent), in disk order.
-    at: Vec<(u64, Extent)>,
+    /// Its extents, read from the manifest file by blocks.
+    map: ExtentMap,
     chunks: Box<dyn ChunkSource + 'r>,
     cache: Mutex<Cache>,
     loaded: AtomicU64,
@@ -223,11 +223,115 @@ pub struct PointReader<'r> {
     hits: AtomicU64,
     /// Where the latest reads ended (sequential runs continue there).
     ends: Mutex<[u64; RUNS]>,
-    /// Chunks (extent indices) to load ahead; bounded, a full queue drops.
+    /// Chunks (disk offset, id, length) to load ahead; bounded, a full
+    /// queue drops.
     ahead: (
-        crossbeam_channel::Sender<usize>,
-        crossbeam_channel::Receiver<usize>,
+        crossbeam_channel::Sender<Ahead>,
+        crossbeam_channel::Receiver<Ahead>,
     ),
+}
+
+/// A chunk to load ahead: its disk offset, id and length.
+type Ahead = (u64, ChunkId, u32);
+
+/// A block of the map, decoded: (offset, extent)s.
+type Block = Arc<Vec<(u64, Extent)>>;
+
+/// Extents per block of the map.
+const BLOCK: u64 = 4096;
+/// Decoded blocks kept (about 200 KiB each).
+const BLOCKS_KEPT: usize = 8;
+
+/// A point's extents for reads at any offset, in memory that does not grow
+/// with the disk: the manifest file stays open, a pass at open checks it
+/// whole and notes where every [`BLOCK`]th extent lies, and a read decodes
+/// the block it needs (a few are kept, most recent first).
+struct ExtentMap {
+    file: PointFile,
+    /// Where each block starts, in disk order.
+    places: Vec<Place>,
+    /// Decoded blocks: (block number, its (offset, extent)s).
+    kept: Mutex<std::collections::VecDeque<(usize, Block)>>,
+}
+
+impl ExtentMap {
+    fn new(file: PointFile) -> Result<Self> {
+        let mut places = Vec::new();
+        {
+            let mut it = file.extents()?;
+            loop {
+                let place = it.place();
+                match it.next() {
+                    None => break,
+                    Some(e) => {
+                        e?;
+                        if place.count % BLOCK == 0 {
+                            places.push(place);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ExtentMap {
+            file,
+            places,
+            kept: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    fn block(&self, b: usize) -> Result<Block> {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = kept.iter().position(|(n, _)| *n == b) {
+            let hit = kept
+                .remove(i)
+                .ok_or_else(|| Error::Internal("block cache".into()))?;
+            kept.push_front(hit.clone());
+            return Ok(hit.1);
+        }
+        drop(kept);
+        let place = *self
+            .places
+            .get(b)
+            .ok_or_else(|| Error::Internal(format!("extent block {b} beyond the map")))?;
+        let mut out = Vec::with_capacity(BLOCK as usize);
+        let mut off = place.disk_offset;
+        for e in self.file.extents_from(place)?.take(BLOCK as usize) {
+            let e = e?;
+            out.push((off, e));
+            off += e.len();
+        }
+        let out = Arc::new(out);
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.push_front((b, out.clone()));
+        kept.truncate(BLOCKS_KEPT);
+        Ok(out)
+    }
+
+    /// Visit the extents (offset, extent) from the one holding `off` on,
+    /// while `f` says go on.
+    fn walk(&self, off: u64, mut f: impl FnMut(u64, Extent) -> Result<bool>) -> Result<()> {
+        let mut b = self
+            .places
+            .partition_point(|p| p.disk_offset <= off)
+            .saturating_sub(1);
+        let mut first = true;
+        while b < self.places.len() {
+            let block = self.block(b)?;
+            let from = if first {
+                block.partition_point(|(o, _)| *o <= off).saturating_sub(1)
+            } else {
+                0
+            };
+            first = false;
+            for (o, e) in block.get(from..).unwrap_or_default() {
+                if !f(*o, *e)? {
+                    return Ok(());
+                }
+            }
+            b += 1;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for PointReader<'_> {
@@ -249,7 +353,7 @@ impl<'r> PointReader<'r> {
         cache_bytes: u64,
     ) -> Result<Self> {
         let lock = repo.lock(LockMode::Shared, true)?;
-        let m = repo.read_point(disk, point)?;
+        let m = repo.open_point(disk, point)?;
         let chunks = LocalChunks {
             index: repo.load_index()?,
             packs: PackReader::new(repo),
@@ -258,26 +362,18 @@ impl<'r> PointReader<'r> {
         PointReader::new(m, Box::new(chunks), cache_bytes)
     }
 
-    /// Point `m` (its manifest, checked as decoded) with its chunks read
-    /// from `chunks`, and a chunk cache of at most `cache_bytes`.
-    pub fn new(m: Manifest, chunks: Box<dyn ChunkSource + 'r>, cache_bytes: u64) -> Result<Self> {
+    /// Point `m` (its manifest, read through and checked here) with its
+    /// chunks read from `chunks`, and a chunk cache of at most
+    /// `cache_bytes`.
+    pub fn new(m: PointFile, chunks: Box<dyn ChunkSource + 'r>, cache_bytes: u64) -> Result<Self> {
         let disk: DiskName = m.meta.name.parse()?;
         let point: PointId = m.meta.point.parse()?;
-        let mut off = 0u64;
-        let at = m
-            .extents
-            .iter()
-            .map(|e| {
-                let r = (off, *e);
-                off += e.len();
-                r
-            })
-            .collect();
+        let size = m.meta.disk_size;
         Ok(PointReader {
-            size: m.meta.disk_size,
+            size,
             disk,
             point,
-            at,
+            map: ExtentMap::new(m)?,
             chunks,
             cache: Mutex::new(Cache {
                 max: cache_bytes,
@@ -318,13 +414,6 @@ impl<'r> PointReader<'r> {
         }
     }
 
-    /// The extent holding `off` (which is below the size).
-    fn find(&self, off: u64) -> usize {
-        self.at
-            .partition_point(|(o, _)| *o <= off)
-            .saturating_sub(1)
-    }
-
     fn out_of_range(&self, off: u64, len: u64) -> Option<Error> {
         (off.checked_add(len).is_none_or(|end| end > self.size)).then(|| {
             Error::InvalidArgument(format!(
@@ -341,9 +430,7 @@ impl<'r> PointReader<'r> {
         }
         self.follow(off, off + buf.len() as u64);
         let mut done = 0usize;
-        let mut i = self.find(off);
-        while done < buf.len() {
-            let (start, e) = self.at[i];
+        self.map.walk(off, |start, e| {
             let pos = off + done as u64;
             let skip = (pos - start) as usize;
             let n = ((e.len() - skip as u64) as usize).min(buf.len() - done);
@@ -355,7 +442,15 @@ impl<'r> PointReader<'r> {
                 }
             }
             done += n;
-            i += 1;
+            Ok(done < buf.len())
+        })?;
+        if done != buf.len() {
+            return Err(Error::Internal(format!(
+                "{}@{}: the extents end before {}",
+                self.disk,
+                self.point,
+                off + buf.len() as u64
+            )));
         }
         Ok(())
     }
@@ -427,17 +522,26 @@ impl<'r> PointReader<'r> {
         if !sequential || end >= self.size {
             return;
         }
-        let mut i = self.find(end);
         let stop = end.saturating_add(READ_AHEAD);
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        while i < self.at.len() && self.at[i].0 < stop {
-            if let Extent::Chunk { id, .. } = self.at[i].1
-                && !cache.map.contains_key(&id)
-                && self.ahead.0.try_send(i).is_err()
-            {
-                break;
+        let r = self.map.walk(end, |start, e| {
+            if start >= stop {
+                return Ok(false);
             }
-            i += 1;
+            if let Extent::Chunk { id, len } = e {
+                let cached = self
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map
+                    .contains_key(&id);
+                if !cached && self.ahead.0.try_send((start, id, len)).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        });
+        if let Err(e) = r {
+            tracing::debug!("read-ahead: {e}");
         }
     }
 
@@ -445,45 +549,41 @@ impl<'r> PointReader<'r> {
     /// a thread of its own beside the reads (a damaged chunk is left for
     /// the read that needs it to report).
     pub fn prefetcher(&self, stop: &std::sync::atomic::AtomicBool) {
-        let mut last = usize::MAX;
+        let mut last = u64::MAX;
         while !stop.load(Ordering::Relaxed) {
-            let Ok(i) = self
+            let Ok((start, id, len)) = self
                 .ahead
                 .1
                 .recv_timeout(std::time::Duration::from_millis(100))
             else {
                 continue;
             };
-            if i == last {
+            if start == last {
                 continue;
             }
-            last = i;
-            if let Some((start, Extent::Chunk { id, len })) = self.at.get(i).copied() {
-                let cached = self
-                    .cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .map
-                    .contains_key(&id);
-                if !cached && let Err(e) = self.chunk(id, len, start) {
-                    tracing::debug!("read-ahead: {e}");
-                }
+            last = start;
+            let cached = self
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map
+                .contains_key(&id);
+            if !cached && let Err(e) = self.chunk(id, len, start) {
+                tracing::debug!("read-ahead: {e}");
             }
         }
     }
 
     /// The allocation of `[off, off+len)`: runs of (length, zero), merged,
     /// covering the range (clipped to the disk).
-    pub fn runs(&self, off: u64, len: u64) -> Vec<(u64, bool)> {
+    pub fn runs(&self, off: u64, len: u64) -> Result<Vec<(u64, bool)>> {
         let end = off.saturating_add(len).min(self.size);
         let mut out: Vec<(u64, bool)> = Vec::new();
         if off >= end {
-            return out;
+            return Ok(out);
         }
-        let mut i = self.find(off);
         let mut pos = off;
-        while pos < end && i < self.at.len() {
-            let (start, e) = self.at[i];
+        self.map.walk(off, |start, e| {
             let n = (start + e.len()).min(end) - pos;
             let zero = matches!(e, Extent::Zero { .. });
             match out.last_mut() {
@@ -491,9 +591,9 @@ impl<'r> PointReader<'r> {
                 _ => out.push((n, zero)),
             }
             pos += n;
-            i += 1;
-        }
-        out
+            Ok(pos < end)
+        })?;
+        Ok(out)
     }
 }
 

@@ -185,11 +185,16 @@ impl Disk for PointDisk<'_> {
     }
 
     fn runs(&self, off: u64, len: u64) -> Vec<(u64, bool)> {
-        let base = self.reader.runs(off, len);
+        let end = off.saturating_add(len).min(self.size());
+        // Allocation is advice: when the manifest cannot be read here, all
+        // of it is data (the read then reports the error).
+        let base = self.reader.runs(off, len).unwrap_or_else(|e| {
+            tracing::debug!("block status at {off}: {e}");
+            vec![(end.saturating_sub(off), false)]
+        });
         let Some(o) = &self.overlay else {
             return base;
         };
-        let end = off.saturating_add(len).min(self.size());
         // Blocks the overlay holds are data, whatever the point says.
         let held = o.held(off, end).unwrap_or_else(|_| vec![(off, end)]);
         let mut out: Vec<(u64, bool)> = Vec::new();

@@ -446,6 +446,17 @@ pub fn body_len(file_len: u64, footer: &Footer) -> Result<u64, ManifestError> {
         .ok_or_else(|| bad("metadata length beyond file"))
 }
 
+/// A place in a manifest's records (see [`Records::place`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// File offset of the record.
+    pub at: u64,
+    /// Extents before it.
+    pub count: u64,
+    /// Where on the disk its extent starts.
+    pub disk_offset: u64,
+}
+
 /// Bytes of a manifest's records read at once.
 const READ_AHEAD: u64 = 64 << 10;
 
@@ -471,6 +482,11 @@ pub struct Records<R: std::io::Read> {
     size: u64,
     last_zero: bool,
     done: bool,
+    /// Where the body's bytes read so far end (file offset).
+    read_to: u64,
+    /// From the header: the CRC and the footer's totals are checked at the
+    /// end. Resumed mid-way ([`Records::resume`]): they cannot be.
+    whole: bool,
 }
 
 impl<R: std::io::Read> Records<R> {
@@ -501,7 +517,50 @@ impl<R: std::io::Read> Records<R> {
             size: 0,
             last_zero: false,
             done: false,
+            read_to: HEADER_LEN as u64,
+            whole: true,
         })
+    }
+
+    /// Read on from a place [`Records::place`] gave during an earlier
+    /// whole pass over the same file (`r` positioned at `place.at`). The
+    /// records are checked one by one as ever, but the CRC and the
+    /// footer's totals cannot be: that earlier pass vouched for them.
+    pub fn resume(
+        r: R,
+        footer: &Footer,
+        body_len: u64,
+        place: Place,
+    ) -> Result<Self, ManifestError> {
+        let left = body_len
+            .checked_sub(place.at)
+            .filter(|_| place.at >= HEADER_LEN as u64)
+            .ok_or_else(|| bad("resumed beyond the records"))?;
+        Ok(Records {
+            r,
+            crc: crc32fast::Hasher::new(),
+            left,
+            buf: vec![0; left.min(READ_AHEAD) as usize],
+            at: 0,
+            filled: 0,
+            expect: *footer,
+            count: place.count,
+            size: place.disk_offset,
+            last_zero: false,
+            done: false,
+            read_to: place.at,
+            whole: false,
+        })
+    }
+
+    /// Where the next record lies: its file offset, how many extents came
+    /// before it and where on the disk it starts.
+    pub fn place(&self) -> Place {
+        Place {
+            at: self.read_to - (self.filled - self.at) as u64,
+            count: self.count,
+            disk_offset: self.size,
+        }
     }
 
     fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ManifestError> {
@@ -518,9 +577,12 @@ impl<R: std::io::Read> Records<R> {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(bad(format!("truncated {what}: {e}"))),
                 };
-                self.crc.update(&self.buf[self.filled..self.filled + n]);
+                if self.whole {
+                    self.crc.update(&self.buf[self.filled..self.filled + n]);
+                }
                 self.filled += n;
                 self.left -= n as u64;
+                self.read_to += n as u64;
             }
         }
         let mut a = [0u8; N];
@@ -537,6 +599,9 @@ impl<R: std::io::Read> Records<R> {
             TAG_END => {
                 if self.left != 0 || self.at != self.filled {
                     return Err(bad("bytes after the end marker"));
+                }
+                if !self.whole {
+                    return Ok(None);
                 }
                 if self.crc.clone().finalize() != self.expect.body_crc {
                     return Err(bad("CRC mismatch in the extent list"));

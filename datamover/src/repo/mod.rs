@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use index::{BadIndexFile, Index, Location};
 pub use packer::PackWriter;
-pub use points::{PointFile, PointSummary};
+pub use points::{PointExtents, PointFile, PointSummary};
 pub use reader::PackReader;
 
 use crate::error::{Error, IoContext, Result};

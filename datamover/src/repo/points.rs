@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{
-    self, Extent, FOOTER_LEN, Footer, MANIFEST_VERSION, Manifest, ManifestError, PointMeta,
+    self, Extent, FOOTER_LEN, Footer, MANIFEST_VERSION, Manifest, ManifestError, Place, PointMeta,
 };
 use crate::ids::{DiskName, PointId};
 
@@ -290,19 +290,62 @@ impl PointFile {
     /// The extents in disk order, read from the file as they are taken.
     /// Their CRC is checked at the end: trust what was taken only once the
     /// iterator returned `None`.
-    pub fn extents(&self) -> Result<impl Iterator<Item = Result<Extent>> + '_> {
+    pub fn extents(&self) -> Result<PointExtents<'_>> {
         let r = ReadAt {
             file: &self.file,
             at: 0,
         };
         let records = manifest::Records::new(r, &self.footer, self.body_len)
             .map_err(|e| map_err(&self.path, e))?;
-        Ok(records.map(|r| r.map_err(|e| map_err(&self.path, e))))
+        Ok(PointExtents {
+            records,
+            path: &self.path,
+        })
+    }
+
+    /// The extents from `place` on (a [`PointExtents::place`] of an
+    /// earlier pass over this file, which checked it whole).
+    pub fn extents_from(&self, place: Place) -> Result<PointExtents<'_>> {
+        let r = ReadAt {
+            file: &self.file,
+            at: place.at,
+        };
+        let records = manifest::Records::resume(r, &self.footer, self.body_len, place)
+            .map_err(|e| map_err(&self.path, e))?;
+        Ok(PointExtents {
+            records,
+            path: &self.path,
+        })
+    }
+}
+
+/// The extents of a [`PointFile`], read as they are taken.
+#[derive(Debug)]
+pub struct PointExtents<'a> {
+    records: manifest::Records<ReadAt<'a>>,
+    path: &'a Path,
+}
+
+impl PointExtents<'_> {
+    /// Where the next extent lies (to read on from there later with
+    /// [`PointFile::extents_from`]).
+    pub fn place(&self) -> Place {
+        self.records.place()
+    }
+}
+
+impl Iterator for PointExtents<'_> {
+    type Item = Result<Extent>;
+    fn next(&mut self) -> Option<Result<Extent>> {
+        self.records
+            .next()
+            .map(|r| r.map_err(|e| map_err(self.path, e)))
     }
 }
 
 /// Reads a file from `at` on without moving its shared offset, so several
 /// readers of one open file do not disturb each other.
+#[derive(Debug)]
 struct ReadAt<'f> {
     file: &'f File,
     at: u64,

@@ -348,7 +348,7 @@ fn a_point_reader_reads_anywhere_and_reads_ahead_of_sequential_runs() {
         reader.read_at((32 << 20) - 10, &mut b).is_err(),
         "beyond the end"
     );
-    let runs = reader.runs(16 << 20, 16 << 20);
+    let runs = reader.runs(16 << 20, 16 << 20).expect("runs");
     assert_eq!(
         runs,
         vec![(8 << 20, true), (2 << 20, false), (6 << 20, true)]
@@ -379,4 +379,49 @@ fn a_point_reader_reads_anywhere_and_reads_ahead_of_sequential_runs() {
         assert!(reader.stats().hits > hits, "read ahead, then a cache hit");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
+}
+
+/// A point of many extents (12,288: more than the few blocks of them a
+/// reader keeps decoded) reads right anywhere, across the blocks' edges
+/// and backwards, and its allocation is right across them too.
+#[test]
+fn a_point_reader_of_many_extents_reads_across_its_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    let size = 96u64 << 20;
+    // 4 KiB of data in every 16 KiB: a chunk and a hole each.
+    let data: Vec<_> = (0..size / (16 << 10))
+        .map(|i| (i * (16 << 10), 4096, Fill::Random(i)))
+        .collect();
+    make_image(&img, size, &data);
+    let repo = new_repo(dir.path());
+    let r = backup(&repo, &img, "vm/disk", &BackupOptions::default());
+    let disk: datamover::DiskName = "vm/disk".parse().expect("name");
+    let m = repo.read_point(&disk, &r.point).expect("manifest");
+    assert!(m.extents.len() >= 3 * 4096, "{} extents", m.extents.len());
+    let reader =
+        datamover::reader::PointReader::open(&repo, &disk, &r.point, 1 << 20).expect("open");
+    let want = std::fs::read(&img).expect("read");
+    let mut b = vec![0u8; 100_000];
+    // Forwards over every block's edge, then back to the start.
+    let offs: Vec<u64> = (0..12u64)
+        .map(|k| k * (8 << 20) + 4000)
+        .chain([(64 << 20) - 50_000, (32 << 20) - 50_000, 7, size - 100_000])
+        .collect();
+    for off in offs {
+        reader.read_at(off, &mut b).expect("read");
+        assert!(
+            b[..] == want[off as usize..off as usize + b.len()],
+            "at {off}"
+        );
+    }
+    // Allocation over 1 MiB from the middle of a data run: 4 KiB data
+    // runs and 12 KiB zero runs.
+    let runs = reader.runs((40 << 20) + 2048, 1 << 20).expect("runs");
+    let mut expect = vec![(2048, false), (12 << 10, true)];
+    for _ in 1..64 {
+        expect.extend([(4096, false), (12 << 10, true)]);
+    }
+    expect.push((2048, false));
+    assert_eq!(runs, expect);
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use datamover::format::manifest::{self, Manifest, PointMeta};
+use datamover::format::manifest::{self, PointMeta};
 use datamover::repo::PointFile;
 use datamover::{ChunkId, DiskName, Error, FrameSink, PointId, Store, StoreSession, TransportKind};
 use rustls::pki_types::ServerName;
@@ -202,28 +202,6 @@ impl RemoteStore {
             .into_inner()
             .map_err(|e| Error::io("write", &tmp, e.into_error()))?;
         let m = PointFile::from_file(f, &PathBuf::from(self.describe()))?;
-        self.check_names(&m.meta.name, &m.meta.point, disk, id)?;
-        Ok(m)
-    }
-
-    /// Ask with `ask` for the manifest of point `id` of `disk`, and read
-    /// it (bounded, decoded, and checked to be that point's).
-    pub(super) fn manifest(
-        &self,
-        s: &mut ClientStream,
-        ask: Msg,
-        disk: &DiskName,
-        id: &PointId,
-    ) -> datamover::Result<Manifest> {
-        let mut bytes = Vec::new();
-        self.receive(s, ask, &mut bytes)?;
-        let m = manifest::decode(&bytes).map_err(|e| {
-            Error::corrupt(
-                "point manifest",
-                PathBuf::from(self.describe()),
-                format!("{e:?}"),
-            )
-        })?;
         self.check_names(&m.meta.name, &m.meta.point, disk, id)?;
         Ok(m)
     }

@@ -114,7 +114,9 @@ impl PointSource for RemotePoints {
         cache_bytes: u64,
     ) -> datamover::Result<PointReader<'_>> {
         let (mut s, id, _) = self.session(disk, Some(point.as_str()))?;
-        let m = self.store.manifest(&mut s, Msg::GetManifest, disk, &id)?;
+        let m = self
+            .store
+            .manifest_file(&mut s, Msg::GetManifest, disk, &id)?;
         let chunks = RemoteChunks {
             points: self,
             disk: disk.clone(),

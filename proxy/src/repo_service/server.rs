@@ -644,7 +644,8 @@ impl Received {
 
     fn write(&mut self, b: &[u8]) -> Result<(), Error> {
         if let Some(o) = &mut self.out {
-            o.write_all(b).map_err(|e| Error::io("write", &self.path, e))?;
+            o.write_all(b)
+                .map_err(|e| Error::io("write", &self.path, e))?;
         }
         self.len += b.len() as u64;
         Ok(())
@@ -652,7 +653,10 @@ impl Received {
 
     /// The file, written and synced; the caller removes it from now on.
     fn done(mut self) -> Result<PathBuf, Error> {
-        let out = self.out.take().ok_or_else(|| Error::Internal("manifest received twice".into()))?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| Error::Internal("manifest received twice".into()))?;
         let f = out
             .into_inner()
             .map_err(|e| Error::io("write", &self.path, e.into_error()))?;
