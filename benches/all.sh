@@ -28,7 +28,8 @@
 #   incremental as the disk grows           the same 10 MiB change on each
 #                                           INC_SIZES disk (--bitmap)
 #   export                                  nbdcopy from dm export vs from
-#                                           qemu-nbd serving the restore
+#                                           qemu-nbd serving the restore; and
+#                                           the largest INC_SIZES point (RSS)
 #   repository service                      a server job on one proxy into
 #                                           another's repository service vs
 #                                           dm backup into a local one
@@ -189,6 +190,18 @@ for k in range(n):
     stop inc
   done
 
+  # The largest disk's newest point exported and read whole: the export's
+  # memory as the disk grows (its extents are read from the manifest by
+  # blocks, not held).
+  big=${inc_sizes##* }
+  rm -f export-big.uri
+  "$dm" export vm/d --repo "inc-$big-repo" --listen "unix:$work/export-big.sock" > export-big.uri 2> log/export-big.err &
+  epid=$!; pids+=("$epid")
+  for _ in $(seq 300); do [ -s export-big.uri ] && break; sleep 0.1; done
+  m export-big nbdcopy "$(head -1 export-big.uri)" null:
+  rec export-big-rss 0 "$(cpu "$epid")" "$(awk '/VmHWM/ {print $2}' "/proc/$epid/status")"
+  kill "$epid"; wait "$epid" 2>/dev/null || true
+
   # Export: the v2 point (kept in dm-repo) served by dm export and, as a
   # raw file, by qemu-nbd; read whole by nbdcopy.
   "$dm" restore vm/disk export.raw --repo dm-repo >/dev/null
@@ -272,7 +285,9 @@ print()
 sz = {t: statistics.median(float(x) for x in v[f"{t}-repo-size"]["extra"]) for t in ("dm", "restic", "borg")}
 print("repository after v1 + v2: " + ", ".join(f"{t} {sz[t] / 1048576:.0f} MiB" for t in sz)
       + f" (dm / restic {sz['dm'] / sz['restic']:.2f})")
-print(f"dm export peak RSS: {mib(med('export-dm-rss', 'rss'))}")
+print(f"dm export peak RSS: {mib(med('export-dm-rss', 'rss'))}; "
+      f"of the {sizes[-1]} disk's point: {mib(med('export-big-rss', 'rss'))} "
+      f"(nbdcopy reads it in {med('export-big', 'wall'):.1f} s; dm export CPU {med('export-big-rss', 'cpu'):.1f} s)")
 wire = [int(x) for x in v["svc-service"]["extra"]]
 un = [tuple(int(y) for y in x.split()) for x in v["svc-unchanged"]["extra"]]
 print(f"repository service: first full {statistics.median(wire) / 1048576:.0f} MiB on the wire; "
