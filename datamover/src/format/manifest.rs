@@ -14,9 +14,10 @@
 //! Invariants checked on decode: extents are in disk order, non-empty,
 //! adjacent zero runs are merged, their lengths sum to `disk_size`, chunks
 //! are at most [`super::frame::MAX_CHUNK_LEN`]. The records stream is written
-//! as the backup runs (memory stays bounded by the disk size, not the
-//! manifest), the metadata is appended at the end, and the fixed footer lets
-//! a lister read the metadata without parsing the records.
+//! as the backup runs and read back a block at a time ([`Records`]), so
+//! neither costs memory that grows with the disk; the metadata is appended
+//! at the end, and the fixed footer lets a lister read the metadata without
+//! parsing the records.
 //!
 //! A later point is derived from an earlier one plus changed ranges (CBT) by
 //! walking both extent lists by offset: unchanged extents are copied by id.
