@@ -528,13 +528,7 @@ impl<'r> PointReader<'r> {
                 return Ok(false);
             }
             if let Extent::Chunk { id, len } = e {
-                let cached = self
-                    .cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .map
-                    .contains_key(&id);
-                if !cached && self.ahead.0.try_send((start, id, len)).is_err() {
+                if !self.cached(&id) && self.ahead.0.try_send((start, id, len)).is_err() {
                     return Ok(false);
                 }
             }
@@ -543,6 +537,15 @@ impl<'r> PointReader<'r> {
         if let Err(e) = r {
             tracing::debug!("read-ahead: {e}");
         }
+    }
+
+    /// Whether the cache holds chunk `id`.
+    fn cached(&self, id: &ChunkId) -> bool {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .contains_key(id)
     }
 
     /// Load the chunks reads ahead queued, until `stop` is set: run it in
@@ -562,13 +565,9 @@ impl<'r> PointReader<'r> {
                 continue;
             }
             last = start;
-            let cached = self
-                .cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .map
-                .contains_key(&id);
-            if !cached && let Err(e) = self.chunk(id, len, start) {
+            if !self.cached(&id)
+                && let Err(e) = self.chunk(id, len, start)
+            {
                 tracing::debug!("read-ahead: {e}");
             }
         }
