@@ -257,26 +257,6 @@ impl PointFile {
         })
     }
 
-    /// The file's size.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Never true: a manifest has a header and a footer.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Number of extents.
-    pub fn extent_count(&self) -> u64 {
-        self.footer.extents
-    }
-
-    /// The path it was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Read the extents through once, checking them all (CRC, count and
     /// size against the footer): an error here means the manifest is
     /// damaged.

@@ -297,20 +297,28 @@ impl Store for RemoteStore {
             .as_deref()
             .ok_or_else(|| self.err("READY without a point"))?
             .parse()?;
-        let session = RemoteSession {
+        let mut session = RemoteSession {
             store: self,
             conn: Mutex::new(s),
             point,
             parent: r.parent,
             known: RwLock::new(HashSet::new()),
             cache: self.cached(disk),
+            from_cache: Mutex::new(None),
             disk: disk.clone(),
         };
         // The parent's chunks from the cache, if it holds the parent: a
-        // full read then asks the service about none of them.
-        if let Some(p) = session.parent.as_deref().and_then(|p| p.parse().ok()) {
-            session.cached_parent(&p);
-        }
+        // full read then asks the service about none of them. Kept for
+        // `parent`, which then neither reads nor learns it again.
+        let cached = session
+            .parent
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .and_then(|p| session.cached_parent(&p));
+        *session
+            .from_cache
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) = cached;
         Ok(Box::new(session))
     }
 }
@@ -324,6 +332,9 @@ struct RemoteSession<'s> {
     known: RwLock<HashSet<ChunkId>>,
     /// This disk's manifest cache file.
     cache: Option<PathBuf>,
+    /// The parent's manifest from the cache (its chunks learnt), until
+    /// `parent` takes it.
+    from_cache: Mutex<Option<PointFile>>,
     disk: DiskName,
 }
 
@@ -391,7 +402,12 @@ impl StoreSession for RemoteSession<'_> {
             return Ok(None);
         };
         let id: PointId = p.parse()?;
-        let m = match self.cached_parent(&id) {
+        let cached = self
+            .from_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let m = match cached {
             Some(m) => m,
             None => self.fetch_parent(&id)?,
         };
