@@ -31,7 +31,7 @@ use crate::ids::{PackId, hex, random_bytes};
 use crate::sys::{self, LockMode};
 
 /// An open repository.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Repository {
     root: PathBuf,
     config: RepoConfig,

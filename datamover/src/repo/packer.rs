@@ -3,10 +3,24 @@
 //! index file), so every sealed pack is reusable even if the backup is killed
 //! afterwards. Index files of a session are merged every [`GROUP`] packs and
 //! at commit, which bounds both the memory held and the number of files.
+//!
+//! Sealing runs on a thread of its own: a pack's four fsyncs (the pack,
+//! its directory, its index file and the index directory) cost tens of
+//! milliseconds of waiting on the disk, during which the writer goes on
+//! filling the next pack instead of stalling the whole pipeline. At most
+//! [`SEALING`] full packs wait for it (the disk's pace, not an unbounded
+//! queue); [`PackWriter::commit`] returns once every pack is sealed and
+//! merged, and the first error of a seal is the writer's error.
+//! Invariant unchanged: a pack is renamed into `packs/` only after its
+//! fsync, its index file only after that rename.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
@@ -17,6 +31,9 @@ use crate::ids::{ChunkId, PackId, hex, random_bytes};
 /// Packs per merged index file.
 const GROUP: usize = 64;
 
+/// Full packs waiting for the sealer, at most.
+const SEALING: usize = 2;
+
 #[derive(Debug)]
 struct OpenPack {
     id: PackId,
@@ -26,18 +43,32 @@ struct OpenPack {
     entries: Vec<IndexEntry>,
 }
 
+/// A full pack, written and flushed, for the sealer.
+#[derive(Debug)]
+struct Full {
+    id: PackId,
+    file: File,
+    tmp: PathBuf,
+    entries: Vec<IndexEntry>,
+}
+
+/// The sealer thread, its queue and its failure flag.
+#[derive(Debug)]
+struct Sealer {
+    tx: SyncSender<Full>,
+    failed: Arc<AtomicBool>,
+    thread: JoinHandle<Result<u64>>,
+}
+
 /// Writes frames into packs of one repository.
 #[derive(Debug)]
 pub struct PackWriter<'r> {
     repo: &'r Repository,
     cur: Option<OpenPack>,
-    group: Vec<(PackId, Vec<IndexEntry>)>,
-    group_files: Vec<PathBuf>,
+    sealer: Option<Sealer>,
     target_len: u64,
     /// Bytes written to packs (headers included).
     pub bytes_written: u64,
-    /// Packs sealed.
-    pub packs_sealed: u64,
 }
 
 impl<'r> PackWriter<'r> {
@@ -51,11 +82,9 @@ impl<'r> PackWriter<'r> {
         PackWriter {
             repo,
             cur: None,
-            group: Vec::new(),
-            group_files: Vec::new(),
+            sealer: None,
             target_len,
             bytes_written: 0,
-            packs_sealed: 0,
         }
     }
 
@@ -98,6 +127,7 @@ impl<'r> PackWriter<'r> {
         Ok(())
     }
 
+    /// Hand the open pack, flushed, to the sealer (started on first use).
     fn seal(&mut self) -> Result<()> {
         let Some(p) = self.cur.take() else {
             return Ok(());
@@ -106,75 +136,160 @@ impl<'r> PackWriter<'r> {
             id,
             file,
             tmp,
-            mut entries,
+            entries,
             ..
         } = p;
-        let f = file
-            .into_inner()
-            .map_err(|e| Error::io("write", &tmp, e.into_error()))?;
-        f.sync_all().ctx("sync", &tmp)?;
-        drop(f);
-        let dst = self.repo.pack_path(&id);
-        let dir = dst.parent().map(PathBuf::from).unwrap_or_default();
-        let name = format!("{}.pack", id.to_hex());
-        self.repo.publish(&tmp, &dir, &name)?;
-        self.packs_sealed += 1;
-        let bytes = fmt::encode(&[id], &mut entries);
-        let idx = self.repo.write_atomic(
-            &self.repo.path("index"),
-            &format!("{}.idx", id.to_hex()),
-            &bytes,
-        )?;
-        self.group.push((id, entries));
-        self.group_files.push(idx);
-        if self.group.len() >= GROUP {
-            self.merge_group()?;
+        let file = match file.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::io("write", &tmp, e.into_error()));
+            }
+        };
+        if self.sealer.is_none() {
+            let (tx, rx) = sync_channel::<Full>(SEALING);
+            let failed = Arc::new(AtomicBool::new(false));
+            let (repo, flag) = (self.repo.clone(), failed.clone());
+            let thread = std::thread::Builder::new()
+                .name("pack-sealer".into())
+                .spawn(move || sealer(&repo, rx, &flag))
+                .map_err(|e| Error::Internal(format!("cannot start the pack sealer: {e}")))?;
+            self.sealer = Some(Sealer { tx, failed, thread });
+        }
+        let full = Full {
+            id,
+            file,
+            tmp,
+            entries,
+        };
+        let Some(sl) = self.sealer.as_ref() else {
+            return Err(Error::Internal("no pack sealer".into()));
+        };
+        // A sealer that failed takes no more packs: its error now.
+        let refused = if sl.failed.load(Ordering::Acquire) {
+            Some(full)
+        } else {
+            sl.tx.send(full).err().map(|e| e.0)
+        };
+        if let Some(f) = refused {
+            let _ = fs::remove_file(&f.tmp);
+            self.join()?;
+            return Err(Error::Internal("the pack sealer stopped early".into()));
         }
         Ok(())
     }
 
-    /// Replace the group's per-pack index files by one.
-    fn merge_group(&mut self) -> Result<()> {
-        if self.group.len() > 1 {
-            let packs: Vec<PackId> = self.group.iter().map(|g| g.0).collect();
-            let mut all: Vec<IndexEntry> = self
-                .group
-                .iter()
-                .enumerate()
-                .flat_map(|(i, (_, es))| {
-                    es.iter().map(move |e| IndexEntry {
-                        pack: i as u32,
-                        ..*e
-                    })
-                })
-                .collect();
-            let bytes = fmt::encode(&packs, &mut all);
-            let name = format!("{}.idx", hex(&random_bytes::<16>()?));
-            self.repo
-                .write_atomic(&self.repo.path("index"), &name, &bytes)?;
-            for f in &self.group_files {
-                fs::remove_file(f).ctx("remove", f)?;
-            }
-        }
-        self.group.clear();
-        self.group_files.clear();
-        Ok(())
+    /// Wait for the sealer to seal and merge every pack handed to it.
+    fn join(&mut self) -> Result<()> {
+        let Some(Sealer { tx, thread, .. }) = self.sealer.take() else {
+            return Ok(());
+        };
+        drop(tx);
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("the pack sealer panicked".into())))
+            .map(drop)
     }
 
     /// Seal the open pack and merge this session's index files. After this
     /// every chunk added is durable and in the index.
     pub fn commit(mut self) -> Result<()> {
         self.seal()?;
-        self.merge_group()?;
+        self.join()?;
         super::sync_dir(&self.repo.path("index"))
     }
 }
 
+/// The sealer's loop: each full pack fsynced, published, its index file
+/// written; index files merged every [`GROUP`] packs and at the end.
+/// Returns the packs sealed; at the first error it raises `failed` and
+/// removes every pack handed to it from then on, until the writer stops.
+fn sealer(repo: &Repository, rx: Receiver<Full>, failed: &AtomicBool) -> Result<u64> {
+    let mut group: Vec<(PackId, Vec<IndexEntry>)> = Vec::new();
+    let mut group_files: Vec<PathBuf> = Vec::new();
+    let mut sealed = 0u64;
+    let r = (|| -> Result<()> {
+        for full in &rx {
+            let (id, entries, idx) = seal_one(repo, full)?;
+            sealed += 1;
+            group.push((id, entries));
+            group_files.push(idx);
+            if group.len() >= GROUP {
+                merge_group(repo, &mut group, &mut group_files)?;
+            }
+        }
+        merge_group(repo, &mut group, &mut group_files)
+    })();
+    if r.is_err() {
+        failed.store(true, Ordering::Release);
+        for f in &rx {
+            let _ = fs::remove_file(&f.tmp);
+        }
+    }
+    r.map(|()| sealed)
+}
+
+/// fsync a full pack, move it into `packs/`, write its index file.
+fn seal_one(repo: &Repository, full: Full) -> Result<(PackId, Vec<IndexEntry>, PathBuf)> {
+    let Full {
+        id,
+        file,
+        tmp,
+        mut entries,
+    } = full;
+    if let Err(e) = file.sync_all() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io("sync", &tmp, e));
+    }
+    drop(file);
+    let dst = repo.pack_path(&id);
+    let dir = dst.parent().map(PathBuf::from).unwrap_or_default();
+    let name = format!("{}.pack", id.to_hex());
+    repo.publish(&tmp, &dir, &name).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    let bytes = fmt::encode(&[id], &mut entries);
+    let idx = repo.write_atomic(&repo.path("index"), &format!("{}.idx", id.to_hex()), &bytes)?;
+    Ok((id, entries, idx))
+}
+
+/// Replace the group's per-pack index files by one.
+fn merge_group(
+    repo: &Repository,
+    group: &mut Vec<(PackId, Vec<IndexEntry>)>,
+    group_files: &mut Vec<PathBuf>,
+) -> Result<()> {
+    if group.len() > 1 {
+        let packs: Vec<PackId> = group.iter().map(|g| g.0).collect();
+        let mut all: Vec<IndexEntry> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, es))| {
+                es.iter().map(move |e| IndexEntry {
+                    pack: i as u32,
+                    ..*e
+                })
+            })
+            .collect();
+        let bytes = fmt::encode(&packs, &mut all);
+        let name = format!("{}.idx", hex(&random_bytes::<16>()?));
+        repo.write_atomic(&repo.path("index"), &name, &bytes)?;
+        for f in group_files.iter() {
+            fs::remove_file(f).ctx("remove", f)?;
+        }
+    }
+    group.clear();
+    group_files.clear();
+    Ok(())
+}
+
 impl Drop for PackWriter<'_> {
     fn drop(&mut self) {
-        // An unsealed pack is garbage: nothing references it.
+        // An unsealed pack is garbage: nothing references it. Packs
+        // handed to the sealer are sealed (reusable by the next backup).
         if let Some(p) = self.cur.take() {
             let _ = fs::remove_file(&p.tmp);
         }
+        let _ = self.join();
     }
 }

@@ -425,3 +425,44 @@ fn a_point_reader_of_many_extents_reads_across_its_blocks() {
     expect.push((2048, false));
     assert_eq!(runs, expect);
 }
+
+/// Packs are sealed on a thread of their own: a seal that fails (here the
+/// packs directory cannot be made) fails the backup with that error,
+/// publishes no point and leaves no temp pack; the next backup, once the
+/// repository is mended, is whole.
+#[test]
+fn a_seal_that_fails_fails_the_backup_and_leaves_no_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    make_image(&img, 24 << 20, &[(0, 20 << 20, Fill::Random(21))]);
+    let repo = new_repo(dir.path());
+    let packs = dir.path().join("repo/packs");
+    std::fs::remove_dir_all(&packs).expect("remove packs");
+    std::fs::write(&packs, b"not a directory").expect("packs as a file");
+    let disk: datamover::DiskName = "vm/disk".parse().expect("name");
+    let src = datamover::open_source(&img).expect("open");
+    let opts = BackupOptions {
+        compression: Compression::None,
+        ..small_packs()
+    };
+    let err = datamover::backup(&repo, src.as_ref(), &disk, &opts)
+        .expect_err("a backup whose packs cannot be published");
+    assert!(
+        err.to_string().contains("packs"),
+        "the error names the packs directory: {err}"
+    );
+    assert!(repo.point_ids(&disk).expect("points").is_empty());
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("repo/tmp"))
+        .expect("tmp")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pack-"))
+        .collect();
+    assert!(left.is_empty(), "temp packs left behind: {left:?}");
+    std::fs::remove_file(&packs).expect("remove the file");
+    std::fs::create_dir(&packs).expect("packs again");
+    backup(&repo, &img, "vm/disk", &opts);
+    let out = dir.path().join("out.raw");
+    restore(&repo, "vm/disk", None, &out).expect("restore");
+    assert_eq!(hash_file(&out), hash_file(&img));
+}
