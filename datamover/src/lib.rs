@@ -70,6 +70,6 @@ pub use repo::{PointSummary, Repository};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use source::{BlockSource, open_local as open_source};
 pub use stats::{Bottleneck, RunStats};
-pub use store::{FrameSink, Ingest, LocalSession, Store, StoreSession};
+pub use store::{Checked, FrameChecker, FrameSink, Ingest, LocalSession, Store, StoreSession};
 pub use target::{BlockTarget, open_local as open_target};
 pub use verify::{VerifyReport, verify};

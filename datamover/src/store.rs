@@ -210,6 +210,65 @@ fn frames(mut b: &[u8]) -> impl Iterator<Item = Result<(FrameHeader, &[u8])>> {
     })
 }
 
+/// Check every frame of a run: header, CRC, and the BLAKE3 of its
+/// decompressed bytes against the id it claims. `first` numbers the run's
+/// first frame in its session (for messages); returns the number after
+/// the run's last.
+fn check_run(dec: &mut FrameDecoder, b: &[u8], first: u64) -> Result<u64> {
+    let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
+    let mut n = first;
+    for f in frames(b) {
+        let (h, frame) = f.map_err(|e| match e {
+            Error::Corrupt { detail, .. } => bad(format!("frame {n}: {detail}")),
+            e => e,
+        })?;
+        dec.check(frame, Some(h.id))
+            .map_err(|d| bad(format!("frame {n} (chunk {}): {d}", h.id.short())))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A run of frames every one of which was checked: the only thing
+/// [`Ingest::add_checked`] stores.
+#[derive(Debug)]
+pub struct Checked(Vec<u8>);
+
+impl Checked {
+    /// The run's buffer, for the next message.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// Checks runs of received frames, one checker a thread (each keeps its
+/// own decompression context and buffer).
+pub struct FrameChecker {
+    dec: FrameDecoder,
+}
+
+impl std::fmt::Debug for FrameChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameChecker")
+    }
+}
+
+impl FrameChecker {
+    /// A checker.
+    pub fn new() -> Result<Self> {
+        Ok(FrameChecker {
+            dec: FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?,
+        })
+    }
+
+    /// Check every frame of `run` (as [`Ingest::add_frames`] does), whose
+    /// first frame is the session's frame number `first`.
+    pub fn check(&mut self, run: Vec<u8>, first: u64) -> Result<Checked> {
+        check_run(&mut self.dec, &run, first)?;
+        Ok(Checked(run))
+    }
+}
+
 /// The receiving end of a repository service: one new point of one disk,
 /// written from frames that arrive over the wire. Frames are checked
 /// before they are stored; chunks the repository (or this session) holds
@@ -292,19 +351,22 @@ impl<'r> Ingest<'r> {
     /// Take a run of whole frames (as they are stored in packs), checking
     /// each; a damaged or truncated frame is an error naming its place.
     pub fn add_frames(&mut self, b: &[u8]) -> Result<()> {
-        let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
+        let n = check_run(&mut self.dec, b, self.frames)?;
+        self.store_run(b)?;
+        debug_assert_eq!(self.frames, n);
+        Ok(())
+    }
+
+    /// Store a run a [`FrameChecker`] checked (on another thread: checks
+    /// run in parallel, stores in one place); chunks held already are
+    /// dropped.
+    pub fn add_checked(&mut self, run: &Checked) -> Result<()> {
+        self.store_run(&run.0)
+    }
+
+    fn store_run(&mut self, b: &[u8]) -> Result<()> {
         for f in frames(b) {
-            let (h, frame) = f.map_err(|e| match e {
-                Error::Corrupt { detail, .. } => bad(format!("frame {}: {detail}", self.frames)),
-                e => e,
-            })?;
-            self.dec.check(frame, Some(h.id)).map_err(|d| {
-                bad(format!(
-                    "frame {} (chunk {}): {d}",
-                    self.frames,
-                    h.id.short()
-                ))
-            })?;
+            let (h, frame) = f?;
             self.frames += 1;
             if !self.has(&h.id) {
                 self.sink.add(h.id, h.plain_len, frame)?;

@@ -379,18 +379,20 @@ fn replicas_are_updated_by_delta_and_equal_the_source() {
     assert!(std::fs::read(&replica).unwrap() == std::fs::read(&img).unwrap());
 }
 
-/// A source that misbehaves: drops every frame, damages every frame, or
-/// goes away before committing.
+/// A source that misbehaves: drops every frame, damages every frame,
+/// forges frames (sound frames whose bytes are not the chunk their id
+/// names: dedupe poisoning), or goes away before committing.
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
     DropFrames,
     DamageFrames,
+    ForgeFrames,
     NoCommit,
 }
 
 struct Faulty<'a>(&'a RemoteStore, Fault);
 struct FaultySession<'a>(Box<dyn StoreSession + 'a>, Fault);
-struct FaultySink<'a>(Box<dyn FrameSink + 'a>, Fault);
+struct FaultySink<'a>(Box<dyn FrameSink + 'a>, Fault, u64);
 
 impl Store for Faulty<'_> {
     fn describe(&self) -> String {
@@ -425,7 +427,7 @@ impl StoreSession for FaultySession<'_> {
         self.0.missing_of(m)
     }
     fn sink(&self, t: u64) -> datamover::Result<Box<dyn FrameSink + '_>> {
-        Ok(Box::new(FaultySink(self.0.sink(t)?, self.1)))
+        Ok(Box::new(FaultySink(self.0.sink(t)?, self.1, 0)))
     }
     fn manifest_temp(&self) -> datamover::Result<(std::fs::File, PathBuf)> {
         self.0.manifest_temp()
@@ -446,6 +448,21 @@ impl FrameSink for FaultySink<'_> {
                 let n = frame.len();
                 frame[n - 1] ^= 0x40;
                 self.0.add(id, len, frame)
+            }
+            Fault::ForgeFrames => {
+                // Every tenth frame carries other bytes under its id, in a
+                // frame whose header and CRC are sound.
+                self.2 += 1;
+                if self.2 % 10 != 3 {
+                    return self.0.add(id, len, frame);
+                }
+                let forged = vec![0x5a; len as usize];
+                let mut out = Vec::new();
+                datamover::format::frame::FrameEncoder::new(Some(3))
+                    .unwrap()
+                    .encode_into(id, &forged, &mut out)
+                    .unwrap();
+                self.0.add(id, len, out)
             }
             Fault::NoCommit => self.0.add(id, len, frame),
         }
@@ -478,6 +495,10 @@ fn bad_sources_and_foreign_clients_leave_nothing() {
         e.to_string().contains("CRC") || e.to_string().contains("refused"),
         "{e}"
     );
+    // Forged frames are refused: their bytes are not their ids' chunks.
+    let e = backup(&Faulty(&r, Fault::ForgeFrames), &img, "vm/a").unwrap_err();
+    assert!(e.to_string().contains("frame 2 (chunk"), "{e}");
+    assert!(e.to_string().contains("BLAKE3 mismatch"), "{e}");
     // A source that goes away before its commit.
     backup(&Faulty(&r, Fault::NoCommit), &img, "vm/a").unwrap_err();
     std::thread::sleep(std::time::Duration::from_millis(300));

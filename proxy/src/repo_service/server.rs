@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use datamover::format::manifest::{self};
 use datamover::replica::{self};
-use datamover::{ChunkId, DiskName, Error, Ingest, PointId, Store, TransportKind};
+use datamover::{
+    Checked, ChunkId, DiskName, Error, FrameChecker, Ingest, PointId, Store, TransportKind,
+};
 
 use super::wire::*;
 use super::{Served, ServedMap, replica_root};
@@ -272,13 +274,11 @@ fn net(e: io::Error) -> Error {
     )
 }
 
-/// The frame worker's end: its ingest, or why it stopped.
-fn join<'r>(
-    worker: std::thread::ScopedJoinHandle<'_, Result<Ingest<'r>, Error>>,
-) -> Result<Ingest<'r>, Error> {
+/// A frame worker's end: what it made, or why it stopped.
+fn join<T>(worker: std::thread::ScopedJoinHandle<'_, Result<T, Error>>) -> Result<T, Error> {
     worker
         .join()
-        .unwrap_or_else(|_| Err(Error::Internal("the frame worker panicked".into())))
+        .unwrap_or_else(|_| Err(Error::Internal("a frame worker panicked".into())))
 }
 
 /// How long a HELLO waits for its grant: the server sends grants with
@@ -534,37 +534,83 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
     };
     write_msg(s, Msg::Ready, &json(&ready).map_err(net)?).map_err(net)?;
     s.flush().map_err(net)?;
-    // This thread reads the connection and answers HAVE at once; a worker
-    // checks and stores the frames. HAVE is answered from the index as it
-    // was at the start and the ids of every frame forwarded so far, which
-    // is what the worker will hold once it has caught up.
+    // This thread reads the connection and answers HAVE at once; checkers
+    // (one a core, up to CHECKERS) check the frames in parallel and one
+    // storer stores them. HAVE is answered from the index as it was at
+    // the start and the ids of every frame forwarded so far, which is
+    // what the storer will hold once it has caught up.
     let held = ingest.held_at_begin();
     // The manifest goes to a file as its parts arrive (removed unless the
     // commit takes it).
     let mut manifest = Received::new(ingest.manifest_temp()?)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE);
-    // The worker hands each checked message's buffer back for the next.
-    let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(WORKER_QUEUE + 1);
+    let checkers = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, CHECKERS));
+    // Messages in flight: one being read, one queued, one a checker, one
+    // checked and queued, one being stored.
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<u8>)>(1);
+    let (checked_tx, checked_rx) = crossbeam_channel::bounded::<Checked>(1);
+    // The storer hands each stored message's buffer back for the next.
+    let (back, spare) = crossbeam_channel::bounded::<Vec<u8>>(checkers + 4);
+    // Raised by a checker or the storer that failed: the reader stops.
+    let failed = AtomicBool::new(false);
     std::thread::scope(|sc| {
-        let worker = sc.spawn(move || -> Result<Ingest<'_>, Error> {
+        let failed = &failed;
+        let check: Vec<_> = (0..checkers)
+            .map(|_| {
+                let (rx, out) = (rx.clone(), checked_tx.clone());
+                sc.spawn(move || -> Result<(), Error> {
+                    let mut checker = FrameChecker::new()?;
+                    for (first, b) in rx {
+                        let c = checker.check(b, first).inspect_err(|_| {
+                            failed.store(true, Ordering::Relaxed);
+                        })?;
+                        if out.send(c).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop((rx, checked_tx));
+        let storer = sc.spawn(move || -> Result<Ingest<'_>, Error> {
             let mut ingest = ingest;
-            for b in rx {
-                ingest.add_frames(&b)?;
-                let _ = back.try_send(b);
+            for c in checked_rx {
+                ingest.add_checked(&c).inspect_err(|_| {
+                    failed.store(true, Ordering::Relaxed);
+                })?;
+                let _ = back.try_send(c.into_inner());
             }
             Ok(ingest)
         });
+        let mut workers = Some((check, storer));
+        // Every checker and the storer joined: the ingest, or the first
+        // error (a checker's before the storer's, which then only saw
+        // the queue end early).
+        let mut finish = |tx: &mut Option<crossbeam_channel::Sender<(u64, Vec<u8>)>>| {
+            drop(tx.take());
+            let (check, storer) = workers
+                .take()
+                .ok_or_else(|| Error::Internal("the frame workers joined twice".into()))?;
+            let checked: Result<(), Error> = check.into_iter().map(join).collect();
+            let stored = join(storer);
+            checked.and(stored)
+        };
         let mut tx = Some(tx);
         let mut forwarded: HashSet<ChunkId> = HashSet::new();
+        let mut frames = 0u64;
         loop {
             let mut b = spare.try_recv().unwrap_or_default();
             let ty = read_msg_into(s, &mut b).map_err(net)?;
             // Every message is still granted: a host removed mid-session
             // is cut off within a heartbeat, not at its COMMIT.
             if grant(served, &hello.repository, &peer, &disk, hello.task, false).is_none() {
-                drop(tx.take());
-                let _ = join(worker);
+                let _ = finish(&mut tx);
                 return Err(not_granted(&hello.repository, &disk));
+            }
+            if failed.load(Ordering::Relaxed) {
+                return Err(finish(&mut tx)
+                    .err()
+                    .unwrap_or_else(|| Error::Internal("a frame worker stopped early".into())));
             }
             match ty {
                 Msg::GetParent => {
@@ -593,13 +639,15 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                 Msg::Frames => {
                     // Headers only here; a run that does not parse is
                     // refused before it is queued.
-                    forwarded.extend(Ingest::frame_ids(&b)?);
-                    let sent = tx.as_ref().is_some_and(|t| t.send(b).is_ok());
+                    let ids = Ingest::frame_ids(&b)?;
+                    let first = frames;
+                    frames += ids.len() as u64;
+                    forwarded.extend(ids);
+                    let sent = tx.as_ref().is_some_and(|t| t.send((first, b)).is_ok());
                     if !sent {
-                        // The worker stopped taking frames: its error.
-                        drop(tx.take());
-                        return Err(join(worker).err().unwrap_or_else(|| {
-                            Error::Internal("the frame worker stopped early".into())
+                        // The workers stopped taking frames: their error.
+                        return Err(finish(&mut tx).err().unwrap_or_else(|| {
+                            Error::Internal("the frame workers stopped early".into())
                         }));
                     }
                 }
@@ -610,8 +658,7 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
                     manifest.write(&b)?;
                 }
                 Msg::Commit => {
-                    drop(tx.take());
-                    let ingest = join(worker)?;
+                    let ingest = finish(&mut tx)?;
                     // Still granted (the host or its task may have been
                     // removed while it sent).
                     let g = grant(served, &hello.repository, &peer, &disk, hello.task, false)

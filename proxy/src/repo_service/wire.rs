@@ -88,8 +88,9 @@ pub const MAX_MESSAGE: usize = 80 << 20;
 pub const BATCH_BYTES: usize = 8 << 20;
 /// Manifest bytes per MANIFEST_PART.
 pub const PART: usize = 4 << 20;
-/// FRAMES messages queued for the worker that checks and stores them.
-pub const WORKER_QUEUE: usize = 4;
+/// Threads checking one session's frames, at most (one a core): the
+/// decompression and BLAKE3 of every frame is the service's main cost.
+pub const CHECKERS: usize = 4;
 /// Sessions (connections past TLS and HELLO) served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Connections in their TLS handshake at once (before a peer has shown a
