@@ -591,7 +591,13 @@ fn session(s: &mut ServerStream, ctx: &Ctx, slot: &mut Slot) -> Result<(), Error
             let (check, storer) = workers
                 .take()
                 .ok_or_else(|| Error::Internal("the frame workers joined twice".into()))?;
-            let checked: Result<(), Error> = check.into_iter().map(join).collect();
+            let mut checked = Ok(());
+            for h in check {
+                let r = join(h);
+                if checked.is_ok() {
+                    checked = r;
+                }
+            }
             let stored = join(storer);
             checked.and(stored)
         };
