@@ -210,25 +210,6 @@ fn frames(mut b: &[u8]) -> impl Iterator<Item = Result<(FrameHeader, &[u8])>> {
     })
 }
 
-/// Check every frame of a run: header, CRC, and the BLAKE3 of its
-/// decompressed bytes against the id it claims. `first` numbers the run's
-/// first frame in its session (for messages); returns the number after
-/// the run's last.
-fn check_run(dec: &mut FrameDecoder, b: &[u8], first: u64) -> Result<u64> {
-    let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
-    let mut n = first;
-    for f in frames(b) {
-        let (h, frame) = f.map_err(|e| match e {
-            Error::Corrupt { detail, .. } => bad(format!("frame {n}: {detail}")),
-            e => e,
-        })?;
-        dec.check(frame, Some(h.id))
-            .map_err(|d| bad(format!("frame {n} (chunk {}): {d}", h.id.short())))?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// A run of frames every one of which was checked: the only thing
 /// [`Ingest::add_checked`] stores.
 #[derive(Debug)]
@@ -261,10 +242,21 @@ impl FrameChecker {
         })
     }
 
-    /// Check every frame of `run` (as [`Ingest::add_frames`] does), whose
-    /// first frame is the session's frame number `first`.
+    /// Check every frame of `run`: header, CRC, and the BLAKE3 of its
+    /// decompressed bytes against the id it claims; a damaged or
+    /// truncated frame is an error naming its place (`first` numbers the
+    /// run's first frame in its session).
     pub fn check(&mut self, run: Vec<u8>, first: u64) -> Result<Checked> {
-        check_run(&mut self.dec, &run, first)?;
+        let bad = |d: String| Error::corrupt("received frame", Path::new("repository service"), d);
+        for (n, f) in (first..).zip(frames(&run)) {
+            let (h, frame) = f.map_err(|e| match e {
+                Error::Corrupt { detail, .. } => bad(format!("frame {n}: {detail}")),
+                e => e,
+            })?;
+            self.dec
+                .check(frame, Some(h.id))
+                .map_err(|d| bad(format!("frame {n} (chunk {}): {d}", h.id.short())))?;
+        }
         Ok(Checked(run))
     }
 }
@@ -277,7 +269,6 @@ pub struct Ingest<'r> {
     session: LocalSession<'r>,
     sink: PackWriter<'r>,
     added: HashSet<ChunkId>,
-    dec: FrameDecoder,
     /// Frames received and checked.
     pub frames: u64,
     /// Frames stored (the rest were held already).
@@ -308,7 +299,6 @@ impl<'r> Ingest<'r> {
             sink: PackWriter::new(repo),
             session,
             added: HashSet::new(),
-            dec: FrameDecoder::new().map_err(|e| Error::Internal(e.to_string()))?,
             frames: 0,
             frames_new: 0,
             bytes_new: 0,
@@ -339,7 +329,7 @@ impl<'r> Ingest<'r> {
 
     /// The chunk ids of a run of whole frames, from their headers alone
     /// (nothing is checked beyond the headers and lengths; a run that does
-    /// not parse is an error, as [`Ingest::add_frames`] would say).
+    /// not parse is an error, as [`FrameChecker::check`] would say).
     pub fn frame_ids(b: &[u8]) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
         for f in frames(b) {
@@ -348,24 +338,11 @@ impl<'r> Ingest<'r> {
         Ok(out)
     }
 
-    /// Take a run of whole frames (as they are stored in packs), checking
-    /// each; a damaged or truncated frame is an error naming its place.
-    pub fn add_frames(&mut self, b: &[u8]) -> Result<()> {
-        let n = check_run(&mut self.dec, b, self.frames)?;
-        self.store_run(b)?;
-        debug_assert_eq!(self.frames, n);
-        Ok(())
-    }
-
-    /// Store a run a [`FrameChecker`] checked (on another thread: checks
-    /// run in parallel, stores in one place); chunks held already are
+    /// Store a run a [`FrameChecker`] checked (checks run in parallel on
+    /// other threads, stores in one place); chunks held already are
     /// dropped.
     pub fn add_checked(&mut self, run: &Checked) -> Result<()> {
-        self.store_run(&run.0)
-    }
-
-    fn store_run(&mut self, b: &[u8]) -> Result<()> {
-        for f in frames(b) {
+        for f in frames(&run.0) {
             let (h, frame) = f?;
             self.frames += 1;
             if !self.has(&h.id) {

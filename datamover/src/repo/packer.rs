@@ -57,7 +57,7 @@ struct Full {
 struct Sealer {
     tx: SyncSender<Full>,
     failed: Arc<AtomicBool>,
-    thread: JoinHandle<Result<u64>>,
+    thread: JoinHandle<Result<()>>,
 }
 
 /// Writes frames into packs of one repository.
@@ -188,7 +188,6 @@ impl<'r> PackWriter<'r> {
         thread
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("the pack sealer panicked".into())))
-            .map(drop)
     }
 
     /// Seal the open pack and merge this session's index files. After this
@@ -202,16 +201,14 @@ impl<'r> PackWriter<'r> {
 
 /// The sealer's loop: each full pack fsynced, published, its index file
 /// written; index files merged every [`GROUP`] packs and at the end.
-/// Returns the packs sealed; at the first error it raises `failed` and
-/// removes every pack handed to it from then on, until the writer stops.
-fn sealer(repo: &Repository, rx: Receiver<Full>, failed: &AtomicBool) -> Result<u64> {
+/// At the first error it raises `failed` and removes every pack handed
+/// to it from then on, until the writer stops.
+fn sealer(repo: &Repository, rx: Receiver<Full>, failed: &AtomicBool) -> Result<()> {
     let mut group: Vec<(PackId, Vec<IndexEntry>)> = Vec::new();
     let mut group_files: Vec<PathBuf> = Vec::new();
-    let mut sealed = 0u64;
     let r = (|| -> Result<()> {
         for full in &rx {
             let (id, entries, idx) = seal_one(repo, full)?;
-            sealed += 1;
             group.push((id, entries));
             group_files.push(idx);
             if group.len() >= GROUP {
@@ -226,7 +223,7 @@ fn sealer(repo: &Repository, rx: Receiver<Full>, failed: &AtomicBool) -> Result<
             let _ = fs::remove_file(&f.tmp);
         }
     }
-    r.map(|()| sealed)
+    r
 }
 
 /// fsync a full pack, move it into `packs/`, write its index file.
