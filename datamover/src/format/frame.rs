@@ -129,11 +129,12 @@ fn frame_crc(h: &[u8], payload: &[u8]) -> u32 {
     c.finalize()
 }
 
-/// Encodes chunks into frames, reusing one zstd context and buffer.
+/// Encodes chunks into frames, reusing one zstd context. The payload is
+/// compressed straight into the output after a header-sized gap (no
+/// scratch buffer to copy from), and the header is written into the gap.
 pub struct FrameEncoder {
     level: Option<i32>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for FrameEncoder {
@@ -151,11 +152,7 @@ impl FrameEncoder {
             Some(l) => Some(zstd::bulk::Compressor::new(l)?),
             None => None,
         };
-        Ok(FrameEncoder {
-            level,
-            zstd,
-            buf: Vec::new(),
-        })
+        Ok(FrameEncoder { level, zstd })
     }
 
     /// Encode `plain` (already hashed to `id`) into a full frame appended to
@@ -171,23 +168,27 @@ impl FrameEncoder {
             .ok()
             .filter(|l| *l <= MAX_CHUNK_LEN)
             .ok_or_else(|| std::io::Error::other("chunk larger than the frame limit"))?;
+        let start = out.len();
+        let body = start + FRAME_HEADER_LEN;
+        out.resize(body, 0);
         let mut codec = Codec::Raw;
         if let Some(z) = self.zstd.as_mut() {
-            let bound = zstd::zstd_safe::compress_bound(plain.len());
-            self.buf.clear();
-            self.buf.reserve(bound);
-            let n = z.compress_to_buffer(plain, &mut self.buf)?;
+            out.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            // The cursor makes zstd write from `body` on and set the
+            // length to the end of what it wrote.
+            let mut at = std::io::Cursor::new(&mut *out);
+            at.set_position(body as u64);
+            let n = z.compress_to_buffer(plain, &mut at)?;
             if n < plain.len() - plain.len() / 32 {
                 codec = Codec::Zstd;
             }
         }
-        let payload: &[u8] = if codec == Codec::Zstd {
-            &self.buf
-        } else {
-            plain
-        };
-        out.extend_from_slice(&FrameHeader::encode(codec, plain_len, id, payload));
-        out.extend_from_slice(payload);
+        if codec == Codec::Raw {
+            out.truncate(body);
+            out.extend_from_slice(plain);
+        }
+        let header = FrameHeader::encode(codec, plain_len, id, &out[body..]);
+        out[start..body].copy_from_slice(&header);
         Ok(codec)
     }
 }

@@ -28,6 +28,10 @@ use crate::format::index::{self as fmt, IndexEntry};
 use crate::format::pack::{self, PACK_TARGET_LEN};
 use crate::ids::{ChunkId, PackId, hex, random_bytes};
 
+/// Write buffer of an open pack: frames this large or larger (most
+/// chunks, compressed or not) are written straight from the caller's
+/// bytes.
+const FRAME_BUFFER: usize = 64 << 10;
 /// Packs per merged index file.
 const GROUP: usize = 64;
 
@@ -93,7 +97,9 @@ impl<'r> PackWriter<'r> {
         if self.cur.is_none() {
             let pid = PackId::random()?;
             let (f, tmp) = self.repo.temp_file(&format!("pack-{}", pid.to_hex()))?;
-            let mut file = BufWriter::with_capacity(1 << 20, f);
+            // Small frames are gathered; a frame of FRAME_BUFFER or more
+            // goes to the file in one write, not copied through the buffer.
+            let mut file = BufWriter::with_capacity(FRAME_BUFFER, f);
             file.write_all(&pack::header()).ctx("write", &tmp)?;
             self.bytes_written += pack::PACK_HEADER_LEN as u64;
             self.cur = Some(OpenPack {
