@@ -7,7 +7,7 @@
 //! CONFIG is a zstd level with optional parameters: `3`, `2`,
 //! `3:hlog=16,clog=14`, `3:strategy=1` (hlog, clog, slog, mml, wlog,
 //! strategy). Not part of the test run; used to choose the default level
-//! (see the README's "Compression" paragraph).
+//! (the README's "Why zstd level 3 by default").
 #![allow(clippy::print_stdout)]
 
 use std::collections::HashSet;
