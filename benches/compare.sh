@@ -33,8 +33,11 @@ echo "v1: $(du -h v1.raw | cut -f1) allocated of $((logical >> 20)) MiB"
 warm() { if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; else cat "$@" > /dev/null; fi; }
 results=$work/results.tsv; : > "$results"
 # run TOOL PHASE REPO CMD...: time CMD, record secs, cpu, rss, repo size.
+# From a settled disk: the previous run's writeback is flushed first (as
+# in all.sh), so no tool pays for another's writes.
 run() {
   local tool=$1 phase=$2 repo=$3; shift 3
+  sync
   /usr/bin/time -f "%e %U %S %M" -o time.out "$@" > "$tool-$phase.log" 2>&1 || { echo "$tool $phase failed:"; tail -5 "$tool-$phase.log"; exit 1; }
   read -r secs user sys rss < <(tail -1 time.out)
   printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$tool" "$phase" "$secs" "$(echo "$user + $sys" | bc)" "$((rss / 1024))" "$(du -sb "$repo" | cut -f1)" >> "$results"
