@@ -50,6 +50,11 @@ impl AlignedBuf {
     pub fn as_slice(&self) -> &[u8] {
         &self.v[self.start..self.start + self.len]
     }
+
+    /// The valid bytes, to write into.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.v[self.start..self.start + self.len]
+    }
 }
 
 /// Read buffers recycled from the pipeline's end back to its reader.

@@ -42,6 +42,7 @@ pub mod buffer;
 pub mod cbt;
 pub mod chunker;
 pub mod compression;
+mod direct;
 pub mod error;
 pub mod format;
 pub mod ids;
