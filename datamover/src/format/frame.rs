@@ -156,8 +156,9 @@ impl FrameEncoder {
     }
 
     /// Encode `plain` (already hashed to `id`) into a full frame appended to
-    /// `out`. Compressed only when that saves at least 1/32 of the size.
-    /// Returns the codec used.
+    /// `out`. Compressed only when that saves at least 1/32 of the size;
+    /// data that looks random ([`crate::compression::looks_incompressible`])
+    /// is stored raw without trying. Returns the codec used.
     pub fn encode_into(
         &mut self,
         id: ChunkId,
@@ -172,7 +173,11 @@ impl FrameEncoder {
         let body = start + FRAME_HEADER_LEN;
         out.resize(body, 0);
         let mut codec = Codec::Raw;
-        if let Some(z) = self.zstd.as_mut() {
+        if let Some(z) = self
+            .zstd
+            .as_mut()
+            .filter(|_| !crate::compression::looks_incompressible(plain))
+        {
             out.reserve(zstd::zstd_safe::compress_bound(plain.len()));
             // The cursor makes zstd write from `body` on and set the
             // length to the end of what it wrote.
