@@ -19,13 +19,18 @@ IN_CI = os.environ.get("CI") in ("true", "1")
 
 
 def make_image(path, size, regions):
-    """A sparse image: (offset, length, kind) with kind 'random:<seed>' or 'text'."""
+    """A sparse image: (offset, length, kind) with kind 'random:<seed>',
+    'nibbles:<seed>' (random bytes of 16 values: compressible, but work for
+    zstd, where random bytes are stored raw without trying) or 'text'."""
     with open(path, "wb") as f:
         f.truncate(size)
         for off, length, kind in regions:
             if kind == "text":
                 line = b"Nov 25 09:52:35 web01 nginx: GET /index.html 200\n"
                 data = (line * (length // len(line) + 1))[:length]
+            elif kind.startswith("nibbles:"):
+                data = random.Random(int(kind.split(":")[1])).randbytes(length)
+                data = data.translate(bytes(b & 0x0F for b in range(256)))
             else:
                 data = random.Random(int(kind.split(":")[1])).randbytes(length)
             f.seek(off)
@@ -52,7 +57,7 @@ def env(tmp_path):
 def big(tmp_path):
     """An image that takes about a second to back up at 'high'."""
     img = tmp_path / "big.raw"
-    make_image(img, 96 << 20, [(0, 48 << 20, "random:7"), (48 << 20, 48 << 20, "text")])
+    make_image(img, 96 << 20, [(0, 48 << 20, "nibbles:7"), (48 << 20, 48 << 20, "text")])
     return img
 
 
