@@ -79,7 +79,7 @@ impl DirectFile {
         self.buffered_at(offset, data)
     }
 
-    pub(crate) fn buffered_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+    fn buffered_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }

@@ -54,10 +54,9 @@ struct OpenPack {
     tmp: PathBuf,
     len: u64,
     entries: Vec<IndexEntry>,
-    /// Bytes in the stage, to be written at `flushed`.
+    /// Bytes in the stage: the pack's last `staged` bytes, the rest
+    /// (a multiple of STAGE) already in the file.
     staged: usize,
-    /// Bytes of the pack already in the file (a multiple of STAGE).
-    flushed: u64,
 }
 
 impl OpenPack {
@@ -70,8 +69,10 @@ impl OpenPack {
             self.staged += n;
             data = &data[n..];
             if self.staged == STAGE {
-                self.file.write_at(self.flushed, stage.as_slice())?;
-                self.flushed += STAGE as u64;
+                self.file.write_at(
+                    self.len - data.len() as u64 - STAGE as u64,
+                    stage.as_slice(),
+                )?;
                 self.staged = 0;
             }
         }
@@ -81,8 +82,10 @@ impl OpenPack {
     /// Write what the stage holds: its whole pages directly, the last
     /// partial page buffered.
     fn write_staged(&self, stage: &AlignedBuf) -> Result<()> {
-        self.file
-            .write_at(self.flushed, &stage.as_slice()[..self.staged])
+        self.file.write_at(
+            self.len - self.staged as u64,
+            &stage.as_slice()[..self.staged],
+        )
     }
 }
 
@@ -139,9 +142,8 @@ impl<'r> PackWriter<'r> {
         if self.cur.is_none() {
             let pid = PackId::random()?;
             let (f, tmp) = self.repo.temp_file(&format!("pack-{}", pid.to_hex()))?;
-            if self.stage.as_slice().len() != STAGE {
-                self.stage.prepare(STAGE);
-            }
+            // Allocated once; later packs reuse it as it is.
+            self.stage.prepare(STAGE);
             let mut p = OpenPack {
                 id: pid,
                 file: DirectFile::new(f, &tmp),
@@ -149,7 +151,6 @@ impl<'r> PackWriter<'r> {
                 len: 0,
                 entries: Vec::new(),
                 staged: 0,
-                flushed: 0,
             };
             if let Err(e) = p.push(&mut self.stage, &pack::header()) {
                 let _ = fs::remove_file(&p.tmp);
