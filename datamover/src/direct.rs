@@ -88,12 +88,6 @@ impl DirectFile {
             .ctx("write", &self.path)
     }
 
-    /// The buffered handle, the direct one closed (every direct write
-    /// has returned: they are synchronous).
-    pub(crate) fn into_file(self) -> File {
-        self.buffered
-    }
-
     pub(crate) fn sync(&self) -> Result<()> {
         self.buffered.sync_all().ctx("sync", &self.path)
     }
