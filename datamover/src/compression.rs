@@ -12,7 +12,8 @@ pub enum Compression {
     None,
     /// zstd level 1.
     Fast,
-    /// zstd level 3: the default, the best ratio per CPU second.
+    /// zstd level 3 (chain log 14, [`zstd_chain_log`]): the default, the
+    /// best ratio per CPU second.
     #[default]
     Optimal,
     /// zstd level 9.
@@ -32,6 +33,16 @@ impl Compression {
             Compression::Extreme => Some(19),
         }
     }
+}
+
+/// The zstd chain log used at `level`, where it differs from zstd's own
+/// choice. Level 3 (`optimal`) gets 14 in place of 16: its smaller match
+/// table stays in a core's cache, which saves 0.3-1.1 CPU s of the 4-6 s
+/// a full backup of the comparison image spends compressing, for 0.17 %
+/// more stored (README, "Why zstd level 3 by default"). Only the
+/// encoder's search changes: frames decode as before.
+pub fn zstd_chain_log(level: i32) -> Option<u32> {
+    (level == 3).then_some(14)
 }
 
 impl fmt::Display for Compression {

@@ -8,8 +8,10 @@
 //! `3:hlog=16,clog=14`, `3:strategy=1` (hlog, clog, slog, mml, wlog,
 //! strategy). A CONFIG ending in `+skip` first asks datamover's
 //! `looks_incompressible` and stores raw what it says will not compress,
-//! as a backup does (`3+skip` is what `dm backup` does by default). Not part of the test run; used to choose the default level
-//! (the README's "Why zstd level 3 by default").
+//! as a backup does (`3:clog=14+skip` is what `dm backup` does by
+//! default: `datamover::compression::zstd_chain_log`). Not part of the
+//! test run; used to choose the default level and its parameters (the
+//! README's "Why zstd level 3 by default").
 #![allow(clippy::print_stdout)]
 
 use std::collections::HashSet;

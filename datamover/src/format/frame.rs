@@ -146,10 +146,17 @@ impl std::fmt::Debug for FrameEncoder {
 }
 
 impl FrameEncoder {
-    /// An encoder compressing at zstd `level`, or storing raw if `None`.
+    /// An encoder compressing at zstd `level` (with the chain log of
+    /// [`crate::compression::zstd_chain_log`]), or storing raw if `None`.
     pub fn new(level: Option<i32>) -> std::io::Result<Self> {
         let zstd = match level {
-            Some(l) => Some(zstd::bulk::Compressor::new(l)?),
+            Some(l) => {
+                let mut z = zstd::bulk::Compressor::new(l)?;
+                if let Some(c) = crate::compression::zstd_chain_log(l) {
+                    z.set_parameter(zstd::zstd_safe::CParameter::ChainLog(c))?;
+                }
+                Some(z)
+            }
             None => None,
         };
         Ok(FrameEncoder { level, zstd })
