@@ -75,13 +75,16 @@ m() {
   rec "$key" "$e" "$(python3 -c "print(round($u + $s, 2))")" "$r" "${EXTRA:-}"
 }
 warm() { cat "$@" > /dev/null; }
-# in_turn A B: the measurements held in arrays A and B (KEY CMD...), A's
-# first in odd rounds and B's first in even ones: whichever goes first
-# after a step that leaves the machine busy pays for it (dm's NBD read,
-# always first, took 2.44, 1.53 and 3.54 s against nbdcopy's 2.17, 1.61
-# and 1.61; run alone in turn, 1.39-1.88 s against 1.22-2.01 s).
+# in_turn A B: the measurements held in arrays A and B (KEY CMD...), after
+# one unmeasured run of B, A's first in odd rounds and B's first in even
+# ones: whichever goes first after a step that leaves the machine busy
+# pays for it (dm's NBD read, always first, took 2.44, 1.53 and 3.54 s
+# against nbdcopy's 2.17, 1.61 and 1.61; taking turns without the warm-up
+# run, the first of the two took 1.93/2.10/1.65 s, the second
+# 1.25/1.23/0.91 s, whichever it was).
 in_turn() {
   local -n first=$1 second=$2
+  "${second[@]:1}" > /dev/null 2>&1 || true
   if (( round % 2 )); then m "${first[@]}"; m "${second[@]}"; else m "${second[@]}"; m "${first[@]}"; fi
 }
 size_of() { du -sb "$1" | cut -f1; }
