@@ -3,7 +3,7 @@
 # run. Not part of the test run. Needs root (loop mounts), qemu-utils,
 # libnbd-bin (nbdcopy), restic, borgbackup, time, curl.
 #
-#   [ROUNDS=3] [INC_SIZES="16G 1T"] bash benches/all.sh [WORKDIR]   (default /var/tmp/dm-all)
+#   [ROUNDS=3] [PAIRS=3] [INC_SIZES="16G 1T"] bash benches/all.sh [WORKDIR]   (default /var/tmp/dm-all)
 #
 # Data: the comparison image (benches/comparison-image.sh: v1.raw, a 4 GiB
 # ext4 disk with an OS tree, incompressible files, duplicates, a log and
@@ -15,8 +15,8 @@
 #
 # ROUNDS rounds, each measuring everything once in the same order
 # (interleaved: a slow minute of this VM hits dm and its peer alike; the
-# short NBD reads and exports swap which goes first every round); the
-# table shows the medians of wall seconds, CPU seconds (user + system of
+# short NBD reads and exports run PAIRS times a round, 3 by default,
+# taking turns at going first); the table shows the medians of wall seconds, CPU seconds (user + system of
 # the process, or of both proxies for the repository service) and peak
 # RSS. Page cache is warm: a disk is read once before a run reads it.
 #
@@ -75,17 +75,23 @@ m() {
   rec "$key" "$e" "$(python3 -c "print(round($u + $s, 2))")" "$r" "${EXTRA:-}"
 }
 warm() { cat "$@" > /dev/null; }
-# in_turn A B: the measurements held in arrays A and B (KEY CMD...), after
-# one unmeasured run of B, A's first in odd rounds and B's first in even
-# ones: whichever goes first after a step that leaves the machine busy
-# pays for it (dm's NBD read, always first, took 2.44, 1.53 and 3.54 s
-# against nbdcopy's 2.17, 1.61 and 1.61; taking turns without the warm-up
-# run, the first of the two took 1.93/2.10/1.65 s, the second
-# 1.25/1.23/0.91 s, whichever it was).
+# in_turn A B: the measurements held in arrays A and B (KEY CMD...), PAIRS
+# times each (default 3), after one unmeasured run of B, taking turns at
+# going first: whichever goes first after a step that leaves the machine
+# busy pays for it (dm's NBD read, always first, took 2.44, 1.53 and 3.54
+# s against nbdcopy's 2.17, 1.61 and 1.61; without the warm-up run, the
+# first of the two took 1.93/2.10/1.65 s, the second 1.25/1.23/0.91 s,
+# whichever it was). These reads last a second and scatter by 2x on this
+# VM (qemu-nbd's own CPU for the same reads: 0.8 to 2.5 s), hence more
+# samples than rounds.
+pairs=${PAIRS:-3}
 in_turn() {
   local -n first=$1 second=$2
+  local p
   "${second[@]:1}" > /dev/null 2>&1 || true
-  if (( round % 2 )); then m "${first[@]}"; m "${second[@]}"; else m "${second[@]}"; m "${first[@]}"; fi
+  for p in $(seq "$pairs"); do
+    if (( (round + p) % 2 )); then m "${second[@]}"; m "${first[@]}"; else m "${first[@]}"; m "${second[@]}"; fi
+  done
 }
 size_of() { du -sb "$1" | cut -f1; }
 
@@ -257,10 +263,10 @@ done
 rm -rf dm-repo
 
 echo
-python3 - "$results" "$rounds" "$(stat -c %s "$v1")" "$inc_sizes" <<'PY'
+python3 - "$results" "$rounds" "$(stat -c %s "$v1")" "$inc_sizes" "$pairs" <<'PY'
 import statistics, sys
 from collections import defaultdict
-path, rounds, logical, sizes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
+path, rounds, logical, sizes, pairs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(), int(sys.argv[5])
 v = defaultdict(lambda: defaultdict(list))
 for line in open(path):
     rnd, key, wall, cpu, rss, extra = line.rstrip("\n").split("\t")
@@ -277,7 +283,8 @@ def row(what, dm, peer, peer_name, target=""):
     a, b = cell(dm), cell(peer) if peer else ("", "", "")
     ratio = f"{med(peer, 'wall') / med(dm, 'wall'):.2f}x" if peer and peer in v else ""
     print(f"| {what} | {' | '.join(a)} | {peer_name} | {' | '.join(b)} | {ratio} | {target} |")
-print(f"v1: {logical >> 20} MiB comparison image; medians of {rounds} interleaved rounds; "
+print(f"v1: {logical >> 20} MiB comparison image; medians of {rounds} interleaved rounds "
+      f"(NBD reads and exports: of {rounds * pairs} runs, {pairs} pairs in turn per round); "
       "s = wall seconds, CPU = user + system seconds, RSS = peak; "
       "x = peer's seconds / dm's (above 1: dm is faster)")
 print()
