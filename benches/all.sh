@@ -16,9 +16,10 @@
 # ROUNDS rounds, each measuring everything once in the same order
 # (interleaved: a slow minute of this VM hits dm and its peer alike; the
 # short NBD reads and exports run PAIRS times a round, 3 by default,
-# taking turns at going first); the table shows the medians of wall seconds, CPU seconds (user + system of
-# the process, or of both proxies for the repository service) and peak
-# RSS. Page cache is warm: a disk is read once before a run reads it.
+# taking turns at going first); the table shows the medians of wall
+# seconds, CPU seconds (user + system of the process, or of both proxies
+# for the repository service) and peak RSS. Page cache is warm: a disk
+# is read once before a run reads it.
 #
 #   backup, incremental (no CBT), restore   dm vs restic and borg (file)
 #   replica sync                            dm replica sync, first and next
