@@ -53,7 +53,7 @@ pub(super) struct Ran<'a> {
 
 impl<'s> Pipeline<'_, 's> {
     /// Run every stage to its end.
-    pub(super) fn run(&self, mut chunker: Box<dyn Chunker>, mw: ManifestOut) -> Result<Ran<'s>> {
+    pub(super) fn run(&self, chunker: Box<dyn Chunker>, mw: ManifestOut) -> Result<Ran<'s>> {
         let (source, session, plan, chunking, threads, opts) = (
             self.source,
             self.session,
@@ -74,7 +74,16 @@ impl<'s> Pipeline<'_, 's> {
             let reader = s.spawn(|| {
                 let mut sc = Scanner::new(source, &opts.progress);
                 let changed = match &plan {
-                    Plan::Full => read_full(&mut sc, &read_tx).map(|()| None),
+                    Plan::Full => match lane_span(&sc, chunking) {
+                        Some(span) => {
+                            let mut second = Scanner::new(source, &opts.progress);
+                            let r = read_full_lanes(&mut sc, &mut second, span, &read_tx);
+                            sc.st.busy += second.st.busy;
+                            sc.st.bytes_read += second.st.bytes_read;
+                            r.map(|()| None)
+                        }
+                        None => read_full(&mut sc, &read_tx).map(|()| None),
+                    },
                     Plan::Incremental {
                         manifest, tracker, ..
                     } => manifest.extents().and_then(|extents| {
@@ -89,7 +98,7 @@ impl<'s> Pipeline<'_, 's> {
             });
             let chunk = s.spawn(move || {
                 let t = Instant::now();
-                let r = chunk_stage(&mut *chunker, read_rx, work_tx);
+                let r = chunk_stage(chunker, chunking, read_rx, work_tx);
                 r.map(|busy| busy.min(t.elapsed().as_secs_f64()))
             });
             let workers: Vec<_> = (0..threads)

@@ -19,6 +19,11 @@ pub(super) enum ReadMsg {
     /// one extent per MiB of it; one message, and one wake-up of each
     /// stage, per extent was most of its cost).
     Reuse(Vec<Extent>),
+    /// What follows, up to the next `Segment`, belongs to segment `g` of a
+    /// full read in lanes ([`read_full_lanes`]).
+    Segment(u32),
+    /// Segment `g` is complete.
+    SegmentEnd(u32),
 }
 
 impl ReadMsg {
@@ -28,6 +33,7 @@ impl ReadMsg {
             ReadMsg::Data(o, b) => (*o, b.len() as u64),
             ReadMsg::Zero(o, l) => (*o, *l),
             ReadMsg::Reuse(v) => (0, v.iter().map(Extent::len).sum()),
+            ReadMsg::Segment(_) | ReadMsg::SegmentEnd(_) => (0, 0),
         }
     }
 }
@@ -216,7 +222,7 @@ impl<'a> Scanner<'a> {
                         out.push(match m {
                             ReadMsg::Data(o, b) => ReadMsg::Data(o, b.slice(..keep as usize)),
                             ReadMsg::Zero(o, _) => ReadMsg::Zero(o, keep),
-                            r @ ReadMsg::Reuse(_) => r,
+                            r => r,
                         });
                     }
                 }
@@ -233,7 +239,7 @@ impl<'a> Scanner<'a> {
                                 ReadMsg::Data(o + skip, b.slice(skip as usize..))
                             }
                             ReadMsg::Zero(o, l) => ReadMsg::Zero(o + skip, l - skip),
-                            r @ ReadMsg::Reuse(_) => r,
+                            r => r,
                         });
                     }
                 }
@@ -271,6 +277,89 @@ pub(super) fn read_full(sc: &mut Scanner<'_>, tx: &Sender<ReadMsg>) -> Result<()
             }
         }
         sc.report(pos)?;
+    }
+    Ok(())
+}
+
+/// Segments of a full read in lanes are at most this long: the writer
+/// holds the second lane's extents until the first lane's segment is done
+/// (a 16 GiB segment is 16,384 extents of 1 MiB chunks, 262,144 at
+/// worst when data and zero blocks alternate: about 16 MiB).
+pub(super) const LANE_SPAN_MAX: u64 = 16 << 30;
+
+/// The length of the segments a full read takes two at a time in
+/// [`read_full_lanes`], or `None` when it reads in one lane.
+///
+/// Two lanes keep the cores and the repository's disk busy together: in
+/// one lane a stretch of incompressible data (media, archives, encrypted
+/// files) costs little CPU but as many bytes of pack writes as it has,
+/// so the cores wait on the disk, and in compressible data the disk waits
+/// on the cores. Reading two parts of the disk in turn mixes the two.
+/// Only for fixed chunks (their cuts sit on a grid, and segments start on
+/// the grid of reads and chunks, so each segment is cut as a read in one
+/// lane cuts it and the point is the same) and sources without
+/// read-ahead: a source that fetches ahead expects one stream.
+pub(super) fn lane_span(sc: &Scanner<'_>, chunking: ChunkingInfo) -> Option<u64> {
+    let grid = sc.io.max(u64::from(chunking.block_size)).max(1);
+    let span = sc
+        .size
+        .div_ceil(2)
+        .next_multiple_of(grid)
+        .min(LANE_SPAN_MAX.next_multiple_of(grid));
+    (chunking.kind == ChunkingKind::Fixed && sc.src.read_ahead() == 0 && sc.size > span)
+        .then_some(span)
+}
+
+/// A full run in two lanes: the disk is cut into segments of `span` bytes
+/// (on the grid of windows, so every piece, zero run and chunk is the one
+/// a read in one lane makes), taken two at a time; the reader takes a
+/// piece of one, then of the other, tagging each with its segment, and
+/// the writer puts the second segment's extents after the first's.
+pub(super) fn read_full_lanes<'a>(
+    sc: &mut Scanner<'a>,
+    second: &mut Scanner<'a>,
+    span: u64,
+    tx: &Sender<ReadMsg>,
+) -> Result<()> {
+    let size = sc.size;
+    let mut out = Vec::new();
+    sc.report(0)?;
+    let (mut base, mut seg) = (0u64, 0u32);
+    while base < size {
+        let mid = (base + span).min(size);
+        let end = (mid + span).min(size);
+        // (position, end, segment) of each lane; an empty second lane
+        // only at the disk's end.
+        let mut lanes = [(base, mid, seg), (mid, end, seg + 1)];
+        let mut current = None;
+        loop {
+            let mut moved = false;
+            for (i, (pos, lim, g)) in lanes.iter_mut().enumerate() {
+                if *pos >= *lim {
+                    continue;
+                }
+                moved = true;
+                if current != Some(*g) {
+                    current = Some(*g);
+                    out.push(ReadMsg::Segment(*g));
+                }
+                let s = if i == 0 { &mut *sc } else { &mut *second };
+                *pos = s.step(*pos, *lim, &mut out)?;
+                if *pos >= *lim {
+                    out.push(ReadMsg::SegmentEnd(*g));
+                }
+                for m in out.drain(..) {
+                    if tx.send(m).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+            sc.report(lanes[0].0 + (lanes[1].0 - mid))?;
+        }
+        (base, seg) = (end, seg + 2);
     }
     Ok(())
 }
@@ -544,7 +633,7 @@ impl Shadow {
                 self.cur = off + len;
                 self.events.push((self.cur, true));
             }
-            ReadMsg::Reuse(_) => {}
+            ReadMsg::Reuse(_) | ReadMsg::Segment(_) | ReadMsg::SegmentEnd(_) => {}
         }
     }
     pub(super) fn finish(&mut self) {
@@ -571,7 +660,7 @@ pub(super) fn send_upto(q: &mut VecDeque<ReadMsg>, limit: u64, tx: &Sender<ReadM
                     ReadMsg::Data(o + n, b.slice(n as usize..)),
                 ),
                 ReadMsg::Zero(o, l) => (ReadMsg::Zero(o, n), ReadMsg::Zero(o + n, l - n)),
-                r @ ReadMsg::Reuse(_) => (r, ReadMsg::Zero(limit, 0)),
+                r => (r, ReadMsg::Zero(limit, 0)),
             };
             q.push_front(tail);
             head

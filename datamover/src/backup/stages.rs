@@ -3,14 +3,23 @@
 //! Invariant: the writer appends frames as they come but writes extents
 //! into the manifest in disk order (by sequence number); a chunk is
 //! stored once even when several workers meet it at the same time.
+//!
+//! Sequence numbers: segment `g` of a read in lanes numbers its items from
+//! `g << SEGMENT_SHIFT` and closes with an `End`, after which the writer
+//! goes on at segment `g + 1`; a read in one lane is all segment 0.
 
 use super::*;
+
+/// Bits of a sequence number that count items inside a segment.
+const SEGMENT_SHIFT: u32 = 40;
 
 pub(super) enum Work {
     Chunk(u64, Bytes),
     Zero(u64, u64),
     /// Extents of the parent point, as they are.
     Reused(u64, Vec<Extent>),
+    /// The segment's last item came before this one.
+    End(u64),
 }
 
 pub(super) enum Done {
@@ -33,12 +42,17 @@ pub(super) enum Done {
         seq: u64,
         extents: Vec<Extent>,
     },
+    End {
+        seq: u64,
+    },
 }
 
 /// What the writer holds for the manifest until its turn comes.
 enum Item {
     One(Extent),
     Run(Vec<Extent>),
+    /// The end of a segment: the next item is the next segment's first.
+    End,
 }
 
 #[derive(Default)]
@@ -72,45 +86,109 @@ impl Emitter {
     }
 }
 
-pub(super) fn chunk_stage(
-    chunker: &mut dyn crate::chunker::Chunker,
-    rx: Receiver<ReadMsg>,
-    tx: Sender<Work>,
-) -> Result<f64> {
-    let mut em = Emitter {
-        seq: 0,
-        tx,
-        broken: false,
-    };
-    let mut next_data: Option<u64> = None;
-    let mut busy = 0f64;
-    for m in rx {
-        let t = Instant::now();
+/// One segment being cut: its chunker and its numbering.
+struct Lane {
+    chunker: Box<dyn crate::chunker::Chunker>,
+    em: Emitter,
+    next_data: Option<u64>,
+}
+
+impl Lane {
+    fn new(chunker: Box<dyn crate::chunker::Chunker>, seg: u32, tx: &Sender<Work>) -> Self {
+        Lane {
+            chunker,
+            em: Emitter {
+                seq: u64::from(seg) << SEGMENT_SHIFT,
+                tx: tx.clone(),
+                broken: false,
+            },
+            next_data: None,
+        }
+    }
+
+    fn take(&mut self, m: ReadMsg) {
+        let (chunker, em) = (&mut self.chunker, &mut self.em);
         match m {
             ReadMsg::Data(off, b) => {
-                if next_data != Some(off) {
+                if self.next_data != Some(off) {
                     chunker.start(off, &mut |c| em.chunk(c));
                 }
-                next_data = Some(off + b.len() as u64);
+                self.next_data = Some(off + b.len() as u64);
                 chunker.push(b, &mut |c| em.chunk(c));
             }
             ReadMsg::Zero(_, len) => {
                 chunker.finish(&mut |c| em.chunk(c));
-                next_data = None;
+                self.next_data = None;
                 em.send(|s| Work::Zero(s, len));
             }
             ReadMsg::Reuse(v) => {
                 chunker.finish(&mut |c| em.chunk(c));
-                next_data = None;
+                self.next_data = None;
                 em.send(|s| Work::Reused(s, v));
             }
-        }
-        busy += t.elapsed().as_secs_f64();
-        if em.broken {
-            break;
+            ReadMsg::Segment(_) | ReadMsg::SegmentEnd(_) => {}
         }
     }
-    chunker.finish(&mut |c| em.chunk(c));
+
+    fn finish(&mut self) {
+        let em = &mut self.em;
+        self.chunker.finish(&mut |c| em.chunk(c));
+    }
+}
+
+/// Cuts what the reader sends into chunks, one chunker per segment being
+/// read (`chunker` cuts segment 0, or the whole of a read in one lane).
+pub(super) fn chunk_stage(
+    chunker: Box<dyn crate::chunker::Chunker>,
+    chunking: ChunkingInfo,
+    rx: Receiver<ReadMsg>,
+    tx: Sender<Work>,
+) -> Result<f64> {
+    let mut lanes = BTreeMap::from([(0u32, Lane::new(chunker, 0, &tx))]);
+    let mut current = 0u32;
+    let mut busy = 0f64;
+    for m in rx {
+        let t = Instant::now();
+        let broken = match m {
+            ReadMsg::Segment(g) => {
+                if let std::collections::btree_map::Entry::Vacant(v) = lanes.entry(g) {
+                    v.insert(Lane::new(new_chunker(chunking)?, g, &tx));
+                }
+                current = g;
+                false
+            }
+            ReadMsg::SegmentEnd(g) => match lanes.remove(&g) {
+                Some(mut l) => {
+                    l.finish();
+                    l.em.send(Work::End);
+                    l.em.broken
+                }
+                None => {
+                    return Err(Error::Internal(format!(
+                        "reader closed segment {g}, which is not open"
+                    )));
+                }
+            },
+            m => match lanes.get_mut(&current) {
+                Some(l) => {
+                    l.take(m);
+                    l.em.broken
+                }
+                None => {
+                    return Err(Error::Internal(format!(
+                        "reader sent data for segment {current}, which is closed"
+                    )));
+                }
+            },
+        };
+        busy += t.elapsed().as_secs_f64();
+        if broken {
+            return Ok(busy);
+        }
+    }
+    for l in lanes.values_mut() {
+        l.finish();
+    }
     Ok(busy)
 }
 
@@ -129,6 +207,7 @@ pub(super) fn hash_stage(
         let d = match w {
             Work::Zero(seq, len) => Done::Zero { seq, len },
             Work::Reused(seq, extents) => Done::Reused { seq, extents },
+            Work::End(seq) => Done::End { seq },
             Work::Chunk(seq, b) => {
                 let id = ChunkId::of(&b);
                 let len = b.len() as u32;
@@ -205,10 +284,12 @@ pub(super) fn write_stage(
                 }
                 (seq, Item::Run(extents))
             }
+            Done::End { seq } => (seq, Item::End),
         };
         pending.insert(seq, e);
         let manifest_err = |e| Error::io("write", PathBuf::from("point manifest"), e);
         while let Some(item) = pending.remove(&next) {
+            next += 1;
             match item {
                 Item::One(e) => mw.push(e).map_err(manifest_err)?,
                 Item::Run(v) => {
@@ -216,8 +297,8 @@ pub(super) fn write_stage(
                         mw.push(e).map_err(manifest_err)?;
                     }
                 }
+                Item::End => next = ((next >> SEGMENT_SHIFT) + 1) << SEGMENT_SHIFT,
             }
-            next += 1;
         }
     }
     // Anything left means an upstream stage stopped early; the caller sees

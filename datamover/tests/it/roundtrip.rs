@@ -466,3 +466,107 @@ fn a_seal_that_fails_fails_the_backup_and_leaves_no_point() {
     restore(&repo, "vm/disk", None, &out).expect("restore");
     assert_eq!(hash_file(&out), hash_file(&img));
 }
+
+/// A file source that records where it is read, announcing `ahead` reads
+/// of read-ahead (a source with read-ahead is read in one lane).
+struct Recorded {
+    inner: datamover::source::FileSource,
+    ahead: usize,
+    reads: std::sync::Mutex<Vec<u64>>,
+}
+
+impl datamover::source::BlockSource for Recorded {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn preferred_io_size(&self) -> usize {
+        self.inner.preferred_io_size()
+    }
+    fn capabilities(&self) -> datamover::source::Capabilities {
+        self.inner.capabilities()
+    }
+    fn info(&self) -> datamover::format::manifest::SourceInfo {
+        self.inner.info()
+    }
+    fn transport(&self) -> &'static str {
+        self.inner.transport()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> datamover::Result<()> {
+        self.reads.lock().expect("reads").push(offset);
+        self.inner.read_at(offset, buf)
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> datamover::Result<Vec<datamover::source::SourceExtent>> {
+        self.inner.extents(offset, len)
+    }
+    fn read_ahead(&self) -> usize {
+        self.ahead
+    }
+}
+
+/// A full read of a local file takes the two halves of the disk in turn
+/// (so incompressible data in one keeps the disk busy while the other's
+/// compresses) and makes the very point a read in one lane makes: the
+/// same extents (zero runs and chunks across the middle included), the
+/// same bytes restored.
+#[test]
+fn a_read_in_two_lanes_makes_the_point_a_read_in_one_makes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    let mib = 1u64 << 20;
+    // Odd size; data, zeros and a hole across the middle (about 50 MiB).
+    let size = 101 * mib + 12345;
+    make_image(
+        &img,
+        size,
+        &[
+            (0, 20 * mib, Fill::Random(1)),
+            (24 * mib + 4096, 10 * mib, Fill::Text),
+            (45 * mib, 3 * mib, Fill::Zeros),
+            (48 * mib, 7 * mib + 777, Fill::Random(2)),
+            (60 * mib, 30 * mib, Fill::Text),
+            (100 * mib, mib + 12345, Fill::Random(3)),
+        ],
+    );
+    for block_size in [256u32 << 10, 1 << 20, 4 << 20] {
+        let repo_dir = dir.path().join(format!("r{block_size}"));
+        std::fs::create_dir(&repo_dir).expect("mkdir");
+        let repo = new_repo(&repo_dir);
+        let opts = BackupOptions {
+            chunking: ChunkingInfo {
+                kind: ChunkingKind::Fixed,
+                block_size,
+            },
+            ..small_packs()
+        };
+        let disk: datamover::DiskName = "vm/disk".parse().expect("name");
+        let mut points = Vec::new();
+        for ahead in [0usize, 1] {
+            let src = Recorded {
+                inner: datamover::source::FileSource::open(&img).expect("open"),
+                ahead,
+                reads: std::sync::Mutex::new(Vec::new()),
+            };
+            let rep = datamover::backup(&repo, &src, &disk, &opts).expect("backup");
+            let reads = src.reads.into_inner().expect("reads");
+            let in_order = reads.windows(2).all(|w| w[0] < w[1]);
+            // Two lanes: a read of the second half comes before the last
+            // of the first half's.
+            assert_eq!(in_order, ahead == 1, "block {block_size}: {reads:?}");
+            points.push(rep.point);
+        }
+        let m: Vec<_> = points
+            .iter()
+            .map(|p| repo.read_point(&disk, p).expect("manifest").extents)
+            .collect();
+        assert_eq!(m[0], m[1], "block {block_size}");
+        let out = dir.path().join("out.raw");
+        restore(&repo, "vm/disk", Some(points[0].as_str()), &out).expect("restore");
+        assert_eq!(hash_file(&out), hash_file(&img), "block {block_size}");
+        let v = datamover::verify(&repo, true).expect("verify");
+        assert!(v.is_ok(), "{v:?}");
+    }
+}
