@@ -46,6 +46,11 @@ pub struct Capabilities {
     pub extents: bool,
     /// `read_at` may be called from several threads at once.
     pub concurrent_reads: bool,
+    /// Read it in order: a full backup then reads it in one stream, not
+    /// two parts in turn (for a source that seeks slowly or streams).
+    /// Local files and devices say false: sysfs's `rotational` flag
+    /// cannot tell (virtio disks and many array LUNs report 1).
+    pub sequential: bool,
 }
 
 /// A disk to back up. Implementations must be safe to share across threads.

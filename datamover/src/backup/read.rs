@@ -66,6 +66,9 @@ pub(super) struct Scanner<'a> {
     /// at its whole 64 MiB window (on a 1 TiB disk with changes 400 MiB
     /// apart, that was one window of extents per change).
     pub(super) narrow: bool,
+    /// Scanners reading the source in turn (lanes): each announces its
+    /// share of the source's read-ahead.
+    pub(super) lanes: usize,
     pub(super) st: ReadStats,
 }
 
@@ -86,6 +89,7 @@ impl<'a> Scanner<'a> {
             reported: 0,
             hinted: 0,
             narrow: false,
+            lanes: 1,
             st: ReadStats::default(),
         }
     }
@@ -107,6 +111,7 @@ impl<'a> Scanner<'a> {
         if n == 0 {
             return;
         }
+        let n = (n / self.lanes.max(1)).max(1);
         let mut p = self.hinted.max(end);
         let horizon = limit.min(end + n as u64 * self.io);
         let (ws, we) = (self.win.1, self.window_end(self.win.1, limit));
@@ -297,8 +302,10 @@ pub(super) const LANE_SPAN_MAX: u64 = 16 << 30;
 /// on the cores. Reading two parts of the disk in turn mixes the two.
 /// Only for fixed chunks (their cuts sit on a grid, and segments start on
 /// the grid of reads and chunks, so each segment is cut as a read in one
-/// lane cuts it and the point is the same) and sources without
-/// read-ahead: a source that fetches ahead expects one stream.
+/// lane cuts it and the point is the same) and sources that do not ask to
+/// be read in order ([`Capabilities::sequential`](crate::source::Capabilities)).
+/// A source that fetches ahead gets half its
+/// read-ahead announced by each lane.
 pub(super) fn lane_span(sc: &Scanner<'_>, chunking: ChunkingInfo) -> Option<u64> {
     let grid = sc.io.max(u64::from(chunking.block_size)).max(1);
     let span = sc
@@ -306,8 +313,8 @@ pub(super) fn lane_span(sc: &Scanner<'_>, chunking: ChunkingInfo) -> Option<u64>
         .div_ceil(2)
         .next_multiple_of(grid)
         .min(LANE_SPAN_MAX.next_multiple_of(grid));
-    (chunking.kind == ChunkingKind::Fixed && sc.src.read_ahead() == 0 && sc.size > span)
-        .then_some(span)
+    let sequential = sc.src.capabilities().sequential;
+    (chunking.kind == ChunkingKind::Fixed && !sequential && sc.size > span).then_some(span)
 }
 
 /// A full run in two lanes: the disk is cut into segments of `span` bytes
@@ -323,6 +330,7 @@ pub(super) fn read_full_lanes<'a>(
 ) -> Result<()> {
     let size = sc.size;
     let mut out = Vec::new();
+    (sc.lanes, second.lanes) = (2, 2);
     sc.report(0)?;
     let (mut base, mut seg) = (0u64, 0u32);
     while base < size {

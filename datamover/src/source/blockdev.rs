@@ -31,6 +31,7 @@ impl BlockSource for BlockDeviceSource {
         Capabilities {
             extents: false,
             concurrent_reads: true,
+            sequential: false,
         }
     }
     fn info(&self) -> SourceInfo {

@@ -29,6 +29,7 @@ impl BlockSource for FileSource {
         Capabilities {
             extents: true,
             concurrent_reads: true,
+            sequential: false,
         }
     }
     fn info(&self) -> SourceInfo {

@@ -467,11 +467,11 @@ fn a_seal_that_fails_fails_the_backup_and_leaves_no_point() {
     assert_eq!(hash_file(&out), hash_file(&img));
 }
 
-/// A file source that records where it is read, announcing `ahead` reads
-/// of read-ahead (a source with read-ahead is read in one lane).
+/// A file source that records where it is read; `sequential` as a
+/// rotational disk's (read in one lane).
 struct Recorded {
     inner: datamover::source::FileSource,
-    ahead: usize,
+    sequential: bool,
     reads: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -483,7 +483,10 @@ impl datamover::source::BlockSource for Recorded {
         self.inner.preferred_io_size()
     }
     fn capabilities(&self) -> datamover::source::Capabilities {
-        self.inner.capabilities()
+        datamover::source::Capabilities {
+            sequential: self.sequential,
+            ..self.inner.capabilities()
+        }
     }
     fn info(&self) -> datamover::format::manifest::SourceInfo {
         self.inner.info()
@@ -501,9 +504,6 @@ impl datamover::source::BlockSource for Recorded {
         len: u64,
     ) -> datamover::Result<Vec<datamover::source::SourceExtent>> {
         self.inner.extents(offset, len)
-    }
-    fn read_ahead(&self) -> usize {
-        self.ahead
     }
 }
 
@@ -544,10 +544,10 @@ fn a_read_in_two_lanes_makes_the_point_a_read_in_one_makes() {
         };
         let disk: datamover::DiskName = "vm/disk".parse().expect("name");
         let mut points = Vec::new();
-        for ahead in [0usize, 1] {
+        for sequential in [false, true] {
             let src = Recorded {
                 inner: datamover::source::FileSource::open(&img).expect("open"),
-                ahead,
+                sequential,
                 reads: std::sync::Mutex::new(Vec::new()),
             };
             let rep = datamover::backup(&repo, &src, &disk, &opts).expect("backup");
@@ -555,7 +555,7 @@ fn a_read_in_two_lanes_makes_the_point_a_read_in_one_makes() {
             let in_order = reads.windows(2).all(|w| w[0] < w[1]);
             // Two lanes: a read of the second half comes before the last
             // of the first half's.
-            assert_eq!(in_order, ahead == 1, "block {block_size}: {reads:?}");
+            assert_eq!(in_order, sequential, "block {block_size}: {reads:?}");
             points.push(rep.point);
         }
         let m: Vec<_> = points

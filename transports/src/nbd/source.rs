@@ -41,6 +41,8 @@ const ONE_EXTENT_ASKS: usize = 16;
 pub const MULTI_CONN: usize = 4;
 
 type Fetch = JoinHandle<Result<BytesMut, NbdError>>;
+/// Reads fetched ahead, by offset: (length, task).
+type Ahead = HashMap<u64, (usize, Fetch)>;
 
 /// An NBD export opened for reading.
 pub struct NbdSource {
@@ -49,8 +51,9 @@ pub struct NbdSource {
     /// multi-conn, the others; reads take turns (each whole on one).
     clients: Arc<std::sync::RwLock<Vec<Arc<NbdClient>>>>,
     next: AtomicUsize,
-    /// Reads fetched ahead, by offset: (length, task).
-    ahead: Mutex<HashMap<u64, (usize, Fetch)>>,
+    /// Reads fetched ahead, by offset: (length, task); and where the
+    /// read before the last one started.
+    ahead: Mutex<(Ahead, u64)>,
     client: Arc<NbdClient>,
     uri: NbdUri,
     alloc: Option<u32>,
@@ -159,7 +162,7 @@ impl NbdSource {
             rt,
             clients,
             next: AtomicUsize::new(0),
-            ahead: Mutex::new(HashMap::new()),
+            ahead: Mutex::new((HashMap::new(), 0)),
             client,
             uri: parsed,
             alloc,
@@ -246,6 +249,7 @@ impl BlockSource for NbdSource {
         Capabilities {
             extents: self.alloc.is_some(),
             concurrent_reads: true,
+            sequential: false,
         }
     }
     fn info(&self) -> SourceInfo {
@@ -266,11 +270,16 @@ impl BlockSource for NbdSource {
 
     fn read_bytes(&self, offset: u64, len: usize) -> Result<Bytes> {
         let pre = {
-            let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let (ahead, last) = &mut *guard;
             let hit = ahead.remove(&offset);
-            // Anything announced before this offset will not be asked for.
+            // Anything announced before this read and the one before it
+            // will not be asked for: a full backup reads two parts of the
+            // disk in turn, each with its read-ahead; in one stream, a
+            // read announced and then skipped is dropped one read late.
+            let floor = offset.min(std::mem::replace(last, offset));
             ahead.retain(|o, (_, h)| {
-                let keep = *o > offset;
+                let keep = *o > floor;
                 if !keep {
                     h.abort();
                 }
@@ -302,7 +311,8 @@ impl BlockSource for NbdSource {
     }
 
     fn will_read(&self, offset: u64, len: usize) {
-        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        let ahead = &mut guard.0;
         let held: usize = ahead.values().map(|(l, _)| *l).sum();
         if held + len <= READ_AHEAD_BYTES && !ahead.contains_key(&offset) {
             let h = self.rt.spawn(self.fetch(offset, len));
@@ -444,7 +454,13 @@ impl ChangeTracker for NbdSource {
 
 impl Drop for NbdSource {
     fn drop(&mut self) {
-        for (_, (_, h)) in self.ahead.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, (_, h)) in self
+            .ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .drain()
+        {
             h.abort();
         }
         for c in self.pool() {
