@@ -15,12 +15,13 @@
 //! order by sequence number before streaming them into the manifest. The
 //! manifest is published only after every pack is sealed and indexed.
 //!
-//! Lanes: a full read of a local source with fixed chunks takes two
-//! segments of the disk in turn (`read::read_full_lanes`), each cut by a
-//! chunker of its own and numbered from its segment's base, so that
-//! incompressible data in one (disk-bound) overlaps with compressing the
-//! other (CPU-bound); the writer holds the second segment's extents until
-//! the first segment's end.
+//! Lanes: a full read with fixed chunks, of a source that need not be
+//! read in order, takes two segments of the disk in turn
+//! (`read::read_full_lanes`), each cut by a chunker of its own and
+//! numbered from its segment's base, so that incompressible data in one
+//! (disk-bound) overlaps with compressing the other (CPU-bound); the
+//! writer holds the second segment's extents until the first segment's
+//! end.
 
 //!
 //! The module by concept: [`plan`](self) decides full or incremental
