@@ -75,13 +75,7 @@ impl<'s> Pipeline<'_, 's> {
                 let mut sc = Scanner::new(source, &opts.progress);
                 let changed = match &plan {
                     Plan::Full => match lane_span(&sc, chunking) {
-                        Some(span) => {
-                            let mut second = Scanner::new(source, &opts.progress);
-                            let r = read_full_lanes(&mut sc, &mut second, span, &read_tx);
-                            sc.st.busy += second.st.busy;
-                            sc.st.bytes_read += second.st.bytes_read;
-                            r.map(|()| None)
-                        }
+                        Some(span) => read_full_lanes(&mut sc, span, &read_tx).map(|()| None),
                         None => read_full(&mut sc, &read_tx).map(|()| None),
                     },
                     Plan::Incremental {

@@ -321,8 +321,19 @@ pub(super) fn lane_span(sc: &Scanner<'_>, chunking: ChunkingInfo) -> Option<u64>
 /// (on the grid of windows, so every piece, zero run and chunk is the one
 /// a read in one lane makes), taken two at a time; the reader takes a
 /// piece of one, then of the other, tagging each with its segment, and
-/// the writer puts the second segment's extents after the first's.
-pub(super) fn read_full_lanes<'a>(
+/// the writer puts the second segment's extents after the first's. `sc`
+/// reads the first of each pair, a scanner of its own the second; `sc`
+/// ends with the figures of both.
+pub(super) fn read_full_lanes(sc: &mut Scanner<'_>, span: u64, tx: &Sender<ReadMsg>) -> Result<()> {
+    let mut second = Scanner::new(sc.src, sc.progress);
+    (sc.lanes, second.lanes) = (2, 2);
+    let r = read_lanes(sc, &mut second, span, tx);
+    sc.st.busy += second.st.busy;
+    sc.st.bytes_read += second.st.bytes_read;
+    r
+}
+
+fn read_lanes<'a>(
     sc: &mut Scanner<'a>,
     second: &mut Scanner<'a>,
     span: u64,
@@ -330,7 +341,6 @@ pub(super) fn read_full_lanes<'a>(
 ) -> Result<()> {
     let size = sc.size;
     let mut out = Vec::new();
-    (sc.lanes, second.lanes) = (2, 2);
     sc.report(0)?;
     let (mut base, mut seg) = (0u64, 0u32);
     while base < size {

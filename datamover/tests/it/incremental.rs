@@ -7,15 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datamover::format::manifest::Extent;
-use datamover::format::manifest::SourceInfo;
-use datamover::source::{BlockSource, Capabilities, FileSource, SourceExtent};
+use datamover::source::{BlockSource, FileSource};
 use datamover::{
     BackupOptions, BackupReport, ChangeTracker, ChangedRanges, ChunkingInfo, ChunkingKind,
     DiskName, ErrorKind, Repository, WithChanges,
 };
 use proptest::prelude::*;
 
-use super::helpers::{backup, new_repo, restore, small_packs};
+use super::helpers::{Watched, backup, new_repo, restore, small_packs};
 use crate::common::{Fill, hash_file, make_image, write_region};
 
 fn incremental(
@@ -301,38 +300,6 @@ fn a_checkpointed_tracker_builds_only_on_the_point_that_started_it() {
     assert!(e.to_string().contains("started checkpoint cp2"), "{e}");
 }
 
-/// A file source that sums the lengths of the extents asked of it.
-struct CountingExtents {
-    inner: FileSource,
-    asked: std::sync::atomic::AtomicU64,
-}
-
-impl BlockSource for CountingExtents {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn preferred_io_size(&self) -> usize {
-        self.inner.preferred_io_size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn info(&self) -> SourceInfo {
-        self.inner.info()
-    }
-    fn transport(&self) -> &'static str {
-        self.inner.transport()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> datamover::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn extents(&self, offset: u64, len: u64) -> datamover::Result<Vec<SourceExtent>> {
-        self.asked
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        self.inner.extents(offset, len)
-    }
-}
-
 /// A few small changes far apart cost a look at their chunks' extents, not
 /// at the 64 MiB windows around them (on a 1 TiB disk, that was 64 MiB of
 /// allocation map per change).
@@ -357,10 +324,7 @@ fn an_incremental_asks_only_for_the_extents_of_changed_chunks() {
             ((400 << 20) + 8192, 4096, Fill::Random(902)),
         ],
     );
-    let src = CountingExtents {
-        inner: FileSource::open(&img).expect("open"),
-        asked: 0.into(),
-    };
+    let src = Watched::open(&img, false);
     let io = src.preferred_io_size() as u64;
     let s = WithChanges {
         source: src,
@@ -372,7 +336,10 @@ fn an_incremental_asks_only_for_the_extents_of_changed_chunks() {
     // Each changed chunk is read whole: its old 4 KiB and, at 400 MiB, the
     // new 4 KiB beside them.
     assert_eq!(rep.stats.bytes_read, 4 * 4096);
-    let asked = s.source.asked.load(std::sync::atomic::Ordering::Relaxed);
+    let asked = s
+        .source
+        .extents_asked
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         asked <= 3 * io.max(1 << 20),
         "asked for {asked} bytes of extents for three changed 1 MiB chunks (io {io})"

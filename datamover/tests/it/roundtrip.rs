@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use datamover::{BackupOptions, ChunkingInfo, ChunkingKind, Compression};
 use proptest::prelude::*;
 
-use super::helpers::{backup, new_repo, restore, small_packs};
+use super::helpers::{Watched, backup, new_repo, restore, small_packs};
 use crate::common::{Fill, allocated, hash_file, make_image};
 
 fn fill_strategy() -> impl Strategy<Value = Fill> {
@@ -467,46 +467,6 @@ fn a_seal_that_fails_fails_the_backup_and_leaves_no_point() {
     assert_eq!(hash_file(&out), hash_file(&img));
 }
 
-/// A file source that records where it is read; `sequential` as a
-/// rotational disk's (read in one lane).
-struct Recorded {
-    inner: datamover::source::FileSource,
-    sequential: bool,
-    reads: std::sync::Mutex<Vec<u64>>,
-}
-
-impl datamover::source::BlockSource for Recorded {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn preferred_io_size(&self) -> usize {
-        self.inner.preferred_io_size()
-    }
-    fn capabilities(&self) -> datamover::source::Capabilities {
-        datamover::source::Capabilities {
-            sequential: self.sequential,
-            ..self.inner.capabilities()
-        }
-    }
-    fn info(&self) -> datamover::format::manifest::SourceInfo {
-        self.inner.info()
-    }
-    fn transport(&self) -> &'static str {
-        self.inner.transport()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> datamover::Result<()> {
-        self.reads.lock().expect("reads").push(offset);
-        self.inner.read_at(offset, buf)
-    }
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> datamover::Result<Vec<datamover::source::SourceExtent>> {
-        self.inner.extents(offset, len)
-    }
-}
-
 /// A full read of a local file takes the two halves of the disk in turn
 /// (so incompressible data in one keeps the disk busy while the other's
 /// compresses) and makes the very point a read in one lane makes: the
@@ -517,7 +477,8 @@ fn a_read_in_two_lanes_makes_the_point_a_read_in_one_makes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.raw");
     let mib = 1u64 << 20;
-    // Odd size; data, zeros and a hole across the middle (about 50 MiB).
+    // Odd size; data across the middle (the lanes meet at 52 MiB), zeros
+    // and holes on either side.
     let size = 101 * mib + 12345;
     make_image(
         &img,
@@ -545,11 +506,7 @@ fn a_read_in_two_lanes_makes_the_point_a_read_in_one_makes() {
         let disk: datamover::DiskName = "vm/disk".parse().expect("name");
         let mut points = Vec::new();
         for sequential in [false, true] {
-            let src = Recorded {
-                inner: datamover::source::FileSource::open(&img).expect("open"),
-                sequential,
-                reads: std::sync::Mutex::new(Vec::new()),
-            };
+            let src = Watched::open(&img, sequential);
             let rep = datamover::backup(&repo, &src, &disk, &opts).expect("backup");
             let reads = src.reads.into_inner().expect("reads");
             let in_order = reads.windows(2).all(|w| w[0] < w[1]);

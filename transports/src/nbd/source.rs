@@ -51,8 +51,7 @@ pub struct NbdSource {
     /// multi-conn, the others; reads take turns (each whole on one).
     clients: Arc<std::sync::RwLock<Vec<Arc<NbdClient>>>>,
     next: AtomicUsize,
-    /// Reads fetched ahead, by offset: (length, task); and where the
-    /// read before the last one started.
+    /// Reads fetched ahead; and where the last read started.
     ahead: Mutex<(Ahead, u64)>,
     client: Arc<NbdClient>,
     uri: NbdUri,
